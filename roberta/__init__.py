@@ -1,0 +1,4 @@
+"""RoBERTa in PyTorch: exact to the published models, fast, small on disk."""
+from .errors import RobertaError
+
+__version__ = "0.1.0"

@@ -192,10 +192,6 @@ def preprocess(inputs: list[str | Path], out: str | Path, *, vocab: str | Path |
     `chunk_chars` characters, with a bounded number in flight, so corpora larger than memory stream.
     The directory appears only once complete (built beside it, then renamed).
     """
-    from tqdm import tqdm
-
-    from .tokenizer import RobertaTokenizer
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RobertaError(f"{out} already exists and is not empty: choose another output directory")
@@ -204,6 +200,9 @@ def preprocess(inputs: list[str | Path], out: str | Path, *, vocab: str | Path |
     if not 0 <= valid_fraction < 1:
         raise RobertaError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     workers = workers or os.cpu_count() or 1
+    from tqdm import tqdm
+
+    from .tokenizer import RobertaTokenizer
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .data import PackedDataset, collate, mask_tokens, masking_for, sample_rng, step_samples
 from .errors import RobertaError
@@ -251,7 +251,15 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, d: Dist, cfg
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_model(tmp, model_state, unwrap(model).config, tokenizer_dir)
+    if cfg.fsdp:  # the shards were gathered above; a plain copy of the model writes them
+        host = RobertaForMaskedLM(unwrap(model).config)
+        host.load_state_dict(model_state)
+    else:
+        host = unwrap(model)
+    host.save_pretrained(tmp)
+    for f in tokenizer_dir.iterdir():  # so the checkpoint loads with its tokenizer
+        if f.is_file():
+            shutil.copyfile(f, tmp / f.name)
     torch.save({"step": step, "optimizer": optim_state, "scaler": scaler.state_dict(), "rng": rng},
                tmp / "trainer.pt")
     if os.environ.get("ROBERTA_TEST_SLOW_CHECKPOINT"):  # lets a test kill the process mid-write
@@ -263,16 +271,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, d: Dist, cfg
     os.replace(tmp, final)
     for old in list_checkpoints(out)[:-cfg.keep_last]:
         shutil.rmtree(old)
-
-
-def write_model(path: Path, state: dict, config: RobertaConfig, tokenizer_dir: Path) -> None:
-    """A Hugging Face style model directory: config.json, model.safetensors and the tokenizer files."""
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})
-    config.save(path / "config.json")
-    for f in tokenizer_dir.iterdir():
-        if f.is_file():
-            shutil.copyfile(f, path / f.name)
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scaler, d: Dist) -> int:
@@ -392,7 +390,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
     d = setup_distributed()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     cfg, ckpt = prepare_run_dir(cfg, out, resume)
     d.barrier()  # every process has checked the directory before the main one writes to it
 
@@ -504,7 +501,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
                 # DDP averages gradients over processes, hence the factor world
                 loss = out_.loss * (n_masked[m] * d.world / max(n_global, 1))
                 scaler.scale(loss).backward()
-            step_loss += float(out_.loss) * n_masked[m]
+            step_loss += float(out_.loss.detach()) * n_masked[m]
             window_tokens += int(batch["attention_mask"].sum())
         step_loss, tokens = d.all_sum([step_loss / max(n_global, 1), window_tokens])
         if not math.isfinite(step_loss):
@@ -537,6 +534,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
                           f"acc {result['val_acc']:.3f}")
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             save_checkpoint(out, step, model, optimizer, scaler, d, cfg, tokenizer_dir)
+        if step % cfg.log_every == 0:
+            window_start = time.perf_counter()  # tokens/s counts training time only
     bar.close()
 
     # ---- the final model, where the rest of the project picks it up

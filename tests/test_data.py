@@ -13,14 +13,15 @@ VOCAB = 1000
 SPECIALS = (BOS, PAD, EOS, UNK, MASK)
 
 
-def synthetic_corpus(tmp_path, n_docs=40, seed=0, long_every=0):
+def synthetic_corpus(tmp_path, n_docs=40, seed=0, long_every=0, valid_docs=0):
     """Write a corpus whose non-special tokens are all distinct, so a lost or repeated token shows.
 
-    Returns (directory, token -> document index)."""
+    The vocabulary is ids 0..max (the last is <mask>); no tokenizer files. Returns (directory, token -> doc)."""
     rng = np.random.default_rng(seed)
-    writer = ShardWriter(tmp_path, "train", np.dtype(np.uint16), shard_tokens=600)  # several shards
+    tmp_path.mkdir(exist_ok=True)
+    writers = {s: ShardWriter(tmp_path, s, np.dtype(np.uint16), shard_tokens=600) for s in ("train", "valid")}
     next_id, doc_of = 10, {}
-    for d in range(n_docs):
+    for d in range(n_docs + valid_docs):
         lens = rng.integers(1, 30, size=rng.integers(1, 6))
         if long_every and d % long_every == 0:
             lens[0] = 70  # longer than a block
@@ -31,10 +32,12 @@ def synthetic_corpus(tmp_path, n_docs=40, seed=0, long_every=0):
             doc_of.update({t: d for t in sent[:-1]})
             ids += sent
             sent_lens.append(len(sent))
-        writer.add(np.array(ids), np.array(sent_lens))
-    meta = {"format": 1, "vocab_size": 65535, "dtype": "uint16", "bos": BOS, "pad": PAD, "eos": EOS, "unk": UNK,
-            "mask": MASK, "shards": {"train": writer.finish(), "valid": []}}
+        writers["train" if d < n_docs else "valid"].add(np.array(ids), np.array(sent_lens))
+    next_id = int(next_id)
+    meta = {"format": 1, "vocab_size": next_id + 1, "dtype": "uint16", "bos": BOS, "pad": PAD, "eos": EOS,
+            "unk": UNK, "mask": next_id, "shards": {s: w.finish() for s, w in writers.items()}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "tokenizer").mkdir()
     return tmp_path, doc_of
 
 

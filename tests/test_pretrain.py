@@ -1,0 +1,192 @@
+"""Pretraining (roberta/pretrain.py): schedule, exact resume after kill -9, DDP over gloo, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from roberta.errors import RobertaError
+from roberta.pretrain import PretrainConfig, lr_at, pretrain
+from test_data import synthetic_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny model on a synthetic corpus: 1.2K-token vocabulary, 32-token sequences, 8 per update.
+TINY = dict(model="tiny", max_len=32, batch_size=8, micro_batch_size=4, lr=1e-3, warmup_steps=3, max_steps=12,
+            log_every=1, val_every=0, save_every=4, keep_last=2, threads=1, progress=False)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return synthetic_corpus(tmp_path / "corpus", n_docs=40, valid_docs=4)[0]
+
+
+def config(corpus, **kw):
+    return PretrainConfig.from_dict({**TINY, "data": str(corpus), **kw})
+
+
+def run_cli(out, corpus, *extra, env=None, wait=True, **settings):
+    args = [sys.executable, "-m", "roberta", "pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(out)]
+    for k, v in {**TINY, **settings}.items():
+        if k != "model":
+            args += ["--set", f"{k}={v}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(args + list(extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output
+    return proc
+
+
+def weights_bytes(out):
+    return (Path(out) / "model" / "model.safetensors").read_bytes()
+
+
+def logged_steps(out):
+    path = Path(out) / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_schedule_warms_up_then_decays_linearly():
+    cfg = PretrainConfig(lr=1e-3, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(5e-4) and lr_at(110, cfg) == 0.0
+
+
+def test_presets_carry_the_paper_settings():
+    base, large = PretrainConfig.preset("base"), PretrainConfig.preset("large")
+    assert (base.lr, base.warmup_steps, large.lr, large.warmup_steps) == (6e-4, 24_000, 4e-4, 30_000)
+    for cfg in (base, large):
+        assert (cfg.batch_size, cfg.max_len, cfg.max_steps, cfg.betas, cfg.eps, cfg.weight_decay) == \
+            (8192, 512, 500_000, (0.9, 0.98), 1e-6, 0.01)
+    assert PretrainConfig.preset("small").set("lr", "3e-4").lr == 3e-4
+    with pytest.raises(RobertaError, match="unknown pretraining setting"):
+        PretrainConfig.preset("small").set("learning_rate", "1")
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_gives_bitwise_the_same_weights(corpus, tmp_path):
+    reference = tmp_path / "reference"
+    run_cli(reference, corpus)
+
+    # killed between checkpoints: after step 6 is logged, step 4 is the latest checkpoint
+    out = tmp_path / "killed"
+    proc = run_cli(out, corpus, wait=False)
+    while not any(s >= 6 for s in logged_steps(out)) and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "model").exists()
+    run_cli(out, corpus, "--resume")
+    assert weights_bytes(out) == weights_bytes(reference)
+    steps = logged_steps(out)
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) == 12  # the log has no repeated steps
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
+
+
+@pytest.mark.slow
+def test_kill_9_while_writing_a_checkpoint(corpus, tmp_path):
+    reference = tmp_path / "reference"
+    run_cli(reference, corpus)
+    out = tmp_path / "killed"
+    proc = run_cli(out, corpus, wait=False, env={"ROBERTA_TEST_SLOW_CHECKPOINT": "30"})
+    tmp_ckpt = out / "checkpoints" / ".tmp-step-00000008"
+    while not (tmp_ckpt / "trainer.pt").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-00000004"]
+    run_cli(out, corpus, "--resume")
+    assert weights_bytes(out) == weights_bytes(reference)
+    assert not tmp_ckpt.exists()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(corpus, tmp_path):
+    """torchrun with 2 CPU processes, 4 sequences each, equals 1 process accumulating 2 x 4."""
+    settings = dict(TINY, dropout=0.0, max_steps=3, save_every=3)
+    one, two = tmp_path / "one", tmp_path / "two"
+    pretrain(config(corpus, **settings), one)
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+            "-m", "roberta", "pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(two)]
+    args += [a for k, v in settings.items() if k != "model" for a in ("--set", f"{k}={v}")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 process(es)" in result.stdout
+    a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    start = load_file(one / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])["loss"] == pytest.approx(
+        json.loads((one / "metrics.jsonl").read_text().splitlines()[-1])["loss"], rel=1e-5)
+    assert start.keys() == a.keys()
+
+
+def test_output_directory_of_another_run_is_refused(corpus, tmp_path):
+    out = tmp_path / "run"
+    pretrain(config(corpus, max_steps=2, save_every=2), out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(RobertaError, match="holds another run.*--resume"):
+        pretrain(config(corpus, max_steps=2), out)
+    with pytest.raises(RobertaError, match="differ from the run"):
+        pretrain(config(corpus, lr=5e-3), out, resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing lost
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RobertaError, match="not empty"):
+        pretrain(config(corpus), tmp_path / "other")
+    with pytest.raises(RobertaError, match="nothing to resume"):
+        pretrain(config(corpus), tmp_path / "other", resume=True)
+
+
+def test_missing_or_corrupt_checkpoint_at_resume(corpus, tmp_path):
+    out = tmp_path / "run"
+    pretrain(config(corpus, max_steps=4, save_every=2), out)
+    with pytest.raises(RobertaError, match="does not exist or is incomplete"):
+        pretrain(config(corpus, max_steps=6), out, resume=str(out / "checkpoints" / "step-00000003"))
+    with pytest.raises(RobertaError, match="newer than step-00000002"):
+        pretrain(config(corpus, max_steps=6), out, resume=str(out / "checkpoints" / "step-00000002"))
+    weights = out / "checkpoints" / "step-00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(RobertaError, match="step-00000004 is unreadable.*remove it"):
+        pretrain(config(corpus, max_steps=6), out, resume=True)
+
+
+def test_vocabulary_that_does_not_fit_the_model(corpus, tmp_path):
+    small = tmp_path / "small-vocab"
+    pretrain(config(corpus, max_steps=1, save_every=1), small)
+    cfg = json.loads((small / "model" / "config.json").read_text())
+    cfg["vocab_size"] = 500  # a model whose embedding is smaller than the corpus vocabulary
+    state = load_file(small / "model" / "model.safetensors")
+    shrink = ("roberta.embeddings.word_embeddings.weight", "lm_head.bias")
+    state = {k: v[:500] if k in shrink else v for k, v in state.items()}
+    (tmp_path / "m").mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RobertaError, match="corpus vocabulary has .* tokens but the model embeds only 500"):
+        pretrain(config(corpus, init_from=str(tmp_path / "m")), tmp_path / "run")
+
+
+def test_non_finite_loss_is_reported(corpus, tmp_path):
+    with pytest.raises(RobertaError, match="loss became (nan|inf) at step"):
+        pretrain(config(corpus, lr=1e12, warmup_steps=1, max_steps=50, save_every=100), tmp_path / "run")
+
+
+def test_continued_pretraining_starts_from_the_checkpoint(corpus, tmp_path):
+    first = tmp_path / "first"
+    pretrain(config(corpus, max_steps=4, save_every=4), first)
+    second = tmp_path / "second"
+    pretrain(config(corpus, init_from=str(first / "model"), max_steps=1, save_every=1, lr=0.0), second)
+    a, b = load_file(first / "model" / "model.safetensors"), load_file(second / "model" / "model.safetensors")
+    for key in a:  # lr 0 at the one step: weights unchanged
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)

@@ -262,8 +262,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, d: Dist, cfg
             shutil.copyfile(f, tmp / f.name)
     torch.save({"step": step, "optimizer": optim_state, "scaler": scaler.state_dict(), "rng": rng},
                tmp / "trainer.pt")
-    if os.environ.get("ROBERTA_TEST_SLOW_CHECKPOINT"):  # lets a test kill the process mid-write
-        time.sleep(float(os.environ["ROBERTA_TEST_SLOW_CHECKPOINT"]))
+    if os.environ.get("ROBERTA_TEST_STALL_CHECKPOINT") == str(step):  # lets a test kill -9 mid-write
+        time.sleep(60)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -1,4 +1,5 @@
 """RoBERTa in PyTorch: exact to the published models, fast, small on disk."""
 from .errors import RobertaError
+from .tokenizer import RobertaTokenizer
 
 __version__ = "0.1.0"

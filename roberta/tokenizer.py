@@ -40,9 +40,10 @@ class RobertaTokenizer:
 
     `decode` renders every id, specials included, as its text. `skip_special_tokens=True` drops the
     framing tokens `<s>`, `</s>` and `<pad>` but keeps `<unk>` and `<mask>`, which stand for
-    content (this is what fairseq's `string()` prints for one sentence; Hugging Face drops those two
-    as well). fairseq's hub `decode` additionally splits a pair at `</s></s>` into a list; use
-    `decode` on each part for that. Bytes that are not valid UTF-8 come out as U+FFFD.
+    content. For one sentence that is fairseq's hub `decode` (it drops a leading `<s>` and the
+    `</s>`s and prints `<unk>`/`<mask>` as text); Hugging Face drops `<unk>`/`<mask>` as well.
+    fairseq also splits a pair at `</s></s>` into a list; decode each part for that. Bytes that are
+    not valid UTF-8 come out as U+FFFD.
 
     A GPT-2 token that fairseq's dict.txt lacks encodes as `<unk>`, as in fairseq.
     """

@@ -301,6 +301,11 @@ def hf_to_fairseq(state: dict[str, torch.Tensor], layout: str = "current") -> di
             out[top + key] = value
         elif key.startswith("classification_heads."):
             out[key] = value
+    # fairseq has no segment embedding: RoBERTa's single row is added to every token, so fold it
+    # into the position table, which is exact
+    segment = state.get("roberta.embeddings.token_type_embeddings.weight")
+    if segment is not None:
+        out[se + "embed_positions.weight"] = out[se + "embed_positions.weight"] + segment[0]
     for name, parts in fused.items():
         out[name] = torch.cat([parts["query"], parts["key"], parts["value"]])
     if top + "lm_head.bias" in out:

@@ -16,6 +16,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Subcommands are added below, one compact block each.
 
+    p = sub.add_parser("convert", help="convert a checkpoint between the fairseq and Hugging Face layouts")
+    p.add_argument("src", help="checkpoint directory (Hugging Face, fairseq or this project's) or model.pt")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--to", choices=["hf", "fairseq"], default="hf", help="target layout (default: hf)")
+    p.add_argument("--fairseq-layout", choices=["current", "2019"], default="current",
+                   help="key layout when writing fairseq (default: current)")
+    p.set_defaults(func=_convert)
+
     # -- pretraining: preprocess, pretrain, demo
     p = sub.add_parser("preprocess", help="tokenize plain-text files into memory-mapped training shards")
     p.add_argument("inputs", nargs="+", help="text files or directories of them")
@@ -42,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=2.5, help="pretraining time budget (default 2.5)")
     p.set_defaults(func=_demo)
     return parser
+
+
+def _convert(args) -> int:
+    from .checkpoint import convert
+
+    out = convert(args.src, args.dst, to=args.to, layout=args.fairseq_layout)
+    print(f"wrote {out}")
+    return 0
 
 
 def _preprocess(args):

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a tokenizer and a small RoBERTa on built-in text, then fine-tune it")
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
-    p.add_argument("--minutes", type=float, default=2.5, help="pretraining time budget (default 2.5)")
+    p.add_argument("--steps", type=int, default=1500, help="pretraining steps (default 1500)")
     p.set_defaults(func=_demo)
     return parser
 
@@ -96,7 +96,7 @@ def _pretrain(args):
 def _demo(args):
     from .demo import run_demo
 
-    run_demo(args.out, minutes=args.minutes)
+    run_demo(args.out, steps=args.steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,7 +182,7 @@ class ShardWriter:
 
 def preprocess(inputs: list[str | Path], out: str | Path, *, vocab: str | Path | None = None,
                vocab_size: int = 8192, doc_per_file: bool = False, valid_fraction: float = 0.01,
-               workers: int | None = None, shard_tokens: int = 1 << 27, chunk_chars: int = 1 << 20,
+               workers: int | None = None, shard_tokens: int = 1 << 27, chunk_chars: int = 1 << 18,
                progress: bool = True) -> dict:
     """Tokenize plain-text files into memory-mappable shards under `out`; returns the meta dict.
 

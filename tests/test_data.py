@@ -190,3 +190,75 @@ def test_step_samples_visit_every_block_once_per_epoch():
     assert sorted(i for e, i in seen if e == 0) == list(range(10))
     assert [i for e, i in seen if e == 0] != [i for e, i in seen if e == 1]
     assert step_samples(3, batch, n, seed=0) == seen[12:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# preprocess: real text through the real tokenizer
+
+
+def write_text(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_preprocess_with_an_existing_vocabulary(tmp_path, bpe_dir):
+    from roberta.data import preprocess, read_meta
+    from roberta.tokenizer import RobertaTokenizer
+
+    tok = RobertaTokenizer.from_pretrained(bpe_dir)
+    docs = [["Hello world!", "The cat sat on the mat."], ["A second document.", "It has two lines.", "Three."],
+            ["Zürich is in Switzerland."]] * 7
+    text = "\n\n\n".join("\n".join(doc) for doc in docs) + "\n"
+    out = tmp_path / "data"
+    meta = preprocess([write_text(tmp_path / "a.txt", text)], out, vocab=bpe_dir, valid_fraction=0.2, workers=2,
+                      progress=False)
+    assert meta == read_meta(out) and meta["vocab_size"] == 50265 and meta["mask"] == 50264
+    assert meta["dtype"] == "uint16" and (out / "tokenizer" / "vocab.json").exists()
+    assert (out / "tokenizer" / "dict.txt").exists()
+    # every 5th document (0, 5, 10, ...) is held out; the rest are train, in order
+    for split, wanted in (("valid", docs[::5]), ("train", [d for i, d in enumerate(docs) if i % 5])):
+        ds = PackedDataset(out, split, max_len=512, mode="doc-sentences")
+        assert len(ds) == len(wanted)
+        for i, doc in enumerate(wanted):
+            expected = [0] + [t for line in doc for t in tok.encode(line)[1:]]  # each sentence ends in </s>
+            assert ds[i].tolist() == expected
+
+
+def test_preprocess_one_document_per_file_and_a_trained_vocabulary(tmp_path):
+    from roberta.data import preprocess
+    from roberta.tokenizer import RobertaTokenizer
+
+    files = [write_text(tmp_path / f"{i}.txt", f"Document number {i} starts here.\n\nAnd goes on after a blank line.\n"
+                        * 20) for i in range(6)]
+    out = tmp_path / "data"
+    meta = preprocess(files, out, vocab_size=300, doc_per_file=True, valid_fraction=0.5, workers=1, progress=False)
+    assert meta["vocab_size"] == 300 and len(RobertaTokenizer.from_pretrained(out / "tokenizer")) == 300
+    assert [s["documents"] for s in meta["shards"]["train"]] == [3]
+    assert [s["documents"] for s in meta["shards"]["valid"]] == [3]
+    assert meta["shards"]["train"][0]["sentences"] == 3 * 40
+
+
+def test_preprocess_refuses_bad_input_and_leaves_nothing(tmp_path):
+    from roberta.data import preprocess
+    from roberta.errors import RobertaError
+
+    out = tmp_path / "data"
+    empty = write_text(tmp_path / "empty.txt", "\n\n  \n")
+    with pytest.raises(RobertaError, match="corpus is empty"):
+        preprocess([empty], out, vocab_size=300, progress=False)
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 10)
+    with pytest.raises(RobertaError, match="model.bin holds NUL bytes, so it is not text"):
+        preprocess([write_text(tmp_path / "ok.txt", "Fine text.\n"), binary], out, vocab_size=300, progress=False)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\xe9 au lait, d\xe9j\xe0 vu.\n".encode("latin-1"))
+    with pytest.raises(RobertaError, match="latin1.txt is not UTF-8 text"):
+        preprocess([latin1], out, vocab_size=300, progress=False)
+    with pytest.raises(RobertaError, match="not a file"):
+        preprocess([tmp_path / "missing.txt"], out, vocab_size=300, progress=False)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(RobertaError, match="already exists and is not empty"):
+        preprocess([write_text(tmp_path / "ok.txt", "Fine text.\n")], out, vocab_size=300, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"

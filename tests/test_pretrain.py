@@ -191,3 +191,35 @@ def test_continued_pretraining_starts_from_the_checkpoint(corpus, tmp_path):
     a, b = load_file(first / "model" / "model.safetensors"), load_file(second / "model" / "model.safetensors")
     for key in a:  # lr 0 at the one step: weights unchanged
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_wikitext_validation_loss_falls_below_the_unigram_baseline(tmp_path):
+    """A tiny model on WikiText-2: masked-LM loss falls far below its start and below what token
+    frequencies alone give (the unigram cross-entropy), so it learned to use the context."""
+    import numpy as np
+
+    from conftest import shared_path
+    from roberta.data import preprocess
+
+    data = tmp_path / "data"
+    meta = preprocess([shared_path("corpus", "wikitext2-valid.txt")], data, vocab_size=2048, valid_fraction=0.05,
+                      progress=False)
+    train = np.fromfile(data / "train-00000.bin", dtype=np.uint16)
+    valid = np.fromfile(data / "valid-00000.bin", dtype=np.uint16)
+    train, valid = train[train > 3], valid[valid > 3]  # the masked positions are real tokens only
+    unigram = np.bincount(train, minlength=meta["vocab_size"]) + 1.0
+    unigram_ce = -np.log(unigram[valid] / unigram.sum()).mean()
+
+    out = tmp_path / "run"
+    pretrain(PretrainConfig.preset("tiny", data=str(data), max_len=64, batch_size=32, micro_batch_size=32, lr=3e-3,
+                                   warmup_steps=30, max_steps=400, dropout=0.0, val_every=400, save_every=400,
+                                   threads=1, progress=False), out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = [r for r in rows if "val_loss" in r][::1][0], [r for r in rows if "val_loss" in r][-1]
+    assert (first["step"], last["step"]) == (0, 400)
+    assert last["val_loss"] < 0.8 * first["val_loss"]
+    assert last["val_loss"] < unigram_ce - 0.3, (last["val_loss"], unigram_ce)
+    assert last["val_acc"] > 0.1 and last["val_ppl"] == pytest.approx(np.exp(last["val_loss"]))
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(rows[1])

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a tokenizer and a small RoBERTa on built-in text, then fine-tune it")
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
-    p.add_argument("--steps", type=int, default=1500, help="pretraining steps (default 1500)")
+    p.add_argument("--steps", type=int, default=1200, help="pretraining steps (default 1200)")
     p.set_defaults(func=_demo)
     return parser
 

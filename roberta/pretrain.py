@@ -360,12 +360,18 @@ def evaluate(model, valid: PackedDataset, masking, cfg: PretrainConfig, d: Dist,
     """MLM loss, perplexity and masked-token accuracy on fixed masks of the first val_samples sequences."""
     model = unwrap(model)  # no gradient exchange here, and processes may see different counts
     model.eval()
-    indices = list(range(min(len(valid), cfg.val_samples)))[d.rank::d.world]
+    n = min(len(valid), cfg.val_samples)
+    # every process runs the same number of batches (FSDP gathers weights in each forward); the
+    # padding entries (-1) repeat sample 0 with no labels, so they count for nothing
+    per_rank = -(-n // d.world)
+    indices = [i if i < n else -1 for i in range(d.rank, per_rank * d.world, d.world)]
     loss_sum = correct = count = 0.0
-    for i in range(0, len(indices), cfg.micro_batch_size):
-        chunk = indices[i:i + cfg.micro_batch_size]
-        batch = collate([mask_tokens(valid[j], masking, sample_rng(cfg.seed, 0, j)) for j in chunk], masking.pad_id)
-        batch = {k: v.to(d.device) for k, v in batch.items()}
+    for start in range(0, len(indices), cfg.micro_batch_size):
+        pairs = []
+        for j in indices[start:start + cfg.micro_batch_size]:
+            inputs, labels = mask_tokens(valid[max(j, 0)], masking, sample_rng(cfg.seed, 0, max(j, 0)))
+            pairs.append((inputs, labels if j >= 0 else np.full_like(labels, -100)))
+        batch = {k: v.to(d.device) for k, v in collate(pairs, masking.pad_id).items()}
         with autocast:
             out = model(**batch)
         targets = batch["labels"][batch["labels"] != -100]

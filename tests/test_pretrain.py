@@ -110,11 +110,12 @@ def test_kill_9_while_writing_a_checkpoint(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(corpus, tmp_path):
-    """torchrun with 2 CPU processes, 4 sequences each, equals 1 process accumulating 2 x 4."""
-    settings = dict(TINY, dropout=0.0, max_steps=3, save_every=3)
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process(corpus, tmp_path, fsdp):
+    """torchrun with 2 CPU processes accumulating 2 x 4 sequences equals 1 process accumulating 4 x 4."""
+    settings = dict(TINY, batch_size=16, dropout=0.0, max_steps=3, save_every=3, val_every=3, fsdp=fsdp)
     one, two = tmp_path / "one", tmp_path / "two"
-    pretrain(config(corpus, **settings), one)
+    pretrain(config(corpus, **dict(settings, fsdp=False)), one)
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "roberta", "pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(two)]
     args += [a for k, v in settings.items() if k != "model" for a in ("--set", f"{k}={v}")]
@@ -126,6 +127,9 @@ def test_two_gloo_processes_match_one_process(corpus, tmp_path):
     logs = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
     for x, y in zip(*logs):
         assert x["step"] == y["step"]
+        if "val_loss" in x:  # validation is split over the processes too
+            assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-5) and x["val_acc"] == y["val_acc"]
+            continue
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
     a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -216,10 +220,28 @@ def test_wikitext_validation_loss_falls_below_the_unigram_baseline(tmp_path):
                                    warmup_steps=30, max_steps=400, dropout=0.0, val_every=400, save_every=400,
                                    threads=1, progress=False), out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first, last = [r for r in rows if "val_loss" in r][::1][0], [r for r in rows if "val_loss" in r][-1]
+    validations = [r for r in rows if "val_loss" in r]
+    first, last = validations[0], validations[-1]
     assert (first["step"], last["step"]) == (0, 400)
     assert last["val_loss"] < 0.8 * first["val_loss"]
     assert last["val_loss"] < unigram_ce - 0.3, (last["val_loss"], unigram_ce)
     assert last["val_acc"] > 0.1 and last["val_ppl"] == pytest.approx(np.exp(last["val_loss"]))
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(rows[1])
+
+
+def test_activation_checkpointing_and_mixed_precision(corpus, tmp_path):
+    """Recomputing activations changes memory, not results; bf16 and fp16 (with loss scaling) train."""
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    pretrain(config(corpus, max_steps=2, save_every=2, dropout=0.0), plain)
+    pretrain(config(corpus, max_steps=2, save_every=2, dropout=0.0, activation_checkpointing=True), recomputed)
+    a, b = load_file(plain / "model" / "model.safetensors"), load_file(recomputed / "model" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    for precision in ("bf16", "fp16"):
+        out = tmp_path / precision
+        pretrain(config(corpus, max_steps=3, save_every=3, precision=precision), out)
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(losses) == 3 and all(7 < loss < 8 for loss in losses)  # ln(1.2K vocab) = 7.1 at the start
+    trainer = torch.load(tmp_path / "fp16" / "checkpoints" / "step-00000003" / "trainer.pt", weights_only=True)
+    assert trainer["scaler"]["scale"] > 0  # the loss scale is part of the checkpoint

@@ -93,12 +93,19 @@ def _join_bytes(planes: list[np.ndarray], out: np.ndarray) -> None:
         view[:, j] = plane
 
 
-def _join_rotated(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Undo _rotl4 on 16-bit words given as their two byte planes."""
-    r = hi.astype(np.uint16)
-    r <<= 8
-    r |= lo
-    return (r >> 4) | (r << 12)
+def _join_rotated(lo: np.ndarray, hi: np.ndarray, out: np.ndarray) -> None:
+    """Undo _rotl4 on 16-bit words given as their two byte planes, in place in `out`.
+
+    Every step writes into `out` or this thread's scratch: fresh temporaries of this size would
+    cost a page fault per 4 KiB and take longer than the arithmetic.
+    """
+    tmp = _scratch("join", out.size, np.uint16)
+    np.copyto(out, hi)
+    np.left_shift(out, 8, out=out)
+    np.bitwise_or(out, lo, out=out)
+    np.right_shift(out, 4, out=tmp)
+    np.left_shift(out, 12, out=out)
+    np.bitwise_or(out, tmp, out=out)
 
 
 def _encode_chunk(x: np.ndarray, dtype: str) -> tuple[str, list[np.ndarray]]:
@@ -119,14 +126,18 @@ def _decode_chunk(transform: str, planes: list[np.ndarray], out: np.ndarray) -> 
     if transform == "bytes":
         _join_bytes(planes, out)
     elif transform == "bf16":
-        out[:] = _join_rotated(planes[0], planes[1])
+        _join_rotated(planes[0], planes[1], out)
     elif transform == "fp32":
-        np.copyto(out, _join_rotated(planes[0], planes[1]))
-        out <<= 16
-        out |= planes[2].view(np.uint16)
+        high = _scratch("high", out.size, np.uint16)
+        _join_rotated(planes[0], planes[1], high)
+        halves = out.view(np.uint16).reshape(-1, 2)
+        halves[:, 1] = high
+        halves[:, 0] = planes[2].view(np.uint16)
     elif transform == "fp16":
-        half = np.empty(out.size, np.uint16)
-        _join_bytes(planes, half)
+        half = _scratch("high", out.size, np.uint16)
+        np.copyto(half, planes[1])
+        np.left_shift(half, 8, out=half)
+        np.bitwise_or(half, planes[0], out=half)
         torch.from_numpy(out.view(np.float32)).copy_(torch.from_numpy(half.view(np.int16)).view(torch.float16))
     else:
         raise ValueError(transform)
@@ -157,6 +168,15 @@ def _zstd():
         _local.zstd = (zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False),
                        zstandard.ZstdDecompressor())
     return _local.zstd
+
+
+def _scratch(slot: str, size: int, dtype) -> np.ndarray:
+    """This thread's reusable buffer `slot` of `size` elements (decoding allocates nothing per chunk)."""
+    buffers = _local.__dict__.setdefault("scratch", {})
+    buf = buffers.get(slot)
+    if buf is None or buf.nbytes < size * np.dtype(dtype).itemsize:
+        buf = buffers[slot] = np.empty(max(size, CHUNK_ELEMENTS) * np.dtype(dtype).itemsize, np.uint8)
+    return buf[:size * np.dtype(dtype).itemsize].view(dtype)
 
 
 @lru_cache(maxsize=None)
@@ -260,8 +280,11 @@ def decompress_tensor(blob, threads: int | None = None, name: str = "tensor", so
     what = f"tensor '{name}'"
     header, _ = _parse_blob_header(blob, what, source)
     dtype = DTYPES[header["dtype"]]
-    result = torch.empty(header["shape"], dtype=dtype)
-    out = _words(result) if result.numel() else None
+    # numpy backs large arrays with huge pages, which halves the cost of first touching the output.
+    out = np.empty(int(np.prod(header["shape"], dtype=np.int64)), _BITS[torch.empty((), dtype=dtype).element_size()])
+    if out.size == 0:  # numpy gives empty arrays zero strides, which torch views refuse
+        return torch.empty(header["shape"], dtype=dtype)
+    result = torch.from_numpy(out).view(dtype).reshape(header["shape"])
 
     def decode(item: tuple[int, tuple]) -> None:
         index, (transform, start, elements, digest, offset, planes) = item
@@ -270,16 +293,22 @@ def decompress_tensor(blob, threads: int | None = None, name: str = "tensor", so
             raise _corrupt(f"{what} chunk {index}", source)
         decompressor = _zstd()[1]
         arrays, at = [], 0
-        for codec, length, size in planes:
+        for plane, (codec, length, size) in enumerate(planes):
             data = stored[at:at + length]
             at += length
-            if codec == ZSTD:
+            if codec == ZSTD:  # decoded into a reused buffer: no allocation, no page faults
+                buf = _scratch(f"plane{plane}", size, np.uint8)
                 try:
-                    data = decompressor.decompress(data, max_output_size=size)
+                    with decompressor.stream_reader(data) as reader:
+                        filled = reader.readinto(buf)
+                        while filled < size and (more := reader.readinto(buf[filled:])):
+                            filled += more
+                        extra = reader.read(1)
                 except zstandard.ZstdError as exc:
                     raise _corrupt(f"{what} chunk {index}", source) from exc
-                if len(data) != size:
+                if filled != size or extra:
                     raise _corrupt(f"{what} chunk {index}", source)
+                data = buf
             arrays.append(np.frombuffer(data, np.uint8))
         _decode_chunk(transform, arrays, out[start:start + elements])
 

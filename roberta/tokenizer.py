@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .errors import RobertaError
+from .fileio import atomic_write
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, the order of fairseq's Dictionary
 MASK = "<mask>"  # always the last id
@@ -301,7 +301,7 @@ class RobertaTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():
-            _write_atomic(directory / name, text)
+            atomic_write(directory / name, text)
 
 
 # ---- file reading and checks --------------------------------------------------------------------
@@ -384,14 +384,3 @@ def _read_dict(path: Path, encoder: dict[str, int]) -> tuple[dict[str, int], lis
         counts.append(int(count))
     vocab[MASK] = len(vocab)
     return vocab, counts
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

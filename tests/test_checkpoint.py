@@ -228,3 +228,47 @@ def test_saving_writes_whole_files_only(tmp_path, mlm):
     assert "lm_head.decoder.weight" not in state  # tied: stored once, as the word embeddings
     config, state = read_checkpoint(tmp_path)
     assert config.classification_heads == {"mnli": 3}
+
+
+def test_convert_fairseq_to_hf_and_back(tmp_path, bpe_dir):
+    """The published path: a fairseq release (model.pt, dict.txt, GPT-2 BPE files) to a transformers dir."""
+    import shutil
+    import subprocess
+
+    big = RobertaConfig(**{**CONFIG, "vocab_size": 50265})
+    model = RobertaForMaskedLM(big)
+    model.register_classification_head("mnli", 3)
+    randomize(model, seed=4)
+    src = tmp_path / "roberta.tiny"
+    write_fairseq(model, src, "2019")
+    for name in ("dict.txt", "encoder.json", "vocab.bpe"):
+        shutil.copy(bpe_dir / name, src / name)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-m", "roberta", "convert", str(src), str(tmp_path / "hf")],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    theirs = transformers.RobertaForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.RobertaTokenizerFast(vocab=str(tmp_path / "hf" / "vocab.json"),
+                                            merges=str(tmp_path / "hf" / "merges.txt"))
+    batch = tok(["Hello world!", "A longer sentence, with more tokens."], padding=True, return_tensors="pt")
+    assert batch["input_ids"][0].tolist()[:5] == [0, 31414, 232, 328, 2]
+    imported = RobertaForMaskedLM.from_pretrained(src)
+    with torch.no_grad():
+        ours = imported(batch["input_ids"], batch["attention_mask"]).logits
+        ref = theirs(**batch).logits
+        original = model(batch["input_ids"], batch["attention_mask"]).logits
+    assert max_diff(ours, ref, batch["attention_mask"]) <= 1e-5
+    # the writer folded the segment row into the positions, which only changes rounding
+    assert max_diff(ours, original, batch["attention_mask"]) <= 1e-4
+    # and back to fairseq's current layout, which loads to the same model again
+    run = subprocess.run([sys.executable, "-m", "roberta", "convert", str(tmp_path / "hf"), str(tmp_path / "fs2"),
+                          "--to", "fairseq"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    again = RobertaForMaskedLM.from_pretrained(tmp_path / "fs2")
+    with torch.no_grad():
+        assert max_diff(again(batch["input_ids"], batch["attention_mask"]).logits, ours, batch["attention_mask"]) <= 1e-5
+        assert max_diff(again.classify(batch["input_ids"], head="mnli"),
+                        imported.classify(batch["input_ids"], head="mnli")) <= 1e-5
+    bad = subprocess.run([sys.executable, "-m", "roberta", "convert", str(tmp_path / "nowhere"), str(tmp_path / "x")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1

@@ -91,32 +91,53 @@ def self_trained(steps: int, cache: Path) -> dict[str, torch.Tensor]:
     return load_file(str(file))
 
 
-def run_ours(tensors, threads, repeats):
+class Ours:
+    name = "roberta"
+
+    def __init__(self, threads):
+        self.threads = threads
+
+    def compress(self, t):
+        return compress.compress_tensor(t, self.threads)
+
+    def decompress(self, blob):
+        return compress.decompress_tensor(blob, self.threads)
+
+
+class ZipNN:
+    name = "zipnn"
+
+    def __init__(self, threads):
+        from zipnn import ZipNN as Codec
+
+        self.codec = Codec(input_format="torch", threads=threads)
+
+    def compress(self, t):
+        return self.codec.compress(t.clone())  # ZipNN rewrites the tensor it compresses
+
+    def decompress(self, blob):
+        return self.codec.decompress(blob)
+
+
+def timed(fn, items: dict) -> tuple[float, dict]:
     start = time.perf_counter()
-    blobs = {k: compress.compress_tensor(t, threads) for k, t in tensors.items()}
-    t_compress = time.perf_counter() - start
-    t_decompress = float("inf")
+    out = {k: fn(v) for k, v in items.items()}
+    return time.perf_counter() - start, out
+
+
+def measure(codecs, tensors, repeats):
+    """Best time of `repeats` rounds, the codecs taking turns within each round, so that load from
+    other processes on the machine falls on both alike."""
+    blobs, best = {}, {c.name: [float("inf"), float("inf")] for c in codecs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = {k: compress.decompress_tensor(b, threads) for k, b in blobs.items()}
-        t_decompress = min(t_decompress, time.perf_counter() - start)
-    return sum(map(len, blobs.values())), t_compress, t_decompress, out
-
-
-def run_zipnn(tensors, threads, repeats):
-    from zipnn import ZipNN
-
-    codec = ZipNN(input_format="torch", threads=threads)
-    copies = {k: t.clone() for k, t in tensors.items()}  # ZipNN rewrites the tensor it compresses
-    start = time.perf_counter()
-    blobs = {k: codec.compress(t) for k, t in copies.items()}
-    t_compress = time.perf_counter() - start
-    t_decompress = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = {k: codec.decompress(b) for k, b in blobs.items()}
-        t_decompress = min(t_decompress, time.perf_counter() - start)
-    return sum(map(len, blobs.values())), t_compress, t_decompress, out
+        for c in codecs:
+            seconds, blobs[c.name] = timed(c.compress, tensors)
+            best[c.name][0] = min(best[c.name][0], seconds)
+            seconds, out = timed(c.decompress, blobs[c.name])
+            best[c.name][1] = min(best[c.name][1], seconds)
+            if not all(same_bits(out[k], t) for k, t in tensors.items()):
+                raise SystemExit(f"{c.name} did not give back the exact tensors")
+    return {c.name: (sum(map(len, blobs[c.name].values())), *best[c.name]) for c in codecs}
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -128,7 +149,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--steps", type=int, default=300, help="training steps of the self-trained checkpoint")
-    parser.add_argument("--repeats", type=int, default=3, help="decompressions timed; the best counts")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds timed; the best of each codec counts")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/roberta-bench-compress"))
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -139,6 +160,7 @@ def main():
              "bf16": {k: t.bfloat16() for k, t in fp32.items()}}
     kinds["self-trained fp32"] = self_trained(args.steps, args.cache)
 
+    codecs = [Ours(args.threads), ZipNN(args.threads)]
     rows = []
     print(f"threads={args.threads}, chunk={compress.CHUNK_ELEMENTS} elements, zstd level {compress.ZSTD_LEVEL}")
     print("| weights | MB | codec | size ratio | compress MB/s | decompress MB/s |")
@@ -146,10 +168,7 @@ def main():
     for kind, tensors in kinds.items():
         raw = sum(t.numel() * t.element_size() for t in tensors.values())
         result = {}
-        for codec, run in (("roberta", run_ours), ("zipnn", run_zipnn)):
-            size, t_c, t_d, out = run(tensors, args.threads, args.repeats)
-            if not all(same_bits(out[k], t) for k, t in tensors.items()):
-                raise SystemExit(f"{codec} did not give back the exact {kind} tensors")
+        for codec, (size, t_c, t_d) in measure(codecs, tensors, args.repeats).items():
             result[codec] = {"ratio": size / raw, "compress_MBps": raw / t_c / 1e6, "decompress_MBps": raw / t_d / 1e6}
             r = result[codec]
             print(f"| {kind} | {raw / 1e6:.0f} | {codec} | {100 * r['ratio']:.2f}% | {r['compress_MBps']:.0f} "

@@ -40,12 +40,13 @@ import torch
 import xxhash
 import zstandard
 
+from .checkpoint import CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, read_checkpoint
 from .errors import RobertaError
+from .fileio import atomic_write
 
 MAGIC = b"ROBERTAZ"
 VERSION = 1
 COMPRESSED_WEIGHTS_NAME = "model.rbz"
-SAFETENSORS_WEIGHTS_NAME = "model.safetensors"
 CHUNK_ELEMENTS = 1 << 18
 ZSTD_LEVEL = 1  # higher levels only search harder for repeats, which weights do not have
 KEEP_RAW_ABOVE = 0.98  # a plane that zstd shrinks by less than 2% is stored raw: faster to read
@@ -130,9 +131,9 @@ def _decode_chunk(transform: str, planes: list[np.ndarray], out: np.ndarray) -> 
     elif transform == "fp32":
         high = _scratch("high", out.size, np.uint16)
         _join_rotated(planes[0], planes[1], high)
-        halves = out.view(np.uint16).reshape(-1, 2)
-        halves[:, 1] = high
-        halves[:, 0] = planes[2].view(np.uint16)
+        np.copyto(out, high)
+        np.left_shift(out, 16, out=out)
+        np.bitwise_or(out, planes[2].view(np.uint16), out=out)
     elif transform == "fp16":
         half = _scratch("high", out.size, np.uint16)
         np.copyto(half, planes[1])
@@ -341,16 +342,7 @@ def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] |
         header = new
     prefix = _PREFIX.pack(MAGIC, VERSION, len(header), xxhash.xxh3_64_intdigest(header))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(prefix)
-            f.write(header)
-            for blob in blobs.values():
-                f.write(blob)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, b"".join([prefix, header, *blobs.values()]))
 
 
 def _read_header(f, source: str) -> dict:
@@ -428,12 +420,6 @@ def load_file(path, names=None, device="cpu", threads: int | None = None) -> dic
 
 # --- checkpoint directories ----------------------------------------------------------------------
 
-def _copy_other_files(src: Path, dst: Path, weights: set[str]) -> None:
-    for item in src.iterdir():
-        if item.is_file() and item.name not in weights:
-            shutil.copy2(item, dst / item.name)
-
-
 def _check_dirs(src, dst) -> tuple[Path, Path]:
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -444,38 +430,51 @@ def _check_dirs(src, dst) -> tuple[Path, Path]:
     return src, dst
 
 
+def _copy_other_files(src: Path, dst: Path) -> None:
+    """Everything but the weights (config.json, tokenizer files, ...) is copied as it is."""
+    weights = {SAFETENSORS_NAME, COMPRESSED_WEIGHTS_NAME, PYTORCH_NAME, FAIRSEQ_NAME}
+    for item in src.iterdir():
+        if item.is_file() and item.name not in weights:
+            shutil.copy2(item, dst / item.name)
+
+
 def compress_checkpoint(src_dir, dst_dir, threads: int | None = None) -> Path:
-    """Copy a checkpoint directory, storing its model.safetensors as model.rbz."""
-    from safetensors import safe_open
+    """Copy a checkpoint directory with its weights stored as model.rbz.
+
+    A model.safetensors is kept tensor for tensor (names and metadata too), so decompressing gives
+    it back; any other layout the project reads (pytorch_model.bin, fairseq model.pt) is converted
+    to Hugging Face names on the way, with a config.json written beside it.
+    """
+    from safetensors import SafetensorError, safe_open
 
     src, dst = _check_dirs(src_dir, dst_dir)
-    weights = src / SAFETENSORS_WEIGHTS_NAME
-    if not weights.is_file():
-        raise RobertaError(f"{src} has no {SAFETENSORS_WEIGHTS_NAME} to compress")
-    with safe_open(weights, framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    _copy_other_files(src, dst, {SAFETENSORS_WEIGHTS_NAME, COMPRESSED_WEIGHTS_NAME})
+    weights, config = src / SAFETENSORS_NAME, None
+    if weights.is_file():
+        try:
+            with safe_open(weights, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise RobertaError(f"{weights} is truncated or corrupted ({exc}); download or copy it again") from None
+    else:
+        config, tensors = read_checkpoint(src)
+        metadata = {"format": "pt"}
+    _copy_other_files(src, dst)
+    if config is not None and not (dst / CONFIG_NAME).exists():
+        config.save(dst / CONFIG_NAME)
     save_file(tensors, dst / COMPRESSED_WEIGHTS_NAME, metadata, threads)
     return dst / COMPRESSED_WEIGHTS_NAME
 
 
 def decompress_checkpoint(src_dir, dst_dir, threads: int | None = None) -> Path:
     """Copy a compressed checkpoint directory back to one with a plain model.safetensors."""
-    from safetensors.torch import save_file as save_safetensors
+    from safetensors.torch import save as safetensors_bytes
 
     src, dst = _check_dirs(src_dir, dst_dir)
     weights = src / COMPRESSED_WEIGHTS_NAME
     if not weights.is_file():
         raise RobertaError(f"{src} has no {COMPRESSED_WEIGHTS_NAME} to decompress")
     tensors = load_file(weights, threads=threads)
-    metadata = read_metadata(weights)
-    _copy_other_files(src, dst, {SAFETENSORS_WEIGHTS_NAME, COMPRESSED_WEIGHTS_NAME})
-    out = dst / SAFETENSORS_WEIGHTS_NAME
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        save_safetensors(tensors, str(tmp), metadata=metadata or None)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    _copy_other_files(src, dst)
+    atomic_write(dst / SAFETENSORS_NAME, safetensors_bytes(tensors, metadata=read_metadata(weights) or None))
+    return dst / SAFETENSORS_NAME

@@ -1,0 +1,85 @@
+"""A small HTTP file server on 127.0.0.1 for download tests: Range requests, cut connections, bad bytes."""
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class FileServer:
+    """Serves `files` ({url path: bytes}) and logs every request as (path, Range header or None).
+
+    Knobs, per path: `cut[path] = n` closes the connection after byte n of the file, for the next
+    `cut_times[path]` requests (default once); `wrong[path] = bytes` serves those bytes instead while
+    still announcing the sha256 of the real ones; `linked_sha` announces sha256s in X-Linked-Etag,
+    as the Hugging Face hub does for large files.
+    """
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.cut: dict[str, int] = {}
+        self.cut_times: dict[str, int] = {}
+        self.wrong: dict[str, bytes] = {}
+        self.linked_sha: set[str] = set()
+        self.log: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                range_header = self.headers.get("Range")
+                server.log.append((self.path, range_header))
+                if self.path not in server.files:
+                    self.send_error(404)
+                    return
+                real = server.files[self.path]
+                data = server.wrong.get(self.path, real)
+                start = int(re.fullmatch(r"bytes=(\d+)-", range_header).group(1)) if range_header else 0
+                if start >= len(data) and range_header:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.end_headers()
+                    return
+                self.send_response(206 if range_header else 200)
+                self.send_header("Content-Length", str(len(data) - start))
+                if range_header:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                if self.path in server.linked_sha:
+                    self.send_header("X-Linked-Etag", f'"{hashlib.sha256(real).hexdigest()}"')
+                self.end_headers()
+                end = len(data)
+                if self.path in server.cut and server.cut_times.get(self.path, 1) > 0:
+                    server.cut_times[self.path] = server.cut_times.get(self.path, 1) - 1
+                    end = max(start, server.cut[self.path])
+                self.wfile.write(data[start:end])
+                self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> "FileServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def tar_gz(files: dict[str, bytes | Path], top: str | None = None) -> bytes:
+    """A .tar.gz holding `files` ({name: bytes or a path to read}), under directory `top` if given."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in files.items():
+            data = content.read_bytes() if isinstance(content, Path) else content
+            info = tarfile.TarInfo(f"{top}/{name}" if top else name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

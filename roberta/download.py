@@ -30,7 +30,6 @@ from urllib.request import HTTPRedirectHandler, Request, build_opener
 
 from tqdm import tqdm
 
-from . import __version__
 from .errors import RobertaError
 
 FAIRSEQ_HOST = "https://dl.fbaipublicfiles.com"
@@ -249,7 +248,7 @@ def fetch(url: str, dest: str | os.PathLike, size: int | None = None, sha256: st
 def _transfer(url: str, part: Path, progress: bool) -> tuple[int | None, str | None]:
     """One HTTP request appending to `part`; returns (total size, advertised sha256)."""
     offset = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": f"roberta/{__version__}"}
+    headers = {"User-Agent": "roberta-python"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     redirects = _LinkedHeaders()

@@ -17,10 +17,12 @@ object is in train mode (so fine-tuning through it still works).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,36 +61,11 @@ class RobertaHub(nn.Module):
 
         A list of sentences (and lists of second sentences, one each) gives a list of tensors.
         """
-        if not isinstance(sentence, str):
-            batch, others = list(sentence), [list(more) for more in addl_sentences]
-            if any(len(more) != len(batch) for more in others):
-                raise RobertaError("encode got lists of different lengths; give one second sentence per sentence")
-            return [self.encode(*texts, no_separator=no_separator) for texts in zip(batch, *others)]
-        tok = self.tokenizer
-        ids = [tok.bos_token_id] + tok.encode(sentence, add_special_tokens=False) + [tok.eos_token_id]
-        for more in addl_sentences:
-            separator = [] if no_separator else [tok.eos_token_id]
-            ids += separator + tok.encode(more, add_special_tokens=False) + [tok.eos_token_id]
-        return torch.tensor(ids, dtype=torch.long)
+        return encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator)
 
     def decode(self, tokens):
         """Text of one sequence; a sequence of several sentences (split at `</s></s>`) gives a list."""
-        if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], torch.Tensor):
-            return [self.decode(t) for t in tokens]
-        ids = torch.as_tensor(tokens).tolist()
-        if not isinstance(ids, list) or (ids and isinstance(ids[0], list)):
-            raise RobertaError("decode takes one sequence of ids (a 1-D tensor); decode a batch row by row")
-        eos = self.tokenizer.eos_token_id
-        if ids and ids[0] == self.tokenizer.bos_token_id:
-            ids = ids[1:]
-        sentences, start = [], 0
-        for i in range(len(ids) - 1):
-            if ids[i] == eos and ids[i + 1] == eos:
-                sentences.append(ids[start:i + 1])
-                start = i + 1
-        sentences.append(ids[start:])
-        texts = [self.tokenizer.decode(s, skip_special_tokens=True) for s in sentences]
-        return texts[0] if len(texts) == 1 else texts
+        return decode(self.tokenizer, tokens)
 
     # ---- the encoder ---------------------------------------------------------------------------
 
@@ -197,6 +174,43 @@ class RobertaHub(nn.Module):
         return torch.set_grad_enabled(self.training and torch.is_grad_enabled())
 
 
+# ---- text <-> ids, with the tokenizer alone (the CLI encodes without loading weights) ------------
+
+
+def encode(tokenizer: RobertaTokenizer, sentence, *addl_sentences: str, no_separator: bool = False):
+    """`RobertaHub.encode`: fairseq's framing, `</s></s>` between sentences (`</s>` with no_separator)."""
+    if not isinstance(sentence, str):
+        batch, others = list(sentence), [list(more) for more in addl_sentences]
+        if any(len(more) != len(batch) for more in others):
+            raise RobertaError("encode got lists of different lengths; give one second sentence per sentence")
+        return [encode(tokenizer, *texts, no_separator=no_separator) for texts in zip(batch, *others)]
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(sentence, add_special_tokens=False) + [tokenizer.eos_token_id]
+    for more in addl_sentences:
+        separator = [] if no_separator else [tokenizer.eos_token_id]
+        ids += separator + tokenizer.encode(more, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def decode(tokenizer: RobertaTokenizer, tokens):
+    """`RobertaHub.decode`: one string, or a list when `</s></s>` separates several sentences."""
+    if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], torch.Tensor):
+        return [decode(tokenizer, t) for t in tokens]
+    ids = torch.as_tensor(tokens).tolist()
+    if not isinstance(ids, list) or (ids and isinstance(ids[0], list)):
+        raise RobertaError("decode takes one sequence of ids (a 1-D tensor); decode a batch row by row")
+    eos = tokenizer.eos_token_id
+    if ids and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    sentences, start = [], 0
+    for i in range(len(ids) - 1):
+        if ids[i] == eos and ids[i + 1] == eos:
+            sentences.append(ids[start:i + 1])
+            start = i + 1
+    sentences.append(ids[start:])
+    texts = [tokenizer.decode(s, skip_special_tokens=True) for s in sentences]
+    return texts[0] if len(texts) == 1 else texts
+
+
 @contextlib.contextmanager
 def _eval(module: nn.Module):
     """Eval mode for the duration (fill_mask never wants dropout), then the mode it had."""
@@ -285,3 +299,62 @@ def _tokenizer(directory: Path, cache_dir, offline, base_url, progress) -> Rober
         for source in (bpe / "encoder.json", bpe / "vocab.bpe", directory / "dict.txt"):
             os.symlink(source.resolve(), Path(tmp) / source.name)
         return RobertaTokenizer.from_pretrained(tmp, layout="fairseq")
+
+
+def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,
+             base_url: str | None = None, progress: bool = True) -> dict:
+    """What a checkpoint holds: its format, config, classification heads, parameter count, dtype, size."""
+    path = resolve(name_or_path, cache_dir, offline, base_url, progress)
+    with _model_dir(path) as directory:
+        model = RobertaForMaskedLM.from_pretrained(directory)
+        layout = "fairseq" if (directory / "model.pt").is_file() else "huggingface"
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return {
+        "path": str(path),
+        "format": layout,
+        "config": model.config.to_dict(),
+        "heads": dict(model.config.classification_heads),
+        "max_tokens": model.config.max_tokens,
+        "parameters": model.num_parameters(),
+        "dtype": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})),
+        "size_bytes": sum(f.stat().st_size for f in files),
+    }
+
+
+def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, pool: str = "cls",
+                   layer: int = -1, truncate: bool = False, batch_size: int = 32) -> list[int]:
+    """Features of each text (a TAB separates the sentences of a pair) written atomically to `path`.
+
+    `.npy`: one row per text ([texts, hidden]); `.jsonl`: {"text", "tokens", "features"} per line.
+    `pool`: "cls" (the `<s>` vector, what classification heads read), "mean" over the tokens, or
+    "none" (every token: .jsonl only). `layer`: 0 is the embeddings, -1 (default) the last layer.
+    Returns the shape of one text's features.
+    """
+    path = Path(path)
+    if path.suffix not in (".npy", ".jsonl"):
+        raise RobertaError(f"cannot write features to {path}: name it .npy or .jsonl")
+    if pool not in ("cls", "mean", "none"):
+        raise RobertaError(f"pool must be cls, mean or none, got {pool!r}")
+    if pool == "none" and path.suffix == ".npy":
+        raise RobertaError("pool 'none' gives a matrix per text of its own length, which .npy cannot hold; "
+                           "write .jsonl, or pool with cls or mean")
+    layers = hub.model.config.num_hidden_layers
+    if not -layers - 1 <= layer <= layers:
+        raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}")
+    tokens = [hub._fit(hub.encode(*text.split("\t"))[None], truncate)[0] for text in texts]
+    vectors = []
+    for start in range(0, len(tokens), batch_size):
+        batch = hub.extract_features(tokens[start:start + batch_size], return_all_hiddens=True)
+        for hidden in batch:
+            h = hidden[layer][0].float()
+            vectors.append((h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy())
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        if path.suffix == ".npy":
+            np.save(f, np.stack(vectors))
+        else:
+            for text, ids, vector in zip(texts, tokens, vectors):
+                record = {"text": text, "tokens": ids.tolist(), "features": vector.tolist()}
+                f.write((json.dumps(record) + "\n").encode())
+    os.replace(tmp, path)
+    return list(vectors[0].shape)

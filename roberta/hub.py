@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import download
+from .checkpoint import read_checkpoint
 from .errors import RobertaError
 from .model import RobertaForMaskedLM
 from .tokenizer import RobertaTokenizer
@@ -45,6 +46,7 @@ class RobertaHub(nn.Module):
                                f"{model.config.vocab_size}; load the tokenizer files that belong to this model")
         self.model = model
         self.tokenizer = tokenizer
+        self.train(model.training)  # the hub is in the mode its model is in
 
     @property
     def device(self) -> torch.device:
@@ -83,7 +85,7 @@ class RobertaHub(nn.Module):
 
     def register_classification_head(self, name: str, num_classes: int) -> None:
         """Add a new (randomly initialised) sentence-classification head, fine-tune it, then `predict`."""
-        self.model.register_classification_head(name, num_classes)
+        self.model.register_classification_head(name, num_classes).train(self.training)
 
     def predict(self, head: str, tokens, return_logits: bool = False, truncate: bool = False) -> torch.Tensor:
         """Log-probabilities [B, classes] of a classification head (logits with `return_logits`).
@@ -306,17 +308,22 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
     """What a checkpoint holds: its format, config, classification heads, parameter count, dtype, size."""
     path = resolve(name_or_path, cache_dir, offline, base_url, progress)
     with _model_dir(path) as directory:
-        model = RobertaForMaskedLM.from_pretrained(directory)
+        config, state = read_checkpoint(directory)
         layout = "fairseq" if (directory / "model.pt").is_file() else "huggingface"
+    if "classifier.out_proj.weight" in state:  # a transformers sequence classifier: its head, by name
+        config.classification_heads[config.head_name or "default"] = state["classifier.out_proj.weight"].shape[0]
+    with torch.device("meta"):  # the parameter count without allocating the weights a second time
+        parameters = RobertaForMaskedLM(config).num_parameters()
     files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
     return {
         "path": str(path),
         "format": layout,
-        "config": model.config.to_dict(),
-        "heads": dict(model.config.classification_heads),
-        "max_tokens": model.config.max_tokens,
-        "parameters": model.num_parameters(),
-        "dtype": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})),
+        "config": config.to_dict(),
+        "heads": dict(config.classification_heads),
+        "max_tokens": config.max_tokens,
+        "parameters": parameters,
+        "dtype": ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in state.values()
+                                   if t.is_floating_point()})),
         "size_bytes": sum(f.stat().st_size for f in files),
     }
 

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from localserver import FileServer, tar_gz
+from hub_helpers import FileServer, tar_gz
 from roberta import download
 from roberta.errors import RobertaError
 

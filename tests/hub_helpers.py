@@ -83,3 +83,50 @@ def tar_gz(files: dict[str, bytes | Path], top: str | None = None) -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def make_checkpoints(root: Path, bpe_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """A tiny RoBERTa with the real 50265-token vocabulary and an 'mnli' head, in every layout load reads.
+
+    fairseq: model.pt + dict.txt only, as the releases ship it (the BPE files come from the GPT-2 BPE
+    download); fairseq_bpe: with encoder.json + vocab.bpe; archive: fairseq as a release .tar.gz;
+    hf: config.json + model.safetensors + vocab.json + merges.txt.
+    """
+    import torch
+
+    from roberta.checkpoint import save_fairseq, save_model
+    from roberta.model import RobertaConfig, RobertaForMaskedLM
+    from roberta.tokenizer import RobertaTokenizer
+
+    torch.manual_seed(seed)
+    model = RobertaForMaskedLM(RobertaConfig.tiny(vocab_size=50265, max_position_embeddings=66))
+    with torch.no_grad():  # a non-zero LM bias and head biases, so that nothing passes by accident
+        model.lm_head.bias.normal_()
+        # RoBERTa has no token types: fairseq has no such table and published models hold zeros here
+        model.roberta.embeddings.token_type_embeddings.weight.zero_()
+    head = model.register_classification_head("mnli", 3)
+    with torch.no_grad():
+        head.out_proj.bias.normal_()
+    model.eval()
+    tokenizer = RobertaTokenizer.from_pretrained(bpe_dir)
+    paths = {name: root / name for name in ("fairseq", "fairseq_bpe", "hf")}
+    save_fairseq(model, paths["fairseq_bpe"], tokenizer=tokenizer)
+    save_model(model, paths["hf"], tokenizer=tokenizer)
+    paths["fairseq"].mkdir()
+    (paths["fairseq"] / "model.pt").write_bytes((paths["fairseq_bpe"] / "model.pt").read_bytes())
+    (paths["fairseq"] / "dict.txt").write_bytes((bpe_dir / "dict.txt").read_bytes())  # the release's own
+    paths["archive"] = root / "roberta.tiny.tar.gz"
+    paths["archive"].write_bytes(tar_gz({n: paths["fairseq"] / n for n in ("model.pt", "dict.txt")}, top="roberta.tiny"))
+    return paths
+
+
+def serve_models(server: FileServer, paths: dict[str, Path], bpe_dir: Path) -> None:
+    """Serve the tiny model under every official name: fairseq archives, GPT-2 BPE, Hugging Face files."""
+    archive = paths["archive"].read_bytes()
+    for name in ("roberta.base", "roberta.large", "roberta.large.mnli"):
+        server.files[f"/fairseq/models/{name}.tar.gz"] = archive
+    for name in ("encoder.json", "vocab.bpe"):
+        server.files[f"/fairseq/gpt2_bpe/{name}"] = (bpe_dir / name).read_bytes()
+    for repo in ("FacebookAI/roberta-base", "FacebookAI/roberta-large"):
+        for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
+            server.files[f"/{repo}/resolve/main/{name}"] = (paths["hf"] / name).read_bytes()

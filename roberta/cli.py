@@ -19,8 +19,24 @@ def build_parser() -> argparse.ArgumentParser:
                "1 unexpected failure (a bug: please report the traceback), 130 interrupted.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Subcommands are added below, one compact block each.
+
+    p = sub.add_parser("convert", help="convert a checkpoint between the fairseq and Hugging Face layouts")
+    p.add_argument("src", help="checkpoint directory (Hugging Face, fairseq or this project's) or model.pt")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--to", choices=["hf", "fairseq"], default="hf", help="target layout (default: hf)")
+    p.add_argument("--fairseq-layout", choices=["current", "2019"], default="current",
+                   help="key layout when writing fairseq (default: current)")
+    p.set_defaults(func=_convert)
     _add_hub_commands(sub)
     return parser
+
+
+def _convert(args) -> int:
+    from .checkpoint import convert
+
+    out = convert(args.src, args.dst, to=args.to, layout=args.fairseq_layout)
+    print(f"wrote {out}")
+    return 0
 
 
 # ---- using a model: encode, decode, fill-mask, features, predict, download, info ------------------

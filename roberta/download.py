@@ -31,6 +31,7 @@ from urllib.request import HTTPRedirectHandler, Request, build_opener
 from tqdm import tqdm
 
 from .errors import RobertaError
+from .fileio import atomic_write
 
 FAIRSEQ_HOST = "https://dl.fbaipublicfiles.com"
 HF_HOST = "https://huggingface.co"
@@ -301,6 +302,4 @@ def _record(directory: Path, filename: str, record: dict) -> None:
     manifest = directory / MANIFEST
     entries = json.loads(manifest.read_text()) if manifest.exists() else {}
     entries[filename] = record
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=2) + "\n")
-    os.replace(tmp, manifest)
+    atomic_write(manifest, json.dumps(entries, indent=2) + "\n")

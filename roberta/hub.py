@@ -17,6 +17,7 @@ object is in train mode (so fine-tuning through it still works).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -30,6 +31,7 @@ from torch import nn
 from . import download
 from .checkpoint import read_checkpoint
 from .errors import RobertaError
+from .fileio import atomic_write
 from .model import RobertaForMaskedLM
 from .tokenizer import RobertaTokenizer
 
@@ -355,13 +357,11 @@ def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, p
         for hidden in batch:
             h = hidden[layer][0].float()
             vectors.append((h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy())
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        if path.suffix == ".npy":
-            np.save(f, np.stack(vectors))
-        else:
-            for text, ids, vector in zip(texts, tokens, vectors):
-                record = {"text": text, "tokens": ids.tolist(), "features": vector.tolist()}
-                f.write((json.dumps(record) + "\n").encode())
-    os.replace(tmp, path)
+    if path.suffix == ".npy":
+        buffer = io.BytesIO()
+        np.save(buffer, np.stack(vectors))
+        atomic_write(path, buffer.getvalue())
+    else:
+        atomic_write(path, "".join(json.dumps({"text": text, "tokens": ids.tolist(), "features": vector.tolist()}) + "\n"
+                                   for text, ids, vector in zip(texts, tokens, vectors)))
     return list(vectors[0].shape)

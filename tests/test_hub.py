@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import roberta
-from hub_helpers import FileServer, make_checkpoints, serve_models
+from hub_helpers import FileServer, serve_models
 from roberta.errors import RobertaError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,60 +14,50 @@ SENTENCES = ["Hello world!", "A much longer sentence, with some punctuation; and
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, bpe_dir):
-    return make_checkpoints(tmp_path_factory.mktemp("ckpt"), bpe_dir)
-
-
-@pytest.fixture(scope="module")
-def hub(paths):
-    return roberta.load(paths["hf"])
-
-
-@pytest.fixture(scope="module")
-def reference(paths):
+def reference(hub_checkpoints):
     """transformers' RobertaForMaskedLM on the same weights, and a sequence classifier with the mnli head."""
     transformers = pytest.importorskip("transformers")
-    mlm = transformers.RobertaForMaskedLM.from_pretrained(paths["hf"]).eval()
-    config = transformers.RobertaConfig.from_pretrained(paths["hf"], num_labels=3)
+    mlm = transformers.RobertaForMaskedLM.from_pretrained(hub_checkpoints["hf"]).eval()
+    config = transformers.RobertaConfig.from_pretrained(hub_checkpoints["hf"], num_labels=3)
     classifier = transformers.RobertaForSequenceClassification(config).eval()
     classifier.roberta.load_state_dict(mlm.roberta.state_dict(), strict=False)
-    ours = roberta.load(paths["hf"]).model.classification_heads["mnli"].state_dict()
+    ours = roberta.load(hub_checkpoints["hf"]).model.classification_heads["mnli"].state_dict()
     classifier.classifier.load_state_dict(ours)
     return mlm, classifier
 
 
 @pytest.fixture
-def served(paths, bpe_dir, tmp_path, monkeypatch):
+def served(hub_checkpoints, bpe_dir, tmp_path, monkeypatch):
     with FileServer() as server:
-        serve_models(server, paths, bpe_dir)
+        serve_models(server, hub_checkpoints, bpe_dir)
         monkeypatch.setenv("ROBERTA_CACHE", str(tmp_path / "cache"))
         monkeypatch.setenv("ROBERTA_BASE_URL", server.url)
         monkeypatch.delenv("ROBERTA_OFFLINE", raising=False)
         yield server
 
 
-def test_bpe_examples_from_the_release(hub):
-    tokens = hub.encode("Hello world!")
+def test_bpe_examples_from_the_release(tiny_hub):
+    tokens = tiny_hub.encode("Hello world!")
     assert tokens.dtype == torch.long and tokens.tolist() == [0, 31414, 232, 328, 2]
-    assert hub.decode(tokens) == "Hello world!"
-    assert hub.encode("Hello world").tolist() == [0, 31414, 232, 2]
-    assert hub.encode(" world").tolist() == [0, 232, 2]
-    assert hub.encode("world").tolist() == [0, 8331, 2]
+    assert tiny_hub.decode(tokens) == "Hello world!"
+    assert tiny_hub.encode("Hello world").tolist() == [0, 31414, 232, 2]
+    assert tiny_hub.encode(" world").tolist() == [0, 232, 2]
+    assert tiny_hub.encode("world").tolist() == [0, 8331, 2]
 
 
-def test_sentence_pairs_and_decode_splits_them(hub):
-    pair = hub.encode("Hello world!", "Hi")
+def test_sentence_pairs_and_decode_splits_them(tiny_hub):
+    pair = tiny_hub.encode("Hello world!", "Hi")
     assert pair.tolist() == [0, 31414, 232, 328, 2, 2, 30086, 2]
-    assert hub.encode("Hello world!", "Hi", no_separator=True).tolist() == [0, 31414, 232, 328, 2, 30086, 2]
-    assert hub.decode(pair) == ["Hello world!", "Hi"]
-    assert [t.tolist() for t in hub.encode(["Hello world!", "Hi"], ["Hi", "Hi"])] == [
+    assert tiny_hub.encode("Hello world!", "Hi", no_separator=True).tolist() == [0, 31414, 232, 328, 2, 30086, 2]
+    assert tiny_hub.decode(pair) == ["Hello world!", "Hi"]
+    assert [t.tolist() for t in tiny_hub.encode(["Hello world!", "Hi"], ["Hi", "Hi"])] == [
         pair.tolist(), [0, 30086, 2, 2, 30086, 2]]
 
 
-def test_every_layout_loads_the_same_model(paths, served, hub):
-    tokens = hub.encode(*PAIR)
-    expected = hub.extract_features(tokens)
-    for path in (paths["fairseq"], paths["fairseq_bpe"], paths["archive"], paths["fairseq"] / "model.pt"):
+def test_every_layout_loads_the_same_model(hub_checkpoints, served, tiny_hub):
+    tokens = tiny_hub.encode(*PAIR)
+    expected = tiny_hub.extract_features(tokens)
+    for path in (hub_checkpoints["fairseq"], hub_checkpoints["fairseq_bpe"], hub_checkpoints["archive"], hub_checkpoints["fairseq"] / "model.pt"):
         other = roberta.load(path)
         assert other.encode(*PAIR).tolist() == tokens.tolist()
         torch.testing.assert_close(other.extract_features(tokens), expected, rtol=0, atol=1e-6)
@@ -75,12 +65,12 @@ def test_every_layout_loads_the_same_model(paths, served, hub):
     assert [p for p, _ in served.log] == ["/fairseq/gpt2_bpe/encoder.json", "/fairseq/gpt2_bpe/vocab.bpe"]
 
 
-def test_features_and_all_hiddens_match_transformers(hub, reference):
-    tokens = hub.encode("Hello world!")
-    last = hub.extract_features(tokens)
+def test_features_and_all_hiddens_match_transformers(tiny_hub, reference):
+    tokens = tiny_hub.encode("Hello world!")
+    last = tiny_hub.extract_features(tokens)
     assert last.shape == (1, 5, 64) and not last.requires_grad
-    layers = hub.extract_features(tokens, return_all_hiddens=True)
-    assert len(layers) == hub.model.config.num_hidden_layers + 1
+    layers = tiny_hub.extract_features(tokens, return_all_hiddens=True)
+    assert len(layers) == tiny_hub.model.config.num_hidden_layers + 1
     assert torch.equal(layers[-1], last)
     with torch.no_grad():
         theirs = reference[0].roberta(tokens[None], output_hidden_states=True).hidden_states
@@ -88,18 +78,18 @@ def test_features_and_all_hiddens_match_transformers(hub, reference):
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
-def test_sentence_pair_prediction_matches_transformers(hub, reference):
-    tokens = hub.encode(*PAIR)
-    log_probs = hub.predict("mnli", tokens)
+def test_sentence_pair_prediction_matches_transformers(tiny_hub, reference):
+    tokens = tiny_hub.encode(*PAIR)
+    log_probs = tiny_hub.predict("mnli", tokens)
     with torch.no_grad():
         logits = reference[1](tokens[None]).logits
     torch.testing.assert_close(log_probs, logits.log_softmax(-1), rtol=0, atol=1e-5)
-    torch.testing.assert_close(hub.predict("mnli", tokens, return_logits=True), logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiny_hub.predict("mnli", tokens, return_logits=True), logits, rtol=0, atol=1e-5)
     assert log_probs.argmax().item() == logits.argmax().item()
 
 
-def test_register_a_new_head_then_save_and_reload(paths, tmp_path):
-    hub = roberta.load(paths["hf"])
+def test_register_a_new_head_then_save_and_reload(hub_checkpoints, tmp_path):
+    hub = roberta.load(hub_checkpoints["hf"])
     hub.register_classification_head("sentiment", num_classes=5)
     tokens = hub.encode("What a lovely day.")
     log_probs = hub.predict("sentiment", tokens)
@@ -116,16 +106,16 @@ def test_register_a_new_head_then_save_and_reload(paths, tmp_path):
 
 @pytest.mark.parametrize("text", ["The first Star wars movie came out in <mask>",
                                   "Hello <mask> world!", "<mask> is the capital of France."])
-def test_fill_mask_matches_transformers_and_keeps_fairseq_spacing(hub, reference, text, bpe_dir):
+def test_fill_mask_matches_transformers_and_keeps_fairseq_spacing(tiny_hub, reference, text, bpe_dir):
     transformers = pytest.importorskip("transformers")
     mask = transformers.AddedToken("<mask>", lstrip=True)  # as roberta-base's tokenizer_config.json has it
     hf_tok = transformers.RobertaTokenizer(str(bpe_dir / "vocab.json"), str(bpe_dir / "merges.txt"), mask_token=mask)
     ids = hf_tok(text, return_tensors="pt")["input_ids"]  # its <mask> swallows the space before it, as fairseq
-    assert hub._encode_masked(text).tolist() == ids[0].tolist()
+    assert tiny_hub._encode_masked(text).tolist() == ids[0].tolist()
     with torch.no_grad():
         probs = reference[0](ids).logits[ids == hf_tok.mask_token_id].softmax(-1)[0]
     top = probs.topk(3)
-    result = hub.fill_mask(text, topk=3)
+    result = tiny_hub.fill_mask(text, topk=3)
     assert len(result) == 3
     for (filled, prob, token), p, index in zip(result, top.values.tolist(), top.indices.tolist()):
         assert token == hf_tok.decode([index])
@@ -134,36 +124,36 @@ def test_fill_mask_matches_transformers_and_keeps_fairseq_spacing(hub, reference
         assert filled == text.replace(space, token)
 
 
-def test_fill_mask_several_masks_and_pipeline_dicts(hub):
+def test_fill_mask_several_masks_and_pipeline_dicts(tiny_hub):
     text = "The <mask> sat on the <mask>."
-    per_mask = hub.fill_mask(text, topk=2)
+    per_mask = tiny_hub.fill_mask(text, topk=2)
     assert len(per_mask) == 2 and all(len(choices) == 2 for choices in per_mask)
     first, second = per_mask[0][0], per_mask[1][0]
     assert first[0] == "The" + first[2] + " sat on the <mask>."
     assert second[0] == "The <mask> sat on the" + second[2] + "."
-    dicts = hub.fill_mask("Hello <mask>!", topk=2, as_dicts=True)
+    dicts = tiny_hub.fill_mask("Hello <mask>!", topk=2, as_dicts=True)
     assert [set(d) for d in dicts] == [{"sequence", "score", "token", "token_str"}] * 2
-    assert dicts[0]["token_str"] == hub.tokenizer.decode([dicts[0]["token"]])
+    assert dicts[0]["token_str"] == tiny_hub.tokenizer.decode([dicts[0]["token"]])
     with pytest.raises(RobertaError, match="needs a <mask>"):
-        hub.fill_mask("no mask here")
+        tiny_hub.fill_mask("no mask here")
 
 
-def test_batched_calls_equal_one_at_a_time(hub):
-    tokens = hub.encode(SENTENCES)
-    batched = hub.extract_features(tokens)
+def test_batched_calls_equal_one_at_a_time(tiny_hub):
+    tokens = tiny_hub.encode(SENTENCES)
+    batched = tiny_hub.extract_features(tokens)
     for t, b in zip(tokens, batched):
-        torch.testing.assert_close(b, hub.extract_features(t), rtol=0, atol=1e-5)
-    all_layers = hub.extract_features(tokens, return_all_hiddens=True)
+        torch.testing.assert_close(b, tiny_hub.extract_features(t), rtol=0, atol=1e-5)
+    all_layers = tiny_hub.extract_features(tokens, return_all_hiddens=True)
     for t, layers in zip(tokens, all_layers):
-        for b, s in zip(layers, hub.extract_features(t, return_all_hiddens=True)):
+        for b, s in zip(layers, tiny_hub.extract_features(t, return_all_hiddens=True)):
             torch.testing.assert_close(b, s, rtol=0, atol=1e-5)
-    predicted = hub.predict("mnli", tokens)
+    predicted = tiny_hub.predict("mnli", tokens)
     assert predicted.shape == (3, 3)
     for t, row in zip(tokens, predicted):
-        torch.testing.assert_close(row, hub.predict("mnli", t)[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(row, tiny_hub.predict("mnli", t)[0], rtol=0, atol=1e-5)
     texts = ["Hello <mask>!", "A <mask> of words, and then many more <mask> follow it here."]
-    for batched_result, text in zip(hub.fill_mask(texts, topk=3), texts):
-        single = hub.fill_mask(text, topk=3)
+    for batched_result, text in zip(tiny_hub.fill_mask(texts, topk=3), texts):
+        single = tiny_hub.fill_mask(text, topk=3)
         assert [c[0] for c in _flat(batched_result)] == [c[0] for c in _flat(single)]
         assert [c[1] for c in _flat(batched_result)] == pytest.approx([c[1] for c in _flat(single)], abs=1e-6)
 
@@ -172,21 +162,21 @@ def _flat(result):
     return [c for choices in result for c in choices] if isinstance(result[0], list) else result
 
 
-def test_too_long_input_errors_unless_truncated(hub):
-    limit = hub.max_tokens
-    tokens = hub.encode("word " * 100)
+def test_too_long_input_errors_unless_truncated(tiny_hub):
+    limit = tiny_hub.max_tokens
+    tokens = tiny_hub.encode("word " * 100)
     with pytest.raises(RobertaError, match=f"input has {len(tokens)} tokens but the model takes at most {limit}"):
-        hub.extract_features(tokens)
-    cut = hub.extract_features(tokens, truncate=True)
+        tiny_hub.extract_features(tokens)
+    cut = tiny_hub.extract_features(tokens, truncate=True)
     assert cut.shape[1] == limit
     manual = torch.cat([tokens[:limit - 1], tokens[-1:]])
-    torch.testing.assert_close(cut, hub.extract_features(manual), rtol=0, atol=0)
-    predicted = hub.predict("mnli", [tokens, hub.encode("short")], truncate=True)
-    torch.testing.assert_close(predicted[0], hub.predict("mnli", manual)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cut, tiny_hub.extract_features(manual), rtol=0, atol=0)
+    predicted = tiny_hub.predict("mnli", [tokens, tiny_hub.encode("short")], truncate=True)
+    torch.testing.assert_close(predicted[0], tiny_hub.predict("mnli", manual)[0], rtol=0, atol=1e-5)
 
 
-def test_modes_devices_and_dtypes(paths):
-    hub = roberta.load(paths["hf"])
+def test_modes_devices_and_dtypes(hub_checkpoints):
+    hub = roberta.load(hub_checkpoints["hf"])
     assert not hub.training and hub.device.type == "cpu"
     tokens = hub.encode("Hello world!")
     reference = hub.extract_features(tokens)
@@ -203,10 +193,10 @@ def test_modes_devices_and_dtypes(paths):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda(paths):
-    hub = roberta.load(paths["hf"]).cuda()
+def test_cuda(hub_checkpoints):
+    hub = roberta.load(hub_checkpoints["hf"]).cuda()
     tokens = hub.encode(SENTENCES)
-    cpu = roberta.load(paths["hf"]).extract_features(tokens)
+    cpu = roberta.load(hub_checkpoints["hf"]).extract_features(tokens)
     for gpu, ref in zip(hub.extract_features(tokens), cpu):
         torch.testing.assert_close(gpu.cpu(), ref, rtol=0, atol=1e-4)
 

@@ -16,7 +16,8 @@ class FileServer:
     Knobs, per path: `cut[path] = n` closes the connection after byte n of the file, for the next
     `cut_times[path]` requests (default once); `wrong[path] = bytes` serves those bytes instead while
     still announcing the sha256 of the real ones; `linked_sha` announces sha256s in X-Linked-Etag,
-    as the Hugging Face hub does for large files.
+    as the Hugging Face hub does for large files; `redirect[path] = target` answers 302 to `target`
+    and announces the sha256 of `target`'s real bytes in X-Linked-Etag, as the hub does before its CDN.
     """
 
     def __init__(self):
@@ -25,6 +26,7 @@ class FileServer:
         self.cut_times: dict[str, int] = {}
         self.wrong: dict[str, bytes] = {}
         self.linked_sha: set[str] = set()
+        self.redirect: dict[str, str] = {}
         self.log: list[tuple[str, str | None]] = []
         server = self
 
@@ -35,6 +37,14 @@ class FileServer:
             def do_GET(self):
                 range_header = self.headers.get("Range")
                 server.log.append((self.path, range_header))
+                if self.path in server.redirect:
+                    target = server.redirect[self.path]
+                    self.send_response(302)
+                    self.send_header("Location", target)
+                    self.send_header("X-Linked-Etag", f'"{hashlib.sha256(server.files[target]).hexdigest()}"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path not in server.files:
                     self.send_error(404)
                     return

@@ -124,6 +124,18 @@ def test_named_hf_model_checks_the_advertised_sha(server, env):
     assert set(manifest) == {"config.json", "model.safetensors", "vocab.json", "merges.txt"}
 
 
+def test_sha_announced_before_a_redirect_is_checked(server, tmp_path):
+    server.files["/cdn/blob"] = BLOB
+    server.redirect["/resolve/blob"] = "/cdn/blob"
+    server.wrong["/cdn/blob"] = BLOB[:-1] + bytes([BLOB[-1] ^ 1])
+    with pytest.raises(RobertaError, match=f"expected sha256 {SHA}"):
+        download.fetch(server.url + "/resolve/blob", tmp_path / "blob", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    del server.wrong["/cdn/blob"]
+    assert download.fetch(server.url + "/resolve/blob", tmp_path / "blob", progress=False)["sha256"] == SHA
+    assert server.log[-2:] == [("/resolve/blob", None), ("/cdn/blob", None)]
+
+
 def test_offline_mode_fails_at_once_saying_what_to_fetch(server, env, monkeypatch):
     monkeypatch.setenv("ROBERTA_OFFLINE", "1")
     with pytest.raises(RobertaError) as info:

@@ -147,8 +147,12 @@ def test_batched_calls_equal_one_at_a_time(tiny_hub):
     for t, layers in zip(tokens, all_layers):
         for b, s in zip(layers, tiny_hub.extract_features(t, return_all_hiddens=True)):
             torch.testing.assert_close(b, s, rtol=0, atol=1e-5)
+    padded = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True, padding_value=1)  # fairseq's 2-D input
+    for row, (t, b) in enumerate(zip(tokens, batched)):
+        torch.testing.assert_close(tiny_hub.extract_features(padded)[row:row + 1, :len(t)], b, rtol=0, atol=1e-5)
     predicted = tiny_hub.predict("mnli", tokens)
     assert predicted.shape == (3, 3)
+    torch.testing.assert_close(tiny_hub.predict("mnli", padded), predicted, rtol=0, atol=1e-5)
     for t, row in zip(tokens, predicted):
         torch.testing.assert_close(row, tiny_hub.predict("mnli", t)[0], rtol=0, atol=1e-5)
     texts = ["Hello <mask>!", "A <mask> of words, and then many more <mask> follow it here."]

@@ -110,7 +110,7 @@ class RobertaHub(nn.Module):
         texts = [masked_input] if isinstance(masked_input, str) else list(masked_input)
         if not 0 < topk <= len(self.tokenizer):
             raise RobertaError(f"topk must be between 1 and the vocabulary size {len(self.tokenizer)}, got {topk}")
-        ids, _ = self._batch([self._encode_masked(text) for text in texts], truncate=False)
+        ids, _ = self._batch([self._encode_masked(text) for text in texts], truncate=None)
         labels = torch.where(ids == self.tokenizer.mask_token_id, ids, -100)
         with torch.no_grad(), _eval(self.model):
             # With labels the LM head runs only at the masks: logits are [masks in the batch, vocab].
@@ -149,7 +149,7 @@ class RobertaHub(nn.Module):
             ids += ([tok.mask_token_id] if i else []) + tok.encode(span.rstrip(), add_special_tokens=False)
         return torch.tensor(ids + [tok.eos_token_id], dtype=torch.long)
 
-    def _batch(self, tokens, truncate: bool) -> tuple[torch.Tensor, list[int] | None]:
+    def _batch(self, tokens, truncate: bool | None) -> tuple[torch.Tensor, list[int] | None]:
         """[B, T] ids on the model's device, and the lengths when `tokens` was a list (right-padded)."""
         pad = self.tokenizer.pad_token_id
         if isinstance(tokens, torch.Tensor):
@@ -162,13 +162,14 @@ class RobertaHub(nn.Module):
         ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
         return ids.to(self.device), [len(r) for r in rows]
 
-    def _fit(self, ids: torch.Tensor, truncate: bool) -> torch.Tensor:
+    def _fit(self, ids: torch.Tensor, truncate: bool | None) -> torch.Tensor:
+        """Refuse (or with `truncate`, cut) inputs past the limit; None: the caller offers no truncation."""
         n, limit = ids.shape[-1], self.max_tokens
         if n <= limit:
             return ids
         if not truncate:
-            raise RobertaError(f"input has {n} tokens but the model takes at most {limit}; "
-                               f"pass truncate=True (--truncate) to keep the first {limit}, or shorten it")
+            offer = "" if truncate is None else f"pass truncate=True (--truncate) to keep the first {limit}, or "
+            raise RobertaError(f"input has {n} tokens but the model takes at most {limit}; {offer}shorten it")
         ids = ids[:, :limit].clone()
         ids[ids[:, -1].ne(self.tokenizer.pad_token_id), -1] = self.tokenizer.eos_token_id  # keep the end marker
         return ids

@@ -175,6 +175,8 @@ def test_too_long_input_errors_unless_truncated(tiny_hub):
     assert cut.shape[1] == limit
     manual = torch.cat([tokens[:limit - 1], tokens[-1:]])
     torch.testing.assert_close(cut, tiny_hub.extract_features(manual), rtol=0, atol=0)
+    with pytest.raises(RobertaError, match=f"at most {limit}; shorten it"):
+        tiny_hub.fill_mask("word " * 100 + "<mask>")
     predicted = tiny_hub.predict("mnli", [tokens, tiny_hub.encode("short")], truncate=True)
     torch.testing.assert_close(predicted[0], tiny_hub.predict("mnli", manual)[0], rtol=0, atol=1e-5)
 

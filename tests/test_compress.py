@@ -279,3 +279,20 @@ def test_cli_compress_and_decompress(checkpoint, tmp_path, capsys):
     (tmp_path / "c" / compress.COMPRESSED_WEIGHTS_NAME).write_bytes(b"garbage!" * 4)
     assert cli(["decompress", str(tmp_path / "c"), str(tmp_path / "e")]) == 2
     assert "error: " in capsys.readouterr().err
+
+
+def test_roberta_load_reads_a_compressed_directory(bpe_dir, tmp_path):
+    import shutil
+
+    import roberta
+
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(RobertaConfig.tiny(vocab_size=50265)).eval()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(bpe_dir / name, src / name)
+    compress.compress_checkpoint(src, tmp_path / "packed")
+    hub = roberta.load(tmp_path / "packed", device="cpu")
+    for name, t in model.state_dict().items():
+        assert_same(hub.model.state_dict()[name], t)

@@ -145,9 +145,7 @@ def _decode_chunk(transform: str, planes: list[np.ndarray], out: np.ndarray) -> 
 
 
 def _plane_sizes(transform: str, elements: int, itemsize: int) -> list[int]:
-    if transform == "fp16":
-        return [elements, elements]
-    if transform == "bf16":
+    if transform in ("fp16", "bf16"):
         return [elements, elements]
     if transform == "fp32":
         return [elements, elements, 2 * elements]

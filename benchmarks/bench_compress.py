@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def self_trained(steps: int, cache: Path) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         model = RobertaForMaskedLM(RobertaConfig.small(hidden_dropout_prob=0.1)).train()
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
-        batch, length = 16, 128
+        batch, length = 8, 128
         for step in range(steps):
             starts = torch.randint(0, ids.numel() - length, (batch,))
             x = torch.stack([ids[s:s + length] for s in starts])
@@ -148,7 +149,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=300, help="training steps of the self-trained checkpoint")
+    parser.add_argument("--steps", type=int, default=200, help="training steps of the self-trained checkpoint")
     parser.add_argument("--repeats", type=int, default=3, help="rounds timed; the best of each codec counts")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/roberta-bench-compress"))
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -162,7 +163,8 @@ def main():
 
     codecs = [Ours(args.threads), ZipNN(args.threads)]
     rows = []
-    print(f"threads={args.threads}, chunk={compress.CHUNK_ELEMENTS} elements, zstd level {compress.ZSTD_LEVEL}")
+    print(f"threads={args.threads}, chunk={compress.CHUNK_ELEMENTS} elements, zstd level {compress.ZSTD_LEVEL}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("| weights | MB | codec | size ratio | compress MB/s | decompress MB/s |")
     print("|---|---:|---|---:|---:|---:|")
     for kind, tensors in kinds.items():
@@ -183,6 +185,7 @@ def main():
     for row in rows:
         print(f"| {row['weights']} | {row['size_vs_zipnn']:.4f} | {row['decompress_speed_vs_zipnn']:.2f}x "
               f"| {row['compress_speed_vs_zipnn']:.2f}x |")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

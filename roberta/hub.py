@@ -43,7 +43,7 @@ class RobertaHub(nn.Module):
 
     def __init__(self, model: RobertaForMaskedLM, tokenizer: RobertaTokenizer):
         super().__init__()
-        if len(tokenizer) != model.config.vocab_size:
+        if len(tokenizer) > model.config.vocab_size:
             raise RobertaError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
                                f"{model.config.vocab_size}; load the tokenizer files that belong to this model")
         self.model = model

@@ -416,8 +416,15 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
 
     # ---- model: same initial weights on every process (the seed), then per-process dropout streams
     torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        model = RobertaForMaskedLM.from_pretrained(cfg.init_from)
+    if cfg.init_from:  # continued pretraining: anything roberta.load reads (name, directory, archive)
+        from .hub import load
+        from .tokenizer import RobertaTokenizer
+
+        hub = load(cfg.init_from, progress=d.main)
+        if hub.tokenizer.get_vocab() != RobertaTokenizer.from_pretrained(tokenizer_dir).get_vocab():
+            raise RobertaError(f"{cfg.data} was tokenized with another vocabulary than {cfg.init_from}: "
+                               f"preprocess the corpus with --vocab pointing at the model's tokenizer")
+        model = hub.model.train()
         model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = cfg.dropout
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -430,9 +437,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
             raise RobertaError(f"unknown model preset {cfg.model!r}: choose tiny, small, base or large")
         model = RobertaForMaskedLM(preset(vocab_size=masking.vocab_size, max_position_embeddings=cfg.max_len + 2,
                                           hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout))
-    if masking.vocab_size > model.config.vocab_size:
-        raise RobertaError(f"the corpus vocabulary has {masking.vocab_size} tokens but the model embeds only "
-                           f"{model.config.vocab_size}: preprocess with the model's own tokenizer (--vocab)")
     if cfg.max_len > model.config.max_tokens:
         raise RobertaError(f"max_len {cfg.max_len} exceeds the model's {model.config.max_tokens} positions: "
                            f"set max_len <= {model.config.max_tokens}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from roberta.errors import RobertaError
 from roberta.pretrain import PretrainConfig, lr_at, pretrain
@@ -167,34 +167,45 @@ def test_missing_or_corrupt_checkpoint_at_resume(corpus, tmp_path):
         pretrain(config(corpus, max_steps=6), out, resume=True)
 
 
-def test_vocabulary_that_does_not_fit_the_model(corpus, tmp_path):
-    small = tmp_path / "small-vocab"
-    pretrain(config(corpus, max_steps=1, save_every=1), small)
-    cfg = json.loads((small / "model" / "config.json").read_text())
-    cfg["vocab_size"] = 500  # a model whose embedding is smaller than the corpus vocabulary
-    state = load_file(small / "model" / "model.safetensors")
-    shrink = ("roberta.embeddings.word_embeddings.weight", "lm_head.bias")
-    state = {k: v[:500] if k in shrink else v for k, v in state.items()}
-    (tmp_path / "m").mkdir()
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "m" / "model.safetensors")
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(RobertaError, match="corpus vocabulary has .* tokens but the model embeds only 500"):
-        pretrain(config(corpus, init_from=str(tmp_path / "m")), tmp_path / "run")
-
-
 def test_non_finite_loss_is_reported(corpus, tmp_path):
     with pytest.raises(RobertaError, match="loss became (nan|inf) at step"):
         pretrain(config(corpus, lr=1e12, warmup_steps=1, max_steps=50, save_every=100), tmp_path / "run")
 
 
-def test_continued_pretraining_starts_from_the_checkpoint(corpus, tmp_path):
+@pytest.fixture(scope="module")
+def text_corpora(tmp_path_factory):
+    """Two small corpora of generated English, each with its own trained vocabulary."""
+    from roberta.data import preprocess
+
+    root = tmp_path_factory.mktemp("text")
+    words = "the cat dog bird sat ran flew on under over a mat tree house quickly slowly today".split()
+    rng = __import__("random").Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 15))).capitalize() + "." for _ in range(1500)]
+    (root / "a.txt").write_text("\n\n".join(lines))
+    (root / "b.txt").write_text("\n\n".join(lines[::-1]).upper())
+    for name, vocab in (("a", 300), ("b", 320)):
+        preprocess([root / f"{name}.txt"], root / name, vocab_size=vocab, valid_fraction=0.05, workers=1,
+                   progress=False)
+    return root / "a", root / "b"
+
+
+def test_continued_pretraining_starts_from_the_checkpoint(text_corpora, tmp_path):
     first = tmp_path / "first"
-    pretrain(config(corpus, max_steps=4, save_every=4), first)
+    pretrain(config(text_corpora[0], max_steps=4, save_every=4), first)
     second = tmp_path / "second"
-    pretrain(config(corpus, init_from=str(first / "model"), max_steps=1, save_every=1, lr=0.0), second)
+    pretrain(config(text_corpora[0], init_from=str(first / "model"), max_steps=1, save_every=1, lr=0.0), second)
     a, b = load_file(first / "model" / "model.safetensors"), load_file(second / "model" / "model.safetensors")
     for key in a:  # lr 0 at the one step: weights unchanged
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    import roberta
+    assert roberta.load(second / "model").fill_mask("The cat sat on the <mask>.", topk=2)  # a usable model
+
+
+def test_corpus_tokenized_with_another_vocabulary_is_refused(text_corpora, tmp_path):
+    pretrain(config(text_corpora[0], max_steps=1, save_every=1), tmp_path / "a")
+    with pytest.raises(RobertaError, match="tokenized with another vocabulary.*--vocab"):
+        pretrain(config(text_corpora[1], init_from=str(tmp_path / "a" / "model")), tmp_path / "b")
+    assert not (tmp_path / "b" / "checkpoints").exists()
 
 
 @pytest.mark.slow

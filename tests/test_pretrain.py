@@ -22,9 +22,17 @@ TINY = dict(model="tiny", max_len=32, batch_size=8, micro_batch_size=4, lr=1e-3,
             clip_grad=1.0, val_samples=64, log_every=1, val_every=0, save_every=4, keep_last=2, threads=1, progress=False)
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    return synthetic_corpus(tmp_path / "corpus", n_docs=40, valid_docs=4)[0]
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return synthetic_corpus(tmp_path_factory.mktemp("corpus"), n_docs=40, valid_docs=4)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """An uninterrupted run of the TINY settings, to compare resumed runs against."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_cli(out, corpus)
+    return out
 
 
 def config(corpus, **kw):
@@ -71,9 +79,7 @@ def test_presets_carry_the_paper_settings():
 
 
 @pytest.mark.slow
-def test_kill_9_and_resume_gives_bitwise_the_same_weights(corpus, tmp_path):
-    reference = tmp_path / "reference"
-    run_cli(reference, corpus)
+def test_kill_9_and_resume_gives_bitwise_the_same_weights(corpus, reference, tmp_path):
 
     # killed between checkpoints: after step 6 is logged, step 4 is the latest checkpoint
     out = tmp_path / "killed"
@@ -92,9 +98,7 @@ def test_kill_9_and_resume_gives_bitwise_the_same_weights(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_while_writing_a_checkpoint(corpus, tmp_path):
-    reference = tmp_path / "reference"
-    run_cli(reference, corpus)
+def test_kill_9_while_writing_a_checkpoint(corpus, reference, tmp_path):
     out = tmp_path / "killed"
     proc = run_cli(out, corpus, wait=False, env={"ROBERTA_TEST_STALL_CHECKPOINT": "8"})
     tmp_ckpt = out / "checkpoints" / ".tmp-step-00000008"

@@ -252,7 +252,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, d: Dist, cfg
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if cfg.fsdp:  # the shards were gathered above; a plain copy of the model writes them
-        host = RobertaForMaskedLM(unwrap(model).config)
+        with torch.random.fork_rng():  # its initialisation must not move the training RNG
+            host = RobertaForMaskedLM(unwrap(model).config)
         host.load_state_dict(model_state)
     else:
         host = unwrap(model)
@@ -289,10 +290,11 @@ def load_checkpoint(ckpt: Path, model, optimizer, scaler, d: Dist) -> int:
     scaler.load_state_dict(trainer["scaler"])
     rng = trainer["rng"]
     if rng.shape[0] == d.world:  # the same number of processes: continue every generator exactly
-        state = rng[d.rank]
-        torch.set_rng_state(state[:torch.get_rng_state().numel()])
+        n = torch.get_rng_state().numel()
+        state = rng[d.rank]  # copies below: set_rng_state reads the storage, not the view (rank > 0 crashed)
+        torch.set_rng_state(state[:n].clone())
         if d.device.type == "cuda":
-            torch.cuda.set_rng_state(state[torch.get_rng_state().numel():], d.device)
+            torch.cuda.set_rng_state(state[n:].clone(), d.device)
     return step
 
 
@@ -452,6 +454,11 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
         for layer in model.roberta.encoder.layer:
             fully_shard(layer)
         fully_shard(model)
+        # FSDP initialises itself in the first forward and draws from the RNG there; do it now, with
+        # the RNG put back, so that a resumed run's dropout continues exactly where it stopped
+        with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []), torch.no_grad():
+            model(torch.tensor([[masking.mask_id, masking.mask_id]], device=d.device))
+        model.reshard()  # back to the sharded parameters the optimizer must hold
     elif d.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,6 +1,7 @@
 """Pretraining (roberta/pretrain.py): schedule, exact resume after kill -9, DDP over gloo, bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +51,16 @@ def run_cli(out, corpus, *extra, env=None, wait=True, **settings):
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, output
     return proc
+
+
+def torchrun(out, corpus, *extra, **settings):
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "roberta", "pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(out)]
+    args += [a for k, v in settings.items() if k != "model" for a in ("--set", f"{k}={v}")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(args + list(extra), env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 def weights_bytes(out):
@@ -120,12 +131,7 @@ def test_two_gloo_processes_match_one_process(corpus, tmp_path, fsdp):
     settings = dict(TINY, batch_size=16, dropout=0.0, max_steps=3, save_every=3, val_every=3, fsdp=fsdp)
     one, two = tmp_path / "one", tmp_path / "two"
     pretrain(config(corpus, **dict(settings, fsdp=False)), one)
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "roberta", "pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(two)]
-    args += [a for k, v in settings.items() if k != "model" for a in ("--set", f"{k}={v}")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = torchrun(two, corpus, **settings)
     assert "2 process(es)" in result.stdout
     # the same loss and (all-reduced) gradient norm at every step: the two batches are split, not scaled
     logs = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
@@ -139,6 +145,19 @@ def test_two_gloo_processes_match_one_process(corpus, tmp_path, fsdp):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_run_resumes_exactly(corpus, tmp_path):
+    """Sharded weights and optimizer state, and each process's dropout stream, survive a restart."""
+    settings = dict(TINY, batch_size=16, max_steps=4, save_every=2, val_every=2, fsdp=True)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    torchrun(full, corpus, **settings)
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "model")
+    shutil.rmtree(resumed / "checkpoints" / "step-00000004")  # as if stopped after step 2's checkpoint
+    torchrun(resumed, corpus, "--resume", **settings)
+    assert weights_bytes(resumed) == weights_bytes(full)
 
 
 def test_output_directory_of_another_run_is_refused(corpus, tmp_path):

@@ -256,11 +256,16 @@ class RobertaSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, inner)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, pad: Unpadded) -> torch.Tensor:
-        # x: [N, H] real tokens. One matmul for q, k and v: the three weights are concatenated on the fly.
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v side by side, [N, 3 * inner]: one matmul on the concatenated weights."""
+        if not isinstance(self.query, nn.Linear):  # int8-quantised layers (inference.py) hold no float weight
+            return torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = pad.pad(F.linear(x, w, b))  # [B, T, 3 * inner]
+        return F.linear(x, w, b)
+
+    def forward(self, x: torch.Tensor, pad: Unpadded) -> torch.Tensor:
+        qkv = pad.pad(self.project_qkv(x))  # x: [N, H] real tokens -> [B, T, 3 * inner]
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B, h, T, d]
         mask = pad.mask[:, None, None, :] if pad.has_padding else None

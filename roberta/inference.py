@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .errors import RobertaError
+from .fileio import atomic_write
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -104,7 +105,7 @@ def extract_features_file(model: nn.Module, tokenizer, src: str | os.PathLike, d
     The file holds `features` [total tokens, hidden] (float32, sequences one after another) and
     `offsets` [lines + 1]: line i's features are rows offsets[i]:offsets[i + 1].
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     try:
         with open(src, encoding="utf-8") as f:
@@ -119,8 +120,7 @@ def extract_features_file(model: nn.Module, tokenizer, src: str | os.PathLike, d
                            f"the model's {max_tokens}; split long lines first")
     features = extract_features_batched(model, sequences, batch_tokens, progress)
     offsets = torch.tensor([0] + [len(s) for s in sequences]).cumsum(0)
-    tmp = f"{dst}.tmp{os.getpid()}"
-    save_file({"features": torch.cat(features) if features else torch.zeros(0, model.encoder_model.config.hidden_size),
-               "offsets": offsets}, tmp)
-    os.replace(tmp, dst)
+    hidden = model.encoder_model.config.hidden_size
+    atomic_write(dst, save({"features": torch.cat(features) if features else torch.zeros(0, hidden),
+                            "offsets": offsets}))
     return len(lines)

@@ -8,6 +8,7 @@ import transformers
 
 import roberta
 from roberta import RobertaConfig
+from roberta.tokenizer import RobertaTokenizer
 from roberta.inference import (extract_features_batched, extract_features_file, length_batches, pad_batch,
                                reduce_precision)
 
@@ -143,26 +144,25 @@ def test_classification_training_step_on_padded_batch_matches_transformers(tmp_p
         assert (p.grad - q.grad).abs().max().item() <= 1e-5 * max(1.0, q.grad.abs().max().item()), name
 
 
-def test_feature_file_holds_every_line_in_order(tmp_path):
+def test_feature_file_holds_every_line_in_order(tmp_path, bpe_dir):
     from safetensors.torch import load_file
 
-    class Chars:  # a stand-in tokenizer: <s>, one id per character, </s>
-        def encode_batch(self, texts):
-            return [[0] + [4 + ord(c) % 250 for c in t] + [2] for t in texts]
-
-    model = randomize(roberta.RobertaModel(RobertaConfig(**CONFIG)))
+    tokenizer = RobertaTokenizer.from_pretrained(bpe_dir)
+    model = randomize(roberta.RobertaModel(RobertaConfig(**{**CONFIG, "vocab_size": len(tokenizer)})))
     src = tmp_path / "lines.txt"
-    src.write_text("a short line\n\nand a somewhat longer second line\nthird\n", encoding="utf-8")
+    src.write_text("Hello world!\n\nAnd a somewhat longer second line, with a comma.\nThird\n", encoding="utf-8")
     dst = tmp_path / "features.safetensors"
-    assert extract_features_file(model, Chars(), src, dst, batch_tokens=40, progress=False) == 3
+    assert extract_features_file(model, tokenizer, src, dst, batch_tokens=20, progress=False) == 3
     saved = load_file(dst)
+    sequences = [[0, 31414, 232, 328, 2]] + tokenizer.encode_batch(["And a somewhat longer second line, with a comma.",
+                                                                   "Third"])
     offsets = saved["offsets"].tolist()
-    sequences = Chars().encode_batch(["a short line", "and a somewhat longer second line", "third"])
-    assert offsets == [0, 14, 49, 56]
+    assert offsets == [0, 5, 5 + len(sequences[1]), 5 + len(sequences[1]) + len(sequences[2])]
     for i, seq in enumerate(sequences):
         with torch.no_grad():
             alone = model(torch.tensor([seq])).last_hidden_state[0]
         assert (saved["features"][offsets[i]:offsets[i + 1]] - alone).abs().max().item() <= TOL
-    src.write_text("x" * 80 + "\n", encoding="utf-8")
+    src.write_text("word " * 80 + "\n", encoding="utf-8")
     with pytest.raises(roberta.RobertaError, match="line 1"):
-        extract_features_file(model, Chars(), src, dst)
+        extract_features_file(model, tokenizer, src, dst)
+    assert load_file(dst)["offsets"].tolist() == offsets  # the earlier file is intact

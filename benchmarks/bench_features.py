@@ -9,7 +9,7 @@ padded to its longest member, as `tokenizer(batch, padding=True)` gives it. Our 
 Throughput counts real tokens only, for every row; timings are interleaved passes, median reported.
 Peak memory is each row's own child process (VmHWM), so one model's memory never hides another's.
 
-    PYTHONPATH=. python benchmarks/bench_features.py            # base size, 96 sentences, 3 repeats
+    PYTHONPATH=. python benchmarks/bench_features.py            # base size, 64 sentences, 2 repeats
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer = RobertaTokenizer.from_pretrained(DATA / "roberta-bpe")
-    sequences = tokenizer.encode_batch(natural_sentences(args.sentences), max_length=512)
+    sequences = tokenizer.encode_batch(natural_sentences(args.sentences), max_length=args.max_length)
     real = sum(map(len, sequences))
     padded = sum(len(sequences[i:i + BATCH]) * max(map(len, sequences[i:i + BATCH]))
                  for i in range(0, len(sequences), BATCH))
@@ -94,7 +94,7 @@ def main() -> None:
     with open(ids_file, "w") as f:
         json.dump(sequences, f)
     print(f"{len(sequences)} sentences, {real} real tokens, {padded} once padded in batches of {BATCH}; "
-          f"{args.layers} layers, {args.threads} threads", flush=True)
+          f"(truncated at {args.max_length}); {args.layers} layers, {args.threads} threads", flush=True)
 
     runs = {side: load(side, tmp) for side in SIDES}
     seconds = {side: [] for side in SIDES}
@@ -129,8 +129,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sentences", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sentences", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=128, help="truncate longer inputs (corpus lines)")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12, help="12 is base size; fewer for a quick try")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="token budget of a bucketed batch")

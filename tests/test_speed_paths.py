@@ -128,10 +128,35 @@ def test_masked_lm_training_step_matches_transformers(tmp_path):
         assert (p.grad - q.grad).abs().max().item() <= 1e-5 * max(1.0, q.grad.abs().max().item()), name
 
 
+def fixed_lengths(lengths, seed=0, vocab=300, left=False):
+    """A padded batch with these sequence lengths (0: a row of padding only)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids, mask = torch.ones(len(lengths), T, dtype=torch.long), torch.zeros(len(lengths), T, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        cols = slice(T - n, T) if left else slice(0, n)
+        ids[row, cols] = torch.randint(4, vocab, (n,), generator=g)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_batch_of_very_different_lengths_matches_transformers(tmp_path, left):
+    """Attention runs per length group (here 4 groups and an empty row): still transformers' numbers."""
+    ours, theirs = pair("RobertaModel", tmp_path)
+    ids, mask = fixed_lengths([3, 60, 5, 0, 41, 17, 60, 2], left=left)
+    with torch.no_grad():
+        a = ours(ids, mask).last_hidden_state
+        b = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max().item() <= TOL
+    assert a[~real].abs().max().item() == 0.0  # padding is never computed
+
+
 def test_classification_training_step_on_padded_batch_matches_transformers(tmp_path):
     ours, theirs = pair("RobertaForSequenceClassification", tmp_path, num_labels=3)
     ours.train(), theirs.train()
-    ids, mask = pad_batch(random_sequences(5, seed=5, lo=3, hi=40), pad_id=1)
+    ids, mask = fixed_lengths([3, 37, 8, 21, 60], seed=5)  # three length groups in one batch
     labels = torch.tensor([0, 2, 1, 1, 0])
     a = ours(ids, mask, labels=labels).loss
     b = theirs(input_ids=ids, attention_mask=mask, labels=labels).loss

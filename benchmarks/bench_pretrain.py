@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from common import DATA, corpus_lines, current_rss_mib, median, peak_rss_mib, run_child, table
+from common import DATA, child_memory, corpus_lines, median, run_child, table
 
 LENGTH = 128
 SIDES = ["transformers-fp32", "ours-fp32", "transformers-bf16", "ours-bf16"]
@@ -79,11 +79,8 @@ def step(side, model, optimizer, batch, device) -> float:
 def child(side: str, path: str, batches_file: str) -> None:
     torch.set_num_threads(args.threads)
     batches = torch.load(batches_file, weights_only=True)
-    before = current_rss_mib()
-    model, optimizer = load(side, path, "cpu")
-    for batch in batches[:2]:
-        step(side, model, optimizer, batch, "cpu")
-    print(json.dumps({"peak_mib": peak_rss_mib(), "above_imports_mib": peak_rss_mib() - before}))
+    child_memory(lambda: load(side, path, "cpu"),
+                 lambda loaded: [step(side, *loaded, batch, "cpu") for batch in batches[:2]])
 
 
 def model_flops_per_token(config, masked_fraction: float) -> float:
@@ -150,11 +147,11 @@ def main() -> None:
         speed = tokens / median(seconds[side])
         reference = tokens / median(seconds[side.replace("ours", "transformers")])
         row = [side, speed, speed / reference, memory.get(side, {}).get("peak_mib", "-"),
-               memory.get(side, {}).get("above_imports_mib", "-")]
+               memory.get(side, {}).get("run_added_mib", "-")]
         if args.peak_tflops:
             row.append(f"{speed * model_flops_per_token(config, masked) / (args.peak_tflops * 1e12):.1%}")
         rows.append(row)
-    headers = ["row", "tokens/s", "x transformers (same precision)", "peak RSS MiB", "MiB above imports"]
+    headers = ["row", "tokens/s", "x transformers (same precision)", "peak RSS MiB (load + run)", "MiB added by the run"]
     print(table(headers + (["MFU"] if args.peak_tflops else []), rows))
 
 

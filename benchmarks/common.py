@@ -51,7 +51,21 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def current_rss_mib() -> float:
+def child_memory(load, run) -> None:
+    """In a child process: load, then run; print (JSON) the peak RSS, and how far the run raised it.
+
+    Resetting the peak after loading (Linux `clear_refs`) separates what loading a checkpoint costs
+    from what inference or training costs.
+    """
+    loaded = load()
+    whole = peak_rss_mib()
+    Path("/proc/self/clear_refs").write_text("5")
+    resident = rss_mib()
+    run(loaded)
+    print(json.dumps({"peak_mib": max(whole, peak_rss_mib()), "run_added_mib": peak_rss_mib() - resident}))
+
+
+def rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024

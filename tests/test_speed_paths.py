@@ -12,24 +12,27 @@ from roberta.tokenizer import RobertaTokenizer
 from roberta.inference import (extract_features_batched, extract_features_file, length_batches, pad_batch,
                                reduce_precision)
 
-TOL = 1e-5
-CONFIG = dict(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-              max_position_embeddings=70, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+from test_model import CONFIG as MODEL_CONFIG, TOL, pair as model_pair, randomize
 
-
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.2
-            p.copy_(1 + noise if "LayerNorm.weight" in name or "layer_norm.weight" in name else noise)
-    return model.eval()
+OVERRIDES = dict(num_hidden_layers=2, max_position_embeddings=70)  # room for 68-token inputs
+CONFIG = {**MODEL_CONFIG, **OVERRIDES}
 
 
 def pair(cls_name, tmp_path, **overrides):
-    ours = randomize(getattr(roberta, cls_name)(RobertaConfig(**{**CONFIG, **overrides})))
-    ours.save_pretrained(tmp_path)
-    return ours, getattr(transformers, cls_name).from_pretrained(tmp_path).eval()
+    return model_pair(cls_name, tmp_path, **OVERRIDES, **overrides)
+
+
+def assert_same_training_step(ours, theirs, ids, mask, labels):
+    """Same loss, and every gradient within float rounding of transformers'."""
+    loss = ours(ids, mask, labels=labels).loss
+    reference = theirs(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert abs(loss.item() - reference.item()) <= TOL
+    loss.backward()
+    reference.backward()
+    theirs_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        q = theirs_params[name]
+        assert (p.grad - q.grad).abs().max().item() <= 1e-5 * max(1.0, q.grad.abs().max().item()), name
 
 
 def random_sequences(n, seed=0, lo=2, hi=60, vocab=300):
@@ -113,19 +116,11 @@ def test_unknown_precision_is_refused():
 def test_masked_lm_training_step_matches_transformers(tmp_path):
     """Loss and every gradient (the tied decoder included) equal transformers' full-vocabulary step."""
     ours, theirs = pair("RobertaForMaskedLM", tmp_path)
-    ours.train(), theirs.train()
+    ours.train(), theirs.train()  # dropout probabilities are 0: train mode, deterministic
     ids, mask = pad_batch(random_sequences(6, seed=3, lo=5, hi=30), pad_id=1)
     g = torch.Generator().manual_seed(4)
     labels = torch.where((torch.rand(ids.shape, generator=g) < 0.2) & mask.bool(), ids, -100)
-    fast = ours(ids, mask, labels=labels).loss
-    plain = theirs(input_ids=ids, attention_mask=mask, labels=labels).loss
-    assert abs(fast.item() - plain.item()) <= TOL
-    fast.backward()
-    plain.backward()
-    theirs_params = dict(theirs.named_parameters())
-    for name, p in ours.named_parameters():
-        q = theirs_params[name]
-        assert (p.grad - q.grad).abs().max().item() <= 1e-5 * max(1.0, q.grad.abs().max().item()), name
+    assert_same_training_step(ours, theirs, ids, mask, labels)
 
 
 def fixed_lengths(lengths, seed=0, vocab=300, left=False):
@@ -158,15 +153,7 @@ def test_classification_training_step_on_padded_batch_matches_transformers(tmp_p
     ours.train(), theirs.train()
     ids, mask = fixed_lengths([3, 37, 8, 21, 60], seed=5)  # three length groups in one batch
     labels = torch.tensor([0, 2, 1, 1, 0])
-    a = ours(ids, mask, labels=labels).loss
-    b = theirs(input_ids=ids, attention_mask=mask, labels=labels).loss
-    assert abs(a.item() - b.item()) <= TOL
-    a.backward()
-    b.backward()
-    theirs_params = dict(theirs.named_parameters())
-    for name, p in ours.named_parameters():
-        q = theirs_params[name]
-        assert (p.grad - q.grad).abs().max().item() <= 1e-5 * max(1.0, q.grad.abs().max().item()), name
+    assert_same_training_step(ours, theirs, ids, mask, labels)
 
 
 def test_feature_file_holds_every_line_in_order(tmp_path, bpe_dir):

@@ -308,5 +308,7 @@ def test_squad_decode_respects_max_answer_length_and_order():
     s[first + 3], e[first] = 10.0, 10.0  # end before start: not allowed (d..a scores 20)
     s[first + 1], e[first + 2] = 4.0, 4.0
     assert squad_decode([ex], [f], [s], [e]) == {"q": "b c"}
-    s[first], e[first + 4] = 20.0, 20.0  # five tokens: too long when max_answer_len=3
+    s[first + 3], e[first] = -10.0, -10.0
+    s[first], e[first + 4] = 20.0, 20.0  # a..e: five tokens, too long when max_answer_len=3
+    assert squad_decode([ex], [f], [s], [e]) == {"q": "a b c d e"}
     assert squad_decode([ex], [f], [s], [e], max_answer_len=3) == {"q": "b c"}

@@ -1,4 +1,14 @@
 """RoBERTa in PyTorch: exact to the published models, fast, small on disk."""
 from .errors import RobertaError
+from .model import (
+    ModelOutput,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForMultipleChoice,
+    RobertaForQuestionAnswering,
+    RobertaForSequenceClassification,
+    RobertaForTokenClassification,
+    RobertaModel,
+)
 
 __version__ = "0.1.0"

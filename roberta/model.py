@@ -1,0 +1,759 @@
+"""The RoBERTa model, top to bottom in one file.
+
+RoBERTa (Liu et al., 2019) is BERT's architecture trained better: a post-LayerNorm Transformer encoder
+over byte-level BPE tokens, with learned absolute positions. Module and parameter names follow the Hugging
+Face checkpoints one to one (`roberta.encoder.layer.0.attention.self.query.weight`, ...), so their files
+load without renaming; fairseq's names are mapped in `checkpoint.py`.
+
+Two details make RoBERTa differ from BERT in ways that change numbers:
+- positions are offset by the padding index: padding keeps position `pad_token_id` (1) and real tokens
+  count up from pad + 1 (2), so the table has max_tokens + 2 rows (514 for 512 tokens). Positions are
+  counted over non-pad tokens, so left and right padding give the same result;
+- there is no next-sentence task and no pooler in the published MLM and classification models.
+
+Speed without changing results: padded positions are dropped before every dense layer (they are gathered
+into one [tokens, hidden] matrix), attention runs through PyTorch's scaled_dot_product_attention on the
+re-padded batch, and the masked-LM head is computed only where a loss is needed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import RobertaError
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class RobertaConfig:
+    """Hyper-parameters; field names and JSON are those of a Hugging Face RoBERTa `config.json`."""
+
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 514  # 512 tokens + the padding offset of 2
+    type_vocab_size: int = 1
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+    id2label: dict[int, str] | None = None
+    problem_type: str | None = None  # "regression", "single_label_classification", "multi_label_classification"
+    # Our additions (Hugging Face ignores unknown keys): the name of the main classification head, and
+    # further named heads on the same encoder, as fairseq's `register_classification_head` makes them.
+    head_name: str | None = None
+    classification_heads: dict[str, int] = field(default_factory=dict)
+    pruned_heads: dict[int, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise RobertaError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}; choose sizes that divide"
+            )
+        if self.max_position_embeddings <= self.pad_token_id + 1:
+            raise RobertaError(f"max_position_embeddings must exceed pad_token_id + 1 = {self.pad_token_id + 1}")
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
+        self.pruned_heads = {int(k): sorted(int(h) for h in v) for k, v in self.pruned_heads.items()}
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest input the position table allows (512 for the published models)."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
+    # Presets -----------------------------------------------------------------------------------------
+    @classmethod
+    def base(cls, **overrides) -> "RobertaConfig":
+        """roberta.base: 12 layers x 768, 12 heads, FFN 3072 (125M parameters)."""
+        return cls(**overrides)
+
+    @classmethod
+    def large(cls, **overrides) -> "RobertaConfig":
+        """roberta.large: 24 layers x 1024, 16 heads, FFN 4096 (355M parameters)."""
+        return cls(**{"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                      "intermediate_size": 4096, **overrides})
+
+    @classmethod
+    def small(cls, **overrides) -> "RobertaConfig":
+        """A laptop-sized model: 4 layers x 256, 4 heads, FFN 1024."""
+        return cls(**{"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                      "intermediate_size": 1024, **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides) -> "RobertaConfig":
+        """For tests: 2 layers x 64, 2 heads, FFN 128."""
+        return cls(**{"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "intermediate_size": 128, **overrides})
+
+    # JSON round trip ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("num_labels")
+        d["id2label"] = {str(i): name for i, name in self.labels().items()}
+        d["label2id"] = {name: i for i, name in self.labels().items()}
+        d["pruned_heads"] = {str(k): v for k, v in self.pruned_heads.items()}
+        d["model_type"] = "roberta"
+        d["position_embedding_type"] = "absolute"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RobertaConfig":
+        if d.get("model_type", "roberta") not in ("roberta", "xlm-roberta", "camembert"):
+            raise RobertaError(f"config is for model_type {d['model_type']!r}, not RoBERTa")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise RobertaError(f"position_embedding_type {d['position_embedding_type']!r} is not supported")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}  # Hugging Face writes many keys we do not use
+        if "id2label" not in d and "num_labels" in d:
+            kwargs["num_labels"] = int(d["num_labels"])
+        return cls(**kwargs)
+
+    def labels(self) -> dict[int, str]:
+        return self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        _atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RobertaConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise RobertaError(f"{path} does not exist: a checkpoint directory needs a config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RobertaError(f"{path} is not valid JSON ({exc}); restore the file from the original") from None
+        if not isinstance(d, dict):
+            raise RobertaError(f"{path} does not hold a JSON object; restore the file from the original")
+        try:
+            return cls.from_dict(d)
+        except TypeError as exc:
+            raise RobertaError(f"{path} has a field of the wrong type ({exc})") from None
+
+
+def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns; fields a head does not produce stay None."""
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    pooler_output: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Padding: the encoder works on the real tokens only
+
+
+class Unpadded:
+    """Where the real tokens of a padded [B, T] batch are, to move between [B, T, H] and [N, H].
+
+    Dense layers and LayerNorm treat tokens independently, so they run on the N real tokens only;
+    attention needs the sequences, so it re-pads (`pad`) and drops the padding again (`unpad`).
+    """
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.batch, self.length = attention_mask.shape
+        self.mask = attention_mask.bool()
+        self.has_padding = not bool(self.mask.all())
+        self.index = self.mask.flatten().nonzero().squeeze(1) if self.has_padding else None
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(self.batch * self.length, *x.shape[2:])
+        return x.index_select(0, self.index) if self.has_padding else x
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_padding:
+            out = x.new_zeros(self.batch * self.length, *x.shape[1:])
+            x = out.index_copy(0, self.index, x)
+        return x.view(self.batch, self.length, *x.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The encoder
+
+
+def create_position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """Position of each token counted over non-pad tokens, starting at padding_idx + 1; pads keep padding_idx."""
+    mask = input_ids.ne(padding_idx).long()
+    return torch.cumsum(mask, dim=1) * mask + padding_idx
+
+
+class RobertaEmbeddings(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.padding_idx = config.pad_token_id
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(
+            config.max_position_embeddings, config.hidden_size, padding_idx=config.pad_token_id)
+        # One segment row, kept for checkpoint compatibility: RoBERTa has no segments, fairseq none at all.
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, position_ids=None, token_type_ids=None):
+        if position_ids is None:
+            position_ids = create_position_ids(input_ids, self.padding_idx)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class RobertaSelfAttention(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        inner = self.num_heads * self.head_dim
+        self.query = nn.Linear(config.hidden_size, inner)
+        self.key = nn.Linear(config.hidden_size, inner)
+        self.value = nn.Linear(config.hidden_size, inner)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x: torch.Tensor, pad: Unpadded) -> torch.Tensor:
+        # x: [N, H] real tokens. One matmul for q, k and v: the three weights are concatenated on the fly.
+        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = pad.pad(F.linear(x, w, b))  # [B, T, 3 * inner]
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B, h, T, d]
+        mask = pad.mask[:, None, None, :] if pad.has_padding else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout_p if self.training else 0.0)
+        return pad.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class RobertaSelfOutput(nn.Module):
+    def __init__(self, config: RobertaConfig, inner: int):
+        super().__init__()
+        self.dense = nn.Linear(inner, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, y, residual):
+        return self.LayerNorm(self.dropout(self.dense(y)) + residual)  # post-LayerNorm, as in BERT
+
+
+class RobertaAttention(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.self = RobertaSelfAttention(config)
+        self.output = RobertaSelfOutput(config, config.hidden_size)
+
+    def forward(self, x, pad):
+        return self.output(self.self(x, pad), x)
+
+    def prune_heads(self, heads: Iterable[int]) -> None:
+        """Remove attention heads (by index among those still present) from q, k, v and the output."""
+        heads = sorted(set(heads))
+        attn = self.self
+        if any(h < 0 or h >= attn.num_heads for h in heads):
+            raise RobertaError(f"cannot prune heads {heads}: this layer has heads 0..{attn.num_heads - 1}")
+        keep = torch.tensor([h for h in range(attn.num_heads) if h not in heads], dtype=torch.long)
+        index = (keep[:, None] * attn.head_dim + torch.arange(attn.head_dim)).flatten()
+        for name in ("query", "key", "value"):
+            setattr(attn, name, _select_linear(getattr(attn, name), index, dim=0))
+        self.output.dense = _select_linear(self.output.dense, index, dim=1)
+        attn.num_heads = len(keep)
+
+
+def _select_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device)).clone()
+    bias = linear.bias.detach()
+    if dim == 0:
+        bias = bias.index_select(0, index.to(bias.device)).clone()
+    new = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    new.bias.data.copy_(bias)
+    return new
+
+
+class RobertaIntermediate(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        if config.hidden_act != "gelu":
+            raise RobertaError(f"hidden_act {config.hidden_act!r} is not supported; RoBERTa uses 'gelu'")
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))  # exact (erf) GELU, as fairseq and transformers use
+
+
+class RobertaOutput(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class RobertaLayer(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.attention = RobertaAttention(config)
+        self.intermediate = RobertaIntermediate(config)
+        self.output = RobertaOutput(config)
+
+    def forward(self, x, pad):
+        x = self.attention(x, pad)
+        return self.output(self.intermediate(x), x)
+
+
+class RobertaEncoder(nn.Module):
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(RobertaLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, x, pad, output_hidden_states=False):
+        hidden_states = [x] if output_hidden_states else None
+        for layer in self.layer:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, pad, use_reentrant=False)
+            else:
+                x = layer(x, pad)
+            if output_hidden_states:
+                hidden_states.append(x)
+        return x, hidden_states
+
+
+class RobertaPooler(nn.Module):
+    """dense + tanh on `<s>`; only the multiple-choice model uses it, as in transformers."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden):
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared behaviour of every model class: init, checkpoints, resizing, pruning, freezing
+
+
+class RobertaPreTrainedModel(nn.Module):
+    config: RobertaConfig
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT initialisation (fairseq's init_bert_params): N(0, 0.02) weights, zero biases, unit LayerNorm."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def post_init(self) -> None:
+        self.apply(self._init_weights)
+        if isinstance(self, RobertaModel):  # the task models' inner RobertaModel has done it already
+            for layer_index, heads in self.config.pruned_heads.items():
+                self.encoder.layer[layer_index].attention.prune_heads(heads)
+
+    @property
+    def encoder_model(self) -> "RobertaModel":
+        return self if isinstance(self, RobertaModel) else self.roberta
+
+    # Checkpoints -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **config_overrides):
+        """Load from a Hugging Face directory, a directory this project saved, or a fairseq checkpoint."""
+        from .checkpoint import load_model
+
+        return load_model(cls, path, **config_overrides)
+
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> None:
+        """Write config.json and model.safetensors (and the tokenizer files, if given) atomically."""
+        from .checkpoint import save_model
+
+        save_model(self, path, tokenizer=tokenizer)
+
+    # Generic operations ------------------------------------------------------------------------------
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count; tied weights (the MLM decoder) count once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def freeze(self, *prefixes: str) -> "RobertaPreTrainedModel":
+        """Stop gradients for parameters whose names start with any prefix (all of them if none given).
+
+        e.g. `model.freeze("roberta.embeddings", "roberta.encoder.layer.0.")`.
+        """
+        matched = False
+        for name, p in self.named_parameters():
+            if not prefixes or any(name.startswith(pre) for pre in prefixes):
+                p.requires_grad_(False)
+                matched = True
+        if not matched:
+            raise RobertaError(f"no parameter name starts with {prefixes}; see model.named_parameters()")
+        return self
+
+    def unfreeze(self) -> "RobertaPreTrainedModel":
+        for p in self.parameters():
+            p.requires_grad_(True)
+        return self
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder_model.embeddings.word_embeddings
+
+    def resize_token_embeddings(self, new_num_tokens: int) -> nn.Embedding:
+        """Grow or shrink the vocabulary; new rows are initialised, the tied MLM decoder and bias follow."""
+        old = self.get_input_embeddings()
+        if new_num_tokens <= self.config.pad_token_id:
+            raise RobertaError(f"vocabulary of {new_num_tokens} tokens cannot hold the pad id {self.config.pad_token_id}")
+        new = nn.Embedding(new_num_tokens, old.embedding_dim, padding_idx=old.padding_idx,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        self._init_weights(new)
+        n = min(old.num_embeddings, new_num_tokens)
+        with torch.no_grad():
+            new.weight[:n] = old.weight[:n]
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.encoder_model.embeddings.word_embeddings = new
+        lm_head = getattr(self, "lm_head", None)
+        if lm_head is not None:
+            bias = torch.zeros(new_num_tokens, device=lm_head.bias.device, dtype=lm_head.bias.dtype)
+            bias[:n] = lm_head.bias.detach()[:n]
+            lm_head.bias = nn.Parameter(bias)
+        self.config.vocab_size = new_num_tokens
+        return new
+
+    def prune_heads(self, heads_to_prune: dict[int, list[int]]) -> None:
+        """Remove attention heads: {layer: [head indices as in the original model]}."""
+        layers = self.encoder_model.encoder.layer
+        for layer_index, heads in heads_to_prune.items():
+            layer_index = int(layer_index)
+            if not 0 <= layer_index < len(layers):
+                raise RobertaError(f"cannot prune layer {layer_index}: the model has layers 0..{len(layers) - 1}")
+            already = set(self.config.pruned_heads.get(layer_index, []))
+            new = sorted(set(heads) - already)
+            # indices among the heads still present
+            remaining = [h for h in range(self.config.num_attention_heads) if h not in already]
+            missing = [h for h in new if h not in remaining]
+            if missing:
+                raise RobertaError(f"cannot prune heads {missing} of layer {layer_index}: it has heads 0..{self.config.num_attention_heads - 1}")
+            layers[layer_index].attention.prune_heads([remaining.index(h) for h in new])
+            self.config.pruned_heads[layer_index] = sorted(already | set(new))
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.encoder_model.encoder.gradient_checkpointing = True
+
+    def _encode(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None,
+                output_hidden_states=False):
+        return self.encoder_model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  token_type_ids=token_type_ids, output_hidden_states=output_hidden_states)
+
+
+class RobertaModel(RobertaPreTrainedModel):
+    """The bare encoder: token ids in, one vector per token out."""
+
+    def __init__(self, config: RobertaConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = RobertaEmbeddings(config)
+        self.encoder = RobertaEncoder(config)
+        self.pooler = RobertaPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def check_inputs(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise RobertaError(f"input_ids must be [batch, length], got shape {list(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise RobertaError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        n = input_ids.shape[1]
+        if n > self.config.max_tokens:
+            raise RobertaError(
+                f"input has {n} tokens but this model takes at most {self.config.max_tokens}; "
+                "truncate the input or split it into several")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise RobertaError(
+                    f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size}; "
+                    "use the tokenizer that belongs to this model")
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None,
+                output_hidden_states=False) -> ModelOutput:
+        """attention_mask: 1 for tokens, 0 for padding; by default every non-pad token (fairseq's rule).
+
+        Outputs at padded positions are zeros (they are never computed).
+        """
+        self.check_inputs(input_ids)
+        if attention_mask is None:
+            attention_mask = input_ids.ne(self.config.pad_token_id)
+        pad = Unpadded(attention_mask)
+        x = pad.unpad(self.embeddings(input_ids, position_ids, token_type_ids))
+        x, hidden = self.encoder(x, pad, output_hidden_states)
+        last = pad.pad(x)
+        hidden_states = tuple(pad.pad(h) for h in hidden) if hidden is not None else None
+        pooled = self.pooler(last) if self.pooler is not None else None
+        return ModelOutput(last_hidden_state=last, hidden_states=hidden_states, pooler_output=pooled)
+
+    def forward_unpadded(self, input_ids, attention_mask=None):
+        """Encoder output for the real tokens only, [N, H], and the `Unpadded` that places them."""
+        self.check_inputs(input_ids)
+        if attention_mask is None:
+            attention_mask = input_ids.ne(self.config.pad_token_id)
+        pad = Unpadded(attention_mask)
+        x, _ = self.encoder(pad.unpad(self.embeddings(input_ids)), pad)
+        return x, pad
+
+
+# ----------------------------------------------------------------------------------------------------
+# Heads
+
+
+class RobertaLMHead(nn.Module):
+    """dense -> gelu -> LayerNorm -> decoder tied to the word embeddings, plus a bias."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, features, decoder_weight):
+        x = self.layer_norm(F.gelu(self.dense(features)))
+        return F.linear(x, decoder_weight, self.bias)
+
+
+class RobertaClassificationHead(nn.Module):
+    """Sentence-level head on `<s>`: dropout -> dense -> tanh -> dropout -> out_proj."""
+
+    def __init__(self, config: RobertaConfig, num_labels: int):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.out_proj = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, hidden):
+        x = self.dropout(hidden[:, 0])
+        x = self.dropout(torch.tanh(self.dense(x)))
+        return self.out_proj(x)
+
+
+class _NamedHeads:
+    """Several classification heads on one encoder, by name, as fairseq's RoBERTa has them."""
+
+    classification_heads: nn.ModuleDict
+
+    def register_classification_head(self, name: str, num_classes: int) -> RobertaClassificationHead:
+        if not name or not isinstance(name, str) or "." in name:
+            raise RobertaError(f"head name {name!r} must be a non-empty string without dots")
+        existing = self.classification_heads[name] if name in self.classification_heads else None
+        if existing is not None and existing.out_proj.out_features == num_classes:
+            return existing
+        head = RobertaClassificationHead(self.config, num_classes)
+        head.apply(self._init_weights)
+        ref = self.get_input_embeddings().weight
+        head.to(device=ref.device, dtype=ref.dtype)
+        self.classification_heads[name] = head
+        self.config.classification_heads[name] = num_classes
+        return head
+
+    def classify(self, input_ids, attention_mask=None, head: str | None = None) -> torch.Tensor:
+        """Logits of a named classification head on `<s>`."""
+        module = self._head(head)
+        hidden = self._encode(input_ids, attention_mask).last_hidden_state
+        return module(hidden)
+
+    def _head(self, name):
+        if name is None or name not in self.classification_heads:
+            known = ", ".join(self.classification_heads) or "none"
+            raise RobertaError(f"no classification head named {name!r} (this model has: {known}); "
+                               "register one with register_classification_head(name, num_classes)")
+        return self.classification_heads[name]
+
+
+def _classification_loss(config: RobertaConfig, logits, labels):
+    problem = config.problem_type
+    if problem is None:
+        problem = "regression" if logits.shape[-1] == 1 else (
+            "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
+    if problem == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+
+
+class RobertaForMaskedLM(RobertaPreTrainedModel, _NamedHeads):
+    """The pretraining model: encoder + masked-LM head, and optional named classification heads.
+
+    With `labels` (-100 where no prediction is wanted) the LM head runs only on the labelled
+    positions: `.loss` is their mean cross-entropy and `.logits` is [num_labelled, vocab].
+    Without labels `.logits` is [batch, length, vocab].
+    """
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.roberta = RobertaModel(config, add_pooling_layer=False)
+        self.lm_head = RobertaLMHead(config)
+        self.classification_heads = nn.ModuleDict(
+            {name: RobertaClassificationHead(config, n) for name, n in config.classification_heads.items()})
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, token_type_ids=None,
+                output_hidden_states=False) -> ModelOutput:
+        decoder = self.roberta.embeddings.word_embeddings.weight
+        if labels is None:
+            out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
+            out.logits = self.lm_head(out.last_hidden_state, decoder)
+            return out
+        if output_hidden_states or position_ids is not None or token_type_ids is not None:
+            out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
+            selected = labels.ne(-100)
+            features = out.last_hidden_state[selected]
+            targets = labels[selected]
+        else:
+            # The fast path: real tokens only, and the 50K-way projection only where there is a label.
+            x, pad = self.roberta.forward_unpadded(input_ids, attention_mask)
+            targets = pad.unpad(labels.unsqueeze(-1)).squeeze(-1)
+            selected = targets.ne(-100)
+            features, targets = x[selected], targets[selected]
+            out = ModelOutput()
+        out.logits = self.lm_head(features, decoder)
+        out.loss = F.cross_entropy(out.logits.float(), targets) if targets.numel() else out.logits.sum() * 0.0
+        return out
+
+
+class RobertaForSequenceClassification(RobertaPreTrainedModel, _NamedHeads):
+    """Classification or regression (num_labels == 1) on `<s>`; more named heads can be added."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.roberta = RobertaModel(config, add_pooling_layer=False)
+        self.classifier = RobertaClassificationHead(config, config.num_labels)
+        self.classification_heads = nn.ModuleDict(
+            {name: RobertaClassificationHead(config, n) for name, n in config.classification_heads.items()})
+        self.post_init()
+
+    def _head(self, name):
+        if name is None or name == self.config.head_name:
+            return self.classifier
+        return super()._head(name)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, head: str | None = None,
+                position_ids=None, token_type_ids=None, output_hidden_states=False) -> ModelOutput:
+        out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
+        out.logits = self._head(head)(out.last_hidden_state)
+        if labels is not None:
+            out.loss = _classification_loss(self.config, out.logits, labels)
+        return out
+
+
+class RobertaForTokenClassification(RobertaPreTrainedModel):
+    """A label per token (tagging, NER): dropout -> linear on every token."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.roberta = RobertaModel(config, add_pooling_layer=False)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, token_type_ids=None,
+                output_hidden_states=False) -> ModelOutput:
+        out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
+        out.logits = self.classifier(self.dropout(out.last_hidden_state))
+        if labels is not None:
+            out.loss = F.cross_entropy(out.logits.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
+        return out
+
+
+class RobertaForQuestionAnswering(RobertaPreTrainedModel):
+    """Extractive QA (SQuAD): a start and an end score for every token."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = dataclasses.replace(config, num_labels=2, id2label=None) if config.num_labels != 2 else config
+        self.roberta = RobertaModel(self.config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(self.config.hidden_size, 2)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, start_positions=None, end_positions=None,
+                position_ids=None, token_type_ids=None, output_hidden_states=False) -> ModelOutput:
+        out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
+        start, end = self.qa_outputs(out.last_hidden_state).unbind(-1)
+        out.start_logits, out.end_logits = start.contiguous(), end.contiguous()
+        if start_positions is not None and end_positions is not None:
+            T = start.shape[1]
+            # positions outside the input are ignored, as in transformers
+            s = start_positions.clamp(0, T)
+            e = end_positions.clamp(0, T)
+            out.loss = (F.cross_entropy(start, s, ignore_index=T) + F.cross_entropy(end, e, ignore_index=T)) / 2
+        return out
+
+
+class RobertaForMultipleChoice(RobertaPreTrainedModel):
+    """RACE/SWAG-style: input [batch, choices, length]; one score per choice from the pooled `<s>`."""
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__()
+        self.config = config
+        self.roberta = RobertaModel(config)  # with the pooler, as transformers' model
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=False) -> ModelOutput:
+        B, C, T = input_ids.shape
+        flat_mask = attention_mask.reshape(B * C, T) if attention_mask is not None else None
+        out = self._encode(input_ids.reshape(B * C, T), flat_mask, output_hidden_states=output_hidden_states)
+        out.logits = self.classifier(self.dropout(out.pooler_output)).view(B, C)
+        if labels is not None:
+            out.loss = F.cross_entropy(out.logits, labels)
+        return out

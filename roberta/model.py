@@ -75,6 +75,8 @@ class RobertaConfig:
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
+            if self.id2label == {i: f"LABEL_{i}" for i in range(self.num_labels)}:
+                self.id2label = None  # the default names carry nothing
         self.pruned_heads = {int(k): sorted(int(h) for h in v) for k, v in self.pruned_heads.items()}
 
     @property
@@ -206,6 +208,12 @@ class Unpadded:
 
 # ----------------------------------------------------------------------------------------------------
 # The encoder
+
+
+def first_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The `<s>` vector of each sequence: its first real token, so left padding changes nothing."""
+    first = attention_mask.int().argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
 
 
 def create_position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
@@ -365,8 +373,8 @@ class RobertaPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden):
-        return torch.tanh(self.dense(hidden[:, 0]))
+    def forward(self, first):
+        return torch.tanh(self.dense(first))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -483,6 +491,9 @@ class RobertaPreTrainedModel(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         self.encoder_model.encoder.gradient_checkpointing = True
 
+    def _mask(self, input_ids, attention_mask):
+        return input_ids.ne(self.config.pad_token_id) if attention_mask is None else attention_mask
+
     def _encode(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None,
                 output_hidden_states=False):
         return self.encoder_model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -525,22 +536,19 @@ class RobertaModel(RobertaPreTrainedModel):
         Outputs at padded positions are zeros (they are never computed).
         """
         self.check_inputs(input_ids)
-        if attention_mask is None:
-            attention_mask = input_ids.ne(self.config.pad_token_id)
+        attention_mask = self._mask(input_ids, attention_mask)
         pad = Unpadded(attention_mask)
         x = pad.unpad(self.embeddings(input_ids, position_ids, token_type_ids))
         x, hidden = self.encoder(x, pad, output_hidden_states)
         last = pad.pad(x)
         hidden_states = tuple(pad.pad(h) for h in hidden) if hidden is not None else None
-        pooled = self.pooler(last) if self.pooler is not None else None
+        pooled = self.pooler(first_token(last, attention_mask)) if self.pooler is not None else None
         return ModelOutput(last_hidden_state=last, hidden_states=hidden_states, pooler_output=pooled)
 
     def forward_unpadded(self, input_ids, attention_mask=None):
         """Encoder output for the real tokens only, [N, H], and the `Unpadded` that places them."""
         self.check_inputs(input_ids)
-        if attention_mask is None:
-            attention_mask = input_ids.ne(self.config.pad_token_id)
-        pad = Unpadded(attention_mask)
+        pad = Unpadded(self._mask(input_ids, attention_mask))
         x, _ = self.encoder(pad.unpad(self.embeddings(input_ids)), pad)
         return x, pad
 
@@ -573,8 +581,8 @@ class RobertaClassificationHead(nn.Module):
         self.dropout = nn.Dropout(p)
         self.out_proj = nn.Linear(config.hidden_size, num_labels)
 
-    def forward(self, hidden):
-        x = self.dropout(hidden[:, 0])
+    def forward(self, first):
+        x = self.dropout(first)
         x = self.dropout(torch.tanh(self.dense(x)))
         return self.out_proj(x)
 
@@ -602,7 +610,7 @@ class _NamedHeads:
         """Logits of a named classification head on `<s>`."""
         module = self._head(head)
         hidden = self._encode(input_ids, attention_mask).last_hidden_state
-        return module(hidden)
+        return module(first_token(hidden, self._mask(input_ids, attention_mask)))
 
     def _head(self, name):
         if name is None or name not in self.classification_heads:
@@ -686,7 +694,7 @@ class RobertaForSequenceClassification(RobertaPreTrainedModel, _NamedHeads):
     def forward(self, input_ids, attention_mask=None, labels=None, head: str | None = None,
                 position_ids=None, token_type_ids=None, output_hidden_states=False) -> ModelOutput:
         out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
-        out.logits = self._head(head)(out.last_hidden_state)
+        out.logits = self._head(head)(first_token(out.last_hidden_state, self._mask(input_ids, attention_mask)))
         if labels is not None:
             out.loss = _classification_loss(self.config, out.logits, labels)
         return out
@@ -728,6 +736,10 @@ class RobertaForQuestionAnswering(RobertaPreTrainedModel):
                 position_ids=None, token_type_ids=None, output_hidden_states=False) -> ModelOutput:
         out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
         start, end = self.qa_outputs(out.last_hidden_state).unbind(-1)
+        # padding can never be an answer: its scores are the lowest number, not whatever pads compute to
+        is_pad = ~self._mask(input_ids, attention_mask).bool()
+        lowest = torch.finfo(start.dtype).min
+        start, end = start.masked_fill(is_pad, lowest), end.masked_fill(is_pad, lowest)
         out.start_logits, out.end_logits = start.contiguous(), end.contiguous()
         if start_positions is not None and end_positions is not None:
             T = start.shape[1]

@@ -1,0 +1,480 @@
+"""Reading and writing checkpoints: Hugging Face directories, fairseq `model.pt`, and our own.
+
+What this project writes is a Hugging Face directory (config.json + model.safetensors + tokenizer files),
+so transformers' RoBERTa classes load it, and it loads theirs. fairseq checkpoints are imported from both
+key layouts: the current one (`encoder.sentence_encoder.*`, separate q/k/v projections) and the 2019
+release (`decoder.sentence_encoder.*`, one fused `in_proj_weight`), classification heads included.
+
+A pickle never runs code here: `.bin` files go through `torch.load(weights_only=True)`, and fairseq's
+`model.pt` (which pickles argparse or omegaconf objects that weights-only loading refuses) through a
+restricted unpickler that builds tensors and inert placeholders and refuses every other callable.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
+
+from .errors import RobertaError
+from .model import RobertaConfig, RobertaForMaskedLM, RobertaModel, RobertaPreTrainedModel
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+PYTORCH_NAME = "pytorch_model.bin"
+FAIRSEQ_NAME = "model.pt"
+FAIRSEQ_DICT = "dict.txt"
+
+# Parameters a checkpoint may lack because they belong to a head that is created fresh for a task.
+_NEW_HEAD_PREFIXES = ("classifier.", "qa_outputs.", "roberta.pooler.", "pooler.", "lm_head.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[RobertaConfig, dict[str, torch.Tensor]]:
+    """Config and state dict (Hugging Face names, `roberta.` prefix) from any layout we read."""
+    path = Path(path)
+    if not path.exists():
+        raise RobertaError(f"{path} does not exist; give a checkpoint directory (Hugging Face or fairseq)")
+    if path.is_file():
+        if path.suffix == ".pt":
+            return read_fairseq(path)
+        raise RobertaError(f"{path} is a file; give the checkpoint directory that holds config.json or model.pt")
+    if (path / CONFIG_NAME).exists():
+        config = RobertaConfig.load(path / CONFIG_NAME)
+        state = _read_hf_weights(path)
+        return config, _with_prefix(state)
+    if (path / FAIRSEQ_NAME).exists():
+        return read_fairseq(path / FAIRSEQ_NAME)
+    raise RobertaError(f"{path} is not a checkpoint: it has neither config.json (Hugging Face) "
+                       f"nor model.pt (fairseq)")
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:  # TODO(lead): drop the guard once compress.py is merged
+        from . import compress
+        compressed = path / compress.COMPRESSED_WEIGHTS_NAME
+        if compressed.exists():
+            return compress.load_file(compressed)
+        compressed_name = compress.COMPRESSED_WEIGHTS_NAME
+    except ImportError:
+        compressed_name = "compressed weights"
+    file = path / SAFETENSORS_NAME
+    if file.exists():
+        try:
+            return load_safetensors(str(file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise RobertaError(f"{file} is truncated or corrupted ({exc}); download or copy it again") from None
+    file = path / PYTORCH_NAME
+    if file.exists():
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise RobertaError(f"{file} was refused: it holds more than tensors ({str(exc).splitlines()[0]}); "
+                               "only weights are loaded from pickles") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise RobertaError(f"{file} is truncated or corrupted ({exc}); download or copy it again") from None
+        if not isinstance(state, dict):
+            raise RobertaError(f"{file} does not hold a state dict")
+        return state
+    raise RobertaError(f"{path} has config.json but no weights ({SAFETENSORS_NAME}, "
+                       f"{compressed_name} or {PYTORCH_NAME})")
+
+
+def _with_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A bare RobertaModel checkpoint has no `roberta.` prefix; give every encoder key one."""
+    encoder_parts = ("embeddings.", "encoder.", "pooler.")
+    return {("roberta." + k if k.startswith(encoder_parts) else k): v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# fairseq: a restricted unpickler and the key mapping
+
+
+class _Inert:
+    """Stands in for a class from fairseq's or omegaconf's world: stores its state, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __call__(self, *args, **kwargs):
+        return _Inert(*args)
+
+
+# Exactly what a checkpoint needs to rebuild tensors and plain containers.
+_ALLOWED = {
+    ("collections", "OrderedDict"), ("collections", "defaultdict"),
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
+    ("argparse", "Namespace"), ("copyreg", "_reconstructor"),
+    ("builtins", "object"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "dict"),
+    ("builtins", "list"), ("builtins", "tuple"), ("builtins", "int"), ("builtins", "float"),
+    ("builtins", "str"), ("builtins", "bytes"), ("builtins", "bool"), ("builtins", "complex"),
+}
+# Packages whose objects fairseq pickles as configuration or training state; they become _Inert.
+_INERT_PACKAGES = ("omegaconf", "fairseq", "typing", "enum", "numpy", "pathlib", "_codecs")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module.split(".")[0] in _INERT_PACKAGES:
+            return _Inert
+        if module == "torch" and name.endswith("Storage") or module == "torch" and name in _TORCH_DTYPES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it references {module}.{name}, which could run code")
+
+
+_TORCH_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "uint8", "bool", "int8", "int16"}
+
+_restricted_pickle = types.SimpleNamespace(
+    __name__="roberta_restricted_pickle",
+    Unpickler=_RestrictedUnpickler,
+    load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load(),
+)
+
+
+def load_fairseq_pickle(file: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(file, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
+    except pickle.UnpicklingError as exc:
+        raise RobertaError(f"{file} was refused: {exc}; only checkpoints of weights are loaded") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise RobertaError(f"{file} is truncated or corrupted ({type(exc).__name__}: {exc}); "
+                           "download or copy it again") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise RobertaError(f"{file} is not a fairseq checkpoint: it has no 'model' state dict")
+    return state
+
+
+def _plain(obj: Any) -> Any:
+    """Turn a pickled omegaconf DictConfig (now _Inert objects) or a Namespace into plain dicts."""
+    if isinstance(obj, argparse.Namespace):
+        return vars(obj)
+    if isinstance(obj, _Inert):
+        state = getattr(obj, "state", None)
+        if isinstance(state, dict):
+            if "_content" in state:
+                return _plain(state["_content"])
+            if "_val" in state:
+                return _plain(state["_val"])
+            return {k: _plain(v) for k, v in state.items()}
+        return None
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _fairseq_hparams(state: dict[str, Any]) -> dict[str, Any]:
+    if state.get("args") is not None:
+        return _plain(state["args"]) or {}
+    cfg = _plain(state.get("cfg")) or {}
+    return cfg.get("model") or {} if isinstance(cfg, dict) else {}
+
+
+def read_fairseq(file: str | os.PathLike) -> tuple[RobertaConfig, dict[str, torch.Tensor]]:
+    """Import a fairseq RoBERTa `model.pt` (current or 2019 key layout) with its classification heads."""
+    file = Path(file)
+    raw = load_fairseq_pickle(file)
+    hp = _fairseq_hparams(raw)
+    fs = {k: v for k, v in raw["model"].items() if isinstance(v, torch.Tensor)}
+    prefix = next((p for p in ("encoder.sentence_encoder.", "decoder.sentence_encoder.")
+                   if p + "embed_tokens.weight" in fs), None)
+    if prefix is None:
+        raise RobertaError(f"{file} is not a RoBERTa checkpoint: no sentence_encoder.embed_tokens.weight")
+    state = fairseq_to_hf(fs)
+    vocab, hidden = fs[prefix + "embed_tokens.weight"].shape
+    layers = 1 + max(int(k[len(prefix) + 7:].split(".")[0]) for k in fs if k.startswith(prefix + "layers."))
+    heads = int(hp.get("encoder_attention_heads") or max(1, hidden // 64))
+    config = RobertaConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=fs[f"{prefix}layers.0.fc1.weight"].shape[0],
+        max_position_embeddings=fs[prefix + "embed_positions.weight"].shape[0],
+        hidden_dropout_prob=float(hp.get("dropout", 0.1)),
+        attention_probs_dropout_prob=float(hp.get("attention_dropout", 0.1)),
+        classification_heads={k.split(".")[1]: v.shape[0] for k, v in fs.items()
+                              if k.startswith("classification_heads.") and k.endswith("out_proj.weight")},
+    )
+    act = hp.get("activation_fn", "gelu")
+    if act != "gelu":
+        raise RobertaError(f"{file} uses activation {act!r}; only RoBERTa's gelu is supported")
+    return config, state
+
+
+def fairseq_to_hf(fs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fairseq parameter names to Hugging Face ones; the fused 2019 in_proj is split into q, k, v."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in fs.items():
+        for old in ("encoder.", "decoder."):
+            if key.startswith(old + "sentence_encoder.") or key.startswith(old + "lm_head."):
+                key = key[len(old):]
+                break
+        if key.startswith("sentence_encoder."):
+            rest = key[len("sentence_encoder."):]
+            if rest.startswith("layers."):
+                _, i, sub = rest.split(".", 2)
+                _map_layer(out, f"roberta.encoder.layer.{i}.", sub, value)
+                continue
+            name = {"embed_tokens.weight": "roberta.embeddings.word_embeddings.weight",
+                    "embed_positions.weight": "roberta.embeddings.position_embeddings.weight",
+                    "emb_layer_norm.weight": "roberta.embeddings.LayerNorm.weight",
+                    "emb_layer_norm.bias": "roberta.embeddings.LayerNorm.bias",
+                    "layernorm_embedding.weight": "roberta.embeddings.LayerNorm.weight",
+                    "layernorm_embedding.bias": "roberta.embeddings.LayerNorm.bias"}.get(rest)
+            if name:
+                out[name] = value
+        elif key.startswith("lm_head."):
+            if key == "lm_head.weight":
+                continue  # tied to embed_tokens; checked below
+            out[key] = value
+        elif key.startswith("classification_heads."):
+            out[key] = value
+    hidden = out["roberta.embeddings.word_embeddings.weight"].shape[1]
+    out["roberta.embeddings.token_type_embeddings.weight"] = out[
+        "roberta.embeddings.word_embeddings.weight"].new_zeros(1, hidden)  # fairseq has no segments
+    for old in ("encoder.", "decoder."):
+        if old + "lm_head.weight" in fs and not torch.equal(
+                fs[old + "lm_head.weight"], out["roberta.embeddings.word_embeddings.weight"]):
+            raise RobertaError("this fairseq checkpoint's LM decoder is not tied to its embeddings; "
+                               "RoBERTa ties them, so it cannot be represented here")
+    return out
+
+
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.self.query", "self_attn.k_proj": "attention.self.key",
+    "self_attn.v_proj": "attention.self.value", "self_attn.out_proj": "attention.output.dense",
+    "self_attn_layer_norm": "attention.output.LayerNorm", "fc1": "intermediate.dense",
+    "fc2": "output.dense", "final_layer_norm": "output.LayerNorm",
+}
+
+
+def _map_layer(out, prefix, sub, value):
+    module, _, param = sub.rpartition(".")
+    if module == "self_attn" and param in ("in_proj_weight", "in_proj_bias"):
+        kind = param.split("_")[-1]
+        for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
+            out[f"{prefix}attention.self.{name}.{kind}"] = part.clone()
+    elif module in _LAYER_NAMES:
+        out[f"{prefix}{_LAYER_NAMES[module]}.{param}"] = value
+
+
+def hf_to_fairseq(state: dict[str, torch.Tensor], layout: str = "current") -> dict[str, torch.Tensor]:
+    """The inverse mapping, for exporting to fairseq: `current` or the fused-projection `2019` layout."""
+    top = "encoder." if layout == "current" else "decoder."
+    se = top + "sentence_encoder."
+    inverse = {v: k for k, v in _LAYER_NAMES.items()}
+    emb_ln = "layernorm_embedding" if layout == "current" else "emb_layer_norm"
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.startswith("roberta.embeddings."):
+            rest = key[len("roberta.embeddings."):]
+            name = {"word_embeddings.weight": "embed_tokens.weight",
+                    "position_embeddings.weight": "embed_positions.weight",
+                    "LayerNorm.weight": f"{emb_ln}.weight", "LayerNorm.bias": f"{emb_ln}.bias"}.get(rest)
+            if name:
+                out[se + name] = value
+        elif key.startswith("roberta.encoder.layer."):
+            i, rest = key[len("roberta.encoder.layer."):].split(".", 1)
+            module, _, param = rest.rpartition(".")
+            if layout == "2019" and module.startswith("attention.self."):
+                fused.setdefault(f"{se}layers.{i}.self_attn.in_proj_{param}", {})[module.split(".")[-1]] = value
+            else:
+                out[f"{se}layers.{i}.{inverse[module]}.{param}"] = value
+        elif key.startswith("lm_head."):
+            out[top + key] = value
+        elif key.startswith("classification_heads."):
+            out[key] = value
+    for name, parts in fused.items():
+        out[name] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    if top + "lm_head.bias" in out:
+        out[top + "lm_head.weight"] = out[se + "embed_tokens.weight"]
+    return out
+
+
+def save_fairseq(model: RobertaForMaskedLM, path: str | os.PathLike, tokenizer=None,
+                 layout: str = "current") -> None:
+    """Export to fairseq's layout (model.pt + dict.txt) for use with fairseq itself.
+
+    fairseq reads only pickles, so this is the one file the project writes that is not safetensors.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    args = argparse.Namespace(
+        arch="roberta_large" if c.num_hidden_layers == 24 else "roberta_base",
+        encoder_layers=c.num_hidden_layers, encoder_embed_dim=c.hidden_size,
+        encoder_ffn_embed_dim=c.intermediate_size, encoder_attention_heads=c.num_attention_heads,
+        max_positions=c.max_tokens, dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob, activation_fn="gelu")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {"args": args, "model": hf_to_fairseq(state, layout)}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    _atomic_write_bytes(path / FAIRSEQ_NAME, buffer.getvalue())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading into a model class
+
+
+def load_model(cls: type[RobertaPreTrainedModel], path: str | os.PathLike, dtype: torch.dtype | None = None,
+               **config_overrides) -> RobertaPreTrainedModel:
+    """Build `cls` from a checkpoint; heads the checkpoint lacks are initialised fresh."""
+    config, state = read_checkpoint(path)
+    for key, value in config_overrides.items():
+        if not hasattr(config, key):
+            raise RobertaError(f"unknown config field {key!r}")
+        setattr(config, key, value)
+    check_vocab_fits(path, config)
+    config, state = _place_heads(cls, config, state)
+    config.__post_init__()
+    model = cls(config)
+    load_state(model, state, source=str(path))
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _place_heads(cls, config: RobertaConfig, state):
+    """Move a sequence classifier between `classifier.*` (transformers) and named heads (fairseq)."""
+    has_classifier = "classifier.out_proj.weight" in state
+    named = sorted(config.classification_heads)
+    if cls is not RobertaModel and cls.__name__ == "RobertaForSequenceClassification":
+        if not has_classifier and named:
+            name = config.head_name if config.head_name in named else named[0]
+            for key in [k for k in state if k.startswith(f"classification_heads.{name}.")]:
+                state["classifier." + key.split(".", 2)[2]] = state.pop(key)
+            config.head_name = name
+            config.num_labels = config.classification_heads.pop(name)
+            if config.id2label is not None and len(config.id2label) != config.num_labels:
+                config.id2label = None
+    elif issubclass(cls, RobertaForMaskedLM) and has_classifier:
+        name = config.head_name or "default"
+        for key in [k for k in state if k.startswith("classifier.")]:
+            state[f"classification_heads.{name}.{key.split('.', 1)[1]}"] = state.pop(key)
+        config.classification_heads[name] = state[f"classification_heads.{name}.out_proj.weight"].shape[0]
+        config.head_name = name
+    if cls.__name__ in ("RobertaForSequenceClassification", "RobertaForTokenClassification"):
+        out = state.get("classifier.out_proj.weight", state.get("classifier.weight"))
+        if out is not None and out.dim() == 2 and out.shape[0] != config.num_labels:
+            if config.id2label is None or len(config.id2label) != out.shape[0]:
+                config.id2label = None
+                config.num_labels = out.shape[0]
+    return config, state
+
+
+def load_state(model: RobertaPreTrainedModel, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy a state dict (HF names) into the model, with one-line errors for anything that does not fit."""
+    if isinstance(model, RobertaModel):
+        state = {k[len("roberta."):]: v for k, v in state.items() if k.startswith("roberta.")}
+    own = model.state_dict()
+    decoder = state.pop("lm_head.decoder.weight", None)
+    state.pop("lm_head.decoder.bias", None)
+    if decoder is not None and "roberta.embeddings.word_embeddings.weight" in state and not torch.equal(
+            decoder, state["roberta.embeddings.word_embeddings.weight"]):
+        raise RobertaError(f"{source}: lm_head.decoder.weight differs from the word embeddings; "
+                           "RoBERTa ties them, so this checkpoint cannot be loaded")
+    for key in ("roberta.embeddings.position_ids", "embeddings.position_ids",
+                "roberta.embeddings.token_type_ids", "embeddings.token_type_ids"):
+        state.pop(key, None)
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise RobertaError(f"{source}: tensor {key} has shape {list(value.shape)} but the config says "
+                               f"{list(own[key].shape)}; the checkpoint does not match its config.json")
+    missing = [k for k in own if k not in state]
+    essential = [k for k in missing if not k.startswith(_NEW_HEAD_PREFIXES)
+                 and not k.startswith("classification_heads.")]
+    if essential:
+        raise RobertaError(f"{source} lacks {len(essential)} of the model's tensors (e.g. {essential[0]}); "
+                           "it is not a complete RoBERTa checkpoint")
+    usable = {k: v for k, v in state.items() if k in own}
+    with torch.no_grad():
+        for key, value in usable.items():
+            own[key].copy_(value)
+    model.missing_keys = missing  # heads initialised fresh, for callers that want to report them
+
+
+def check_vocab_fits(path: str | os.PathLike, config: RobertaConfig) -> None:
+    """A tokenizer shipped with the weights must not produce ids past the embedding table."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    n = None
+    if (path / "vocab.json").exists():
+        try:
+            n = len(json.loads((path / "vocab.json").read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RobertaError(f"{path / 'vocab.json'} is not valid JSON; restore it from the original") from None
+    elif (path / FAIRSEQ_DICT).exists():
+        with open(path / FAIRSEQ_DICT, encoding="utf-8", errors="replace") as f:
+            n = 4 + sum(1 for line in f if line.strip()) + 1  # <s> <pad> </s> <unk>, rows, <mask>
+    if n is not None and n > config.vocab_size:
+        raise RobertaError(f"the vocabulary in {path} has {n} tokens but the model's embedding table has "
+                           f"{config.vocab_size} rows; use the tokenizer made for this model, or "
+                           "resize_token_embeddings")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_model(model: RobertaPreTrainedModel, path: str | os.PathLike, tokenizer=None) -> None:
+    """config.json + model.safetensors (+ tokenizer files); each file is written to a temporary name first."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path / f".{SAFETENSORS_NAME}.tmp{os.getpid()}"
+    save_safetensors(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / SAFETENSORS_NAME)
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    _atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def _atomic_write_bytes(file: Path, data: bytes) -> None:
+    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, file)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "hf", layout: str = "current") -> Path:
+    """Convert a checkpoint between layouts: `hf` (what this project writes) or `fairseq`."""
+    from .tokenizer import RobertaTokenizer
+
+    model = load_model(RobertaForMaskedLM, src)
+    src_dir = Path(src) if Path(src).is_dir() else Path(src).parent
+    tokenizer = RobertaTokenizer.from_pretrained(src_dir) if _has_tokenizer(src_dir) else None
+    if to == "hf":
+        save_model(model, dst, tokenizer=tokenizer)
+    elif to == "fairseq":
+        save_fairseq(model, dst, tokenizer=tokenizer, layout=layout)
+    else:
+        raise RobertaError(f"unknown target layout {to!r}; use 'hf' or 'fairseq'")
+    return Path(dst)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "vocab.json").exists() or (path / "encoder.json").exists()

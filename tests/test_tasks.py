@@ -14,7 +14,7 @@ from roberta.tasks import (
     squad_metrics,
 )
 
-from .conftest import shared_path
+from conftest import shared_path
 
 
 def write(path, text, encoding="utf-8"):

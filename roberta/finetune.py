@@ -433,18 +433,30 @@ def _score_key(task, files: list[Path]) -> str:
     return task.metric if len(files) == 1 else files[0].stem.split("_", 1)[-1] + "_" + task.metric
 
 
+def _fit_max_len(recipe: Recipe, model) -> Recipe:
+    """A model pretrained on shorter inputs than the recipe's max_len takes inputs cut to its length."""
+    if recipe.max_len <= model.config.max_tokens:
+        return recipe
+    return dataclasses.replace(recipe, max_len=model.config.max_tokens)
+
+
 def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = None, tokenizer=None,
              **overrides) -> dict:
     """Fine-tune `model_dir` on `task` and return the best dev metrics (also in `out_dir/eval.json`)."""
     recipe = recipe or recipe_for(task, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "recipe.json", recipe.to_json())
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     device = _device(recipe.device)
     tokenizer = tokenizer or _tokenizer(model_dir)
     data = load_task(recipe, data_dir, tokenizer)
+    head_name = recipe.head_name or recipe.task.lower()
+    model = data.model_class.from_pretrained(model_dir, **data.config_overrides(), head_name=head_name,
+                                             hidden_dropout_prob=recipe.dropout,
+                                             attention_probs_dropout_prob=recipe.dropout).to(device)
+    recipe = data.recipe = _fit_max_len(recipe, model)
+    _atomic_write_text(out / "recipe.json", recipe.to_json())
 
     train_examples = data.data["train"][0]
     if recipe.max_train_examples and recipe.max_train_examples < len(train_examples):
@@ -454,10 +466,6 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
         raise RobertaError(f"{data.files['train'][0]} has no training examples")
     train = data.encode(train_examples)
     dev = [data.encode(d[: recipe.max_dev_examples]) for d in data.data["dev"]]
-    head_name = recipe.head_name or recipe.task.lower()
-    model = data.model_class.from_pretrained(model_dir, **data.config_overrides(), head_name=head_name,
-                                             hidden_dropout_prob=recipe.dropout,
-                                             attention_probs_dropout_prob=recipe.dropout).to(device)
 
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = recipe.total_updates or steps_per_epoch * recipe.max_epochs
@@ -572,6 +580,7 @@ def evaluate(task: str, data_dir, model_dir, split: str = "dev", predictions=Non
     tokenizer = tokenizer or _tokenizer(model_dir)
     kind = {"squad": SquadTask, "race": RaceTask}.get(recipe.task, SentenceTask)
     model = kind.model_class.from_pretrained(model_dir).to(device)
+    recipe = _fit_max_len(recipe, model)
     data = load_task(recipe, data_dir, tokenizer, splits=(split,), id2label=model.config.id2label)
     if isinstance(data, SentenceTask) and model.config.num_labels != data.num_labels:
         raise RobertaError(f"{model_dir} has {model.config.num_labels} outputs but {recipe.task} needs "

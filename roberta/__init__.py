@@ -10,5 +10,6 @@ from .model import (
     RobertaForTokenClassification,
     RobertaModel,
 )
+from .tokenizer import RobertaTokenizer
 
 __version__ = "0.1.0"

@@ -26,6 +26,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 from .errors import RobertaError
+from .fileio import atomic_write
 from .model import RobertaConfig, RobertaForMaskedLM, RobertaModel, RobertaPreTrainedModel
 
 CONFIG_NAME = "config.json"
@@ -301,6 +302,11 @@ def hf_to_fairseq(state: dict[str, torch.Tensor], layout: str = "current") -> di
             out[top + key] = value
         elif key.startswith("classification_heads."):
             out[key] = value
+    # fairseq has no segment embedding: RoBERTa's single row is added to every token, so fold it
+    # into the position table, which is exact
+    segment = state.get("roberta.embeddings.token_type_embeddings.weight")
+    if segment is not None:
+        out[se + "embed_positions.weight"] = out[se + "embed_positions.weight"] + segment[0]
     for name, parts in fused.items():
         out[name] = torch.cat([parts["query"], parts["key"], parts["value"]])
     if top + "lm_head.bias" in out:
@@ -327,7 +333,7 @@ def save_fairseq(model: RobertaForMaskedLM, path: str | os.PathLike, tokenizer=N
     payload = {"args": args, "model": hf_to_fairseq(state, layout)}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    _atomic_write_bytes(path / FAIRSEQ_NAME, buffer.getvalue())
+    atomic_write(path / FAIRSEQ_NAME, buffer.getvalue())
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
@@ -448,16 +454,9 @@ def save_model(model: RobertaPreTrainedModel, path: str | os.PathLike, tokenizer
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    _atomic_write_bytes(path / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-
-
-def _atomic_write_bytes(file: Path, data: bytes) -> None:
-    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, file)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "hf", layout: str = "current") -> Path:

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from . import tasks
 from .errors import RobertaError
-from .model import (RobertaForMultipleChoice, RobertaForQuestionAnswering, RobertaForSequenceClassification,
-                    _atomic_write_text)
+from .fileio import atomic_write
+from .model import RobertaForMultipleChoice, RobertaForQuestionAnswering, RobertaForSequenceClassification
 
 # --------------------------------------------------------------------------------------------------
 # Recipes
@@ -456,7 +456,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
                                              hidden_dropout_prob=recipe.dropout,
                                              attention_probs_dropout_prob=recipe.dropout).to(device)
     recipe = data.recipe = _fit_max_len(recipe, model)
-    _atomic_write_text(out / "recipe.json", recipe.to_json())
+    atomic_write(out / "recipe.json", recipe.to_json())
 
     train_examples = data.data["train"][0]
     if recipe.max_train_examples and recipe.max_train_examples < len(train_examples):
@@ -534,7 +534,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
         log.close()
     result = {"task": recipe.task, "head_name": head_name, "metric": score_key, "best_step": best["step"],
               "updates": step, "dev": best["metrics"]}
-    _atomic_write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "eval.json", json.dumps(result, indent=2) + "\n")
     plot_curves(log_path, out / "curves.png")
     return result
 
@@ -590,15 +590,15 @@ def evaluate(task: str, data_dir, model_dir, split: str = "dev", predictions=Non
     preds, metrics = _split_metrics(data, files, items, model, device, batch_size)
     result = {"task": recipe.task, "split": split, "model": str(model_dir), "metrics": metrics}
     if out_file:
-        _atomic_write_text(Path(out_file), json.dumps(result, indent=2) + "\n")
+        atomic_write(Path(out_file), json.dumps(result, indent=2) + "\n")
     if predictions:
         for path, its, p in zip(files, items, preds):
             target = Path(predictions)
             if len(files) > 1:
                 target = target.with_name(f"{target.stem}-{path.stem.split('_', 1)[-1]}{target.suffix}")
             if isinstance(data, SquadTask):
-                _atomic_write_text(target, json.dumps(p, indent=2, ensure_ascii=False) + "\n")
+                atomic_write(target, json.dumps(p, indent=2, ensure_ascii=False) + "\n")
             else:
                 header, rows = data.prediction_rows(its, p)
-                _atomic_write_text(target, "".join("\t".join(map(str, r)) + "\n" for r in [header] + rows))
+                atomic_write(target, "".join("\t".join(map(str, r)) + "\n" for r in [header] + rows))
     return result

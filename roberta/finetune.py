@@ -12,9 +12,9 @@ never to 512.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,6 +421,8 @@ def _split_metrics(task, files: list[Path], items_per_file: list[list], model, d
     mismatched dev sets) each metric is prefixed by the file's name without 'dev_'/'test_'."""
     preds, merged = [], {}
     for path, items in zip(files, items_per_file):
+        if not items:
+            raise RobertaError(f"{path} has no examples to evaluate")
         p, metrics = task.predict(model, items, device, batch_size)
         preds.append(p)
         if metrics is not None:
@@ -559,10 +561,10 @@ def plot_curves(metrics_jsonl, png) -> None:
     if dev:
         ax2.legend()
     fig.tight_layout()
-    tmp = Path(png).with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
+    atomic_write(png, image.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------

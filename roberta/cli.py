@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import RobertaError
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions")
     _task_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test", "train"])
-    p.add_argument("--out", help="write the metrics here as JSON")
+    p.add_argument("--out", help="write the metrics here as JSON (default: eval_<split>.json beside the model)")
     p.add_argument("--predictions", help="write per-example predictions here in the leaderboard's format")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_evaluate)
@@ -87,7 +88,9 @@ def _finetune(args) -> int:
 def _evaluate(args) -> int:
     from .finetune import evaluate
 
-    result = evaluate(args.task, args.data, args.model, args.split, args.predictions, args.out, args.batch_size,
+    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    out = args.out or model_dir / f"eval_{args.split}.json"
+    result = evaluate(args.task, args.data, args.model, args.split, args.predictions, out, args.batch_size,
                       **_recipe_overrides(args, []))
     print(json.dumps(result, indent=2))
     return 0

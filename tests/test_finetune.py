@@ -1,6 +1,7 @@
 """Fine-tuning and evaluation end to end on tiny models: SST-2 learns, RTE runs as pairs, SQuAD and
 RACE run, heads reload and predict the same labels, recipes are the published ones."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -145,6 +146,7 @@ def test_rte_runs_end_to_end_as_a_pair_task_from_the_cli(tiny_checkpoint, tmp_pa
     rows = preds.read_text().splitlines()
     assert rows[0] == "index\tprediction" and len(rows) == 25
     assert {r.split("\t")[1] for r in rows[1:]} <= {"entailment", "not_entailment"}
+    assert json.loads((out / "eval_dev.json").read_text())["metrics"]["accuracy"] >= 0.0  # written by default
 
 
 def test_cli_reports_bad_input_in_one_line(tiny_checkpoint, tmp_path, capsys):
@@ -191,8 +193,13 @@ def test_stsb_trains_as_regression_on_scores_scaled_to_unit_range(tiny_checkpoin
     ft.evaluate("STS-B", tmp_path, tmp_path / "out", predictions=preds)
     scores = [float(line.split("\t")[1]) for line in preds.read_text().splitlines()[1:]]
     assert len(scores) == 10  # printed on GLUE's 0-5 scale (scaled back from the model's [0, 1])
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["problem_type"] == "regression" and config["num_labels"] == 1 if "num_labels" in config else True
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["problem_type"] == "regression"
+    # The test split has no scores: predictions only, with the test file's own index column.
+    (tmp_path / "test.tsv").write_text(header.replace("\tscore", "") + "7\tg\tf\ty\t0\tn\tn\tA dog.\tA cat.\n")
+    result = ft.evaluate("STS-B", tmp_path, tmp_path / "out", split="test", predictions=tmp_path / "test-preds.tsv")
+    assert result["metrics"] == {}
+    (row,) = [line.split("\t") for line in (tmp_path / "test-preds.tsv").read_text().splitlines()[1:]]
+    assert row[0] == "7" and re.fullmatch(r"-?\d+\.\d{3}", row[1])  # a score with 3 decimals
 
 
 # ------------------------------------------------------------------------------------ the user's data

@@ -1,5 +1,6 @@
 """RoBERTa in PyTorch: exact to the published models, fast, small on disk."""
 from .errors import RobertaError
+from .hub import RobertaHub, load
 from .model import (
     ModelOutput,
     RobertaConfig,

@@ -14,7 +14,10 @@ from .errors import RobertaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="roberta", description="RoBERTa: load, use, train, fine-tune, compress.")
+    parser = argparse.ArgumentParser(
+        prog="roberta", description="RoBERTa: load, use, train, fine-tune, compress.",
+        epilog="exit status: 0 success, 2 bad input (a one-line 'error: ...' says what and how to fix it), "
+               "1 unexpected failure (a bug: please report the traceback), 130 interrupted.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Subcommands are added below, one compact block each.
 
@@ -25,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fairseq-layout", choices=["current", "2019"], default="current",
                    help="key layout when writing fairseq (default: current)")
     p.set_defaults(func=_convert)
+    _add_hub_commands(sub)
 
     # finetune / evaluate: GLUE tasks, squad, race, or custom (your own train/dev .csv/.tsv/.jsonl)
     p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe")
@@ -54,6 +58,155 @@ def _convert(args) -> int:
     print(f"wrote {out}")
     return 0
 
+
+# ---- using a model: encode, decode, fill-mask, features, predict, download, info ------------------
+# Inputs are the TEXT arguments, or one per line of stdin when there are none; a TAB inside an input
+# separates the sentences of a pair. --json prints one JSON value per input, for programs.
+
+
+def _add_hub_commands(sub) -> None:
+    def command(name, func, help, text="TEXT", weights=True):
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("-m", "--model", required=True, help="a name (roberta.base, roberta.large, roberta.large.mnli, "
+                       "FacebookAI/roberta-base, FacebookAI/roberta-large) or a path")
+        p.add_argument("--json", action="store_true", help="print JSON, one value per input")
+        p.add_argument("--offline", action="store_const", const=True, help="never download (also ROBERTA_OFFLINE=1)")
+        p.add_argument("--cache-dir", help="where named models live (default $ROBERTA_CACHE or ~/.cache/roberta)")
+        if weights:
+            p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+        if text:
+            p.add_argument("text", nargs="*", metavar=text, help="inputs (default: one per line of stdin)")
+        p.set_defaults(func=func)
+        return p
+
+    command("encode", _encode, "print the token ids of each input text", weights=False)
+    command("decode", _decode, "print the text of a sequence of ids (arguments), or of each stdin line",
+            text="ID", weights=False)
+    p = command("fill-mask", _fill_mask, "predict the words at <mask> in each input text")
+    p.add_argument("--topk", type=int, default=5, help="candidates per mask (default 5)")
+    p = command("features", _features, "write one vector per input (or per token) to a .npy or .jsonl file")
+    p.add_argument("-o", "--out", required=True, help="output file: .npy (one row per input) or .jsonl")
+    p.add_argument("--pool", choices=["cls", "mean", "none"], default="cls",
+                   help="<s> vector (default), mean over tokens, or every token (.jsonl only)")
+    p.add_argument("--layer", type=int, default=-1, help="layer to read, 0 = embeddings (default: last)")
+    p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
+    p = command("predict", _predict, "classify each input (a TAB separates a sentence pair) with a head")
+    p.add_argument("--head", required=True, help="classification head name, e.g. mnli (see `roberta info`)")
+    p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
+    p = sub.add_parser("download", help="download named models into the cache (no NAME: list them)")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("--cache-dir", help="default $ROBERTA_CACHE or ~/.cache/roberta")
+    p.add_argument("--base-url", help="mirror to download from instead of the official hosts ($ROBERTA_BASE_URL)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_download)
+    command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
+            text=None, weights=False)
+
+
+def _inputs(args) -> list[str]:
+    if args.text:
+        return args.text
+    if sys.stdin.isatty():
+        raise RobertaError(f"give the inputs as arguments or pipe them on stdin, e.g. echo 'Hello world!' | roberta {args.command} -m roberta.base")
+    return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+
+
+def _batches(texts: list[str], size: int = 32):
+    for start in range(0, len(texts), size):
+        yield texts[start:start + size]
+
+
+def _print(args, value, text: str) -> None:
+    print(json.dumps(value, ensure_ascii=False) if args.json else text)
+
+
+def _load(args):
+    import torch
+
+    from .hub import load
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline)
+
+
+def _encode(args):
+    from .hub import encode, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, cache_dir=args.cache_dir, offline=args.offline)
+    for text in _inputs(args):
+        ids = encode(tokenizer, *text.split("\t")).tolist()
+        _print(args, ids, " ".join(map(str, ids)))
+
+
+def _decode(args):
+    from .hub import decode, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, cache_dir=args.cache_dir, offline=args.offline)
+    for line in [" ".join(args.text)] if args.text else _inputs(args):
+        try:
+            ids = [int(i) for i in line.replace(",", " ").strip("[] ").split()]
+        except ValueError:
+            raise RobertaError(f"decode takes token ids separated by spaces or commas, got {line!r}") from None
+        text = decode(tokenizer, ids)
+        _print(args, text, text if isinstance(text, str) else "\t".join(text))
+
+
+def _fill_mask(args):
+    hub = _load(args)
+    for texts in _batches(_inputs(args)):
+        for text, result in zip(texts, hub.fill_mask(texts, topk=args.topk, as_dicts=True)):
+            per_mask = result if text.count("<mask>") > 1 else [result]
+            lines = [text] + [f"  {c['score']:.4f}  {c['token_str']!r:<16} {c['sequence']}"
+                              for mask in per_mask for c in mask]
+            _print(args, result, "\n".join(lines))
+
+
+def _features(args):
+    from .hub import write_features
+
+    hub, texts = _load(args), _inputs(args)
+    shape = write_features(hub, texts, args.out, pool=args.pool, layer=args.layer, truncate=args.truncate)
+    _print(args, {"path": args.out, "inputs": len(texts), "shape": shape},
+           f"wrote {len(texts)} inputs to {args.out} (vectors of {shape[-1]})")
+
+
+def _predict(args):
+    hub = _load(args)
+    for texts in _batches(_inputs(args)):
+        log_probs = hub.predict(args.head, [hub.encode(*t.split("\t")) for t in texts], truncate=args.truncate)
+        for text, row in zip(texts, log_probs.exp().tolist()):
+            label = max(range(len(row)), key=row.__getitem__)
+            _print(args, {"label": label, "probabilities": row},
+                   f"{label}\t{' '.join(f'{p:.4f}' for p in row)}\t{text}")
+
+
+def _download(args):
+    from . import download
+
+    if not args.names:
+        for name in download.MODELS:
+            cached = download.is_cached(name, args.cache_dir)
+            _print(args, {"name": name, "cached": cached, "path": str(download.model_dir(name, args.cache_dir))},
+                   f"{name:<26} {'cached' if cached else '-'}")
+    for name in args.names:
+        path = download.download(name, args.cache_dir, args.base_url)
+        _print(args, {"name": name, "path": str(path)}, str(path))
+
+
+def _info(args):
+    from .hub import describe
+
+    info = describe(args.model, cache_dir=args.cache_dir, offline=args.offline)
+    c = info["config"]
+    heads = ", ".join(f"{name} ({n} classes)" for name, n in info["heads"].items()) or "none"
+    _print(args, info, "\n".join([
+        f"path        {info['path']} ({info['format']})",
+        f"config      {c['num_hidden_layers']} layers x {c['hidden_size']}, {c['num_attention_heads']} heads, "
+        f"FFN {c['intermediate_size']}, vocabulary {c['vocab_size']}, max {info['max_tokens']} tokens",
+        f"heads       {heads}",
+        f"parameters  {info['parameters']:,}",
+        f"dtype       {info['dtype']}",
+        f"size        {info['size_bytes'] / 2**20:.1f} MiB"]))
 
 def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI, squad, race or custom")

@@ -601,7 +601,7 @@ class _NamedHeads:
         head = RobertaClassificationHead(self.config, num_classes)
         head.apply(self._init_weights)
         ref = self.get_input_embeddings().weight
-        head.to(device=ref.device, dtype=ref.dtype)
+        head.to(device=ref.device, dtype=ref.dtype).train(self.training)
         self.classification_heads[name] = head
         self.config.classification_heads[name] = num_classes
         return head

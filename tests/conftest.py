@@ -23,3 +23,19 @@ def shared_path(*parts: str) -> Path:
 def bpe_dir() -> Path:
     """The real RoBERTa tokenizer files (fairseq and Hugging Face layouts)."""
     return shared_path("roberta-bpe")
+
+
+@pytest.fixture(scope="session")
+def hub_checkpoints(tmp_path_factory, bpe_dir) -> dict[str, Path]:
+    """A tiny RoBERTa with the real vocabulary and an 'mnli' head, in every layout `roberta.load` reads."""
+    from hub_helpers import make_checkpoints
+
+    return make_checkpoints(tmp_path_factory.mktemp("hub-checkpoints"), bpe_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_hub(hub_checkpoints):
+    """That model loaded as the hub object (do not change it in a test: load your own)."""
+    import roberta
+
+    return roberta.load(hub_checkpoints["hf"])

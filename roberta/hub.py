@@ -1,0 +1,368 @@
+"""`roberta.load` and the hub object: RoBERTa the way its original release publishes it.
+
+    import roberta
+    model = roberta.load("roberta.base")          # a name, or a fairseq/Hugging Face/saved path
+    tokens = model.encode("Hello world!")         # tensor([0, 31414, 232, 328, 2])
+    model.decode(tokens)                          # 'Hello world!'
+    model.extract_features(tokens)                # [1, 5, 768]: the last layer
+    model.predict("mnli", model.encode("A man sleeps.", "A person rests."))   # log-probabilities
+    model.fill_mask("The capital of France is <mask>.", topk=3)
+
+Beyond the original: a list of inputs is a batch. `encode` of a list gives a list of tensors, and
+`extract_features`/`predict`/`fill_mask` of a list run it as one padded batch whose results equal
+the one-at-a-time ones. A text may hold several `<mask>`s, and `truncate=True` cuts inputs longer
+than the model's limit instead of refusing them. Inference runs without gradients unless the
+object is in train mode (so fine-tuning through it still works).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import download
+from .checkpoint import read_checkpoint
+from .errors import RobertaError
+from .fileio import atomic_write
+from .model import RobertaForMaskedLM
+from .tokenizer import RobertaTokenizer
+
+MASK = "<mask>"
+
+
+class RobertaHub(nn.Module):
+    """A masked-LM RoBERTa, its named classification heads and its tokenizer, behind fairseq's calls."""
+
+    def __init__(self, model: RobertaForMaskedLM, tokenizer: RobertaTokenizer):
+        super().__init__()
+        if len(tokenizer) > model.config.vocab_size:
+            raise RobertaError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+                               f"{model.config.vocab_size}; load the tokenizer files that belong to this model")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.train(model.training)  # the hub is in the mode its model is in
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def max_tokens(self) -> int:
+        return self.model.config.max_tokens
+
+    # ---- text <-> ids -------------------------------------------------------------------------
+
+    def encode(self, sentence, *addl_sentences: str, no_separator: bool = False):
+        """`<s> A </s>`, `<s> A </s></s> B </s>` ... as a LongTensor (no space is added before A).
+
+        A list of sentences (and lists of second sentences, one each) gives a list of tensors.
+        """
+        return encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator)
+
+    def decode(self, tokens):
+        """Text of one sequence; a sequence of several sentences (split at `</s></s>`) gives a list."""
+        return decode(self.tokenizer, tokens)
+
+    # ---- the encoder ---------------------------------------------------------------------------
+
+    def extract_features(self, tokens, return_all_hiddens: bool = False, truncate: bool = False):
+        """Last-layer features [B, T, H]; with `return_all_hiddens` a list of layers + 1 such tensors
+        (the embeddings first). A list of 1-D token tensors gives a list of the one-at-a-time results."""
+        ids, lengths = self._batch(tokens, truncate)
+        with self._inference():
+            out = self.model.roberta(ids, output_hidden_states=return_all_hiddens)
+        layers = list(out.hidden_states) if return_all_hiddens else [out.last_hidden_state]
+        if lengths is None:
+            return layers if return_all_hiddens else layers[0]
+        items = [[layer[i:i + 1, :n] for layer in layers] for i, n in enumerate(lengths)]
+        return items if return_all_hiddens else [item[0] for item in items]
+
+    def register_classification_head(self, name: str, num_classes: int) -> None:
+        """Add a new (randomly initialised) sentence-classification head, fine-tune it, then `predict`."""
+        self.model.register_classification_head(name, num_classes).train(self.training)
+
+    def predict(self, head: str, tokens, return_logits: bool = False, truncate: bool = False) -> torch.Tensor:
+        """Log-probabilities [B, classes] of a classification head (logits with `return_logits`).
+
+        A list of 1-D token tensors is one padded batch: row i equals `predict(head, tokens[i])`."""
+        ids, _ = self._batch(tokens, truncate)
+        with self._inference():
+            logits = self.model.classify(ids, head=head)
+        return logits if return_logits else F.log_softmax(logits.float(), dim=-1)
+
+    def fill_mask(self, masked_input, topk: int = 5, as_dicts: bool = False):
+        """The `topk` most likely tokens for `<mask>`: [(filled text, probability, token), ...].
+
+        As in fairseq, the text around the mask is encoded without the space before `<mask>` and the
+        predicted token brings its own leading space (' Paris'), so 'is <mask>.' fills as 'is Paris.'.
+        A text with several masks gives one such list per mask, each filling only its mask (the others
+        stay `<mask>`); a list of texts gives a list of results. `as_dicts=True` gives the dicts of the
+        fill-mask pipelines instead: {"sequence", "score", "token" (id), "token_str"}.
+        """
+        texts = [masked_input] if isinstance(masked_input, str) else list(masked_input)
+        if not 0 < topk <= len(self.tokenizer):
+            raise RobertaError(f"topk must be between 1 and the vocabulary size {len(self.tokenizer)}, got {topk}")
+        ids, _ = self._batch([self._encode_masked(text) for text in texts], truncate=None)
+        labels = torch.where(ids == self.tokenizer.mask_token_id, ids, -100)
+        with torch.no_grad(), _eval(self.model):
+            # With labels the LM head runs only at the masks: logits are [masks in the batch, vocab].
+            logits = self.model(ids, labels=labels.to(ids.device)).logits
+        probs, predicted = logits.float().softmax(dim=-1).topk(topk, dim=-1)
+        probs, predicted = probs.tolist(), predicted.tolist()
+        results, row = [], 0
+        for text in texts:
+            per_mask = []
+            for position in _mask_positions(text):
+                choices = []
+                for p, token in zip(probs[row], predicted[row]):
+                    token_str = self.tokenizer.decode([token])
+                    filled = _fill(text, position, token_str)
+                    choices.append({"sequence": filled, "score": p, "token": token, "token_str": token_str}
+                                   if as_dicts else (filled, p, token_str))
+                per_mask.append(choices)
+                row += 1
+            results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
+        return results[0] if isinstance(masked_input, str) else results
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the model (config.json + model.safetensors, heads included) and tokenizer files."""
+        self.model.save_pretrained(directory, tokenizer=self.tokenizer)
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _encode_masked(self, text: str) -> torch.Tensor:
+        # fairseq's rule: the spans around each mask lose their trailing spaces (the space before a mask
+        # belongs to the predicted token) and keep their leading ones.
+        if MASK not in text:
+            raise RobertaError(f"fill_mask needs a {MASK} in the text, e.g. 'The capital of France is {MASK}.'")
+        tok = self.tokenizer
+        ids = [tok.bos_token_id]
+        for i, span in enumerate(text.split(MASK)):
+            ids += ([tok.mask_token_id] if i else []) + tok.encode(span.rstrip(), add_special_tokens=False)
+        return torch.tensor(ids + [tok.eos_token_id], dtype=torch.long)
+
+    def _batch(self, tokens, truncate: bool | None) -> tuple[torch.Tensor, list[int] | None]:
+        """[B, T] ids on the model's device, and the lengths when `tokens` was a list (right-padded)."""
+        pad = self.tokenizer.pad_token_id
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() not in (1, 2):
+                raise RobertaError(f"tokens must be 1-D or [batch, length], got shape {list(tokens.shape)}")
+            return self._fit(tokens.long().reshape(-1, tokens.shape[-1]), truncate).to(self.device), None
+        rows = [self._fit(torch.as_tensor(t, dtype=torch.long).reshape(1, -1), truncate)[0] for t in tokens]
+        if not rows:
+            raise RobertaError("got an empty list of inputs; give at least one")
+        ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+        return ids.to(self.device), [len(r) for r in rows]
+
+    def _fit(self, ids: torch.Tensor, truncate: bool | None) -> torch.Tensor:
+        """Refuse (or with `truncate`, cut) inputs past the limit; None: the caller offers no truncation."""
+        n, limit = ids.shape[-1], self.max_tokens
+        if n <= limit:
+            return ids
+        if not truncate:
+            offer = "" if truncate is None else f"pass truncate=True (--truncate) to keep the first {limit}, or "
+            raise RobertaError(f"input has {n} tokens but the model takes at most {limit}; {offer}shorten it")
+        ids = ids[:, :limit].clone()
+        ids[ids[:, -1].ne(self.tokenizer.pad_token_id), -1] = self.tokenizer.eos_token_id  # keep the end marker
+        return ids
+
+    def _inference(self):
+        # Gradients only when training through the hub (fine-tuning), never for inference.
+        return torch.set_grad_enabled(self.training and torch.is_grad_enabled())
+
+
+# ---- text <-> ids, with the tokenizer alone (the CLI encodes without loading weights) ------------
+
+
+def encode(tokenizer: RobertaTokenizer, sentence, *addl_sentences: str, no_separator: bool = False):
+    """`RobertaHub.encode`: fairseq's framing, `</s></s>` between sentences (`</s>` with no_separator)."""
+    if not isinstance(sentence, str):
+        batch, others = list(sentence), [list(more) for more in addl_sentences]
+        if any(len(more) != len(batch) for more in others):
+            raise RobertaError("encode got lists of different lengths; give one second sentence per sentence")
+        return [encode(tokenizer, *texts, no_separator=no_separator) for texts in zip(batch, *others)]
+    ids = [tokenizer.bos_token_id] + tokenizer.encode(sentence, add_special_tokens=False) + [tokenizer.eos_token_id]
+    for more in addl_sentences:
+        separator = [] if no_separator else [tokenizer.eos_token_id]
+        ids += separator + tokenizer.encode(more, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def decode(tokenizer: RobertaTokenizer, tokens):
+    """`RobertaHub.decode`: one string, or a list when `</s></s>` separates several sentences."""
+    if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], torch.Tensor):
+        return [decode(tokenizer, t) for t in tokens]
+    ids = torch.as_tensor(tokens).tolist()
+    if not isinstance(ids, list) or (ids and isinstance(ids[0], list)):
+        raise RobertaError("decode takes one sequence of ids (a 1-D tensor); decode a batch row by row")
+    eos = tokenizer.eos_token_id
+    if ids and ids[0] == tokenizer.bos_token_id:
+        ids = ids[1:]
+    sentences, start = [], 0
+    for i in range(len(ids) - 1):
+        if ids[i] == eos and ids[i + 1] == eos:
+            sentences.append(ids[start:i + 1])
+            start = i + 1
+    sentences.append(ids[start:])
+    texts = [tokenizer.decode(s, skip_special_tokens=True) for s in sentences]
+    return texts[0] if len(texts) == 1 else texts
+
+
+@contextlib.contextmanager
+def _eval(module: nn.Module):
+    """Eval mode for the duration (fill_mask never wants dropout), then the mode it had."""
+    training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(training)
+
+
+def _mask_positions(text: str) -> list[int]:
+    positions, start = [], text.find(MASK)
+    while start != -1:
+        positions.append(start)
+        start = text.find(MASK, start + len(MASK))
+    return positions
+
+
+def _fill(text: str, position: int, token: str) -> str:
+    # The predicted token carries its own leading space, so the space before the mask goes.
+    if position > 0 and text[position - 1] == " ":
+        position -= 1
+        return text[:position] + token + text[position + 1 + len(MASK):]
+    return text[:position] + token + text[position + len(MASK):]
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def resolve(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,
+            base_url: str | None = None, progress: bool = True) -> Path:
+    """A local path for a path, or for a named model (downloaded into the cache when missing)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if str(name_or_path) in download.MODELS:
+        return download.download(str(name_or_path), cache_dir, base_url, offline, progress)
+    raise RobertaError(f"{name_or_path} is neither an existing path nor a known model name "
+                       f"({', '.join(download.MODELS)})")
+
+
+def load(name_or_path: str | os.PathLike, device: str | torch.device | None = None, cache_dir=None,
+         offline: bool | None = None, base_url: str | None = None, progress: bool = True) -> RobertaHub:
+    """Load a RoBERTa by name (`roberta.base`, `roberta.large`, `roberta.large.mnli`,
+    `FacebookAI/roberta-base`, `FacebookAI/roberta-large`) or path: a fairseq directory or .tar.gz
+    (model.pt + dict.txt), a Hugging Face directory, or a directory `save` wrote. In eval mode."""
+    with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
+        model = RobertaForMaskedLM.from_pretrained(directory)
+        tokenizer = _tokenizer(directory, cache_dir, offline, base_url, progress)
+    hub = RobertaHub(model, tokenizer).eval()
+    return hub.to(device) if device is not None else hub
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,
+                   base_url: str | None = None, progress: bool = True) -> RobertaTokenizer:
+    """Only the tokenizer of a model (what `encode`/`decode` need), without reading its weights."""
+    with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
+        return _tokenizer(directory, cache_dir, offline, base_url, progress)
+
+
+@contextlib.contextmanager
+def _model_dir(path: Path):
+    """The directory to load from: the path itself, or a .tar.gz extracted into a temporary one."""
+    if path.is_dir():
+        yield path
+    elif path.name.endswith((".tar.gz", ".tgz")):
+        with tempfile.TemporaryDirectory(prefix="roberta-") as tmp:
+            yield download.extract_archive(path, tmp)
+    elif path.name == "model.pt":
+        yield path.parent
+    else:
+        raise RobertaError(f"{path} is not a model: pass a directory, a .tar.gz archive or a fairseq model.pt")
+
+
+def _tokenizer(directory: Path, cache_dir, offline, base_url, progress) -> RobertaTokenizer:
+    if all((directory / f).is_file() for f in ("vocab.json", "merges.txt")) or \
+            all((directory / f).is_file() for f in ("encoder.json", "vocab.bpe", "dict.txt")):
+        return RobertaTokenizer.from_pretrained(directory)
+    if not (directory / "dict.txt").is_file():
+        raise RobertaError(f"{directory} holds no tokenizer: expected vocab.json + merges.txt, or dict.txt "
+                           f"(fairseq, with encoder.json + vocab.bpe or the GPT-2 BPE download)")
+    # A fairseq release ships dict.txt only; the BPE files are GPT-2's, downloaded once into the cache.
+    bpe = download.gpt2_bpe(cache_dir, base_url, offline, progress)
+    with tempfile.TemporaryDirectory(prefix="roberta-tok-") as tmp:
+        for source in (bpe / "encoder.json", bpe / "vocab.bpe", directory / "dict.txt"):
+            os.symlink(source.resolve(), Path(tmp) / source.name)
+        return RobertaTokenizer.from_pretrained(tmp, layout="fairseq")
+
+
+def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,
+             base_url: str | None = None, progress: bool = True) -> dict:
+    """What a checkpoint holds: its format, config, classification heads, parameter count, dtype, size."""
+    path = resolve(name_or_path, cache_dir, offline, base_url, progress)
+    with _model_dir(path) as directory:
+        config, state = read_checkpoint(directory)
+        layout = "fairseq" if (directory / "model.pt").is_file() else "huggingface"
+    if "classifier.out_proj.weight" in state:  # a transformers sequence classifier: its head, by name
+        config.classification_heads[config.head_name or "default"] = state["classifier.out_proj.weight"].shape[0]
+    with torch.device("meta"):  # the parameter count without allocating the weights a second time
+        parameters = RobertaForMaskedLM(config).num_parameters()
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return {
+        "path": str(path),
+        "format": layout,
+        "config": config.to_dict(),
+        "heads": dict(config.classification_heads),
+        "max_tokens": config.max_tokens,
+        "parameters": parameters,
+        "dtype": ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in state.values()
+                                   if t.is_floating_point()})),
+        "size_bytes": sum(f.stat().st_size for f in files),
+    }
+
+
+def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, pool: str = "cls",
+                   layer: int = -1, truncate: bool = False, batch_size: int = 32) -> list[int]:
+    """Features of each text (a TAB separates the sentences of a pair) written atomically to `path`.
+
+    `.npy`: one row per text ([texts, hidden]); `.jsonl`: {"text", "tokens", "features"} per line.
+    `pool`: "cls" (the `<s>` vector, what classification heads read), "mean" over the tokens, or
+    "none" (every token: .jsonl only). `layer`: 0 is the embeddings, -1 (default) the last layer.
+    Returns the shape of one text's features.
+    """
+    path = Path(path)
+    if path.suffix not in (".npy", ".jsonl"):
+        raise RobertaError(f"cannot write features to {path}: name it .npy or .jsonl")
+    if pool not in ("cls", "mean", "none"):
+        raise RobertaError(f"pool must be cls, mean or none, got {pool!r}")
+    if pool == "none" and path.suffix == ".npy":
+        raise RobertaError("pool 'none' gives a matrix per text of its own length, which .npy cannot hold; "
+                           "write .jsonl, or pool with cls or mean")
+    layers = hub.model.config.num_hidden_layers
+    if not -layers - 1 <= layer <= layers:
+        raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}")
+    tokens = [hub._fit(hub.encode(*text.split("\t"))[None], truncate)[0] for text in texts]
+    vectors = []
+    for start in range(0, len(tokens), batch_size):
+        batch = hub.extract_features(tokens[start:start + batch_size], return_all_hiddens=True)
+        for hidden in batch:
+            h = hidden[layer][0].float()
+            vectors.append((h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy())
+    if path.suffix == ".npy":
+        buffer = io.BytesIO()
+        np.save(buffer, np.stack(vectors))
+        atomic_write(path, buffer.getvalue())
+    else:
+        atomic_write(path, "".join(json.dumps({"text": text, "tokens": ids.tolist(), "features": vector.tolist()}) + "\n"
+                                   for text, ids, vector in zip(texts, tokens, vectors)))
+    return list(vectors[0].shape)

@@ -1,0 +1,236 @@
+"""The published RoBERTa examples, run on a tiny model with the real tokenizer, checked against transformers."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import roberta
+from hub_helpers import FileServer, serve_models
+from roberta.errors import RobertaError
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIR = ("Roberta is a heavily optimized version of BERT.", "Roberta is not very optimized.")
+SENTENCES = ["Hello world!", "A much longer sentence, with some punctuation; and more words in it.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def reference(hub_checkpoints):
+    """transformers' RobertaForMaskedLM on the same weights, and a sequence classifier with the mnli head."""
+    transformers = pytest.importorskip("transformers")
+    mlm = transformers.RobertaForMaskedLM.from_pretrained(hub_checkpoints["hf"]).eval()
+    config = transformers.RobertaConfig.from_pretrained(hub_checkpoints["hf"], num_labels=3)
+    classifier = transformers.RobertaForSequenceClassification(config).eval()
+    classifier.roberta.load_state_dict(mlm.roberta.state_dict(), strict=False)
+    ours = roberta.load(hub_checkpoints["hf"]).model.classification_heads["mnli"].state_dict()
+    classifier.classifier.load_state_dict(ours)
+    return mlm, classifier
+
+
+@pytest.fixture
+def served(hub_checkpoints, bpe_dir, tmp_path, monkeypatch):
+    with FileServer() as server:
+        serve_models(server, hub_checkpoints, bpe_dir)
+        monkeypatch.setenv("ROBERTA_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("ROBERTA_BASE_URL", server.url)
+        monkeypatch.delenv("ROBERTA_OFFLINE", raising=False)
+        yield server
+
+
+def test_bpe_examples_from_the_release(tiny_hub):
+    tokens = tiny_hub.encode("Hello world!")
+    assert tokens.dtype == torch.long and tokens.tolist() == [0, 31414, 232, 328, 2]
+    assert tiny_hub.decode(tokens) == "Hello world!"
+    assert tiny_hub.encode("Hello world").tolist() == [0, 31414, 232, 2]
+    assert tiny_hub.encode(" world").tolist() == [0, 232, 2]
+    assert tiny_hub.encode("world").tolist() == [0, 8331, 2]
+
+
+def test_sentence_pairs_and_decode_splits_them(tiny_hub):
+    pair = tiny_hub.encode("Hello world!", "Hi")
+    assert pair.tolist() == [0, 31414, 232, 328, 2, 2, 30086, 2]
+    assert tiny_hub.encode("Hello world!", "Hi", no_separator=True).tolist() == [0, 31414, 232, 328, 2, 30086, 2]
+    assert tiny_hub.decode(pair) == ["Hello world!", "Hi"]
+    assert [t.tolist() for t in tiny_hub.encode(["Hello world!", "Hi"], ["Hi", "Hi"])] == [
+        pair.tolist(), [0, 30086, 2, 2, 30086, 2]]
+
+
+def test_every_layout_loads_the_same_model(hub_checkpoints, served, tiny_hub):
+    tokens = tiny_hub.encode(*PAIR)
+    expected = tiny_hub.extract_features(tokens)
+    for path in (hub_checkpoints["fairseq"], hub_checkpoints["fairseq_bpe"], hub_checkpoints["archive"], hub_checkpoints["fairseq"] / "model.pt"):
+        other = roberta.load(path)
+        assert other.encode(*PAIR).tolist() == tokens.tolist()
+        torch.testing.assert_close(other.extract_features(tokens), expected, rtol=0, atol=1e-6)
+        assert list(other.model.classification_heads) == ["mnli"]
+    assert [p for p, _ in served.log] == ["/fairseq/gpt2_bpe/encoder.json", "/fairseq/gpt2_bpe/vocab.bpe"]
+
+
+def test_features_and_all_hiddens_match_transformers(tiny_hub, reference):
+    tokens = tiny_hub.encode("Hello world!")
+    last = tiny_hub.extract_features(tokens)
+    assert last.shape == (1, 5, 64) and not last.requires_grad
+    layers = tiny_hub.extract_features(tokens, return_all_hiddens=True)
+    assert len(layers) == tiny_hub.model.config.num_hidden_layers + 1
+    assert torch.equal(layers[-1], last)
+    with torch.no_grad():
+        theirs = reference[0].roberta(tokens[None], output_hidden_states=True).hidden_states
+    for ours, ref in zip(layers, theirs):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_sentence_pair_prediction_matches_transformers(tiny_hub, reference):
+    tokens = tiny_hub.encode(*PAIR)
+    log_probs = tiny_hub.predict("mnli", tokens)
+    with torch.no_grad():
+        logits = reference[1](tokens[None]).logits
+    torch.testing.assert_close(log_probs, logits.log_softmax(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiny_hub.predict("mnli", tokens, return_logits=True), logits, rtol=0, atol=1e-5)
+    assert log_probs.argmax().item() == logits.argmax().item()
+
+
+def test_register_a_new_head_then_save_and_reload(hub_checkpoints, tmp_path):
+    hub = roberta.load(hub_checkpoints["hf"])
+    hub.register_classification_head("sentiment", num_classes=5)
+    tokens = hub.encode("What a lovely day.")
+    log_probs = hub.predict("sentiment", tokens)
+    assert log_probs.shape == (1, 5)
+    torch.testing.assert_close(log_probs.exp().sum(), torch.tensor(1.0))
+    hub.save(tmp_path / "saved")
+    again = roberta.load(tmp_path / "saved")
+    assert sorted(again.model.classification_heads) == ["mnli", "sentiment"]
+    assert torch.equal(again.predict("sentiment", tokens), log_probs)
+    assert again.fill_mask("It is <mask>.") == hub.fill_mask("It is <mask>.")
+    with pytest.raises(RobertaError, match="no classification head named 'nope'"):
+        hub.predict("nope", tokens)
+
+
+@pytest.mark.parametrize("text", ["The first Star wars movie came out in <mask>",
+                                  "Hello <mask> world!", "<mask> is the capital of France."])
+def test_fill_mask_matches_transformers_and_keeps_fairseq_spacing(tiny_hub, reference, text, bpe_dir):
+    transformers = pytest.importorskip("transformers")
+    mask = transformers.AddedToken("<mask>", lstrip=True)  # as roberta-base's tokenizer_config.json has it
+    hf_tok = transformers.RobertaTokenizer(str(bpe_dir / "vocab.json"), str(bpe_dir / "merges.txt"), mask_token=mask)
+    ids = hf_tok(text, return_tensors="pt")["input_ids"]  # its <mask> swallows the space before it, as fairseq
+    assert tiny_hub._encode_masked(text).tolist() == ids[0].tolist()
+    with torch.no_grad():
+        probs = reference[0](ids).logits[ids == hf_tok.mask_token_id].softmax(-1)[0]
+    top = probs.topk(3)
+    result = tiny_hub.fill_mask(text, topk=3)
+    assert len(result) == 3
+    for (filled, prob, token), p, index in zip(result, top.values.tolist(), top.indices.tolist()):
+        assert token == hf_tok.decode([index])
+        assert prob == pytest.approx(p, abs=1e-6)
+        space = " <mask>" if " <mask>" in text else "<mask>"
+        assert filled == text.replace(space, token)
+
+
+def test_fill_mask_several_masks_and_pipeline_dicts(tiny_hub):
+    text = "The <mask> sat on the <mask>."
+    per_mask = tiny_hub.fill_mask(text, topk=2)
+    assert len(per_mask) == 2 and all(len(choices) == 2 for choices in per_mask)
+    first, second = per_mask[0][0], per_mask[1][0]
+    assert first[0] == "The" + first[2] + " sat on the <mask>."
+    assert second[0] == "The <mask> sat on the" + second[2] + "."
+    dicts = tiny_hub.fill_mask("Hello <mask>!", topk=2, as_dicts=True)
+    assert [set(d) for d in dicts] == [{"sequence", "score", "token", "token_str"}] * 2
+    assert dicts[0]["token_str"] == tiny_hub.tokenizer.decode([dicts[0]["token"]])
+    with pytest.raises(RobertaError, match="needs a <mask>"):
+        tiny_hub.fill_mask("no mask here")
+
+
+def test_batched_calls_equal_one_at_a_time(tiny_hub):
+    tokens = tiny_hub.encode(SENTENCES)
+    batched = tiny_hub.extract_features(tokens)
+    for t, b in zip(tokens, batched):
+        torch.testing.assert_close(b, tiny_hub.extract_features(t), rtol=0, atol=1e-5)
+    all_layers = tiny_hub.extract_features(tokens, return_all_hiddens=True)
+    for t, layers in zip(tokens, all_layers):
+        for b, s in zip(layers, tiny_hub.extract_features(t, return_all_hiddens=True)):
+            torch.testing.assert_close(b, s, rtol=0, atol=1e-5)
+    padded = torch.nn.utils.rnn.pad_sequence(tokens, batch_first=True, padding_value=1)  # fairseq's 2-D input
+    for row, (t, b) in enumerate(zip(tokens, batched)):
+        torch.testing.assert_close(tiny_hub.extract_features(padded)[row:row + 1, :len(t)], b, rtol=0, atol=1e-5)
+    predicted = tiny_hub.predict("mnli", tokens)
+    assert predicted.shape == (3, 3)
+    torch.testing.assert_close(tiny_hub.predict("mnli", padded), predicted, rtol=0, atol=1e-5)
+    for t, row in zip(tokens, predicted):
+        torch.testing.assert_close(row, tiny_hub.predict("mnli", t)[0], rtol=0, atol=1e-5)
+    texts = ["Hello <mask>!", "A <mask> of words, and then many more <mask> follow it here."]
+    for batched_result, text in zip(tiny_hub.fill_mask(texts, topk=3), texts):
+        single = tiny_hub.fill_mask(text, topk=3)
+        assert [c[0] for c in _flat(batched_result)] == [c[0] for c in _flat(single)]
+        assert [c[1] for c in _flat(batched_result)] == pytest.approx([c[1] for c in _flat(single)], abs=1e-6)
+
+
+def _flat(result):
+    return [c for choices in result for c in choices] if isinstance(result[0], list) else result
+
+
+def test_too_long_input_errors_unless_truncated(tiny_hub):
+    limit = tiny_hub.max_tokens
+    tokens = tiny_hub.encode("word " * 100)
+    with pytest.raises(RobertaError, match=f"input has {len(tokens)} tokens but the model takes at most {limit}"):
+        tiny_hub.extract_features(tokens)
+    cut = tiny_hub.extract_features(tokens, truncate=True)
+    assert cut.shape[1] == limit
+    manual = torch.cat([tokens[:limit - 1], tokens[-1:]])
+    torch.testing.assert_close(cut, tiny_hub.extract_features(manual), rtol=0, atol=0)
+    with pytest.raises(RobertaError, match=f"at most {limit}; shorten it"):
+        tiny_hub.fill_mask("word " * 100 + "<mask>")
+    predicted = tiny_hub.predict("mnli", [tokens, tiny_hub.encode("short")], truncate=True)
+    torch.testing.assert_close(predicted[0], tiny_hub.predict("mnli", manual)[0], rtol=0, atol=1e-5)
+
+
+def test_modes_devices_and_dtypes(hub_checkpoints):
+    hub = roberta.load(hub_checkpoints["hf"])
+    assert not hub.training and hub.device.type == "cpu"
+    tokens = hub.encode("Hello world!")
+    reference = hub.extract_features(tokens)
+    hub.train()
+    assert hub.model.training and hub.extract_features(tokens).requires_grad  # fine-tuning through the hub
+    assert hub.eval() is hub and not hub.model.training
+    assert hub.to("cpu") is hub
+    hub.bfloat16()
+    low = hub.extract_features(tokens)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, rtol=0.05, atol=0.1)
+    assert hub.predict("mnli", tokens).dtype == torch.float32
+    assert hub.half().extract_features(tokens).dtype == torch.float16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda(hub_checkpoints):
+    hub = roberta.load(hub_checkpoints["hf"]).cuda()
+    tokens = hub.encode(SENTENCES)
+    cpu = roberta.load(hub_checkpoints["hf"]).extract_features(tokens)
+    for gpu, ref in zip(hub.extract_features(tokens), cpu):
+        torch.testing.assert_close(gpu.cpu(), ref, rtol=0, atol=1e-4)
+
+
+def test_named_models_download_once_then_load_offline(served, tmp_path, monkeypatch):
+    hub = roberta.load("roberta.large.mnli")
+    assert hub.predict("mnli", hub.encode(*PAIR)).shape == (1, 3)
+    hf = roberta.load("FacebookAI/roberta-base")
+    torch.testing.assert_close(hf.extract_features(hub.encode("Hi")), hub.extract_features(hub.encode("Hi")))
+    requests = len(served.log)
+    monkeypatch.setenv("ROBERTA_OFFLINE", "1")
+    roberta.load("roberta.large.mnli")
+    assert len(served.log) == requests
+    with pytest.raises(RobertaError, match="offline mode is on"):
+        roberta.load("roberta.base")
+
+
+def test_torch_hub_load_from_this_checkout(served):
+    model = torch.hub.load(str(ROOT), "roberta.base", source="local")
+    assert isinstance(model, roberta.RobertaHub)
+    assert model.encode("Hello world!").tolist() == [0, 31414, 232, 328, 2]
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(RobertaError, match="neither an existing path nor a known model name"):
+        roberta.load("roberta.huge")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(RobertaError, match="is not a model"):
+        roberta.load(tmp_path / "notes.txt")
+    with pytest.raises(RobertaError):
+        roberta.load(tmp_path)

@@ -410,10 +410,13 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
-def _tokenizer(model_dir):
-    from .tokenizer import RobertaTokenizer
+def _checkpoint(model_dir, tokenizer):
+    """A local checkpoint for a path or a model name (`roberta.base` is downloaded once), and its
+    tokenizer unless one is given."""
+    from .hub import load_tokenizer, resolve
 
-    return RobertaTokenizer.from_pretrained(model_dir)
+    path = resolve(model_dir)
+    return path, tokenizer or load_tokenizer(path)
 
 
 def _split_metrics(task, files: list[Path], items_per_file: list[list], model, device, batch_size):
@@ -451,7 +454,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     device = _device(recipe.device)
-    tokenizer = tokenizer or _tokenizer(model_dir)
+    model_dir, tokenizer = _checkpoint(model_dir, tokenizer)
     data = load_task(recipe, data_dir, tokenizer)
     head_name = recipe.head_name or recipe.task.lower()
     model = data.model_class.from_pretrained(model_dir, **data.config_overrides(), head_name=head_name,
@@ -580,7 +583,7 @@ def evaluate(task: str, data_dir, model_dir, split: str = "dev", predictions=Non
     `id<TAB>answer` letters; one file per data file (MNLI's matched/mismatched get a suffix)."""
     recipe = recipe_for(task, **overrides)
     device = _device(recipe.device)
-    tokenizer = tokenizer or _tokenizer(model_dir)
+    model_dir, tokenizer = _checkpoint(model_dir, tokenizer)
     kind = {"squad": SquadTask, "race": RaceTask}.get(recipe.task, SentenceTask)
     model = kind.model_class.from_pretrained(model_dir).to(device)
     recipe = _fit_max_len(recipe, model)

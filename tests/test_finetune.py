@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import roberta
 from roberta import finetune as ft
 from roberta.cli import main
 from roberta.errors import RobertaError
@@ -147,6 +148,14 @@ def test_rte_runs_end_to_end_as_a_pair_task_from_the_cli(tiny_checkpoint, tmp_pa
     assert rows[0] == "index\tprediction" and len(rows) == 25
     assert {r.split("\t")[1] for r in rows[1:]} <= {"entailment", "not_entailment"}
     assert json.loads((out / "eval_dev.json").read_text())["metrics"]["accuracy"] >= 0.0  # written by default
+    # The hub finds the fine-tuned head under the task's name and agrees with the written predictions.
+    hub = roberta.load(out)
+    items = task.encode(task.data["dev"][0][:24])  # pairs cut to 128 tokens as fine-tuning cuts them
+    logits = torch.cat([hub.predict("rte", torch.tensor(it["ids"]), return_logits=True) for it in items])
+    assert [["entailment", "not_entailment"][i] for i in logits.argmax(-1)] == [r.split("\t")[1] for r in rows[1:]]
+    with torch.no_grad():
+        expected = RobertaForSequenceClassification.from_pretrained(out)(*ft.pad([it["ids"] for it in items])).logits
+    assert torch.allclose(logits, expected, atol=1e-5)
 
 
 def test_cli_reports_bad_input_in_one_line(tiny_checkpoint, tmp_path, capsys):

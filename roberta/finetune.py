@@ -26,7 +26,8 @@ from tqdm import tqdm
 from . import tasks
 from .errors import RobertaError
 from .fileio import atomic_write
-from .model import RobertaForMultipleChoice, RobertaForQuestionAnswering, RobertaForSequenceClassification
+from .model import (RobertaClassificationHead, RobertaForMultipleChoice, RobertaForQuestionAnswering,
+                    RobertaForSequenceClassification)
 
 # --------------------------------------------------------------------------------------------------
 # Recipes
@@ -440,6 +441,26 @@ def _score_key(task, files: list[Path]) -> str:
     return task.metric if len(files) == 1 else files[0].stem.split("_", 1)[-1] + "_" + task.metric
 
 
+def _task_model(data, model_dir, head_name: str, dropout: float):
+    """The task's model on the checkpoint's encoder. A sentence task gets a fresh head unless the
+    checkpoint's head is already this task's (same name and size): starting RTE from an MNLI model,
+    as the paper does, replaces the 3-way `mnli` head with a new 2-way `rte` one."""
+    model = data.model_class.from_pretrained(model_dir, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config = model.config
+    fields = data.config_overrides()
+    if fields:
+        keep = config.head_name == head_name and config.num_labels == fields["num_labels"]
+        for key, value in fields.items():
+            setattr(config, key, value)
+        config.__post_init__()
+        if not keep:
+            model.classifier = RobertaClassificationHead(config, config.num_labels)
+            model.classifier.apply(model._init_weights)
+            model.num_labels = config.num_labels
+    config.head_name = head_name
+    return model
+
+
 def _fit_max_len(recipe: Recipe, model) -> Recipe:
     """A model pretrained on shorter inputs than the recipe's max_len takes inputs cut to its length."""
     if recipe.max_len <= model.config.max_tokens:
@@ -459,9 +480,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
     model_dir, tokenizer = _checkpoint(model_dir, tokenizer)
     data = load_task(recipe, data_dir, tokenizer)
     head_name = recipe.head_name or recipe.task.lower()
-    model = data.model_class.from_pretrained(model_dir, **data.config_overrides(), head_name=head_name,
-                                             hidden_dropout_prob=recipe.dropout,
-                                             attention_probs_dropout_prob=recipe.dropout).to(device)
+    model = _task_model(data, model_dir, head_name, recipe.dropout).to(device)
     recipe = data.recipe = _fit_max_len(recipe, model)
     atomic_write(out / "recipe.json", recipe.to_json())
 

@@ -185,6 +185,13 @@ def test_mnli_reports_matched_and_mismatched(tiny_checkpoint, tmp_path):
     assert result["dev"]["matched_accuracy"] == result["dev"]["mismatched_accuracy"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["head_name"] == "mnli" and config["id2label"] == {"0": "contradiction", "1": "neutral", "2": "entailment"}
+    # RTE from the MNLI model, as in the paper: the encoder carries over, the 3-way head makes way for a 2-way one.
+    rte = ft.finetune("RTE", shared_path("glue", "RTE"), tmp_path / "out", tmp_path / "rte", max_train_examples=16,
+                      max_dev_examples=8, max_epochs=1)
+    assert rte["head_name"] == "rte"
+    config = json.loads((tmp_path / "rte" / "config.json").read_text())
+    assert config["head_name"] == "rte" and config["id2label"] == {"0": "entailment", "1": "not_entailment"}
+    assert RobertaForSequenceClassification.from_pretrained(tmp_path / "rte").classifier.out_proj.out_features == 2
 
 
 def test_stsb_trains_as_regression_on_scores_scaled_to_unit_range(tiny_checkpoint, tmp_path, tokenizer):

@@ -63,14 +63,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[RobertaConfig, dict[str, t
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:  # TODO(lead): drop the guard once compress.py is merged
-        from . import compress
-        compressed = path / compress.COMPRESSED_WEIGHTS_NAME
-        if compressed.exists():
-            return compress.load_file(compressed)
-        compressed_name = compress.COMPRESSED_WEIGHTS_NAME
-    except ImportError:
-        compressed_name = "compressed weights"
+    from . import compress  # imported here: compress reads checkpoints through this module
+
+    compressed = path / compress.COMPRESSED_WEIGHTS_NAME
+    if compressed.exists():
+        return compress.load_file(compressed)
     file = path / SAFETENSORS_NAME
     if file.exists():
         try:
@@ -90,7 +87,7 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             raise RobertaError(f"{file} does not hold a state dict")
         return state
     raise RobertaError(f"{path} has config.json but no weights ({SAFETENSORS_NAME}, "
-                       f"{compressed_name} or {PYTORCH_NAME})")
+                       f"{compress.COMPRESSED_WEIGHTS_NAME} or {PYTORCH_NAME})")
 
 
 def _with_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

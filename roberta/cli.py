@@ -28,6 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fairseq-layout", choices=["current", "2019"], default="current",
                    help="key layout when writing fairseq (default: current)")
     p.set_defaults(func=_convert)
+
+    # compress / decompress: lossless compressed checkpoints (roberta/compress.py)
+    for name, help_text in (("compress", "store a checkpoint's weights losslessly compressed as model.rbz"),
+                            ("decompress", "turn a compressed checkpoint back into model.safetensors")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("src", help="checkpoint directory")
+        p.add_argument("dst", help="output directory (the other files are copied there)")
+        p.add_argument("--threads", type=int, help="threads to use (default: all cores)")
+        p.set_defaults(func=_compress)
     _add_hub_commands(sub)
 
     # finetune / evaluate: GLUE tasks, squad, race, or custom (your own train/dev .csv/.tsv/.jsonl)
@@ -56,6 +65,14 @@ def _convert(args) -> int:
 
     out = convert(args.src, args.dst, to=args.to, layout=args.fairseq_layout)
     print(f"wrote {out}")
+    return 0
+
+
+def _compress(args) -> int:
+    from . import compress
+
+    convert = compress.compress_checkpoint if args.command == "compress" else compress.decompress_checkpoint
+    print(f"wrote {convert(args.src, args.dst, args.threads)}")
     return 0
 
 

@@ -1,0 +1,478 @@
+"""Lossless compressed checkpoints: smaller downloads and caches, loaded like any other.
+
+Weights are floats whose exponents take few values and whose mantissas are noise. Each tensor is
+cut into chunks of CHUNK_ELEMENTS elements; each chunk is rearranged into byte planes so that the
+predictable bits share bytes, every plane is tried with zstd (its Huffman stage is what pays off
+here) and kept raw when that does not shrink it, and the chunk's stored bytes carry an xxh3 hash
+that is checked before anything is decoded. Chunks are independent, so both directions run on all
+cores (zstd, numpy and xxhash release the GIL).
+
+How a chunk is rearranged ("transform"):
+  fp16   fp32 values that survive a round trip through fp16 bit for bit (released roberta-base is
+         such a checkpoint) are stored as their fp16 bits: half the bytes before any coding.
+  fp32   the top 16 bits (sign, 8 exponent bits, 7 mantissa bits) are rotated left by 4, so one
+         byte holds the low 5 exponent bits with the top 3 mantissa bits (coded jointly, which
+         also captures how the mantissa leans within a binade) and the other holds sign, the 3
+         near-constant top exponent bits and 4 mantissa bits; the low 16 bits are raw noise.
+  bf16   the same rotation of the 16 bits.
+  bytes  plain byte planes (fp16, fp64, integers, bool).
+
+File layout (little-endian):
+  MAGIC | u32 version | u32 header length | u64 xxh3 of header | header JSON | tensor blobs
+  header JSON: {"size": file size, "metadata": {str: str}, "tensors": {name: [offset, length]}}
+  tensor blob: u32 length | u64 xxh3 | JSON {"dtype", "shape", "chunks": [[transform, elements,
+               xxh3 of the chunk's stored bytes, [[codec, stored length] per plane]], ...]} | chunks
+Every byte of the file is covered by a hash or a check, so corruption is an error, never weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import xxhash
+import zstandard
+
+from .checkpoint import CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, read_checkpoint
+from .errors import RobertaError
+from .fileio import atomic_write
+
+MAGIC = b"ROBERTAZ"
+VERSION = 1
+COMPRESSED_WEIGHTS_NAME = "model.rbz"
+CHUNK_ELEMENTS = 1 << 18
+ZSTD_LEVEL = 1  # higher levels only search harder for repeats, which weights do not have
+KEEP_RAW_ABOVE = 0.98  # a plane that zstd shrinks by less than 2% is stored raw: faster to read
+
+_PREFIX = struct.Struct("<8sIIQ")  # magic, version, header length, header hash
+_BLOB_PREFIX = struct.Struct("<IQ")  # blob header length, blob header hash
+RAW, ZSTD = 0, 1
+
+DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64, "int8": torch.int8, "int16": torch.int16, "int32": torch.int32,
+    "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool,
+}
+# The numpy integer type with the same width, through which tensor bits are read and written.
+_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+class CorruptFileError(RobertaError):
+    """A compressed checkpoint that fails its checks: truncated, altered or not ours."""
+
+
+def _corrupt(what: str, source: str) -> CorruptFileError:
+    return CorruptFileError(f"checksum mismatch in {what} of {source}: the file is corrupted; "
+                            "download or copy it again")
+
+
+# --- chunk transforms ----------------------------------------------------------------------------
+
+def _rotl4(x: np.ndarray) -> np.ndarray:
+    return (x << 4) | (x >> 12)
+
+
+def _split_bytes(x: np.ndarray) -> list[np.ndarray]:
+    """Byte planes of an array of n k-byte words: k arrays of n bytes, least significant first."""
+    k = x.itemsize
+    if k == 1:
+        return [x.view(np.uint8)]
+    view = x.view(np.uint8).reshape(-1, k)
+    return [np.ascontiguousarray(view[:, j]) for j in range(k)]
+
+
+def _join_bytes(planes: list[np.ndarray], out: np.ndarray) -> None:
+    view = out.view(np.uint8).reshape(-1, len(planes))
+    for j, plane in enumerate(planes):
+        view[:, j] = plane
+
+
+def _join_rotated(lo: np.ndarray, hi: np.ndarray, out: np.ndarray) -> None:
+    """Undo _rotl4 on 16-bit words given as their two byte planes, in place in `out`.
+
+    Every step writes into `out` or this thread's scratch: fresh temporaries of this size would
+    cost a page fault per 4 KiB and take longer than the arithmetic.
+    """
+    tmp = _scratch("join", out.size, np.uint16)
+    np.copyto(out, hi)
+    np.left_shift(out, 8, out=out)
+    np.bitwise_or(out, lo, out=out)
+    np.right_shift(out, 4, out=tmp)
+    np.left_shift(out, 12, out=out)
+    np.bitwise_or(out, tmp, out=out)
+
+
+def _encode_chunk(x: np.ndarray, dtype: str) -> tuple[str, list[np.ndarray]]:
+    """Pick a transform for one chunk (an array of unsigned words) and return its byte planes."""
+    if dtype == "float32":
+        as_fp16 = torch.from_numpy(x.view(np.float32)).half()
+        if np.array_equal(as_fp16.float().numpy().view(np.uint32), x):
+            return "fp16", _split_bytes(as_fp16.view(torch.int16).numpy())
+        r = _rotl4((x >> 16).astype(np.uint16))
+        return "fp32", _split_bytes(r) + [(x & 0xFFFF).astype(np.uint16).view(np.uint8)]
+    if dtype == "bfloat16":
+        return "bf16", _split_bytes(_rotl4(x))
+    return "bytes", _split_bytes(x)
+
+
+def _decode_chunk(transform: str, planes: list[np.ndarray], out: np.ndarray) -> None:
+    """Write one chunk's words into `out` (a slice of the result, as unsigned words)."""
+    if transform == "bytes":
+        _join_bytes(planes, out)
+    elif transform == "bf16":
+        _join_rotated(planes[0], planes[1], out)
+    elif transform == "fp32":
+        high = _scratch("high", out.size, np.uint16)
+        _join_rotated(planes[0], planes[1], high)
+        np.copyto(out, high)
+        np.left_shift(out, 16, out=out)
+        np.bitwise_or(out, planes[2].view(np.uint16), out=out)
+    elif transform == "fp16":
+        half = _scratch("high", out.size, np.uint16)
+        np.copyto(half, planes[1])
+        np.left_shift(half, 8, out=half)
+        np.bitwise_or(half, planes[0], out=half)
+        torch.from_numpy(out.view(np.float32)).copy_(torch.from_numpy(half.view(np.int16)).view(torch.float16))
+    else:
+        raise ValueError(transform)
+
+
+def _plane_sizes(transform: str, elements: int, itemsize: int) -> list[int]:
+    if transform in ("fp16", "bf16"):
+        return [elements, elements]
+    if transform == "fp32":
+        return [elements, elements, 2 * elements]
+    return [elements] * itemsize
+
+
+# The transforms a dtype's chunks may use; anything else in a header is corruption.
+_TRANSFORMS = {"float32": ("fp16", "fp32"), "bfloat16": ("bf16",)}
+
+
+# --- zstd and threads ----------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _zstd():
+    """This thread's (compressor, decompressor): zstd contexts must not be shared between threads."""
+    if not hasattr(_local, "zstd"):
+        _local.zstd = (zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False),
+                       zstandard.ZstdDecompressor())
+    return _local.zstd
+
+
+def _scratch(slot: str, size: int, dtype) -> np.ndarray:
+    """This thread's reusable buffer `slot` of `size` elements (decoding allocates nothing per chunk)."""
+    buffers = _local.__dict__.setdefault("scratch", {})
+    buf = buffers.get(slot)
+    if buf is None or buf.nbytes < size * np.dtype(dtype).itemsize:
+        buf = buffers[slot] = np.empty(max(size, CHUNK_ELEMENTS) * np.dtype(dtype).itemsize, np.uint8)
+    return buf[:size * np.dtype(dtype).itemsize].view(dtype)
+
+
+@lru_cache(maxsize=None)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="roberta-compress")
+
+
+def _map(fn, items: list, threads: int | None) -> list:
+    threads = threads or os.cpu_count() or 1
+    if threads == 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    return list(_pool(threads).map(fn, items))
+
+
+# --- tensors -------------------------------------------------------------------------------------
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise RobertaError(f"cannot compress tensors of dtype {name}; supported: {', '.join(DTYPES)}")
+    return name
+
+
+def _words(t: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a contiguous CPU tensor's bits as unsigned words."""
+    flat = t.reshape(-1)
+    if t.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    elif t.dtype in (torch.bfloat16, torch.float16):
+        flat = flat.view(torch.int16)
+    return flat.numpy().view(_BITS[t.element_size()])
+
+
+def compress_tensor(tensor: torch.Tensor, threads: int | None = None) -> bytes:
+    """Compress one tensor into a self-describing blob; the tensor itself is left untouched."""
+    dtype = _dtype_name(tensor.dtype)
+    # contiguous() copies only when needed; nothing below writes to x, so the caller's data is safe.
+    x = _words(tensor.detach().cpu().contiguous())
+    starts = range(0, x.size, CHUNK_ELEMENTS)
+
+    def encode(start: int) -> tuple[list, bytes]:
+        chunk = x[start:start + CHUNK_ELEMENTS]
+        transform, planes = _encode_chunk(chunk, dtype)
+        compressor = _zstd()[0]
+        stored, table = [], []
+        for plane in planes:
+            packed = compressor.compress(plane)
+            codec = ZSTD if len(packed) < KEEP_RAW_ABOVE * plane.nbytes else RAW
+            data = packed if codec == ZSTD else plane.tobytes()
+            stored.append(data)
+            table.append([codec, len(data)])
+        data = b"".join(stored)
+        return [transform, chunk.size, xxhash.xxh3_64_intdigest(data), table], data
+
+    encoded = _map(encode, list(starts), threads)
+    header = json.dumps({"dtype": dtype, "shape": list(tensor.shape),
+                         "chunks": [entry for entry, _ in encoded]}, separators=(",", ":")).encode()
+    prefix = _BLOB_PREFIX.pack(len(header), xxhash.xxh3_64_intdigest(header))
+    return b"".join([prefix, header] + [data for _, data in encoded])
+
+
+def _parse_blob_header(blob: memoryview, what: str, source: str) -> tuple[dict, int]:
+    if len(blob) < _BLOB_PREFIX.size:
+        raise _corrupt(f"the header of {what}", source)
+    length, digest = _BLOB_PREFIX.unpack_from(blob)
+    end = _BLOB_PREFIX.size + length
+    if end > len(blob) or xxhash.xxh3_64_intdigest(blob[_BLOB_PREFIX.size:end]) != digest:
+        raise _corrupt(f"the header of {what}", source)
+    try:
+        header = json.loads(bytes(blob[_BLOB_PREFIX.size:end]))
+        dtype, shape, chunks = header["dtype"], [int(d) for d in header["shape"]], header["chunks"]
+        if dtype not in DTYPES or min(shape, default=0) < 0:
+            raise ValueError
+        itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        allowed = _TRANSFORMS.get(dtype, ("bytes",))
+        total, offset, layout = 0, end, []
+        for transform, elements, digest, table in chunks:
+            sizes = _plane_sizes(transform, elements, itemsize)
+            if (transform not in allowed or type(elements) is not int or not 0 < elements <= CHUNK_ELEMENTS
+                    or len(table) != len(sizes)):
+                raise ValueError
+            planes = [(int(codec), int(length), size) for (codec, length), size in zip(table, sizes)]
+            if any(codec not in (RAW, ZSTD) or (codec == RAW and length != size) for codec, length, size in planes):
+                raise ValueError
+            stored = sum(length for _, length, _ in planes)
+            layout.append((transform, total, elements, int(digest), offset, planes))
+            total += elements
+            offset += stored
+        numel = int(np.prod(shape, dtype=np.int64))
+        if total != numel or offset != len(blob):
+            raise ValueError
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptFileError(f"malformed header of {what} in {source}: the file is corrupted or was not "
+                               "written by `roberta compress`; download or copy it again") from exc
+    return {"dtype": dtype, "shape": shape, "chunks": layout}, end
+
+
+def decompress_tensor(blob, threads: int | None = None, name: str = "tensor", source: str = "<bytes>") -> torch.Tensor:
+    """Rebuild the exact tensor from compress_tensor's blob, checking every chunk's hash first."""
+    blob = memoryview(blob).cast("B")
+    what = f"tensor '{name}'"
+    header, _ = _parse_blob_header(blob, what, source)
+    dtype = DTYPES[header["dtype"]]
+    # numpy backs large arrays with huge pages, which halves the cost of first touching the output.
+    out = np.empty(int(np.prod(header["shape"], dtype=np.int64)), _BITS[torch.empty((), dtype=dtype).element_size()])
+    if out.size == 0:  # numpy gives empty arrays zero strides, which torch views refuse
+        return torch.empty(header["shape"], dtype=dtype)
+    result = torch.from_numpy(out).view(dtype).reshape(header["shape"])
+
+    def decode(item: tuple[int, tuple]) -> None:
+        index, (transform, start, elements, digest, offset, planes) = item
+        stored = blob[offset:offset + sum(length for _, length, _ in planes)]
+        if xxhash.xxh3_64_intdigest(stored) != digest:
+            raise _corrupt(f"{what} chunk {index}", source)
+        decompressor = _zstd()[1]
+        arrays, at = [], 0
+        for plane, (codec, length, size) in enumerate(planes):
+            data = stored[at:at + length]
+            at += length
+            if codec == ZSTD:  # decoded into a reused buffer: no allocation, no page faults
+                buf = _scratch(f"plane{plane}", size, np.uint8)
+                try:
+                    with decompressor.stream_reader(data) as reader:
+                        filled = reader.readinto(buf)
+                        while filled < size and (more := reader.readinto(buf[filled:])):
+                            filled += more
+                        extra = reader.read(1)
+                except zstandard.ZstdError as exc:
+                    raise _corrupt(f"{what} chunk {index}", source) from exc
+                if filled != size or extra:
+                    raise _corrupt(f"{what} chunk {index}", source)
+                data = buf
+            arrays.append(np.frombuffer(data, np.uint8))
+        _decode_chunk(transform, arrays, out[start:start + elements])
+
+    _map(decode, list(enumerate(header["chunks"])), threads)
+    return result
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None,
+              threads: int | None = None) -> None:
+    """Write tensors to one compressed file, atomically: readers never see half a file."""
+    path = Path(path)
+    metadata = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise RobertaError("compressed checkpoint metadata must map strings to strings")
+    blobs = {name: compress_tensor(t, threads) for name, t in tensors.items()}
+    # The header holds the offsets of the blobs and its own length decides them: iterate to a fixpoint.
+    header, offset = b"", 0
+    while True:
+        start, entries = _PREFIX.size + len(header), {}
+        for name, blob in blobs.items():
+            entries[name] = [start, len(blob)]
+            start += len(blob)
+        new = json.dumps({"size": start, "metadata": metadata, "tensors": entries},
+                         separators=(",", ":")).encode()
+        if len(new) == len(header):
+            header = new
+            break
+        header = new
+    prefix = _PREFIX.pack(MAGIC, VERSION, len(header), xxhash.xxh3_64_intdigest(header))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, b"".join([prefix, header, *blobs.values()]))
+
+
+def _read_header(f, source: str) -> dict:
+    raw = f.read(_PREFIX.size)
+    if not MAGIC.startswith(raw[:len(MAGIC)]) or not raw:
+        raise CorruptFileError(f"{source} is not a roberta compressed checkpoint (bad magic number "
+                               f"{raw[:len(MAGIC)]!r}); pass a file written by `roberta compress`")
+    if len(raw) < _PREFIX.size:
+        raise CorruptFileError(f"{source} is truncated: download or copy it again")
+    _, version, length, digest = _PREFIX.unpack(raw)
+    if version != VERSION:
+        raise CorruptFileError(f"{source} has compressed format version {version}, this roberta reads "
+                               f"version {VERSION}: upgrade roberta, or decompress it with the version that wrote it")
+    size = os.fstat(f.fileno()).st_size
+    if _PREFIX.size + length > size:
+        raise CorruptFileError(f"{source} is truncated or its header is corrupted: download or copy it again")
+    text = f.read(length)
+    if xxhash.xxh3_64_intdigest(text) != digest:
+        raise _corrupt("the header", source)
+    try:
+        header = json.loads(text)
+        declared, tensors, metadata = int(header["size"]), header["tensors"], header["metadata"]
+        end = _PREFIX.size + length
+        for offset, blob_length in tensors.values():
+            if offset != end or blob_length < 0:
+                raise ValueError
+            end += blob_length
+        if end != declared or not isinstance(metadata, dict):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptFileError(f"malformed header in {source}: the file is corrupted or was not written by "
+                               "`roberta compress`; download or copy it again") from exc
+    if size != declared:
+        raise CorruptFileError(f"{source} is truncated or has extra bytes ({size} bytes, the header says "
+                               f"{declared}): download or copy it again")
+    return header
+
+
+def _open(path):
+    path = Path(path)
+    if not path.is_file():
+        raise RobertaError(f"{path} does not exist; pass the path of a {COMPRESSED_WEIGHTS_NAME} file")
+    return open(path, "rb")
+
+
+def read_metadata(path) -> dict[str, str]:
+    with _open(path) as f:
+        return dict(_read_header(f, str(path))["metadata"])
+
+
+def tensor_names(path) -> list[str]:
+    with _open(path) as f:
+        return list(_read_header(f, str(path))["tensors"])
+
+
+def load_file(path, names=None, device="cpu", threads: int | None = None) -> dict[str, torch.Tensor]:
+    """Load all tensors, or only `names`, reading only their bytes."""
+    with _open(path) as f:
+        header = _read_header(f, str(path))
+        entries = header["tensors"]
+        missing = [n for n in (names or []) if n not in entries]
+        if missing:
+            raise RobertaError(f"{path} has no tensor {missing[0]!r}; it has {len(entries)}: "
+                               f"{', '.join(list(entries)[:8])}{', ...' if len(entries) > 8 else ''}")
+        tensors = {}
+        for name in (names if names is not None else entries):
+            offset, length = entries[name]
+            f.seek(offset)
+            blob = bytearray(length)
+            if f.readinto(blob) != length:
+                raise CorruptFileError(f"{path} is truncated: download or copy it again")
+            tensors[name] = decompress_tensor(blob, threads, name=name, source=str(path)).to(device)
+    return tensors
+
+
+# --- checkpoint directories ----------------------------------------------------------------------
+
+def _check_dirs(src, dst) -> tuple[Path, Path]:
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise RobertaError(f"{src} is not a checkpoint directory")
+    if dst.resolve() == src.resolve():
+        raise RobertaError(f"the destination must differ from the source {src}: pass another directory")
+    dst.mkdir(parents=True, exist_ok=True)
+    return src, dst
+
+
+def _copy_other_files(src: Path, dst: Path) -> None:
+    """Everything but the weights (config.json, tokenizer files, ...) is copied as it is."""
+    weights = {SAFETENSORS_NAME, COMPRESSED_WEIGHTS_NAME, PYTORCH_NAME, FAIRSEQ_NAME}
+    for item in src.iterdir():
+        if item.is_file() and item.name not in weights:
+            shutil.copy2(item, dst / item.name)
+
+
+def compress_checkpoint(src_dir, dst_dir, threads: int | None = None) -> Path:
+    """Copy a checkpoint directory with its weights stored as model.rbz.
+
+    A model.safetensors is kept tensor for tensor (names and metadata too), so decompressing gives
+    it back; any other layout the project reads (pytorch_model.bin, fairseq model.pt) is converted
+    to Hugging Face names on the way, with a config.json written beside it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    src, dst = _check_dirs(src_dir, dst_dir)
+    weights, config = src / SAFETENSORS_NAME, None
+    if weights.is_file():
+        try:
+            with safe_open(weights, framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise RobertaError(f"{weights} is truncated or corrupted ({exc}); download or copy it again") from None
+    else:
+        config, tensors = read_checkpoint(src)
+        metadata = {"format": "pt"}
+    _copy_other_files(src, dst)
+    if config is not None and not (dst / CONFIG_NAME).exists():
+        config.save(dst / CONFIG_NAME)
+    save_file(tensors, dst / COMPRESSED_WEIGHTS_NAME, metadata, threads)
+    return dst / COMPRESSED_WEIGHTS_NAME
+
+
+def decompress_checkpoint(src_dir, dst_dir, threads: int | None = None) -> Path:
+    """Copy a compressed checkpoint directory back to one with a plain model.safetensors."""
+    from safetensors.torch import save as safetensors_bytes
+
+    src, dst = _check_dirs(src_dir, dst_dir)
+    weights = src / COMPRESSED_WEIGHTS_NAME
+    if not weights.is_file():
+        raise RobertaError(f"{src} has no {COMPRESSED_WEIGHTS_NAME} to decompress")
+    tensors = load_file(weights, threads=threads)
+    _copy_other_files(src, dst)
+    atomic_write(dst / SAFETENSORS_NAME, safetensors_bytes(tensors, metadata=read_metadata(weights) or None))
+    return dst / SAFETENSORS_NAME

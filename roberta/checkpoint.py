@@ -347,8 +347,9 @@ def load_model(cls: type[RobertaPreTrainedModel], path: str | os.PathLike, dtype
         if not hasattr(config, key):
             raise RobertaError(f"unknown config field {key!r}")
         setattr(config, key, value)
+    config.__post_init__()  # an id2label override sets num_labels
     check_vocab_fits(path, config)
-    config, state = _place_heads(cls, config, state)
+    config, state = _place_heads(cls, config, state, config_overrides)
     config.__post_init__()
     model = cls(config)
     load_state(model, state, source=str(path))
@@ -357,13 +358,18 @@ def load_model(cls: type[RobertaPreTrainedModel], path: str | os.PathLike, dtype
     return model.eval()
 
 
-def _place_heads(cls, config: RobertaConfig, state):
-    """Move a sequence classifier between `classifier.*` (transformers) and named heads (fairseq)."""
+def _place_heads(cls, config: RobertaConfig, state, overrides):
+    """Move a sequence classifier between `classifier.*` (transformers) and named heads (fairseq).
+
+    A classifier whose label count differs from one the caller asked for is left out: the task
+    model then starts with a fresh head of the requested size.
+    """
+    asked = "num_labels" in overrides or "id2label" in overrides
     has_classifier = "classifier.out_proj.weight" in state
     named = sorted(config.classification_heads)
-    if cls is not RobertaModel and cls.__name__ == "RobertaForSequenceClassification":
-        if not has_classifier and named:
-            name = config.head_name if config.head_name in named else named[0]
+    if cls.__name__ == "RobertaForSequenceClassification" and not has_classifier and named:
+        name = config.head_name if config.head_name in named else named[0]
+        if not asked or config.classification_heads[name] == config.num_labels:
             for key in [k for k in state if k.startswith(f"classification_heads.{name}.")]:
                 state["classifier." + key.split(".", 2)[2]] = state.pop(key)
             config.head_name = name
@@ -379,7 +385,10 @@ def _place_heads(cls, config: RobertaConfig, state):
     if cls.__name__ in ("RobertaForSequenceClassification", "RobertaForTokenClassification"):
         out = state.get("classifier.out_proj.weight", state.get("classifier.weight"))
         if out is not None and out.dim() == 2 and out.shape[0] != config.num_labels:
-            if config.id2label is None or len(config.id2label) != out.shape[0]:
+            if asked:
+                for key in [k for k in state if k.startswith("classifier.")]:
+                    del state[key]
+            else:
                 config.id2label = None
                 config.num_labels = out.shape[0]
     return config, state

@@ -63,14 +63,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[RobertaConfig, dict[str, t
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:  # TODO(lead): drop the guard once compress.py is merged
-        from . import compress
-        compressed = path / compress.COMPRESSED_WEIGHTS_NAME
-        if compressed.exists():
-            return compress.load_file(compressed)
-        compressed_name = compress.COMPRESSED_WEIGHTS_NAME
-    except ImportError:
-        compressed_name = "compressed weights"
+    from . import compress  # imported here: compress reads checkpoints through this module
+
+    compressed = path / compress.COMPRESSED_WEIGHTS_NAME
+    if compressed.exists():
+        return compress.load_file(compressed)
     file = path / SAFETENSORS_NAME
     if file.exists():
         try:
@@ -90,7 +87,7 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             raise RobertaError(f"{file} does not hold a state dict")
         return state
     raise RobertaError(f"{path} has config.json but no weights ({SAFETENSORS_NAME}, "
-                       f"{compressed_name} or {PYTORCH_NAME})")
+                       f"{compress.COMPRESSED_WEIGHTS_NAME} or {PYTORCH_NAME})")
 
 
 def _with_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -350,8 +347,9 @@ def load_model(cls: type[RobertaPreTrainedModel], path: str | os.PathLike, dtype
         if not hasattr(config, key):
             raise RobertaError(f"unknown config field {key!r}")
         setattr(config, key, value)
+    config.__post_init__()  # an id2label override sets num_labels
     check_vocab_fits(path, config)
-    config, state = _place_heads(cls, config, state)
+    config, state = _place_heads(cls, config, state, config_overrides)
     config.__post_init__()
     model = cls(config)
     load_state(model, state, source=str(path))
@@ -360,13 +358,18 @@ def load_model(cls: type[RobertaPreTrainedModel], path: str | os.PathLike, dtype
     return model.eval()
 
 
-def _place_heads(cls, config: RobertaConfig, state):
-    """Move a sequence classifier between `classifier.*` (transformers) and named heads (fairseq)."""
+def _place_heads(cls, config: RobertaConfig, state, overrides):
+    """Move a sequence classifier between `classifier.*` (transformers) and named heads (fairseq).
+
+    A classifier whose label count differs from one the caller asked for is left out: the task
+    model then starts with a fresh head of the requested size.
+    """
+    asked = "num_labels" in overrides or "id2label" in overrides
     has_classifier = "classifier.out_proj.weight" in state
     named = sorted(config.classification_heads)
-    if cls is not RobertaModel and cls.__name__ == "RobertaForSequenceClassification":
-        if not has_classifier and named:
-            name = config.head_name if config.head_name in named else named[0]
+    if cls.__name__ == "RobertaForSequenceClassification" and not has_classifier and named:
+        name = config.head_name if config.head_name in named else named[0]
+        if not asked or config.classification_heads[name] == config.num_labels:
             for key in [k for k in state if k.startswith(f"classification_heads.{name}.")]:
                 state["classifier." + key.split(".", 2)[2]] = state.pop(key)
             config.head_name = name
@@ -382,7 +385,10 @@ def _place_heads(cls, config: RobertaConfig, state):
     if cls.__name__ in ("RobertaForSequenceClassification", "RobertaForTokenClassification"):
         out = state.get("classifier.out_proj.weight", state.get("classifier.weight"))
         if out is not None and out.dim() == 2 and out.shape[0] != config.num_labels:
-            if config.id2label is None or len(config.id2label) != out.shape[0]:
+            if asked:
+                for key in [k for k in state if k.startswith("classifier.")]:
+                    del state[key]
+            else:
                 config.id2label = None
                 config.num_labels = out.shape[0]
     return config, state

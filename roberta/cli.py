@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("pretrain", help="masked-LM pretraining (run under torchrun for several processes)")
-    p.add_argument("--preset", choices=["tiny", "small", "base", "large"], help="settings to start from (default small)")
+    p.add_argument("--preset", choices=["tiny", "small", "base", "large"],
+                   help="settings to start from (default small)")
     p.add_argument("--data", help="a directory made by `roberta preprocess`")
     p.add_argument("--out", required=True, help="run directory: config, metrics, checkpoints, final model")
     p.add_argument("--init-from", help="continue pretraining from this checkpoint directory")
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a tokenizer and a small RoBERTa on built-in text, then fine-tune it")
     p.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
-    p.add_argument("--steps", type=int, default=1200, help="pretraining steps (default 1200)")
+    p.add_argument("--steps", type=int, default=3000, help="pretraining steps (default 3000)")
     p.set_defaults(func=_demo)
 
     # compress / decompress: lossless compressed checkpoints (roberta/compress.py)

@@ -394,7 +394,8 @@ def masking_for(data_dir: str | Path, whole_word: bool = False, mask_prob: float
         word_starts = np.zeros(meta["vocab_size"], dtype=bool)
         word_starts[[i for t, i in vocab.items() if t.startswith("\u0120") and i < meta["vocab_size"]]] = True
     specials = tuple(meta[k] for k in ("bos", "pad", "eos", "unk", "mask"))
-    return Masking(meta["mask"], specials, meta["vocab_size"], meta["pad"], mask_prob=mask_prob, word_starts=word_starts)
+    return Masking(meta["mask"], specials, meta["vocab_size"], meta["pad"], mask_prob=mask_prob,
+                   word_starts=word_starts)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -13,17 +13,18 @@
 from __future__ import annotations
 
 import ast
+import json
 import random
 import sysconfig
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .data import preprocess
 from .errors import RobertaError
-from .model import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+from .finetune import finetune
+from .model import RobertaConfig, RobertaForMaskedLM
 from .pretrain import PretrainConfig, pretrain
 from .tokenizer import RobertaTokenizer
 
@@ -79,59 +80,28 @@ def fill_mask(model, tok: RobertaTokenizer, text: str, k: int = 5) -> list[str]:
     return [tok.decode([i]).strip() or repr(tok.decode([i])) for i in logits.topk(k).indices.tolist()]
 
 
-def word_order_task(docs: list[str], tok: RobertaTokenizer, n: int, seed: int = 0):
-    """(ids, label) pairs: a docstring sentence of 6-30 words (label 1) or the same words shuffled (0)."""
+def word_order_task(docs: list[str], directory: Path, n: int = 3000, seed: int = 0) -> Path:
+    """train.jsonl / dev.jsonl: a docstring sentence of 6-30 words, in order or with its words shuffled."""
     rng = random.Random(seed)
     sentences = sorted({s.strip() for d in docs for s in d.replace("\n", " ").split(". ")
                         if 6 <= len(s.split()) <= 30 and s.isascii()})
     rng.shuffle(sentences)
-    examples = []
+    rows = []
     for i, s in enumerate(sentences[:n]):
+        words = s.split()
         if i % 2:
-            words = s.split()
             while words == s.split():
                 rng.shuffle(words)
-            s = " ".join(words)
-        examples.append((tok.encode(s, max_length=64), 1 - i % 2))
-    return examples
+        rows.append(json.dumps({"text": " ".join(words), "label": "shuffled" if i % 2 else "ordered"}))
+    directory.mkdir(parents=True)
+    cut = len(rows) * 4 // 5
+    (directory / "train.jsonl").write_text("\n".join(rows[:cut]) + "\n")
+    (directory / "dev.jsonl").write_text("\n".join(rows[cut:]) + "\n")
+    return directory
 
 
-def finetune_and_evaluate(model: RobertaForSequenceClassification, train, test, pad_id: int,
-                          epochs: int = 3, lr: float = 1e-3, batch_size: int = 32, seed: int = 0) -> float:
-    """A plain classification fine-tune (AdamW, linear decay); returns test accuracy."""
-    def batch(rows):
-        width = max(len(ids) for ids, _ in rows)
-        x = torch.full((len(rows), width), pad_id)
-        for r, (ids, _) in enumerate(rows):
-            x[r, :len(ids)] = torch.tensor(ids)
-        return x, torch.tensor([label for _, label in rows])
-
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    steps = epochs * (len(train) // batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
-    model.train()
-    for _ in range(epochs):
-        order = train[:]
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            x, y = batch(order[i:i + batch_size])
-            loss = F.cross_entropy(model(x).logits, y)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(test), 128):
-            x, y = batch(test[i:i + 128])
-            correct += int((model(x).logits.argmax(-1) == y).sum())
-    return correct / len(test)
-
-
-def run_demo(out: str | Path = "demo-out", steps: int = 1200, vocab_size: int = 4096) -> None:
+def run_demo(out: str | Path = "demo-out", steps: int = 3000, vocab_size: int = 4096, model: str = "tiny",
+             threads: int = 1) -> None:
     start = time.perf_counter()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -153,13 +123,15 @@ def run_demo(out: str | Path = "demo-out", steps: int = 1200, vocab_size: int = 
     preprocess([corpus], data, vocab_size=vocab_size, valid_fraction=0.02, progress=False)
     tok = RobertaTokenizer.from_pretrained(data / "tokenizer")
 
-    print(f"3/4 pretraining a tiny RoBERTa for {steps} steps")
-    # one thread: the tiny model's matrices are too small to gain from splitting them
-    cfg = PretrainConfig.preset("tiny", data=str(data), max_len=64, batch_size=32, micro_batch_size=32, lr=3e-3,
-                                warmup_steps=steps // 20, max_steps=steps, dropout=0.0, val_every=steps // 5,
-                                save_every=steps // 3, log_every=20, val_samples=256, threads=1)
+    print(f"3/4 pretraining a {model} RoBERTa for {steps} steps")
+    # one thread by default: the tiny model's matrices are too small to gain from splitting them
+    cfg = PretrainConfig.preset("tiny", model=model, data=str(data), max_len=64, batch_size=32,
+                                micro_batch_size=32, lr=3e-3, warmup_steps=steps // 20, max_steps=steps,
+                                dropout=0.0, val_every=steps // 5, save_every=steps // 3, log_every=20,
+                                val_samples=256, threads=threads)
     torch.manual_seed(cfg.seed)
-    untrained = RobertaForMaskedLM(RobertaConfig.tiny(vocab_size=len(tok), max_position_embeddings=cfg.max_len + 2))
+    preset = getattr(RobertaConfig, model)
+    untrained = RobertaForMaskedLM(preset(vocab_size=len(tok), max_position_embeddings=cfg.max_len + 2))
     run = out / "pretrain"
     model_dir = pretrain(cfg, run)
     trained = RobertaForMaskedLM.from_pretrained(model_dir)
@@ -168,17 +140,16 @@ def run_demo(out: str | Path = "demo-out", steps: int = 1200, vocab_size: int = 
               f"      after:  {', '.join(fill_mask(trained, tok, text))}")
 
     print("4/4 fine-tuning: is a docstring sentence in its real word order, or shuffled?")
-    examples = word_order_task(docs, tok, 3000)
-    train, test = examples[:2400], examples[2400:]
+    task = word_order_task(docs, out / "word-order")
+    scratch = out / "untrained"
+    untrained.save_pretrained(scratch)
+    tok.save_pretrained(scratch)
     accuracy = {}
-    for name in ("pretrained", "from scratch"):
-        torch.manual_seed(0)
-        if name == "pretrained":
-            model = RobertaForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-        else:
-            model = RobertaForSequenceClassification(trained.config)
-        accuracy[name] = finetune_and_evaluate(model.train(), train, test, tok.pad_token_id)
-    print(f"    test accuracy on {len(test)} sentences: pretrained {accuracy['pretrained']:.1%}, "
+    for name, init in (("pretrained", model_dir), ("from scratch", scratch)):
+        result = finetune("custom", task, init, out / "finetune" / name.replace(" ", "-"), lr=1e-3,
+                          max_epochs=3, weight_decay=0.01, dropout=0.0, head_name="word_order")
+        accuracy[name] = result["dev"]["accuracy"]
+    print(f"    dev accuracy on 600 sentences: pretrained {accuracy['pretrained']:.1%}, "
           f"from scratch {accuracy['from scratch']:.1%} (chance 50%)")
 
     print(f"done in {time.perf_counter() - start:.0f} s\n  checkpoint: {model_dir}\n"

@@ -427,6 +427,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
             raise RobertaError(f"{cfg.data} was tokenized with another vocabulary than {cfg.init_from}: "
                                f"preprocess the corpus with --vocab pointing at the model's tokenizer")
         model = hub.model.train()
+        for p in model.classification_heads.parameters():  # kept as they are: pretraining trains the LM
+            p.requires_grad_(False)
         model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = cfg.dropout
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -460,7 +462,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
             model(torch.tensor([[masking.mask_id, masking.mask_id]], device=d.device))
         model.reshard()  # back to the sharded parameters the optimizer must hold
     elif d.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device] if d.device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -487,7 +490,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
     if step == 0 and cfg.val_every and len(valid):
         metrics.log(step=0, **evaluate(model, valid, masking, cfg, d, autocast))
 
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not (d.main and cfg.progress), dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not (d.main and cfg.progress),
+               dynamic_ncols=True)
     window_loss = window_steps = window_tokens = 0.0
     window_start = time.perf_counter()
     while step < cfg.max_steps:

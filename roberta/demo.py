@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import json
 import random
+import shutil
 import sysconfig
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from .model import RobertaConfig, RobertaForMaskedLM
 from .pretrain import PretrainConfig, pretrain
 from .tokenizer import RobertaTokenizer
 
+DEMO_OUTPUTS = {"corpus", "data", "pretrain", "word-order", "untrained", "finetune"}
 FILL_MASK = [
     "Return a new <mask> containing the items of the iterable.",
     "This module provides <mask> for working with regular expressions.",
@@ -105,7 +107,9 @@ def run_demo(out: str | Path = "demo-out", steps: int = 3000, vocab_size: int = 
     start = time.perf_counter()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise RobertaError(f"{out} is not empty: remove it or pass another --out")
+        if not {p.name for p in out.iterdir()} <= DEMO_OUTPUTS:
+            raise RobertaError(f"{out} holds files the demo did not write: remove it or pass another --out")
+        shutil.rmtree(out)  # an earlier demo's output: `make demo` runs again from a clean slate
     out.mkdir(parents=True, exist_ok=True)
 
     print("1/4 building a corpus from the Python standard library's documentation")
@@ -127,7 +131,7 @@ def run_demo(out: str | Path = "demo-out", steps: int = 3000, vocab_size: int = 
     # one thread by default: the tiny model's matrices are too small to gain from splitting them
     cfg = PretrainConfig.preset("tiny", model=model, data=str(data), max_len=64, batch_size=32,
                                 micro_batch_size=32, lr=3e-3, warmup_steps=steps // 20, max_steps=steps,
-                                dropout=0.0, val_every=steps // 5, save_every=steps // 3, log_every=20,
+                                dropout=0.0, val_every=max(1, steps // 5), save_every=max(1, steps // 3), log_every=20,
                                 val_samples=256, threads=threads)
     torch.manual_seed(cfg.seed)
     preset = getattr(RobertaConfig, model)

@@ -281,3 +281,22 @@ def test_activation_checkpointing_and_mixed_precision(corpus, tmp_path):
         assert len(losses) == 3 and all(7 < loss < 8 for loss in losses)  # ln(1.2K vocab) = 7.1 at the start
     trainer = torch.load(tmp_path / "fp16" / "checkpoints" / "step-00000003" / "trainer.pt", weights_only=True)
     assert trainer["scaler"]["scale"] > 0  # the loss scale is part of the checkpoint
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path, capsys):
+    """`make demo` in miniature: corpus, BPE, pretraining, fill-mask, fine-tuning, all written under out."""
+    from roberta.demo import run_demo
+
+    out = tmp_path / "demo"
+    run_demo(out, steps=20, vocab_size=1000)
+    printed = capsys.readouterr().out
+    assert "before:" in printed and "after:" in printed and "dev accuracy on 600 sentences" in printed
+    for path in ("pretrain/model/model.safetensors", "pretrain/metrics.jsonl", "pretrain/curves.png",
+                 "finetune/pretrained/eval.json", "finetune/from-scratch/eval.json"):
+        assert (out / path).is_file(), path
+    assert str(out / "pretrain" / "model") in printed
+    (out / "mine.txt").write_text("keep")  # the demo replaces its own earlier output, nothing else
+    with pytest.raises(RobertaError, match="holds files the demo did not write"):
+        run_demo(out, steps=2)
+    assert (out / "mine.txt").read_text() == "keep"

@@ -351,7 +351,8 @@ def load_model(cls: type[RobertaPreTrainedModel], path: str | os.PathLike, dtype
     check_vocab_fits(path, config)
     config, state = _place_heads(cls, config, state, config_overrides)
     config.__post_init__()
-    model = cls(config)
+    with torch.device("meta"):  # no memory and no random init for weights the file replaces
+        model = cls(config)
     load_state(model, state, source=str(path))
     if dtype is not None:
         model.to(dtype)
@@ -419,9 +420,26 @@ def load_state(model: RobertaPreTrainedModel, state: dict[str, torch.Tensor], so
         raise RobertaError(f"{source} lacks {len(essential)} of the model's tensors (e.g. {essential[0]}); "
                            "it is not a complete RoBERTa checkpoint")
     usable = {k: v for k, v in state.items() if k in own}
-    with torch.no_grad():
+    if any(p.is_meta for p in model.parameters()):
+        # A model built on the meta device takes the file's tensors as its own (one copy in memory,
+        # not two); what the file lacks is then materialised and initialised.
+        dtype = torch.get_default_dtype()
         for key, value in usable.items():
-            own[key].copy_(value)
+            if value.is_floating_point() and value.dtype != dtype:
+                usable[key] = value.to(dtype)
+        model.load_state_dict(usable, strict=False, assign=True)
+        for name, module in model.named_modules():
+            own_params = list(module.parameters(recurse=False))
+            if any(p.is_meta for p in own_params):
+                if not all(p.is_meta for p in own_params):
+                    raise RobertaError(f"{source} has only some of the tensors of {name}; "
+                                       "it is not a complete RoBERTa checkpoint")
+                module.to_empty(device="cpu", recurse=False)
+                model._init_weights(module)
+    else:
+        with torch.no_grad():
+            for key, value in usable.items():
+                own[key].copy_(value)
     model.missing_keys = missing  # heads initialised fresh, for callers that want to report them
 
 

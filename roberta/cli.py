@@ -156,6 +156,9 @@ def _add_hub_commands(sub) -> None:
         p.add_argument("--cache-dir", help="where named models live (default $ROBERTA_CACHE or ~/.cache/roberta)")
         if weights:
             p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+            p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                           help="fp32 (exact, default), bf16 (several times faster on CPUs with AMX/AVX-512 "
+                           "BF16 and on GPUs), int8 (dynamic quantisation, CPU); see benchmarks/RESULTS.md")
         if text:
             p.add_argument("text", nargs="*", metavar=text, help="inputs (default: one per line of stdin)")
         p.set_defaults(func=func)
@@ -207,8 +210,12 @@ def _load(args):
 
     from .hub import load
 
+    from .inference import reduce_precision
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline)
+    hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline)
+    reduce_precision(hub.model, args.precision)
+    return hub
 
 
 def _encode(args):

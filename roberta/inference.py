@@ -12,7 +12,6 @@ Reduced precision is opt-in and changes numbers, by an amount `benchmarks/bench_
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Sequence
 
@@ -21,7 +20,6 @@ from torch import nn
 from tqdm import tqdm
 
 from .errors import RobertaError
-from .fileio import atomic_write
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -96,31 +94,3 @@ def extract_features_batched(model: nn.Module, sequences: Sequence[Sequence[int]
         for i, f in zip(batch, x.float().split([lengths[i] for i in batch])):
             features[i] = f
     return features  # type: ignore[return-value]
-
-
-def extract_features_file(model: nn.Module, tokenizer, src: str | os.PathLike, dst: str | os.PathLike,
-                          batch_tokens: int = 4096, progress: bool = True) -> int:
-    """Features of every non-empty line of a text file, to a safetensors file; returns the line count.
-
-    The file holds `features` [total tokens, hidden] (float32, sequences one after another) and
-    `offsets` [lines + 1]: line i's features are rows offsets[i]:offsets[i + 1].
-    """
-    from safetensors.torch import save
-
-    try:
-        with open(src, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except (FileNotFoundError, UnicodeDecodeError) as exc:
-        raise RobertaError(f"cannot read {src} as UTF-8 text ({exc})") from None
-    max_tokens = model.encoder_model.config.max_tokens
-    sequences = tokenizer.encode_batch(lines)
-    too_long = [i for i, s in enumerate(sequences) if len(s) > max_tokens]
-    if too_long:
-        raise RobertaError(f"line {too_long[0] + 1} of {src} has {len(sequences[too_long[0]])} tokens, more than "
-                           f"the model's {max_tokens}; split long lines first")
-    features = extract_features_batched(model, sequences, batch_tokens, progress)
-    offsets = torch.tensor([0] + [len(s) for s in sequences]).cumsum(0)
-    hidden = model.encoder_model.config.hidden_size
-    atomic_write(dst, save({"features": torch.cat(features) if features else torch.zeros(0, hidden),
-                            "offsets": offsets}))
-    return len(lines)

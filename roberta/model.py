@@ -454,6 +454,8 @@ class RobertaPreTrainedModel(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, RobertaLMHead):
+            nn.init.zeros_(module.bias)
 
     def post_init(self) -> None:
         self.apply(self._init_weights)

@@ -9,7 +9,7 @@ import transformers
 import roberta
 from roberta import RobertaConfig
 from roberta.tokenizer import RobertaTokenizer
-from roberta.inference import (extract_features_batched, extract_features_file, length_batches, pad_batch,
+from roberta.inference import (extract_features_batched, length_batches, pad_batch,
                                reduce_precision)
 
 from test_model import CONFIG as MODEL_CONFIG, TOL, pair as model_pair, randomize
@@ -154,27 +154,3 @@ def test_classification_training_step_on_padded_batch_matches_transformers(tmp_p
     ids, mask = fixed_lengths([3, 37, 8, 21, 60], seed=5)  # three length groups in one batch
     labels = torch.tensor([0, 2, 1, 1, 0])
     assert_same_training_step(ours, theirs, ids, mask, labels)
-
-
-def test_feature_file_holds_every_line_in_order(tmp_path, bpe_dir):
-    from safetensors.torch import load_file
-
-    tokenizer = RobertaTokenizer.from_pretrained(bpe_dir)
-    model = randomize(roberta.RobertaModel(RobertaConfig(**{**CONFIG, "vocab_size": len(tokenizer)})))
-    src = tmp_path / "lines.txt"
-    src.write_text("Hello world!\n\nAnd a somewhat longer second line, with a comma.\nThird\n", encoding="utf-8")
-    dst = tmp_path / "features.safetensors"
-    assert extract_features_file(model, tokenizer, src, dst, batch_tokens=20, progress=False) == 3
-    saved = load_file(dst)
-    sequences = [[0, 31414, 232, 328, 2]] + tokenizer.encode_batch(["And a somewhat longer second line, with a comma.",
-                                                                   "Third"])
-    offsets = saved["offsets"].tolist()
-    assert offsets == [0, 5, 5 + len(sequences[1]), 5 + len(sequences[1]) + len(sequences[2])]
-    for i, seq in enumerate(sequences):
-        with torch.no_grad():
-            alone = model(torch.tensor([seq])).last_hidden_state[0]
-        assert (saved["features"][offsets[i]:offsets[i + 1]] - alone).abs().max().item() <= TOL
-    src.write_text("word " * 80 + "\n", encoding="utf-8")
-    with pytest.raises(roberta.RobertaError, match="line 1"):
-        extract_features_file(model, tokenizer, src, dst)
-    assert load_file(dst)["offsets"].tolist() == offsets  # the earlier file is intact

@@ -82,20 +82,29 @@ class Side:
         masked = self.collator([{"input_ids": s} for s in sequences])
         return {"input_ids": masked["input_ids"], "labels": masked["labels"]}
 
-    def step(self, micro_batches: list[list[list[int]]], first: int) -> float:
-        """One optimizer step over the micro-batches; returns the mean loss over masked tokens."""
+    def prepare(self, micro_batches: list[list[list[int]]], first: int) -> list[dict[str, torch.Tensor]]:
+        """Mask every micro-batch of a step; the step's masked-token count weighs each micro-batch's loss."""
         batches = [self.batch(seqs, first + m * len(seqs)) for m, seqs in enumerate(micro_batches)]
-        n_masked = [int(b["labels"].ne(-100).sum()) for b in batches]
-        total = 0.0
-        for batch, n in zip(batches, n_masked):
-            with self.autocast:
-                loss = self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
-            (loss * (n / sum(n_masked))).backward()
-            total += loss.item() * n
+        self.n_masked = sum(int(b["labels"].ne(-100).sum()) for b in batches)
+        return batches
+
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> float:
+        """Forward and backward of one micro-batch; returns its loss times its share of the masked tokens."""
+        share = int(batch["labels"].ne(-100).sum()) / self.n_masked
+        with self.autocast:
+            loss = self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
+        (loss * share).backward()
+        return loss.item() * share
+
+    def update(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / sum(n_masked)
+
+    def step(self, micro_batches: list[list[list[int]]], first: int) -> float:
+        loss = sum(self.micro_step(batch) for batch in self.prepare(micro_batches, first))
+        self.update()
+        return loss
 
 
 def split(sequences, micro: int):
@@ -166,24 +175,44 @@ def main() -> None:
 
     names = [s for s in SIDES if args.bf16 or s.endswith("fp32")]
     sides = {name: Side(name, tmp, args.device) for name in names}
-    seconds = {name: [] for name in names}
+    # Sides alternate micro-batch by micro-batch, so that the load of a shared machine falls on all of
+    # them alike; wall-clock and CPU seconds (process_time: time other jobs take is not counted) per side.
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     train_loss = {name: [] for name in names}
+
+    def timed(name, work):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t, c = time.perf_counter(), time.process_time()
+        result = work()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        wall[name][-1] += time.perf_counter() - t
+        cpu[name][-1] += time.process_time() - c
+        return result
+
     for i in range(args.steps + 1):  # step 0 is a warm-up of one micro-batch per side
         chunk = sequences[i * per_step:(i + 1) * per_step]
         micro_batches = split(chunk[:args.micro] if i == 0 else chunk, args.micro)
         for name in names:
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            loss = sides[name].step(micro_batches, i * per_step)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i:
-                seconds[name].append(time.perf_counter() - t)
-                train_loss[name].append(loss)
-        if i:
-            print(f"step {i}/{args.steps} tokens/s: " + ", ".join(
-                f"{s} {tokens / seconds[s][-1]:.1f} (loss {train_loss[s][-1]:.3f})" for s in names), flush=True)
+            wall[name].append(0.0)
+            cpu[name].append(0.0)
+        batches = {name: timed(name, lambda: sides[name].prepare(micro_batches, i * per_step)) for name in names}
+        losses = {name: 0.0 for name in names}
+        for m in range(len(micro_batches)):
+            for name in names:
+                losses[name] += timed(name, lambda: sides[name].micro_step(batches[name][m]))
+        for name in names:
+            timed(name, sides[name].update)
+            train_loss[name].append(losses[name])
+        if i == 0:
+            for name in names:
+                wall[name].pop(), cpu[name].pop(), train_loss[name].pop()
+            continue
+        print(f"step {i}/{args.steps} tokens/s (wall, per CPU second): " + ", ".join(
+            f"{s} {tokens / wall[s][-1]:.1f}, {tokens / cpu[s][-1]:.1f} (loss {train_loss[s][-1]:.3f})"
+            for s in names), flush=True)
     del sides
 
     memory = {}
@@ -192,15 +221,17 @@ def main() -> None:
                   for name in names}
     rows = []
     for name in names:
-        speed = tokens / median(seconds[name])
-        reference = tokens / median(seconds[name.replace("ours", "transformers")])
-        row = [name, speed, speed / reference, " / ".join(f"{x:.3f}" for x in train_loss[name]),
+        reference = name.replace("ours", "transformers")
+        speed = tokens / median(wall[name])
+        row = [name, speed, speed / (tokens / median(wall[reference])), tokens / median(cpu[name]),
+               median(cpu[reference]) / median(cpu[name]), " / ".join(f"{x:.3f}" for x in train_loss[name]),
                memory.get(name, {}).get("peak_mib", "-"), memory.get(name, {}).get("run_added_mib", "-")]
         if args.peak_tflops:
             row.append(f"{speed * model_flops_per_token(config, 0.15) / (args.peak_tflops * 1e12):.1%}")
         rows.append(row)
-    headers = ["row", "tokens/s", "x transformers (same precision)", "train loss per step",
-               "peak RSS MiB (load + run)", "MiB added by the run"]
+    headers = ["row", "tokens/s (wall)", "x transformers (wall)", "tokens per CPU second",
+               "x transformers (CPU time)", "train loss per step", "peak RSS MiB (load + run)",
+               "MiB added by the run"]
     print(table(headers + (["MFU"] if args.peak_tflops else []), rows))
 
 

@@ -10,11 +10,13 @@ cores (zstd, numpy and xxhash release the GIL).
 How a chunk is rearranged ("transform"):
   fp16   fp32 values that survive a round trip through fp16 bit for bit (released roberta-base is
          such a checkpoint) are stored as their fp16 bits: half the bytes before any coding.
-  fp32   the top 16 bits (sign, 8 exponent bits, 7 mantissa bits) are rotated left by 4, so one
-         byte holds the low 5 exponent bits with the top 3 mantissa bits (coded jointly, which
-         also captures how the mantissa leans within a binade) and the other holds sign, the 3
-         near-constant top exponent bits and 4 mantissa bits; the low 16 bits are raw noise.
-  bf16   the same rotation of the 16 bits.
+  bf16   the 16 bits (sign s, exponent e7..e0, mantissa m6..m0) become four planes: the low 5
+         exponent bits with the top 3 mantissa bits in one byte per value (coded jointly, which also
+         captures how the mantissa leans within a binade: nearly all the information, and the only
+         plane that costs real decoding time), the 3 top exponent bits in one byte per value
+         (near-constant: zstd turns it into long repeats that decode at memcpy speed), the signs
+         packed 8 per byte and the 4 low mantissa bits packed 2 per byte (noise, stored raw).
+  fp32   the top 16 bits as bf16, then the low 16 bits (noise) as they are.
   bytes  plain byte planes (fp16, fp64, integers, bool).
 
 File layout (little-endian):
@@ -40,12 +42,17 @@ import torch
 import xxhash
 import zstandard
 
+try:  # the C reassembly built by setup.py; numpy does the same, slower, where it is not built
+    from . import _planes
+except ImportError:
+    _planes = None
+
 from .checkpoint import CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, read_checkpoint
 from .errors import RobertaError
 from .fileio import atomic_write
 
 MAGIC = b"ROBERTAZ"
-VERSION = 1
+VERSION = 2  # 2: bf16/fp32 planes split so that one plane per value needs entropy decoding
 COMPRESSED_WEIGHTS_NAME = "model.rbz"
 CHUNK_ELEMENTS = 1 << 18
 ZSTD_LEVEL = 1  # higher levels only search harder for repeats, which weights do not have
@@ -75,10 +82,6 @@ def _corrupt(what: str, source: str) -> CorruptFileError:
 
 # --- chunk transforms ----------------------------------------------------------------------------
 
-def _rotl4(x: np.ndarray) -> np.ndarray:
-    return (x << 4) | (x >> 12)
-
-
 def _split_bytes(x: np.ndarray) -> list[np.ndarray]:
     """Byte planes of an array of n k-byte words: k arrays of n bytes, least significant first."""
     k = x.itemsize
@@ -94,19 +97,21 @@ def _join_bytes(planes: list[np.ndarray], out: np.ndarray) -> None:
         view[:, j] = plane
 
 
-def _join_rotated(lo: np.ndarray, hi: np.ndarray, out: np.ndarray) -> None:
-    """Undo _rotl4 on 16-bit words given as their two byte planes, in place in `out`.
+def _split_high(h: np.ndarray) -> list[np.ndarray]:
+    """The four bf16 planes of 16-bit words (see the module docstring), as the C decoder reads them."""
+    low4 = (h & 0xF).astype(np.uint8)
+    if low4.size % 2:
+        low4 = np.append(low4, np.uint8(0))
+    return [(h >> 4).astype(np.uint8), (h >> 12 & 7).astype(np.uint8),
+            np.packbits((h >> 15).astype(np.uint8), bitorder="little"), low4[0::2] | low4[1::2] << 4]
 
-    Every step writes into `out` or this thread's scratch: fresh temporaries of this size would
-    cost a page fault per 4 KiB and take longer than the arithmetic.
-    """
-    tmp = _scratch("join", out.size, np.uint16)
-    np.copyto(out, hi)
-    np.left_shift(out, 8, out=out)
-    np.bitwise_or(out, lo, out=out)
-    np.right_shift(out, 4, out=tmp)
-    np.left_shift(out, 12, out=out)
-    np.bitwise_or(out, tmp, out=out)
+
+def _join_high(planes: list[np.ndarray], n: int) -> np.ndarray:
+    """Undo _split_high: n 16-bit words."""
+    joint, top, signs, nibbles = planes
+    low4 = np.stack([nibbles & 0xF, nibbles >> 4], axis=1).reshape(-1)[:n].astype(np.uint16)
+    sign = np.unpackbits(signs, count=n, bitorder="little").astype(np.uint16)
+    return sign << 15 | (top & 7).astype(np.uint16) << 12 | joint.astype(np.uint16) << 4 | low4
 
 
 def _encode_chunk(x: np.ndarray, dtype: str) -> tuple[str, list[np.ndarray]]:
@@ -115,40 +120,40 @@ def _encode_chunk(x: np.ndarray, dtype: str) -> tuple[str, list[np.ndarray]]:
         as_fp16 = torch.from_numpy(x.view(np.float32)).half()
         if np.array_equal(as_fp16.float().numpy().view(np.uint32), x):
             return "fp16", _split_bytes(as_fp16.view(torch.int16).numpy())
-        r = _rotl4((x >> 16).astype(np.uint16))
-        return "fp32", _split_bytes(r) + [(x & 0xFFFF).astype(np.uint16).view(np.uint8)]
+        return "fp32", _split_high((x >> 16).astype(np.uint16)) + [(x & 0xFFFF).astype(np.uint16).view(np.uint8)]
     if dtype == "bfloat16":
-        return "bf16", _split_bytes(_rotl4(x))
+        return "bf16", _split_high(x)
     return "bytes", _split_bytes(x)
 
 
 def _decode_chunk(transform: str, planes: list[np.ndarray], out: np.ndarray) -> None:
     """Write one chunk's words into `out` (a slice of the result, as unsigned words)."""
-    if transform == "bytes":
+    if _planes is not None:  # one pass over the chunk, straight into the result
+        join = {"bytes": _planes.join_bytes, "bf16": _planes.join_bf16, "fp32": _planes.join_fp32,
+                "fp16": _planes.join_fp16}[transform]
+        join(*planes, out)
+    elif transform == "bytes":
         _join_bytes(planes, out)
     elif transform == "bf16":
-        _join_rotated(planes[0], planes[1], out)
+        out[:] = _join_high(planes, out.size)
     elif transform == "fp32":
-        high = _scratch("high", out.size, np.uint16)
-        _join_rotated(planes[0], planes[1], high)
-        np.copyto(out, high)
-        np.left_shift(out, 16, out=out)
-        np.bitwise_or(out, planes[2].view(np.uint16), out=out)
+        out[:] = _join_high(planes[:4], out.size).astype(np.uint32) << 16 | planes[4].view(np.uint16)
     elif transform == "fp16":
-        half = _scratch("high", out.size, np.uint16)
-        np.copyto(half, planes[1])
-        np.left_shift(half, 8, out=half)
-        np.bitwise_or(half, planes[0], out=half)
+        half = np.empty(out.size, np.uint16)
+        _join_bytes(planes, half)
         torch.from_numpy(out.view(np.float32)).copy_(torch.from_numpy(half.view(np.int16)).view(torch.float16))
     else:
         raise ValueError(transform)
 
 
 def _plane_sizes(transform: str, elements: int, itemsize: int) -> list[int]:
-    if transform in ("fp16", "bf16"):
+    if transform == "fp16":
         return [elements, elements]
+    high = [elements, elements, (elements + 7) // 8, (elements + 1) // 2]
+    if transform == "bf16":
+        return high
     if transform == "fp32":
-        return [elements, elements, 2 * elements]
+        return high + [2 * elements]
     return [elements] * itemsize
 
 

@@ -1,0 +1,211 @@
+/* Byte planes back into words for roberta.compress, in one pass each.
+
+The numpy fallback in roberta/compress.py does the same with 6-9 passes over every chunk; here each
+output word is built in registers from its plane bytes and written once. Every function takes
+writable/readable buffers, checks their sizes, and releases the GIL while it runs, so the
+decompression threads run in parallel. The bit layouts are documented in compress.py.
+*/
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Get the buffers of nplanes planes and out (the last argument). out must be writable and hold n
+   words of out_size bytes; each plane must hold the bytes compress.py's _plane_sizes gives it. */
+static int get(PyObject *const *args, Py_ssize_t nplanes, Py_buffer *views, Py_ssize_t out_size, Py_ssize_t *n) {
+    for (Py_ssize_t i = 0; i <= nplanes; i++) {
+        int flags = i == nplanes ? PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS : PyBUF_C_CONTIGUOUS;
+        if (PyObject_GetBuffer(args[i], &views[i], flags) < 0) {
+            while (i--) PyBuffer_Release(&views[i]);
+            return -1;
+        }
+    }
+    Py_ssize_t m = *n = views[nplanes].len / out_size;
+    int ok = views[nplanes].len % out_size == 0, split_high = nplanes >= 4 && out_size != nplanes;
+    for (Py_ssize_t i = 0; i < nplanes; i++) {
+        Py_ssize_t expect = !split_high || i < 2 ? m : i == 2 ? (m + 7) / 8 : i == 3 ? (m + 1) / 2 : 2 * m;
+        ok &= views[i].len == expect;
+    }
+    if (!ok) {
+        for (Py_ssize_t i = 0; i <= nplanes; i++) PyBuffer_Release(&views[i]);
+        PyErr_SetString(PyExc_ValueError, "plane and output sizes do not match");
+        return -1;
+    }
+    return 0;
+}
+
+static void release(Py_buffer *views, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < count; i++) PyBuffer_Release(&views[i]);
+}
+
+/* Planes of n 16-bit words: see _split_high in compress.py. */
+typedef struct { const uint8_t *joint, *top, *signs, *nibbles; } high_planes;
+
+static inline uint16_t join_high(high_planes p, Py_ssize_t i) {
+    return (uint16_t)((p.signs[i >> 3] >> (i & 7) & 1) << 15 | (p.top[i] & 7) << 12 | p.joint[i] << 4
+                      | (p.nibbles[i >> 1] >> (i & 1) * 4 & 0xF));
+}
+
+#ifdef __SSE2__  /* every x86-64; elsewhere the plain loop does the same, slower */
+#include <emmintrin.h>
+#define BLOCK 16
+
+/* Words i to i+15 (i a multiple of 16) as two vectors of 8: what gcc does not vectorise on its own. */
+static inline void join_high16(high_planes p, Py_ssize_t i, __m128i *first, __m128i *second) {
+    const __m128i zero = _mm_setzero_si128(), low4 = _mm_set1_epi8(0xF);
+    const __m128i bit = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128), top_bit = _mm_set1_epi16((short)0x8000);
+    __m128i joint = _mm_loadu_si128((const __m128i *)(p.joint + i));
+    __m128i top = _mm_and_si128(_mm_loadu_si128((const __m128i *)(p.top + i)), _mm_set1_epi8(7));
+    __m128i packed = _mm_loadl_epi64((const __m128i *)(p.nibbles + i / 2));
+    __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
+    __m128i *halves[2] = {first, second};
+    for (int h = 0; h < 2; h++) {
+        __m128i j = h ? _mm_unpackhi_epi8(joint, zero) : _mm_unpacklo_epi8(joint, zero);
+        __m128i t = h ? _mm_unpackhi_epi8(top, zero) : _mm_unpacklo_epi8(top, zero);
+        __m128i n = h ? _mm_unpackhi_epi8(nibbles, zero) : _mm_unpacklo_epi8(nibbles, zero);
+        __m128i signs = _mm_and_si128(_mm_set1_epi16(p.signs[i / 8 + h]), bit);
+        __m128i sign = _mm_and_si128(_mm_cmpeq_epi16(signs, bit), top_bit);
+        *halves[h] = _mm_or_si128(_mm_or_si128(sign, _mm_slli_epi16(t, 12)), _mm_or_si128(_mm_slli_epi16(j, 4), n));
+    }
+}
+#endif
+
+static high_planes high(Py_buffer *v) {
+    return (high_planes){v[0].buf, v[1].buf, v[2].buf, v[3].buf};
+}
+
+/* join_bf16(joint, top, signs, nibbles, out): bf16 words from their four planes. */
+static PyObject *py_join_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer v[5];
+    Py_ssize_t n;
+    if (nargs != 5) return PyErr_Format(PyExc_TypeError, "join_bf16 takes 5 buffers");
+    if (get(args, 4, v, 2, &n) < 0) return NULL;
+    high_planes p = high(v);
+    uint16_t *out = v[4].buf;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t i = 0;
+#ifdef BLOCK
+    for (; i + BLOCK <= n; i += BLOCK) {
+        __m128i first, second;
+        join_high16(p, i, &first, &second);
+        _mm_storeu_si128((__m128i *)(out + i), first);
+        _mm_storeu_si128((__m128i *)(out + i + 8), second);
+    }
+#endif
+    for (; i < n; i++) out[i] = join_high(p, i);
+    Py_END_ALLOW_THREADS
+    release(v, 5);
+    Py_RETURN_NONE;
+}
+
+/* join_fp32(joint, top, signs, nibbles, low16, out): fp32 words from the bf16 planes of their top
+   halves and their raw low halves. */
+static PyObject *py_join_fp32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer v[6];
+    Py_ssize_t n;
+    if (nargs != 6) return PyErr_Format(PyExc_TypeError, "join_fp32 takes 6 buffers");
+    if (get(args, 5, v, 4, &n) < 0) return NULL;
+    high_planes p = high(v);
+    const uint8_t *low = v[4].buf;
+    uint32_t *out = v[5].buf;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t i = 0;
+#ifdef BLOCK
+    for (; i + BLOCK <= n; i += BLOCK) {
+        __m128i high[2];
+        join_high16(p, i, &high[0], &high[1]);
+        for (int h = 0; h < 2; h++) {  /* low halves first: little-endian words */
+            __m128i low16 = _mm_loadu_si128((const __m128i *)(low + 2 * i + 16 * h));
+            _mm_storeu_si128((__m128i *)(out + i + 8 * h), _mm_unpacklo_epi16(low16, high[h]));
+            _mm_storeu_si128((__m128i *)(out + i + 8 * h + 4), _mm_unpackhi_epi16(low16, high[h]));
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        uint16_t low16;
+        memcpy(&low16, low + 2 * i, 2);
+        out[i] = (uint32_t)join_high(p, i) << 16 | low16;
+    }
+    Py_END_ALLOW_THREADS
+    release(v, 6);
+    Py_RETURN_NONE;
+}
+
+static inline float float_from_bits(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
+static inline uint32_t bits_from_float(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
+
+/* fp16 bits to fp32 bits as torch converts them (same arithmetic, so NaNs come out the same: quiet,
+   payload kept). No branches (both results are computed and one is masked
+   away): gcc turns the loop into vector code. Normal and special values: shift
+   exponent and mantissa into place and rescale by 2^-112, which also turns exponent 31 into 255.
+   Subnormals: put the mantissa under a fixed exponent and subtract that exponent's implicit one. */
+static inline uint32_t half_to_float(uint16_t h) {
+    uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    uint32_t normal = bits_from_float(float_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f);
+    uint32_t subnormal = bits_from_float(float_from_bits((two_w >> 17) | (126u << 23)) - 0.5f);
+    uint32_t is_subnormal = -(uint32_t)(two_w < (1u << 27));  /* a mask, not a branch */
+    return sign | (subnormal & is_subnormal) | (normal & ~is_subnormal);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_F16C_PATH
+/* The conversion instruction torch's own vector code uses (F16C, in every x86-64 CPU since 2012,
+   checked at run time): five times the plain loop's speed. Returns how many words it wrote. */
+__attribute__((target("avx,f16c"))) static Py_ssize_t join_fp16_f16c(const uint8_t *lo, const uint8_t *hi, uint32_t *out, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i half = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)(lo + i)), _mm_loadl_epi64((const __m128i *)(hi + i)));
+        _mm256_storeu_ps((float *)(out + i), _mm256_cvtph_ps(half));
+    }
+    return i;
+}
+#endif
+
+/* join_fp16(lo, hi, out): fp32 words from the byte planes of their fp16 values. */
+static PyObject *py_join_fp16(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer v[3];
+    Py_ssize_t n;
+    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "join_fp16 takes 3 buffers");
+    if (get(args, 2, v, 4, &n) < 0) return NULL;
+    const uint8_t *lo = v[0].buf, *hi = v[1].buf;
+    uint32_t *out = v[2].buf;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t i = 0;
+#ifdef HAVE_F16C_PATH
+    if (__builtin_cpu_supports("f16c")) i = join_fp16_f16c(lo, hi, out, n);
+#endif
+    for (; i < n; i++) out[i] = half_to_float((uint16_t)(lo[i] | hi[i] << 8));
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    Py_RETURN_NONE;
+}
+
+/* join_bytes(plane_0, ..., plane_k-1, out): k-byte words from their byte planes, least significant first. */
+static PyObject *py_join_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer v[9];
+    Py_ssize_t n, k = nargs - 1;
+    if (k != 1 && k != 2 && k != 4 && k != 8) return PyErr_Format(PyExc_TypeError, "join_bytes takes 1, 2, 4 or 8 planes and out");
+    if (get(args, k, v, k, &n) < 0) return NULL;
+    uint8_t *out = v[k].buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t j = 0; j < k; j++) {
+        const uint8_t *plane = v[j].buf;
+        for (Py_ssize_t i = 0; i < n; i++) out[i * k + j] = plane[i];
+    }
+    Py_END_ALLOW_THREADS
+    release(v, k + 1);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"join_bf16", (PyCFunction)(void (*)(void))py_join_bf16, METH_FASTCALL, "join_bf16(joint, top, signs, nibbles, out)"},
+    {"join_fp32", (PyCFunction)(void (*)(void))py_join_fp32, METH_FASTCALL, "join_fp32(joint, top, signs, nibbles, low16, out)"},
+    {"join_fp16", (PyCFunction)(void (*)(void))py_join_fp16, METH_FASTCALL, "join_fp16(lo, hi, out)"},
+    {"join_bytes", (PyCFunction)(void (*)(void))py_join_bytes, METH_FASTCALL, "join_bytes(*planes, out)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_planes", "Byte planes back into words (roberta.compress).", -1, methods};
+
+PyMODINIT_FUNC PyInit__planes(void) { return PyModule_Create(&module); }

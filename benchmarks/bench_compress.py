@@ -164,6 +164,7 @@ def main():
     codecs = [Ours(args.threads), ZipNN(args.threads)]
     rows = []
     print(f"threads={args.threads}, chunk={compress.CHUNK_ELEMENTS} elements, zstd level {compress.ZSTD_LEVEL}, "
+          f"reassembly in {'numpy' if compress._planes is None else 'C'}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("| weights | MB | codec | size ratio | compress MB/s | decompress MB/s |")
     print("|---|---:|---|---:|---:|---:|")

@@ -5,17 +5,19 @@ cut into chunks of CHUNK_ELEMENTS elements; each chunk is rearranged into byte p
 predictable bits share bytes, every plane is tried with zstd (its Huffman stage is what pays off
 here) and kept raw when that does not shrink it, and the chunk's stored bytes carry an xxh3 hash
 that is checked before anything is decoded. Chunks are independent, so both directions run on all
-cores (zstd, numpy and xxhash release the GIL).
+cores (zstd, numpy, xxhash and the C reassembly release the GIL). The planes are put back together
+by roberta/_ext/planes.c (built by setup.py) in one pass per chunk, or by numpy where it is not built.
 
 How a chunk is rearranged ("transform"):
   fp16   fp32 values that survive a round trip through fp16 bit for bit (released roberta-base is
          such a checkpoint) are stored as their fp16 bits: half the bytes before any coding.
-  bf16   the 16 bits (sign s, exponent e7..e0, mantissa m6..m0) become four planes: the low 5
-         exponent bits with the top 3 mantissa bits in one byte per value (coded jointly, which also
+  bf16   the 16 bits (sign s, exponent e7..e0, mantissa m6..m0) become five planes: the low 5
+         exponent bits with the top 2 mantissa bits in one byte per value (coded jointly, which also
          captures how the mantissa leans within a binade: nearly all the information, and the only
-         plane that costs real decoding time), the 3 top exponent bits in one byte per value
-         (near-constant: zstd turns it into long repeats that decode at memcpy speed), the signs
-         packed 8 per byte and the 4 low mantissa bits packed 2 per byte (noise, stored raw).
+         plane that costs real decoding time; 2 mantissa bits code smaller and decode faster than 3),
+         the 3 top exponent bits in one byte per value (near-constant: zstd turns it into long
+         repeats that decode at memcpy speed), then noise stored raw: the signs and the mantissa bit
+         m4 packed 8 per byte, and the 4 low mantissa bits packed 2 per byte.
   fp32   the top 16 bits as bf16, then the low 16 bits (noise) as they are.
   bytes  plain byte planes (fp16, fp64, integers, bool).
 
@@ -46,6 +48,17 @@ try:  # the C reassembly built by setup.py; numpy does the same, slower, where i
     from . import _planes
 except ImportError:
     _planes = None
+
+
+def _find_zstd() -> bool:
+    """Give the C code a zstd library to decode with outside the GIL: the one inside the zstandard
+    package (its cffi backend's module exports the zstd API), else the system's libzstd."""
+    import ctypes.util
+    candidates = sorted(Path(zstandard.__file__).parent.glob("_cffi*")) + [ctypes.util.find_library("zstd")]
+    return any(_planes.load_zstd(str(path)) for path in candidates if path)
+
+
+_ZSTD_IN_C = _planes is not None and _find_zstd()
 
 from .checkpoint import CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, read_checkpoint
 from .errors import RobertaError
@@ -98,20 +111,23 @@ def _join_bytes(planes: list[np.ndarray], out: np.ndarray) -> None:
 
 
 def _split_high(h: np.ndarray) -> list[np.ndarray]:
-    """The four bf16 planes of 16-bit words (see the module docstring), as the C decoder reads them."""
+    """The five bf16 planes of 16-bit words (see the module docstring), as the C decoder reads them."""
     low4 = (h & 0xF).astype(np.uint8)
     if low4.size % 2:
         low4 = np.append(low4, np.uint8(0))
-    return [(h >> 4).astype(np.uint8), (h >> 12 & 7).astype(np.uint8),
-            np.packbits((h >> 15).astype(np.uint8), bitorder="little"), low4[0::2] | low4[1::2] << 4]
+    return [(h >> 5 & 0x7F).astype(np.uint8), (h >> 12 & 7).astype(np.uint8),
+            np.packbits((h >> 15).astype(np.uint8), bitorder="little"),
+            np.packbits((h >> 4 & 1).astype(np.uint8), bitorder="little"), low4[0::2] | low4[1::2] << 4]
 
 
 def _join_high(planes: list[np.ndarray], n: int) -> np.ndarray:
     """Undo _split_high: n 16-bit words."""
-    joint, top, signs, nibbles = planes
+    joint, top, signs, m4, nibbles = planes
     low4 = np.stack([nibbles & 0xF, nibbles >> 4], axis=1).reshape(-1)[:n].astype(np.uint16)
     sign = np.unpackbits(signs, count=n, bitorder="little").astype(np.uint16)
-    return sign << 15 | (top & 7).astype(np.uint16) << 12 | joint.astype(np.uint16) << 4 | low4
+    bit4 = np.unpackbits(m4, count=n, bitorder="little").astype(np.uint16)
+    return (sign << 15 | (top & 7).astype(np.uint16) << 12 | (joint & 0x7F).astype(np.uint16) << 5
+            | bit4 << 4 | low4)
 
 
 def _encode_chunk(x: np.ndarray, dtype: str) -> tuple[str, list[np.ndarray]]:
@@ -126,18 +142,21 @@ def _encode_chunk(x: np.ndarray, dtype: str) -> tuple[str, list[np.ndarray]]:
     return "bytes", _split_bytes(x)
 
 
-def _decode_chunk(transform: str, planes: list[np.ndarray], out: np.ndarray) -> None:
-    """Write one chunk's words into `out` (a slice of the result, as unsigned words)."""
+def _decode_chunk(transform: str, planes: list, out: np.ndarray) -> None:
+    """Write one chunk's words into `out` (a slice of the result, as unsigned words) from its planes
+    (buffers of bytes)."""
     if _planes is not None:  # one pass over the chunk, straight into the result
         join = {"bytes": _planes.join_bytes, "bf16": _planes.join_bf16, "fp32": _planes.join_fp32,
                 "fp16": _planes.join_fp16}[transform]
         join(*planes, out)
-    elif transform == "bytes":
+        return
+    planes = [np.frombuffer(p, np.uint8) for p in planes]
+    if transform == "bytes":
         _join_bytes(planes, out)
     elif transform == "bf16":
         out[:] = _join_high(planes, out.size)
     elif transform == "fp32":
-        out[:] = _join_high(planes[:4], out.size).astype(np.uint32) << 16 | planes[4].view(np.uint16)
+        out[:] = _join_high(planes[:5], out.size).astype(np.uint32) << 16 | planes[5].view(np.uint16)
     elif transform == "fp16":
         half = np.empty(out.size, np.uint16)
         _join_bytes(planes, half)
@@ -149,7 +168,7 @@ def _decode_chunk(transform: str, planes: list[np.ndarray], out: np.ndarray) -> 
 def _plane_sizes(transform: str, elements: int, itemsize: int) -> list[int]:
     if transform == "fp16":
         return [elements, elements]
-    high = [elements, elements, (elements + 7) // 8, (elements + 1) // 2]
+    high = [elements, elements, (elements + 7) // 8, (elements + 7) // 8, (elements + 1) // 2]
     if transform == "bf16":
         return high
     if transform == "fp32":
@@ -174,13 +193,30 @@ def _zstd():
     return _local.zstd
 
 
-def _scratch(slot: str, size: int, dtype) -> np.ndarray:
-    """This thread's reusable buffer `slot` of `size` elements (decoding allocates nothing per chunk)."""
-    buffers = _local.__dict__.setdefault("scratch", {})
-    buf = buffers.get(slot)
-    if buf is None or buf.nbytes < size * np.dtype(dtype).itemsize:
-        buf = buffers[slot] = np.empty(max(size, CHUNK_ELEMENTS) * np.dtype(dtype).itemsize, np.uint8)
-    return buf[:size * np.dtype(dtype).itemsize].view(dtype)
+def _plane_buffer(index: int, size: int) -> np.ndarray:
+    """This thread's reusable buffer for plane `index`: decoding allocates nothing per chunk, so it
+    pays no page faults."""
+    buffers = _local.__dict__.setdefault("planes", {})
+    if index not in buffers or buffers[index].size < size:
+        buffers[index] = np.empty(max(size, CHUNK_ELEMENTS), np.uint8)
+    return buffers[index][:size]
+
+
+def _unzstd(frame, buf: np.ndarray) -> bool:
+    """Decode one zstd frame into buf; False unless it is valid and fills buf exactly."""
+    if _ZSTD_IN_C and _planes is not None:  # outside the GIL: the threads decode at the same time
+        try:
+            return _planes.zstd_into(frame, buf) == buf.size
+        except ValueError:
+            return False
+    try:
+        with _zstd()[1].stream_reader(frame) as reader:
+            filled = reader.readinto(buf)
+            while filled < buf.size and (more := reader.readinto(buf[filled:])):
+                filled += more
+            return filled == buf.size and not reader.read(1)
+    except zstandard.ZstdError:
+        return False
 
 
 @lru_cache(maxsize=None)
@@ -295,25 +331,16 @@ def decompress_tensor(blob, threads: int | None = None, name: str = "tensor", so
         stored = blob[offset:offset + sum(length for _, length, _ in planes)]
         if xxhash.xxh3_64_intdigest(stored) != digest:
             raise _corrupt(f"{what} chunk {index}", source)
-        decompressor = _zstd()[1]
         arrays, at = [], 0
         for plane, (codec, length, size) in enumerate(planes):
             data = stored[at:at + length]
             at += length
-            if codec == ZSTD:  # decoded into a reused buffer: no allocation, no page faults
-                buf = _scratch(f"plane{plane}", size, np.uint8)
-                try:
-                    with decompressor.stream_reader(data) as reader:
-                        filled = reader.readinto(buf)
-                        while filled < size and (more := reader.readinto(buf[filled:])):
-                            filled += more
-                        extra = reader.read(1)
-                except zstandard.ZstdError as exc:
-                    raise _corrupt(f"{what} chunk {index}", source) from exc
-                if filled != size or extra:
+            if codec == ZSTD:
+                buf = _plane_buffer(plane, size)
+                if not _unzstd(data, buf):
                     raise _corrupt(f"{what} chunk {index}", source)
                 data = buf
-            arrays.append(np.frombuffer(data, np.uint8))
+            arrays.append(data)
         _decode_chunk(transform, arrays, out[start:start + elements])
 
     _map(decode, list(enumerate(header["chunks"])), threads)

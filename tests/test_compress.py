@@ -123,9 +123,9 @@ def test_c_reassembly_refuses_mismatched_buffers():
         pytest.skip("roberta._planes is not built")
     planes = [np.zeros(10, np.uint8), np.zeros(10, np.uint8)]
     with pytest.raises(ValueError, match="sizes do not match"):
-        compress._planes.join_bf16(*planes, *planes, np.zeros(11, np.uint16))
+        compress._planes.join_bf16(*planes, *planes, np.zeros(5, np.uint8), np.zeros(11, np.uint16))
     with pytest.raises(ValueError, match="sizes do not match"):
-        compress._planes.join_fp32(*planes, np.zeros(2, np.uint8), np.zeros(5, np.uint8), np.zeros(18, np.uint8), np.zeros(10, np.uint32))
+        compress._planes.join_fp32(*planes, np.zeros(2, np.uint8), np.zeros(2, np.uint8), np.zeros(5, np.uint8), np.zeros(18, np.uint8), np.zeros(10, np.uint32))
     with pytest.raises(BufferError):
         compress._planes.join_fp16(*planes, np.zeros(10, np.uint32).data.toreadonly())
 

@@ -7,6 +7,7 @@ decompression threads run in parallel. The bit layouts are documented in compres
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <dlfcn.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -21,9 +22,9 @@ static int get(PyObject *const *args, Py_ssize_t nplanes, Py_buffer *views, Py_s
         }
     }
     Py_ssize_t m = *n = views[nplanes].len / out_size;
-    int ok = views[nplanes].len % out_size == 0, split_high = nplanes >= 4 && out_size != nplanes;
+    int ok = views[nplanes].len % out_size == 0, split_high = nplanes >= 5 && out_size != nplanes;
     for (Py_ssize_t i = 0; i < nplanes; i++) {
-        Py_ssize_t expect = !split_high || i < 2 ? m : i == 2 ? (m + 7) / 8 : i == 3 ? (m + 1) / 2 : 2 * m;
+        Py_ssize_t expect = !split_high || i < 2 ? m : i < 4 ? (m + 7) / 8 : i == 4 ? (m + 1) / 2 : 2 * m;
         ok &= views[i].len == expect;
     }
     if (!ok) {
@@ -39,11 +40,11 @@ static void release(Py_buffer *views, Py_ssize_t count) {
 }
 
 /* Planes of n 16-bit words: see _split_high in compress.py. */
-typedef struct { const uint8_t *joint, *top, *signs, *nibbles; } high_planes;
+typedef struct { const uint8_t *joint, *top, *signs, *m4, *nibbles; } high_planes;
 
 static inline uint16_t join_high(high_planes p, Py_ssize_t i) {
-    return (uint16_t)((p.signs[i >> 3] >> (i & 7) & 1) << 15 | (p.top[i] & 7) << 12 | p.joint[i] << 4
-                      | (p.nibbles[i >> 1] >> (i & 1) * 4 & 0xF));
+    return (uint16_t)((p.signs[i >> 3] >> (i & 7) & 1) << 15 | (p.top[i] & 7) << 12 | (p.joint[i] & 0x7F) << 5
+                      | (p.m4[i >> 3] >> (i & 7) & 1) << 4 | (p.nibbles[i >> 1] >> (i & 1) * 4 & 0xF));
 }
 
 #ifdef __SSE2__  /* every x86-64; elsewhere the plain loop does the same, slower */
@@ -54,7 +55,7 @@ static inline uint16_t join_high(high_planes p, Py_ssize_t i) {
 static inline void join_high16(high_planes p, Py_ssize_t i, __m128i *first, __m128i *second) {
     const __m128i zero = _mm_setzero_si128(), low4 = _mm_set1_epi8(0xF);
     const __m128i bit = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128), top_bit = _mm_set1_epi16((short)0x8000);
-    __m128i joint = _mm_loadu_si128((const __m128i *)(p.joint + i));
+    __m128i joint = _mm_and_si128(_mm_loadu_si128((const __m128i *)(p.joint + i)), _mm_set1_epi8(0x7F));
     __m128i top = _mm_and_si128(_mm_loadu_si128((const __m128i *)(p.top + i)), _mm_set1_epi8(7));
     __m128i packed = _mm_loadl_epi64((const __m128i *)(p.nibbles + i / 2));
     __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
@@ -65,23 +66,25 @@ static inline void join_high16(high_planes p, Py_ssize_t i, __m128i *first, __m1
         __m128i n = h ? _mm_unpackhi_epi8(nibbles, zero) : _mm_unpacklo_epi8(nibbles, zero);
         __m128i signs = _mm_and_si128(_mm_set1_epi16(p.signs[i / 8 + h]), bit);
         __m128i sign = _mm_and_si128(_mm_cmpeq_epi16(signs, bit), top_bit);
-        *halves[h] = _mm_or_si128(_mm_or_si128(sign, _mm_slli_epi16(t, 12)), _mm_or_si128(_mm_slli_epi16(j, 4), n));
+        __m128i m4 = _mm_and_si128(_mm_set1_epi16(p.m4[i / 8 + h]), bit);
+        m4 = _mm_and_si128(_mm_cmpeq_epi16(m4, bit), _mm_set1_epi16(0x10));
+        *halves[h] = _mm_or_si128(_mm_or_si128(_mm_or_si128(sign, _mm_slli_epi16(t, 12)), _mm_or_si128(_mm_slli_epi16(j, 5), n)), m4);
     }
 }
 #endif
 
 static high_planes high(Py_buffer *v) {
-    return (high_planes){v[0].buf, v[1].buf, v[2].buf, v[3].buf};
+    return (high_planes){v[0].buf, v[1].buf, v[2].buf, v[3].buf, v[4].buf};
 }
 
-/* join_bf16(joint, top, signs, nibbles, out): bf16 words from their four planes. */
+/* join_bf16(joint, top, signs, m4, nibbles, out): bf16 words from their five planes. */
 static PyObject *py_join_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_buffer v[5];
+    Py_buffer v[6];
     Py_ssize_t n;
-    if (nargs != 5) return PyErr_Format(PyExc_TypeError, "join_bf16 takes 5 buffers");
-    if (get(args, 4, v, 2, &n) < 0) return NULL;
+    if (nargs != 6) return PyErr_Format(PyExc_TypeError, "join_bf16 takes 6 buffers");
+    if (get(args, 5, v, 2, &n) < 0) return NULL;
     high_planes p = high(v);
-    uint16_t *out = v[4].buf;
+    uint16_t *out = v[5].buf;
     Py_BEGIN_ALLOW_THREADS
     Py_ssize_t i = 0;
 #ifdef BLOCK
@@ -94,20 +97,20 @@ static PyObject *py_join_bf16(PyObject *self, PyObject *const *args, Py_ssize_t 
 #endif
     for (; i < n; i++) out[i] = join_high(p, i);
     Py_END_ALLOW_THREADS
-    release(v, 5);
+    release(v, 6);
     Py_RETURN_NONE;
 }
 
-/* join_fp32(joint, top, signs, nibbles, low16, out): fp32 words from the bf16 planes of their top
+/* join_fp32(joint, top, signs, m4, nibbles, low16, out): fp32 words from the bf16 planes of their top
    halves and their raw low halves. */
 static PyObject *py_join_fp32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_buffer v[6];
+    Py_buffer v[7];
     Py_ssize_t n;
-    if (nargs != 6) return PyErr_Format(PyExc_TypeError, "join_fp32 takes 6 buffers");
-    if (get(args, 5, v, 4, &n) < 0) return NULL;
+    if (nargs != 7) return PyErr_Format(PyExc_TypeError, "join_fp32 takes 7 buffers");
+    if (get(args, 6, v, 4, &n) < 0) return NULL;
     high_planes p = high(v);
-    const uint8_t *low = v[4].buf;
-    uint32_t *out = v[5].buf;
+    const uint8_t *low = v[5].buf;
+    uint32_t *out = v[6].buf;
     Py_BEGIN_ALLOW_THREADS
     Py_ssize_t i = 0;
 #ifdef BLOCK
@@ -127,7 +130,7 @@ static PyObject *py_join_fp32(PyObject *self, PyObject *const *args, Py_ssize_t 
         out[i] = (uint32_t)join_high(p, i) << 16 | low16;
     }
     Py_END_ALLOW_THREADS
-    release(v, 6);
+    release(v, 7);
     Py_RETURN_NONE;
 }
 
@@ -198,9 +201,58 @@ static PyObject *py_join_bytes(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+/* zstd frames decoded without holding the GIL (the zstandard package holds it while it decodes, so
+   its decoding never runs on two cores at once). No zstd headers or library are needed at build time:
+   load_zstd gets the three functions from a zstd shared library that is already on the machine. */
+static void *(*zstd_create_dctx)(void);
+static size_t (*zstd_decompress_dctx)(void *dctx, void *dst, size_t capacity, const void *src, size_t size);
+static unsigned (*zstd_is_error)(size_t code);
+static _Thread_local void *dctx;  /* one context per thread, kept for the thread's life */
+
+/* load_zstd(path) -> bool: use the zstd library at path; False if it is not one. */
+static PyObject *py_load_zstd(PyObject *self, PyObject *path) {
+    const char *name = PyUnicode_AsUTF8(path);
+    if (!name) return NULL;
+    void *lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+    void *create = lib ? dlsym(lib, "ZSTD_createDCtx") : NULL, *decompress = lib ? dlsym(lib, "ZSTD_decompressDCtx") : NULL;
+    void *is_error = lib ? dlsym(lib, "ZSTD_isError") : NULL;
+    if (!create || !decompress || !is_error) Py_RETURN_FALSE;
+    zstd_create_dctx = (void *(*)(void))create;
+    zstd_decompress_dctx = (size_t (*)(void *, void *, size_t, const void *, size_t))decompress;
+    zstd_is_error = (unsigned (*)(size_t))is_error;
+    Py_RETURN_TRUE;
+}
+
+/* zstd_into(frame, out) -> int: decode one zstd frame into out, return its decoded size. */
+static PyObject *py_zstd_into(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer v[2];
+    if (nargs != 2) return PyErr_Format(PyExc_TypeError, "zstd_into takes 2 buffers");
+    if (!zstd_decompress_dctx) return PyErr_Format(PyExc_RuntimeError, "call load_zstd first");
+    if (PyObject_GetBuffer(args[0], &v[0], PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(args[1], &v[1], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&v[0]);
+        return NULL;
+    }
+    size_t size = 0;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    if (!dctx) dctx = zstd_create_dctx();
+    failed = !dctx;
+    if (!failed) {
+        size = zstd_decompress_dctx(dctx, v[1].buf, (size_t)v[1].len, v[0].buf, (size_t)v[0].len);
+        failed = zstd_is_error(size);
+    }
+    Py_END_ALLOW_THREADS
+    release(v, 2);
+    if (failed) return PyErr_Format(PyExc_ValueError, "not a valid zstd frame, or it decodes to more than the output holds");
+    return PyLong_FromSize_t(size);
+}
+
 static PyMethodDef methods[] = {
-    {"join_bf16", (PyCFunction)(void (*)(void))py_join_bf16, METH_FASTCALL, "join_bf16(joint, top, signs, nibbles, out)"},
-    {"join_fp32", (PyCFunction)(void (*)(void))py_join_fp32, METH_FASTCALL, "join_fp32(joint, top, signs, nibbles, low16, out)"},
+    {"load_zstd", py_load_zstd, METH_O, "load_zstd(path) -> bool"},
+    {"zstd_into", (PyCFunction)(void (*)(void))py_zstd_into, METH_FASTCALL, "zstd_into(frame, out) -> decoded size"},
+    {"join_bf16", (PyCFunction)(void (*)(void))py_join_bf16, METH_FASTCALL, "join_bf16(joint, top, signs, m4, nibbles, out)"},
+    {"join_fp32", (PyCFunction)(void (*)(void))py_join_fp32, METH_FASTCALL, "join_fp32(joint, top, signs, m4, nibbles, low16, out)"},
     {"join_fp16", (PyCFunction)(void (*)(void))py_join_fp16, METH_FASTCALL, "join_fp16(lo, hi, out)"},
     {"join_bytes", (PyCFunction)(void (*)(void))py_join_bytes, METH_FASTCALL, "join_bytes(*planes, out)"},
     {NULL, NULL, 0, NULL},

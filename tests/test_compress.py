@@ -118,6 +118,21 @@ def test_c_fp16_conversion_equals_torch_on_every_bit_pattern():
     np.testing.assert_array_equal(out, expected)
 
 
+def test_c_zstd_decoding_checks_the_frame_and_the_output_size():
+    if compress._planes is None:
+        pytest.skip("roberta._planes is not built")
+    assert compress._ZSTD_IN_C  # the zstandard package ships a zstd library the extension can use
+    plane = np.random.default_rng(2).integers(0, 9, 5000).astype(np.uint8)
+    frame = compress._zstd()[0].compress(plane)
+    out = np.empty(5000, np.uint8)
+    assert compress._planes.zstd_into(frame, out) == 5000
+    np.testing.assert_array_equal(out, plane)
+    assert compress._unzstd(frame, out) and not compress._unzstd(frame, out[:4999])
+    assert not compress._unzstd(frame[:-3], out) and not compress._unzstd(b"not zstd", out)
+    with pytest.raises(ValueError, match="not a valid zstd frame"):
+        compress._planes.zstd_into(frame, np.empty(4999, np.uint8))
+
+
 def test_c_reassembly_refuses_mismatched_buffers():
     if compress._planes is None:
         pytest.skip("roberta._planes is not built")

@@ -47,29 +47,42 @@ static inline uint16_t join_high(high_planes p, Py_ssize_t i) {
                       | (p.m4[i >> 3] >> (i & 7) & 1) << 4 | (p.nibbles[i >> 1] >> (i & 1) * 4 & 0xF));
 }
 
-#ifdef __SSE2__  /* every x86-64; elsewhere the plain loop does the same, slower */
-#include <emmintrin.h>
-#define BLOCK 16
-
-/* Words i to i+15 (i a multiple of 16) as two vectors of 8: what gcc does not vectorise on its own. */
-static inline void join_high16(high_planes p, Py_ssize_t i, __m128i *first, __m128i *second) {
-    const __m128i zero = _mm_setzero_si128(), low4 = _mm_set1_epi8(0xF);
-    const __m128i bit = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128), top_bit = _mm_set1_epi16((short)0x8000);
-    __m128i joint = _mm_and_si128(_mm_loadu_si128((const __m128i *)(p.joint + i)), _mm_set1_epi8(0x7F));
-    __m128i top = _mm_and_si128(_mm_loadu_si128((const __m128i *)(p.top + i)), _mm_set1_epi8(7));
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_AVX2_PATH
+/* Words i to i+15 in one vector: what gcc does not vectorise on its own. AVX2 is in every x86-64
+   CPU since 2013 and checked at run time; elsewhere the plain loop does the same, slower. */
+__attribute__((target("avx2"))) static inline __m256i join_high16_avx2(high_planes p, Py_ssize_t i) {
+    const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, (short)32768);
+    const __m128i low4 = _mm_set1_epi8(0xF);
+    __m256i joint = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_loadu_si128((const __m128i *)(p.joint + i)), _mm_set1_epi8(0x7F)));
+    __m256i top = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_loadu_si128((const __m128i *)(p.top + i)), _mm_set1_epi8(7)));
     __m128i packed = _mm_loadl_epi64((const __m128i *)(p.nibbles + i / 2));
-    __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
-    __m128i *halves[2] = {first, second};
-    for (int h = 0; h < 2; h++) {
-        __m128i j = h ? _mm_unpackhi_epi8(joint, zero) : _mm_unpacklo_epi8(joint, zero);
-        __m128i t = h ? _mm_unpackhi_epi8(top, zero) : _mm_unpacklo_epi8(top, zero);
-        __m128i n = h ? _mm_unpackhi_epi8(nibbles, zero) : _mm_unpacklo_epi8(nibbles, zero);
-        __m128i signs = _mm_and_si128(_mm_set1_epi16(p.signs[i / 8 + h]), bit);
-        __m128i sign = _mm_and_si128(_mm_cmpeq_epi16(signs, bit), top_bit);
-        __m128i m4 = _mm_and_si128(_mm_set1_epi16(p.m4[i / 8 + h]), bit);
-        m4 = _mm_and_si128(_mm_cmpeq_epi16(m4, bit), _mm_set1_epi16(0x10));
-        *halves[h] = _mm_or_si128(_mm_or_si128(_mm_or_si128(sign, _mm_slli_epi16(t, 12)), _mm_or_si128(_mm_slli_epi16(j, 5), n)), m4);
+    __m256i nibbles = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4)));
+    uint16_t sign16, m416;
+    memcpy(&sign16, p.signs + i / 8, 2);
+    memcpy(&m416, p.m4 + i / 8, 2);
+    __m256i sign = _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)sign16), bit), bit), _mm256_set1_epi16((short)0x8000));
+    __m256i m4 = _mm256_and_si256(_mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16((short)m416), bit), bit), _mm256_set1_epi16(0x10));
+    return _mm256_or_si256(_mm256_or_si256(_mm256_or_si256(sign, _mm256_slli_epi16(top, 12)), _mm256_or_si256(_mm256_slli_epi16(joint, 5), nibbles)), m4);
+}
+
+__attribute__((target("avx2"))) static Py_ssize_t join_bf16_avx2(high_planes p, uint16_t *out, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(out + i), join_high16_avx2(p, i));
+    return i;
+}
+
+__attribute__((target("avx2"))) static Py_ssize_t join_fp32_avx2(high_planes p, const uint8_t *low, uint32_t *out, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256i high = join_high16_avx2(p, i), low16 = _mm256_loadu_si256((const __m256i *)(low + 2 * i));
+        /* unpack works within 128-bit lanes: words 0-3 | 8-11 and 4-7 | 12-15, put in order after */
+        __m256i a = _mm256_unpacklo_epi16(low16, high), b = _mm256_unpackhi_epi16(low16, high);
+        _mm256_storeu_si256((__m256i *)(out + i), _mm256_permute2x128_si256(a, b, 0x20));
+        _mm256_storeu_si256((__m256i *)(out + i + 8), _mm256_permute2x128_si256(a, b, 0x31));
     }
+    return i;
 }
 #endif
 
@@ -87,13 +100,8 @@ static PyObject *py_join_bf16(PyObject *self, PyObject *const *args, Py_ssize_t 
     uint16_t *out = v[5].buf;
     Py_BEGIN_ALLOW_THREADS
     Py_ssize_t i = 0;
-#ifdef BLOCK
-    for (; i + BLOCK <= n; i += BLOCK) {
-        __m128i first, second;
-        join_high16(p, i, &first, &second);
-        _mm_storeu_si128((__m128i *)(out + i), first);
-        _mm_storeu_si128((__m128i *)(out + i + 8), second);
-    }
+#ifdef HAVE_AVX2_PATH
+    if (__builtin_cpu_supports("avx2")) i = join_bf16_avx2(p, out, n);
 #endif
     for (; i < n; i++) out[i] = join_high(p, i);
     Py_END_ALLOW_THREADS
@@ -113,16 +121,8 @@ static PyObject *py_join_fp32(PyObject *self, PyObject *const *args, Py_ssize_t 
     uint32_t *out = v[6].buf;
     Py_BEGIN_ALLOW_THREADS
     Py_ssize_t i = 0;
-#ifdef BLOCK
-    for (; i + BLOCK <= n; i += BLOCK) {
-        __m128i high[2];
-        join_high16(p, i, &high[0], &high[1]);
-        for (int h = 0; h < 2; h++) {  /* low halves first: little-endian words */
-            __m128i low16 = _mm_loadu_si128((const __m128i *)(low + 2 * i + 16 * h));
-            _mm_storeu_si128((__m128i *)(out + i + 8 * h), _mm_unpacklo_epi16(low16, high[h]));
-            _mm_storeu_si128((__m128i *)(out + i + 8 * h + 4), _mm_unpackhi_epi16(low16, high[h]));
-        }
-    }
+#ifdef HAVE_AVX2_PATH
+    if (__builtin_cpu_supports("avx2")) i = join_fp32_avx2(p, low, out, n);
 #endif
     for (; i < n; i++) {
         uint16_t low16;
@@ -150,8 +150,7 @@ static inline uint32_t half_to_float(uint16_t h) {
     return sign | (subnormal & is_subnormal) | (normal & ~is_subnormal);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
+#ifdef HAVE_AVX2_PATH
 #define HAVE_F16C_PATH
 /* The conversion instruction torch's own vector code uses (F16C, in every x86-64 CPU since 2012,
    checked at run time): five times the plain loop's speed. Returns how many words it wrote. */

@@ -5,8 +5,9 @@ cut into chunks of CHUNK_ELEMENTS elements; each chunk is rearranged into byte p
 predictable bits share bytes, every plane is tried with zstd (its Huffman stage is what pays off
 here) and kept raw when that does not shrink it, and the chunk's stored bytes carry an xxh3 hash
 that is checked before anything is decoded. Chunks are independent, so both directions run on all
-cores (zstd, numpy, xxhash and the C reassembly release the GIL). The planes are put back together
-by roberta/_ext/planes.c (built by setup.py) in one pass per chunk, or by numpy where it is not built.
+cores. Decoding is done by roberta/_ext/planes.c (built by setup.py): zstd without the GIL, then
+the planes put back together in one pass per chunk; without it, the zstandard package and numpy
+do the same, slower.
 
 How a chunk is rearranged ("transform"):
   fp16   fp32 values that survive a round trip through fp16 bit for bit (released roberta-base is
@@ -44,25 +45,14 @@ import torch
 import xxhash
 import zstandard
 
-try:  # the C reassembly built by setup.py; numpy does the same, slower, where it is not built
-    from . import _planes
-except ImportError:
-    _planes = None
-
-
-def _find_zstd() -> bool:
-    """Give the C code a zstd library to decode with outside the GIL: the one inside the zstandard
-    package (its cffi backend's module exports the zstd API), else the system's libzstd."""
-    import ctypes.util
-    candidates = sorted(Path(zstandard.__file__).parent.glob("_cffi*")) + [ctypes.util.find_library("zstd")]
-    return any(_planes.load_zstd(str(path)) for path in candidates if path)
-
-
-_ZSTD_IN_C = _planes is not None and _find_zstd()
-
 from .checkpoint import CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, read_checkpoint
 from .errors import RobertaError
 from .fileio import atomic_write
+
+try:  # the C decoder built by setup.py; numpy and the zstandard package do the same, slower, without it
+    from . import _planes
+except ImportError:
+    _planes = None
 
 MAGIC = b"ROBERTAZ"
 VERSION = 2  # 2: bf16/fp32 planes split so that one plane per value needs entropy decoding
@@ -181,6 +171,17 @@ _TRANSFORMS = {"float32": ("fp16", "fp32"), "bfloat16": ("bf16",)}
 
 
 # --- zstd and threads ----------------------------------------------------------------------------
+
+def _find_zstd() -> bool:
+    """Give the C decoder a zstd library to call without the GIL: the one inside the zstandard
+    package (the module of its cffi backend exports the zstd API), else the system's libzstd."""
+    import ctypes.util
+    candidates = sorted(Path(zstandard.__file__).parent.glob("_cffi*")) + [ctypes.util.find_library("zstd")]
+    return any(_planes.load_zstd(str(path)) for path in candidates if path)
+
+
+# The zstandard package holds the GIL while it decodes, so its decoding never uses two cores.
+_ZSTD_IN_C = _planes is not None and _find_zstd()
 
 _local = threading.local()
 

@@ -1,9 +1,9 @@
-/* Byte planes back into words for roberta.compress, in one pass each.
+/* The decoding half of roberta.compress: zstd frames and byte planes back into words.
 
-The numpy fallback in roberta/compress.py does the same with 6-9 passes over every chunk; here each
-output word is built in registers from its plane bytes and written once. Every function takes
-writable/readable buffers, checks their sizes, and releases the GIL while it runs, so the
-decompression threads run in parallel. The bit layouts are documented in compress.py.
+The numpy fallback in roberta/compress.py does the same with many passes over every chunk; here each
+output word is built in registers from its plane bytes and written once, and zstd decodes without
+the GIL. Every function takes buffers, checks their sizes, and releases the GIL while it runs, so
+the decompression threads run in parallel. The bit layouts are documented in compress.py.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -13,7 +13,12 @@ decompression threads run in parallel. The bit layouts are documented in compres
 
 /* Get the buffers of nplanes planes and out (the last argument). out must be writable and hold n
    words of out_size bytes; each plane must hold the bytes compress.py's _plane_sizes gives it. */
-static int get(PyObject *const *args, Py_ssize_t nplanes, Py_buffer *views, Py_ssize_t out_size, Py_ssize_t *n) {
+static int get(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t nplanes, Py_buffer *views, Py_ssize_t out_size,
+               Py_ssize_t *n) {
+    if (nargs != nplanes + 1) {
+        PyErr_Format(PyExc_TypeError, "expected %zd buffers, got %zd", nplanes + 1, nargs);
+        return -1;
+    }
     for (Py_ssize_t i = 0; i <= nplanes; i++) {
         int flags = i == nplanes ? PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS : PyBUF_C_CONTIGUOUS;
         if (PyObject_GetBuffer(args[i], &views[i], flags) < 0) {
@@ -94,8 +99,7 @@ static high_planes high(Py_buffer *v) {
 static PyObject *py_join_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer v[6];
     Py_ssize_t n;
-    if (nargs != 6) return PyErr_Format(PyExc_TypeError, "join_bf16 takes 6 buffers");
-    if (get(args, 5, v, 2, &n) < 0) return NULL;
+    if (get(args, nargs, 5, v, 2, &n) < 0) return NULL;
     high_planes p = high(v);
     uint16_t *out = v[5].buf;
     Py_BEGIN_ALLOW_THREADS
@@ -114,8 +118,7 @@ static PyObject *py_join_bf16(PyObject *self, PyObject *const *args, Py_ssize_t 
 static PyObject *py_join_fp32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer v[7];
     Py_ssize_t n;
-    if (nargs != 7) return PyErr_Format(PyExc_TypeError, "join_fp32 takes 7 buffers");
-    if (get(args, 6, v, 4, &n) < 0) return NULL;
+    if (get(args, nargs, 6, v, 4, &n) < 0) return NULL;
     high_planes p = high(v);
     const uint8_t *low = v[5].buf;
     uint32_t *out = v[6].buf;
@@ -168,8 +171,7 @@ __attribute__((target("avx,f16c"))) static Py_ssize_t join_fp16_f16c(const uint8
 static PyObject *py_join_fp16(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer v[3];
     Py_ssize_t n;
-    if (nargs != 3) return PyErr_Format(PyExc_TypeError, "join_fp16 takes 3 buffers");
-    if (get(args, 2, v, 4, &n) < 0) return NULL;
+    if (get(args, nargs, 2, v, 4, &n) < 0) return NULL;
     const uint8_t *lo = v[0].buf, *hi = v[1].buf;
     uint32_t *out = v[2].buf;
     Py_BEGIN_ALLOW_THREADS
@@ -188,7 +190,7 @@ static PyObject *py_join_bytes(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_buffer v[9];
     Py_ssize_t n, k = nargs - 1;
     if (k != 1 && k != 2 && k != 4 && k != 8) return PyErr_Format(PyExc_TypeError, "join_bytes takes 1, 2, 4 or 8 planes and out");
-    if (get(args, k, v, k, &n) < 0) return NULL;
+    if (get(args, nargs, k, v, k, &n) < 0) return NULL;
     uint8_t *out = v[k].buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t j = 0; j < k; j++) {

@@ -347,23 +347,30 @@ def load_model(cls: type[RobertaPreTrainedModel], path: str | os.PathLike, dtype
         if not hasattr(config, key):
             raise RobertaError(f"unknown config field {key!r}")
         setattr(config, key, value)
+    config.__post_init__()  # an id2label override sets num_labels
     check_vocab_fits(path, config)
-    config, state = _place_heads(cls, config, state)
+    config, state = _place_heads(cls, config, state, config_overrides)
     config.__post_init__()
-    model = cls(config)
+    with torch.device("meta"):  # no memory and no random init for weights the file replaces
+        model = cls(config)
     load_state(model, state, source=str(path))
     if dtype is not None:
         model.to(dtype)
     return model.eval()
 
 
-def _place_heads(cls, config: RobertaConfig, state):
-    """Move a sequence classifier between `classifier.*` (transformers) and named heads (fairseq)."""
+def _place_heads(cls, config: RobertaConfig, state, overrides):
+    """Move a sequence classifier between `classifier.*` (transformers) and named heads (fairseq).
+
+    A classifier whose label count differs from one the caller asked for is left out: the task
+    model then starts with a fresh head of the requested size.
+    """
+    asked = "num_labels" in overrides or "id2label" in overrides
     has_classifier = "classifier.out_proj.weight" in state
     named = sorted(config.classification_heads)
-    if cls is not RobertaModel and cls.__name__ == "RobertaForSequenceClassification":
-        if not has_classifier and named:
-            name = config.head_name if config.head_name in named else named[0]
+    if cls.__name__ == "RobertaForSequenceClassification" and not has_classifier and named:
+        name = config.head_name if config.head_name in named else named[0]
+        if not asked or config.classification_heads[name] == config.num_labels:
             for key in [k for k in state if k.startswith(f"classification_heads.{name}.")]:
                 state["classifier." + key.split(".", 2)[2]] = state.pop(key)
             config.head_name = name
@@ -379,7 +386,10 @@ def _place_heads(cls, config: RobertaConfig, state):
     if cls.__name__ in ("RobertaForSequenceClassification", "RobertaForTokenClassification"):
         out = state.get("classifier.out_proj.weight", state.get("classifier.weight"))
         if out is not None and out.dim() == 2 and out.shape[0] != config.num_labels:
-            if config.id2label is None or len(config.id2label) != out.shape[0]:
+            if asked:
+                for key in [k for k in state if k.startswith("classifier.")]:
+                    del state[key]
+            else:
                 config.id2label = None
                 config.num_labels = out.shape[0]
     return config, state
@@ -410,9 +420,26 @@ def load_state(model: RobertaPreTrainedModel, state: dict[str, torch.Tensor], so
         raise RobertaError(f"{source} lacks {len(essential)} of the model's tensors (e.g. {essential[0]}); "
                            "it is not a complete RoBERTa checkpoint")
     usable = {k: v for k, v in state.items() if k in own}
-    with torch.no_grad():
+    if any(p.is_meta for p in model.parameters()):
+        # A model built on the meta device takes the file's tensors as its own (one copy in memory,
+        # not two); what the file lacks is then materialised and initialised.
+        dtype = torch.get_default_dtype()
         for key, value in usable.items():
-            own[key].copy_(value)
+            if value.is_floating_point() and value.dtype != dtype:
+                usable[key] = value.to(dtype)
+        model.load_state_dict(usable, strict=False, assign=True)
+        for name, module in model.named_modules():
+            own_params = list(module.parameters(recurse=False))
+            if any(p.is_meta for p in own_params):
+                if not all(p.is_meta for p in own_params):
+                    raise RobertaError(f"{source} has only some of the tensors of {name}; "
+                                       "it is not a complete RoBERTa checkpoint")
+                module.to_empty(device="cpu", recurse=False)
+                model._init_weights(module)
+    else:
+        with torch.no_grad():
+            for key, value in usable.items():
+                own[key].copy_(value)
     model.missing_keys = missing  # heads initialised fresh, for callers that want to report them
 
 

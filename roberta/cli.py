@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import RobertaError
 
@@ -37,6 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, help="threads to use (default: all cores)")
         p.set_defaults(func=_compress)
     _add_hub_commands(sub)
+
+    # finetune / evaluate: GLUE tasks, squad, race, or custom (your own train/dev .csv/.tsv/.jsonl)
+    p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe")
+    _task_args(p)
+    p.add_argument("--out", required=True, help="output directory: best checkpoint, metrics.jsonl, curves.png, eval.json")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--max-train-examples", type=int, help="train on a random subset of this size")
+    p.add_argument("--eval-every", type=int, help="updates between dev evaluations (default: each epoch)")
+    p.add_argument("--head-name", help="name of the saved head (default: the task name in lower case)")
+    p.set_defaults(func=_finetune)
+    p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions")
+    _task_args(p)
+    p.add_argument("--split", default="dev", choices=["dev", "test", "train"])
+    p.add_argument("--out", help="write the metrics here as JSON (default: eval_<split>.json beside the model)")
+    p.add_argument("--predictions", help="write per-example predictions here in the leaderboard's format")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=_evaluate)
     return parser
 
 
@@ -71,6 +91,9 @@ def _add_hub_commands(sub) -> None:
         p.add_argument("--cache-dir", help="where named models live (default $ROBERTA_CACHE or ~/.cache/roberta)")
         if weights:
             p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+            p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                           help="fp32 (exact, default), bf16 (several times faster on CPUs with AMX/AVX-512 "
+                           "BF16 and on GPUs), int8 (dynamic quantisation, CPU); see benchmarks/RESULTS.md")
         if text:
             p.add_argument("text", nargs="*", metavar=text, help="inputs (default: one per line of stdin)")
         p.set_defaults(func=func)
@@ -122,8 +145,12 @@ def _load(args):
 
     from .hub import load
 
+    from .inference import reduce_precision
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline)
+    hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline)
+    reduce_precision(hub.model, args.precision)
+    return hub
 
 
 def _encode(args):
@@ -204,6 +231,46 @@ def _info(args):
         f"parameters  {info['parameters']:,}",
         f"dtype       {info['dtype']}",
         f"size        {info['size_bytes'] / 2**20:.1f} MiB"]))
+
+def _task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI, squad, race or custom")
+    p.add_argument("--data", required=True, help="the task's data directory, e.g. glue_data/MNLI")
+    p.add_argument("--model", required=True, help="checkpoint directory (pretrained for finetune, fine-tuned for evaluate)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe setting, e.g. --set lr=2e-5")
+    p.add_argument("--text-columns", nargs="+", help="custom: one or two text column names")
+    p.add_argument("--label-column", help="custom: the label column name")
+    p.add_argument("--problem-type", choices=["classification", "regression", "multi_label"], help="custom")
+    p.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip and count malformed rows")
+    p.add_argument("--max-dev-examples", type=int)
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+
+
+def _recipe_overrides(args, names: list[str]) -> dict:
+    """Recipe settings from the flags the user gave, then from --set (which wins)."""
+    from .finetune import parse_settings
+
+    names += ["text_columns", "label_column", "problem_type", "skip_bad_rows", "max_dev_examples", "device"]
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return {**given, **parse_settings(args.set)}
+
+
+def _finetune(args) -> int:
+    from .finetune import finetune
+
+    names = ["lr", "batch_size", "max_epochs", "max_train_examples", "eval_every", "head_name"]
+    print(json.dumps(finetune(args.task, args.data, args.model, args.out, **_recipe_overrides(args, names)), indent=2))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .finetune import evaluate
+
+    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    out = args.out or model_dir / f"eval_{args.split}.json"
+    result = evaluate(args.task, args.data, args.model, args.split, args.predictions, out, args.batch_size,
+                      **_recipe_overrides(args, []))
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from . import download
 from .checkpoint import read_checkpoint
 from .errors import RobertaError
 from .fileio import atomic_write
+from .inference import length_batches
 from .model import RobertaForMaskedLM
 from .tokenizer import RobertaTokenizer
 
@@ -332,7 +334,7 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
 
 
 def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, pool: str = "cls",
-                   layer: int = -1, truncate: bool = False, batch_size: int = 32) -> list[int]:
+                   layer: int = -1, truncate: bool = False, batch_tokens: int = 4096) -> list[int]:
     """Features of each text (a TAB separates the sentences of a pair) written atomically to `path`.
 
     `.npy`: one row per text ([texts, hidden]); `.jsonl`: {"text", "tokens", "features"} per line.
@@ -352,12 +354,15 @@ def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, p
     if not -layers - 1 <= layer <= layers:
         raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}")
     tokens = [hub._fit(hub.encode(*text.split("\t"))[None], truncate)[0] for text in texts]
-    vectors = []
-    for start in range(0, len(tokens), batch_size):
-        batch = hub.extract_features(tokens[start:start + batch_size], return_all_hiddens=True)
-        for hidden in batch:
-            h = hidden[layer][0].float()
-            vectors.append((h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy())
+    # Sorted into batches of similar length under a token budget: almost no padding work, and the
+    # vectors go back to input order.
+    vectors: list = [None] * len(tokens)
+    batches = length_batches([len(t) for t in tokens], batch_tokens)
+    for batch in tqdm(batches, desc="features", unit="batch", disable=len(batches) < 10):
+        hidden = hub.extract_features([tokens[i] for i in batch], return_all_hiddens=layer not in (-1, layers))
+        for i, h in zip(batch, hidden):
+            h = (h[layer] if isinstance(h, list) else h)[0].float()
+            vectors[i] = (h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy()
     if path.suffix == ".npy":
         buffer = io.BytesIO()
         np.save(buffer, np.stack(vectors))

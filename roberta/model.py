@@ -185,8 +185,9 @@ class ModelOutput:
 class Unpadded:
     """Where the real tokens of a padded [B, T] batch are, to move between [B, T, H] and [N, H].
 
-    Dense layers and LayerNorm treat tokens independently, so they run on the N real tokens only;
-    attention needs the sequences, so it re-pads (`pad`) and drops the padding again (`unpad`).
+    Dense layers and LayerNorm treat tokens independently, so they run on the N real tokens only.
+    Attention needs whole sequences: `attend` gathers them into sub-batches of similar length
+    (`groups`), so a batch mixing 10- and 500-token inputs does not pay 500-token attention for all.
     """
 
     def __init__(self, attention_mask: torch.Tensor):
@@ -194,6 +195,8 @@ class Unpadded:
         self.mask = attention_mask.bool()
         self.has_padding = not bool(self.mask.all())
         self.index = self.mask.flatten().nonzero().squeeze(1) if self.has_padding else None
+        if self.has_padding:
+            self.groups, self.restore = self._length_groups()
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(self.batch * self.length, *x.shape[2:])
@@ -204,6 +207,52 @@ class Unpadded:
             out = x.new_zeros(self.batch * self.length, *x.shape[1:])
             x = out.index_copy(0, self.index, x)
         return x.view(self.batch, self.length, *x.shape[1:])
+
+    def _length_groups(self):
+        """Sub-batches of sequences sorted by length: (gather [b * T] rows, b, T, mask or None, keep [n]).
+
+        A group's longest sequence is at most 1.5 times its shortest plus 16 tokens: padding inside a
+        group wastes attention work, and each group costs a few extra operations.
+        """
+        lengths = self.mask.sum(1)
+        starts = lengths.cumsum(0) - lengths  # row of each sequence's first token in [N, H]
+        sizes = lengths.tolist()
+        order = [i for i in sorted(range(self.batch), key=sizes.__getitem__) if sizes[i] > 0]
+        members: list[list[int]] = []
+        for i in order:
+            if members and sizes[i] <= 1.5 * sizes[members[-1][0]] + 16:
+                members[-1].append(i)
+            else:
+                members.append([i])
+        groups, placed = [], []
+        for seqs in members:
+            T = sizes[seqs[-1]]
+            seqs = torch.tensor(seqs, device=self.mask.device)
+            positions = torch.arange(T, device=self.mask.device)
+            real = positions < lengths[seqs, None]  # [b, T]
+            # padded slots read row 0: a finite value the mask hides from every query
+            gather = torch.where(real, starts[seqs, None] + positions, 0).flatten()
+            mask = None if bool(real.all()) else real[:, None, None, :]
+            keep = real.flatten().nonzero().squeeze(1)
+            groups.append((gather, len(seqs), T, mask, keep))
+            placed.append(gather.index_select(0, keep))
+        placed = torch.cat(placed)
+        restore = torch.empty_like(placed)
+        restore[placed] = torch.arange(len(placed), device=placed.device)
+        return groups, restore
+
+    def attend(self, qkv: torch.Tensor, attention) -> torch.Tensor:
+        """`attention(qkv [b, T, 3 * inner], mask [b, 1, 1, T] or None) -> [b, T, inner]` over every
+        sequence; `qkv` and the result are [N, ...] real tokens."""
+        if not self.has_padding:
+            y = attention(qkv.view(self.batch, self.length, -1), None)
+            return y.reshape(self.batch * self.length, -1)
+        outputs = []
+        for gather, b, T, mask, keep in self.groups:
+            y = attention(qkv.index_select(0, gather).view(b, T, -1), mask)
+            outputs.append(y.reshape(-1, y.shape[-1]).index_select(0, keep))
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return y.index_select(0, self.restore)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,17 +305,24 @@ class RobertaSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, inner)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, pad: Unpadded) -> torch.Tensor:
-        # x: [N, H] real tokens. One matmul for q, k and v: the three weights are concatenated on the fly.
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v side by side, [N, 3 * inner]: one matmul on the concatenated weights."""
+        if not isinstance(self.query, nn.Linear):  # int8-quantised layers (inference.py) hold no float weight
+            return torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = pad.pad(F.linear(x, w, b))  # [B, T, 3 * inner]
+        return F.linear(x, w, b)
+
+    def forward(self, x: torch.Tensor, pad: Unpadded) -> torch.Tensor:
+        return pad.attend(self.project_qkv(x), self.attention)  # x: [N, H] real tokens
+
+    def attention(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """qkv: [B, T, 3 * inner] -> [B, T, inner]; mask [B, 1, 1, T] is True for real keys."""
         B, T, _ = qkv.shape
         q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B, h, T, d]
-        mask = pad.mask[:, None, None, :] if pad.has_padding else None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout_p if self.training else 0.0)
-        return pad.unpad(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
 
 
 class RobertaSelfOutput(nn.Module):
@@ -397,6 +453,8 @@ class RobertaPreTrainedModel(nn.Module):
                     module.weight[module.padding_idx].zero_()
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, RobertaLMHead):
             nn.init.zeros_(module.bias)
 
     def post_init(self) -> None:

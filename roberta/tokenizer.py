@@ -201,6 +201,18 @@ class RobertaTokenizer:
             self._ids(tokenizer.encode_batch_fast(pairs, add_special_tokens=False))
         return [self._frame(a, b, room, add_special_tokens) for a, b in zip(firsts, seconds)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` without special tokens, and each token's (start, end) character span
+        in `text` with the leading space left out, so that an answer span found in token positions
+        maps back to the exact text (SQuAD)."""
+        encoding = self._plain.encode(text, add_special_tokens=False)
+        offsets = []
+        for start, end in encoding.offsets:
+            while start < end - 1 and text[start].isspace():
+                start += 1
+            offsets.append((start, end))
+        return self._ids([encoding])[0], offsets
+
     def _ids(self, encodings) -> list[list[int]]:
         ids = [encoding.ids for encoding in encodings]
         if self._has_missing:  # only for a dict.txt that lacks GPT-2 tokens

@@ -272,3 +272,14 @@ def test_convert_fairseq_to_hf_and_back(tmp_path, bpe_dir):
     bad = subprocess.run([sys.executable, "-m", "roberta", "convert", str(tmp_path / "nowhere"), str(tmp_path / "x")],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def test_a_requested_label_count_gets_a_fresh_head(tmp_path, mlm):
+    write_fairseq(mlm, tmp_path / "fs", "current")
+    kept = RobertaForSequenceClassification.from_pretrained(tmp_path / "fs")  # the mnli head, 3 labels
+    assert kept.config.num_labels == 3 and "classifier.out_proj.weight" not in kept.missing_keys
+    fresh = RobertaForSequenceClassification.from_pretrained(tmp_path / "fs", num_labels=2)
+    assert fresh.config.num_labels == 2 and "classifier.out_proj.weight" in fresh.missing_keys
+    kept.save_pretrained(tmp_path / "cls")
+    again = RobertaForSequenceClassification.from_pretrained(tmp_path / "cls", id2label={0: "neg", 1: "pos"})
+    assert again.config.labels() == {0: "neg", 1: "pos"} and "classifier.out_proj.weight" in again.missing_keys

@@ -96,6 +96,12 @@ def test_features_to_npy_and_jsonl(hub_checkpoints, tiny_hub, tmp_path, call):
     assert record["text"] == texts[0] and record["tokens"] == tokens.tolist()
     np.testing.assert_allclose(record["features"], tiny_hub.extract_features(tokens, return_all_hiddens=True)[0][0],
                                atol=1e-5)
+    # bf16: close to the float32 vectors, not equal
+    result = call("features", "-m", hub_checkpoints["hf"], "-o", tmp_path / "b.npy", "--precision", "bf16", *texts)
+    assert result.returncode == 0, result.stderr
+    fast = np.load(tmp_path / "b.npy")
+    cosine = (fast * vectors).sum(1) / np.linalg.norm(fast, axis=1) / np.linalg.norm(vectors, axis=1)
+    assert cosine.min() > 0.99 and np.abs(fast - vectors).max() > 0
     refused = call("features", "-m", hub_checkpoints["hf"], "-o", tmp_path / "g.npy", "--pool", "none", "Hi")
     assert refused.returncode == 2 and refused.stderr.startswith("error: ") and not (tmp_path / "g.npy").exists()
 

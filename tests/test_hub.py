@@ -1,6 +1,8 @@
 """The published RoBERTa examples, run on a tiny model with the real tokenizer, checked against transformers."""
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -234,3 +236,21 @@ def test_load_errors_are_one_line(tmp_path):
         roberta.load(tmp_path / "notes.txt")
     with pytest.raises(RobertaError):
         roberta.load(tmp_path)
+
+
+def test_feature_files_come_back_in_input_order(tiny_hub, tmp_path):
+    from roberta.hub import write_features
+
+    texts = ["Hello world!", "A much longer line of text, with a comma and more words in it.", "Short",
+             "Premise here.\tHypothesis there.", "Medium length line of text."]
+    # a tiny token budget forces several length-sorted batches
+    assert write_features(tiny_hub, texts, tmp_path / "f.npy", batch_tokens=24) == [tiny_hub.model.config.hidden_size]
+    rows = np.load(tmp_path / "f.npy")
+    for text, row in zip(texts, rows):
+        alone = tiny_hub.extract_features(tiny_hub.encode(*text.split("\t")))[0, 0]
+        assert np.abs(row - alone.numpy()).max() <= 1e-5
+    write_features(tiny_hub, texts, tmp_path / "f.jsonl", pool="mean", layer=1, batch_tokens=24)
+    lines = [json.loads(line) for line in (tmp_path / "f.jsonl").read_text().splitlines()]
+    assert [line["text"] for line in lines] == texts
+    alone = tiny_hub.extract_features(tiny_hub.encode(texts[1]), return_all_hiddens=True)[1][0].mean(0)
+    assert np.abs(np.array(lines[1]["features"]) - alone.numpy()).max() <= 1e-5

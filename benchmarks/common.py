@@ -1,0 +1,89 @@
+"""What the speed benchmarks share: natural-length inputs from ../shared/data, timing and memory readings."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def tsv_column(path: Path, *columns: str) -> list[str]:
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return [row[c].strip() for row in rows for c in columns if row[c].strip()]
+
+
+def corpus_lines(name: str = "wikitext2-valid.txt") -> list[str]:
+    """Paragraph lines of a corpus file; headings (` = Title = `) and blank lines dropped."""
+    lines = (DATA / "corpus" / name).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("=")]
+
+
+def natural_sentences(n: int, seed: int = 0) -> list[str]:
+    """A shuffled mix of what users encode: SST-2 sentences, RTE premises and hypotheses, corpus lines."""
+    if not DATA.exists():
+        sys.exit(f"error: {DATA} is missing; the benchmarks read real text from ../shared/data")
+    rng = random.Random(seed)
+    sst2 = tsv_column(DATA / "glue" / "SST-2" / "dev.tsv", "sentence")
+    rte = tsv_column(DATA / "glue" / "RTE" / "dev.tsv", "sentence1", "sentence2")
+    corpus = corpus_lines()
+    third = n // 3
+    picked = rng.sample(sst2, n - 2 * third) + rng.sample(rte, third) + rng.sample(corpus, third)
+    rng.shuffle(picked)
+    return picked
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child_memory(load, run) -> None:
+    """In a child process: load, then run; print (JSON) the peak RSS, and how far the run raised it.
+
+    Resetting the peak after loading (Linux `clear_refs`) separates what loading a checkpoint costs
+    from what inference or training costs.
+    """
+    loaded = load()
+    whole = peak_rss_mib()
+    Path("/proc/self/clear_refs").write_text("5")
+    resident = rss_mib()
+    run(loaded)
+    print(json.dumps({"peak_mib": max(whole, peak_rss_mib()), "run_added_mib": peak_rss_mib() - resident}))
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_child(script: str, *args: str) -> dict:
+    """Run `script --child ...` in a fresh interpreter (so its peak memory is its own); it prints one JSON line."""
+    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True,
+                         cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    if out.returncode:
+        raise RuntimeError(f"child {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A Markdown table."""
+    fmt = lambda v: f"{v:,.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

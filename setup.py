@@ -3,4 +3,4 @@
 # not built, so a failed build costs speed, never correctness.
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("roberta._planes", ["roberta/_ext/planes.c"], extra_compile_args=["-O3"], optional=True)])
+setup(ext_modules=[Extension("roberta._planes", ["csrc/planes.c"], extra_compile_args=["-O3"], optional=True)])

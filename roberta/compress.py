@@ -5,7 +5,7 @@ cut into chunks of CHUNK_ELEMENTS elements; each chunk is rearranged into byte p
 predictable bits share bytes, every plane is tried with zstd (its Huffman stage is what pays off
 here) and kept raw when that does not shrink it, and the chunk's stored bytes carry an xxh3 hash
 that is checked before anything is decoded. Chunks are independent, so both directions run on all
-cores. Decoding is done by roberta/_ext/planes.c (built by setup.py): zstd without the GIL, then
+cores. Decoding is done by csrc/planes.c (built by setup.py): zstd without the GIL, then
 the planes put back together in one pass per chunk; without it, the zstandard package and numpy
 do the same, slower.
 

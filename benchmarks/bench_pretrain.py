@@ -1,25 +1,29 @@
 """Masked-LM pretraining steps, this project against transformers, base size, sequence length 128.
 
 Corpus lines are tokenized, joined with `</s>` and cut into 128-token sequences `<s> ... </s>` (packed,
-so neither side has padding). transformers' `DataCollatorForLanguageModeling(mlm_probability=0.15)`
-masks each batch once and both models train on that same masked batch: transformers'
-`RobertaForMaskedLM` (LM head on all positions) and ours (LM head on the masked positions only).
-A step is forward + backward + AdamW (fused, transformers' Trainer default), in train mode with dropout;
-steps alternate between the sides and the median step time is reported. Loss equality is checked on
-the same batch with dropout off. bf16 rows run both sides under `torch.autocast(dtype=bfloat16)`.
-Peak memory comes from each row's own child process.
+so neither side has padding). An optimizer step is what large-batch pretraining does: `--accum`
+micro-batches of `--micro` sequences, each masked, run forward and backward (gradients accumulate), then
+gradient clipping at 1.0 and one fused AdamW update (transformers' Trainer default), in train mode with
+dropout. transformers' side masks each micro-batch with `DataCollatorForLanguageModeling(mlm_probability=
+0.15)` and trains `RobertaForMaskedLM` (LM head on all positions); ours does what `roberta/pretrain.py`
+does: `data.mask_tokens` + `data.collate`, the model's labels-only LM head, the loss weighted by masked
+tokens, and pretrain.py's AdamW parameter groups. Masking time counts on both sides. Steps alternate
+between the sides; the median optimizer step is reported. Equal loss (and gradients) is checked on the
+same collator-masked batch with dropout off. bf16 rows run both sides under
+`torch.autocast(dtype=bfloat16)`. Peak memory comes from each row's own child process (one optimizer
+step of two micro-batches). `--profile` prints where the time of one of our micro-steps goes.
 
-    PYTHONPATH=. python benchmarks/bench_pretrain.py            # base size, batch 8 x 128, 4 timed steps
+    PYTHONPATH=. python benchmarks/bench_pretrain.py   # base, micro-batch 8 x 128, 4 per step, 2 timed steps
 On a GPU, `--device cuda --peak-tflops 989` (H100 bf16 dense) adds model FLOPs utilisation.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from common import DATA, child_memory, corpus_lines, median, run_child, table
@@ -28,59 +32,102 @@ LENGTH = 128
 SIDES = ["transformers-fp32", "ours-fp32", "transformers-bf16", "ours-bf16"]
 
 
-def masked_batches(n_batches: int, batch: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    import transformers
+def packed_sequences(n: int) -> list[list[int]]:
     from roberta.tokenizer import RobertaTokenizer
 
     tokenizer = RobertaTokenizer.from_pretrained(DATA / "roberta-bpe")
     stream: list[int] = []
-    for ids in tokenizer.encode_batch(corpus_lines()[: 40 * n_batches * batch], add_special_tokens=False):
+    for ids in tokenizer.encode_batch(corpus_lines()[: 40 * n], add_special_tokens=False):
         stream += ids + [tokenizer.eos_token_id]
     body = LENGTH - 2
-    sequences = [[0] + stream[i:i + body] + [2] for i in range(0, len(stream) - body, body)][: n_batches * batch]
-    if len(sequences) < n_batches * batch:
-        raise SystemExit("error: not enough corpus text for that many batches; lower --steps or --batch")
-    hf_tokenizer = transformers.RobertaTokenizer.from_pretrained(DATA / "roberta-bpe")
-    collator = transformers.DataCollatorForLanguageModeling(hf_tokenizer, mlm_probability=0.15)
-    torch.manual_seed(seed)
-    return [{k: v for k, v in collator([{"input_ids": s} for s in sequences[i:i + batch]]).items()
-             if k in ("input_ids", "labels")} for i in range(0, len(sequences), batch)]
+    sequences = [[0] + stream[i:i + body] + [2] for i in range(0, len(stream) - body, body)][:n]
+    if len(sequences) < n:
+        raise SystemExit("error: not enough corpus text for that many sequences; lower --steps or --accum")
+    return sequences
 
 
-def load(side: str, path: str, device: str):
-    """The model and its optimizer for one row, in train mode."""
-    if side.startswith("transformers"):
-        import transformers
+class Side:
+    """One row: a model, its optimizer, and how it masks and runs a micro-batch."""
 
-        model = transformers.RobertaForMaskedLM.from_pretrained(path)
-    else:
-        from roberta import RobertaForMaskedLM
+    def __init__(self, name: str, path: str, device: str):
+        self.name, self.device = name, device
+        self.ours = name.startswith("ours")
+        if self.ours:
+            from roberta import RobertaForMaskedLM
+            from roberta.data import Masking
 
-        model = RobertaForMaskedLM.from_pretrained(path)
-    model.to(device).train()
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            self.model = RobertaForMaskedLM.from_pretrained(path)
+            self.masking = Masking(mask_id=50264, special_ids=(0, 1, 2, 3, 50264), vocab_size=50265)
+            params = list(self.model.parameters())  # as pretrain.py: no weight decay on 1-d parameters
+            groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
+                      {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        else:
+            import transformers
+
+            self.model = transformers.RobertaForMaskedLM.from_pretrained(path)
+            tokenizer = transformers.RobertaTokenizer.from_pretrained(DATA / "roberta-bpe")
+            self.collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+            groups = self.model.parameters()
+        self.model.to(device).train()
+        self.optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=True)
+        self.autocast = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+                         if name.endswith("bf16") else contextlib.nullcontext())
+
+    def batch(self, sequences: list[list[int]], first: int) -> dict[str, torch.Tensor]:
+        if self.ours:
+            from roberta.data import collate, mask_tokens, sample_rng
+
+            return collate([mask_tokens(np.array(s), self.masking, sample_rng(0, 0, first + i))
+                            for i, s in enumerate(sequences)], self.masking.pad_id)
+        masked = self.collator([{"input_ids": s} for s in sequences])
+        return {"input_ids": masked["input_ids"], "labels": masked["labels"]}
+
+    def prepare(self, micro_batches: list[list[list[int]]], first: int) -> list[dict[str, torch.Tensor]]:
+        """Mask every micro-batch of a step; the step's masked-token count weighs each micro-batch's loss."""
+        batches = [self.batch(seqs, first + m * len(seqs)) for m, seqs in enumerate(micro_batches)]
+        self.n_masked = sum(int(b["labels"].ne(-100).sum()) for b in batches)
+        return batches
+
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> float:
+        """Forward and backward of one micro-batch; returns its loss times its share of the masked tokens."""
+        share = int(batch["labels"].ne(-100).sum()) / self.n_masked
+        with self.autocast:
+            loss = self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
+        (loss * share).backward()
+        return loss.item() * share
+
+    def update(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, micro_batches: list[list[list[int]]], first: int) -> float:
+        loss = sum(self.micro_step(batch) for batch in self.prepare(micro_batches, first))
+        self.update()
+        return loss
 
 
-def precision(side: str, device: str):
-    if side.endswith("bf16"):
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def split(sequences, micro: int):
+    return [sequences[i:i + micro] for i in range(0, len(sequences), micro)]
 
 
-def step(side, model, optimizer, batch, device) -> float:
-    with precision(side, device):
-        loss = model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-def child(side: str, path: str, batches_file: str) -> None:
+def child(side: str, path: str) -> None:
     torch.set_num_threads(args.threads)
-    batches = torch.load(batches_file, weights_only=True)
-    child_memory(lambda: load(side, path, "cpu"),
-                 lambda loaded: [step(side, *loaded, batch, "cpu") for batch in batches[:2]])
+    sequences = packed_sequences(2 * args.micro)
+    child_memory(lambda: Side(side, path, "cpu"), lambda s: s.step(split(sequences, args.micro), 0))
+
+
+def profile(path: str) -> None:
+    """Where one of our fp32 micro-steps (forward + backward) and one optimizer update spend their time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    side = Side("ours-fp32", path, "cpu")
+    sequences = packed_sequences(2 * args.micro)
+    side.step(split(sequences[:args.micro], args.micro), 0)  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        side.step(split(sequences[args.micro:], args.micro), args.micro)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 def model_flops_per_token(config, masked_fraction: float) -> float:
@@ -92,78 +139,113 @@ def model_flops_per_token(config, masked_fraction: float) -> float:
 
 
 def main() -> None:
+    import transformers
+
     from roberta import RobertaConfig, RobertaForMaskedLM
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    batches = masked_batches(args.steps + 1, args.batch)
+    per_step = args.micro * args.accum
+    sequences = packed_sequences(per_step * (args.steps + 1))
     tmp = tempfile.mkdtemp(prefix="bench_pretrain_")
     config = RobertaConfig.base(num_hidden_layers=args.layers)
     RobertaForMaskedLM(config).save_pretrained(tmp)
-    torch.save(batches, f"{tmp}/batches.pt")
-    tokens = args.batch * LENGTH
-    masked = sum(int(b["labels"].ne(-100).sum()) for b in batches) / (len(batches) * tokens)
-    print(f"batch {args.batch} x {LENGTH}, {masked:.1%} masked, {args.layers} layers, {args.threads} threads, "
-          f"device {args.device}", flush=True)
+    if args.profile:
+        return profile(tmp)
+    tokens = per_step * LENGTH
+    print(f"micro-batch {args.micro} x {LENGTH}, {args.accum} micro-batches per optimizer step ({tokens} tokens), "
+          f"{args.layers} layers, {args.threads} threads, device {args.device}", flush=True)
 
-    # Equal loss (and gradients) on the same masked batch, dropout off
+    # Equal loss (and gradients) on the same collator-masked batch, dropout off
+    collator = transformers.DataCollatorForLanguageModeling(
+        transformers.RobertaTokenizer.from_pretrained(DATA / "roberta-bpe"), mlm_probability=0.15)
+    same = {k: v.to(args.device) for k, v in collator([{"input_ids": s} for s in sequences[:args.micro]]).items()
+            if k in ("input_ids", "labels")}
     losses, grads = {}, {}
-    for side in ("transformers-fp32", "ours-fp32"):
-        model, _ = load(side, tmp, args.device)
-        model.eval()
-        batch = {k: v.to(args.device) for k, v in batches[0].items()}
-        loss = model(**batch).loss
+    for name in ("transformers-fp32", "ours-fp32"):
+        model = Side(name, tmp, args.device).model.eval()
+        loss = model(**same).loss
         loss.backward()
-        losses[side] = loss.item()
-        grads[side] = {n: p.grad for n, p in model.named_parameters()}
+        losses[name] = loss.item()
+        grads[name] = {n: p.grad for n, p in model.named_parameters()}
     grad_diff = max((grads["ours-fp32"][n] - g).abs().max().item() for n, g in grads["transformers-fp32"].items())
     print(f"same masked batch, no dropout: loss transformers {losses['transformers-fp32']:.6f} ours "
           f"{losses['ours-fp32']:.6f}, max gradient difference {grad_diff:.2e}", flush=True)
-    del grads
+    del grads, model
 
-    sides = [s for s in SIDES if args.bf16 or s.endswith("fp32")]
-    models = {side: load(side, tmp, args.device) for side in sides}
-    seconds = {side: [] for side in sides}
-    for i, batch in enumerate(batches):  # the first step of each side is warm-up
-        for side in sides:
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            step(side, *models[side], batch, args.device)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i:
-                seconds[side].append(time.perf_counter() - t)
-        if i:
-            print(f"step {i}/{args.steps}: " + ", ".join(f"{s} {tokens / seconds[s][-1]:.0f}" for s in sides),
-                  flush=True)
+    names = [s for s in SIDES if args.bf16 or s.endswith("fp32")]
+    sides = {name: Side(name, tmp, args.device) for name in names}
+    # Sides alternate micro-batch by micro-batch, so that the load of a shared machine falls on all of
+    # them alike; wall-clock and CPU seconds (process_time: time other jobs take is not counted) per side.
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    train_loss = {name: [] for name in names}
+
+    def timed(name, work):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t, c = time.perf_counter(), time.process_time()
+        result = work()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        wall[name][-1] += time.perf_counter() - t
+        cpu[name][-1] += time.process_time() - c
+        return result
+
+    for i in range(args.steps + 1):  # step 0 is a warm-up of one micro-batch per side
+        chunk = sequences[i * per_step:(i + 1) * per_step]
+        micro_batches = split(chunk[:args.micro] if i == 0 else chunk, args.micro)
+        for name in names:
+            wall[name].append(0.0)
+            cpu[name].append(0.0)
+        batches = {name: timed(name, lambda: sides[name].prepare(micro_batches, i * per_step)) for name in names}
+        losses = {name: 0.0 for name in names}
+        for m in range(len(micro_batches)):
+            for name in names:
+                losses[name] += timed(name, lambda: sides[name].micro_step(batches[name][m]))
+        for name in names:
+            timed(name, sides[name].update)
+            train_loss[name].append(losses[name])
+        if i == 0:
+            for name in names:
+                wall[name].pop(), cpu[name].pop(), train_loss[name].pop()
+            continue
+        print(f"step {i}/{args.steps} tokens/s (wall, per CPU second): " + ", ".join(
+            f"{s} {tokens / wall[s][-1]:.1f}, {tokens / cpu[s][-1]:.1f} (loss {train_loss[s][-1]:.3f})"
+            for s in names), flush=True)
+    del sides
 
     memory = {}
     if args.device == "cpu":
-        memory = {side: run_child(__file__, side, tmp, f"{tmp}/batches.pt", "--threads", str(args.threads))
-                  for side in sides}
+        memory = {name: run_child(__file__, name, tmp, "--threads", str(args.threads), "--micro", str(args.micro))
+                  for name in names}
     rows = []
-    for side in sides:
-        speed = tokens / median(seconds[side])
-        reference = tokens / median(seconds[side.replace("ours", "transformers")])
-        row = [side, speed, speed / reference, memory.get(side, {}).get("peak_mib", "-"),
-               memory.get(side, {}).get("run_added_mib", "-")]
+    for name in names:
+        reference = name.replace("ours", "transformers")
+        speed = tokens / median(wall[name])
+        row = [name, speed, speed / (tokens / median(wall[reference])), tokens / median(cpu[name]),
+               median(cpu[reference]) / median(cpu[name]), " / ".join(f"{x:.3f}" for x in train_loss[name]),
+               memory.get(name, {}).get("peak_mib", "-"), memory.get(name, {}).get("run_added_mib", "-")]
         if args.peak_tflops:
-            row.append(f"{speed * model_flops_per_token(config, masked) / (args.peak_tflops * 1e12):.1%}")
+            row.append(f"{speed * model_flops_per_token(config, 0.15) / (args.peak_tflops * 1e12):.1%}")
         rows.append(row)
-    headers = ["row", "tokens/s", "x transformers (same precision)", "peak RSS MiB (load + run)", "MiB added by the run"]
+    headers = ["row", "tokens/s (wall)", "x transformers (wall)", "tokens per CPU second",
+               "x transformers (CPU time)", "train loss per step", "peak RSS MiB (load + run)",
+               "MiB added by the run"]
     print(table(headers + (["MFU"] if args.peak_tflops else []), rows))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per side (plus one warm-up)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per side (plus a warm-up)")
+    parser.add_argument("--micro", type=int, default=8, help="sequences per micro-batch")
+    parser.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12, help="12 is base size; fewer for a quick try")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 rows only")
+    parser.add_argument("--profile", action="store_true", help="profile one of our fp32 micro-steps instead")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, to report MFU")
-    parser.add_argument("--child", nargs=3, metavar=("SIDE", "MODEL", "BATCHES"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, metavar=("SIDE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     child(*args.child) if args.child else main()

@@ -26,7 +26,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 from .errors import RobertaError
-from .fileio import atomic_write
+from .fileio import atomic_write, default_mode
 from .model import RobertaConfig, RobertaForMaskedLM, RobertaModel, RobertaPreTrainedModel
 
 CONFIG_NAME = "config.json"
@@ -474,6 +474,7 @@ def save_model(model: RobertaPreTrainedModel, path: str | os.PathLike, tokenizer
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path / f".{SAFETENSORS_NAME}.tmp{os.getpid()}"
     save_safetensors(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, default_mode())  # safetensors creates it 0600
     os.replace(tmp, path / SAFETENSORS_NAME)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]

@@ -5,16 +5,21 @@ cut into chunks of CHUNK_ELEMENTS elements; each chunk is rearranged into byte p
 predictable bits share bytes, every plane is tried with zstd (its Huffman stage is what pays off
 here) and kept raw when that does not shrink it, and the chunk's stored bytes carry an xxh3 hash
 that is checked before anything is decoded. Chunks are independent, so both directions run on all
-cores (zstd, numpy and xxhash release the GIL).
+cores. Decoding is done by csrc/planes.c (built by setup.py): zstd without the GIL, then
+the planes put back together in one pass per chunk; without it, the zstandard package and numpy
+do the same, slower.
 
 How a chunk is rearranged ("transform"):
   fp16   fp32 values that survive a round trip through fp16 bit for bit (released roberta-base is
          such a checkpoint) are stored as their fp16 bits: half the bytes before any coding.
-  fp32   the top 16 bits (sign, 8 exponent bits, 7 mantissa bits) are rotated left by 4, so one
-         byte holds the low 5 exponent bits with the top 3 mantissa bits (coded jointly, which
-         also captures how the mantissa leans within a binade) and the other holds sign, the 3
-         near-constant top exponent bits and 4 mantissa bits; the low 16 bits are raw noise.
-  bf16   the same rotation of the 16 bits.
+  bf16   the 16 bits (sign s, exponent e7..e0, mantissa m6..m0) become five planes: the low 5
+         exponent bits with the top 2 mantissa bits in one byte per value (coded jointly, which also
+         captures how the mantissa leans within a binade: nearly all the information, and the only
+         plane that costs real decoding time; 2 mantissa bits code smaller and decode faster than 3),
+         the 3 top exponent bits in one byte per value (near-constant: zstd turns it into long
+         repeats that decode at memcpy speed), then noise stored raw: the signs and the mantissa bit
+         m4 packed 8 per byte, and the 4 low mantissa bits packed 2 per byte.
+  fp32   the top 16 bits as bf16, then the low 16 bits (noise) as they are.
   bytes  plain byte planes (fp16, fp64, integers, bool).
 
 File layout (little-endian):
@@ -44,8 +49,13 @@ from .checkpoint import CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAM
 from .errors import RobertaError
 from .fileio import atomic_write
 
+try:  # the C decoder built by setup.py; numpy and the zstandard package do the same, slower, without it
+    from . import _planes
+except ImportError:
+    _planes = None
+
 MAGIC = b"ROBERTAZ"
-VERSION = 1
+VERSION = 2  # 2: bf16/fp32 planes split so that one plane per value needs entropy decoding
 COMPRESSED_WEIGHTS_NAME = "model.rbz"
 CHUNK_ELEMENTS = 1 << 18
 ZSTD_LEVEL = 1  # higher levels only search harder for repeats, which weights do not have
@@ -75,10 +85,6 @@ def _corrupt(what: str, source: str) -> CorruptFileError:
 
 # --- chunk transforms ----------------------------------------------------------------------------
 
-def _rotl4(x: np.ndarray) -> np.ndarray:
-    return (x << 4) | (x >> 12)
-
-
 def _split_bytes(x: np.ndarray) -> list[np.ndarray]:
     """Byte planes of an array of n k-byte words: k arrays of n bytes, least significant first."""
     k = x.itemsize
@@ -94,19 +100,24 @@ def _join_bytes(planes: list[np.ndarray], out: np.ndarray) -> None:
         view[:, j] = plane
 
 
-def _join_rotated(lo: np.ndarray, hi: np.ndarray, out: np.ndarray) -> None:
-    """Undo _rotl4 on 16-bit words given as their two byte planes, in place in `out`.
+def _split_high(h: np.ndarray) -> list[np.ndarray]:
+    """The five bf16 planes of 16-bit words (see the module docstring), as the C decoder reads them."""
+    low4 = (h & 0xF).astype(np.uint8)
+    if low4.size % 2:
+        low4 = np.append(low4, np.uint8(0))
+    return [(h >> 5 & 0x7F).astype(np.uint8), (h >> 12 & 7).astype(np.uint8),
+            np.packbits((h >> 15).astype(np.uint8), bitorder="little"),
+            np.packbits((h >> 4 & 1).astype(np.uint8), bitorder="little"), low4[0::2] | low4[1::2] << 4]
 
-    Every step writes into `out` or this thread's scratch: fresh temporaries of this size would
-    cost a page fault per 4 KiB and take longer than the arithmetic.
-    """
-    tmp = _scratch("join", out.size, np.uint16)
-    np.copyto(out, hi)
-    np.left_shift(out, 8, out=out)
-    np.bitwise_or(out, lo, out=out)
-    np.right_shift(out, 4, out=tmp)
-    np.left_shift(out, 12, out=out)
-    np.bitwise_or(out, tmp, out=out)
+
+def _join_high(planes: list[np.ndarray], n: int) -> np.ndarray:
+    """Undo _split_high: n 16-bit words."""
+    joint, top, signs, m4, nibbles = planes
+    low4 = np.stack([nibbles & 0xF, nibbles >> 4], axis=1).reshape(-1)[:n].astype(np.uint16)
+    sign = np.unpackbits(signs, count=n, bitorder="little").astype(np.uint16)
+    bit4 = np.unpackbits(m4, count=n, bitorder="little").astype(np.uint16)
+    return (sign << 15 | (top & 7).astype(np.uint16) << 12 | (joint & 0x7F).astype(np.uint16) << 5
+            | bit4 << 4 | low4)
 
 
 def _encode_chunk(x: np.ndarray, dtype: str) -> tuple[str, list[np.ndarray]]:
@@ -115,40 +126,43 @@ def _encode_chunk(x: np.ndarray, dtype: str) -> tuple[str, list[np.ndarray]]:
         as_fp16 = torch.from_numpy(x.view(np.float32)).half()
         if np.array_equal(as_fp16.float().numpy().view(np.uint32), x):
             return "fp16", _split_bytes(as_fp16.view(torch.int16).numpy())
-        r = _rotl4((x >> 16).astype(np.uint16))
-        return "fp32", _split_bytes(r) + [(x & 0xFFFF).astype(np.uint16).view(np.uint8)]
+        return "fp32", _split_high((x >> 16).astype(np.uint16)) + [(x & 0xFFFF).astype(np.uint16).view(np.uint8)]
     if dtype == "bfloat16":
-        return "bf16", _split_bytes(_rotl4(x))
+        return "bf16", _split_high(x)
     return "bytes", _split_bytes(x)
 
 
-def _decode_chunk(transform: str, planes: list[np.ndarray], out: np.ndarray) -> None:
-    """Write one chunk's words into `out` (a slice of the result, as unsigned words)."""
+def _decode_chunk(transform: str, planes: list, out: np.ndarray) -> None:
+    """Write one chunk's words into `out` (a slice of the result, as unsigned words) from its planes
+    (buffers of bytes)."""
+    if _planes is not None:  # one pass over the chunk, straight into the result
+        join = {"bytes": _planes.join_bytes, "bf16": _planes.join_bf16, "fp32": _planes.join_fp32,
+                "fp16": _planes.join_fp16}[transform]
+        join(*planes, out)
+        return
+    planes = [np.frombuffer(p, np.uint8) for p in planes]
     if transform == "bytes":
         _join_bytes(planes, out)
     elif transform == "bf16":
-        _join_rotated(planes[0], planes[1], out)
+        out[:] = _join_high(planes, out.size)
     elif transform == "fp32":
-        high = _scratch("high", out.size, np.uint16)
-        _join_rotated(planes[0], planes[1], high)
-        np.copyto(out, high)
-        np.left_shift(out, 16, out=out)
-        np.bitwise_or(out, planes[2].view(np.uint16), out=out)
+        out[:] = _join_high(planes[:5], out.size).astype(np.uint32) << 16 | planes[5].view(np.uint16)
     elif transform == "fp16":
-        half = _scratch("high", out.size, np.uint16)
-        np.copyto(half, planes[1])
-        np.left_shift(half, 8, out=half)
-        np.bitwise_or(half, planes[0], out=half)
+        half = np.empty(out.size, np.uint16)
+        _join_bytes(planes, half)
         torch.from_numpy(out.view(np.float32)).copy_(torch.from_numpy(half.view(np.int16)).view(torch.float16))
     else:
         raise ValueError(transform)
 
 
 def _plane_sizes(transform: str, elements: int, itemsize: int) -> list[int]:
-    if transform in ("fp16", "bf16"):
+    if transform == "fp16":
         return [elements, elements]
+    high = [elements, elements, (elements + 7) // 8, (elements + 7) // 8, (elements + 1) // 2]
+    if transform == "bf16":
+        return high
     if transform == "fp32":
-        return [elements, elements, 2 * elements]
+        return high + [2 * elements]
     return [elements] * itemsize
 
 
@@ -157,6 +171,17 @@ _TRANSFORMS = {"float32": ("fp16", "fp32"), "bfloat16": ("bf16",)}
 
 
 # --- zstd and threads ----------------------------------------------------------------------------
+
+def _find_zstd() -> bool:
+    """Give the C decoder a zstd library to call without the GIL: the one inside the zstandard
+    package (the module of its cffi backend exports the zstd API), else the system's libzstd."""
+    import ctypes.util
+    candidates = sorted(Path(zstandard.__file__).parent.glob("_cffi*")) + [ctypes.util.find_library("zstd")]
+    return any(_planes.load_zstd(str(path)) for path in candidates if path)
+
+
+# The zstandard package holds the GIL while it decodes, so its decoding never uses two cores.
+_ZSTD_IN_C = _planes is not None and _find_zstd()
 
 _local = threading.local()
 
@@ -169,13 +194,30 @@ def _zstd():
     return _local.zstd
 
 
-def _scratch(slot: str, size: int, dtype) -> np.ndarray:
-    """This thread's reusable buffer `slot` of `size` elements (decoding allocates nothing per chunk)."""
-    buffers = _local.__dict__.setdefault("scratch", {})
-    buf = buffers.get(slot)
-    if buf is None or buf.nbytes < size * np.dtype(dtype).itemsize:
-        buf = buffers[slot] = np.empty(max(size, CHUNK_ELEMENTS) * np.dtype(dtype).itemsize, np.uint8)
-    return buf[:size * np.dtype(dtype).itemsize].view(dtype)
+def _plane_buffer(index: int, size: int) -> np.ndarray:
+    """This thread's reusable buffer for plane `index`: decoding allocates nothing per chunk, so it
+    pays no page faults."""
+    buffers = _local.__dict__.setdefault("planes", {})
+    if index not in buffers or buffers[index].size < size:
+        buffers[index] = np.empty(max(size, CHUNK_ELEMENTS), np.uint8)
+    return buffers[index][:size]
+
+
+def _unzstd(frame, buf: np.ndarray) -> bool:
+    """Decode one zstd frame into buf; False unless it is valid and fills buf exactly."""
+    if _ZSTD_IN_C and _planes is not None:  # outside the GIL: the threads decode at the same time
+        try:
+            return _planes.zstd_into(frame, buf) == buf.size
+        except ValueError:
+            return False
+    try:
+        with _zstd()[1].stream_reader(frame) as reader:
+            filled = reader.readinto(buf)
+            while filled < buf.size and (more := reader.readinto(buf[filled:])):
+                filled += more
+            return filled == buf.size and not reader.read(1)
+    except zstandard.ZstdError:
+        return False
 
 
 @lru_cache(maxsize=None)
@@ -290,25 +332,16 @@ def decompress_tensor(blob, threads: int | None = None, name: str = "tensor", so
         stored = blob[offset:offset + sum(length for _, length, _ in planes)]
         if xxhash.xxh3_64_intdigest(stored) != digest:
             raise _corrupt(f"{what} chunk {index}", source)
-        decompressor = _zstd()[1]
         arrays, at = [], 0
         for plane, (codec, length, size) in enumerate(planes):
             data = stored[at:at + length]
             at += length
-            if codec == ZSTD:  # decoded into a reused buffer: no allocation, no page faults
-                buf = _scratch(f"plane{plane}", size, np.uint8)
-                try:
-                    with decompressor.stream_reader(data) as reader:
-                        filled = reader.readinto(buf)
-                        while filled < size and (more := reader.readinto(buf[filled:])):
-                            filled += more
-                        extra = reader.read(1)
-                except zstandard.ZstdError as exc:
-                    raise _corrupt(f"{what} chunk {index}", source) from exc
-                if filled != size or extra:
+            if codec == ZSTD:
+                buf = _plane_buffer(plane, size)
+                if not _unzstd(data, buf):
                     raise _corrupt(f"{what} chunk {index}", source)
                 data = buf
-            arrays.append(np.frombuffer(data, np.uint8))
+            arrays.append(data)
         _decode_chunk(transform, arrays, out[start:start + elements])
 
     _map(decode, list(enumerate(header["chunks"])), threads)

@@ -11,7 +11,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     path = Path(path)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.fchmod(handle, default_mode())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(handle, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
@@ -20,7 +20,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
         raise
 
 
-def _umask() -> int:
+def default_mode() -> int:
+    """Permissions a newly created file gets from the umask (0o644 under the usual 022)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask

@@ -148,6 +148,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("name", ["model.pt", "pytorch_model.bin"])
 def test_a_pickle_that_runs_code_is_refused(tmp_path, mlm, name):
     marker = tmp_path / "pwned"

@@ -1,5 +1,6 @@
 """roberta.compress: bit-exact round trips, the file format's checks, checkpoint conversion, the CLI."""
 import json
+import os
 import random
 import struct
 
@@ -40,9 +41,21 @@ def assert_same(a: torch.Tensor, b: torch.Tensor):
     assert bits(a) == bits(b)
 
 
+@pytest.fixture(params=["C", "numpy"])
+def reassembly(request, monkeypatch):
+    """Run a test once with the C reassembly and once with the numpy fallback."""
+    if request.param == "numpy":
+        monkeypatch.setattr(compress, "_planes", None)
+    elif compress._planes is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("roberta._planes is not built: `pip install -e .` compiles it")
+        pytest.skip("roberta._planes is not built (pip install -e . compiles it)")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [0, 1, 3, 1000, compress.CHUNK_ELEMENTS + 1])
-def test_round_trip_is_bit_exact(dtype, n):
+def test_round_trip_is_bit_exact(dtype, n, reassembly):
     t = random_tensor(dtype, n)
     out = compress.decompress_tensor(compress.compress_tensor(t))
     assert_same(out, t)
@@ -54,7 +67,7 @@ def test_odd_byte_sizes(nbytes):
     assert_same(compress.decompress_tensor(compress.compress_tensor(t)), t)
 
 
-def test_every_float32_bit_pattern_class_survives():
+def test_every_float32_bit_pattern_class_survives(reassembly):
     # Random words cover NaNs with payloads, infinities, subnormals and both zeros.
     words = np.random.default_rng(0).integers(0, 2**32, 300_000, dtype=np.uint64).astype(np.uint32)
     t = torch.from_numpy(words.view(np.float32).copy()).reshape(300, 1000)
@@ -65,6 +78,71 @@ def test_fp16_exact_chunk_with_a_nan_payload_fp16_cannot_hold():
     t = (torch.randn(5000) * 0.05).half().float()
     t[17] = torch.from_numpy(np.array([0x7FC00001], np.uint32).view(np.float32))[0]
     assert_same(compress.decompress_tensor(compress.compress_tensor(t)), t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64], ids=str)
+def test_c_and_numpy_reassembly_agree_bit_for_bit(dtype, monkeypatch):
+    if compress._planes is None:
+        pytest.skip("roberta._planes is not built")
+    words = np.random.default_rng(1).integers(0, 2**63, 70_005, dtype=np.uint64)
+    x = words.view(compress._BITS[torch.empty((), dtype=dtype).element_size()])[:70_005]
+    if dtype == torch.float32:  # half the chunks fp16-exact, with every fp16 bit pattern among them
+        fp16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+        x = np.concatenate([fp16.numpy().view(np.uint32), x])
+    name, transforms = compress._dtype_name(dtype), set()
+    for start in range(0, x.size, 65536):
+        transform, planes = compress._encode_chunk(x[start:start + 65536], name)
+        transforms.add(transform)
+        with_c, with_numpy = np.empty_like(x[start:start + 65536]), np.zeros_like(x[start:start + 65536])
+        compress._decode_chunk(transform, planes, with_c)
+        with monkeypatch.context() as m:
+            m.setattr(compress, "_planes", None)
+            compress._decode_chunk(transform, planes, with_numpy)
+        np.testing.assert_array_equal(with_c, x[start:start + 65536])
+        np.testing.assert_array_equal(with_numpy, with_c)
+    assert transforms == {torch.float32: {"fp16", "fp32"}, torch.bfloat16: {"bf16"}}.get(dtype, {"bytes"})
+
+
+def test_c_fp16_conversion_equals_torch_on_every_bit_pattern():
+    if compress._planes is None:
+        pytest.skip("roberta._planes is not built")
+    half = np.arange(2**16, dtype=np.uint16)
+    expected = torch.from_numpy(half.view(np.int16)).view(torch.float16).float().numpy().view(np.uint32)
+    lo, hi = (np.ascontiguousarray(half.view(np.uint8)[j::2]) for j in (0, 1))
+    out = np.empty_like(expected)
+    compress._planes.join_fp16(lo, hi, out)  # vector loop
+    np.testing.assert_array_equal(out, expected)
+    out[:] = 0
+    for start in range(0, 2**16, 7):  # fewer than 8 words: the plain loop that handles tails
+        compress._planes.join_fp16(lo[start:start + 7], hi[start:start + 7], out[start:start + 7])
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_c_zstd_decoding_checks_the_frame_and_the_output_size():
+    if compress._planes is None:
+        pytest.skip("roberta._planes is not built")
+    assert compress._ZSTD_IN_C  # the zstandard package ships a zstd library the extension can use
+    plane = np.random.default_rng(2).integers(0, 9, 5000).astype(np.uint8)
+    frame = compress._zstd()[0].compress(plane)
+    out = np.empty(5000, np.uint8)
+    assert compress._planes.zstd_into(frame, out) == 5000
+    np.testing.assert_array_equal(out, plane)
+    assert compress._unzstd(frame, out) and not compress._unzstd(frame, out[:4999])
+    assert not compress._unzstd(frame[:-3], out) and not compress._unzstd(b"not zstd", out)
+    with pytest.raises(ValueError, match="not a valid zstd frame"):
+        compress._planes.zstd_into(frame, np.empty(4999, np.uint8))
+
+
+def test_c_reassembly_refuses_mismatched_buffers():
+    if compress._planes is None:
+        pytest.skip("roberta._planes is not built")
+    planes = [np.zeros(10, np.uint8), np.zeros(10, np.uint8)]
+    with pytest.raises(ValueError, match="sizes do not match"):
+        compress._planes.join_bf16(*planes, *planes, np.zeros(5, np.uint8), np.zeros(11, np.uint16))
+    with pytest.raises(ValueError, match="sizes do not match"):
+        compress._planes.join_fp32(*planes, np.zeros(2, np.uint8), np.zeros(2, np.uint8), np.zeros(5, np.uint8), np.zeros(18, np.uint8), np.zeros(10, np.uint32))
+    with pytest.raises(BufferError):
+        compress._planes.join_fp16(*planes, np.zeros(10, np.uint32).data.toreadonly())
 
 
 def test_shapes_scalars_and_non_contiguous_inputs():
@@ -172,7 +250,7 @@ def test_wrong_magic_and_unsupported_version(tmp_path):
     with pytest.raises(RobertaError, match="not a roberta compressed checkpoint .*bad magic"):
         compress.load_file(path)
     path.write_bytes(data[:8] + struct.pack("<I", 7) + data[12:])
-    with pytest.raises(RobertaError, match="format version 7, this roberta reads version 1"):
+    with pytest.raises(RobertaError, match=f"format version 7, this roberta reads version {compress.VERSION}"):
         compress.read_metadata(path)
     with pytest.raises(RobertaError, match="does not exist"):
         compress.load_file(tmp_path / "missing.rbz")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import RobertaError
+from .fileio import atomic_write
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,7 +136,7 @@ class RobertaConfig:
         return self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
 
     def save(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RobertaConfig":
@@ -152,13 +153,6 @@ class RobertaConfig:
             return cls.from_dict(d)
         except TypeError as exc:
             raise RobertaError(f"{path} has a field of the wrong type ({exc})") from None
-
-
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------

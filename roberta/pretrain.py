@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from safetensors.torch import load_file
 
 from .data import PackedDataset, collate, mask_tokens, masking_for, sample_rng, step_samples
 from .errors import RobertaError
+from .fileio import atomic_write
 from .model import RobertaConfig, RobertaForMaskedLM
 
 
@@ -318,9 +320,7 @@ class Metrics:
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step] \
             if step else []
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, **entry) -> None:
         if self.enabled:
@@ -351,10 +351,10 @@ def plot_curves(metrics: Path, png: Path) -> None:
     ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train])
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
     fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=80)
     plt.close(fig)
-    os.replace(tmp, png)
+    atomic_write(png, image.getvalue())
 
 
 @torch.no_grad()
@@ -483,9 +483,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
     metrics = Metrics(out, d.main)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "pretrain.json.tmp"
-        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        os.replace(tmp, out / "pretrain.json")
+        atomic_write(out / "pretrain.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         metrics.truncate(step)
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         print(f"pretraining {cfg.model} ({n_params / 1e6:.1f}M parameters) on {len(train)} sequences of <= "

@@ -5,20 +5,22 @@ cut into chunks of CHUNK_ELEMENTS elements; each chunk is rearranged into byte p
 predictable bits share bytes, every plane is tried with zstd (its Huffman stage is what pays off
 here) and kept raw when that does not shrink it, and the chunk's stored bytes carry an xxh3 hash
 that is checked before anything is decoded. Chunks are independent, so both directions run on all
-cores. Decoding is done by csrc/planes.c (built by setup.py): zstd without the GIL, then
-the planes put back together in one pass per chunk; without it, the zstandard package and numpy
-do the same, slower.
+cores. Decoding is done by csrc/planes.c (built by setup.py): hash checks, zstd and reassembly
+of each chunk in one pass, on all cores without the GIL; without it, the zstandard and xxhash
+packages and numpy do the same, slower.
 
 How a chunk is rearranged ("transform"):
   fp16   fp32 values that survive a round trip through fp16 bit for bit (released roberta-base is
          such a checkpoint) are stored as their fp16 bits: half the bytes before any coding.
-  bf16   the 16 bits (sign s, exponent e7..e0, mantissa m6..m0) become five planes: the low 5
-         exponent bits with the top 2 mantissa bits in one byte per value (coded jointly, which also
-         captures how the mantissa leans within a binade: nearly all the information, and the only
-         plane that costs real decoding time; 2 mantissa bits code smaller and decode faster than 3),
-         the 3 top exponent bits in one byte per value (near-constant: zstd turns it into long
-         repeats that decode at memcpy speed), then noise stored raw: the signs and the mantissa bit
-         m4 packed 8 per byte, and the 4 low mantissa bits packed 2 per byte.
+  bf16   the 16 bits (sign s, exponent e7..e0, mantissa m6..m0) become five planes. First, one byte
+         per value holding its exponent's offset from the chunk's base exponent (5 bits: the chunk's
+         most populated window of 32 binades) with the top 2 mantissa bits: coded jointly, which also
+         captures how the mantissa leans within a binade (nearly all the information, and the only
+         plane that costs real decoding time; 2 mantissa bits code smaller and decode faster than 3).
+         Values whose exponent falls outside the window (zeros, subnormals, infinities, NaNs, rare
+         extremes) set the byte's top bit instead, and their exponents follow the base exponent, in
+         order, in the second plane. Then noise stored raw: the signs and the mantissa bit m4 packed
+         8 per byte, and the 4 low mantissa bits packed 2 per byte.
   fp32   the top 16 bits as bf16, then the low 16 bits (noise) as they are.
   bytes  plain byte planes (fp16, fp64, integers, bool).
 
@@ -26,7 +28,7 @@ File layout (little-endian):
   MAGIC | u32 version | u32 header length | u64 xxh3 of header | header JSON | tensor blobs
   header JSON: {"size": file size, "metadata": {str: str}, "tensors": {name: [offset, length]}}
   tensor blob: u32 length | u64 xxh3 | JSON {"dtype", "shape", "chunks": [[transform, elements,
-               xxh3 of the chunk's stored bytes, [[codec, stored length] per plane]], ...]} | chunks
+               xxh3 of the chunk's stored bytes, [[codec, stored length, size] per plane]], ...]} | chunks
 Every byte of the file is covered by a hash or a check, so corruption is an error, never weights.
 """
 from __future__ import annotations
@@ -55,9 +57,9 @@ except ImportError:
     _planes = None
 
 MAGIC = b"ROBERTAZ"
-VERSION = 2  # 2: bf16/fp32 planes split so that one plane per value needs entropy decoding
+VERSION = 3  # 3: exponents relative to a base per chunk, outliers listed; decoding in C on all cores
 COMPRESSED_WEIGHTS_NAME = "model.rbz"
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 17  # small enough that two threads share a 768 x 768 matrix evenly
 ZSTD_LEVEL = 1  # higher levels only search harder for repeats, which weights do not have
 KEEP_RAW_ABOVE = 0.98  # a plane that zstd shrinks by less than 2% is stored raw: faster to read
 
@@ -102,29 +104,47 @@ def _join_bytes(planes: list[np.ndarray], out: np.ndarray) -> None:
 
 def _split_high(h: np.ndarray) -> list[np.ndarray]:
     """The five bf16 planes of 16-bit words (see the module docstring), as the C decoder reads them."""
+    exponent = (h >> 7).astype(np.uint8)  # the sign bit falls off
+    # The window [base, base + 31] that holds the most values, judged on a sample (any base decodes);
+    # of windows that tie, the middle one, to leave room for what the sample missed on both sides.
+    in_window = np.convolve(np.bincount(exponent[::16], minlength=256), np.ones(32, np.int64), "valid")
+    best = np.flatnonzero(in_window == in_window.max())
+    base = int(best[len(best) // 2])
+    offset = exponent - np.uint8(base)  # wraps around: outside the window is 32 or more
+    mantissa = (h >> 5 & 3).astype(np.uint8)
+    joint = offset << 2 | mantissa
+    outside = np.flatnonzero(offset >= 32)
+    joint[outside] = 0x80 | mantissa[outside]
+    outliers = np.concatenate([np.array([base], np.uint8), exponent[outside]])
     low4 = (h & 0xF).astype(np.uint8)
     if low4.size % 2:
         low4 = np.append(low4, np.uint8(0))
-    return [(h >> 5 & 0x7F).astype(np.uint8), (h >> 12 & 7).astype(np.uint8),
-            np.packbits((h >> 15).astype(np.uint8), bitorder="little"),
-            np.packbits((h >> 4 & 1).astype(np.uint8), bitorder="little"), low4[0::2] | low4[1::2] << 4]
+    pairs = low4.view(np.uint16)  # (a, b) is a | b << 8; the plane wants a | b << 4
+    return [joint, outliers, np.packbits((h >> 15).astype(np.uint8), bitorder="little"),
+            np.packbits((h >> 4 & 1).astype(np.uint8), bitorder="little"), (pairs | pairs >> 4).astype(np.uint8)]
 
 
 def _join_high(planes: list[np.ndarray], n: int) -> np.ndarray:
-    """Undo _split_high: n 16-bit words."""
-    joint, top, signs, m4, nibbles = planes
+    """Undo _split_high: n 16-bit words. ValueError if the outlier count does not match."""
+    joint, outliers, signs, m4, nibbles = planes
     low4 = np.stack([nibbles & 0xF, nibbles >> 4], axis=1).reshape(-1)[:n].astype(np.uint16)
     sign = np.unpackbits(signs, count=n, bitorder="little").astype(np.uint16)
     bit4 = np.unpackbits(m4, count=n, bitorder="little").astype(np.uint16)
-    return (sign << 15 | (top & 7).astype(np.uint16) << 12 | (joint & 0x7F).astype(np.uint16) << 5
-            | bit4 << 4 | low4)
+    joint = joint.astype(np.uint16)
+    words = sign << 15 | (np.uint16(outliers[0]) << 7) + ((joint & 0x7F) << 5) | bit4 << 4 | low4
+    flagged = np.flatnonzero(joint & 0x80)
+    if flagged.size != outliers.size - 1:
+        raise ValueError("outlier count")
+    words[flagged] = words[flagged] & 0x807F | outliers[1:].astype(np.uint16) << 7
+    return words
 
 
 def _encode_chunk(x: np.ndarray, dtype: str) -> tuple[str, list[np.ndarray]]:
     """Pick a transform for one chunk (an array of unsigned words) and return its byte planes."""
     if dtype == "float32":
         as_fp16 = torch.from_numpy(x.view(np.float32)).half()
-        if np.array_equal(as_fp16.float().numpy().view(np.uint32), x):
+        # NaNs stay fp32: how a NaN's payload survives a conversion differs between code paths.
+        if np.array_equal(as_fp16.float().numpy().view(np.uint32), x) and not torch.isnan(as_fp16).any():
             return "fp16", _split_bytes(as_fp16.view(torch.int16).numpy())
         return "fp32", _split_high((x >> 16).astype(np.uint16)) + [(x & 0xFFFF).astype(np.uint16).view(np.uint8)]
     if dtype == "bfloat16":
@@ -134,12 +154,7 @@ def _encode_chunk(x: np.ndarray, dtype: str) -> tuple[str, list[np.ndarray]]:
 
 def _decode_chunk(transform: str, planes: list, out: np.ndarray) -> None:
     """Write one chunk's words into `out` (a slice of the result, as unsigned words) from its planes
-    (buffers of bytes)."""
-    if _planes is not None:  # one pass over the chunk, straight into the result
-        join = {"bytes": _planes.join_bytes, "bf16": _planes.join_bf16, "fp32": _planes.join_fp32,
-                "fp16": _planes.join_fp16}[transform]
-        join(*planes, out)
-        return
+    (buffers of bytes): the numpy fallback of csrc/planes.c."""
     planes = [np.frombuffer(p, np.uint8) for p in planes]
     if transform == "bytes":
         _join_bytes(planes, out)
@@ -155,10 +170,11 @@ def _decode_chunk(transform: str, planes: list, out: np.ndarray) -> None:
         raise ValueError(transform)
 
 
-def _plane_sizes(transform: str, elements: int, itemsize: int) -> list[int]:
+def _plane_sizes(transform: str, elements: int, itemsize: int) -> list[int | None]:
+    """The decoded size of each plane; None for the outlier plane, which holds 1 to elements + 1."""
     if transform == "fp16":
         return [elements, elements]
-    high = [elements, elements, (elements + 7) // 8, (elements + 7) // 8, (elements + 1) // 2]
+    high = [elements, None, (elements + 7) // 8, (elements + 7) // 8, (elements + 1) // 2]
     if transform == "bf16":
         return high
     if transform == "fp32":
@@ -172,16 +188,27 @@ _TRANSFORMS = {"float32": ("fp16", "fp32"), "bfloat16": ("bf16",)}
 
 # --- zstd and threads ----------------------------------------------------------------------------
 
-def _find_zstd() -> bool:
-    """Give the C decoder a zstd library to call without the GIL: the one inside the zstandard
-    package (the module of its cffi backend exports the zstd API), else the system's libzstd."""
+def _load_c_decoder() -> bool:
+    """Give the C decoder zstd and xxh3 to call without the GIL. zstd: the system's libzstd where there
+    is one (distributions build it with the assembly Huffman decoder, 15% faster on the coded planes
+    than the copy inside the zstandard wheel, which is built without it), else the zstandard
+    package's; xxh3: the xxhash package's (its extension module exports the API), else the system's."""
+    if _planes is None:
+        return False
     import ctypes.util
-    candidates = sorted(Path(zstandard.__file__).parent.glob("_cffi*")) + [ctypes.util.find_library("zstd")]
-    return any(_planes.load_zstd(str(path)) for path in candidates if path)
+    zstd = [ctypes.util.find_library("zstd")] + sorted(Path(zstandard.__file__).parent.glob("_cffi*"))
+    xxh3 = sorted(Path(xxhash.__file__).parent.glob("_xxhash*")) + [ctypes.util.find_library("xxhash")]
+    if not any(_planes.load_zstd(str(path)) for path in zstd if path):
+        return False
+    if not any(_planes.load_xxh3(str(path)) for path in xxh3 if path):
+        return False
+    probes = [bytes(range(256))[:n] * 5 for n in (0, 3, 30, 256)]  # every length class of XXH3
+    return all(_planes.xxh3(probe) == xxhash.xxh3_64_intdigest(probe) for probe in probes)
 
 
-# The zstandard package holds the GIL while it decodes, so its decoding never uses two cores.
-_ZSTD_IN_C = _planes is not None and _find_zstd()
+# Decoding in C: hashes, zstd and reassembly on all cores without the GIL (the zstandard and
+# xxhash packages hold the GIL while they work, so Python threads cannot run them side by side).
+_C_DECODER = _load_c_decoder()
 
 _local = threading.local()
 
@@ -205,11 +232,6 @@ def _plane_buffer(index: int, size: int) -> np.ndarray:
 
 def _unzstd(frame, buf: np.ndarray) -> bool:
     """Decode one zstd frame into buf; False unless it is valid and fills buf exactly."""
-    if _ZSTD_IN_C and _planes is not None:  # outside the GIL: the threads decode at the same time
-        try:
-            return _planes.zstd_into(frame, buf) == buf.size
-        except ValueError:
-            return False
     try:
         with _zstd()[1].stream_reader(frame) as reader:
             filled = reader.readinto(buf)
@@ -268,7 +290,7 @@ def compress_tensor(tensor: torch.Tensor, threads: int | None = None) -> bytes:
             codec = ZSTD if len(packed) < KEEP_RAW_ABOVE * plane.nbytes else RAW
             data = packed if codec == ZSTD else plane.tobytes()
             stored.append(data)
-            table.append([codec, len(data)])
+            table.append([codec, len(data), plane.nbytes])
         data = b"".join(stored)
         return [transform, chunk.size, xxhash.xxh3_64_intdigest(data), table], data
 
@@ -299,8 +321,10 @@ def _parse_blob_header(blob: memoryview, what: str, source: str) -> tuple[dict, 
             if (transform not in allowed or type(elements) is not int or not 0 < elements <= CHUNK_ELEMENTS
                     or len(table) != len(sizes)):
                 raise ValueError
-            planes = [(int(codec), int(length), size) for (codec, length), size in zip(table, sizes)]
-            if any(codec not in (RAW, ZSTD) or (codec == RAW and length != size) for codec, length, size in planes):
+            planes = [(int(codec), int(length), int(size)) for codec, length, size in table]
+            if any(codec not in (RAW, ZSTD) or length < 0 or (codec == RAW and length != size)
+                   or (size != expect if expect is not None else not 1 <= size <= elements + 1)
+                   for (codec, length, size), expect in zip(planes, sizes)):
                 raise ValueError
             stored = sum(length for _, length, _ in planes)
             layout.append((transform, total, elements, int(digest), offset, planes))
@@ -342,10 +366,31 @@ def decompress_tensor(blob, threads: int | None = None, name: str = "tensor", so
                     raise _corrupt(f"{what} chunk {index}", source)
                 data = buf
             arrays.append(data)
-        _decode_chunk(transform, arrays, out[start:start + elements])
+        try:
+            _decode_chunk(transform, arrays, out[start:start + elements])
+        except ValueError:  # hashes match, yet the planes disagree: written wrong, or forged
+            raise _corrupt(f"{what} chunk {index}", source) from None
 
-    _map(decode, list(enumerate(header["chunks"])), threads)
+    if _C_DECODER:
+        failed = _planes.decode_chunks(blob, _chunk_table(header["chunks"]), out, threads or os.cpu_count() or 1)
+        if failed >= 0:
+            raise _corrupt(f"{what} chunk {failed}", source)
+    else:
+        _map(decode, list(enumerate(header["chunks"])), threads)
     return result
+
+
+_TRANSFORM_CODES = {"bytes": 0, "fp16": 1, "bf16": 2, "fp32": 3}  # as csrc/planes.c numbers them
+
+
+def _chunk_table(chunks: list) -> np.ndarray:
+    """The parsed chunk layout as the int64 rows decode_chunks reads: transform, first element,
+    elements, hash, offset, plane count, then (codec, stored length, size) for up to 8 planes."""
+    table = np.zeros((len(chunks), 30), np.uint64)
+    for row, (transform, start, elements, digest, offset, planes) in zip(table, chunks):
+        row[:6] = _TRANSFORM_CODES[transform], start, elements, digest, offset, len(planes)
+        row[6:6 + 3 * len(planes)] = [value for plane in planes for value in plane]
+    return table.view(np.int64)
 
 
 # --- files ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 
 from roberta import RobertaConfig, RobertaForMaskedLM, compress
@@ -15,6 +16,10 @@ from roberta.errors import RobertaError
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16,
           torch.int32, torch.int64, torch.uint8, torch.bool]
+
+
+_FP16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+FP16_NOT_NAN = _FP16[~_FP16.isnan()]  # every other fp16 bit pattern: subnormals, zeros, infinities
 
 
 def random_tensor(dtype, n, seed=0):
@@ -41,20 +46,27 @@ def assert_same(a: torch.Tensor, b: torch.Tensor):
     assert bits(a) == bits(b)
 
 
+def require_c_decoder():
+    if compress._C_DECODER:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("the C decoder is not available: `pip install -e .` compiles roberta._planes, and the "
+                    "zstandard and xxhash packages must ship their libraries")
+    pytest.skip("the C decoder is not available (pip install -e . compiles roberta._planes)")
+
+
 @pytest.fixture(params=["C", "numpy"])
 def reassembly(request, monkeypatch):
-    """Run a test once with the C reassembly and once with the numpy fallback."""
+    """Run a test once with the C decoder and once with the numpy fallback."""
     if request.param == "numpy":
-        monkeypatch.setattr(compress, "_planes", None)
-    elif compress._planes is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("roberta._planes is not built: `pip install -e .` compiles it")
-        pytest.skip("roberta._planes is not built (pip install -e . compiles it)")
+        monkeypatch.setattr(compress, "_C_DECODER", False)
+    else:
+        require_c_decoder()
     return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [0, 1, 3, 1000, compress.CHUNK_ELEMENTS + 1])
+@pytest.mark.parametrize("n", [0, 1, 3, 17, 1000, 2 * compress.CHUNK_ELEMENTS + 33])
 def test_round_trip_is_bit_exact(dtype, n, reassembly):
     t = random_tensor(dtype, n)
     out = compress.decompress_tensor(compress.compress_tensor(t))
@@ -81,68 +93,71 @@ def test_fp16_exact_chunk_with_a_nan_payload_fp16_cannot_hold():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64], ids=str)
-def test_c_and_numpy_reassembly_agree_bit_for_bit(dtype, monkeypatch):
-    if compress._planes is None:
-        pytest.skip("roberta._planes is not built")
+def test_c_and_numpy_decoders_agree_bit_for_bit(dtype, monkeypatch):
+    require_c_decoder()
     words = np.random.default_rng(1).integers(0, 2**63, 70_005, dtype=np.uint64)
     x = words.view(compress._BITS[torch.empty((), dtype=dtype).element_size()])[:70_005]
-    if dtype == torch.float32:  # half the chunks fp16-exact, with every fp16 bit pattern among them
-        fp16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    if dtype == torch.float32:  # a chunk of every fp16 bit pattern but NaNs: the fp16 transform
+        fp16 = torch.zeros(compress.CHUNK_ELEMENTS)
+        fp16[:len(FP16_NOT_NAN)] = FP16_NOT_NAN.float()
         x = np.concatenate([fp16.numpy().view(np.uint32), x])
-    name, transforms = compress._dtype_name(dtype), set()
-    for start in range(0, x.size, 65536):
-        transform, planes = compress._encode_chunk(x[start:start + 65536], name)
-        transforms.add(transform)
-        with_c, with_numpy = np.empty_like(x[start:start + 65536]), np.zeros_like(x[start:start + 65536])
-        compress._decode_chunk(transform, planes, with_c)
-        with monkeypatch.context() as m:
-            m.setattr(compress, "_planes", None)
-            compress._decode_chunk(transform, planes, with_numpy)
-        np.testing.assert_array_equal(with_c, x[start:start + 65536])
-        np.testing.assert_array_equal(with_numpy, with_c)
+    if dtype in (torch.float32, torch.bfloat16):  # and a chunk of trained-like weights, few outliers
+        weights = (torch.randn(compress.CHUNK_ELEMENTS) * 0.03).to(dtype)
+        x = np.concatenate([x, compress._words(weights)])
+    t = torch.from_numpy(x).view(dtype) if dtype != torch.float16 else torch.from_numpy(x.view(np.int16)).view(dtype)
+    blob = compress.compress_tensor(t)
+    header, _ = compress._parse_blob_header(memoryview(blob), "t", "test")
+    transforms = {transform for transform, *_ in header["chunks"]}
     assert transforms == {torch.float32: {"fp16", "fp32"}, torch.bfloat16: {"bf16"}}.get(dtype, {"bytes"})
+    with_c = compress.decompress_tensor(blob)
+    monkeypatch.setattr(compress, "_C_DECODER", False)
+    assert_same(with_c, t)
+    assert_same(compress.decompress_tensor(blob), t)
+
+
+def test_exponents_outside_the_window_are_outliers_and_come_back():
+    # Weights spread over 200 binades: most of each chunk falls outside any 32-binade window.
+    exponents = torch.randint(-100, 100, (50_000,), generator=torch.Generator().manual_seed(3))
+    t = torch.randn(50_000) * torch.exp2(exponents.float())
+    for dtype in (torch.float32, torch.bfloat16):
+        blob = compress.compress_tensor(t.to(dtype))
+        header, _ = compress._parse_blob_header(memoryview(blob), "t", "test")
+        (transform, _, elements, _, _, planes), = header["chunks"]
+        assert planes[1][2] > elements // 2  # the outlier plane holds most exponents
+        assert_same(compress.decompress_tensor(blob), t.to(dtype))
 
 
 def test_c_fp16_conversion_equals_torch_on_every_bit_pattern():
-    if compress._planes is None:
-        pytest.skip("roberta._planes is not built")
-    half = np.arange(2**16, dtype=np.uint16)
-    expected = torch.from_numpy(half.view(np.int16)).view(torch.float16).float().numpy().view(np.uint32)
-    lo, hi = (np.ascontiguousarray(half.view(np.uint8)[j::2]) for j in (0, 1))
-    out = np.empty_like(expected)
-    compress._planes.join_fp16(lo, hi, out)  # vector loop
-    np.testing.assert_array_equal(out, expected)
-    out[:] = 0
-    for start in range(0, 2**16, 7):  # fewer than 8 words: the plain loop that handles tails
-        compress._planes.join_fp16(lo[start:start + 7], hi[start:start + 7], out[start:start + 7])
-    np.testing.assert_array_equal(out, expected)
+    require_c_decoder()
+    for n in (len(FP16_NOT_NAN), 7, 1):  # the vector loop, and the plain loop that handles tails
+        t = FP16_NOT_NAN[-n:].float()
+        assert_same(compress.decompress_tensor(compress.compress_tensor(t)), t)
 
 
-def test_c_zstd_decoding_checks_the_frame_and_the_output_size():
-    if compress._planes is None:
-        pytest.skip("roberta._planes is not built")
-    assert compress._ZSTD_IN_C  # the zstandard package ships a zstd library the extension can use
-    plane = np.random.default_rng(2).integers(0, 9, 5000).astype(np.uint8)
-    frame = compress._zstd()[0].compress(plane)
-    out = np.empty(5000, np.uint8)
-    assert compress._planes.zstd_into(frame, out) == 5000
-    np.testing.assert_array_equal(out, plane)
-    assert compress._unzstd(frame, out) and not compress._unzstd(frame, out[:4999])
-    assert not compress._unzstd(frame[:-3], out) and not compress._unzstd(b"not zstd", out)
-    with pytest.raises(ValueError, match="not a valid zstd frame"):
-        compress._planes.zstd_into(frame, np.empty(4999, np.uint8))
+def test_the_c_decoder_uses_the_same_xxh3():
+    require_c_decoder()
+    for n in (0, 1, 16, 17, 128, 129, 240, 241, 5000):
+        data = bytes(range(256)) * 20
+        assert compress._planes.xxh3(data[:n]) == xxhash.xxh3_64_intdigest(data[:n])
 
 
-def test_c_reassembly_refuses_mismatched_buffers():
-    if compress._planes is None:
-        pytest.skip("roberta._planes is not built")
-    planes = [np.zeros(10, np.uint8), np.zeros(10, np.uint8)]
-    with pytest.raises(ValueError, match="sizes do not match"):
-        compress._planes.join_bf16(*planes, *planes, np.zeros(5, np.uint8), np.zeros(11, np.uint16))
-    with pytest.raises(ValueError, match="sizes do not match"):
-        compress._planes.join_fp32(*planes, np.zeros(2, np.uint8), np.zeros(2, np.uint8), np.zeros(5, np.uint8), np.zeros(18, np.uint8), np.zeros(10, np.uint32))
+def test_c_decoder_refuses_a_table_that_does_not_fit_the_buffers():
+    require_c_decoder()
+    blob = compress.compress_tensor(torch.randn(1000).bfloat16())
+    header, _ = compress._parse_blob_header(memoryview(blob), "t", "test")
+    table = compress._chunk_table(header["chunks"])
+    out = np.empty(1000, np.uint16)
+    assert compress._planes.decode_chunks(blob, table, out, 2) == -1
+    for column, value, message in [(2, 1001, "outside the output"), (4, len(blob), "outside the blob"),
+                                   (8, 999, "plane sizes"), (0, 9, "unknown transform")]:
+        bad = table.copy()
+        bad[0, column] = value
+        with pytest.raises(ValueError, match=message):
+            compress._planes.decode_chunks(blob, bad, out, 2)
+    with pytest.raises(ValueError, match="outside the output"):
+        compress._planes.decode_chunks(blob, table, np.empty(999, np.uint16), 2)
     with pytest.raises(BufferError):
-        compress._planes.join_fp16(*planes, np.zeros(10, np.uint32).data.toreadonly())
+        compress._planes.decode_chunks(blob, table, out.data.toreadonly(), 2)
 
 
 def test_shapes_scalars_and_non_contiguous_inputs():
@@ -212,7 +227,7 @@ def test_a_tensor_is_read_without_touching_the_others(tmp_path, monkeypatch):
         compress.load_file(path)
 
 
-def test_a_flipped_bit_anywhere_is_an_error_never_wrong_weights(tmp_path, monkeypatch):
+def test_a_flipped_bit_anywhere_is_an_error_never_wrong_weights(tmp_path, monkeypatch, reassembly):
     monkeypatch.setattr(compress, "CHUNK_ELEMENTS", 700)  # several chunks per tensor, small file
     state = small_state()
     good = tmp_path / "good.rbz"
@@ -270,6 +285,27 @@ def test_a_valid_hash_over_a_malformed_header_is_still_an_error(tmp_path):
     path.write_bytes(forged + data[24 + length:])
     with pytest.raises(RobertaError, match="malformed header"):
         compress.load_file(path)
+
+
+def test_forged_chunk_with_valid_hashes_but_a_wrong_outlier_count(reassembly):
+    # A blob that passes every hash yet flags more outliers than it lists: an error naming the chunk.
+    t = torch.rand(4000, generator=torch.Generator().manual_seed(4)).bfloat16() + 0.5
+    t[5] = 0.0  # an exponent outside the window: one outlier
+    blob = bytearray(compress.compress_tensor(t))
+    header, start = compress._parse_blob_header(memoryview(blob), "t", "test")
+    (_, _, _, _, offset, planes), = header["chunks"]
+    assert [codec for codec, _, _ in planes[:2]] == [compress.ZSTD, compress.RAW] and planes[1][2] == 2
+    entry = json.loads(bytes(blob[12:start]))
+    joint = np.frombuffer(compress._zstd()[1].decompress(bytes(blob[offset:offset + planes[0][1]])), np.uint8).copy()
+    joint[7] |= 0x80  # a second flagged word, with no exponent for it in the outlier plane
+    frame = compress._zstd()[0].compress(joint)
+    stored = frame + bytes(blob[offset + planes[0][1]:])
+    entry["chunks"][0][2] = xxhash.xxh3_64_intdigest(stored)
+    entry["chunks"][0][3][0][1] = len(frame)
+    text = json.dumps(entry, separators=(",", ":")).encode()
+    forged = struct.pack("<IQ", len(text), xxhash.xxh3_64_intdigest(text)) + text + stored
+    with pytest.raises(RobertaError, match="chunk 0"):
+        compress.decompress_tensor(forged, name="w")
 
 
 def test_failed_save_leaves_the_old_file(tmp_path):

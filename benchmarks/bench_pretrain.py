@@ -1,7 +1,10 @@
 """Masked-LM pretraining steps, this project against transformers, base size, sequence length 128.
 
-Corpus lines are tokenized, joined with `</s>` and cut into 128-token sequences `<s> ... </s>` (packed,
-so neither side has padding). An optimizer step is what large-batch pretraining does: `--accum`
+Inputs (`--inputs`): `packed` (default, RoBERTa's full-sentence training): corpus lines are tokenized,
+joined with `</s>` and cut into 128-token sequences `<s> ... </s>`, so neither side has padding; `lines`
+(line-by-line training, as transformers' run_mlm.py --line_by_line): one corpus line per sequence at
+its natural length, cut at 128 tokens; transformers' collator pads each micro-batch to its longest
+sequence, ours drops the padding. Tokens per second count real tokens only. An optimizer step is what large-batch pretraining does: `--accum`
 micro-batches of `--micro` sequences, each masked, run forward and backward (gradients accumulate), then
 gradient clipping at 1.0 and one fused AdamW update (transformers' Trainer default), in train mode with
 dropout. transformers' side masks each micro-batch with `DataCollatorForLanguageModeling(mlm_probability=
@@ -30,6 +33,21 @@ from common import DATA, child_memory, corpus_lines, median, run_child, table
 
 LENGTH = 128
 SIDES = ["transformers-fp32", "ours-fp32", "transformers-bf16", "ours-bf16"]
+
+
+def training_sequences(n: int) -> list[list[int]]:
+    return packed_sequences(n) if args.inputs == "packed" else line_sequences(n)
+
+
+def line_sequences(n: int) -> list[list[int]]:
+    """One corpus line per sequence, `<s> line </s>`, cut at 128 tokens: line-by-line MLM training."""
+    from roberta.tokenizer import RobertaTokenizer
+
+    tokenizer = RobertaTokenizer.from_pretrained(DATA / "roberta-bpe")
+    lines = corpus_lines()
+    if len(lines) < n:
+        raise SystemExit("error: not enough corpus lines for that many sequences; lower --steps or --accum")
+    return [[0] + ids[:LENGTH - 2] + [2] for ids in tokenizer.encode_batch(lines[:n], add_special_tokens=False)]
 
 
 def packed_sequences(n: int) -> list[list[int]]:
@@ -80,7 +98,8 @@ class Side:
             return collate([mask_tokens(np.array(s), self.masking, sample_rng(0, 0, first + i))
                             for i, s in enumerate(sequences)], self.masking.pad_id)
         masked = self.collator([{"input_ids": s} for s in sequences])
-        return {"input_ids": masked["input_ids"], "labels": masked["labels"]}
+        # transformers attends to every position unless told: its padding needs the collator's mask
+        return {"input_ids": masked["input_ids"], "attention_mask": masked["attention_mask"], "labels": masked["labels"]}
 
     def prepare(self, micro_batches: list[list[list[int]]], first: int) -> list[dict[str, torch.Tensor]]:
         """Mask every micro-batch of a step; the step's masked-token count weighs each micro-batch's loss."""
@@ -113,7 +132,7 @@ def split(sequences, micro: int):
 
 def child(side: str, path: str) -> None:
     torch.set_num_threads(args.threads)
-    sequences = packed_sequences(2 * args.micro)
+    sequences = training_sequences(2 * args.micro)
     child_memory(lambda: Side(side, path, "cpu"), lambda s: s.step(split(sequences, args.micro), 0))
 
 
@@ -123,7 +142,7 @@ def profile(path: str) -> None:
     from torch.profiler import profile as torch_profile
 
     side = Side("ours-fp32", path, "cpu")
-    sequences = packed_sequences(2 * args.micro)
+    sequences = training_sequences(2 * args.micro)
     side.step(split(sequences[:args.micro], args.micro), 0)  # warm-up
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         side.step(split(sequences[args.micro:], args.micro), args.micro)
@@ -146,21 +165,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     per_step = args.micro * args.accum
-    sequences = packed_sequences(per_step * (args.steps + 1))
+    sequences = training_sequences(per_step * (args.steps + 1))
     tmp = tempfile.mkdtemp(prefix="bench_pretrain_")
     config = RobertaConfig.base(num_hidden_layers=args.layers)
     RobertaForMaskedLM(config).save_pretrained(tmp)
     if args.profile:
         return profile(tmp)
-    tokens = per_step * LENGTH
-    print(f"micro-batch {args.micro} x {LENGTH}, {args.accum} micro-batches per optimizer step ({tokens} tokens), "
-          f"{args.layers} layers, {args.threads} threads, device {args.device}", flush=True)
+    # Tokens are real tokens: padding that transformers' collator adds to a micro-batch is not counted.
+    step_tokens = [sum(map(len, sequences[i * per_step:(i + 1) * per_step])) for i in range(args.steps + 1)]
+    padded = sum(args.micro * max(map(len, seqs)) for seqs in split(sequences[per_step:], args.micro))
+    print(f"{args.inputs} inputs: micro-batch {args.micro} x up to {LENGTH}, {args.accum} micro-batches per optimizer "
+          f"step ({sum(step_tokens[1:]) / args.steps:.0f} tokens on average; transformers' padded batches hold "
+          f"{sum(step_tokens[1:]) / padded:.0%} real tokens), {args.layers} layers, {args.threads} threads, "
+          f"device {args.device}", flush=True)
 
     # Equal loss (and gradients) on the same collator-masked batch, dropout off
     collator = transformers.DataCollatorForLanguageModeling(
         transformers.RobertaTokenizer.from_pretrained(DATA / "roberta-bpe"), mlm_probability=0.15)
     same = {k: v.to(args.device) for k, v in collator([{"input_ids": s} for s in sequences[:args.micro]]).items()
-            if k in ("input_ids", "labels")}
+            if k in ("input_ids", "attention_mask", "labels")}
     losses, grads = {}, {}
     for name in ("transformers-fp32", "ours-fp32"):
         model = Side(name, tmp, args.device).model.eval()
@@ -210,6 +233,7 @@ def main() -> None:
             for name in names:
                 wall[name].pop(), cpu[name].pop(), train_loss[name].pop()
             continue
+        tokens = step_tokens[i]
         print(f"step {i}/{args.steps} tokens/s (wall, per CPU second): " + ", ".join(
             f"{s} {tokens / wall[s][-1]:.1f}, {tokens / cpu[s][-1]:.1f} (loss {train_loss[s][-1]:.3f})"
             for s in names), flush=True)
@@ -217,14 +241,17 @@ def main() -> None:
 
     memory = {}
     if args.device == "cpu":
-        memory = {name: run_child(__file__, name, tmp, "--threads", str(args.threads), "--micro", str(args.micro))
+        memory = {name: run_child(__file__, name, tmp, "--threads", str(args.threads), "--micro", str(args.micro),
+                                   "--inputs", args.inputs)
                   for name in names}
     rows = []
-    for name in names:
+    tokens = step_tokens[1:]
+    for name in names:  # speeds are medians over steps of tokens per second; ratios compare the same steps
         reference = name.replace("ours", "transformers")
-        speed = tokens / median(wall[name])
-        row = [name, speed, speed / (tokens / median(wall[reference])), tokens / median(cpu[name]),
-               median(cpu[reference]) / median(cpu[name]), " / ".join(f"{x:.3f}" for x in train_loss[name]),
+        speed = median([t / w for t, w in zip(tokens, wall[name])])
+        row = [name, speed, median([r / w for r, w in zip(wall[reference], wall[name])]),
+               median([t / c for t, c in zip(tokens, cpu[name])]),
+               median([r / c for r, c in zip(cpu[reference], cpu[name])]), " / ".join(f"{x:.3f}" for x in train_loss[name]),
                memory.get(name, {}).get("peak_mib", "-"), memory.get(name, {}).get("run_added_mib", "-")]
         if args.peak_tflops:
             row.append(f"{speed * model_flops_per_token(config, 0.15) / (args.peak_tflops * 1e12):.1%}")
@@ -241,6 +268,10 @@ if __name__ == "__main__":
     parser.add_argument("--micro", type=int, default=8, help="sequences per micro-batch")
     parser.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--inputs", choices=["packed", "lines"], default="packed",
+                        help="packed: corpus text cut into full 128-token sequences (no padding anywhere); "
+                             "lines: one corpus line per sequence, natural length (transformers pads each "
+                             "micro-batch to its longest)")
     parser.add_argument("--layers", type=int, default=12, help="12 is base size; fewer for a quick try")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 rows only")
     parser.add_argument("--profile", action="store_true", help="profile one of our fp32 micro-steps instead")

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from .data import PackedDataset, collate, mask_tokens, masking_for, sample_rng, step_samples
 from .errors import RobertaError
 from .fileio import atomic_write
-from .model import RobertaConfig, RobertaForMaskedLM
+from .model import Dropout, RobertaConfig, RobertaForMaskedLM
 
 
 @dataclass
@@ -431,7 +431,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
             p.requires_grad_(False)
         model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = cfg.dropout
         for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
+            if isinstance(m, Dropout):
                 m.p = cfg.dropout
             elif hasattr(m, "dropout_p"):
                 m.dropout_p = cfg.dropout

@@ -104,7 +104,6 @@ __attribute__((target("avx2"))) static Py_ssize_t join_fp32_avx2(high_planes p, 
 }
 #endif
 
-
 static inline float float_from_bits(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
 static inline uint32_t bits_from_float(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
 
@@ -134,7 +133,6 @@ __attribute__((target("avx,f16c"))) static Py_ssize_t join_fp16_f16c(const uint8
     return i;
 }
 #endif
-
 
 /* --- one chunk's planes into its words ------------------------------------------------------- */
 
@@ -237,7 +235,6 @@ typedef struct {
     uint8_t *out;
     Py_ssize_t chunks, itemsize, buffer_size;
     atomic_long next, failed;  /* the next chunk to take; the lowest chunk that failed (chunks: none) */
-    atomic_int no_memory;
 } job_t;
 
 /* Decode chunk c; 0 on success, -1 if its hash, a zstd frame or a decoded size is wrong. */
@@ -309,7 +306,6 @@ static void *worker(void *arg) {
     job_t *job = arg;
     state_t *s = take_state(job->buffer_size);
     if (!s || s->capacity < job->buffer_size) {  /* the other workers, or the caller, do the chunks */
-        atomic_store(&job->no_memory, 1);
         if (s) give_state(s);
         return NULL;
     }
@@ -444,7 +440,6 @@ static PyObject *py_decode_chunks(PyObject *self, PyObject *const *args, Py_ssiz
     job_t job = {v[0].buf, v[1].buf, v[2].buf, chunks, v[2].itemsize, buffer_size};
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, chunks);
-    atomic_init(&job.no_memory, 0);
     Py_BEGIN_ALLOW_THREADS
     run(&job, (threads < chunks ? threads : (long)chunks) - 1);
     Py_END_ALLOW_THREADS

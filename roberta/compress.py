@@ -85,6 +85,11 @@ def _corrupt(what: str, source: str) -> CorruptFileError:
                             "download or copy it again")
 
 
+def _malformed(what: str, source: str, detail: str = "") -> CorruptFileError:
+    return CorruptFileError(f"malformed header of {what} in {source}{detail}: the file is corrupted or was not "
+                            "written by `roberta compress`; download or copy it again")
+
+
 # --- chunk transforms ----------------------------------------------------------------------------
 
 def _split_bytes(x: np.ndarray) -> list[np.ndarray]:
@@ -334,8 +339,7 @@ def _parse_blob_header(blob: memoryview, what: str, source: str) -> tuple[dict, 
         if total != numel or offset != len(blob):
             raise ValueError
     except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptFileError(f"malformed header of {what} in {source}: the file is corrupted or was not "
-                               "written by `roberta compress`; download or copy it again") from exc
+        raise _malformed(what, source) from exc
     return {"dtype": dtype, "shape": shape, "chunks": layout}, end
 
 
@@ -372,7 +376,10 @@ def decompress_tensor(blob, threads: int | None = None, name: str = "tensor", so
             raise _corrupt(f"{what} chunk {index}", source) from None
 
     if _C_DECODER:
-        failed = _planes.decode_chunks(blob, _chunk_table(header["chunks"]), out, threads or os.cpu_count() or 1)
+        try:
+            failed = _planes.decode_chunks(blob, _chunk_table(header["chunks"]), out, threads or os.cpu_count() or 1)
+        except ValueError as exc:  # the C side's own layout checks; the header checks above should catch it first
+            raise _malformed(what, source, f" ({exc})") from None
         if failed >= 0:
             raise _corrupt(f"{what} chunk {failed}", source)
     else:

@@ -206,13 +206,11 @@ def _print(args, value, text: str) -> None:
 
 
 def _load(args):
-    import torch
-
+    from .device import resolve_device
     from .hub import load
-
     from .inference import reduce_precision
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline)
     reduce_precision(hub.model, args.precision)
     return hub

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import tasks
+from .device import resolve_device
 from .errors import RobertaError
 from .fileio import atomic_write
 from .model import (RobertaClassificationHead, RobertaForMultipleChoice, RobertaForQuestionAnswering,
@@ -407,12 +408,6 @@ def forward_all(model, task, items, device, batch_size: int) -> dict[str, torch.
 # Training
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def _checkpoint(model_dir, tokenizer):
     """A local checkpoint for a path or a model name (`roberta.base` is downloaded once), and its
     tokenizer unless one is given."""
@@ -476,7 +471,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
-    device = _device(recipe.device)
+    device = resolve_device(recipe.device)
     model_dir, tokenizer = _checkpoint(model_dir, tokenizer)
     data = load_task(recipe, data_dir, tokenizer)
     head_name = recipe.head_name or recipe.task.lower()
@@ -604,7 +599,7 @@ def evaluate(task: str, data_dir, model_dir, split: str = "dev", predictions=Non
     format: GLUE `index<TAB>prediction` TSV with label names, SQuAD JSON {id: answer}, RACE
     `id<TAB>answer` letters; one file per data file (MNLI's matched/mismatched get a suffix)."""
     recipe = recipe_for(task, **overrides)
-    device = _device(recipe.device)
+    device = resolve_device(recipe.device)
     model_dir, tokenizer = _checkpoint(model_dir, tokenizer)
     kind = {"squad": SquadTask, "race": RaceTask}.get(recipe.task, SentenceTask)
     model = kind.model_class.from_pretrained(model_dir).to(device)

@@ -156,3 +156,25 @@ def test_bad_input_exits_2_with_one_line(hub_checkpoints, tmp_path, call):
     assert exit_info.value.code == 2
     result = run("fill-mask", "-m", hub_checkpoints["hf"], "no mask here")  # and from a real process
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, message", [
+    ("quantum", "unknown device 'quantum'"),
+    ("xla", "is not supported"),
+    ("cuda:7", "cuda:7"),
+])
+def test_bad_device_is_one_line_error(name, message):
+    from roberta.device import resolve_device
+    from roberta.errors import RobertaError
+
+    if name == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(RobertaError, match=message):
+        resolve_device(name)
+
+
+def test_auto_device():
+    from roberta.device import resolve_device
+
+    assert resolve_device(None) == resolve_device("auto")
+    assert resolve_device("cpu") == torch.device("cpu")

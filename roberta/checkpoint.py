@@ -62,32 +62,83 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[RobertaConfig, dict[str, t
                        f"nor model.pt (fairseq)")
 
 
+# The weight files of a Hugging Face directory, in order of preference: plain, sharded (an index names
+# the shards), ZipNN-compressed in either of its layouts (roberta/znn.py), then pickled.
+WEIGHT_FILES = (SAFETENSORS_NAME, SAFETENSORS_NAME + ".index.json", SAFETENSORS_NAME + ".znn",
+                "model.znn.safetensors", SAFETENSORS_NAME + ".znn.index.json", "model.znn.safetensors.index.json",
+                PYTORCH_NAME, PYTORCH_NAME + ".index.json")
+
+
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     from . import compress  # imported here: compress reads checkpoints through this module
 
     compressed = path / compress.COMPRESSED_WEIGHTS_NAME
     if compressed.exists():
         return compress.load_file(compressed)
-    file = path / SAFETENSORS_NAME
-    if file.exists():
-        try:
-            return load_safetensors(str(file))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise RobertaError(f"{file} is truncated or corrupted ({exc}); download or copy it again") from None
-    file = path / PYTORCH_NAME
-    if file.exists():
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise RobertaError(f"{file} was refused: it holds more than tensors ({str(exc).splitlines()[0]}); "
-                               "only weights are loaded from pickles") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise RobertaError(f"{file} is truncated or corrupted ({exc}); download or copy it again") from None
-        if not isinstance(state, dict):
-            raise RobertaError(f"{file} does not hold a state dict")
-        return state
-    raise RobertaError(f"{path} has config.json but no weights ({SAFETENSORS_NAME}, "
-                       f"{compress.COMPRESSED_WEIGHTS_NAME} or {PYTORCH_NAME})")
+    file = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
+    if file is None:
+        raise RobertaError(f"{path} has config.json but no weights ({SAFETENSORS_NAME} or its sharded index, "
+                           f"{compress.COMPRESSED_WEIGHTS_NAME}, ZipNN's {SAFETENSORS_NAME}.znn or "
+                           f"model.znn.safetensors, or {PYTORCH_NAME})")
+    if not file.name.endswith(".index.json"):
+        return read_weight_file(file)
+    state: dict[str, torch.Tensor] = {}
+    weight_map = read_index(file)
+    for shard in sorted(set(weight_map.values())):
+        if not (path / shard).is_file():
+            raise RobertaError(f"{file} names the shard {shard}, which is missing; download or copy it too")
+        state.update(read_weight_file(path / shard))
+    absent = [k for k in weight_map if k not in state]
+    if absent:
+        raise RobertaError(f"{file} places {absent[0]} in {weight_map[absent[0]]}, which does not hold it; "
+                           f"the shards do not belong to this index")
+    return state
+
+
+def read_index(file: Path) -> dict[str, str]:
+    """The weight_map of a sharded checkpoint's index: tensor name -> shard file (beside the index)."""
+    try:
+        index = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise RobertaError(f"{file} is not valid JSON ({exc}); download or copy it again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and "/" not in v and not v.startswith(".") for v in weight_map.values()):
+        raise RobertaError(f"{file} has no weight_map of tensor names to shard files beside it")
+    return weight_map
+
+
+def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file: safetensors (ZipNN's per-tensor layout included), a whole-file
+    ZipNN `.znn`, or a weights-only pickle."""
+    from . import znn
+    from safetensors import safe_open
+    from safetensors.torch import load as load_safetensors_bytes
+
+    try:
+        if file.name.endswith(".znn"):
+            data = znn.decompress_whole_file(file)
+            return load_safetensors_bytes(data) if file.name.endswith(".safetensors.znn") else _load_pickle(file, data)
+        if file.name.endswith(".safetensors"):
+            with safe_open(str(file), framework="pt") as f:
+                metadata = f.metadata()
+            return znn.decompress_tensors(load_safetensors(str(file)), metadata, str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RobertaError(f"{file} is truncated or corrupted ({exc}); download or copy it again") from None
+    return _load_pickle(file)
+
+
+def _load_pickle(file: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(io.BytesIO(data) if data is not None else file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise RobertaError(f"{file} was refused: it holds more than tensors ({str(exc).splitlines()[0]}); "
+                           "only weights are loaded from pickles") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise RobertaError(f"{file} is truncated or corrupted ({exc}); download or copy it again") from None
+    if not isinstance(state, dict):
+        raise RobertaError(f"{file} does not hold a state dict")
+    return state
 
 
 def _with_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -149,11 +149,10 @@ def _compress(args) -> int:
 def _add_hub_commands(sub) -> None:
     def command(name, func, help, text="TEXT", weights=True):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("-m", "--model", required=True, help="a name (roberta.base, roberta.large, roberta.large.mnli, "
-                       "FacebookAI/roberta-base, FacebookAI/roberta-large) or a path")
+        p.add_argument("-m", "--model", required=True, help="a path, a Hub id (org/name or org/name@revision, "
+                       "e.g. FacebookAI/roberta-base) or a fairseq release (roberta.base, roberta.large, roberta.large.mnli)")
         p.add_argument("--json", action="store_true", help="print JSON, one value per input")
-        p.add_argument("--offline", action="store_const", const=True, help="never download (also ROBERTA_OFFLINE=1)")
-        p.add_argument("--cache-dir", help="where named models live (default $ROBERTA_CACHE or ~/.cache/roberta)")
+        _source_args(p)
         if weights:
             p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
             p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
@@ -178,14 +177,23 @@ def _add_hub_commands(sub) -> None:
     p = command("predict", _predict, "classify each input (a TAB separates a sentence pair) with a head")
     p.add_argument("--head", required=True, help="classification head name, e.g. mnli (see `roberta info`)")
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
-    p = sub.add_parser("download", help="download named models into the cache (no NAME: list them)")
-    p.add_argument("names", nargs="*", metavar="NAME")
-    p.add_argument("--cache-dir", help="default $ROBERTA_CACHE or ~/.cache/roberta")
-    p.add_argument("--base-url", help="mirror to download from instead of the official hosts ($ROBERTA_BASE_URL)")
+    p = sub.add_parser("download", help="download models into the cache (no NAME: list the fairseq releases)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="Hub ids (org/name[@revision]) or fairseq release names")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _source_args(p)
     p.set_defaults(func=_download)
     command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
             text=None, weights=False)
+
+
+def _source_args(p) -> None:
+    """Where models come from: the caches, a mirror, offline mode (see roberta/download.py)."""
+    p.add_argument("--offline", action="store_const", const=True,
+                   help="never download (also HF_HUB_OFFLINE=1 or ROBERTA_OFFLINE=1)")
+    p.add_argument("--cache-dir", help="cache for Hub repositories and fairseq releases (default: the Hugging Face "
+                   "cache, $HF_HOME/hub, for Hub ids; $ROBERTA_CACHE or ~/.cache/roberta for releases)")
+    p.add_argument("--base-url", help="a mirror to download from ($HF_ENDPOINT for Hub ids, $ROBERTA_BASE_URL "
+                   "for fairseq releases)")
 
 
 def _inputs(args) -> list[str]:
@@ -211,7 +219,7 @@ def _load(args):
     from .inference import reduce_precision
 
     device = resolve_device(args.device)
-    hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline)
+    hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url)
     reduce_precision(hub.model, args.precision)
     return hub
 
@@ -219,7 +227,7 @@ def _load(args):
 def _encode(args):
     from .hub import encode, load_tokenizer
 
-    tokenizer = load_tokenizer(args.model, cache_dir=args.cache_dir, offline=args.offline)
+    tokenizer = load_tokenizer(args.model, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url)
     for text in _inputs(args):
         ids = encode(tokenizer, *text.split("\t")).tolist()
         _print(args, ids, " ".join(map(str, ids)))
@@ -228,7 +236,7 @@ def _encode(args):
 def _decode(args):
     from .hub import decode, load_tokenizer
 
-    tokenizer = load_tokenizer(args.model, cache_dir=args.cache_dir, offline=args.offline)
+    tokenizer = load_tokenizer(args.model, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url)
     for line in [" ".join(args.text)] if args.text else _inputs(args):
         try:
             ids = [int(i) for i in line.replace(",", " ").strip("[] ").split()]
@@ -269,6 +277,7 @@ def _predict(args):
 
 def _download(args):
     from . import download
+    from .hub import resolve
 
     if not args.names:
         for name in download.MODELS:
@@ -276,14 +285,17 @@ def _download(args):
             _print(args, {"name": name, "cached": cached, "path": str(download.model_dir(name, args.cache_dir))},
                    f"{name:<26} {'cached' if cached else '-'}")
     for name in args.names:
-        path = download.download(name, args.cache_dir, args.base_url)
+        if name not in download.MODELS and not download.parse_hub_id(name):
+            raise RobertaError(f"{name!r} is neither a Hub id (org/name[@revision]) nor a fairseq release "
+                               f"({', '.join(download.MODELS)})")
+        path = resolve(name, args.cache_dir, args.offline, args.base_url)
         _print(args, {"name": name, "path": str(path)}, str(path))
 
 
 def _info(args):
     from .hub import describe
 
-    info = describe(args.model, cache_dir=args.cache_dir, offline=args.offline)
+    info = describe(args.model, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url)
     c = info["config"]
     heads = ", ".join(f"{name} ({n} classes)" for name, n in info["heads"].items()) or "none"
     _print(args, info, "\n".join([

@@ -1,17 +1,27 @@
-"""Named models: where they live, the local cache, and safe downloads.
+"""Where models come from: Hugging Face Hub repositories and fairseq's release archives.
 
-A name (`roberta.base`, `FacebookAI/roberta-base`, ...) resolves to a directory in the cache
-(`ROBERTA_CACHE`, default `~/.cache/roberta`). When it is missing it is downloaded from its official
-location, or from `ROBERTA_BASE_URL` (a mirror, or a test server), which replaces the host and keeps
-the path. Every file goes to `<file>.part` first, so a cut connection resumes with an HTTP `Range`
-request; it is then checked against its size and sha256 and only then moved into place with
-`os.replace`, so the cache never holds half a file. `ROBERTA_OFFLINE=1` turns every download into an
-immediate error that says what to fetch and where to put it.
+Hub repositories (`org/name`, `org/name@revision`) go through `huggingface_hub`, so they share the
+cache, settings and credentials every user of the ecosystem has configured: the cache is the one
+transformers uses (`HF_HOME`, `HF_HUB_CACHE`), `HF_ENDPOINT` (or `--base-url`) names a mirror,
+`HF_HUB_OFFLINE=1` (or `ROBERTA_OFFLINE=1`) stays off the network, `HF_TOKEN` or `hf auth login`
+opens gated repositories. A model transformers already downloaded loads from there with no second
+copy. `huggingface_hub` does the resolution, revisions, etags, locks and the blob/snapshot layout;
+what it leaves out, done here for both kinds of download:
 
-Checksums: fairseq publishes none and the Hugging Face hub sends the sha256 of large files in the
-`X-Linked-Etag` header, so an expected size/sha256 is optional per file. When one is known (from the
-table or the header) a mismatch is rejected; in every case the sha256 we computed is recorded in
-`downloads.json` beside the files, so a later check has something to compare against.
+- content checks: every file is parsed after download (JSON, the safetensors header against the
+  file's size, the zip or pickle framing of `.bin`, ZipNN's header, a tar.gz that holds a fairseq
+  model) and, when the server named its hash (the etag of a Hub file is its sha256 or git sha1),
+  hashed; a file that fails is deleted from the cache, so the next download fetches it afresh;
+- a stall guard: a transfer that receives under 64 KiB in `ROBERTA_STALL_TIMEOUT` seconds (default
+  60) is abandoned with a one-line error (the per-read timeout, `HF_HUB_DOWNLOAD_TIMEOUT`, only
+  fires when no byte at all arrives);
+- one-line errors (`RobertaError`) for every failure a user can meet.
+
+fairseq's archives (`roberta.base`, `roberta.large`, `roberta.large.mnli`) are not on the Hub: they
+are fetched with huggingface_hub's HTTP download (retries, resumption) under its file lock into
+`ROBERTA_CACHE` (default `~/.cache/roberta`), from `ROBERTA_BASE_URL` (or `--base-url`) when set, which
+replaces the host and keeps the path. An archive is extracted beside its directory and renamed into
+place, so the cache holds a whole model or none.
 """
 from __future__ import annotations
 
@@ -22,109 +32,414 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
+import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.error import HTTPError, URLError
-from urllib.request import HTTPRedirectHandler, Request, build_opener
+from urllib.parse import urlparse
 
-from tqdm import tqdm
-
+from .checkpoint import WEIGHT_FILES
 from .errors import RobertaError
 from .fileio import atomic_write
 
 FAIRSEQ_HOST = "https://dl.fbaipublicfiles.com"
-HF_HOST = "https://huggingface.co"
 MANIFEST = "downloads.json"
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    host: str                  # official host; ROBERTA_BASE_URL replaces it
-    path: str                  # path on the host, kept when the host is replaced
-    size: int | None = None    # expected bytes, when published
-    sha256: str | None = None  # expected digest, when published
-
-    @property
-    def name(self) -> str:
-        return self.path.rsplit("/", 1)[-1]
-
-    def url(self, base_url: str | None = None) -> str:
-        return (base_url or self.host).rstrip("/") + self.path
-
-
-def _fairseq_archive(name: str) -> tuple[RemoteFile, ...]:
-    return (RemoteFile(FAIRSEQ_HOST, f"/fairseq/models/{name}.tar.gz"),)
-
-
-def _hf_files(repo: str) -> tuple[RemoteFile, ...]:
-    return tuple(RemoteFile(HF_HOST, f"/{repo}/resolve/main/{file}")
-                 for file in ("config.json", "model.safetensors", "vocab.json", "merges.txt"))
-
-
 # fairseq archives hold model.pt and dict.txt only; their tokenizer is the GPT-2 BPE below.
-MODELS: dict[str, tuple[RemoteFile, ...]] = {
-    "roberta.base": _fairseq_archive("roberta.base"),
-    "roberta.large": _fairseq_archive("roberta.large"),
-    "roberta.large.mnli": _fairseq_archive("roberta.large.mnli"),
-    "FacebookAI/roberta-base": _hf_files("FacebookAI/roberta-base"),
-    "FacebookAI/roberta-large": _hf_files("FacebookAI/roberta-large"),
-}
-GPT2_BPE = (RemoteFile(FAIRSEQ_HOST, "/fairseq/gpt2_bpe/encoder.json"),
-            RemoteFile(FAIRSEQ_HOST, "/fairseq/gpt2_bpe/vocab.bpe"))
+MODELS = {name: f"/fairseq/models/{name}.tar.gz" for name in ("roberta.base", "roberta.large", "roberta.large.mnli")}
+GPT2_BPE = {"encoder.json": "/fairseq/gpt2_bpe/encoder.json", "vocab.bpe": "/fairseq/gpt2_bpe/vocab.bpe"}
+# A Hub id: `org/name` with an optional `@revision` (a branch, tag or commit).
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_])(?:@(?P<revision>[\w./-]+))?")
+STALL_BYTES = 64 * 1024
+
+
+# ---- settings -----------------------------------------------------------------------------------
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    return Path(path or os.environ.get("ROBERTA_CACHE") or Path.home() / ".cache" / "roberta").expanduser()
+    """The cache for fairseq archives: `path`, else $ROBERTA_CACHE, else ~/.cache/roberta."""
+    return _directory(path or os.environ.get("ROBERTA_CACHE") or Path.home() / ".cache" / "roberta",
+                      "the model cache (--cache-dir or ROBERTA_CACHE)")
 
 
-def base_url(url: str | None = None) -> str | None:
-    return url or os.environ.get("ROBERTA_BASE_URL") or None
+def hub_cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face cache: `path` when given, else huggingface_hub's ($HF_HUB_CACHE, $HF_HOME/hub)."""
+    if path is None:
+        path = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or Path(
+            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface") / "hub"
+    return _directory(path, "the Hugging Face cache (--cache-dir, HF_HUB_CACHE or HF_HOME)")
+
+
+def _directory(path, what: str) -> Path:
+    path = Path(path).expanduser()
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise RobertaError(f"{what} is {path}, but {parent} is a file; point it at a directory")
+            break
+    return path
+
+
+def base_url(url: str | None = None, variable: str = "ROBERTA_BASE_URL") -> str | None:
+    """A mirror's URL (checked: http or https with a host), from `url` or the environment variable."""
+    url = url or os.environ.get(variable) or None
+    if url is not None:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            source = "--base-url" if url != os.environ.get(variable) else variable
+            raise RobertaError(f"{source} {url!r} is not a URL; give one like https://mirror.example.org")
+    return url.rstrip("/") if url else None
 
 
 def is_offline(offline: bool | None = None) -> bool:
     if offline is not None:
         return offline
-    return os.environ.get("ROBERTA_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("ROBERTA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _seconds(variable: str, default: float) -> float:
+    value = os.environ.get(variable, "")
+    try:
+        seconds = float(value) if value.strip() else default
+    except ValueError:
+        seconds = -1
+    if not seconds > 0:
+        raise RobertaError(f"{variable}={value!r} is not a number of seconds; set it to e.g. {default:g}")
+    return seconds
+
+
+# ---- the stall guard: installed into huggingface_hub's HTTP client ------------------------------
+
+
+def _install_stall_guard() -> None:
+    """huggingface_hub's client, its transport wrapped so that a trickling transfer ends."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    _seconds("ROBERTA_STALL_TIMEOUT", 60)  # a bad setting is an error before any request
+    if getattr(_http.get_session(), "_roberta_guarded", False):
+        return
+
+    class Guarded(httpx2.SyncByteStream):
+        def __init__(self, inner, url):
+            self.inner, self.url = inner, url
+
+        def __iter__(self):
+            window = _seconds("ROBERTA_STALL_TIMEOUT", 60)
+            start, received = time.monotonic(), 0
+            for chunk in self.inner:
+                received += len(chunk)
+                if time.monotonic() - start >= window:
+                    if received < STALL_BYTES:
+                        raise RobertaError(f"the download from {self.url} stalled: {received} bytes in the last "
+                                           f"{window:g} s (ROBERTA_STALL_TIMEOUT); nothing was kept, try again "
+                                           f"later or use a mirror (HF_ENDPOINT, --base-url)")
+                    start, received = time.monotonic(), 0
+                yield chunk
+
+        def close(self):
+            self.inner.close()
+
+    class Transport(httpx2.BaseTransport):
+        def __init__(self):
+            self.inner = httpx2.HTTPTransport()
+
+        def handle_request(self, request):
+            response = self.inner.handle_request(request)
+            return httpx2.Response(response.status_code, headers=response.headers,
+                                   stream=Guarded(response.stream, request.url), extensions=response.extensions)
+
+        def close(self):
+            self.inner.close()
+
+    def client():
+        session = httpx2.Client(event_hooks={"request": [_http.hf_request_event_hook]}, follow_redirects=True,
+                                timeout=None, transport=Transport())
+        session._roberta_guarded = True
+        return session
+
+    _http.set_client_factory(client)
+
+
+# ---- Hub repositories ---------------------------------------------------------------------------
+
+
+def parse_hub_id(name: str) -> tuple[str, str | None] | None:
+    """(repository, revision) of `org/name[@revision]`, or None when `name` is not written so."""
+    match = HUB_ID.fullmatch(str(name))
+    return (match["repo"], match["revision"]) if match else None
+
+
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+EXTRA_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def select_files(names: list[str]) -> list[str]:
+    """The files of a repository listing that a RoBERTa needs: config, one set of weights, a tokenizer,
+    and a sentence-transformers directory's own configuration (modules.json names its modules)."""
+    present = set(names)
+    chosen = ["config.json"] if "config.json" in present else []
+    chosen += [next(f for f in WEIGHT_FILES if f in present)] if any(f in present for f in WEIGHT_FILES) else []
+    for group in TOKENIZER_FILES:
+        if all(f in present for f in group):
+            chosen += group
+            break
+    chosen += [f for f in EXTRA_FILES if f in present]
+    chosen += sorted(f for f in present if re.fullmatch(r"\d+_\w+/config\.json", f))  # 1_Pooling/config.json
+    return chosen
+
+
+def hub_snapshot(name: str, cache: str | os.PathLike | None = None, endpoint: str | None = None,
+                 offline: bool | None = None, progress: bool = True) -> Path:
+    """The local directory of a Hub repository (`org/name[@revision]`): its files in the cache's snapshot."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    repo, revision = parse_hub_id(name)
+    cache = hub_cache_dir(cache)
+    endpoint = base_url(endpoint, "HF_ENDPOINT")
+    bars = None if progress else _silent_tqdm()
+    if is_offline(offline):
+        return _cached_snapshot(name, repo, revision, cache)
+    _install_stall_guard()
+    try:
+        info = HfApi(endpoint=endpoint).model_info(repo, revision=revision, timeout=_seconds("HF_HUB_ETAG_TIMEOUT", 10))
+        files = select_files([s.rfilename for s in info.siblings or []])
+        _check_repository(name, files)
+        commit = info.sha or revision
+        directory = None
+        for file in files:
+            path = Path(hf_hub_download(repo, file, revision=commit, cache_dir=cache, endpoint=endpoint,
+                                        tqdm_class=bars))
+            verify(path, repo=name)
+            directory = directory or path.parent
+            if file.endswith(".index.json"):  # the shards the index names
+                for shard in sorted(set(_read_json(path, name).get("weight_map", {}).values())):
+                    verify(Path(hf_hub_download(repo, shard, revision=commit, cache_dir=cache, endpoint=endpoint,
+                                                tqdm_class=bars)),
+                           repo=name)
+        if revision is not None and revision != commit:  # so that `org/name@revision` also loads offline
+            _remember_revision(cache, repo, revision, commit)
+        elif revision is None and commit:
+            _remember_revision(cache, repo, "main", commit)
+        return directory
+    except RobertaError:
+        raise
+    except hf_errors.GatedRepoError:
+        raise RobertaError(f"{name} is a gated repository: accept its conditions on its Hub page, then log in "
+                           f"(`hf auth login`) or set HF_TOKEN to a token that has access") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise RobertaError(f"{name} is neither an existing path nor a repository on the Hub (or it is private: "
+                           f"set HF_TOKEN); check the spelling") from None
+    except hf_errors.RevisionNotFoundError:
+        raise RobertaError(f"{repo} has no revision {revision!r}; give a branch, tag or commit it has") from None
+    except hf_errors.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise RobertaError(f"the Hub answered HTTP {status} for {name}; try again later, or check HF_ENDPOINT "
+                           f"and HF_TOKEN") from None
+    except (hf_errors.OfflineModeIsEnabled, hf_errors.LocalEntryNotFoundError, OSError, ValueError) as exc:
+        return _unreachable(name, repo, revision, cache, exc)
+    except Exception as exc:  # httpx's transport errors: no connection, a timeout
+        if type(exc).__module__.startswith("httpx"):
+            return _unreachable(name, repo, revision, cache, exc)
+        raise
+
+
+def _unreachable(name, repo, revision, cache, exc) -> Path:
+    """Network trouble: the cached snapshot when there is one, else one line saying what happened."""
+    try:
+        return _cached_snapshot(name, repo, revision, cache)
+    except RobertaError:
+        pass
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise RobertaError(f"cannot download {name} ({type(exc).__name__}: {reason}); check the network, "
+                       f"HF_ENDPOINT and HF_HUB_DOWNLOAD_TIMEOUT, or set HF_HUB_OFFLINE=1 to use the cache") from None
+
+
+def _cached_snapshot(name, repo, revision, cache: Path) -> Path:
+    """Offline: the snapshot of `revision` (default main) already in the cache, checked for completeness."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, "config.json", cache_dir=cache, revision=revision or "main")
+    if not isinstance(found, str):
+        raise RobertaError(f"{name} is not in the Hugging Face cache ({cache}) and offline mode is on "
+                           f"(HF_HUB_OFFLINE or ROBERTA_OFFLINE); download it once with the network on")
+    directory = Path(found).parent
+    files = select_files([str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()])
+    _check_repository(name, files, where=f"the cached copy in {directory}")
+    for file in files:
+        verify(directory / file, repo=name)
+    return directory
+
+
+def _check_repository(name: str, files: list[str], where: str = "the repository") -> None:
+    if "config.json" not in files:
+        raise RobertaError(f"{name}: {where} has no config.json, so it is not a transformers-style checkpoint")
+    if not any(f in WEIGHT_FILES for f in files):
+        raise RobertaError(f"{name}: {where} has no weights this project reads ({', '.join(WEIGHT_FILES[:4])}, "
+                           f"pytorch_model.bin)")
+
+
+def _remember_revision(cache: Path, repo: str, revision: str, commit: str) -> None:
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = cache / repo_folder_name(repo_id=repo, repo_type="model") / "refs" / revision
+    if not (ref.is_file() and ref.read_text() == commit):
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(ref, commit)
+
+
+# ---- content checks -----------------------------------------------------------------------------
+
+
+def verify(path: Path, repo: str | None = None, expected: str | None = None) -> None:
+    """Parse a downloaded file by its name, and hash it against its cache etag when that is a hash.
+
+    A file that fails is removed (with its cache blob) so that the next download fetches it afresh.
+    """
+    problem = _content_problem(path)
+    blob = path.resolve()
+    if problem is None and repo is not None and blob != path:  # a cache snapshot entry: the blob's name is its etag
+        problem = _hash_problem(blob)
+    if problem is None:
+        return
+    for file in {path, blob}:
+        file.unlink(missing_ok=True)
+    source = f"{repo}: " if repo else ""
+    raise RobertaError(f"{source}{path.name} as downloaded is {problem}; it was removed from the cache, so "
+                       f"the next run downloads it again (if it recurs, the server or mirror is sending bad files)")
+
+
+_CHECKED: dict[tuple[str, int, int], None] = {}  # blobs hashed in this process: (path, size, mtime)
+
+
+def _hash_problem(blob: Path) -> str | None:
+    """The etag of a Hub file is the sha256 of an LFS file or the git blob sha1 of a small one."""
+    stat = blob.stat()
+    key = (str(blob), stat.st_size, stat.st_mtime_ns)
+    if key in _CHECKED or not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", blob.name):
+        return None
+    digest = hashlib.sha256() if len(blob.name) == 64 else hashlib.sha1(b"blob %d\0" % stat.st_size)
+    with open(blob, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    if digest.hexdigest() != blob.name:
+        return f"not the file the server announced (its hash is {digest.hexdigest()}, the etag says {blob.name})"
+    _CHECKED[key] = None
+    return None
+
+
+def _content_problem(path: Path) -> str | None:
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if name.endswith(".json"):
+                json.loads(head + f.read())
+            elif name.endswith((".txt", ".bpe", ".md")):
+                (head + f.read()).decode("utf-8")
+            elif name.endswith(".safetensors") and not name.endswith(".znn.safetensors"):
+                return _safetensors_problem(f, head, size)
+            elif name.endswith(".znn.safetensors"):
+                return _safetensors_problem(f, head, size, exact=False)
+            elif name.endswith(".znn"):
+                if head[:2] != b"ZN":  # ZipNN's header starts with its magic
+                    return "not a ZipNN file (bad magic)"
+            elif name.endswith((".bin", ".pt")):
+                if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
+                    return "neither a torch zip archive nor a pickle"
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"not valid {'JSON' if name.endswith('.json') else 'UTF-8 text'} ({str(exc).splitlines()[0][:80]})"
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    return None
+
+
+def _safetensors_problem(f, head: bytes, size: int, exact: bool = True) -> str | None:
+    if len(head) < 8:
+        return "not a safetensors file (too short)"
+    n = int.from_bytes(head, "little")
+    if n > min(size - 8, 100 << 20):
+        return "not a safetensors file (its header length is past the end of the file)"
+    header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        return "not a safetensors file (its header is not a JSON object)"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    data = size - 8 - n
+    if exact and max(ends, default=0) != data or not exact and max(ends, default=0) > data:
+        return f"a truncated or padded safetensors file (tensors end at byte {max(ends, default=0)} of {data})"
+    return None
+
+
+def _read_json(path: Path, name: str) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise RobertaError(f"{name}: {path.name} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise RobertaError(f"{name}: {path.name} does not hold a JSON object")
+    return value
+
+
+# ---- fairseq archives ---------------------------------------------------------------------------
 
 
 def model_dir(name: str, cache: str | os.PathLike | None = None) -> Path:
-    """Where a named model lives in the cache ('/' in Hugging Face ids becomes '--')."""
-    return cache_dir(cache) / name.replace("/", "--")
+    """Where a fairseq archive's model lives in the cache, once downloaded and extracted."""
+    return cache_dir(cache) / name
 
 
 def is_cached(name: str, cache: str | os.PathLike | None = None) -> bool:
-    # An archive's directory appears in one rename, so its existence means complete; a Hugging Face
-    # model is complete when each of its files (each placed atomically) is there.
-    target = model_dir(name, cache)
-    if _is_archive(MODELS[name]):
-        return target.is_dir()
-    return all((target / f.name).is_file() for f in MODELS[name])
+    # An archive's directory appears in one rename, so its existence means complete.
+    return model_dir(name, cache).is_dir()
 
 
 def download(name: str, cache: str | os.PathLike | None = None, base: str | None = None,
              offline: bool | None = None, progress: bool = True) -> Path:
-    """The local directory of a named model, downloaded into the cache when missing."""
+    """The local directory of a fairseq release (`roberta.base`, ...), downloaded when missing."""
     if name not in MODELS:
-        raise RobertaError(f"unknown model name {name!r}: known names are {', '.join(MODELS)}, or pass a path")
+        raise RobertaError(f"unknown model name {name!r}: known names are {', '.join(MODELS)}, a Hub id "
+                           f"(org/name[@revision]), or a path")
     target = model_dir(name, cache)
-    if is_cached(name, cache):
+    if target.exists() and not target.is_dir():
+        raise RobertaError(f"{target} is a file where the cache keeps {name}; remove it and run again")
+    if target.is_dir():
         return target
-    files, base = MODELS[name], base_url(base)
+    base = base_url(base)
+    _seconds("ROBERTA_STALL_TIMEOUT", 60)  # settings are checked before anything is written
+    url = (base or FAIRSEQ_HOST) + MODELS[name]
     if is_offline(offline):
-        urls = " and ".join(f.url(base) for f in files)
-        what = "extract it so that it holds model.pt and dict.txt" if _is_archive(files) else "put the files"
-        raise RobertaError(f"{name} is not in the cache and offline mode is on (ROBERTA_OFFLINE): "
-                           f"download {urls} and {what} in {target}")
+        raise RobertaError(f"{name} is not in the cache and offline mode is on (ROBERTA_OFFLINE): download {url} "
+                           f"and extract it so that {target} holds model.pt and dict.txt")
+    from huggingface_hub.utils import WeakFileLock
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    if _is_archive(files):
-        _download_archive(files[0], target, cache, base, progress)
-    else:
-        target.mkdir(exist_ok=True)
-        for file in files:
-            if not (target / file.name).is_file():
-                record = fetch(file.url(base), target / file.name, file.size, file.sha256, progress)
-                _record(target, file.name, record)
+    with WeakFileLock(_lock_path(target)):
+        if target.is_dir():  # another process placed it while we waited for the lock
+            return target
+        archive = fetch(url, target.with_name(target.name + ".tar.gz"), progress)
+        staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+        try:
+            try:
+                root = extract_archive(archive, staging)
+                if not all((root / f).is_file() for f in ("model.pt", "dict.txt")):
+                    raise RobertaError(f"{url} is a tar.gz archive but holds no fairseq model (model.pt + dict.txt)")
+                for file in ("model.pt", "dict.txt"):
+                    _must_parse(root / file, url)
+            except RobertaError:
+                archive.unlink()  # a wrong archive would fail the same way next time: fetch it afresh
+                raise
+            # Make the cached model self-contained: the tokenizer files sit beside model.pt and dict.txt.
+            bpe = gpt2_bpe(cache, base, False, progress)
+            for file in GPT2_BPE:
+                if not (root / file).exists():
+                    shutil.copyfile(bpe / file, root / file)
+            _record(root, archive.name, {"url": url, "size": archive.stat().st_size, "sha256": _sha256(archive)})
+            root.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        archive.unlink(missing_ok=True)
     return target
 
 
@@ -132,44 +447,90 @@ def gpt2_bpe(cache: str | os.PathLike | None = None, base: str | None = None,
              offline: bool | None = None, progress: bool = True) -> Path:
     """The directory holding the GPT-2 BPE files (encoder.json, vocab.bpe) that fairseq models use."""
     target = cache_dir(cache) / "gpt2_bpe"
-    missing = [f for f in GPT2_BPE if not (target / f.name).is_file()]
+    base = base_url(base)
+    missing = [f for f in GPT2_BPE if not (target / f).is_file()]
     if missing and is_offline(offline):
-        urls = " and ".join(f.url(base_url(base)) for f in missing)
+        urls = " and ".join((base or FAIRSEQ_HOST) + GPT2_BPE[f] for f in missing)
         raise RobertaError(f"the GPT-2 BPE files are not in the cache and offline mode is on (ROBERTA_OFFLINE): "
                            f"download {urls} into {target}")
     for file in missing:
         target.mkdir(parents=True, exist_ok=True)
-        _record(target, file.name, fetch(file.url(base_url(base)), target / file.name, file.size, file.sha256, progress))
+        url = (base or FAIRSEQ_HOST) + GPT2_BPE[file]
+        path = fetch(url, target / file, progress)
+        _must_parse(path, url)
     return target
 
 
-def _is_archive(files: tuple[RemoteFile, ...]) -> bool:
-    return len(files) == 1 and files[0].name.endswith(".tar.gz")
+def _must_parse(path: Path, url: str) -> None:
+    problem = _content_problem(path) or (None if path.name != "vocab.bpe" or path.read_text(
+        encoding="utf-8").startswith("#version") else "not a BPE merges file")
+    if problem:
+        path.unlink(missing_ok=True)
+        raise RobertaError(f"{url}: {path.name} is {problem}; it was not kept, try again (or check ROBERTA_BASE_URL)")
 
 
-def _download_archive(file: RemoteFile, target: Path, cache, base: str | None, progress: bool) -> None:
-    archive = target.with_name(file.name)
-    record = fetch(file.url(base), archive, file.size, file.sha256, progress)
-    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
-    try:
+def _lock_path(target: Path) -> Path:
+    locks = target.parent / ".locks"
+    locks.mkdir(exist_ok=True)
+    return locks / f"{target.name}.lock"
+
+
+def fetch(url: str, dest: str | os.PathLike, progress: bool = True) -> Path:
+    """Download `url` to `dest` through huggingface_hub's `http_get`, under a lock, resuming `<dest>.part`.
+
+    The partial file is moved into place only when complete (as long as the server announced); a
+    second process downloading the same file waits for the first and then finds it in place.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import WeakFileLock
+
+    dest = Path(dest)
+    if dest.exists() and not dest.is_file():
+        raise RobertaError(f"{dest} exists and is not a file; remove it and run again")
+    _install_stall_guard()
+    part = dest.with_name(dest.name + ".part")
+    with WeakFileLock(_lock_path(dest)):
+        if dest.is_file():
+            return dest
         try:
-            root = extract_archive(archive, staging)
+            with open(part, "ab") as out:
+                http_get(url, out, resume_size=out.tell(), displayed_filename=dest.name,
+                         headers={"User-Agent": "roberta-python"},
+                         tqdm_class=None if progress else _silent_tqdm())
+        except HfHubHTTPError as exc:
+            part.unlink(missing_ok=True)
+            status = exc.response.status_code if exc.response is not None else "?"
+            raise RobertaError(f"{url} answered HTTP {status}; check the name, and ROBERTA_BASE_URL if you set it") from None
         except RobertaError:
-            archive.unlink()  # a corrupt archive would fail the same way next time: fetch it afresh
+            part.unlink(missing_ok=True)
             raise
-        # Make the cached model self-contained: the tokenizer files sit beside model.pt and dict.txt.
-        for bpe_file in GPT2_BPE:
-            if not (root / bpe_file.name).exists():
-                shutil.copyfile(gpt2_bpe(cache, base, False, progress) / bpe_file.name, root / bpe_file.name)
-        _record(root, file.name, record)
-        try:
-            root.rename(target)
-        except OSError:
-            if not target.is_dir():  # another process may have placed the same model meanwhile
+        except OSError as exc:  # a size mismatch after retries; the partial file is kept for the next run
+            if part.exists() and "Consistency check failed" in str(exc):
+                part.unlink()
+            raise RobertaError(f"downloading {url} failed ({str(exc).splitlines()[0]}); run the same command "
+                               f"again to retry") from None
+        except Exception as exc:  # httpx: no connection, read timeouts after huggingface_hub's retries
+            if not type(exc).__module__.startswith("httpx"):
                 raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    archive.unlink(missing_ok=True)
+            raise RobertaError(f"cannot download {url} ({type(exc).__name__}: {exc}); check the network and "
+                               f"ROBERTA_BASE_URL (timeout per read: HF_HUB_DOWNLOAD_TIMEOUT="
+                               f"{constants.HF_HUB_DOWNLOAD_TIMEOUT} s); run again to resume") from None
+        os.replace(part, dest)
+    return dest
+
+
+def _silent_tqdm():
+    """A progress bar class that shows nothing (progress=False), for huggingface_hub's `tqdm_class`."""
+    from tqdm.auto import tqdm
+
+    class Silent(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Silent
 
 
 def extract_archive(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
@@ -180,7 +541,7 @@ def extract_archive(archive: str | os.PathLike, into: str | os.PathLike) -> Path
     """
     archive, into = Path(archive), Path(into)
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with tarfile.open(archive, "r:gz") as tar:
             for member in tar.getmembers():
                 if member.issym() or member.islnk():
                     raise RobertaError(f"{archive} contains a link ({member.name}); refusing to extract it")
@@ -189,104 +550,10 @@ def extract_archive(archive: str | os.PathLike, into: str | os.PathLike) -> Path
                                        f"refusing to extract it")
             tar.extractall(into, filter="data")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise RobertaError(f"{archive} is not a readable .tar.gz archive ({exc}); download it again") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RobertaError(f"{archive} is not a readable .tar.gz archive ({reason}); download it again") from None
     entries = list(into.iterdir())
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else into
-
-
-class _LinkedHeaders(HTTPRedirectHandler):
-    """Keeps the headers of redirects: the Hugging Face hub sends X-Linked-Etag/-Size before the CDN hop."""
-
-    def __init__(self):
-        self.headers: dict[str, str] = {}
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        self.headers.update({k.lower(): v for k, v in headers.items() if k.lower().startswith("x-linked-")})
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-class _Interrupted(Exception):
-    pass
-
-
-def fetch(url: str, dest: str | os.PathLike, size: int | None = None, sha256: str | None = None,
-          progress: bool = True, attempts: int = 3) -> dict:
-    """Download `url` to `dest` atomically, resuming `<dest>.part`; returns {url, size, sha256}.
-
-    The expected size/sha256 come from the arguments, else from the server (Content-Length, and the
-    sha256 in X-Linked-Etag when it sends one). On a mismatch the partial file is deleted and `dest`
-    is left as it was.
-    """
-    dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
-    for attempt in range(attempts):
-        try:
-            total, advertised_sha = _transfer(url, part, progress)
-            break
-        except (_Interrupted, OSError) as exc:  # a cut connection: resume from what we have
-            error = exc
-    else:
-        raise RobertaError(f"downloading {url} failed {attempts} times ({error}); "
-                           f"run the same command again to resume from {part}")
-    got = part.stat().st_size
-    digest = _sha256(part)
-    expected_sha = (sha256 or advertised_sha or "").lower()
-    problem = None
-    if size is not None and got != size:
-        problem = f"size mismatch: expected {size} bytes, got {got}"
-    elif total is not None and got != total:
-        problem = f"size mismatch: the server announced {total} bytes, got {got}"
-    elif expected_sha and digest != expected_sha:
-        problem = f"checksum mismatch: expected sha256 {expected_sha}, got {digest}"
-    if problem:
-        part.unlink()
-        raise RobertaError(f"{url}: {problem}; the download was discarded and the cache left as it was, "
-                           f"try again (or check ROBERTA_BASE_URL if you set it)")
-    os.replace(part, dest)
-    return {"url": url, "size": got, "sha256": digest}
-
-
-def _transfer(url: str, part: Path, progress: bool) -> tuple[int | None, str | None]:
-    """One HTTP request appending to `part`; returns (total size, advertised sha256)."""
-    offset = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "roberta-python"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    redirects = _LinkedHeaders()
-    try:
-        response = build_opener(redirects).open(Request(url, headers=headers), timeout=60)
-    except HTTPError as exc:
-        if exc.code == 416 and offset:  # the partial file is no prefix of this one: start over
-            part.unlink()
-            return _transfer(url, part, progress)
-        raise RobertaError(f"{url} answered HTTP {exc.code} {exc.reason}; "
-                           f"check the name, and ROBERTA_BASE_URL if you set it") from None
-    except URLError as exc:
-        raise RobertaError(f"cannot reach {url} ({exc.reason}); check the network, point ROBERTA_BASE_URL "
-                           f"at a mirror, or fetch the file by hand into the cache") from None
-    with response:
-        linked = {**redirects.headers, **{k.lower(): v for k, v in response.headers.items()}}
-        match = re.fullmatch(r'(?:W/)?"?([0-9a-fA-F]{64})"?', linked.get("x-linked-etag", "").strip())
-        advertised_sha = match.group(1) if match else None
-        length = response.headers.get("Content-Length")
-        if response.status == 206:
-            span = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
-            if not span or int(span.group(1)) != offset:
-                raise _Interrupted(f"the server resumed at the wrong offset ({response.headers.get('Content-Range')})")
-            total = int(span.group(2)) if span.group(2) != "*" else None
-        else:
-            offset = 0  # the server ignored the Range header and sends the whole file
-            total = int(length) if length is not None else None
-        with open(part, "ab" if offset else "wb") as out, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=part.name[:-len(".part")], disable=not progress, leave=False) as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                bar.update(len(chunk))
-    got = part.stat().st_size
-    if total is not None and got < total:
-        raise _Interrupted(f"connection closed after {got} of {total} bytes")
-    return total, advertised_sha
 
 
 def _sha256(path: Path) -> str:

@@ -250,21 +250,27 @@ def _fill(text: str, position: int, token: str) -> str:
 
 def resolve(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,
             base_url: str | None = None, progress: bool = True) -> Path:
-    """A local path for a path, or for a named model (downloaded into the cache when missing)."""
+    """The local path of a model: a path as it is, a fairseq release name (`roberta.base`) from its
+    archive, or a Hub repository (`org/name`, `org/name@revision`) from the Hugging Face cache,
+    downloaded there when missing. `cache_dir` replaces both caches; `base_url` names a mirror."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
-    if str(name_or_path) in download.MODELS:
-        return download.download(str(name_or_path), cache_dir, base_url, offline, progress)
+    name = str(name_or_path)
+    if name in download.MODELS:
+        return download.download(name, cache_dir, base_url, offline, progress)
+    if download.parse_hub_id(name) and not name.startswith((".", "/", "~")):
+        return download.hub_snapshot(name, cache_dir, base_url, offline, progress)
     raise RobertaError(f"{name_or_path} is neither an existing path nor a known model name "
-                       f"({', '.join(download.MODELS)})")
+                       f"({', '.join(download.MODELS)}, or a Hub id such as FacebookAI/roberta-base[@revision])")
 
 
 def load(name_or_path: str | os.PathLike, device: str | torch.device | None = None, cache_dir=None,
          offline: bool | None = None, base_url: str | None = None, progress: bool = True) -> RobertaHub:
-    """Load a RoBERTa by name (`roberta.base`, `roberta.large`, `roberta.large.mnli`,
-    `FacebookAI/roberta-base`, `FacebookAI/roberta-large`) or path: a fairseq directory or .tar.gz
-    (model.pt + dict.txt), a Hugging Face directory, or a directory `save` wrote. In eval mode."""
+    """Load a RoBERTa by name (`roberta.base`, `roberta.large`, `roberta.large.mnli`), Hub id
+    (`FacebookAI/roberta-base`, `org/name@revision`: any RoBERTa-family repository) or path: a fairseq
+    directory or .tar.gz (model.pt + dict.txt), a Hugging Face directory (sharded, ZipNN-compressed or
+    sentence-transformers too), or a directory `save` wrote. In eval mode."""
     with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
         model = RobertaForMaskedLM.from_pretrained(directory)
         tokenizer = _tokenizer(directory, cache_dir, offline, base_url, progress)
@@ -295,10 +301,11 @@ def _model_dir(path: Path):
 
 def _tokenizer(directory: Path, cache_dir, offline, base_url, progress) -> RobertaTokenizer:
     if all((directory / f).is_file() for f in ("vocab.json", "merges.txt")) or \
-            all((directory / f).is_file() for f in ("encoder.json", "vocab.bpe", "dict.txt")):
+            all((directory / f).is_file() for f in ("encoder.json", "vocab.bpe", "dict.txt")) or \
+            (directory / "tokenizer.json").is_file():
         return RobertaTokenizer.from_pretrained(directory)
     if not (directory / "dict.txt").is_file():
-        raise RobertaError(f"{directory} holds no tokenizer: expected vocab.json + merges.txt, or dict.txt "
+        raise RobertaError(f"{directory} holds no tokenizer: expected vocab.json + merges.txt, tokenizer.json, or dict.txt "
                            f"(fairseq, with encoder.json + vocab.bpe or the GPT-2 BPE download)")
     # A fairseq release ships dict.txt only; the BPE files are GPT-2's, downloaded once into the cache.
     bpe = download.gpt2_bpe(cache_dir, base_url, offline, progress)

@@ -22,6 +22,7 @@ SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, the order of fairseq's
 MASK = "<mask>"  # always the last id
 HF_FILES = ("vocab.json", "merges.txt")
 FAIRSEQ_FILES = ("encoder.json", "vocab.bpe", "dict.txt")
+TOKENIZER_JSON = ("tokenizer.json",)  # the `tokenizers` library's one-file form, as many Hub repositories ship it
 MERGES_HEADER = "#version: 0.2"
 DEFAULT_VOCAB_SIZE = 50265  # RoBERTa's: 50257 GPT-2 tokens + 3 padding words + 5 specials
 
@@ -92,26 +93,29 @@ class RobertaTokenizer:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, layout: str | None = None) -> "RobertaTokenizer":
-        """Load from a folder with `vocab.json` + `merges.txt` (layout 'hf') or `encoder.json` +
-        `vocab.bpe` + `dict.txt` (layout 'fairseq'); by default whichever is complete, 'hf' first."""
+        """Load from a folder with `vocab.json` + `merges.txt` (layout 'hf'), `encoder.json` +
+        `vocab.bpe` + `dict.txt` (layout 'fairseq') or a BPE `tokenizer.json` (layout 'json'); by
+        default whichever is complete, in that order."""
         directory = Path(directory)
         expected = "vocab.json + merges.txt (Hugging Face) or encoder.json + vocab.bpe + dict.txt (fairseq)"
         if not directory.is_dir():
             raise RobertaError(f"tokenizer folder {directory} does not exist; pass a folder with {expected}")
-        files = {"hf": HF_FILES, "fairseq": FAIRSEQ_FILES}
+        files = {"hf": HF_FILES, "fairseq": FAIRSEQ_FILES, "json": TOKENIZER_JSON}
         if layout is None:
             complete = [name for name, names in files.items() if all((directory / n).is_file() for n in names)]
             if not complete:
                 raise RobertaError(f"{directory} holds no tokenizer: expected {expected}")
             layout = complete[0]
         if layout not in files:
-            raise RobertaError(f"unknown tokenizer layout {layout!r}: use 'hf' or 'fairseq'")
+            raise RobertaError(f"unknown tokenizer layout {layout!r}: use 'hf', 'fairseq' or 'json'")
         missing = [n for n in files[layout] if not (directory / n).is_file()]
         if missing:
             raise RobertaError(f"{directory} lacks {', '.join(missing)} for the {layout} layout; expected {expected}")
         if layout == "hf":
             vocab = _read_token_ids(directory / "vocab.json")
             return cls._checked(directory / "vocab.json", vocab, _read_merges(directory / "merges.txt", vocab))
+        if layout == "json":
+            return cls._checked(directory / "tokenizer.json", *_read_tokenizer_json(directory / "tokenizer.json"))
         encoder = _read_token_ids(directory / "encoder.json")
         merges = _read_merges(directory / "vocab.bpe", encoder)
         vocab, counts = _read_dict(directory / "dict.txt", encoder)
@@ -352,6 +356,29 @@ def _read_token_ids(path: Path) -> dict[str, int]:
     if not isinstance(table, dict) or not all(type(i) is int for i in table.values()):
         raise RobertaError(f"{path} should be a JSON object mapping each token to an integer id")
     return table
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a byte-level BPE `tokenizer.json` (its added tokens join the vocabulary)."""
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise RobertaError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise RobertaError(f"{path} is not a BPE tokenizer (RoBERTa's is byte-level BPE)")
+    vocab = dict(model["vocab"])
+    for added in data.get("added_tokens") or []:
+        if isinstance(added, dict) and isinstance(added.get("content"), str) and type(added.get("id")) is int:
+            vocab.setdefault(added["content"], added["id"])
+    merges = []
+    for number, merge in enumerate(model.get("merges") or [], 1):
+        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
+        if len(pair) != 2 or not all(isinstance(t, str) and t for t in pair) or not all(
+                t in vocab for t in (*pair, pair[0] + pair[1])):
+            raise RobertaError(f"{path}: merge {number} ({merge!r}) is not two tokens of its vocabulary")
+        merges.append(pair)
+    return vocab, merges
 
 
 def _read_merges(path: Path, vocab: dict[str, int]) -> list[tuple[str, str]]:

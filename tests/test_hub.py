@@ -212,8 +212,6 @@ def test_cuda(hub_checkpoints):
 def test_named_models_download_once_then_load_offline(served, tmp_path, monkeypatch):
     hub = roberta.load("roberta.large.mnli")
     assert hub.predict("mnli", hub.encode(*PAIR)).shape == (1, 3)
-    hf = roberta.load("FacebookAI/roberta-base")
-    torch.testing.assert_close(hf.extract_features(hub.encode("Hi")), hub.extract_features(hub.encode("Hi")))
     requests = len(served.log)
     monkeypatch.setenv("ROBERTA_OFFLINE", "1")
     roberta.load("roberta.large.mnli")

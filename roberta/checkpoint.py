@@ -64,9 +64,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[RobertaConfig, dict[str, t
 
 # The weight files of a Hugging Face directory, in order of preference: plain, sharded (an index names
 # the shards), ZipNN-compressed in either of its layouts (roberta/znn.py), then pickled.
+# (ZipNN's sharded repositories keep model.safetensors.index.json, its weight_map naming the .znn shards.)
 WEIGHT_FILES = (SAFETENSORS_NAME, SAFETENSORS_NAME + ".index.json", SAFETENSORS_NAME + ".znn",
-                "model.znn.safetensors", SAFETENSORS_NAME + ".znn.index.json", "model.znn.safetensors.index.json",
-                PYTORCH_NAME, PYTORCH_NAME + ".index.json")
+                "model.znn.safetensors", PYTORCH_NAME, PYTORCH_NAME + ".index.json")
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:

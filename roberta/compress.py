@@ -550,9 +550,15 @@ def compress_checkpoint(src_dir, dst_dir, threads: int | None = None) -> Path:
 
 
 def decompress_checkpoint(src_dir, dst_dir, threads: int | None = None) -> Path:
-    """Copy a compressed checkpoint directory back to one with a plain model.safetensors."""
+    """Copy a compressed checkpoint directory back to one with a plain model.safetensors (ZipNN's
+    layouts too: see roberta/znn.py)."""
     from safetensors.torch import save as safetensors_bytes
 
+    from . import znn
+
+    if Path(src_dir).is_dir() and not (Path(src_dir) / COMPRESSED_WEIGHTS_NAME).is_file() \
+            and znn.is_zipnn_checkpoint(Path(src_dir)):
+        return znn.decompress_checkpoint(_check_dirs(src_dir, dst_dir)[0], Path(dst_dir))
     src, dst = _check_dirs(src_dir, dst_dir)
     weights = src / COMPRESSED_WEIGHTS_NAME
     if not weights.is_file():

@@ -43,6 +43,7 @@ def decompress_whole_file(path: str | os.PathLike) -> bytes:
     data = path.read_bytes()
     if data[:2] != b"ZN":
         raise RobertaError(f"{path} is not a ZipNN file (it does not start with ZipNN's header); download it again")
+    _check_chunks(data, path)
     try:
         return bytes(_zipnn().ZipNN(is_streaming=True).decompress(data))
     except RobertaError:
@@ -50,6 +51,20 @@ def decompress_whole_file(path: str | os.PathLike) -> bytes:
     except Exception as exc:  # the C decoder's errors carry no common type
         raise RobertaError(f"{path} is a truncated or corrupted ZipNN file ({type(exc).__name__}: {exc}); "
                            "download it again") from None
+
+
+def _check_chunks(data: bytes, path: Path) -> None:
+    """Walk the chunk headers of a ZipNN stream before decoding: ZipNN's C decoder aborts the whole
+    process on a truncated stream instead of raising, so a cut file must be caught here."""
+    offset = 0
+    while offset < len(data):
+        header = data[offset:offset + 32]
+        length = int.from_bytes(header[24:32], "little") if len(header) == 32 else 0
+        if header[:2] != b"ZN" or length < 32 or offset + length > len(data):
+            raise RobertaError(f"{path} is a truncated or corrupted ZipNN file (chunk at byte {offset} "
+                               f"{'runs past the end' if header[:2] == b'ZN' else 'has no ZipNN header'}); "
+                               "download or copy it again")
+        offset += length
 
 
 def compressed_tensors(metadata: dict[str, str] | None) -> dict[str, dict]:
@@ -97,5 +112,51 @@ def plain_name(name: str) -> str:
 
 
 def is_zipnn_checkpoint(directory: Path) -> bool:
-    return any(p.name.endswith((".znn", ".znn.safetensors", ".znn.index.json", ".znn.safetensors.index.json"))
-               for p in directory.iterdir())
+    return any(p.name.endswith((".znn", ".znn.safetensors")) for p in directory.iterdir())
+
+
+def decompress_checkpoint(src: Path, dst: Path) -> Path:
+    """`roberta decompress` of a ZipNN directory: each `*.safetensors.znn` becomes the file ZipNN restores
+    (byte for byte), each `*.znn.safetensors` a safetensors file of the tensors ZipNN restores (the
+    other metadata kept), an index names the plain shards; the other files are copied. The new
+    directory is built beside `dst` and renamed into place, so it is whole or absent."""
+    import shutil
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import save as safetensors_bytes
+
+    from .checkpoint import read_index
+    from .fileio import atomic_write
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise RobertaError(f"{dst} already exists and is not empty; give a new directory to decompress into")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        for item in sorted(src.iterdir()):
+            if not item.is_file():
+                continue
+            target = staging / plain_name(item.name)
+            if item.name.endswith(".safetensors.znn"):
+                atomic_write(target, decompress_whole_file(item))
+            elif item.name.endswith(".znn.safetensors"):
+                with safe_open(str(item), framework="pt") as f:
+                    metadata = dict(f.metadata() or {})
+                    state = {name: f.get_tensor(name) for name in f.keys()}
+                state = decompress_tensors(state, metadata, str(item))
+                metadata.pop(METADATA_KEY, None)
+                atomic_write(target, safetensors_bytes(state, metadata=metadata or None))
+            elif item.name.endswith(".index.json"):
+                index = json.loads(item.read_text(encoding="utf-8"))
+                index["weight_map"] = {k: plain_name(v) for k, v in read_index(item).items()}
+                atomic_write(target, json.dumps(index, indent=2) + "\n")
+            else:
+                shutil.copy2(item, target)
+        if dst.exists():
+            dst.rmdir()
+        staging.rename(dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dst

@@ -118,23 +118,18 @@ def is_zipnn_checkpoint(directory: Path) -> bool:
 def decompress_checkpoint(src: Path, dst: Path) -> Path:
     """`roberta decompress` of a ZipNN directory: each `*.safetensors.znn` becomes the file ZipNN restores
     (byte for byte), each `*.znn.safetensors` a safetensors file of the tensors ZipNN restores (the
-    other metadata kept), an index names the plain shards; the other files are copied. The new
-    directory is built beside `dst` and renamed into place, so it is whole or absent."""
+    other metadata kept), an index names the plain shards; the other files are copied. The directory
+    is written whole or not at all (fileio.replace_dir)."""
     import shutil
-    import tempfile
 
     from safetensors import safe_open
     from safetensors.torch import save as safetensors_bytes
 
-    from .checkpoint import read_index
-    from .fileio import atomic_write
+    from .checkpoint import keep_beside_checkpoint, read_index
+    from .fileio import atomic_write, replace_dir
 
     src, dst = Path(src), Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise RobertaError(f"{dst} already exists and is not empty; give a new directory to decompress into")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with replace_dir(dst, keep=keep_beside_checkpoint) as staging:
         for item in sorted(src.iterdir()):
             if not item.is_file():
                 continue
@@ -154,9 +149,4 @@ def decompress_checkpoint(src: Path, dst: Path) -> Path:
                 atomic_write(target, json.dumps(index, indent=2) + "\n")
             else:
                 shutil.copy2(item, target)
-        if dst.exists():
-            dst.rmdir()
-        staging.rename(dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return dst

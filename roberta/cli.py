@@ -223,12 +223,14 @@ def _add_hub_commands(sub) -> None:
     p.add_argument("--topk", type=_positive_int, default=5, help="candidates per mask (default 5)")
     p = command("features", _features, "write one vector per input (or per token) to a .npy or .jsonl file")
     p.add_argument("-o", "--out", required=True, help="output file: .npy (one row per input) or .jsonl")
-    p.add_argument("--pool", choices=["cls", "mean", "none"], default="cls",
-                   help="<s> vector (default), mean over tokens, or every token (.jsonl only)")
+    p.add_argument("--pool", choices=["cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken",
+                                      "none"], default=None,
+                   help="default: the model's own pooling (a sentence-transformers directory's, normalised if it "
+                   "says so), else the <s> vector; cls, mean, ... over tokens, or none: every token (.jsonl only)")
     p.add_argument("--layer", type=int, default=-1, help="layer to read, 0 = embeddings (default: last)")
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
     p = command("predict", _predict, "classify each input (a TAB separates a sentence pair) with a head")
-    p.add_argument("--head", required=True, help="classification head name, e.g. mnli (see `roberta info`)")
+    p.add_argument("--head", help="classification head name, e.g. mnli (see `roberta info`; default: the only one)")
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
     p = sub.add_parser("download", help="download models into the cache (no NAME: list the fairseq releases)")
     p.add_argument("names", nargs="*", metavar="NAME", help="Hub ids (org/name[@revision]) or fairseq release names")
@@ -320,11 +322,19 @@ def _features(args):
 
 def _predict(args):
     hub = _load(args)
+    heads = sorted(hub.model.config.classification_heads)
+    head = args.head or (heads[0] if len(heads) == 1 else None)
+    if head is None:
+        raise RobertaError(f"this model has {'no classification head' if not heads else 'heads ' + ', '.join(heads)}; "
+                           f"{'fine-tune one first' if not heads else 'choose one with --head'}")
+    names = hub.labels(head)  # a fine-tuned classifier's id2label, else class indices
     for texts in _batches(_inputs(args)):
-        log_probs = hub.predict(args.head, [hub.encode(*t.split("\t")) for t in texts], truncate=args.truncate)
+        log_probs = hub.predict(head, [hub.encode(*t.split("\t")) for t in texts], truncate=args.truncate)
         for text, row in zip(texts, log_probs.exp().tolist()):
-            label = max(range(len(row)), key=row.__getitem__)
-            _print(args, {"label": label, "probabilities": row},
+            index = max(range(len(row)), key=row.__getitem__)
+            label = names[index] if names else index
+            value = {"label": label, "index": index, "probabilities": row}
+            _print(args, {**value, "labels": names} if names else value,
                    f"{label}\t{' '.join(f'{p:.4f}' for p in row)}\t{text}")
 
 
@@ -350,15 +360,24 @@ def _info(args):
 
     info = describe(args.model, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url)
     c = info["config"]
-    heads = ", ".join(f"{name} ({n} classes)" for name, n in info["heads"].items()) or "none"
-    _print(args, info, "\n".join([
-        f"path        {info['path']} ({info['format']})",
+    heads = ", ".join(f"{name} ({n} classes{': ' + ', '.join(info['labels'][name]) if name in info['labels'] else ''})"
+                      for name, n in info["heads"].items()) or "none"
+    lines = [f"path        {info['path']} ({info['format']})"]
+    if info["repository"]:
+        lines.append(f"repository  {info['repository']} at revision {info['revision']}")
+    lines += [
         f"config      {c['num_hidden_layers']} layers x {c['hidden_size']}, {c['num_attention_heads']} heads, "
         f"FFN {c['intermediate_size']}, vocabulary {c['vocab_size']}, max {info['max_tokens']} tokens",
-        f"heads       {heads}",
-        f"parameters  {info['parameters']:,}",
-        f"dtype       {info['dtype']}",
-        f"size        {info['size_bytes'] / 2**20:.1f} MiB"]))
+        f"heads       {heads}"]
+    if info["pooling"]:
+        p = info["pooling"]
+        limit = f", max {p['max_tokens']} tokens" if p["max_tokens"] else ""
+        lines.append(f"pooling     {p['mode']}{', normalised' if p['normalize'] else ''}{limit} (sentence-transformers)")
+    lines += [f"parameters  {info['parameters']:,}", f"dtype       {info['dtype']}",
+              f"size        {info['size_bytes'] / 2**20:.1f} MiB in {len(info['files'])} files"]
+    lines += [f"  {size / 2**20:10.2f} MiB  {name}" for name, size in info["files"].items()]
+    _print(args, info, "\n".join(lines))
+
 
 def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI, squad, race or custom")

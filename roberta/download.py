@@ -171,7 +171,8 @@ def parse_hub_id(name: str) -> tuple[str, str | None] | None:
 
 
 TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
-EXTRA_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+EXTRA_FILES = ("tokenizer_config.json", "modules.json", "sentence_bert_config.json",
+               "config_sentence_transformers.json")
 
 
 def select_files(names: list[str]) -> list[str]:

@@ -17,8 +17,10 @@ object is in train mode (so fine-tuning through it still works).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -51,6 +53,7 @@ class RobertaHub(nn.Module):
                                f"{model.config.vocab_size}; load the tokenizer files that belong to this model")
         self.model = model
         self.tokenizer = tokenizer
+        self.pooling: SentencePooling | None = None  # a sentence-transformers directory's own (`load` sets it)
         self.train(model.training)  # the hub is in the mode its model is in
 
     @property
@@ -92,6 +95,45 @@ class RobertaHub(nn.Module):
             return layers if return_all_hiddens else layers[0]
         items = [[layer[i:i + 1, :n] for layer in layers] for i, n in enumerate(lengths)]
         return items if return_all_hiddens else [item[0] for item in items]
+
+    def embed(self, sentences, pool: str | None = None, normalize: bool | None = None,
+              truncate: bool = False, batch_tokens: int = 4096) -> torch.Tensor:
+        """Sentence embeddings: [hidden] for a text, [texts, hidden] for a list (float32).
+
+        By default they follow the model: a sentence-transformers directory's pooling, normalisation
+        and max_seq_length (inputs longer are cut, as sentence-transformers does), equal to its
+        `encode`; any other model pools the `<s>` vector. `pool` (cls, mean, max, mean_sqrt_len_tokens,
+        weightedmean, lasttoken) and `normalize` override that.
+        """
+        texts = [sentences] if isinstance(sentences, str) else list(sentences)
+        mode, unit, limit = self._pooling(pool, normalize)
+        tokens = [self._fit_to(encode(self.tokenizer, text), truncate, limit) for text in texts]
+        vectors: list = [None] * len(tokens)
+        for batch in length_batches([len(t) for t in tokens], batch_tokens):
+            for i, h in zip(batch, self.extract_features([tokens[j] for j in batch])):
+                vectors[i] = pool_tokens(h[0].float(), mode)
+        out = torch.stack(vectors)
+        out = F.normalize(out, dim=-1) if unit else out
+        return out[0] if isinstance(sentences, str) else out
+
+    def _pooling(self, pool: str | None, normalize: bool | None) -> tuple[str, bool, int | None]:
+        """(mode, normalise, token limit) from the arguments, else from the model's own pooling."""
+        own = self.pooling or SentencePooling()
+        mode = own.mode if pool is None else pool
+        if mode not in POOLINGS:
+            raise RobertaError(f"pool must be one of {', '.join(POOLINGS)}, got {mode!r}")
+        return mode, own.normalize if normalize is None else normalize, own.max_tokens
+
+    def _fit_to(self, ids: torch.Tensor, truncate: bool, limit: int | None) -> torch.Tensor:
+        """`_fit`, with a sentence-transformers model's own limit cutting silently, as it does."""
+        if limit is not None and len(ids) > limit:
+            ids = torch.cat([ids[:limit - 1], ids.new_tensor([self.tokenizer.eos_token_id])])
+        return self._fit(ids[None], truncate)[0]
+
+    def labels(self, head: str) -> list[str] | None:
+        """The class names of `head` (a fine-tuned classifier's id2label), or None where it has none:
+        `predict(head, ...)[:, i]` is the class `labels(head)[i]`."""
+        return head_labels(self.model.config, head)
 
     def register_classification_head(self, name: str, num_classes: int) -> None:
         """Add a new (randomly initialised) sentence-classification head, fine-tune it, then `predict`."""
@@ -256,6 +298,90 @@ def _fill(text: str, position: int, token: str) -> str:
     return text[:position] + token + text[position + len(MASK):]
 
 
+# ---- sentence embeddings: sentence-transformers' pooling -----------------------------------------
+
+POOLINGS = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# sentence-transformers < 3 wrote one flag per mode in 1_Pooling/config.json
+_POOLING_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                  "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                  "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SentencePooling:
+    """How a model turns token vectors into a sentence vector (sentence-transformers' Pooling/Normalize)."""
+    mode: str = "cls"
+    normalize: bool = False
+    max_tokens: int | None = None  # sentence-transformers' max_seq_length: longer inputs are cut
+
+
+def pool_tokens(hidden: torch.Tensor, mode: str) -> torch.Tensor:
+    """One sentence vector from the [tokens, hidden] vectors of one unpadded sequence, as
+    sentence-transformers' Pooling computes it."""
+    if mode == "cls":
+        return hidden[0]
+    if mode == "lasttoken":
+        return hidden[-1]
+    if mode == "max":
+        return hidden.max(0).values
+    if mode == "mean":
+        return hidden.mean(0)
+    if mode == "mean_sqrt_len_tokens":
+        return hidden.sum(0) / math.sqrt(hidden.shape[0])
+    if mode == "weightedmean":  # position weights 1..T
+        weights = torch.arange(1, hidden.shape[0] + 1, dtype=hidden.dtype, device=hidden.device)[:, None]
+        return (hidden * weights).sum(0) / weights.sum()
+    raise RobertaError(f"pool must be one of {', '.join(POOLINGS)}, got {mode!r}")
+
+
+def read_sentence_config(directory: Path) -> tuple[SentencePooling, Path] | None:
+    """A sentence-transformers directory's pooling and the folder of its transformer (None otherwise).
+
+    modules.json lists the modules in order: a Transformer (the RoBERTa, usually at the top level),
+    a Pooling (its config.json: `pooling_mode`, or the older one-flag-per-mode form) and optionally a
+    Normalize. max_seq_length comes from sentence_bert_config.json, or tokenizer_config.json's
+    model_max_length where newer versions keep it.
+    """
+    modules_file = directory / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = _json(modules_file)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise RobertaError(f"{modules_file} should be a list of modules (sentence-transformers' modules.json)")
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    unknown = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
+    if unknown or kinds.count("Transformer") != 1 or kinds.count("Pooling") > 1:
+        raise RobertaError(f"{modules_file}: modules {', '.join(kinds)}; only Transformer, Pooling and Normalize "
+                           "(sentence-transformers' usual pipeline) are supported")
+    transformer = directory / str(modules[kinds.index("Transformer")].get("path") or "")
+    mode = "cls"
+    if "Pooling" in kinds:
+        config = _json(directory / str(modules[kinds.index("Pooling")].get("path", "")) / "config.json")
+        modes = config.get("pooling_mode") if isinstance(config, dict) else None
+        if modes is None and isinstance(config, dict):
+            modes = [mode for flag, mode in _POOLING_FLAGS.items() if config.get(flag)]
+        modes = [modes] if isinstance(modes, str) else list(modes or [])
+        if len(modes) != 1 or modes[0] not in POOLINGS:
+            raise RobertaError(f"{directory}: pooling {modes} is not supported; one of {', '.join(POOLINGS)} is")
+        mode = modes[0]
+    max_tokens = None
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        value = _json(transformer / name).get(key) if (transformer / name).is_file() else None
+        if isinstance(value, int) and 2 <= value < 1_000_000:
+            max_tokens = value
+            break
+    return SentencePooling(mode, "Normalize" in kinds, max_tokens), transformer
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RobertaError(f"{path} is missing; the sentence-transformers directory is incomplete") from None
+    except (ValueError, OSError) as exc:
+        raise RobertaError(f"{path} is not valid JSON ({exc}); restore it") from None
+
+
 # ---- loading ------------------------------------------------------------------------------------
 
 
@@ -283,9 +409,12 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     directory or .tar.gz (model.pt + dict.txt), a Hugging Face directory (sharded, ZipNN-compressed or
     sentence-transformers too), or a directory `save` wrote. In eval mode."""
     with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
+        sentence = read_sentence_config(directory)
+        directory = sentence[1] if sentence else directory
         model = RobertaForMaskedLM.from_pretrained(directory)
         tokenizer = _tokenizer(directory, cache_dir, offline, base_url, progress)
     hub = RobertaHub(model, tokenizer).eval()
+    hub.pooling = sentence[0] if sentence else None
     return hub.to(device) if device is not None else hub
 
 
@@ -337,9 +466,18 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
         config.classification_heads[config.head_name or "default"] = state["classifier.out_proj.weight"].shape[0]
     with torch.device("meta"):  # the parameter count without allocating the weights a second time
         parameters = RobertaForMaskedLM(config).num_parameters()
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    base = path if path.is_dir() else path.parent
+    repository, revision = hub_origin(path)
+    sentence = read_sentence_config(path) if path.is_dir() else None
     return {
         "path": str(path),
+        "repository": repository,
+        "revision": revision,
+        "files": {str(f.relative_to(base)): f.stat().st_size for f in files},
+        "labels": {head: names for head in config.classification_heads
+                   if (names := head_labels(config, head)) is not None},
+        "pooling": dataclasses.asdict(sentence[0]) if sentence else None,
         "format": layout,
         "config": config.to_dict(),
         "heads": dict(config.classification_heads),
@@ -351,27 +489,47 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
     }
 
 
-def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, pool: str = "cls",
+def hub_origin(path: Path) -> tuple[str | None, str | None]:
+    """(repository, commit) of a snapshot in the Hugging Face cache (models--org--name/snapshots/<commit>)."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+            return folder.parent.parent.name.removeprefix("models--").replace("--", "/"), folder.name
+    return None, None
+
+
+def head_labels(config, head: str) -> list[str] | None:
+    """The class names of a classification head: a fine-tuned transformers classifier's id2label, which
+    belongs to its one head (`head_name`); None where the checkpoint names none."""
+    classes = config.classification_heads.get(head)
+    if not config.id2label or classes is None or head != (config.head_name or "default") \
+            or sorted(config.id2label) != list(range(classes)):
+        return None
+    return [config.id2label[i] for i in range(classes)]
+
+
+def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, pool: str | None = None,
                    layer: int = -1, truncate: bool = False, batch_tokens: int = 4096) -> list[int]:
     """Features of each text (a TAB separates the sentences of a pair) written atomically to `path`.
 
     `.npy`: one row per text ([texts, hidden]); `.jsonl`: {"text", "tokens", "features"} per line.
-    `pool`: "cls" (the `<s>` vector, what classification heads read), "mean" over the tokens, or
-    "none" (every token: .jsonl only). `layer`: 0 is the embeddings, -1 (default) the last layer.
-    Returns the shape of one text's features.
+    `pool`: None (default) follows the model: a sentence-transformers directory's pooling,
+    normalisation and max length (what `embed` gives), else the `<s>` vector; "cls" (the `<s>`
+    vector, what classification heads read), "mean" over the tokens, the other sentence-transformers
+    modes (max, mean_sqrt_len_tokens, weightedmean, lasttoken), or "none" (every token: .jsonl only).
+    `layer`: 0 is the embeddings, -1 (default) the last layer. Returns the shape of one text's features.
     """
     path = Path(path)
     if path.suffix not in (".npy", ".jsonl"):
         raise RobertaError(f"cannot write features to {path}: name it .npy or .jsonl")
-    if pool not in ("cls", "mean", "none"):
-        raise RobertaError(f"pool must be cls, mean or none, got {pool!r}")
     if pool == "none" and path.suffix == ".npy":
         raise RobertaError("pool 'none' gives a matrix per text of its own length, which .npy cannot hold; "
                            "write .jsonl, or pool with cls or mean")
+    mode, unit, limit = ("none", False, None) if pool == "none" else hub._pooling(pool, None if pool is None else False)
     layers = hub.model.config.num_hidden_layers
     if not -layers - 1 <= layer <= layers:
         raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}")
-    tokens = [hub._fit(hub.encode(*text.split("\t"))[None], truncate)[0] for text in texts]
+    tokens = [hub._fit_to(hub.encode(*text.split("\t")), truncate, limit) for text in texts]
     # Sorted into batches of similar length under a token budget: almost no padding work, and the
     # vectors go back to input order.
     vectors: list = [None] * len(tokens)
@@ -380,7 +538,8 @@ def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, p
         hidden = hub.extract_features([tokens[i] for i in batch], return_all_hiddens=layer not in (-1, layers))
         for i, h in zip(batch, hidden):
             h = (h[layer] if isinstance(h, list) else h)[0].float()
-            vectors[i] = (h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy()
+            vector = h if mode == "none" else pool_tokens(h, mode)
+            vectors[i] = (F.normalize(vector, dim=-1) if unit else vector).cpu().numpy()
     if path.suffix == ".npy":
         buffer = io.BytesIO()
         np.save(buffer, np.stack(vectors))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,3 +233,37 @@ def test_offline_mode_fails_at_once_saying_what_to_fetch(server, env, monkeypatc
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(RobertaError, match="roberta.large.mnli"):
         download.download("roberta.huge")
+
+
+def test_info_shows_the_repository_and_a_classifier_labels_reach_predict(hub, hub_checkpoints, tmp_path, capsys):
+    """A fine-tuned transformers classifier on the Hub: its id2label comes through to predict and the CLI."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RobertaConfig.from_pretrained(
+        hub_checkpoints["hf"], id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    torch.manual_seed(0)
+    classifier = transformers.RobertaForSequenceClassification(config).eval()
+    base = transformers.RobertaModel.from_pretrained(hub_checkpoints["hf"], add_pooling_layer=False)
+    classifier.roberta.load_state_dict(base.state_dict(), strict=False)
+    classifier.save_pretrained(tmp_path / "sentiment")
+    files = directory_files(tmp_path / "sentiment")
+    files.update({n: (hub_checkpoints["hf"] / n).read_bytes() for n in ("vocab.json", "merges.txt")})
+    commit = hub.add("org/sentiment", files)
+    common = ["--cache-dir", str(tmp_path / "hf"), "--base-url", hub.url, "--json"]
+    texts = ["What a wonderful film.", "Dreadful, I left early."]
+    assert main(["predict", "-m", "org/sentiment", *common, *texts]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hub_checkpoints["hf"])
+    with torch.no_grad():
+        want = classifier(**tokenizer(texts, return_tensors="pt", padding=True)).logits.softmax(-1)
+    for row, probabilities in zip(rows, want):
+        assert row["labels"] == ["negative", "positive"]
+        assert row["label"] == ["negative", "positive"][int(probabilities.argmax())] and row["index"] == int(probabilities.argmax())
+        assert np.abs(np.array(row["probabilities"]) - probabilities.numpy()).max() <= 1e-5
+    assert main(["info", "-m", "org/sentiment", *common]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["repository"] == "org/sentiment" and info["revision"] == commit
+    assert info["files"] == {n: len(files[n]) for n in ("config.json", "merges.txt", "model.safetensors", "vocab.json")}
+    assert info["labels"] == {"default": ["negative", "positive"]}
+    assert main(["info", "-m", "org/sentiment", "--cache-dir", str(tmp_path / "hf"), "--offline"]) == 0
+    text = capsys.readouterr().out
+    assert f"repository  org/sentiment at revision {commit}" in text and "default (2 classes: negative, positive)" in text

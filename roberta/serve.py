@@ -450,6 +450,8 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     limit = min(settings.max_input_tokens or hub.max_tokens, hub.max_tokens)
     heads = {name: head.out_proj.out_features for name, head in hub.model.classification_heads.items()}
     labels = {name: head_labels(config, name, n) for name, n in heads.items()}
+    # a checkpoint without its masked-LM head (a fine-tuned classifier) got a random one when loaded
+    has_lm_head = not any(k.startswith("lm_head.") for k in getattr(hub.model, "missing_keys", []))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -607,6 +609,10 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     async def fill_mask(body: FillMaskRequest):
         """The topk tokens at each `<mask>` (several per text allowed), as `RobertaHub.fill_mask` gives them."""
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        if not has_lm_head:
+            raise HTTPError(409, f"{model_name} has no masked-LM head (lm_head.*): it was initialised at random "
+                                 "when loaded, so fill-mask would answer noise; serve a checkpoint saved with its "
+                                 "LM head", "no_lm_head")
         if body.topk > len(hub.tokenizer):
             raise HTTPError(422, f"topk {body.topk} exceeds the vocabulary size {len(hub.tokenizer)}")
         sequences = prepare(texts, truncate=None, encode=hub._encode_masked)
@@ -647,7 +653,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
                 "dtype": str(hub.model.get_input_embeddings().weight.dtype).removeprefix("torch."),
                 "config": {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
                                                            "num_attention_heads", "intermediate_size")},
-                "max_input_tokens": limit, "heads": {name: {"classes": n, "labels": labels[name]} for name, n in heads.items()},
+                "max_input_tokens": limit, "fill_mask": has_lm_head, "heads": {name: {"classes": n, "labels": labels[name]} for name, n in heads.items()},
                 "settings": {k: v for k, v in asdict(settings).items() if k != "api_key"} | {"api_key": settings.api_key is not None}}
 
     @app.get("/metrics", dependencies=guarded)

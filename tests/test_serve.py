@@ -212,7 +212,7 @@ def test_tokenize_decode_info_health(server, hub):
     info = ok(httpx.get(server.url + "/info"))
     assert info["heads"] == {"sentiment": {"classes": 2, "labels": ["negative", "positive"]},
                              "nli": {"classes": 3, "labels": ["LABEL_0", "LABEL_1", "LABEL_2"]}}
-    assert info["max_input_tokens"] == hub.max_tokens and info["config"]["hidden_size"] == 64
+    assert info["max_input_tokens"] == hub.max_tokens and info["config"]["hidden_size"] == 64 and info["fill_mask"]
     assert ok(httpx.get(server.url + "/health")) == {"status": "ok"}
     assert "/embed" in ok(httpx.get(server.url + "/openapi.json"))["paths"]
 
@@ -382,9 +382,17 @@ def wait_for_depth(s, key, depth, limit=20.0):
         time.sleep(0.02)
 
 
-def test_a_request_not_answered_in_time_gets_503_and_the_server_goes_on(model_dir):
-    s = Server(model_dir, "--max-wait-ms", "60000", "--max-batch-requests", "2", "--timeout", "0.3")
+def test_a_request_not_answered_in_time_gets_503_and_a_classifier_has_no_fill_mask(model_dir, bpe_dir, tmp_path):
+    from roberta.model import RobertaForSequenceClassification
+
+    classifier = tmp_path / "classifier"  # a fine-tuned classifier's checkpoint: no masked-LM head in it
+    RobertaForSequenceClassification(RobertaConfig.load(model_dir / "config.json")).save_pretrained(
+        classifier, tokenizer=RobertaTokenizer.from_pretrained(bpe_dir))
+    s = Server(classifier, "--max-wait-ms", "60000", "--max-batch-requests", "2", "--timeout", "0.3")
     try:
+        no_lm = httpx.post(s.url + "/fill-mask", json={"inputs": "a <mask>"}, timeout=30)
+        assert no_lm.status_code == 409 and no_lm.json()["error"]["type"] == "no_lm_head", no_lm.text
+        assert ok(httpx.get(s.url + "/info"))["fill_mask"] is False
         slow = httpx.post(s.url + "/embed", json={"inputs": "waits for a batch that never fills"}, timeout=30)
         assert slow.status_code == 503 and slow.headers["retry-after"] == "1", slow.text
         assert slow.json()["error"]["type"] == "timeout"

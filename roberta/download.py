@@ -177,16 +177,23 @@ EXTRA_FILES = ("tokenizer_config.json", "modules.json", "sentence_bert_config.js
 
 def select_files(names: list[str]) -> list[str]:
     """The files of a repository listing that a RoBERTa needs: config, one set of weights, a tokenizer,
-    and a sentence-transformers directory's own configuration (modules.json names its modules)."""
+    and a sentence-transformers directory's own configuration (modules.json names its modules; older
+    ones keep the transformer in a `0_Transformer/` folder)."""
     present = set(names)
-    chosen = ["config.json"] if "config.json" in present else []
-    chosen += [next(f for f in WEIGHT_FILES if f in present)] if any(f in present for f in WEIGHT_FILES) else []
+    folder = next((f for f in ["", *sorted({n.split("/")[0] + "/" for n in present if re.fullmatch(
+        r"\d+_Transformer/config\.json", n)})] if f + "config.json" in present and any(
+        f + w in present for w in WEIGHT_FILES)), "")
+    inner = {n[len(folder):] for n in present if n.startswith(folder)}
+    chosen = ["config.json"] if "config.json" in inner else []
+    chosen += [next(f for f in WEIGHT_FILES if f in inner)] if any(f in inner for f in WEIGHT_FILES) else []
     for group in TOKENIZER_FILES:
-        if all(f in present for f in group):
+        if all(f in inner for f in group):
             chosen += group
             break
-    chosen += [f for f in EXTRA_FILES if f in present]
-    chosen += sorted(f for f in present if re.fullmatch(r"\d+_\w+/config\.json", f))  # 1_Pooling/config.json
+    chosen += [f for f in EXTRA_FILES if f in inner]
+    chosen = [folder + f for f in chosen]
+    chosen += [f for f in ("modules.json",) if folder and f in present]
+    chosen += sorted(f for f in present if re.fullmatch(r"\d+_(?!Transformer)\w+/config\.json", f))  # 1_Pooling/
     return chosen
 
 
@@ -213,9 +220,11 @@ def hub_snapshot(name: str, cache: str | os.PathLike | None = None, endpoint: st
             path = Path(hf_hub_download(repo, file, revision=commit, cache_dir=cache, endpoint=endpoint,
                                         tqdm_class=bars))
             verify(path, repo=name)
-            directory = directory or path.parent
-            if file.endswith(".index.json"):  # the shards the index names
+            directory = directory or path.parents[len(Path(file).parts) - 1]  # the snapshot's root
+            if file.endswith(".index.json"):  # the shards the index names, beside it
+                folder = file.rpartition("/")[0]
                 for shard in sorted(set(_read_json(path, name).get("weight_map", {}).values())):
+                    shard = f"{folder}/{shard}" if folder else shard
                     verify(Path(hf_hub_download(repo, shard, revision=commit, cache_dir=cache, endpoint=endpoint,
                                                 tqdm_class=bars)),
                            repo=name)
@@ -261,8 +270,9 @@ def _cached_snapshot(name, repo, revision, cache: Path) -> Path:
     """Offline: the snapshot of `revision` (default main) already in the cache, checked for completeness."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo, "config.json", cache_dir=cache, revision=revision or "main")
-    if not isinstance(found, str):
+    found = next((path for file in ("config.json", "modules.json") if isinstance(path := try_to_load_from_cache(
+        repo, file, cache_dir=cache, revision=revision or "main"), str)), None)
+    if found is None:
         raise RobertaError(f"{name} is not in the Hugging Face cache ({cache}) and offline mode is on "
                            f"(HF_HUB_OFFLINE or ROBERTA_OFFLINE); download it once with the network on")
     directory = Path(found).parent
@@ -274,6 +284,7 @@ def _cached_snapshot(name, repo, revision, cache: Path) -> Path:
 
 
 def _check_repository(name: str, files: list[str], where: str = "the repository") -> None:
+    files = [f.rpartition("/")[2] for f in files if re.fullmatch(r"(\d+_Transformer/)?[^/]+", f)]
     if "config.json" not in files:
         raise RobertaError(f"{name}: {where} has no config.json, so it is not a transformers-style checkpoint")
     if not any(f in WEIGHT_FILES for f in files):

@@ -114,12 +114,16 @@ def blobs_names(cache: Path) -> list[str]:
     return [p.name for p in cache.glob("models--*/snapshots/*/*")]
 
 
-def test_gated_repository_is_refused_with_what_to_do(hub, tmp_path):
+def test_gated_repository_is_refused_with_what_to_do_then_opens_with_a_token(hub, tmp_path, monkeypatch):
     hub.gated.add("org/tiny")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(RobertaError, match="gated repository.*HF_TOKEN") as info:
         roberta.load("org/tiny", cache_dir=tmp_path / "hf", base_url=hub.url, progress=False)
     assert "\n" not in str(info.value)
     assert blobs(tmp_path / "hf") == []
+    monkeypatch.setenv("HF_TOKEN", "hf_granted")  # the server grants any token; huggingface_hub sends it
+    roberta.load("org/tiny", cache_dir=tmp_path / "hf", base_url=hub.url, progress=False)
+    assert len(blobs(tmp_path / "hf")) == 4
 
 
 def test_unknown_repository_and_a_repository_without_weights(hub, hub_checkpoints, tmp_path):

@@ -41,19 +41,33 @@ def test_embeddings_equal_sentence_transformers(hub_checkpoints, tmp_path, mode,
     assert np.abs(np.load(out) - want).max() <= 1e-5
 
 
-def test_older_pooling_config_and_explicit_overrides(hub_checkpoints, tmp_path):
+def test_older_layout_from_the_hub_and_explicit_overrides(hub_checkpoints, tmp_path):
+    """sentence-transformers 2.x: the transformer in 0_Transformer/, one flag per pooling mode, max_seq_length
+    in sentence_bert_config.json; served as a Hub repository."""
+    from hub_helpers import HubServer, directory_files
+
     reference = build(hub_checkpoints["hf"], tmp_path / "st", "mean", False, max_len=60)
-    # sentence-transformers 2.x wrote one flag per mode, and max_seq_length in sentence_bert_config.json
-    (tmp_path / "st" / "1_Pooling" / "config.json").write_text(json.dumps(
+    st = tmp_path / "st"
+    (st / "0_Transformer").mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (st / name).rename(st / "0_Transformer" / name)
+    (st / "sentence_bert_config.json").unlink()
+    (st / "0_Transformer" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 60, "do_lower_case": False}))
+    modules = json.loads((st / "modules.json").read_text())
+    modules[0]["path"] = "0_Transformer"
+    (st / "modules.json").write_text(json.dumps(modules))
+    (st / "1_Pooling" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": 64, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
          "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
-    (tmp_path / "st" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 60, "do_lower_case": False}))
-    hub = roberta.load(tmp_path / "st")
-    assert (hub.pooling.mode, hub.pooling.normalize, hub.pooling.max_tokens) == ("mean", False, 60)
     want = reference.encode(TEXTS, convert_to_numpy=True)
-    assert np.abs(hub.embed(TEXTS).numpy() - want).max() <= 1e-5
-    cls = hub.embed(TEXTS, pool="cls")
-    torch.testing.assert_close(cls[1], hub.extract_features(hub.encode(TEXTS[1]))[0, 0], rtol=0, atol=1e-6)
+    with HubServer() as hub:
+        hub.add("org/st-old", directory_files(st))
+        model = roberta.load("org/st-old", cache_dir=tmp_path / "hf", base_url=hub.url, progress=False)
+    assert (model.pooling.mode, model.pooling.normalize, model.pooling.max_tokens) == ("mean", False, 60)
+    assert np.abs(model.embed(TEXTS).numpy() - want).max() <= 1e-5
+    assert np.abs(roberta.load(st).embed(TEXTS).numpy() - want).max() <= 1e-5
+    cls = model.embed(TEXTS, pool="cls")
+    torch.testing.assert_close(cls[1], model.extract_features(model.encode(TEXTS[1]))[0, 0], rtol=0, atol=1e-6)
     plain = roberta.load(hub_checkpoints["hf"])  # not a sentence-transformers directory: <s> vector
     assert plain.pooling is None
     torch.testing.assert_close(plain.embed("Hi"), plain.extract_features(plain.encode("Hi"))[0, 0])

@@ -130,7 +130,7 @@ def run_demo(out: str | Path = "demo-out", steps: int = 3000, vocab_size: int = 
     print(f"3/4 pretraining a {model} RoBERTa for {steps} steps")
     # one thread by default: the tiny model's matrices are too small to gain from splitting them
     cfg = PretrainConfig.preset("tiny", model=model, data=str(data), max_len=64, batch_size=32,
-                                micro_batch_size=32, lr=3e-3, warmup_steps=steps // 20, max_steps=steps,
+                                micro_batch_size=32, lr=3e-3, warmup_updates=steps // 20, total_updates=steps,
                                 dropout=0.0, val_every=max(1, steps // 5), save_every=max(1, steps // 3), log_every=20,
                                 val_samples=256, threads=threads)
     torch.manual_seed(cfg.seed)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from . import tasks
 from .checkpoint import load_model
 from .errors import RobertaError
-from .fileio import atomic_write
+from .fileio import atomic_write, check_output
 from .inference import pad_batch
 from .model import RobertaForMultipleChoice, RobertaForQuestionAnswering, RobertaForSequenceClassification
 from .train import (PRECISIONS, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps, precision_context,
@@ -449,16 +449,6 @@ def _fit_max_len(recipe: Recipe, model) -> Recipe:
     return recipe if recipe.max_len <= model.config.max_tokens else recipe.replace(max_len=model.config.max_tokens)
 
 
-def _check_out(out: Path, model_name) -> None:
-    """The output directory must not be (or hold) the model being fine-tuned: it would be overwritten."""
-    source = Path(model_name).expanduser()
-    if source.exists():
-        source, target = source.resolve(), out.resolve()
-        if source == target or target in source.parents:
-            raise RobertaError(f"--out {out} is where the model {model_name} lives: writing there would "
-                               "overwrite it; choose another --out")
-
-
 def epoch_batches(lengths, recipe: Recipe, epoch: int, parts: int) -> list[np.ndarray]:
     """The batches of one epoch, a pure function of (seed, epoch) so that a resumed run sees the same
     ones; a last batch too small to give every process and micro-step one example is dropped."""
@@ -471,7 +461,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
     """Fine-tune `model_dir` on `task` and return the best dev metrics (also in `out_dir/eval.json`)."""
     recipe = recipe or recipe_for(task, **overrides)
     out = Path(out_dir)
-    _check_out(out, model_dir)
+    check_output(out, model_dir)  # never into (or over) the model it starts from
     d = setup_distributed(recipe.device)
     recipe, ckpt = prepare_run_dir(recipe, out, "recipe.json", resume, CHANGEABLE_ON_RESUME)
     micro, accum = micro_steps(recipe.batch_size, 0, recipe.update_freq, d.world)

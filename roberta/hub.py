@@ -21,6 +21,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from . import download
 from .checkpoint import read_checkpoint
-from .errors import RobertaError
+from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_write
 from .inference import length_batches
 from .model import RobertaForMaskedLM
@@ -62,12 +63,17 @@ class RobertaHub(nn.Module):
 
     # ---- text <-> ids -------------------------------------------------------------------------
 
-    def encode(self, sentence, *addl_sentences: str, no_separator: bool = False):
+    def encode(self, sentence, *addl_sentences: str, no_separator: bool = False, truncate: bool = False):
         """`<s> A </s>`, `<s> A </s></s> B </s>` ... as a LongTensor (no space is added before A).
 
         A list of sentences (and lists of second sentences, one each) gives a list of tensors.
+        `truncate=True` keeps the first `max_tokens` ids of a longer input, ending it with `</s>`.
         """
-        return encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator)
+        ids = encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator)
+        if not truncate:
+            return ids
+        cut = [self._fit(t[None], truncate=True)[0] for t in (ids if isinstance(ids, list) else [ids])]
+        return cut if isinstance(ids, list) else cut[0]
 
     def decode(self, tokens):
         """Text of one sequence; a sequence of several sentences (split at `</s></s>`) gives a list."""
@@ -110,6 +116,11 @@ class RobertaHub(nn.Module):
         fill-mask pipelines instead: {"sequence", "score", "token" (id), "token_str"}.
         """
         texts = [masked_input] if isinstance(masked_input, str) else list(masked_input)
+        fresh = [k for k in getattr(self.model, "missing_keys", []) if k.startswith("lm_head.")]
+        if fresh and not self.training:
+            warnings.warn("this checkpoint has no masked-LM head (lm_head.*): it was initialised at random when "
+                          "loaded, so these predictions are noise; use a checkpoint saved with its LM head",
+                          RobertaWarning, stacklevel=2)
         if not 0 < topk <= len(self.tokenizer):
             raise RobertaError(f"topk must be between 1 and the vocabulary size {len(self.tokenizer)}, got {topk}")
         ids, _ = self._batch([self._encode_masked(text) for text in texts], truncate=None)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .device import resolve_device
 from .errors import RobertaError
-from .fileio import atomic_write
+from .fileio import atomic_write, replace_dir
 
 # ----------------------------------------------------------------------------------------------------
 # Settings: one vocabulary and one grammar for pretraining and fine-tuning
@@ -414,23 +414,12 @@ CHECKSUMS = "checksums.json"
 
 
 def write_dir(final: Path, write) -> None:
-    """Build a directory under a temporary sibling name with `write(tmp)`, record the SHA-256 of every
-    file, sync, then rename: the directory under its final name is whole or absent."""
-    tmp = final.parent / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-    atomic_write(tmp / CHECKSUMS, json.dumps(sums, indent=1) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = final.parent / f".old-{final.name}"
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    """Build a directory with `write(tmp)` and record the SHA-256 of every file; it replaces `final`
+    whole (`fileio.replace_dir`), so the directory under its final name is complete or absent."""
+    with replace_dir(final) as tmp:
+        write(tmp)
+        sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        atomic_write(tmp / CHECKSUMS, json.dumps(sums, indent=1) + "\n")
 
 
 def _sha256(path: Path) -> str:

@@ -107,8 +107,9 @@ def test_kill_9_and_resume_gives_bitwise_the_same_weights(corpus, reference, tmp
 def test_kill_9_while_writing_a_checkpoint(corpus, reference, tmp_path):
     out = tmp_path / "killed"
     proc = run_cli(out, corpus, wait=False, env={"ROBERTA_TEST_STALL_CHECKPOINT": "8"})
-    tmp_ckpt = out / "checkpoints" / ".tmp-step-00000008"
-    while not (tmp_ckpt / "trainer.pt").exists() and proc.poll() is None:
+    def tmp_ckpts():  # the checkpoint being written, under a temporary name beside its final one
+        return list((out / "checkpoints").glob(".step-00000008.tmp-*")) if (out / "checkpoints").is_dir() else []
+    while not any((t / "trainer.pt").exists() for t in tmp_ckpts()) and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -116,7 +117,7 @@ def test_kill_9_while_writing_a_checkpoint(corpus, reference, tmp_path):
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-00000004"]
     run_cli(out, corpus, "--resume")
     assert weights_bytes(out) == weights_bytes(reference)
-    assert not tmp_ckpt.exists()
+    assert not tmp_ckpts()
 
 
 @pytest.mark.slow

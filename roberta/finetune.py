@@ -543,6 +543,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
     bar = tqdm(total=updates, initial=step, desc=f"finetune {recipe.task}", unit="upd", dynamic_ncols=True,
                disable=not d.main)
     window = {"loss": 0.0, "tokens": 0, "n": 0, "time": 0.0}  # time leaves the dev evaluations out
+    train_seconds = 0.0
     batches, batches_epoch = None, 0
     while step < updates and not stop:
         epoch, position = divmod(step, per_epoch)
@@ -556,8 +557,10 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
                                              [data.collate([train[i] for i in part]) for part in parts],
                                              [len(part) / len(index) for part in parts], d, recipe.clip_norm, step)
         step += 1
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
         window = {"loss": window["loss"] + loss, "tokens": window["tokens"] + tokens, "n": window["n"] + 1,
-                  "time": window["time"] + time.perf_counter() - t0}
+                  "time": window["time"] + seconds}
         bar.update(1)
         if step % recipe.log_every == 0 or step == updates:
             (all_tokens,) = d.all_sum([window["tokens"]])
@@ -576,7 +579,8 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
                             lambda state, tmp: unwrap(model).save_pretrained(tmp, tokenizer=tokenizer))
     bar.close()
     result = {"task": recipe.task, "head_name": head_name, "metric": score_key, "best_step": best["step"],
-              "updates": step, "stopped_early": stop and step < updates, "dev": best["metrics"], "plan": plan}
+              "updates": step, "stopped_early": stop and step < updates, "dev": best["metrics"], "plan": plan,
+              "train_seconds": round(train_seconds, 3)}
     if d.main:
         atomic_write(out / "eval.json", json.dumps(result, indent=2) + "\n")
         metrics.plot()

@@ -147,18 +147,19 @@ def _compress(args) -> int:
 
 
 def _add_hub_commands(sub) -> None:
-    def command(name, func, help, text="TEXT", weights=True):
+    def command(name, func, help, text="TEXT", weights=True, model_required=True):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("-m", "--model", required=True, help="a name (roberta.base, roberta.large, roberta.large.mnli, "
+        p.add_argument("-m", "--model", required=model_required, help="a name (roberta.base, roberta.large, roberta.large.mnli, "
                        "FacebookAI/roberta-base, FacebookAI/roberta-large) or a path")
         p.add_argument("--json", action="store_true", help="print JSON, one value per input")
         p.add_argument("--offline", action="store_const", const=True, help="never download (also ROBERTA_OFFLINE=1)")
         p.add_argument("--cache-dir", help="where named models live (default $ROBERTA_CACHE or ~/.cache/roberta)")
         if weights:
             p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-            p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
-                           help="fp32 (exact, default), bf16 (several times faster on CPUs with AMX/AVX-512 "
-                           "BF16 and on GPUs), int8 (dynamic quantisation, CPU); see benchmarks/RESULTS.md")
+            p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                           help="auto (default: bf16 where the CPU/GPU has bf16 units, int8 on CPUs with VNNI "
+                           "only, else fp32; `roberta info --device` shows the choice), fp32 (exact), bf16, "
+                           "int8 (CPU); see benchmarks/RESULTS.md")
         if text:
             p.add_argument("text", nargs="*", metavar=text, help="inputs (default: one per line of stdin)")
         p.set_defaults(func=func)
@@ -184,8 +185,10 @@ def _add_hub_commands(sub) -> None:
     p.add_argument("--base-url", help="mirror to download from instead of the official hosts ($ROBERTA_BASE_URL)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_download)
-    command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
-            text=None, weights=False)
+    p = command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
+                text=None, weights=False, model_required=False)
+    p.add_argument("--device", nargs="?", const="auto", metavar="DEVICE", dest="show_device",
+                   help="also show the device and the precision `auto` picks there, and why (-m optional)")
 
 
 def _inputs(args) -> list[str]:
@@ -208,11 +211,11 @@ def _print(args, value, text: str) -> None:
 def _load(args):
     from .device import resolve_device
     from .hub import load
-    from .inference import reduce_precision
 
     device = resolve_device(args.device)
-    hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline)
-    reduce_precision(hub.model, args.precision)
+    hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline, precision=args.precision)
+    if sys.stderr.isatty():  # for people at a terminal; programs get one line on stderr only for errors
+        print(f"running on {device} in {hub.precision} ({hub.precision_reason})", file=sys.stderr)
     return hub
 
 
@@ -283,6 +286,12 @@ def _download(args):
 def _info(args):
     from .hub import describe
 
+    if args.show_device:
+        _device_info(args)
+    if not args.model:
+        if not args.show_device:
+            raise RobertaError("info needs -m MODEL (or --device to describe this machine)")
+        return
     info = describe(args.model, cache_dir=args.cache_dir, offline=args.offline)
     c = info["config"]
     heads = ", ".join(f"{name} ({n} classes)" for name, n in info["heads"].items()) or "none"
@@ -294,6 +303,23 @@ def _info(args):
         f"parameters  {info['parameters']:,}",
         f"dtype       {info['dtype']}",
         f"size        {info['size_bytes'] / 2**20:.1f} MiB"]))
+
+def _device_info(args):
+    import torch
+
+    from .device import resolve_device
+    from .inference import BF16_FLAGS, INT8_FLAGS, cpu_flags, cpu_name, resolve_precision
+
+    device = resolve_device(args.show_device)
+    precision, why = resolve_precision("auto", device)
+    flags = sorted(cpu_flags().intersection(BF16_FLAGS + INT8_FLAGS + ("avx512f", "avx2", "amx_int8")))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    info = {"device": str(device), "cpu": cpu_name(), "cpu_flags": flags, "gpu": gpu,
+            "precision": precision, "reason": why}
+    _print(args, info, "\n".join([f"device      {device}" + (f" ({gpu})" if gpu else ""),
+                                   f"cpu         {info['cpu']}; {' '.join(flags) or 'no AVX2/AVX-512'}",
+                                   f"precision   auto -> {precision} ({why})"]))
+
 
 def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI, squad, race or custom")

@@ -179,6 +179,12 @@ def _add_hub_commands(sub) -> None:
     p = command("predict", _predict, "classify each input (a TAB separates a sentence pair) with a head")
     p.add_argument("--head", required=True, help="classification head name, e.g. mnli (see `roberta info`)")
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
+    p = sub.add_parser("export", help="write the encoder and its classification heads as ONNX (dynamic batch and length)")
+    p.add_argument("-m", "--model", required=True, help="a name or a path, as for the other commands")
+    p.add_argument("--onnx", required=True, metavar="DIR", help="new directory for model.onnx, onnx.json and the tokenizer")
+    p.add_argument("--offline", action="store_const", const=True, help="never download (also ROBERTA_OFFLINE=1)")
+    p.add_argument("--cache-dir", help="where named models live (default $ROBERTA_CACHE or ~/.cache/roberta)")
+    p.set_defaults(func=_export)
     p = sub.add_parser("download", help="download named models into the cache (no NAME: list them)")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--cache-dir", help="default $ROBERTA_CACHE or ~/.cache/roberta")
@@ -268,6 +274,12 @@ def _predict(args):
             label = max(range(len(row)), key=row.__getitem__)
             _print(args, {"label": label, "probabilities": row},
                    f"{label}\t{' '.join(f'{p:.4f}' for p in row)}\t{text}")
+
+
+def _export(args):
+    from .export import export_onnx
+
+    print(f"wrote {export_onnx(args.model, args.onnx, cache_dir=args.cache_dir, offline=args.offline)}")
 
 
 def _download(args):

@@ -124,13 +124,14 @@ def int8_kernels_available() -> bool:
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row, stored with an offset of 128 as uint8 (the u8 x s8 form VNNI and AMX
-    multiply natively): (q [N, K] uint8, scale [N, 1] float32) with x ~ (q - 128) * scale.
+    multiply natively): (q [N, K] uint8, m [N, 1] float32) with x ~ (q - 128) * m / 127, m the largest
+    magnitude in the row (the 1/127 is left to the caller, which folds it into other scales).
 
-    Two passes over x after its row maxima: x / scale + 128.5 lies in [1.5, 255.5], so truncating it
-    to uint8 rounds x / scale to the nearest integer (halves up) and adds the offset at once.
+    Two passes over x after its row maxima: x * 127 / m + 128.5 lies in [1.5, 255.5], so truncating
+    it to uint8 rounds to the nearest integer (halves up) and adds the offset at once.
     """
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30).div_(127)
-    return torch.addcmul(torch.tensor(128.5), x, scale.reciprocal()).to(torch.uint8), scale
+    m = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)
+    return torch.addcmul(torch.tensor(128.5), x, torch.div(127.0, m)).to(torch.uint8), m
 
 
 class Int8Linear(nn.Module):
@@ -144,24 +145,25 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
-        q, scale = quantize_rows(weight.detach().float())
+        q, m = quantize_rows(weight.detach().float())
         self.register_buffer("weight", (q.int() - 128).to(torch.int8))
-        self.register_buffer("weight_scale", scale.squeeze(1))
+        # W ~ weight * m / 127 and x ~ (q - 128) * m_x / 127: both 1/127s go into the weight's scales
+        self.register_buffer("weight_scale", m.squeeze(1) / (127 * 127))
         self.register_buffer("bias", bias.detach().float().clone())
         self.out_features, self.in_features = q.shape
         self.packed = torch.ops.onednn.qlinear_prepack(self.weight, None)  # reordered once for oneDNN
         self._zeros = torch.zeros(self.out_features, dtype=torch.int32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = quantize_rows(x.reshape(-1, self.in_features).float())
+        q, m = quantize_rows(x.reshape(-1, self.in_features).float())
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.packed, self.weight_scale, self._zeros, None,
                                                  1.0, 0, torch.float32, "none", [], "")
-        return torch.addcmul(self.bias, y, scale).view(*x.shape[:-1], self.out_features)
+        return torch.addcmul(self.bias, y, m).view(*x.shape[:-1], self.out_features)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale = quantize_rows(x.reshape(-1, self.in_features).float())
+        q, m = quantize_rows(x.reshape(-1, self.in_features).float())
         y = ((q.int() - 128) @ self.weight.int().t()).float() * self.weight_scale  # exact int32 sums
-        return (y * scale + self.bias).view(*x.shape[:-1], self.out_features)
+        return (y * m + self.bias).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel x per-token"

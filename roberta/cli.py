@@ -6,18 +6,53 @@ library modules. Errors a user can cause are `RobertaError`s, printed as one lin
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import RobertaError
+from .errors import RobertaError, RobertaWarning
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one `error: ...` line (and exit status 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help shows its default, unless the help text already says what it is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return f"{text} (required)".strip()
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="roberta", description="RoBERTa: load, use, train, fine-tune, compress.",
+    from . import __version__
+
+    parser = _Parser(
+        prog="roberta", description="RoBERTa: load, use, train, fine-tune, compress.", formatter_class=_HelpFormatter,
         epilog="exit status: 0 success, 2 bad input (a one-line 'error: ...' says what and how to fix it), "
                "1 unexpected failure (a bug: please report the traceback), 130 interrupted.")
+    parser.add_argument("--version", action="version", version=_version_line(__version__))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Subcommands are added below, one compact block each.
 
@@ -34,18 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="text files or directories of them")
     p.add_argument("--out", required=True, help="new directory for the shards, vocabulary and meta.json")
     p.add_argument("--vocab", help="an existing tokenizer directory (default: train a byte-level BPE)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="size of the BPE to train (default 8192)")
+    p.add_argument("--vocab-size", type=_positive_int, default=8192, help="size of the BPE to train (default 8192)")
     p.add_argument("--doc-per-file", action="store_true", help="one document per file (default: blank-line blocks)")
     p.add_argument("--valid-fraction", type=float, default=0.01, help="documents held out (default 0.01)")
-    p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores)")
+    p.add_argument("--workers", type=_positive_int, help="tokenizing processes (default: all cores)")
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("pretrain", help="masked-LM pretraining (run under torchrun for several processes)")
     p.add_argument("--preset", choices=["tiny", "small", "base", "large"],
                    help="settings to start from (default small)")
-    p.add_argument("--data", help="a directory made by `roberta preprocess`")
+    p.add_argument("--data", help="a directory made by `roberta preprocess` (default: the preset's, or the resumed run's)")
     p.add_argument("--out", required=True, help="run directory: config, metrics, checkpoints, final model")
-    p.add_argument("--init-from", help="continue pretraining from this checkpoint directory")
+    p.add_argument("--init-from", help="continue pretraining from this checkpoint directory (default: from scratch)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from its latest (or the given) checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. lr=3e-4")
@@ -62,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("src", help="checkpoint directory")
         p.add_argument("dst", help="output directory (the other files are copied there)")
-        p.add_argument("--threads", type=int, help="threads to use (default: all cores)")
+        p.add_argument("--threads", type=_positive_int, help="threads to use (default: all cores)")
         p.set_defaults(func=_compress)
     _add_hub_commands(sub)
 
@@ -70,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe")
     _task_args(p)
     p.add_argument("--out", required=True, help="output directory: best checkpoint, metrics.jsonl, curves.png, eval.json")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-epochs", type=int)
-    p.add_argument("--max-train-examples", type=int, help="train on a random subset of this size")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the task's recipe)")
+    p.add_argument("--batch-size", type=int, help="examples per update (default: the task's recipe)")
+    p.add_argument("--max-epochs", type=int, help="passes over the training set (default: the task's recipe)")
+    p.add_argument("--max-train-examples", type=int, help="train on a random subset of this size (default: all)")
     p.add_argument("--eval-every", type=int, help="updates between dev evaluations (default: each epoch)")
     p.add_argument("--head-name", help="name of the saved head (default: the task name in lower case)")
     p.set_defaults(func=_finetune)
@@ -81,10 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
     _task_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test", "train"])
     p.add_argument("--out", help="write the metrics here as JSON (default: eval_<split>.json beside the model)")
-    p.add_argument("--predictions", help="write per-example predictions here in the leaderboard's format")
+    p.add_argument("--predictions", help="write per-example predictions here in the leaderboard's format "
+                   "(default: none written)")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_evaluate)
+    _explain(sub)
     return parser
+
+
+def _explain(sub) -> None:
+    """Each subcommand's --help starts with what it does and shows each option's default."""
+    for action in sub._choices_actions:
+        command = sub.choices[action.dest]
+        command.description = command.description or action.help
+        command.formatter_class = _HelpFormatter
+
+
+def _version_line(version: str) -> str:
+    import platform
+
+    import torch
+
+    return f"roberta {version} (torch {torch.__version__}, Python {platform.python_version()})"
 
 
 def _convert(args) -> int:
@@ -147,11 +200,12 @@ def _compress(args) -> int:
 
 
 def _add_hub_commands(sub) -> None:
-    def command(name, func, help, text="TEXT", weights=True, model_required=True):
+    def command(name, func, help, text="TEXT", weights=True, json=True, model_required=True):
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("-m", "--model", required=model_required, help="a name (roberta.base, roberta.large, roberta.large.mnli, "
                        "FacebookAI/roberta-base, FacebookAI/roberta-large) or a path")
-        p.add_argument("--json", action="store_true", help="print JSON, one value per input")
+        if json:
+            p.add_argument("--json", action="store_true", help="print JSON, one value per input")
         p.add_argument("--offline", action="store_const", const=True, help="never download (also ROBERTA_OFFLINE=1)")
         p.add_argument("--cache-dir", help="where named models live (default $ROBERTA_CACHE or ~/.cache/roberta)")
         if weights:
@@ -169,7 +223,7 @@ def _add_hub_commands(sub) -> None:
     command("decode", _decode, "print the text of a sequence of ids (arguments), or of each stdin line",
             text="ID", weights=False)
     p = command("fill-mask", _fill_mask, "predict the words at <mask> in each input text")
-    p.add_argument("--topk", type=int, default=5, help="candidates per mask (default 5)")
+    p.add_argument("--topk", type=_positive_int, default=5, help="candidates per mask (default 5)")
     p = command("features", _features, "write one vector per input (or per token) to a .npy or .jsonl file")
     p.add_argument("-o", "--out", required=True, help="output file: .npy (one row per input) or .jsonl")
     p.add_argument("--pool", choices=["cls", "mean", "none"], default="cls",
@@ -188,13 +242,34 @@ def _add_hub_commands(sub) -> None:
     p = sub.add_parser("download", help="download named models into the cache (no NAME: list them)")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--cache-dir", help="default $ROBERTA_CACHE or ~/.cache/roberta")
-    p.add_argument("--base-url", help="mirror to download from instead of the official hosts ($ROBERTA_BASE_URL)")
+    p.add_argument("--base-url", help="mirror to download from instead of the official hosts (default: $ROBERTA_BASE_URL, else the official hosts)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_download)
     p = command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
                 text=None, weights=False, model_required=False)
     p.add_argument("--device", nargs="?", const="auto", metavar="DEVICE", dest="show_device",
                    help="also show the device and the precision `auto` picks there, and why (-m optional)")
+    p = command("serve", _serve, "serve the model over HTTP (embed, predict, fill-mask, ...) with dynamic batching",
+                text=None, json=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
+    p.add_argument("--max-batch-tokens", type=int, default=8192, help="real tokens in one forward pass (default 8192)")
+    p.add_argument("--max-batch-requests", type=int, default=128,
+                   help="inputs in one forward pass (default 128; 1 turns batching off)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="how long the oldest queued input waits for a batch to fill (default 2)")
+    p.add_argument("--max-queue", type=int, default=2048, help="inputs waiting before requests get 429 (default 2048)")
+    p.add_argument("--max-inputs", type=int, default=64, help="inputs in one request (default 64; 413 past it)")
+    p.add_argument("--max-input-tokens", type=int,
+                   help="tokens in one input (default: the model's limit; 413 past it unless the request truncates)")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="request body size (default 2 MiB)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before an unanswered request gets 503 (default 30)")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
+                   help="pooling of /v1/embeddings and the default of /embed (default cls: the <s> vector)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                   "(default $ROBERTA_API_KEY; unset: no key)")
+    p.add_argument("--threads", type=int, help="threads of each forward pass (default: all cores; 1 on a busy machine)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
 
 
 def _inputs(args) -> list[str]:
@@ -333,16 +408,38 @@ def _device_info(args):
                                    f"precision   auto -> {precision} ({why})"]))
 
 
+def _serve(args):
+    import os
+
+    from .serve import API_KEY_ENV, ServeSettings, listen, serve
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    settings = ServeSettings(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
+                             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_inputs=args.max_inputs,
+                             max_input_tokens=args.max_input_tokens, max_body_bytes=args.max_body_bytes,
+                             timeout_s=args.timeout, pooling=args.pooling, api_key=api_key)
+    if args.threads is not None and args.threads < 1:
+        raise RobertaError(f"--threads must be at least 1, got {args.threads}")
+    sock = listen(args.host, args.port)  # before loading: a busy port fails at once
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    hub = _load(args)
+    serve(hub, sock, settings, model_name=str(args.model), precision=hub.precision, access_log=args.access_log)
+
+
 def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI, squad, race or custom")
     p.add_argument("--data", required=True, help="the task's data directory, e.g. glue_data/MNLI")
     p.add_argument("--model", required=True, help="checkpoint directory (pretrained for finetune, fine-tuned for evaluate)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe setting, e.g. --set lr=2e-5")
-    p.add_argument("--text-columns", nargs="+", help="custom: one or two text column names")
-    p.add_argument("--label-column", help="custom: the label column name")
-    p.add_argument("--problem-type", choices=["classification", "regression", "multi_label"], help="custom")
+    p.add_argument("--text-columns", nargs="+", help="custom: one or two text column names (default: text)")
+    p.add_argument("--label-column", help="custom: the label column name (default: label)")
+    p.add_argument("--problem-type", choices=["classification", "regression", "multi_label"],
+                   help="custom: the kind of label (default: classification)")
     p.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip and count malformed rows")
-    p.add_argument("--max-dev-examples", type=int)
+    p.add_argument("--max-dev-examples", type=int, help="score at most this many dev examples (default: all)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
 
 
@@ -375,16 +472,56 @@ def _evaluate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command. The one place where a user's mistake becomes `error: ...` and exit status 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RobertaWarning)
+        warnings.showwarning = _show_warning
+        try:
+            for i, arg in enumerate(argv):
+                _check_utf8(arg, f"argument {i + 1}")
+            if isinstance(sys.stdin, io.TextIOWrapper):  # bad bytes on stdin are an error, never U+FFFD
+                sys.stdin.reconfigure(encoding="utf-8", errors="strict")
+            args = build_parser().parse_args(argv)
+            return args.func(args) or 0
+        except RobertaError as exc:
+            return _fail(str(exc))
+        except UnicodeDecodeError as exc:
+            return _fail(f"the input is not valid UTF-8 ({exc.reason} at byte {exc.object[exc.start:exc.start + 1]!r}); "
+                         "convert it first, e.g. iconv -f latin1 -t utf-8")
+        except BrokenPipeError:
+            # The reader went away (`roberta fill-mask ... | head -1`): stop quietly, as Unix tools do.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141  # what a shell reports for a process ended by SIGPIPE
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            return _fail(f"{exc.filename}: {exc.strerror}")  # a path that cannot be read or written, a full disk
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+
+def _fail(message: str) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
+    return 2
+
+
+def _check_utf8(text: str, what: str) -> None:
     try:
-        return args.func(args) or 0
-    except RobertaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # the OS decoded undecodable bytes as lone surrogates
+        bad = text[exc.start].encode("utf-8", "surrogateescape")
+        raise RobertaError(f"{what} is not valid UTF-8 (byte {bad!r} in {text.encode('utf-8', 'surrogateescape')!r}); "
+                           "pass UTF-8 text") from None
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, RobertaWarning):
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from . import download
 from .checkpoint import read_checkpoint
-from .errors import RobertaError
+from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_write
 from .inference import length_batches
 from .model import RobertaForMaskedLM
@@ -72,12 +73,17 @@ class RobertaHub(nn.Module):
 
     # ---- text <-> ids -------------------------------------------------------------------------
 
-    def encode(self, sentence, *addl_sentences: str, no_separator: bool = False):
+    def encode(self, sentence, *addl_sentences: str, no_separator: bool = False, truncate: bool = False):
         """`<s> A </s>`, `<s> A </s></s> B </s>` ... as a LongTensor (no space is added before A).
 
         A list of sentences (and lists of second sentences, one each) gives a list of tensors.
+        `truncate=True` keeps the first `max_tokens` ids of a longer input, ending it with `</s>`.
         """
-        return encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator)
+        ids = encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator)
+        if not truncate:
+            return ids
+        cut = [self._fit(t[None], truncate=True)[0] for t in (ids if isinstance(ids, list) else [ids])]
+        return cut if isinstance(ids, list) else cut[0]
 
     def decode(self, tokens):
         """Text of one sequence; a sequence of several sentences (split at `</s></s>`) gives a list."""
@@ -120,6 +126,11 @@ class RobertaHub(nn.Module):
         fill-mask pipelines instead: {"sequence", "score", "token" (id), "token_str"}.
         """
         texts = [masked_input] if isinstance(masked_input, str) else list(masked_input)
+        fresh = [k for k in getattr(self.model, "missing_keys", []) if k.startswith("lm_head.")]
+        if fresh and not self.training:
+            warnings.warn("this checkpoint has no masked-LM head (lm_head.*): it was initialised at random when "
+                          "loaded, so these predictions are noise; use a checkpoint saved with its LM head",
+                          RobertaWarning, stacklevel=2)
         if not 0 < topk <= len(self.tokenizer):
             raise RobertaError(f"topk must be between 1 and the vocabulary size {len(self.tokenizer)}, got {topk}")
         ids, _ = self._batch([self._encode_masked(text) for text in texts], truncate=None)
@@ -131,18 +142,24 @@ class RobertaHub(nn.Module):
         probs, predicted = probs.tolist(), predicted.tolist()
         results, row = [], 0
         for text in texts:
-            per_mask = []
-            for position in _mask_positions(text):
-                choices = []
-                for p, token in zip(probs[row], predicted[row]):
-                    token_str = self.tokenizer.decode([token])
-                    filled = _fill(text, position, token_str)
-                    choices.append({"sequence": filled, "score": p, "token": token, "token_str": token_str}
-                                   if as_dicts else (filled, p, token_str))
-                per_mask.append(choices)
-                row += 1
-            results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
+            n = len(_mask_positions(text))
+            per_mask = self.mask_choices(text, probs[row:row + n], predicted[row:row + n], as_dicts)
+            results.append(per_mask[0] if n == 1 else per_mask)
+            row += n
         return results[0] if isinstance(masked_input, str) else results
+
+    def mask_choices(self, text: str, probs: list[list[float]], predicted: list[list[int]], as_dicts: bool = False):
+        """One list of choices per `<mask>` of `text`, from its masks' top-k probabilities and token ids."""
+        per_mask = []
+        for position, mask_probs, mask_tokens in zip(_mask_positions(text), probs, predicted):
+            choices = []
+            for p, token in zip(mask_probs, mask_tokens):
+                token_str = self.tokenizer.decode([token])
+                filled = _fill(text, position, token_str)
+                choices.append({"sequence": filled, "score": p, "token": token, "token_str": token_str}
+                               if as_dicts else (filled, p, token_str))
+            per_mask.append(choices)
+        return per_mask
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the model (config.json + model.safetensors, heads included) and tokenizer files."""
@@ -176,9 +193,10 @@ class RobertaHub(nn.Module):
         ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
         return ids.to(self.device), [len(r) for r in rows]
 
-    def _fit(self, ids: torch.Tensor, truncate: bool | None) -> torch.Tensor:
-        """Refuse (or with `truncate`, cut) inputs past the limit; None: the caller offers no truncation."""
-        n, limit = ids.shape[-1], self.max_tokens
+    def _fit(self, ids: torch.Tensor, truncate: bool | None, limit: int | None = None) -> torch.Tensor:
+        """Refuse (or with `truncate`, cut) inputs past the limit (default: the model's); None: the caller
+        offers no truncation."""
+        n, limit = ids.shape[-1], limit or self.max_tokens
         if n <= limit:
             return ids
         if not truncate:

@@ -143,7 +143,7 @@ def build_model(cfg: PretrainConfig, masking, tokenizer_dir: Path, d: Dist) -> R
     from .hub import load
     from .tokenizer import RobertaTokenizer
 
-    hub = load(cfg.init_from, progress=d.main)
+    hub = load(cfg.init_from, progress=d.main, precision="fp32")  # trained on: the exact weights
     if cfg.max_len > hub.model.config.max_tokens:
         raise RobertaError(f"max_len {cfg.max_len} exceeds the {hub.model.config.max_tokens} positions of "
                            f"{cfg.init_from}: set max_len <= {hub.model.config.max_tokens}")

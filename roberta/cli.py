@@ -75,12 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, help="tokenizing processes (default: all cores)")
     p.set_defaults(func=_preprocess)
 
-    p = sub.add_parser("pretrain", help="masked-LM pretraining (run under torchrun for several processes)")
+    from .pretrain import PretrainConfig
+
+    p = sub.add_parser("pretrain", help="masked-LM pretraining (run under torchrun for several processes)",
+                       epilog=PretrainConfig.help_text())
     p.add_argument("--preset", choices=["tiny", "small", "base", "large"],
                    help="settings to start from (default small)")
     p.add_argument("--data", help="a directory made by `roberta preprocess` (default: the preset's, or the resumed run's)")
     p.add_argument("--out", required=True, help="run directory: config, metrics, checkpoints, final model")
-    p.add_argument("--init-from", help="continue pretraining from this checkpoint directory (default: from scratch)")
+    p.add_argument("--init-from", help="continue pretraining from this model: a name, directory or archive "
+                   "(default: from scratch)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from its latest (or the given) checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. lr=3e-4")
@@ -102,17 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hub_commands(sub)
 
     # finetune / evaluate: GLUE tasks, squad, race, or custom (your own train/dev .csv/.tsv/.jsonl)
-    p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe")
+    from .finetune import Recipe
+
+    p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe (torchrun for several processes)",
+                       epilog=Recipe.help_text())
     _task_args(p)
-    p.add_argument("--out", required=True, help="output directory: best checkpoint, metrics.jsonl, curves.png, eval.json")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the task's recipe)")
+    p.add_argument("--out", required=True, help="run directory: recipe.json, metrics.jsonl, curves.png, eval.json, "
+                   "model/ (the best checkpoint), checkpoints/")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in --out from its latest (or the given) checkpoint")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the task's published one, adapted to "
+                   "the model's size)")
     p.add_argument("--batch-size", type=int, help="examples per update (default: the task's recipe)")
     p.add_argument("--max-epochs", type=int, help="passes over the training set (default: the task's recipe)")
     p.add_argument("--max-train-examples", type=int, help="train on a random subset of this size (default: all)")
     p.add_argument("--eval-every", type=int, help="updates between dev evaluations (default: each epoch)")
     p.add_argument("--head-name", help="name of the saved head (default: the task name in lower case)")
     p.set_defaults(func=_finetune)
-    p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions")
+    p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions",
+                       epilog=Recipe.help_text())
     _task_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test", "train"])
     p.add_argument("--out", help="write the metrics here as JSON (default: eval_<split>.json beside the model)")
@@ -160,25 +172,16 @@ def _preprocess(args):
 
 
 def _pretrain(args):
-    import json
-    from pathlib import Path
-
     from .pretrain import PretrainConfig, pretrain
+    from .train import read_settings
 
     saved = Path(args.out) / "pretrain.json"
-    if args.resume and args.preset is None and saved.exists():
-        cfg = PretrainConfig.from_dict(json.loads(saved.read_text()))
+    if args.resume and args.preset is None and saved.is_file():
+        cfg = read_settings(PretrainConfig, saved)
     else:
         cfg = PretrainConfig.preset(args.preset or "small")
-    for key, flag in (("data", args.data), ("init_from", args.init_from)):
-        if flag:
-            cfg = cfg.set(key, flag)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RobertaError(f"--set {item}: expected KEY=VALUE, e.g. --set lr=3e-4")
-        cfg = cfg.set(key.strip(), value.strip())
-    pretrain(cfg, args.out, resume=args.resume)
+    flags = {key: value for key, value in (("data", args.data), ("init_from", args.init_from)) if value}
+    pretrain(cfg.replace(**flags).with_sets(args.set), args.out, resume=args.resume)
 
 
 def _demo(args):
@@ -200,18 +203,19 @@ def _compress(args) -> int:
 
 
 def _add_hub_commands(sub) -> None:
-    def command(name, func, help, text="TEXT", weights=True, json=True):
+    def command(name, func, help, text="TEXT", weights=True, json=True, model_required=True):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("-m", "--model", required=True, help="a path, a Hub id (org/name or org/name@revision, "
+        p.add_argument("-m", "--model", required=model_required, help="a path, a Hub id (org/name or org/name@revision, "
                        "e.g. FacebookAI/roberta-base) or a fairseq release (roberta.base, roberta.large, roberta.large.mnli)")
         if json:
             p.add_argument("--json", action="store_true", help="print JSON, one value per input")
         _source_args(p)
         if weights:
             p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-            p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
-                           help="fp32 (exact, default), bf16 (several times faster on CPUs with AMX/AVX-512 "
-                           "BF16 and on GPUs), int8 (dynamic quantisation, CPU); see benchmarks/RESULTS.md")
+            p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                           help="auto (default: bf16 where the CPU/GPU has bf16 units, int8 on CPUs with VNNI "
+                           "only, else fp32; `roberta info --device` shows the choice), fp32 (exact), bf16, "
+                           "int8 (CPU); see benchmarks/RESULTS.md")
         if text:
             p.add_argument("text", nargs="*", metavar=text, help="inputs (default: one per line of stdin)")
         p.set_defaults(func=func)
@@ -233,13 +237,20 @@ def _add_hub_commands(sub) -> None:
     p = command("predict", _predict, "classify each input (a TAB separates a sentence pair) with a head")
     p.add_argument("--head", help="classification head name, e.g. mnli (see `roberta info`; default: the only one)")
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
+    p = sub.add_parser("export", help="write the encoder and its classification heads as ONNX (dynamic batch and length)")
+    p.add_argument("-m", "--model", required=True, help="a name or a path, as for the other commands")
+    p.add_argument("--onnx", required=True, metavar="DIR", help="new directory for model.onnx, onnx.json and the tokenizer")
+    _source_args(p)
+    p.set_defaults(func=_export)
     p = sub.add_parser("download", help="download models into the cache (no NAME: list the fairseq releases)")
     p.add_argument("names", nargs="*", metavar="NAME", help="Hub ids (org/name[@revision]) or fairseq release names")
     p.add_argument("--json", action="store_true", help="print JSON")
     _source_args(p)
     p.set_defaults(func=_download)
-    command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
-            text=None, weights=False)
+    p = command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
+                text=None, weights=False, model_required=False)
+    p.add_argument("--device", nargs="?", const="auto", metavar="DEVICE", dest="show_device",
+                   help="also show the device and the precision `auto` picks there, and why (-m optional)")
     p = command("serve", _serve, "serve the model over HTTP (embed, predict, fill-mask, ...) with dynamic batching",
                 text=None, json=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
@@ -293,11 +304,12 @@ def _print(args, value, text: str) -> None:
 def _load(args):
     from .device import resolve_device
     from .hub import load
-    from .inference import reduce_precision
 
     device = resolve_device(args.device)
-    hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url)
-    reduce_precision(hub.model, args.precision)
+    hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url,
+                precision=args.precision)
+    if sys.stderr.isatty():  # for people at a terminal; programs get one line on stderr only for errors
+        print(f"running on {device} in {hub.precision} ({hub.precision_reason})", file=sys.stderr)
     return hub
 
 
@@ -360,6 +372,12 @@ def _predict(args):
                    f"{label}\t{' '.join(f'{p:.4f}' for p in row)}\t{text}")
 
 
+def _export(args):
+    from .export import export_onnx
+
+    print(f"wrote {export_onnx(args.model, args.onnx, cache_dir=args.cache_dir, offline=args.offline)}")
+
+
 def _download(args):
     from . import download
     from .hub import resolve
@@ -380,6 +398,12 @@ def _download(args):
 def _info(args):
     from .hub import describe
 
+    if args.show_device:
+        _device_info(args)
+    if not args.model:
+        if not args.show_device:
+            raise RobertaError("info needs -m MODEL (or --device to describe this machine)")
+        return
     info = describe(args.model, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url)
     c = info["config"]
     heads = ", ".join(f"{name} ({n} classes{': ' + ', '.join(info['labels'][name]) if name in info['labels'] else ''})"
@@ -401,6 +425,23 @@ def _info(args):
     _print(args, info, "\n".join(lines))
 
 
+def _device_info(args):
+    import torch
+
+    from .device import resolve_device
+    from .inference import BF16_FLAGS, INT8_FLAGS, cpu_flags, cpu_name, resolve_precision
+
+    device = resolve_device(args.show_device)
+    precision, why = resolve_precision("auto", device)
+    flags = sorted(cpu_flags().intersection(BF16_FLAGS + INT8_FLAGS + ("avx512f", "avx2", "amx_int8")))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    info = {"device": str(device), "cpu": cpu_name(), "cpu_flags": flags, "gpu": gpu,
+            "precision": precision, "reason": why}
+    _print(args, info, "\n".join([f"device      {device}" + (f" ({gpu})" if gpu else ""),
+                                   f"cpu         {info['cpu']}; {' '.join(flags) or 'no AVX2/AVX-512'}",
+                                   f"precision   auto -> {precision} ({why})"]))
+
+
 def _serve(args):
     import os
 
@@ -418,38 +459,40 @@ def _serve(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    serve(_load(args), sock, settings, model_name=str(args.model), precision=args.precision,
-          access_log=args.access_log)
+    hub = _load(args)
+    serve(hub, sock, settings, model_name=str(args.model), precision=hub.precision, access_log=args.access_log)
 
 
 def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI, squad, race or custom")
     p.add_argument("--data", required=True, help="the task's data directory, e.g. glue_data/MNLI")
-    p.add_argument("--model", required=True, help="checkpoint directory (pretrained for finetune, fine-tuned for evaluate)")
+    p.add_argument("--model", required=True, help="a model name, directory or archive (pretrained for finetune, "
+                   "fine-tuned for evaluate: the model/ folder finetune wrote)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe setting, e.g. --set lr=2e-5")
-    p.add_argument("--text-columns", nargs="+", help="custom: one or two text column names (default: text)")
-    p.add_argument("--label-column", help="custom: the label column name (default: label)")
+    p.add_argument("--text-columns", nargs="+", help="custom: one or two text columns, by name or by position "
+                   "0, 1, ... for a file without a header (default: text)")
+    p.add_argument("--label-column", help="custom: the label column, by name or position (default: label)")
     p.add_argument("--problem-type", choices=["classification", "regression", "multi_label"],
                    help="custom: the kind of label (default: classification)")
     p.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip and count malformed rows")
     p.add_argument("--max-dev-examples", type=int, help="score at most this many dev examples (default: all)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto, cuda when available)")
 
 
-def _recipe_overrides(args, names: list[str]) -> dict:
-    """Recipe settings from the flags the user gave, then from --set (which wins)."""
-    from .finetune import parse_settings
+def _recipe(args, names: list[str]):
+    """The task's recipe with the flags the user gave, then --set (which wins)."""
+    from .finetune import recipe_for
 
     names += ["text_columns", "label_column", "problem_type", "skip_bad_rows", "max_dev_examples", "device"]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    return {**given, **parse_settings(args.set)}
+    return recipe_for(args.task, **given).with_sets(args.set)
 
 
 def _finetune(args) -> int:
     from .finetune import finetune
 
-    names = ["lr", "batch_size", "max_epochs", "max_train_examples", "eval_every", "head_name"]
-    print(json.dumps(finetune(args.task, args.data, args.model, args.out, **_recipe_overrides(args, names)), indent=2))
+    recipe = _recipe(args, ["lr", "batch_size", "max_epochs", "max_train_examples", "eval_every", "head_name"])
+    print(json.dumps(finetune(args.task, args.data, args.model, args.out, recipe=recipe, resume=args.resume), indent=2))
     return 0
 
 
@@ -458,8 +501,9 @@ def _evaluate(args) -> int:
 
     model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     out = args.out or model_dir / f"eval_{args.split}.json"
+    recipe = _recipe(args, [])
     result = evaluate(args.task, args.data, args.model, args.split, args.predictions, out, args.batch_size,
-                      **_recipe_overrides(args, []))
+                      recipe=recipe)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -54,7 +54,17 @@ class RobertaHub(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.pooling: SentencePooling | None = None  # a sentence-transformers directory's own (`load` sets it)
+        self.precision, self.precision_reason = "fp32", "as loaded"  # `load` may reduce it
         self.train(model.training)  # the hub is in the mode its model is in
+
+    def train(self, mode: bool = True) -> "RobertaHub":
+        if mode and self.precision != "fp32":
+            raise RobertaError(self._fp32_only("fine-tune"))
+        return super().train(mode)
+
+    def _fp32_only(self, what: str) -> str:
+        return (f"this model was loaded in {self.precision} for inference; to {what} it, load it with "
+                "roberta.load(..., precision='fp32')")
 
     @property
     def device(self) -> torch.device:
@@ -195,6 +205,8 @@ class RobertaHub(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the model (config.json + model.safetensors, heads included) and tokenizer files."""
+        if self.precision != "fp32":
+            raise RobertaError(self._fp32_only("save"))
         self.model.save_pretrained(directory, tokenizer=self.tokenizer)
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -410,11 +422,19 @@ def resolve(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | Non
 
 
 def load(name_or_path: str | os.PathLike, device: str | torch.device | None = None, cache_dir=None,
-         offline: bool | None = None, base_url: str | None = None, progress: bool = True) -> RobertaHub:
+         offline: bool | None = None, base_url: str | None = None, progress: bool = True,
+         precision: str = "auto") -> RobertaHub:
     """Load a RoBERTa by name (`roberta.base`, `roberta.large`, `roberta.large.mnli`), Hub id
     (`FacebookAI/roberta-base`, `org/name@revision`: any RoBERTa-family repository) or path: a fairseq
     directory or .tar.gz (model.pt + dict.txt), a Hugging Face directory (sharded, ZipNN-compressed or
-    sentence-transformers too), or a directory `save` wrote. In eval mode."""
+    sentence-transformers too), or a directory `save` wrote. In eval mode.
+
+    `precision`: "auto" (default) runs in what this machine does fastest (bf16 where the CPU or GPU has
+    bf16 units, int8 on CPUs with VNNI only, else fp32; see `roberta.inference`); `hub.precision` says
+    which. "fp32" gives the exact published numbers, and is what fine-tuning and saving need.
+    """
+    from .inference import reduce_precision, resolve_precision
+
     with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
         sentence = read_sentence_config(directory)
         directory = sentence[1] if sentence else directory
@@ -422,7 +442,20 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
         tokenizer = _tokenizer(directory, cache_dir, offline, base_url, progress)
     hub = RobertaHub(model, tokenizer).eval()
     hub.pooling = sentence[0] if sentence else None
-    return hub.to(device) if device is not None else hub
+    hub = hub.to(device) if device is not None else hub
+    hub.precision, hub.precision_reason = resolve_precision(precision, hub.device)
+    reduce_precision(hub.model, hub.precision)
+    return hub
+
+
+@contextlib.contextmanager
+def opened(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,
+           base_url: str | None = None, progress: bool = True):
+    """(directory, tokenizer) of a model opened as `load` opens it (a name, a path, an archive),
+    for code that builds another model class from it (fine-tuning, evaluation). An archive's
+    directory lasts as long as the `with` block."""
+    with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
+        yield directory, _tokenizer(directory, cache_dir, offline, base_url, progress)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,

@@ -62,12 +62,15 @@ class RobertaHub(nn.Module):
 
     # ---- text <-> ids -------------------------------------------------------------------------
 
-    def encode(self, sentence, *addl_sentences: str, no_separator: bool = False):
+    def encode(self, sentence, *addl_sentences: str, no_separator: bool = False, return_offsets: bool = False):
         """`<s> A </s>`, `<s> A </s></s> B </s>` ... as a LongTensor (no space is added before A).
 
         A list of sentences (and lists of second sentences, one each) gives a list of tensors.
+        `return_offsets=True` gives `(tokens, offsets)`: each token's (start, end) character span in
+        the sentence it came from, `(0, 0)` for special tokens (see `RobertaTokenizer.encode`).
         """
-        return encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator)
+        return encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator,
+                      return_offsets=return_offsets)
 
     def decode(self, tokens):
         """Text of one sequence; a sequence of several sentences (split at `</s></s>`) gives a list."""
@@ -184,18 +187,25 @@ class RobertaHub(nn.Module):
 # ---- text <-> ids, with the tokenizer alone (the CLI encodes without loading weights) ------------
 
 
-def encode(tokenizer: RobertaTokenizer, sentence, *addl_sentences: str, no_separator: bool = False):
+def encode(tokenizer: RobertaTokenizer, sentence, *addl_sentences: str, no_separator: bool = False,
+           return_offsets: bool = False):
     """`RobertaHub.encode`: fairseq's framing, `</s></s>` between sentences (`</s>` with no_separator)."""
     if not isinstance(sentence, str):
         batch, others = list(sentence), [list(more) for more in addl_sentences]
         if any(len(more) != len(batch) for more in others):
             raise RobertaError("encode got lists of different lengths; give one second sentence per sentence")
-        return [encode(tokenizer, *texts, no_separator=no_separator) for texts in zip(batch, *others)]
-    ids = [tokenizer.bos_token_id] + tokenizer.encode(sentence, add_special_tokens=False) + [tokenizer.eos_token_id]
-    for more in addl_sentences:
-        separator = [] if no_separator else [tokenizer.eos_token_id]
-        ids += separator + tokenizer.encode(more, add_special_tokens=False) + [tokenizer.eos_token_id]
-    return torch.tensor(ids, dtype=torch.long)
+        return [encode(tokenizer, *texts, no_separator=no_separator, return_offsets=return_offsets)
+                for texts in zip(batch, *others)]
+    bos, eos, none = [tokenizer.bos_token_id], [tokenizer.eos_token_id], [(0, 0)]
+    ids, offsets = [], []
+    for i, text in enumerate((sentence, *addl_sentences)):
+        encoded = tokenizer.encode(text, add_special_tokens=False, return_offsets=return_offsets)
+        text_ids, text_offsets = encoded if return_offsets else (encoded, [])
+        before = 1 if i == 0 or not no_separator else 0  # <s> first, then a </s> separator unless told not to
+        ids += (bos if i == 0 else eos) * before + text_ids + eos
+        offsets += none * before + text_offsets + none
+    tokens = torch.tensor(ids, dtype=torch.long)
+    return (tokens, offsets) if return_offsets else tokens
 
 
 def decode(tokenizer: RobertaTokenizer, tokens):

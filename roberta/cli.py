@@ -178,6 +178,23 @@ def _add_hub_commands(sub) -> None:
     p = command("predict", _predict, "classify each input (a TAB separates a sentence pair) with a head")
     p.add_argument("--head", required=True, help="classification head name, e.g. mnli (see `roberta info`)")
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
+    p = command("tag", _tag, "find the entities in each input text with a token-classification checkpoint")
+    p.add_argument("--aggregation", choices=["none", "simple", "first", "max", "average"], default="simple",
+                   help="how tokens become entities, as in transformers' pipeline (default simple)")
+    p.add_argument("--stride", type=int, help="tag texts longer than the model in windows overlapping by this "
+                   "many tokens (default: refuse them)")
+    p = command("answer", _answer, "answer each question from its context with a question-answering checkpoint",
+                text="QUESTION")
+    p.add_argument("--context", help="the context for every question (default: each input is QUESTION<TAB>CONTEXT)")
+    p.add_argument("--context-file", help="read the context for every question from this UTF-8 file")
+    p.add_argument("--topk", type=int, default=1, help="answers per question (default 1)")
+    p.add_argument("--no-answer", action="store_true", help="allow the empty answer (SQuAD 2.0)")
+    p.add_argument("--null-threshold", type=float, default=0.0,
+                   help="with --no-answer: how much the empty answer's score must beat the best span's (default 0)")
+    p.add_argument("--max-answer-len", type=int, default=15, help="longest answer in tokens (default 15)")
+    p.add_argument("--max-seq-len", type=int, help="tokens per window (default: the smaller of the model's and 384)")
+    p.add_argument("--doc-stride", type=int, help="tokens shared by neighbouring windows of a long context "
+                   "(default: the smaller of half a window and 128)")
     p = sub.add_parser("download", help="download named models into the cache (no NAME: list them)")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--cache-dir", help="default $ROBERTA_CACHE or ~/.cache/roberta")
@@ -265,6 +282,38 @@ def _predict(args):
             label = max(range(len(row)), key=row.__getitem__)
             _print(args, {"label": label, "probabilities": row},
                    f"{label}\t{' '.join(f'{p:.4f}' for p in row)}\t{text}")
+
+
+def _tag(args):
+    hub = _load(args)
+    for text in _inputs(args):
+        entities = hub.tag(text, aggregation=args.aggregation, stride=args.stride)
+        label = "entity" if args.aggregation == "none" else "entity_group"
+        _print(args, entities, "\n".join([text] + [f"  {e[label]:<10} {e['score']:.4f}  {e['start']}-{e['end']}  "
+                                                   f"{text[e['start']:e['end']]}" for e in entities]))
+
+
+def _answer(args):
+    if args.context is not None and args.context_file is not None:
+        raise RobertaError("give --context or --context-file, not both")
+    context = args.context
+    if args.context_file is not None:
+        try:
+            context = Path(args.context_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RobertaError(f"cannot read --context-file {args.context_file}: {exc}") from None
+    hub = _load(args)
+    for line in _inputs(args):
+        question, tab, own_context = line.partition("\t")
+        if context is None and not tab:
+            raise RobertaError(f"input {line[:60]!r} has no context: give QUESTION<TAB>CONTEXT, or --context")
+        found = hub.answer(question, context if context is not None else own_context, topk=args.topk,
+                           no_answer=args.no_answer, null_threshold=args.null_threshold,
+                           max_answer_len=args.max_answer_len, max_seq_len=args.max_seq_len,
+                           doc_stride=args.doc_stride)
+        found = found if isinstance(found, list) else [found]
+        _print(args, found, "\n".join([question] + [f"  {a['score']:.4f}  {a['start']}-{a['end']}  {a['answer']}"
+                                                    for a in found]))
 
 
 def _download(args):

@@ -34,7 +34,7 @@ from .checkpoint import read_checkpoint
 from .errors import RobertaError
 from .fileio import atomic_write
 from .inference import length_batches
-from .model import RobertaForMaskedLM
+from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
 from .tokenizer import RobertaTokenizer
 
 MASK = "<mask>"
@@ -43,7 +43,8 @@ MASK = "<mask>"
 class RobertaHub(nn.Module):
     """A masked-LM RoBERTa, its named classification heads and its tokenizer, behind fairseq's calls."""
 
-    def __init__(self, model: RobertaForMaskedLM, tokenizer: RobertaTokenizer):
+    def __init__(self, model: RobertaForMaskedLM | RobertaForTokenClassification | RobertaForQuestionAnswering,
+                 tokenizer: RobertaTokenizer):
         super().__init__()
         if len(tokenizer) > model.config.vocab_size:
             raise RobertaError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
@@ -92,15 +93,17 @@ class RobertaHub(nn.Module):
 
     def register_classification_head(self, name: str, num_classes: int) -> None:
         """Add a new (randomly initialised) sentence-classification head, fine-tune it, then `predict`."""
-        self.model.register_classification_head(name, num_classes).train(self.training)
+        model = self._masked_lm("register_classification_head")
+        model.register_classification_head(name, num_classes).train(self.training)
 
     def predict(self, head: str, tokens, return_logits: bool = False, truncate: bool = False) -> torch.Tensor:
         """Log-probabilities [B, classes] of a classification head (logits with `return_logits`).
 
         A list of 1-D token tensors is one padded batch: row i equals `predict(head, tokens[i])`."""
         ids, _ = self._batch(tokens, truncate)
+        model = self._masked_lm("predict")
         with self._inference():
-            logits = self.model.classify(ids, head=head)
+            logits = model.classify(ids, head=head)
         return logits if return_logits else F.log_softmax(logits.float(), dim=-1)
 
     def fill_mask(self, masked_input, topk: int = 5, as_dicts: bool = False):
@@ -115,11 +118,12 @@ class RobertaHub(nn.Module):
         texts = [masked_input] if isinstance(masked_input, str) else list(masked_input)
         if not 0 < topk <= len(self.tokenizer):
             raise RobertaError(f"topk must be between 1 and the vocabulary size {len(self.tokenizer)}, got {topk}")
+        model = self._masked_lm("fill_mask")
         ids, _ = self._batch([self._encode_masked(text) for text in texts], truncate=None)
         labels = torch.where(ids == self.tokenizer.mask_token_id, ids, -100)
-        with torch.no_grad(), _eval(self.model):
+        with torch.no_grad(), _eval(model):
             # With labels the LM head runs only at the masks: logits are [masks in the batch, vocab].
-            logits = self.model(ids, labels=labels.to(ids.device)).logits
+            logits = model(ids, labels=labels.to(ids.device)).logits
         probs, predicted = logits.float().softmax(dim=-1).topk(topk, dim=-1)
         probs, predicted = probs.tolist(), predicted.tolist()
         results, row = [], 0
@@ -137,11 +141,45 @@ class RobertaHub(nn.Module):
             results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
         return results[0] if isinstance(masked_input, str) else results
 
+    def tag(self, text, aggregation: str = "simple", stride: int | None = None, ignore_labels=("O",)):
+        """Entities from a token-classification checkpoint: `[{"entity_group", "score", "word",
+        "start", "end"}, ...]` with `text[start:end]` the entity; a list of texts gives a list of
+        such lists. `aggregation` and `stride` (overlapping windows for long texts) are those of
+        transformers' token-classification pipeline; see `roberta.spans.tag`."""
+        from . import spans
+
+        model = self._task_model(RobertaForTokenClassification, "tag", "a token-classification")
+        if isinstance(text, str):
+            return spans.tag(model, self.tokenizer, text, aggregation, stride, ignore_labels)
+        return [spans.tag(model, self.tokenizer, t, aggregation, stride, ignore_labels) for t in text]
+
+    def answer(self, question: str, context: str, topk: int = 1, **options):
+        """The answer to `question` in `context` from a question-answering checkpoint: `{"answer",
+        "score", "start", "end"}` (a list of up to `topk` for `topk` > 1), `context[start:end]` the
+        answer. Long contexts are read in overlapping windows (`doc_stride`); `no_answer=True`
+        allows the SQuAD 2.0 empty answer, with `null_threshold`; see `roberta.spans.answer`."""
+        from . import spans
+
+        model = self._task_model(RobertaForQuestionAnswering, "answer", "a question-answering")
+        return spans.answer(model, self.tokenizer, question, context, topk, **options)
+
     def save(self, directory: str | os.PathLike) -> None:
         """Write the model (config.json + model.safetensors, heads included) and tokenizer files."""
         self.model.save_pretrained(directory, tokenizer=self.tokenizer)
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def _task_model(self, cls, method: str, kind: str):
+        if not isinstance(self.model, cls):
+            raise RobertaError(f"{method} needs {kind} checkpoint (config.json architectures: {cls.__name__}); "
+                               f"this one is a {type(self.model).__name__}")
+        return self.model
+
+    def _masked_lm(self, method: str) -> RobertaForMaskedLM:
+        if not isinstance(self.model, RobertaForMaskedLM):
+            raise RobertaError(f"{method} needs a masked-LM checkpoint; this one is a {type(self.model).__name__} "
+                               "(use tag for token classification, answer for question answering)")
+        return self.model
 
     def _encode_masked(self, text: str) -> torch.Tensor:
         # fairseq's rule: the spans around each mask lose their trailing spaces (the space before a mask
@@ -276,7 +314,7 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     `FacebookAI/roberta-base`, `FacebookAI/roberta-large`) or path: a fairseq directory or .tar.gz
     (model.pt + dict.txt), a Hugging Face directory, or a directory `save` wrote. In eval mode."""
     with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
-        model = RobertaForMaskedLM.from_pretrained(directory)
+        model = _model_class(directory).from_pretrained(directory)
         tokenizer = _tokenizer(directory, cache_dir, offline, base_url, progress)
     hub = RobertaHub(model, tokenizer).eval()
     return hub.to(device) if device is not None else hub
@@ -287,6 +325,19 @@ def load_tokenizer(name_or_path: str | os.PathLike, cache_dir=None, offline: boo
     """Only the tokenizer of a model (what `encode`/`decode` need), without reading its weights."""
     with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
         return _tokenizer(directory, cache_dir, offline, base_url, progress)
+
+
+def _model_class(directory: Path):
+    """The model a checkpoint holds: a token-classification or question-answering model when its
+    config.json says so (as transformers writes it), else the masked LM with its named heads."""
+    try:
+        architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []  # a fairseq checkpoint, or a config the loader reports on
+    for cls in (RobertaForTokenClassification, RobertaForQuestionAnswering):
+        if cls.__name__ in architectures:
+            return cls
+    return RobertaForMaskedLM
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import download
+from . import download, windows
 from .checkpoint import read_checkpoint
 from .errors import RobertaError
 from .fileio import atomic_write
@@ -38,6 +38,7 @@ from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTo
 from .tokenizer import RobertaTokenizer
 
 MASK = "<mask>"
+WINDOW_BATCH = 16  # windows of one long sequence run this many at a time: bounded memory
 
 
 class RobertaHub(nn.Module):
@@ -79,34 +80,93 @@ class RobertaHub(nn.Module):
 
     # ---- the encoder ---------------------------------------------------------------------------
 
-    def extract_features(self, tokens, return_all_hiddens: bool = False, truncate: bool = False):
+    def extract_features(self, tokens, return_all_hiddens: bool = False, truncate: bool = False,
+                         window: int | None = None, stride: int | None = None):
         """Last-layer features [B, T, H]; with `return_all_hiddens` a list of layers + 1 such tensors
-        (the embeddings first). A list of 1-D token tensors gives a list of the one-at-a-time results."""
-        ids, lengths = self._batch(tokens, truncate)
-        with self._inference():
-            out = self.model.roberta(ids, output_hidden_states=return_all_hiddens)
-        layers = list(out.hidden_states) if return_all_hiddens else [out.last_hidden_state]
-        if lengths is None:
-            return layers if return_all_hiddens else layers[0]
-        items = [[layer[i:i + 1, :n] for layer in layers] for i, n in enumerate(lengths)]
-        return items if return_all_hiddens else [item[0] for item in items]
+        (the embeddings first). A list of 1-D token tensors gives a list of the one-at-a-time results.
+
+        `window` / `stride` read a sequence longer than the model in overlapping windows of `window`
+        tokens (default the model's limit) sharing `stride` tokens (default half a window); each
+        token's features come from the window where it is most central (`roberta.windows`), so the
+        result has one row per token, as for a short sequence, which is read in one pass."""
+        plan = windows.check(window, stride, self.max_tokens)
+        if plan is None:
+            ids, lengths = self._batch(tokens, truncate)
+            with self._inference():
+                out = self.model.roberta(ids, output_hidden_states=return_all_hiddens)
+            layers = list(out.hidden_states) if return_all_hiddens else [out.last_hidden_state]
+            if lengths is None:
+                return layers if return_all_hiddens else layers[0]
+            items = [[layer[i:i + 1, :n] for layer in layers] for i, n in enumerate(lengths)]
+            return items if return_all_hiddens else [item[0] for item in items]
+        sequences, as_list = self._sequences(tokens)
+        items = []
+        for ids in sequences:
+            rows, ranges = windows.split(ids, *plan)
+            pieces = [self.extract_features(rows[i:i + WINDOW_BATCH], return_all_hiddens=True)
+                      for i in range(0, len(rows), WINDOW_BATCH)]
+            pieces = [layers for batch in pieces for layers in batch]
+            owner = [windows.most_central(ranges, j) for j in range(len(ids) - 2)]
+            stitched = []
+            for layer in range(len(pieces[0])):
+                inner = [pieces[w][layer][0, 1 + j - ranges[w][0]] for j, w in enumerate(owner)]
+                stitched.append(torch.stack([pieces[0][layer][0, 0], *inner, pieces[-1][layer][0, -1]])[None])
+            items.append(stitched if return_all_hiddens else stitched[-1])
+        if as_list:
+            return items
+        if return_all_hiddens:
+            return [torch.cat([item[layer] for item in items]) for layer in range(len(items[0]))]
+        return torch.cat(items)
+
+    def _sequences(self, tokens) -> tuple[list[list[int]], bool]:
+        """Token lists of one sequence (1-D), a [batch, length] tensor or a list, and whether a list came."""
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() not in (1, 2):
+                raise RobertaError(f"tokens must be 1-D or [batch, length], got shape {list(tokens.shape)}")
+            rows = tokens.reshape(-1, tokens.shape[-1]).tolist()
+            if len({len(r) for r in rows}) > 1:
+                raise RobertaError("windows need sequences of one length in a tensor; pass a list of 1-D tensors")
+            return rows, False
+        rows = [torch.as_tensor(t, dtype=torch.long).reshape(-1).tolist() for t in tokens]
+        if not rows:
+            raise RobertaError("got an empty list of inputs; give at least one")
+        return rows, True
 
     def register_classification_head(self, name: str, num_classes: int) -> None:
         """Add a new (randomly initialised) sentence-classification head, fine-tune it, then `predict`."""
         model = self._masked_lm("register_classification_head")
         model.register_classification_head(name, num_classes).train(self.training)
 
-    def predict(self, head: str, tokens, return_logits: bool = False, truncate: bool = False) -> torch.Tensor:
+    def predict(self, head: str, tokens, return_logits: bool = False, truncate: bool = False,
+                window: int | None = None, stride: int | None = None, pool: str = "mean") -> torch.Tensor:
         """Log-probabilities [B, classes] of a classification head (logits with `return_logits`).
 
-        A list of 1-D token tensors is one padded batch: row i equals `predict(head, tokens[i])`."""
-        ids, _ = self._batch(tokens, truncate)
+        A list of 1-D token tensors is one padded batch: row i equals `predict(head, tokens[i])`.
+        `window` / `stride` classify a sequence longer than the model from overlapping windows (see
+        `extract_features`): the head reads each window's `<s>`, and the windows' logits are pooled
+        by `pool`, "mean" (the average logit, a geometric mean of the windows' probabilities) or
+        "max" (each class's highest logit over the windows), before the softmax. A sequence that
+        fits is one window, so the result equals the single pass."""
         model = self._masked_lm("predict")
-        with self._inference():
-            logits = model.classify(ids, head=head)
+        plan = windows.check(window, stride, self.max_tokens)
+        if pool not in ("mean", "max"):
+            raise RobertaError(f"pool must be mean or max, got {pool!r}")
+        if plan is None:
+            ids, _ = self._batch(tokens, truncate)
+            with self._inference():
+                logits = model.classify(ids, head=head)
+        else:
+            pooled = []
+            for ids in self._sequences(tokens)[0]:
+                rows = windows.split(ids, *plan)[0]
+                scores = torch.cat([self.predict(head, rows[i:i + WINDOW_BATCH], return_logits=True)
+                                    for i in range(0, len(rows), WINDOW_BATCH)])
+                pooled.append(scores.mean(0) if pool == "mean" else scores.max(0).values)
+            logits = torch.stack(pooled)
         return logits if return_logits else F.log_softmax(logits.float(), dim=-1)
 
-    def fill_mask(self, masked_input, topk: int = 5, as_dicts: bool = False):
+    def fill_mask(self, masked_input, topk: int = 5, as_dicts: bool = False, window: int | None = None,
+                  stride: int | None = None):
         """The `topk` most likely tokens for `<mask>`: [(filled text, probability, token), ...].
 
         As in fairseq, the text around the mask is encoded without the space before `<mask>` and the
@@ -114,16 +174,39 @@ class RobertaHub(nn.Module):
         A text with several masks gives one such list per mask, each filling only its mask (the others
         stay `<mask>`); a list of texts gives a list of results. `as_dicts=True` gives the dicts of the
         fill-mask pipelines instead: {"sequence", "score", "token" (id), "token_str"}.
+        `window` / `stride` fill texts longer than the model: each mask is predicted in the
+        overlapping window where it is most central (see `extract_features`).
         """
         texts = [masked_input] if isinstance(masked_input, str) else list(masked_input)
         if not 0 < topk <= len(self.tokenizer):
             raise RobertaError(f"topk must be between 1 and the vocabulary size {len(self.tokenizer)}, got {topk}")
         model = self._masked_lm("fill_mask")
-        ids, _ = self._batch([self._encode_masked(text) for text in texts], truncate=None)
-        labels = torch.where(ids == self.tokenizer.mask_token_id, ids, -100)
-        with torch.no_grad(), _eval(model):
-            # With labels the LM head runs only at the masks: logits are [masks in the batch, vocab].
-            logits = model(ids, labels=labels.to(ids.device)).logits
+        encoded = [self._encode_masked(text) for text in texts]
+        plan = windows.check(window, stride, self.max_tokens)
+        if plan is None:
+            rows, predict_at = encoded, None  # every mask of a row
+        else:
+            rows, predict_at = [], []  # windows, and the masks each one predicts (those most central in it)
+            for seq in encoded:
+                seq = seq.tolist()
+                parts, ranges = windows.split(seq, *plan)
+                masks = [j for j, token in enumerate(seq[1:-1]) if token == self.tokenizer.mask_token_id]
+                for w, part in enumerate(parts):
+                    rows.append(torch.tensor(part))
+                    predict_at.append([1 + j - ranges[w][0] for j in masks if windows.most_central(ranges, j) == w])
+        logits, size = [], WINDOW_BATCH if plan else max(len(rows), 1)
+        for start in range(0, max(len(rows), 1), size):
+            ids, _ = self._batch(rows[start:start + size], truncate=None)
+            labels = torch.where(ids == self.tokenizer.mask_token_id, ids, -100)
+            if plan:
+                labels.fill_(-100)
+                for r, positions in enumerate(predict_at[start:start + size]):
+                    labels[r, positions] = self.tokenizer.mask_token_id
+            with torch.no_grad(), _eval(model):
+                # With labels the LM head runs only at the masks: logits are [masks in the batch, vocab],
+                # in text order (windows come in order and a later mask is never central in an earlier one).
+                logits.append(model(ids, labels=labels.to(ids.device)).logits)
+        logits = torch.cat(logits)
         probs, predicted = logits.float().softmax(dim=-1).topk(topk, dim=-1)
         probs, predicted = probs.tolist(), predicted.tolist()
         results, row = [], 0

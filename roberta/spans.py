@@ -24,28 +24,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import windows
 from .errors import RobertaError
 from .inference import pad_batch
 from .tokenizer import RobertaTokenizer
 
 AGGREGATIONS = ("none", "simple", "first", "max", "average")
 WINDOW_BATCH = 8  # windows run together: bounded memory on long documents
-
-
-def window_starts(length: int, room: int, stride: int) -> list[tuple[int, int]]:
-    """[start, stop) token ranges of at most `room` tokens covering `length`, each repeating the last
-    `stride` tokens of the one before (transformers' overflowing-token windows)."""
-    if length <= room:
-        return [(0, length)]
-    if not 0 <= stride < room:
-        raise RobertaError(f"stride {stride} must be at least 0 and below the window's {room} text tokens")
-    windows, start = [], 0
-    while True:
-        stop = min(start + room, length)
-        windows.append((start, stop))
-        if stop == length:
-            return windows
-        start += room - stride
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -110,10 +95,10 @@ def tag(model, tokenizer: RobertaTokenizer, text: str, aggregation: str = "simpl
     if stride is not None and aggregation == "none":
         raise RobertaError("stride needs an aggregation other than 'none' (overlapping windows repeat tokens); "
                            "use simple, first, max or average")
-    windows = window_starts(len(ids), room, stride or 0)
-    sequences = [[tokenizer.bos_token_id, *ids[a:b], tokenizer.eos_token_id] for a, b in windows]
+    ranges = windows.spans(len(ids), room, stride or 0)
+    sequences = [[tokenizer.bos_token_id, *ids[a:b], tokenizer.eos_token_id] for a, b in ranges]
     entities = []
-    for (a, b), logits in zip(windows, _run(model, sequences, tokenizer.pad_token_id)):
+    for (a, b), logits in zip(ranges, _run(model, sequences, tokenizer.pad_token_id)):
         scores = _softmax(logits[1:-1])  # the text's tokens, without <s> and </s>
         tokens = []
         for i, (token, (start, end), probs) in enumerate(zip(ids[a:b], offsets[a:b], scores)):
@@ -126,7 +111,7 @@ def tag(model, tokenizer: RobertaTokenizer, text: str, aggregation: str = "simpl
                            "index": i + 1, "is_subword": is_subword})
         found = _aggregate(tokens, aggregation, labels, tokenizer)
         entities += [e for e in found if e.get("entity", e.get("entity_group")) not in ignore_labels]
-    return _merge_overlaps(entities) if len(windows) > 1 else entities
+    return _merge_overlaps(entities) if len(ranges) > 1 else entities
 
 
 def _aggregate(tokens: list[dict], aggregation: str, labels: dict[int, str], tokenizer) -> list[dict]:
@@ -237,12 +222,12 @@ def answer(model, tokenizer: RobertaTokenizer, question: str, context: str, topk
     if room < 1:
         raise RobertaError(f"the question has {len(q_ids)} tokens, which leaves no room for the context in "
                            f"{max_seq_len}-token windows; shorten the question or raise max_seq_len")
-    windows = window_starts(len(c_ids), room, doc_stride)
+    ranges = windows.spans(len(c_ids), room, doc_stride)
     prefix = [tokenizer.bos_token_id, *q_ids, tokenizer.eos_token_id, tokenizer.eos_token_id]
-    sequences = [prefix + c_ids[a:b] + [tokenizer.eos_token_id] for a, b in windows]
+    sequences = [prefix + c_ids[a:b] + [tokenizer.eos_token_id] for a, b in ranges]
     candidates_per_window = topk * 2 + 10 if align_to_words else topk  # word alignment merges some spans
     null_score, answers = 1_000_000.0, []
-    for (a, b), (start_logits, end_logits) in zip(windows, _run(model, sequences, tokenizer.pad_token_id)):
+    for (a, b), (start_logits, end_logits) in zip(ranges, _run(model, sequences, tokenizer.pad_token_id)):
         # the context tokens and <s> can be answers; the question, separators and </s> cannot
         allowed = np.zeros(len(start_logits), dtype=bool)
         allowed[0] = True

@@ -27,13 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from . import download, windows
 from .checkpoint import read_checkpoint
 from .errors import RobertaError
 from .fileio import atomic_write
-from .inference import length_batches
 from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
 from .tokenizer import RobertaTokenizer
 
@@ -478,17 +476,24 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
 
 
 def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, pool: str = "cls",
-                   layer: int = -1, truncate: bool = False, batch_tokens: int = 4096) -> list[int]:
+                   layer: int = -1, truncate: bool = False, batch_tokens: int = 4096, window: int | None = None,
+                   stride: int | None = None) -> list[int]:
     """Features of each text (a TAB separates the sentences of a pair) written atomically to `path`.
 
     `.npy`: one row per text ([texts, hidden]); `.jsonl`: {"text", "tokens", "features"} per line.
     `pool`: "cls" (the `<s>` vector, what classification heads read), "mean" over the tokens, or
     "none" (every token: .jsonl only). `layer`: 0 is the embeddings, -1 (default) the last layer.
-    Returns the shape of one text's features.
+    `window`/`stride` read texts longer than the model in overlapping windows (see
+    `RobertaHub.extract_features`). Everything is held in memory; for corpora use `roberta.jobs`,
+    which streams into shards. Returns the shape of one text's features.
     """
+    from . import jobs
+
     path = Path(path)
     if path.suffix not in (".npy", ".jsonl"):
-        raise RobertaError(f"cannot write features to {path}: name it .npy or .jsonl")
+        raise RobertaError(f"cannot write features to {path}: name it .npy or .jsonl (or a directory, for shards)")
+    if not path.parent.is_dir():
+        raise RobertaError(f"cannot write {path}: the directory {path.parent} does not exist; create it first")
     if pool not in ("cls", "mean", "none"):
         raise RobertaError(f"pool must be cls, mean or none, got {pool!r}")
     if pool == "none" and path.suffix == ".npy":
@@ -497,21 +502,16 @@ def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, p
     layers = hub.model.config.num_hidden_layers
     if not -layers - 1 <= layer <= layers:
         raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}")
-    tokens = [hub._fit(hub.encode(*text.split("\t"))[None], truncate)[0] for text in texts]
-    # Sorted into batches of similar length under a token budget: almost no padding work, and the
-    # vectors go back to input order.
-    vectors: list = [None] * len(tokens)
-    batches = length_batches([len(t) for t in tokens], batch_tokens)
-    for batch in tqdm(batches, desc="features", unit="batch", disable=len(batches) < 10):
-        hidden = hub.extract_features([tokens[i] for i in batch], return_all_hiddens=layer not in (-1, layers))
-        for i, h in zip(batch, hidden):
-            h = (h[layer] if isinstance(h, list) else h)[0].float()
-            vectors[i] = (h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy()
+    if not texts:
+        raise RobertaError("no inputs to write features for; give at least one text")
+    windowed = windows.check(window, stride, hub.max_tokens) is not None
+    tokens = jobs.tokenize(hub, [text.split("\t") for text in texts], truncate, windowed)
+    vectors = jobs.feature_rows(hub, tokens, pool, layer, batch_tokens, window, stride)
     if path.suffix == ".npy":
         buffer = io.BytesIO()
         np.save(buffer, np.stack(vectors))
         atomic_write(path, buffer.getvalue())
     else:
-        atomic_write(path, "".join(json.dumps({"text": text, "tokens": ids.tolist(), "features": vector.tolist()}) + "\n"
+        atomic_write(path, "".join(json.dumps({"text": text, "tokens": ids, "features": vector.tolist()}) + "\n"
                                    for text, ids, vector in zip(texts, tokens, vectors)))
     return list(vectors[0].shape)

@@ -12,11 +12,12 @@ restricted unpickler that builds tensors and inert placeholders and refuses ever
 from __future__ import annotations
 
 import argparse
-import io
+import fnmatch
 import json
 import os
 import pickle
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
-from .errors import RobertaError
-from .fileio import atomic_write, default_mode
+from .errors import RobertaError, RobertaWarning
+from .fileio import check_output, default_mode, replace_dir
 from .model import RobertaConfig, RobertaForMaskedLM, RobertaModel, RobertaPreTrainedModel
 
 CONFIG_NAME = "config.json"
@@ -34,6 +35,32 @@ SAFETENSORS_NAME = "model.safetensors"
 PYTORCH_NAME = "pytorch_model.bin"
 FAIRSEQ_NAME = "model.pt"
 FAIRSEQ_DICT = "dict.txt"
+
+# The files that make up a checkpoint (any layout this project or its peers write). Writing a checkpoint
+# into a directory replaces all of them, so none of an earlier checkpoint's files can be read with the
+# new ones (a stale model.rbz or config.json winning over what was just written); other files there,
+# such as a training run's metrics, are kept.
+CHECKPOINT_FILES = (
+    "config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.rbz",
+    "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "dict.txt", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "modules.json",
+    "config_sentence_transformers.json", "sentence_bert_config.json", "[0-9]_*",
+)
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether a file or folder of this name belongs to a checkpoint (see CHECKPOINT_FILES)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in CHECKPOINT_FILES)
+
+
+def keep_beside_checkpoint(name: str) -> bool:
+    """What `replace_dir` carries over when a checkpoint replaces another: everything else."""
+    return not is_checkpoint_file(name)
+
+
+# What the tensors of a RoBERTa state dict are called (any other tensor in a file is not read).
+_MODEL_PREFIXES = ("roberta.", "embeddings.", "encoder.", "pooler.", "lm_head.", "classifier.",
+                   "classification_heads.", "qa_outputs.")
 
 # Parameters a checkpoint may lack because they belong to a head that is created fresh for a task.
 _NEW_HEAD_PREFIXES = ("classifier.", "qa_outputs.", "roberta.pooler.", "pooler.", "lm_head.")
@@ -54,20 +81,27 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[RobertaConfig, dict[str, t
         raise RobertaError(f"{path} is a file; give the checkpoint directory that holds config.json or model.pt")
     if (path / CONFIG_NAME).exists():
         config = RobertaConfig.load(path / CONFIG_NAME)
-        state = _read_hf_weights(path)
-        return config, _with_prefix(state)
+        state = _with_prefix(_read_hf_weights(path, config))
+        check_weights(config, state, str(path))
+        return config, state
     if (path / FAIRSEQ_NAME).exists():
         return read_fairseq(path / FAIRSEQ_NAME)
     raise RobertaError(f"{path} is not a checkpoint: it has neither config.json (Hugging Face) "
                        f"nor model.pt (fairseq)")
 
 
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_hf_weights(path: Path, config: RobertaConfig) -> dict[str, torch.Tensor]:
     from . import compress  # imported here: compress reads checkpoints through this module
 
     compressed = path / compress.COMPRESSED_WEIGHTS_NAME
     if compressed.exists():
-        return compress.load_file(compressed)
+        # Sizes are checked against the config from the headers, before anything is decoded, and
+        # only the tensors a model has are decoded.
+        shapes = {name: spec for name, spec in compress.tensor_shapes(compressed).items()
+                  if name.startswith(_MODEL_PREFIXES)}
+        check_weights(config, _with_prefix({name: torch.empty(shape, dtype=dtype, device="meta")
+                                            for name, (dtype, shape) in shapes.items()}), str(path))
+        return compress.load_file(compressed, names=list(shapes))
     file = path / SAFETENSORS_NAME
     if file.exists():
         try:
@@ -88,6 +122,62 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         return state
     raise RobertaError(f"{path} has config.json but no weights ({SAFETENSORS_NAME}, "
                        f"{compress.COMPRESSED_WEIGHTS_NAME} or {PYTORCH_NAME})")
+
+
+def check_weights(config: RobertaConfig, state: dict[str, torch.Tensor], source: str) -> None:
+    """The config must describe the weights it came with, checked before anything is built: sizes read
+    from the tensors (layers, hidden size, vocabulary, positions, FFN, classification heads) win over
+    what config.json claims, so a config saying 10^7 layers or 10^10 classes is refused at once, not
+    allocated. Weights must be floating point; NaN or infinite values give a warning."""
+    def expect(key: str, shape: tuple[int, ...], fields: str) -> None:
+        tensor = state.get(key)
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise RobertaError(f"{source}: config.json says {fields} = {', '.join(map(str, shape))} but the weights "
+                               f"hold {key} of shape {list(tensor.shape)}; the config does not belong to these "
+                               "weights: restore the checkpoint's own config.json")
+
+    c = config
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise RobertaError(f"{source}: {key} is not a tensor; the file is not a RoBERTa checkpoint")
+        if not tensor.is_floating_point() and not key.endswith(("position_ids", "token_type_ids")):
+            raise RobertaError(f"{source}: tensor {key} is stored as {str(tensor.dtype).removeprefix('torch.')}, "
+                               "but model weights are floating point; the file is corrupted or not a RoBERTa "
+                               "checkpoint")
+    expect("roberta.embeddings.word_embeddings.weight", (c.vocab_size, c.hidden_size), "vocab_size, hidden_size")
+    expect("roberta.embeddings.position_embeddings.weight", (c.max_position_embeddings, c.hidden_size),
+           "max_position_embeddings, hidden_size")
+    expect("roberta.embeddings.token_type_embeddings.weight", (c.type_vocab_size, c.hidden_size),
+           "type_vocab_size, hidden_size")
+    expect("roberta.encoder.layer.0.intermediate.dense.weight", (c.intermediate_size, c.hidden_size),
+           "intermediate_size, hidden_size")
+    layers = {int(k.split(".")[3]) for k in state if k.startswith("roberta.encoder.layer.") and k.split(".")[3].isdigit()}
+    if layers and layers != set(range(c.num_hidden_layers)):
+        have = f"{max(layers) + 1} layers (0 to {max(layers)})" if layers == set(range(max(layers) + 1)) else f"{len(layers)} layers"
+        raise RobertaError(f"{source}: config.json says num_hidden_layers = {c.num_hidden_layers:,} but the weights "
+                           f"hold {have}; restore the checkpoint's own config.json")
+    heads = {k.split(".")[1]: t.shape[0] for k, t in state.items()
+             if k.startswith("classification_heads.") and k.endswith(".out_proj.weight") and t.dim() == 2}
+    for name, classes in list(c.classification_heads.items()):
+        if name not in heads:
+            _warn(f"{source}: config.json lists a classification head {name!r} that the weights lack; it is left out")
+        elif heads[name] != classes:
+            _warn(f"{source}: config.json gives head {name!r} {classes:,} classes but its weights have "
+                  f"{heads[name]}; the weights' count is used")
+    c.classification_heads = heads
+    bad = [k for k, t in state.items() if t.is_floating_point() and not t.is_meta and not _finite(t)]
+    if bad:
+        _warn(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}); the model's outputs "
+              "will be NaN: the checkpoint is damaged or training diverged")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 22))  # bounded scratch memory
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RobertaWarning, stacklevel=3)
 
 
 def _with_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,9 +288,22 @@ def read_fairseq(file: str | os.PathLike) -> tuple[RobertaConfig, dict[str, torc
         raise RobertaError(f"{file} is not a RoBERTa checkpoint: no sentence_encoder.embed_tokens.weight")
     state = fairseq_to_hf(fs)
     vocab, hidden = fs[prefix + "embed_tokens.weight"].shape
-    layers = 1 + max(int(k[len(prefix) + 7:].split(".")[0]) for k in fs if k.startswith(prefix + "layers."))
-    heads = int(hp.get("encoder_attention_heads") or max(1, hidden // 64))
-    config = RobertaConfig(
+    try:
+        layers = 1 + max(int(k[len(prefix) + 7:].split(".")[0]) for k in fs if k.startswith(prefix + "layers."))
+        heads = int(hp.get("encoder_attention_heads") or max(1, hidden // 64))
+        config = _fairseq_config(fs, prefix, hp, vocab, hidden, layers, heads)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise RobertaError(f"{file} is not a complete RoBERTa checkpoint or has malformed settings "
+                           f"({type(exc).__name__}: {exc})") from None
+    act = hp.get("activation_fn", "gelu")
+    if act != "gelu":
+        raise RobertaError(f"{file} uses activation {act!r}; only RoBERTa's gelu is supported")
+    check_weights(config, state, str(file))
+    return config, state
+
+
+def _fairseq_config(fs, prefix, hp, vocab, hidden, layers, heads) -> RobertaConfig:
+    return RobertaConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=fs[f"{prefix}layers.0.fc1.weight"].shape[0],
         max_position_embeddings=fs[prefix + "embed_positions.weight"].shape[0],
@@ -209,10 +312,6 @@ def read_fairseq(file: str | os.PathLike) -> tuple[RobertaConfig, dict[str, torc
         classification_heads={k.split(".")[1]: v.shape[0] for k, v in fs.items()
                               if k.startswith("classification_heads.") and k.endswith("out_proj.weight")},
     )
-    act = hp.get("activation_fn", "gelu")
-    if act != "gelu":
-        raise RobertaError(f"{file} uses activation {act!r}; only RoBERTa's gelu is supported")
-    return config, state
 
 
 def fairseq_to_hf(fs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -317,8 +416,6 @@ def save_fairseq(model: RobertaForMaskedLM, path: str | os.PathLike, tokenizer=N
 
     fairseq reads only pickles, so this is the one file the project writes that is not safetensors.
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     c = model.config
     args = argparse.Namespace(
         arch="roberta_large" if c.num_hidden_layers == 24 else "roberta_base",
@@ -328,11 +425,11 @@ def save_fairseq(model: RobertaForMaskedLM, path: str | os.PathLike, tokenizer=N
         attention_dropout=c.attention_probs_dropout_prob, activation_fn="gelu")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {"args": args, "model": hf_to_fairseq(state, layout)}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write(path / FAIRSEQ_NAME, buffer.getvalue())
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    with replace_dir(path, keep=keep_beside_checkpoint) as tmp:
+        torch.save(payload, tmp / FAIRSEQ_NAME)
+        os.chmod(tmp / FAIRSEQ_NAME, default_mode())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,35 +565,36 @@ def check_vocab_fits(path: str | os.PathLike, config: RobertaConfig) -> None:
 
 
 def save_model(model: RobertaPreTrainedModel, path: str | os.PathLike, tokenizer=None) -> None:
-    """config.json + model.safetensors (+ tokenizer files); each file is written to a temporary name first."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    """config.json + model.safetensors (+ tokenizer files), written whole: into a temporary sibling
+    directory that then replaces `path` in one step (fileio.replace_dir), so an interrupted save leaves
+    the previous checkpoint, and no file of it survives beside the new one. Other files in `path`
+    (metrics, notes) are kept."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path / f".{SAFETENSORS_NAME}.tmp{os.getpid()}"
-    save_safetensors(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, default_mode())  # safetensors creates it 0600
-    os.replace(tmp, path / SAFETENSORS_NAME)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    atomic_write(path / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    with replace_dir(path, keep=keep_beside_checkpoint) as tmp:
+        save_safetensors(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        os.chmod(tmp / SAFETENSORS_NAME, default_mode())  # safetensors creates it 0600
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "hf", layout: str = "current") -> Path:
     """Convert a checkpoint between layouts: `hf` (what this project writes) or `fairseq`."""
     from .tokenizer import RobertaTokenizer
 
+    if to not in ("hf", "fairseq"):
+        raise RobertaError(f"unknown target layout {to!r}; use 'hf' or 'fairseq'")
+    check_output(dst, src)
     model = load_model(RobertaForMaskedLM, src)
     src_dir = Path(src) if Path(src).is_dir() else Path(src).parent
     tokenizer = RobertaTokenizer.from_pretrained(src_dir) if _has_tokenizer(src_dir) else None
     if to == "hf":
         save_model(model, dst, tokenizer=tokenizer)
-    elif to == "fairseq":
-        save_fairseq(model, dst, tokenizer=tokenizer, layout=layout)
     else:
-        raise RobertaError(f"unknown target layout {to!r}; use 'hf' or 'fairseq'")
+        save_fairseq(model, dst, tokenizer=tokenizer, layout=layout)
     return Path(dst)
 
 

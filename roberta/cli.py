@@ -6,18 +6,53 @@ library modules. Errors a user can cause are `RobertaError`s, printed as one lin
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import RobertaError
+from .errors import RobertaError, RobertaWarning
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one `error: ...` line (and exit status 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help shows its default, unless the help text already says what it is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return f"{text} (required)".strip()
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="roberta", description="RoBERTa: load, use, train, fine-tune, compress.",
+    from . import __version__
+
+    parser = _Parser(
+        prog="roberta", description="RoBERTa: load, use, train, fine-tune, compress.", formatter_class=_HelpFormatter,
         epilog="exit status: 0 success, 2 bad input (a one-line 'error: ...' says what and how to fix it), "
                "1 unexpected failure (a bug: please report the traceback), 130 interrupted.")
+    parser.add_argument("--version", action="version", version=_version_line(__version__))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Subcommands are added below, one compact block each.
 
@@ -34,18 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="text files or directories of them")
     p.add_argument("--out", required=True, help="new directory for the shards, vocabulary and meta.json")
     p.add_argument("--vocab", help="an existing tokenizer directory (default: train a byte-level BPE)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="size of the BPE to train (default 8192)")
+    p.add_argument("--vocab-size", type=_positive_int, default=8192, help="size of the BPE to train (default 8192)")
     p.add_argument("--doc-per-file", action="store_true", help="one document per file (default: blank-line blocks)")
     p.add_argument("--valid-fraction", type=float, default=0.01, help="documents held out (default 0.01)")
-    p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores)")
+    p.add_argument("--workers", type=_positive_int, help="tokenizing processes (default: all cores)")
     p.set_defaults(func=_preprocess)
 
     p = sub.add_parser("pretrain", help="masked-LM pretraining (run under torchrun for several processes)")
     p.add_argument("--preset", choices=["tiny", "small", "base", "large"],
                    help="settings to start from (default small)")
-    p.add_argument("--data", help="a directory made by `roberta preprocess`")
+    p.add_argument("--data", help="a directory made by `roberta preprocess` (default: the preset's, or the resumed run's)")
     p.add_argument("--out", required=True, help="run directory: config, metrics, checkpoints, final model")
-    p.add_argument("--init-from", help="continue pretraining from this checkpoint directory")
+    p.add_argument("--init-from", help="continue pretraining from this checkpoint directory (default: from scratch)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from its latest (or the given) checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. lr=3e-4")
@@ -62,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("src", help="checkpoint directory")
         p.add_argument("dst", help="output directory (the other files are copied there)")
-        p.add_argument("--threads", type=int, help="threads to use (default: all cores)")
+        p.add_argument("--threads", type=_positive_int, help="threads to use (default: all cores)")
         p.set_defaults(func=_compress)
     _add_hub_commands(sub)
 
@@ -70,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe")
     _task_args(p)
     p.add_argument("--out", required=True, help="output directory: best checkpoint, metrics.jsonl, curves.png, eval.json")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-epochs", type=int)
-    p.add_argument("--max-train-examples", type=int, help="train on a random subset of this size")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the task's recipe)")
+    p.add_argument("--batch-size", type=int, help="examples per update (default: the task's recipe)")
+    p.add_argument("--max-epochs", type=int, help="passes over the training set (default: the task's recipe)")
+    p.add_argument("--max-train-examples", type=int, help="train on a random subset of this size (default: all)")
     p.add_argument("--eval-every", type=int, help="updates between dev evaluations (default: each epoch)")
     p.add_argument("--head-name", help="name of the saved head (default: the task name in lower case)")
     p.set_defaults(func=_finetune)
@@ -81,10 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
     _task_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test", "train"])
     p.add_argument("--out", help="write the metrics here as JSON (default: eval_<split>.json beside the model)")
-    p.add_argument("--predictions", help="write per-example predictions here in the leaderboard's format")
+    p.add_argument("--predictions", help="write per-example predictions here in the leaderboard's format "
+                   "(default: none written)")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_evaluate)
+    _explain(sub)
     return parser
+
+
+def _explain(sub) -> None:
+    """Each subcommand's --help starts with what it does and shows each option's default."""
+    for action in sub._choices_actions:
+        command = sub.choices[action.dest]
+        command.description = command.description or action.help
+        command.formatter_class = _HelpFormatter
+
+
+def _version_line(version: str) -> str:
+    import platform
+
+    import torch
+
+    return f"roberta {version} (torch {torch.__version__}, Python {platform.python_version()})"
 
 
 def _convert(args) -> int:
@@ -168,7 +221,7 @@ def _add_hub_commands(sub) -> None:
     command("decode", _decode, "print the text of a sequence of ids (arguments), or of each stdin line",
             text="ID", weights=False)
     p = command("fill-mask", _fill_mask, "predict the words at <mask> in each input text")
-    p.add_argument("--topk", type=int, default=5, help="candidates per mask (default 5)")
+    p.add_argument("--topk", type=_positive_int, default=5, help="candidates per mask (default 5)")
     def job_options(p, what):
         p.add_argument("-i", "--input", help="read the inputs from this file, one per line (default: the TEXT "
                        "arguments, or stdin); a sharded job reads it in chunks, whatever its size")
@@ -184,9 +237,9 @@ def _add_hub_commands(sub) -> None:
         p.add_argument("--window", type=int, help="read inputs longer than the model in overlapping windows of this "
                        "many tokens (default with --stride: the model's limit)")
         p.add_argument("--stride", type=int, help="tokens shared by neighbouring windows (default with --window: half)")
-        p.add_argument("--shard-rows", type=int, default=10000, help=f"rows per shard of a sharded job (default 10000)")
+        p.add_argument("--shard-rows", type=_positive_int, default=10000, help="rows per shard of a sharded job (default 10000)")
         p.add_argument("--resume", action="store_true", help="continue the sharded job in --out after a crash")
-        p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
+        p.add_argument("--batch-tokens", type=_positive_int, default=4096, help="padded tokens per batch (default 4096)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = command("features", _features, "write one vector per input (or per token): a .npy or .jsonl file, or a "
@@ -213,18 +266,18 @@ def _add_hub_commands(sub) -> None:
                 text="QUESTION")
     p.add_argument("--context", help="the context for every question (default: each input is QUESTION<TAB>CONTEXT)")
     p.add_argument("--context-file", help="read the context for every question from this UTF-8 file")
-    p.add_argument("--topk", type=int, default=1, help="answers per question (default 1)")
+    p.add_argument("--topk", type=_positive_int, default=1, help="answers per question (default 1)")
     p.add_argument("--no-answer", action="store_true", help="allow the empty answer (SQuAD 2.0)")
     p.add_argument("--null-threshold", type=float, default=0.0,
                    help="with --no-answer: how much the empty answer's score must beat the best span's (default 0)")
-    p.add_argument("--max-answer-len", type=int, default=15, help="longest answer in tokens (default 15)")
+    p.add_argument("--max-answer-len", type=_positive_int, default=15, help="longest answer in tokens (default 15)")
     p.add_argument("--max-seq-len", type=int, help="tokens per window (default: the smaller of the model's and 384)")
     p.add_argument("--doc-stride", type=int, help="tokens shared by neighbouring windows of a long context "
                    "(default: the smaller of half a window and 128)")
     p = sub.add_parser("download", help="download named models into the cache (no NAME: list them)")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--cache-dir", help="default $ROBERTA_CACHE or ~/.cache/roberta")
-    p.add_argument("--base-url", help="mirror to download from instead of the official hosts ($ROBERTA_BASE_URL)")
+    p.add_argument("--base-url", help="mirror to download from instead of the official hosts (default: $ROBERTA_BASE_URL, else the official hosts)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_download)
     command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
@@ -445,11 +498,12 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="the task's data directory, e.g. glue_data/MNLI")
     p.add_argument("--model", required=True, help="checkpoint directory (pretrained for finetune, fine-tuned for evaluate)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe setting, e.g. --set lr=2e-5")
-    p.add_argument("--text-columns", nargs="+", help="custom: one or two text column names")
-    p.add_argument("--label-column", help="custom: the label column name")
-    p.add_argument("--problem-type", choices=["classification", "regression", "multi_label"], help="custom")
+    p.add_argument("--text-columns", nargs="+", help="custom: one or two text column names (default: text)")
+    p.add_argument("--label-column", help="custom: the label column name (default: label)")
+    p.add_argument("--problem-type", choices=["classification", "regression", "multi_label"],
+                   help="custom: the kind of label (default: classification)")
     p.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip and count malformed rows")
-    p.add_argument("--max-dev-examples", type=int)
+    p.add_argument("--max-dev-examples", type=int, help="score at most this many dev examples (default: all)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
 
 
@@ -482,16 +536,56 @@ def _evaluate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command. The one place where a user's mistake becomes `error: ...` and exit status 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RobertaWarning)
+        warnings.showwarning = _show_warning
+        try:
+            for i, arg in enumerate(argv):
+                _check_utf8(arg, f"argument {i + 1}")
+            if isinstance(sys.stdin, io.TextIOWrapper):  # bad bytes on stdin are an error, never U+FFFD
+                sys.stdin.reconfigure(encoding="utf-8", errors="strict")
+            args = build_parser().parse_args(argv)
+            return args.func(args) or 0
+        except RobertaError as exc:
+            return _fail(str(exc))
+        except UnicodeDecodeError as exc:
+            return _fail(f"the input is not valid UTF-8 ({exc.reason} at byte {exc.object[exc.start:exc.start + 1]!r}); "
+                         "convert it first, e.g. iconv -f latin1 -t utf-8")
+        except BrokenPipeError:
+            # The reader went away (`roberta fill-mask ... | head -1`): stop quietly, as Unix tools do.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141  # what a shell reports for a process ended by SIGPIPE
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            return _fail(f"{exc.filename}: {exc.strerror}")  # a path that cannot be read or written, a full disk
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+
+def _fail(message: str) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
+    return 2
+
+
+def _check_utf8(text: str, what: str) -> None:
     try:
-        return args.func(args) or 0
-    except RobertaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # the OS decoded undecodable bytes as lone surrogates
+        bad = text[exc.start].encode("utf-8", "surrogateescape")
+        raise RobertaError(f"{what} is not valid UTF-8 (byte {bad!r} in {text.encode('utf-8', 'surrogateescape')!r}); "
+                           "pass UTF-8 text") from None
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, RobertaWarning):
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
 
 
 if __name__ == "__main__":

@@ -47,9 +47,10 @@ import torch
 import xxhash
 import zstandard
 
-from .checkpoint import CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, read_checkpoint
+from .checkpoint import (CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, keep_beside_checkpoint,
+                         read_checkpoint)
 from .errors import RobertaError
-from .fileio import atomic_write
+from .fileio import atomic_write, check_output, replace_dir
 
 try:  # the C decoder built by setup.py; numpy and the zstandard package do the same, slower, without it
     from . import _planes
@@ -331,6 +332,11 @@ def _parse_blob_header(blob: memoryview, what: str, source: str) -> tuple[dict, 
                    or (size != expect if expect is not None else not 1 <= size <= elements + 1)
                    for (codec, length, size), expect in zip(planes, sizes)):
                 raise ValueError
+            at = offset
+            for codec, length, size in planes:  # each zstd frame must hold what the table declares
+                if codec == ZSTD and zstandard.frame_content_size(blob[at:at + length]) != size:
+                    raise ValueError
+                at += length
             stored = sum(length for _, length, _ in planes)
             layout.append((transform, total, elements, int(digest), offset, planes))
             total += elements
@@ -338,7 +344,7 @@ def _parse_blob_header(blob: memoryview, what: str, source: str) -> tuple[dict, 
         numel = int(np.prod(shape, dtype=np.int64))
         if total != numel or offset != len(blob):
             raise ValueError
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, zstandard.ZstdError) as exc:
         raise _malformed(what, source) from exc
     return {"dtype": dtype, "shape": shape, "chunks": layout}, end
 
@@ -481,6 +487,32 @@ def tensor_names(path) -> list[str]:
         return list(_read_header(f, str(path))["tensors"])
 
 
+def tensor_shapes(path) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """Each tensor's dtype and shape, from the blob headers alone (nothing is decoded), so that sizes
+    can be checked against a config before any memory is spent on them."""
+    out = {}
+    with _open(path) as f:
+        entries = _read_header(f, str(path))["tensors"]
+        for name, (offset, length) in entries.items():
+            f.seek(offset)
+            prefix = f.read(_BLOB_PREFIX.size)
+            if len(prefix) != _BLOB_PREFIX.size or _BLOB_PREFIX.unpack(prefix)[0] > length - _BLOB_PREFIX.size:
+                raise _corrupt(f"the header of tensor '{name}'", str(path))
+            header_length, digest = _BLOB_PREFIX.unpack(prefix)
+            text = f.read(header_length)
+            if xxhash.xxh3_64_intdigest(text) != digest:
+                raise _corrupt(f"the header of tensor '{name}'", str(path))
+            try:
+                header = json.loads(text)
+                dtype, shape = DTYPES[header["dtype"]], [int(d) for d in header["shape"]]
+                if min(shape, default=0) < 0:
+                    raise ValueError
+            except (ValueError, KeyError, TypeError) as exc:
+                raise _malformed(f"tensor '{name}'", str(path)) from exc
+            out[name] = (dtype, shape)
+    return out
+
+
 def load_file(path, names=None, device="cpu", threads: int | None = None) -> dict[str, torch.Tensor]:
     """Load all tensors, or only `names`, reading only their bytes."""
     with _open(path) as f:
@@ -507,10 +539,7 @@ def _check_dirs(src, dst) -> tuple[Path, Path]:
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise RobertaError(f"{src} is not a checkpoint directory")
-    if dst.resolve() == src.resolve():
-        raise RobertaError(f"the destination must differ from the source {src}: pass another directory")
-    dst.mkdir(parents=True, exist_ok=True)
-    return src, dst
+    return src, check_output(dst, src)
 
 
 def _copy_other_files(src: Path, dst: Path) -> None:
@@ -542,10 +571,11 @@ def compress_checkpoint(src_dir, dst_dir, threads: int | None = None) -> Path:
     else:
         config, tensors = read_checkpoint(src)
         metadata = {"format": "pt"}
-    _copy_other_files(src, dst)
-    if config is not None and not (dst / CONFIG_NAME).exists():
-        config.save(dst / CONFIG_NAME)
-    save_file(tensors, dst / COMPRESSED_WEIGHTS_NAME, metadata, threads)
+    with replace_dir(dst, keep=keep_beside_checkpoint) as tmp:  # whole or not at all; nothing stale kept
+        _copy_other_files(src, tmp)
+        if config is not None and not (tmp / CONFIG_NAME).exists():
+            config.save(tmp / CONFIG_NAME)
+        save_file(tensors, tmp / COMPRESSED_WEIGHTS_NAME, metadata, threads)
     return dst / COMPRESSED_WEIGHTS_NAME
 
 
@@ -558,6 +588,7 @@ def decompress_checkpoint(src_dir, dst_dir, threads: int | None = None) -> Path:
     if not weights.is_file():
         raise RobertaError(f"{src} has no {COMPRESSED_WEIGHTS_NAME} to decompress")
     tensors = load_file(weights, threads=threads)
-    _copy_other_files(src, dst)
-    atomic_write(dst / SAFETENSORS_NAME, safetensors_bytes(tensors, metadata=read_metadata(weights) or None))
+    with replace_dir(dst, keep=keep_beside_checkpoint) as tmp:  # whole or not at all; nothing stale kept
+        _copy_other_files(src, tmp)
+        atomic_write(tmp / SAFETENSORS_NAME, safetensors_bytes(tensors, metadata=read_metadata(weights) or None))
     return dst / SAFETENSORS_NAME

@@ -7,3 +7,8 @@ Each message is one line that names the problem and the fix; the CLI prints it a
 
 class RobertaError(Exception):
     """Bad input: a wrong path, a file that is not what it claims, a shape that does not fit."""
+
+
+class RobertaWarning(UserWarning):
+    """A result that is legal but probably not meant: a head initialised at random, NaN weights, a smaller
+    vocabulary than asked. The CLI prints it as one `warning: ...` line on stderr."""

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from torch import nn
 
 from . import download, windows
 from .checkpoint import read_checkpoint
-from .errors import RobertaError
+from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_write
 from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
 from .tokenizer import RobertaTokenizer
@@ -62,15 +63,27 @@ class RobertaHub(nn.Module):
 
     # ---- text <-> ids -------------------------------------------------------------------------
 
-    def encode(self, sentence, *addl_sentences: str, no_separator: bool = False, return_offsets: bool = False):
+    def encode(self, sentence, *addl_sentences: str, no_separator: bool = False, truncate: bool = False,
+               return_offsets: bool = False):
         """`<s> A </s>`, `<s> A </s></s> B </s>` ... as a LongTensor (no space is added before A).
 
         A list of sentences (and lists of second sentences, one each) gives a list of tensors.
+        `truncate=True` keeps the first `max_tokens` ids of a longer input, ending it with `</s>`.
         `return_offsets=True` gives `(tokens, offsets)`: each token's (start, end) character span in
         the sentence it came from, `(0, 0)` for special tokens (see `RobertaTokenizer.encode`).
         """
-        return encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator,
-                      return_offsets=return_offsets)
+        result = encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator,
+                        return_offsets=return_offsets)
+        if not truncate:
+            return result
+        cut = []
+        for item in result if isinstance(result, list) else [result]:
+            ids, offsets = item if return_offsets else (item, None)
+            fitted = self._fit(ids[None], truncate=True)[0]
+            if offsets is not None and len(fitted) < len(ids):
+                offsets = offsets[:len(fitted) - 1] + [(0, 0)]  # the closing </s>
+            cut.append((fitted, offsets) if return_offsets else fitted)
+        return cut if isinstance(result, list) else cut[0]
 
     def decode(self, tokens):
         """Text of one sequence; a sequence of several sentences (split at `</s></s>`) gives a list."""
@@ -176,6 +189,11 @@ class RobertaHub(nn.Module):
         overlapping window where it is most central (see `extract_features`).
         """
         texts = [masked_input] if isinstance(masked_input, str) else list(masked_input)
+        fresh = [k for k in getattr(self.model, "missing_keys", []) if k.startswith("lm_head.")]
+        if fresh and not self.training:
+            warnings.warn("this checkpoint has no masked-LM head (lm_head.*): it was initialised at random when "
+                          "loaded, so these predictions are noise; use a checkpoint saved with its LM head",
+                          RobertaWarning, stacklevel=2)
         if not 0 < topk <= len(self.tokenizer):
             raise RobertaError(f"topk must be between 1 and the vocabulary size {len(self.tokenizer)}, got {topk}")
         model = self._masked_lm("fill_mask")

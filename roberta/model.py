@@ -66,6 +66,28 @@ class RobertaConfig:
     pruned_heads: dict[int, list[int]] = field(default_factory=dict)
 
     def __post_init__(self):
+        """Check every field when the config is built (from code, a config.json or a preset), so that
+        a wrong type, an impossible value or an absurd size is a one-line error before any allocation."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size", "num_labels"):
+            _check_int(name, getattr(self, name), 1, _LIMITS.get(name))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            _check_int(name, getattr(self, name), 0, self.vocab_size - 1)
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is not None or name != "classifier_dropout":
+                _check_float(name, value, "a probability in [0, 1)", lambda x: 0 <= x < 1)
+        _check_float("initializer_range", self.initializer_range, "a finite number >= 0",
+                     lambda x: 0 <= x < math.inf)
+        _check_float("layer_norm_eps", self.layer_norm_eps, "a small positive number such as 1e-5",
+                     lambda x: 0 < x < 1)
+        if self.hidden_act != "gelu":
+            raise RobertaError(f"hidden_act {self.hidden_act!r} is not supported; RoBERTa uses 'gelu'")
+        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            raise RobertaError(f"problem_type {self.problem_type!r} is not one of regression, "
+                               "single_label_classification, multi_label_classification")
+        if self.head_name is not None and not isinstance(self.head_name, str):
+            raise RobertaError(f"head_name must be a string, got {self.head_name!r}")
         if self.hidden_size % self.num_attention_heads:
             raise RobertaError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
@@ -74,11 +96,48 @@ class RobertaConfig:
         if self.max_position_embeddings <= self.pad_token_id + 1:
             raise RobertaError(f"max_position_embeddings must exceed pad_token_id + 1 = {self.pad_token_id + 1}")
         if self.id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            if not isinstance(self.id2label, dict):
+                raise RobertaError(f"id2label must map class ids to names, e.g. {{\"0\": \"negative\", \"1\": "
+                                   f"\"positive\"}}; got a {type(self.id2label).__name__}")
+            try:
+                id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            except (TypeError, ValueError):
+                raise RobertaError(f"id2label keys must be class ids 0, 1, ...; got {list(self.id2label)[:4]}") from None
+            if sorted(id2label) != list(range(len(id2label))):
+                raise RobertaError(f"id2label must number its classes 0 to {len(id2label) - 1}; got ids "
+                                   f"{sorted(id2label)[:8]}")
+            self.id2label = id2label
             self.num_labels = len(self.id2label)
             if self.id2label == {i: f"LABEL_{i}" for i in range(self.num_labels)}:
                 self.id2label = None  # the default names carry nothing
-        self.pruned_heads = {int(k): sorted(int(h) for h in v) for k, v in self.pruned_heads.items()}
+        if not isinstance(self.classification_heads, dict):
+            raise RobertaError("classification_heads must map head names to class counts, e.g. {\"mnli\": 3}")
+        for name, classes in self.classification_heads.items():
+            _check_int(f"classification_heads[{name!r}]", classes, 1, _LIMITS["num_labels"])
+        if not isinstance(self.pruned_heads, dict):
+            raise RobertaError("pruned_heads must map layer indices to lists of head indices")
+        try:
+            self.pruned_heads = {int(k): sorted(int(h) for h in v) for k, v in self.pruned_heads.items()}
+        except (TypeError, ValueError):
+            raise RobertaError("pruned_heads must map layer indices to lists of head indices") from None
+        if any(not 0 <= k < self.num_hidden_layers or any(not 0 <= h < self.num_attention_heads for h in v)
+               for k, v in self.pruned_heads.items()):
+            raise RobertaError(f"pruned_heads names layers or heads the model does not have "
+                               f"({self.num_hidden_layers} layers of {self.num_attention_heads} heads)")
+        parameters = self.estimated_parameters()
+        if parameters > _MAX_PARAMETERS:
+            raise RobertaError(f"this config describes a model of about {parameters:.2g} parameters "
+                               f"({4 * parameters / 1e12:.0f} TB in fp32), beyond any machine; check its sizes "
+                               f"({self.num_hidden_layers} layers x {self.hidden_size}, FFN {self.intermediate_size}, "
+                               f"vocabulary {self.vocab_size}, positions {self.max_position_embeddings})")
+
+    def estimated_parameters(self) -> int:
+        """Parameters of the masked-LM model with its classification heads, from the sizes alone."""
+        h, f = self.hidden_size, self.intermediate_size
+        layer = 4 * h * h + 2 * h * f + 9 * h + f
+        embeddings = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size + 2) * h
+        heads = sum(h * h + h * classes for classes in [self.num_labels, *self.classification_heads.values()])
+        return self.num_hidden_layers * layer + embeddings + h * h + self.vocab_size + heads
 
     @property
     def max_tokens(self) -> int:
@@ -153,6 +212,28 @@ class RobertaConfig:
             return cls.from_dict(d)
         except TypeError as exc:
             raise RobertaError(f"{path} has a field of the wrong type ({exc})") from None
+
+
+# Bounds on sizes: far above any published model (large: 24 layers x 1024, a 50K vocabulary), low
+# enough that a typo or a hostile config.json is refused at once instead of allocating for minutes.
+_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "num_hidden_layers": 1024, "num_attention_heads": 1024,
+           "intermediate_size": 1 << 18, "max_position_embeddings": 1 << 20, "type_vocab_size": 1 << 10,
+           "num_labels": 1 << 20}
+_MAX_PARAMETERS = 10 ** 12
+
+
+def _check_int(name: str, value, low: int, high: int | None) -> None:
+    if type(value) is not int:  # bool is an int to Python, and "64" or 64.0 is a mistake in a config
+        raise RobertaError(f"{name} must be an integer, got {value!r} ({type(value).__name__}); "
+                           "write it without quotes or decimals")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high:,}" if high is not None else f">= {low}"
+        raise RobertaError(f"{name} is {value:,}, which is out of range: it must be {bound}")
+
+
+def _check_float(name: str, value, what: str, ok) -> None:
+    if type(value) not in (int, float) or not ok(value):
+        raise RobertaError(f"{name} must be {what}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -191,10 +191,11 @@ def test_not_a_checkpoint(tmp_path):
 def test_shapes_that_do_not_fit_the_config(tmp_path, mlm):
     mlm.save_pretrained(tmp_path)
     RobertaConfig(**{**CONFIG, "intermediate_size": 80}).save(tmp_path / "config.json")
-    with pytest.raises(RobertaError, match=r"layer.0.intermediate.dense.bias has shape \[96\] but the config says \[80\]"):
+    with pytest.raises(RobertaError, match=r"intermediate_size, hidden_size = 80, 64 but the weights hold "
+                                           r"roberta.encoder.layer.0.intermediate.dense.weight of shape \[96, 64\]"):
         RobertaForMaskedLM.from_pretrained(tmp_path)
     RobertaConfig(**{**CONFIG, "num_hidden_layers": 4}).save(tmp_path / "config.json")
-    with pytest.raises(RobertaError, match="not a complete RoBERTa checkpoint"):
+    with pytest.raises(RobertaError, match="num_hidden_layers = 4 but the weights hold 3 layers"):
         RobertaForMaskedLM.from_pretrained(tmp_path)
 
 

@@ -76,7 +76,7 @@ def read_inputs(lines: Iterator[bytes], format: str = "text", field: str = "text
                                    "(sentence TAB sentence); use --format text for single sentences")
         else:
             sentences = line.split("\t")
-        if not any(s.strip() for s in sentences) and not allow_empty:
+        if not allow_empty and not "".join(sentences).strip():
             raise RobertaError(f"{name} line {number} is empty; each line is one input and one output row, so "
                                "remove it, or pass --allow-empty to read it as the empty text")
         yield sentences
@@ -99,7 +99,10 @@ def _json_fields(line: str, number: int, field: str, pair_field: str | None, nam
 def open_lines(path: str | None) -> Iterator[bytes]:
     """The lines of a file (or of stdin for None / '-'), as bytes, read as they are needed."""
     if path in (None, "-"):
-        yield from sys.stdin.buffer
+        if hasattr(sys.stdin, "buffer"):
+            yield from sys.stdin.buffer
+        else:  # a text stream standing in for stdin (tests, notebooks)
+            yield from (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
         return
     try:
         handle = open(path, "rb")
@@ -127,7 +130,7 @@ def tokenize(hub, inputs: list[list[str]], truncate: bool, windowed: bool) -> li
     limit unless windows will read it."""
     from .hub import encode
 
-    tokenizer = hub.tokenizer
+    tokenizer, limit = hub.tokenizer, hub.max_tokens
     if all(len(s) == 1 for s in inputs):
         ids = tokenizer.encode_batch([s[0] for s in inputs])
     elif all(len(s) == 2 for s in inputs):
@@ -136,36 +139,52 @@ def tokenize(hub, inputs: list[list[str]], truncate: bool, windowed: bool) -> li
         ids = [encode(tokenizer, *s).tolist() for s in inputs]
     if windowed:
         return ids
-    return [row if len(row) <= hub.max_tokens else hub._fit(torch.tensor([row]), truncate)[0].tolist()
-            for row in ids]
+    return [row if len(row) <= limit else hub._fit(torch.tensor([row]), truncate)[0].tolist() for row in ids]
+
+
+def _padded(hub, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids right-padded with `<pad>` and the attention mask, on the model's device."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    ids = np.full((len(rows), int(lengths.max())), hub.tokenizer.pad_token_id, dtype=np.int64)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = row
+    mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+    return torch.from_numpy(ids).to(hub.device), torch.from_numpy(mask).long().to(hub.device)
 
 
 def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -1, batch_tokens: int = 4096,
                  window: int | None = None, stride: int | None = None) -> list[np.ndarray]:
     """Features of each token sequence, float32: the `<s>` vector (`pool` "cls"), the mean over the
     tokens ("mean"), or every token ("none", [length, hidden]), from `layer` (0: the embeddings).
-    Sequences go in batches of similar length under `batch_tokens`; longer than the model with
-    `window`/`stride`, in overlapping windows."""
+    Sequences go in batches of similar length under `batch_tokens`, pooled as a batch; longer than
+    the model with `window`/`stride`, in overlapping windows."""
     from .inference import length_batches
 
     layers = hub.model.config.num_hidden_layers
     all_layers = layer not in (-1, layers)
+    limit = hub.max_tokens
     out: list = [None] * len(tokens)
-    short = [i for i, t in enumerate(tokens) if len(t) <= hub.max_tokens]
+    short = [i for i, t in enumerate(tokens) if len(t) <= limit]
     for batch in length_batches([len(tokens[i]) for i in short], batch_tokens):
         batch = [short[i] for i in batch]
-        hidden = hub.extract_features([torch.tensor(tokens[i]) for i in batch], return_all_hiddens=all_layers)
-        for i, h in zip(batch, hidden):
-            out[i] = _pool(h[layer] if all_layers else h, pool)
-    for i in (i for i, t in enumerate(tokens) if len(t) > hub.max_tokens):
+        ids, mask = _padded(hub, [tokens[i] for i in batch])
+        with torch.inference_mode():
+            result = hub.model.roberta(ids, attention_mask=mask, output_hidden_states=all_layers)
+        h = (result.hidden_states[layer] if all_layers else result.last_hidden_state).float()
+        if pool == "cls":
+            pooled = list(h[:, 0].cpu().numpy())
+        elif pool == "mean":
+            m = mask.unsqueeze(-1).to(h.dtype)
+            pooled = list(((h * m).sum(1) / m.sum(1)).cpu().numpy())
+        else:
+            pooled = [h[r, :len(tokens[i])].cpu().numpy() for r, i in enumerate(batch)]
+        for i, vector in zip(batch, pooled):
+            out[i] = vector
+    for i in (i for i, t in enumerate(tokens) if len(t) > limit):
         h = hub.extract_features(torch.tensor(tokens[i]), return_all_hiddens=all_layers, window=window, stride=stride)
-        out[i] = _pool(h[layer] if all_layers else h, pool)
+        h = (h[layer] if all_layers else h)[0].float()
+        out[i] = (h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy()
     return out
-
-
-def _pool(hidden: torch.Tensor, pool: str) -> np.ndarray:
-    h = hidden[0].float()
-    return (h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy()
 
 
 def prediction_rows(hub, tokens: list[list[int]], head: str, batch_tokens: int = 4096, window: int | None = None,
@@ -174,13 +193,15 @@ def prediction_rows(hub, tokens: list[list[int]], head: str, batch_tokens: int =
     from .inference import length_batches
 
     probs: list = [None] * len(tokens)
-    short = [i for i, t in enumerate(tokens) if len(t) <= hub.max_tokens]
+    limit = hub.max_tokens
+    short = [i for i, t in enumerate(tokens) if len(t) <= limit]
     for batch in length_batches([len(tokens[i]) for i in short], batch_tokens):
         batch = [short[i] for i in batch]
-        rows = hub.predict(head, [torch.tensor(tokens[i]) for i in batch]).exp().cpu().numpy()
+        ids, _ = _padded(hub, [tokens[i] for i in batch])
+        rows = hub.predict(head, ids).exp().cpu().numpy()
         for i, row in zip(batch, rows):
             probs[i] = row
-    for i in (i for i, t in enumerate(tokens) if len(t) > hub.max_tokens):
+    for i in (i for i, t in enumerate(tokens) if len(t) > limit):
         probs[i] = hub.predict(head, torch.tensor(tokens[i]), window=window, stride=stride, pool=pool)[0].exp().numpy()
     return np.stack(probs).astype(np.float32)
 

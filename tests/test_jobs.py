@@ -33,7 +33,7 @@ def model_dir(tmp_path_factory, bpe_dir):
 
 @pytest.fixture(scope="module")
 def hub(model_dir):
-    return roberta.load(model_dir)
+    return roberta.load(model_dir, precision="fp32")
 
 
 def lines(n: int, seed: int = 0) -> list[str]:
@@ -50,7 +50,7 @@ def write_lines(path, texts):
 def main(*args) -> int:
     from roberta.cli import main as cli_main
 
-    return cli_main([str(a) for a in args])
+    return cli_main([str(a) for a in args] + ["--precision", "fp32"])
 
 
 def digests(directory) -> dict[str, str]:
@@ -137,7 +137,7 @@ def test_200k_lines_stream_in_bounded_memory_with_the_in_memory_vectors(model_di
     texts = lines(200_000)
     big = write_lines(tmp_path / "big.txt", texts)
     small = write_lines(tmp_path / "small.txt", texts[:20_000])
-    options = ("--pool", "mean", "--shard-rows", 20_000, "--no-progress")
+    options = ("--pool", "mean", "--shard-rows", 20_000, "--no-progress", "--precision", "fp32")
     small_peak = peak_rss_kib("features", "-m", model_dir, "-i", small, "-o", tmp_path / "small", *options)
     big_peak = peak_rss_kib("features", "-m", model_dir, "-i", big, "-o", tmp_path / "big", *options)
     # ten times the input, the same memory: the in-memory path would hold 200,000 token lists and
@@ -171,8 +171,8 @@ def one_process(model_dir, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "out"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                              "-m", "roberta", "features", "-m", str(model_dir), "-i", str(corpus), "-o", str(out),
-                             "--shard-rows", "2000", "--no-progress"], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             "--shard-rows", "2000", "--no-progress", "--precision", "fp32"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     return out
 
@@ -180,7 +180,7 @@ def one_process(model_dir, corpus, tmp_path_factory):
 def test_kill_9_then_resume_gives_identical_files(model_dir, corpus, one_process, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "roberta", "features", "-m", model_dir, "-i", corpus, "-o", out,
-            "--shard-rows", 2000, "--no-progress"]
+            "--shard-rows", 2000, "--no-progress", "--precision", "fp32"]
     job = subprocess.Popen(list(map(str, args)), env={**os.environ, "OMP_NUM_THREADS": "1"},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: len(list(out.glob("features-*.npy"))) >= 3 or job.poll() is not None)
@@ -204,8 +204,8 @@ def test_two_gloo_processes_under_torchrun_equal_one(model_dir, corpus, one_proc
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "roberta", "features", "-m", str(model_dir), "-i", str(corpus), "-o", str(out),
-                             "--shard-rows", "2000", "--no-progress"], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             "--shard-rows", "2000", "--no-progress", "--precision", "fp32"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert digests(out) == digests(one_process)
     ranks = {json.loads(line)["shard"]: json.loads(line)["rank"] for line in (out / "metrics.jsonl").read_text().splitlines()}

@@ -48,7 +48,7 @@ def checkpoint(tmp_path_factory, bpe_dir, cls_name, seed, **config):
     directory = tmp_path_factory.mktemp(cls_name)
     model = randomize(getattr(roberta, cls_name)(RobertaConfig(**{**TINY, **config})), seed)
     model.save_pretrained(directory, tokenizer=roberta.RobertaTokenizer.from_pretrained(bpe_dir))
-    hub = roberta.load(directory)
+    hub = roberta.load(directory, precision="fp32")
     hub.directory = str(directory)
     return hub, getattr(transformers, cls_name).from_pretrained(directory).eval()
 
@@ -227,12 +227,13 @@ def test_cli_tag_and_answer_print_the_library_results(tagger, reader, tmp_path, 
     from roberta.cli import main
 
     text = "Hello world, from Paris and New York."
-    assert main(["tag", "-m", tagger[0].directory, "--json", "--aggregation", "first", text]) == 0
+    assert main(["tag", "-m", tagger[0].directory, "--precision", "fp32", "--json", "--aggregation", "first",
+                 text]) == 0
     assert json.loads(capsys.readouterr().out) == tagger[0].tag(text, aggregation="first")
     context = tmp_path / "context.txt"
     context.write_text("The meeting in Paris ended on Monday. Everyone went home to New York.", encoding="utf-8")
-    assert main(["answer", "-m", reader[0].directory, "--json", "--topk", "2", "--context-file", str(context),
-                 "Where was the meeting?", "When did it end?"]) == 0
+    assert main(["answer", "-m", reader[0].directory, "--precision", "fp32", "--json", "--topk", "2",
+                 "--context-file", str(context), "Where was the meeting?", "When did it end?"]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == [reader[0].answer(q, context.read_text(), topk=2) for q in ("Where was the meeting?",
                                                                                   "When did it end?")]

@@ -75,12 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, help="tokenizing processes (default: all cores)")
     p.set_defaults(func=_preprocess)
 
-    p = sub.add_parser("pretrain", help="masked-LM pretraining (run under torchrun for several processes)")
+    from .pretrain import PretrainConfig
+
+    p = sub.add_parser("pretrain", help="masked-LM pretraining (run under torchrun for several processes)",
+                       epilog=PretrainConfig.help_text())
     p.add_argument("--preset", choices=["tiny", "small", "base", "large"],
                    help="settings to start from (default small)")
     p.add_argument("--data", help="a directory made by `roberta preprocess` (default: the preset's, or the resumed run's)")
     p.add_argument("--out", required=True, help="run directory: config, metrics, checkpoints, final model")
-    p.add_argument("--init-from", help="continue pretraining from this checkpoint directory (default: from scratch)")
+    p.add_argument("--init-from", help="continue pretraining from this model: a name, directory or archive "
+                   "(default: from scratch)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from its latest (or the given) checkpoint")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. lr=3e-4")
@@ -102,17 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hub_commands(sub)
 
     # finetune / evaluate: GLUE tasks, squad, race, or custom (your own train/dev .csv/.tsv/.jsonl)
-    p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe")
+    from .finetune import Recipe
+
+    p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe (torchrun for several processes)",
+                       epilog=Recipe.help_text())
     _task_args(p)
-    p.add_argument("--out", required=True, help="output directory: best checkpoint, metrics.jsonl, curves.png, eval.json")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the task's recipe)")
+    p.add_argument("--out", required=True, help="run directory: recipe.json, metrics.jsonl, curves.png, eval.json, "
+                   "model/ (the best checkpoint), checkpoints/")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in --out from its latest (or the given) checkpoint")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the task's published one, adapted to "
+                   "the model's size)")
     p.add_argument("--batch-size", type=int, help="examples per update (default: the task's recipe)")
     p.add_argument("--max-epochs", type=int, help="passes over the training set (default: the task's recipe)")
     p.add_argument("--max-train-examples", type=int, help="train on a random subset of this size (default: all)")
     p.add_argument("--eval-every", type=int, help="updates between dev evaluations (default: each epoch)")
     p.add_argument("--head-name", help="name of the saved head (default: the task name in lower case)")
     p.set_defaults(func=_finetune)
-    p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions")
+    p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions",
+                       epilog=Recipe.help_text())
     _task_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test", "train"])
     p.add_argument("--out", help="write the metrics here as JSON (default: eval_<split>.json beside the model)")
@@ -160,25 +172,16 @@ def _preprocess(args):
 
 
 def _pretrain(args):
-    import json
-    from pathlib import Path
-
     from .pretrain import PretrainConfig, pretrain
+    from .train import read_settings
 
     saved = Path(args.out) / "pretrain.json"
-    if args.resume and args.preset is None and saved.exists():
-        cfg = PretrainConfig.from_dict(json.loads(saved.read_text()))
+    if args.resume and args.preset is None and saved.is_file():
+        cfg = read_settings(PretrainConfig, saved)
     else:
         cfg = PretrainConfig.preset(args.preset or "small")
-    for key, flag in (("data", args.data), ("init_from", args.init_from)):
-        if flag:
-            cfg = cfg.set(key, flag)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RobertaError(f"--set {item}: expected KEY=VALUE, e.g. --set lr=3e-4")
-        cfg = cfg.set(key.strip(), value.strip())
-    pretrain(cfg, args.out, resume=args.resume)
+    flags = {key: value for key, value in (("data", args.data), ("init_from", args.init_from)) if value}
+    pretrain(cfg.replace(**flags).with_sets(args.set), args.out, resume=args.resume)
 
 
 def _demo(args):
@@ -577,31 +580,33 @@ def _serve(args):
 def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI, squad, race or custom")
     p.add_argument("--data", required=True, help="the task's data directory, e.g. glue_data/MNLI")
-    p.add_argument("--model", required=True, help="checkpoint directory (pretrained for finetune, fine-tuned for evaluate)")
+    p.add_argument("--model", required=True, help="a model name, directory or archive (pretrained for finetune, "
+                   "fine-tuned for evaluate: the model/ folder finetune wrote)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe setting, e.g. --set lr=2e-5")
-    p.add_argument("--text-columns", nargs="+", help="custom: one or two text column names (default: text)")
-    p.add_argument("--label-column", help="custom: the label column name (default: label)")
+    p.add_argument("--text-columns", nargs="+", help="custom: one or two text columns, by name or by position "
+                   "0, 1, ... for a file without a header (default: text)")
+    p.add_argument("--label-column", help="custom: the label column, by name or position (default: label)")
     p.add_argument("--problem-type", choices=["classification", "regression", "multi_label"],
                    help="custom: the kind of label (default: classification)")
     p.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip and count malformed rows")
     p.add_argument("--max-dev-examples", type=int, help="score at most this many dev examples (default: all)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto, cuda when available)")
 
 
-def _recipe_overrides(args, names: list[str]) -> dict:
-    """Recipe settings from the flags the user gave, then from --set (which wins)."""
-    from .finetune import parse_settings
+def _recipe(args, names: list[str]):
+    """The task's recipe with the flags the user gave, then --set (which wins)."""
+    from .finetune import recipe_for
 
     names += ["text_columns", "label_column", "problem_type", "skip_bad_rows", "max_dev_examples", "device"]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    return {**given, **parse_settings(args.set)}
+    return recipe_for(args.task, **given).with_sets(args.set)
 
 
 def _finetune(args) -> int:
     from .finetune import finetune
 
-    names = ["lr", "batch_size", "max_epochs", "max_train_examples", "eval_every", "head_name"]
-    print(json.dumps(finetune(args.task, args.data, args.model, args.out, **_recipe_overrides(args, names)), indent=2))
+    recipe = _recipe(args, ["lr", "batch_size", "max_epochs", "max_train_examples", "eval_every", "head_name"])
+    print(json.dumps(finetune(args.task, args.data, args.model, args.out, recipe=recipe, resume=args.resume), indent=2))
     return 0
 
 
@@ -610,8 +615,9 @@ def _evaluate(args) -> int:
 
     model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     out = args.out or model_dir / f"eval_{args.split}.json"
+    recipe = _recipe(args, [])
     result = evaluate(args.task, args.data, args.model, args.split, args.predictions, out, args.batch_size,
-                      **_recipe_overrides(args, []))
+                      recipe=recipe)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -449,6 +449,16 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     return hub
 
 
+@contextlib.contextmanager
+def opened(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,
+           base_url: str | None = None, progress: bool = True):
+    """(directory, tokenizer) of a model opened as `load` opens it (a name, a path, an archive),
+    for code that builds another model class from it (fine-tuning, evaluation). An archive's
+    directory lasts as long as the `with` block."""
+    with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
+        yield directory, _tokenizer(directory, cache_dir, offline, base_url, progress)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,
                    base_url: str | None = None, progress: bool = True) -> RobertaTokenizer:
     """Only the tokenizer of a model (what `encode`/`decode` need), without reading its weights."""

@@ -314,7 +314,10 @@ class SquadTask:
         return {}
 
     def encode(self, examples) -> list:
-        features = tasks.squad_features(examples, self.tokenizer.encode_with_offsets, self.recipe.max_len,
+        def encode_with_offsets(text):
+            return self.tokenizer.encode(text, add_special_tokens=False, return_offsets=True)
+
+        features = tasks.squad_features(examples, encode_with_offsets, self.recipe.max_len,
                                         self.recipe.doc_stride, bos=self.tokenizer.bos_token_id,
                                         eos=self.tokenizer.eos_token_id)
         return [dict(ids=f.input_ids, feature=f, examples=examples) for f in features]

@@ -523,7 +523,7 @@ def squad_features(examples: list[SquadExample], encode_with_offsets, max_len: i
     tokens apart (as in the original BERT SQuAD code), so every answer lies whole in some window.
 
     `encode_with_offsets(text) -> (ids, [(char_start, char_end), ...])` tokenises without special
-    tokens; the tokenizer's `encode_with_offsets` does that.
+    tokens; the tokenizer's `encode(text, add_special_tokens=False, return_offsets=True)` does that.
     """
     features = []
     for index, ex in enumerate(examples):

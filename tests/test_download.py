@@ -38,36 +38,36 @@ def features(model, text="Hello world!"):
 
 def test_hub_repository_downloads_into_the_hf_cache_and_loads_offline(hub, tiny_hub, tmp_path):
     cache = tmp_path / "hf"
-    model = roberta.load("org/tiny", cache_dir=cache, base_url=hub.url, progress=False)
+    model = roberta.load("org/tiny", cache_dir=cache, base_url=hub.url, progress=False, precision="fp32")
     torch.testing.assert_close(features(model), features(tiny_hub), rtol=0, atol=0)
     snapshot = download.hub_snapshot("org/tiny", cache, hub.url, offline=True)
     assert snapshot.parent.parent.name == "models--org--tiny"  # huggingface_hub's own layout
     assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
     requests = len(hub.log)
-    roberta.load("org/tiny", cache_dir=cache, offline=True)
+    roberta.load("org/tiny", cache_dir=cache, offline=True, precision="fp32")
     assert len(hub.log) == requests
     with pytest.raises(RobertaError, match="not in the Hugging Face cache .* offline mode is on"):
-        roberta.load("org/other", cache_dir=cache, offline=True)
+        roberta.load("org/other", cache_dir=cache, offline=True, precision="fp32")
 
 
 def test_revisions_branch_tag_and_commit(hub, hub_checkpoints, tmp_path):
     files = directory_files(hub_checkpoints["hf"])
-    other = roberta.load(hub_checkpoints["hf"])
+    other = roberta.load(hub_checkpoints["hf"], precision="fp32")
     with torch.no_grad():
         other.model.roberta.embeddings.word_embeddings.weight.add_(1.0)
     other.save(tmp_path / "v2")
     commit = hub.add("org/tiny", directory_files(tmp_path / "v2"), revision="v2")
     cache = tmp_path / "hf"
-    main = roberta.load("org/tiny", cache_dir=cache, base_url=hub.url, progress=False)
-    v2 = roberta.load("org/tiny@v2", cache_dir=cache, base_url=hub.url, progress=False)
+    main = roberta.load("org/tiny", cache_dir=cache, base_url=hub.url, progress=False, precision="fp32")
+    v2 = roberta.load("org/tiny@v2", cache_dir=cache, base_url=hub.url, progress=False, precision="fp32")
     torch.testing.assert_close(features(v2), features(other), rtol=0, atol=0)
     assert not torch.equal(features(v2), features(main))
-    by_commit = roberta.load(f"org/tiny@{commit}", cache_dir=cache, offline=True)
+    by_commit = roberta.load(f"org/tiny@{commit}", cache_dir=cache, offline=True, precision="fp32")
     torch.testing.assert_close(features(by_commit), features(other), rtol=0, atol=0)
-    torch.testing.assert_close(features(roberta.load("org/tiny@v2", cache_dir=cache, offline=True)), features(other))
+    torch.testing.assert_close(features(roberta.load("org/tiny@v2", cache_dir=cache, offline=True, precision="fp32")), features(other))
     assert files  # main still serves the first commit
     with pytest.raises(RobertaError, match="org/tiny has no revision 'nope'"):
-        roberta.load("org/tiny@nope", cache_dir=cache, base_url=hub.url)
+        roberta.load("org/tiny@nope", cache_dir=cache, base_url=hub.url, precision="fp32")
 
 
 def test_transformers_download_loads_offline_with_no_second_copy(hub, tiny_hub, tmp_path, monkeypatch, capsys):
@@ -83,7 +83,7 @@ def test_transformers_download_loads_offline_with_no_second_copy(hub, tiny_hub, 
     before = blobs(home / "hub")
     files_before = sorted(str(p) for p in home.rglob("*"))
     requests = len(hub.log)
-    model = roberta.load("org/tiny", cache_dir=home / "hub", offline=True)
+    model = roberta.load("org/tiny", cache_dir=home / "hub", offline=True, precision="fp32")
     torch.testing.assert_close(features(model), features(tiny_hub), rtol=0, atol=0)
     assert len(hub.log) == requests and blobs(home / "hub") == before
     assert sorted(str(p) for p in home.rglob("*")) == files_before  # nothing copied, nothing added
@@ -104,7 +104,7 @@ def test_sharded_checkpoint_with_its_index(hub, hub_checkpoints, tiny_hub, tmp_p
     files = directory_files(tmp_path / "sharded")
     files.update({n: (hub_checkpoints["hf"] / n).read_bytes() for n in ("vocab.json", "merges.txt")})
     hub.add("org/sharded", files)
-    loaded = roberta.load("org/sharded", cache_dir=tmp_path / "hf", base_url=hub.url, progress=False)
+    loaded = roberta.load("org/sharded", cache_dir=tmp_path / "hf", base_url=hub.url, progress=False, precision="fp32")
     torch.testing.assert_close(features(loaded), features(tiny_hub), rtol=0, atol=0)
     shards = [n for n in names if n.endswith(".safetensors")]
     assert len(shards) >= 2 and all(n in blobs_names(tmp_path / "hf") for n in shards)
@@ -118,20 +118,20 @@ def test_gated_repository_is_refused_with_what_to_do_then_opens_with_a_token(hub
     hub.gated.add("org/tiny")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(RobertaError, match="gated repository.*HF_TOKEN") as info:
-        roberta.load("org/tiny", cache_dir=tmp_path / "hf", base_url=hub.url, progress=False)
+        roberta.load("org/tiny", cache_dir=tmp_path / "hf", base_url=hub.url, progress=False, precision="fp32")
     assert "\n" not in str(info.value)
     assert blobs(tmp_path / "hf") == []
     monkeypatch.setenv("HF_TOKEN", "hf_granted")  # the server grants any token; huggingface_hub sends it
-    roberta.load("org/tiny", cache_dir=tmp_path / "hf", base_url=hub.url, progress=False)
+    roberta.load("org/tiny", cache_dir=tmp_path / "hf", base_url=hub.url, progress=False, precision="fp32")
     assert len(blobs(tmp_path / "hf")) == 4
 
 
 def test_unknown_repository_and_a_repository_without_weights(hub, hub_checkpoints, tmp_path):
     with pytest.raises(RobertaError, match="neither an existing path nor a repository on the Hub"):
-        roberta.load("org/nothing", cache_dir=tmp_path / "hf", base_url=hub.url)
+        roberta.load("org/nothing", cache_dir=tmp_path / "hf", base_url=hub.url, precision="fp32")
     hub.add("org/card-only", {"README.md": b"# hello\n", "config.json": (hub_checkpoints["hf"] / "config.json").read_bytes()})
     with pytest.raises(RobertaError, match="no weights this project reads"):
-        roberta.load("org/card-only", cache_dir=tmp_path / "hf", base_url=hub.url)
+        roberta.load("org/card-only", cache_dir=tmp_path / "hf", base_url=hub.url, precision="fp32")
 
 
 @pytest.mark.parametrize("file", ["model.safetensors", "config.json", "vocab.json"])
@@ -140,11 +140,11 @@ def test_garbage_file_is_refused_removed_and_repaired_by_the_next_download(hub, 
     hub.wrong[("org/tiny", file)] = os.urandom(len(real))  # same length, under the real headers
     cache = tmp_path / "hf"
     with pytest.raises(RobertaError, match=f"{file} as downloaded is .*removed from the cache"):
-        roberta.load("org/tiny", cache_dir=cache, base_url=hub.url, progress=False)
+        roberta.load("org/tiny", cache_dir=cache, base_url=hub.url, progress=False, precision="fp32")
     kept = {p.name: p for p in cache.glob("models--*/snapshots/*/*")}
     assert file not in kept and not any(p.read_bytes() != (hub_checkpoints["hf"] / n).read_bytes() for n, p in kept.items())
     del hub.wrong[("org/tiny", file)]
-    model = roberta.load("org/tiny", cache_dir=cache, base_url=hub.url, progress=False)
+    model = roberta.load("org/tiny", cache_dir=cache, base_url=hub.url, progress=False, precision="fp32")
     torch.testing.assert_close(features(model), features(tiny_hub), rtol=0, atol=0)
 
 
@@ -157,7 +157,7 @@ def test_tokenizer_json_alone_is_enough(hub_checkpoints, tmp_path, tiny_hub):
     fast = transformers.AutoTokenizer.from_pretrained(hub_checkpoints["hf"])
     assert fast("Hello world!")["input_ids"] == [0, 31414, 232, 328, 2]
     fast.backend_tokenizer.save(str(target / "tokenizer.json"))
-    model = roberta.load(target)
+    model = roberta.load(target, precision="fp32")
     text = "Tokenizers from tokenizer.json: the same ids, even for émoji 🙂."
     assert model.encode(text).tolist() == tiny_hub.encode(text).tolist()
 
@@ -254,7 +254,7 @@ def test_info_shows_the_repository_and_a_classifier_labels_reach_predict(hub, hu
     commit = hub.add("org/sentiment", files)
     common = ["--cache-dir", str(tmp_path / "hf"), "--base-url", hub.url, "--json"]
     texts = ["What a wonderful film.", "Dreadful, I left early."]
-    assert main(["predict", "-m", "org/sentiment", *common, *texts]) == 0
+    assert main(["predict", "--precision", "fp32", "-m", "org/sentiment", *common, *texts]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     tokenizer = transformers.AutoTokenizer.from_pretrained(hub_checkpoints["hf"])
     with torch.no_grad():

@@ -5,26 +5,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from roberta.cli import main
-from roberta.model import RobertaConfig, RobertaForMaskedLM
-from roberta.tokenizer import RobertaTokenizer
 from test_data import synthetic_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return synthetic_corpus(tmp_path_factory.mktemp("corpus"), n_docs=20, valid_docs=2)[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, bpe_dir):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
-    RobertaForMaskedLM(RobertaConfig.tiny(max_position_embeddings=66)).save_pretrained(
-        path, tokenizer=RobertaTokenizer.from_pretrained(bpe_dir))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +103,18 @@ FINETUNE_BAD = [
 
 
 @pytest.mark.parametrize("extra,message", FINETUNE_BAD, ids=[" ".join(e) for e, _ in FINETUNE_BAD])
-def test_finetune_bad_settings(tiny_model, custom_data, tmp_path, capsys, extra, message):
-    before = snapshot(tiny_model)
-    code, err = run(["finetune", "--task", "custom", "--data", custom_data, "--model", tiny_model,
+def test_finetune_bad_settings(tiny_mlm_dir, custom_data, tmp_path, capsys, extra, message):
+    before = snapshot(tiny_mlm_dir)
+    code, err = run(["finetune", "--task", "custom", "--data", custom_data, "--model", tiny_mlm_dir,
                      "--out", tmp_path / "run"] + extra, capsys)
     assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
-    assert not (tmp_path / "run").exists() and snapshot(tiny_model) == before
+    assert not (tmp_path / "run").exists() and snapshot(tiny_mlm_dir) == before
 
 
-def test_finetune_refuses_to_write_over_its_model(tiny_model, custom_data, tmp_path, capsys):
+def test_finetune_refuses_to_write_over_its_model(tiny_mlm_dir, custom_data, tmp_path, capsys):
     copy = tmp_path / "model"
     copy.mkdir()
-    for f in tiny_model.iterdir():
+    for f in tiny_mlm_dir.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
     before = snapshot(copy)
     for out in (copy, copy.parent):
@@ -140,17 +128,17 @@ def test_finetune_refuses_to_write_over_its_model(tiny_model, custom_data, tmp_p
     ("text,label\na,inf\n", "train.csv:2: label 'inf' is not a finite number"),
     ("text,label\na,1\nb,\n", "train.csv:3: label '' is not a number"),
 ])
-def test_regression_labels_must_be_finite_numbers(tiny_model, tmp_path, capsys, content, message):
+def test_regression_labels_must_be_finite_numbers(tiny_mlm_dir, tmp_path, capsys, content, message):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.csv").write_text(content)
     (tmp_path / "data" / "dev.csv").write_text("text,label\na,1\n")
-    code, err = run(["finetune", "--task", "custom", "--data", tmp_path / "data", "--model", tiny_model,
+    code, err = run(["finetune", "--task", "custom", "--data", tmp_path / "data", "--model", tiny_mlm_dir,
                      "--out", tmp_path / "run", "--problem-type", "regression"], capsys)
     assert code == 2 and message in err, err
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
-def test_invalid_utf8_names_the_file_and_line(tiny_model, tmp_path, capsys, suffix):
+def test_invalid_utf8_names_the_file_and_line(tiny_mlm_dir, tmp_path, capsys, suffix):
     data = tmp_path / "data"
     data.mkdir()
     sep = "\t" if suffix == ".tsv" else ","
@@ -158,24 +146,24 @@ def test_invalid_utf8_names_the_file_and_line(tiny_model, tmp_path, capsys, suff
     (data / f"dev{suffix}").write_text(good)
     (data / f"train{suffix}").write_bytes(good.encode() + good.splitlines()[-1].encode().replace(b"fine", b"caf\xe9")
                                           + b"\n")
-    code, err = run(["finetune", "--task", "custom", "--data", data, "--model", tiny_model, "--out", tmp_path / "run"],
+    code, err = run(["finetune", "--task", "custom", "--data", data, "--model", tiny_mlm_dir, "--out", tmp_path / "run"],
                     capsys)
     line = 2 if suffix == ".jsonl" else 3
     assert code == 2 and f"train{suffix}:{line}: byte 0xe9 is not valid UTF-8" in err, err
 
 
-def test_evaluate_without_the_task_head_and_into_a_missing_directory(tiny_model, custom_data, tmp_path, capsys):
-    code, err = run(["evaluate", "--task", "custom", "--data", custom_data, "--model", tiny_model,
+def test_evaluate_without_the_task_head_and_into_a_missing_directory(tiny_mlm_dir, custom_data, tmp_path, capsys):
+    code, err = run(["evaluate", "--task", "custom", "--data", custom_data, "--model", tiny_mlm_dir,
                      "--out", tmp_path / "m.json"], capsys)
     assert code == 2 and "has no trained custom head" in err and not (tmp_path / "m.json").exists()
-    code, err = run(["evaluate", "--task", "custom", "--data", custom_data, "--model", tiny_model,
+    code, err = run(["evaluate", "--task", "custom", "--data", custom_data, "--model", tiny_mlm_dir,
                      "--predictions", tmp_path / "missing" / "p.tsv"], capsys)
     assert code == 2 and "the directory" in err and "does not exist" in err
 
 
-def test_finetune_run_directory_rules(tiny_model, custom_data, tmp_path, capsys):
+def test_finetune_run_directory_rules(tiny_mlm_dir, custom_data, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["finetune", "--task", "custom", "--data", custom_data, "--model", tiny_model, "--out", out,
+    args = ["finetune", "--task", "custom", "--data", custom_data, "--model", tiny_mlm_dir, "--out", out,
             "--max-epochs", "1", "--device", "cpu"]
     assert run(args, capsys)[0] == 0
     before = snapshot(out)

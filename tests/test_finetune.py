@@ -284,13 +284,6 @@ def squad_file(path, version_2):
     return context
 
 
-def test_encode_with_offsets_maps_tokens_to_characters(tokenizer):
-    text = "Beyonce was born in Houston, Texas."
-    ids, offsets = tokenizer.encode_with_offsets(text)
-    assert ids == tokenizer.encode(text)[1:-1]
-    assert [text[s:e] for s, e in offsets][-4:] == ["Houston", ",", "Texas", "."]
-
-
 def test_squad_v2_runs_end_to_end_and_writes_answers(tiny_checkpoint, tmp_path):
     for split in ("train", "dev"):
         context = squad_file(tmp_path / f"{split}-v2.0.json", version_2=True)

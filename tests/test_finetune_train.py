@@ -15,8 +15,6 @@ from safetensors.torch import load_file
 
 from roberta import finetune as ft
 from roberta import tasks
-from roberta.model import RobertaConfig, RobertaForMaskedLM
-from roberta.tokenizer import RobertaTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD, BAD = "good great fine lovely superb".split(), "bad awful poor dull boring".split()
@@ -32,15 +30,6 @@ def keyword_rows(n, seed):
         words.insert(rng.randrange(len(words)), rng.choice(GOOD if i % 2 else BAD))
         rows.append({"text": " ".join(words), "label": "pos" if i % 2 else "neg"})
     return rows
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, bpe_dir):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
-    RobertaForMaskedLM(RobertaConfig.tiny(max_position_embeddings=66)).save_pretrained(
-        path, tokenizer=RobertaTokenizer.from_pretrained(bpe_dir))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +68,17 @@ def logged(out, key="loss"):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_gives_bitwise_the_same_best_and_last_weights(tiny_model, task_dir, tmp_path):
+def test_kill_9_then_resume_gives_bitwise_the_same_best_and_last_weights(tiny_mlm_dir, task_dir, tmp_path):
     reference = tmp_path / "reference"
-    run_cli(reference, tiny_model, task_dir)
+    run_cli(reference, tiny_mlm_dir, task_dir)
     out = tmp_path / "killed"
-    proc = run_cli(out, tiny_model, task_dir, wait=False)
+    proc = run_cli(out, tiny_mlm_dir, task_dir, wait=False)
     while not any(r["step"] >= 6 for r in logged(out)) and proc.poll() is None:  # past the checkpoint of update 4
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    resumed = run_cli(out, tiny_model, task_dir, "--resume")
+    resumed = run_cli(out, tiny_mlm_dir, task_dir, "--resume")
     assert "resuming at update" in resumed.output
     for name in ("model/model.safetensors", "checkpoints/step-00000010/model.safetensors"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
@@ -100,12 +89,12 @@ def test_kill_9_then_resume_gives_bitwise_the_same_best_and_last_weights(tiny_mo
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_model, task_dir, tmp_path):
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_mlm_dir, task_dir, tmp_path):
     """2 processes x 4 examples = 1 process accumulating 2 micro-batches of 4: same losses, same weights."""
     settings = dict(max_epochs=1, dropout=0.0, save_every=0)
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(one, tiny_model, task_dir, update_freq=2, **settings)
-    result = run_cli(two, tiny_model, task_dir, torchrun=True, **settings)
+    run_cli(one, tiny_mlm_dir, task_dir, update_freq=2, **settings)
+    result = run_cli(two, tiny_mlm_dir, task_dir, torchrun=True, **settings)
     assert "8 = 4 x 1 micro-steps x 2 process(es)" in result.output
     for x, y in zip(logged(one), logged(two), strict=True):
         assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
@@ -115,10 +104,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_mo
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_reaches_the_fp32_dev_score_within_a_point(tiny_model, task_dir, tmp_path):
+def test_bf16_reaches_the_fp32_dev_score_within_a_point(tiny_mlm_dir, task_dir, tmp_path):
     scores = {}
     for precision in ("fp32", "bf16"):
-        result = ft.finetune("custom", task_dir, tiny_model, tmp_path / precision, precision=precision, max_epochs=4,
+        result = ft.finetune("custom", task_dir, tiny_mlm_dir, tmp_path / precision, precision=precision, max_epochs=4,
                              batch_size=16, dropout=0.0, device="cpu")
         assert result["plan"]["precision"] == precision
         scores[precision] = result["dev"]["accuracy"]
@@ -126,8 +115,8 @@ def test_bf16_reaches_the_fp32_dev_score_within_a_point(tiny_model, task_dir, tm
     assert abs(scores["bf16"] - scores["fp32"]) <= 0.01, scores
 
 
-def test_plan_is_derived_from_the_rows_read_and_logged_before_training(tiny_model, task_dir, tmp_path, capsys):
-    result = ft.finetune("RTE", ROOT.parent / "shared" / "data" / "glue" / "RTE", tiny_model, tmp_path / "rte",
+def test_plan_is_derived_from_the_rows_read_and_logged_before_training(tiny_mlm_dir, task_dir, tmp_path, capsys):
+    result = ft.finetune("RTE", ROOT.parent / "shared" / "data" / "glue" / "RTE", tiny_mlm_dir, tmp_path / "rte",
                          max_train_examples=48, max_dev_examples=8, max_epochs=2, log_every=1, device="cpu") \
         if (ROOT.parent / "shared" / "data" / "glue" / "RTE").is_dir() else pytest.skip("no ../shared/data/glue/RTE")
     plan = result["plan"]
@@ -142,8 +131,8 @@ def test_plan_is_derived_from_the_rows_read_and_logged_before_training(tiny_mode
     assert lrs == pytest.approx([1e-3 * (1 - u / 6) for u in range(6)])  # no warmup, linear decay, last > 0
 
 
-def test_early_stopping_keeps_the_best_checkpoint(tiny_model, task_dir, tmp_path):
-    result = ft.finetune("custom", task_dir, tiny_model, tmp_path / "run", lr=0.0, max_epochs=5, patience=2,
+def test_early_stopping_keeps_the_best_checkpoint(tiny_mlm_dir, task_dir, tmp_path):
+    result = ft.finetune("custom", task_dir, tiny_mlm_dir, tmp_path / "run", lr=0.0, max_epochs=5, patience=2,
                          max_train_examples=8, max_dev_examples=8, batch_size=8, device="cpu")
     # lr 0: the first score is never beaten, so two evaluations later the run stops
     assert result["stopped_early"] and result["updates"] == 3 and result["best_step"] == 1
@@ -172,13 +161,13 @@ def test_headerless_files_by_column_position(tmp_path, name):
         tasks.read_table(path, ["1"], "label")  # a name on a headerless file: the first row is taken as header
 
 
-def test_headerless_csv_fine_tunes_from_the_cli(tiny_model, tmp_path):
+def test_headerless_csv_fine_tunes_from_the_cli(tiny_mlm_dir, tmp_path):
     from roberta.cli import main
 
     rows = keyword_rows(24, 3)
     for split in ("train", "dev"):
         (tmp_path / f"{split}.csv").write_text("".join(f"{r['label']},{r['text']}\n" for r in rows))
-    assert main(["finetune", "--task", "custom", "--data", str(tmp_path), "--model", str(tiny_model), "--out",
+    assert main(["finetune", "--task", "custom", "--data", str(tmp_path), "--model", str(tiny_mlm_dir), "--out",
                  str(tmp_path / "out"), "--text-columns", "1", "--label-column", "0", "--max-epochs", "1",
                  "--device", "cpu"]) == 0
     config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())

@@ -28,7 +28,7 @@ def build(src, dst, mode: str, normalize: bool, max_len: int = 24):
 def test_embeddings_equal_sentence_transformers(hub_checkpoints, tmp_path, mode, normalize, capsys):
     reference = build(hub_checkpoints["hf"], tmp_path / "st", mode, normalize)
     want = reference.encode(TEXTS, convert_to_numpy=True)
-    hub = roberta.load(tmp_path / "st")
+    hub = roberta.load(tmp_path / "st", precision="fp32")
     assert hub.pooling.mode == mode and hub.pooling.normalize == normalize and hub.pooling.max_tokens == 24
     got = hub.embed(TEXTS).numpy()
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5
@@ -37,7 +37,7 @@ def test_embeddings_equal_sentence_transformers(hub_checkpoints, tmp_path, mode,
         assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-6)
     # the CLI: --pool left out follows the directory
     out = tmp_path / "vectors.npy"
-    assert main(["features", "-m", str(tmp_path / "st"), "-o", str(out), *TEXTS]) == 0
+    assert main(["features", "--precision", "fp32", "-m", str(tmp_path / "st"), "-o", str(out), *TEXTS]) == 0
     assert np.abs(np.load(out) - want).max() <= 1e-5
 
 
@@ -62,13 +62,13 @@ def test_older_layout_from_the_hub_and_explicit_overrides(hub_checkpoints, tmp_p
     want = reference.encode(TEXTS, convert_to_numpy=True)
     with HubServer() as hub:
         hub.add("org/st-old", directory_files(st))
-        model = roberta.load("org/st-old", cache_dir=tmp_path / "hf", base_url=hub.url, progress=False)
+        model = roberta.load("org/st-old", cache_dir=tmp_path / "hf", base_url=hub.url, progress=False, precision="fp32")
     assert (model.pooling.mode, model.pooling.normalize, model.pooling.max_tokens) == ("mean", False, 60)
     assert np.abs(model.embed(TEXTS).numpy() - want).max() <= 1e-5
-    assert np.abs(roberta.load(st).embed(TEXTS).numpy() - want).max() <= 1e-5
+    assert np.abs(roberta.load(st, precision="fp32").embed(TEXTS).numpy() - want).max() <= 1e-5
     cls = model.embed(TEXTS, pool="cls")
     torch.testing.assert_close(cls[1], model.extract_features(model.encode(TEXTS[1]))[0, 0], rtol=0, atol=1e-6)
-    plain = roberta.load(hub_checkpoints["hf"])  # not a sentence-transformers directory: <s> vector
+    plain = roberta.load(hub_checkpoints["hf"], precision="fp32")  # not a sentence-transformers directory: <s> vector
     assert plain.pooling is None
     torch.testing.assert_close(plain.embed("Hi"), plain.extract_features(plain.encode("Hi"))[0, 0])
 
@@ -81,4 +81,4 @@ def test_unsupported_modules_are_one_line_errors(hub_checkpoints, tmp_path):
     modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
     (tmp_path / "st" / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(RobertaError, match="modules Transformer, Pooling, Dense; only Transformer, Pooling"):
-        roberta.load(tmp_path / "st")
+        roberta.load(tmp_path / "st", precision="fp32")

@@ -30,6 +30,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if action.required and action.option_strings:
             return f"{text} (required)".strip()
+        if isinstance(action, argparse._AppendAction) and not action.default and "default" not in text:
+            return f"{text} (repeatable; default: none)".strip()
         if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
             return text
         return super()._get_help_string(action)
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory: config, metrics, checkpoints, final model")
     p.add_argument("--init-from", help="continue pretraining from this checkpoint directory (default: from scratch)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in --out from its latest (or the given) checkpoint")
+                   help="continue the run in --out from its latest (or the given) checkpoint (default: a new run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. lr=3e-4")
     p.set_defaults(func=_pretrain)
 
@@ -114,11 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_finetune)
     p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions")
     _task_args(p)
-    p.add_argument("--split", default="dev", choices=["dev", "test", "train"])
+    p.add_argument("--split", default="dev", choices=["dev", "test", "train"], help="the split to score")
     p.add_argument("--out", help="write the metrics here as JSON (default: eval_<split>.json beside the model)")
     p.add_argument("--predictions", help="write per-example predictions here in the leaderboard's format "
                    "(default: none written)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     p.set_defaults(func=_evaluate)
     _explain(sub)
     return parser

@@ -202,11 +202,12 @@ def _compress(args) -> int:
 
 
 def _add_hub_commands(sub) -> None:
-    def command(name, func, help, text="TEXT", weights=True):
+    def command(name, func, help, text="TEXT", weights=True, json=True):
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("-m", "--model", required=True, help="a name (roberta.base, roberta.large, roberta.large.mnli, "
                        "FacebookAI/roberta-base, FacebookAI/roberta-large) or a path")
-        p.add_argument("--json", action="store_true", help="print JSON, one value per input")
+        if json:
+            p.add_argument("--json", action="store_true", help="print JSON, one value per input")
         p.add_argument("--offline", action="store_const", const=True, help="never download (also ROBERTA_OFFLINE=1)")
         p.add_argument("--cache-dir", help="where named models live (default $ROBERTA_CACHE or ~/.cache/roberta)")
         if weights:
@@ -241,6 +242,27 @@ def _add_hub_commands(sub) -> None:
     p.set_defaults(func=_download)
     command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
             text=None, weights=False)
+    p = command("serve", _serve, "serve the model over HTTP (embed, predict, fill-mask, ...) with dynamic batching",
+                text=None, json=False)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
+    p.add_argument("--max-batch-tokens", type=int, default=8192, help="real tokens in one forward pass (default 8192)")
+    p.add_argument("--max-batch-requests", type=int, default=128,
+                   help="inputs in one forward pass (default 128; 1 turns batching off)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="how long the oldest queued input waits for a batch to fill (default 2)")
+    p.add_argument("--max-queue", type=int, default=2048, help="inputs waiting before requests get 429 (default 2048)")
+    p.add_argument("--max-inputs", type=int, default=64, help="inputs in one request (default 64; 413 past it)")
+    p.add_argument("--max-input-tokens", type=int,
+                   help="tokens in one input (default: the model's limit; 413 past it unless the request truncates)")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="request body size (default 2 MiB)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before an unanswered request gets 503 (default 30)")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
+                   help="pooling of /v1/embeddings and the default of /embed (default cls: the <s> vector)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                   "(default $ROBERTA_API_KEY; unset: no key)")
+    p.add_argument("--threads", type=int, help="threads of each forward pass (default: all cores; 1 on a busy machine)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
 
 
 def _inputs(args) -> list[str]:
@@ -349,6 +371,27 @@ def _info(args):
         f"parameters  {info['parameters']:,}",
         f"dtype       {info['dtype']}",
         f"size        {info['size_bytes'] / 2**20:.1f} MiB"]))
+
+def _serve(args):
+    import os
+
+    from .serve import API_KEY_ENV, ServeSettings, listen, serve
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    settings = ServeSettings(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
+                             max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_inputs=args.max_inputs,
+                             max_input_tokens=args.max_input_tokens, max_body_bytes=args.max_body_bytes,
+                             timeout_s=args.timeout, pooling=args.pooling, api_key=api_key)
+    if args.threads is not None and args.threads < 1:
+        raise RobertaError(f"--threads must be at least 1, got {args.threads}")
+    sock = listen(args.host, args.port)  # before loading: a busy port fails at once
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    serve(_load(args), sock, settings, model_name=str(args.model), precision=args.precision,
+          access_log=args.access_log)
+
 
 def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI, squad, race or custom")

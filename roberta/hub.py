@@ -132,18 +132,24 @@ class RobertaHub(nn.Module):
         probs, predicted = probs.tolist(), predicted.tolist()
         results, row = [], 0
         for text in texts:
-            per_mask = []
-            for position in _mask_positions(text):
-                choices = []
-                for p, token in zip(probs[row], predicted[row]):
-                    token_str = self.tokenizer.decode([token])
-                    filled = _fill(text, position, token_str)
-                    choices.append({"sequence": filled, "score": p, "token": token, "token_str": token_str}
-                                   if as_dicts else (filled, p, token_str))
-                per_mask.append(choices)
-                row += 1
-            results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
+            n = len(_mask_positions(text))
+            per_mask = self.mask_choices(text, probs[row:row + n], predicted[row:row + n], as_dicts)
+            results.append(per_mask[0] if n == 1 else per_mask)
+            row += n
         return results[0] if isinstance(masked_input, str) else results
+
+    def mask_choices(self, text: str, probs: list[list[float]], predicted: list[list[int]], as_dicts: bool = False):
+        """One list of choices per `<mask>` of `text`, from its masks' top-k probabilities and token ids."""
+        per_mask = []
+        for position, mask_probs, mask_tokens in zip(_mask_positions(text), probs, predicted):
+            choices = []
+            for p, token in zip(mask_probs, mask_tokens):
+                token_str = self.tokenizer.decode([token])
+                filled = _fill(text, position, token_str)
+                choices.append({"sequence": filled, "score": p, "token": token, "token_str": token_str}
+                               if as_dicts else (filled, p, token_str))
+            per_mask.append(choices)
+        return per_mask
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the model (config.json + model.safetensors, heads included) and tokenizer files."""
@@ -175,9 +181,10 @@ class RobertaHub(nn.Module):
         ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
         return ids.to(self.device), [len(r) for r in rows]
 
-    def _fit(self, ids: torch.Tensor, truncate: bool | None) -> torch.Tensor:
-        """Refuse (or with `truncate`, cut) inputs past the limit; None: the caller offers no truncation."""
-        n, limit = ids.shape[-1], self.max_tokens
+    def _fit(self, ids: torch.Tensor, truncate: bool | None, limit: int | None = None) -> torch.Tensor:
+        """Refuse (or with `truncate`, cut) inputs past the limit (default: the model's); None: the caller
+        offers no truncation."""
+        n, limit = ids.shape[-1], limit or self.max_tokens
         if n <= limit:
             return ids
         if not truncate:

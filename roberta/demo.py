@@ -8,16 +8,24 @@
 4. a small task fine-tuned on the pretrained encoder and on a randomly initialised one: is a
    docstring sentence in its real word order or shuffled? Both accuracies are printed; a couple of
    minutes of pretraining teach a tiny model word frequencies more than syntax, so do not expect
-   the pretrained one to win by much (or at all) at this scale.
+   the pretrained one to win by much (or at all) at this scale;
+5. the fine-tuned model served over HTTP (`roberta serve`), asked a few questions with a real HTTP
+   client (urllib), and stopped with SIGTERM.
 """
 from __future__ import annotations
 
 import ast
 import json
 import random
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import sysconfig
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -112,7 +120,7 @@ def run_demo(out: str | Path = "demo-out", steps: int = 3000, vocab_size: int = 
         shutil.rmtree(out)  # an earlier demo's output: `make demo` runs again from a clean slate
     out.mkdir(parents=True, exist_ok=True)
 
-    print("1/4 building a corpus from the Python standard library's documentation")
+    print("1/5 building a corpus from the Python standard library's documentation")
     docs = stdlib_documents()
     corpus = out / "corpus" / "stdlib-docs.txt"
     corpus.parent.mkdir()
@@ -122,12 +130,12 @@ def run_demo(out: str | Path = "demo-out", steps: int = 3000, vocab_size: int = 
                            f"{sysconfig.get_paths()['stdlib']}: this Python ships without its sources")
     print(f"    {len(docs):,} docstrings and help topics, {corpus.stat().st_size / 1e6:.1f} MB")
 
-    print(f"2/4 training a {vocab_size}-token byte-level BPE and writing token shards")
+    print(f"2/5 training a {vocab_size}-token byte-level BPE and writing token shards")
     data = out / "data"
     preprocess([corpus], data, vocab_size=vocab_size, valid_fraction=0.02, progress=False)
     tok = RobertaTokenizer.from_pretrained(data / "tokenizer")
 
-    print(f"3/4 pretraining a {model} RoBERTa for {steps} steps")
+    print(f"3/5 pretraining a {model} RoBERTa for {steps} steps")
     # one thread by default: the tiny model's matrices are too small to gain from splitting them
     cfg = PretrainConfig.preset("tiny", model=model, data=str(data), max_len=64, batch_size=32,
                                 micro_batch_size=32, lr=3e-3, warmup_steps=steps // 20, max_steps=steps,
@@ -143,7 +151,7 @@ def run_demo(out: str | Path = "demo-out", steps: int = 3000, vocab_size: int = 
         print(f"    {text}\n      before: {', '.join(fill_mask(untrained, tok, text))}\n"
               f"      after:  {', '.join(fill_mask(trained, tok, text))}")
 
-    print("4/4 fine-tuning: is a docstring sentence in its real word order, or shuffled?")
+    print("4/5 fine-tuning: is a docstring sentence in its real word order, or shuffled?")
     task = word_order_task(docs, out / "word-order")
     scratch = out / "untrained"
     untrained.save_pretrained(scratch)
@@ -156,5 +164,58 @@ def run_demo(out: str | Path = "demo-out", steps: int = 3000, vocab_size: int = 
     print(f"    dev accuracy on 600 sentences: pretrained {accuracy['pretrained']:.1%}, "
           f"from scratch {accuracy['from scratch']:.1%} (chance 50%)")
 
+    print("5/5 serving the fine-tuned model over HTTP (roberta serve), asked with a real HTTP client")
+    served = out / "finetune" / "pretrained"
+    ordered = next(json.loads(line)["text"] for line in (task / "dev.jsonl").open() if '"ordered"' in line)
+    serve_and_ask(served, [ordered, " ".join(reversed(ordered.split()))])
+
     print(f"done in {time.perf_counter() - start:.0f} s\n  checkpoint: {model_dir}\n"
-          f"  metrics:    {run / 'metrics.jsonl'}\n  plot:       {run / 'curves.png'}")
+          f"  fine-tuned: {served}\n  metrics:    {run / 'metrics.jsonl'}\n  plot:       {run / 'curves.png'}\n"
+          f"  serve it:   roberta serve -m {served}")
+
+
+def serve_and_ask(model_dir: Path, texts: list[str]) -> None:
+    """`roberta serve` on `model_dir` in a subprocess: a few requests with urllib, then SIGTERM."""
+    proc = subprocess.Popen([sys.executable, "-m", "roberta", "serve", "-m", str(model_dir), "--port", "0",
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        for line in proc.stdout:  # the first line names the address once the port is bound
+            match = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+            if match:
+                url = match.group(1)
+                break
+        if url is None:
+            raise RobertaError(f"roberta serve exited with status {proc.wait()} before serving")
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its log pipe drained
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RobertaError("roberta serve did not become healthy") from None
+                time.sleep(0.1)
+
+        def post(path: str, body: dict) -> dict:
+            request = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.load(response)
+
+        print(f"    {url}")
+        predicted = post("/predict", {"inputs": texts})
+        for text, p in zip(texts, predicted["predictions"]):
+            print(f"    POST /predict   {p['label']:<9} {p['score']:.2f}  {text[:70]}")
+        vectors = post("/embed", {"inputs": texts})["embeddings"]
+        cosine = sum(a * b for a, b in zip(*vectors))  # unit vectors
+        print(f"    POST /embed     {len(vectors)} vectors of {len(vectors[0])}, cosine {cosine:.3f}")
+        tokens = post("/tokenize", {"inputs": texts[0]})["tokenized"][0]["tokens"]
+        print(f"    POST /tokenize  {len(tokens)} tokens: {' '.join(tokens[:8])} ...")
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            batches = re.search(r"^roberta_batch_inputs_count (\S+)$", response.read().decode(), re.M).group(1)
+        print(f"    GET  /metrics   {float(batches):.0f} batches run")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    print(f"    stopped with SIGTERM: exit status {code}")

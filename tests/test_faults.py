@@ -712,3 +712,23 @@ def test_preprocess_warns_about_a_smaller_vocabulary_and_holds_out_lines_per_fil
     result = call("preprocess", *files, "--out", tmp_path / "cli", "--vocab-size", "32000", "--doc-per-file",
                   "--workers", "1")
     assert result.returncode == 0 and "warning: the trained vocabulary has" in result.stderr
+
+
+def test_replacing_the_current_directory_moves_the_process_into_the_new_one(tmp_path, monkeypatch):
+    dst = tmp_path / "run"
+    dst.mkdir()
+    (dst / "model.safetensors").write_text("old")
+    (dst / "metrics.jsonl").write_text("kept")
+    monkeypatch.chdir(dst)
+    with replace_dir(".", keep=lambda name: name == "metrics.jsonl") as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert Path("model.safetensors").read_text() == "new" and Path("metrics.jsonl").read_text() == "kept"
+    assert os.getcwd() == str(dst) and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_library_thread_counts_are_checked():
+    from roberta import compress
+
+    for bad in (-3, 0, 2.5):
+        with pytest.raises(RobertaError, match="threads must be a whole number of at least 1"):
+            compress.compress_tensor(torch.zeros(300_000), threads=bad)

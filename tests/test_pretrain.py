@@ -292,6 +292,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     run_demo(out, steps=20, vocab_size=1000)
     printed = capsys.readouterr().out
     assert "before:" in printed and "after:" in printed and "dev accuracy on 600 sentences" in printed
+    assert "POST /predict" in printed and "stopped with SIGTERM: exit status 0" in printed  # served, then stopped
     for path in ("pretrain/model/model.safetensors", "pretrain/metrics.jsonl", "pretrain/curves.png",
                  "finetune/pretrained/eval.json", "finetune/from-scratch/eval.json"):
         assert (out / path).is_file(), path

@@ -1,0 +1,157 @@
+"""`roberta serve` under load: dynamic batching against the same server with batching off.
+
+Two servers on loopback hold the same model: one with the default batching, one with
+`--max-batch-requests 1` (one request per forward pass, what a naive server does). Closed-loop clients
+(httpx, one connection each) send one SST-2 dev sentence per `POST /embed` request; at each concurrency
+the two servers get interleaved passes of a fixed number of requests, each pass also bounded in time.
+Reported per server and concurrency: requests/s, real tokens/s (as the server counted them), p50 and
+p99 latency (median over the passes), and the ratios batched / unbatched.
+
+    PYTHONPATH=. python benchmarks/bench_serve.py                  # base size, random weights
+    PYTHONPATH=. python benchmarks/bench_serve.py --model DIR      # any model roberta.load reads
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from common import DATA, ROOT, table, tsv_column
+
+
+class Server:
+    """`roberta serve` in a subprocess on a free port, until `stop`."""
+
+    def __init__(self, model: str, *flags: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "roberta", "serve", "-m", model, "--port", "0", *flags],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 300
+        for line in self.proc.stdout:
+            match = re.search(r"on (http://\S+?:\d+)", line)
+            if match:
+                self.url = match.group(1)
+                break
+        else:
+            sys.exit(f"error: the server did not start: {self.proc.wait()}")
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep its log pipe drained
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                sys.exit("error: the server did not become healthy")
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=120)
+
+
+async def one_pass(url: str, sentences: list[str], concurrency: int, requests: int, time_limit: float) -> dict:
+    """`requests` requests from `concurrency` clients, each sending its next one when answered."""
+    latencies: list[float] = []
+    tokens = 0
+    next_index = 0
+    start = time.perf_counter()
+
+    async def client(http: httpx.AsyncClient):
+        nonlocal next_index, tokens
+        while next_index < requests and time.perf_counter() - start < time_limit:
+            text = sentences[next_index % len(sentences)]
+            next_index += 1
+            t = time.perf_counter()
+            response = await http.post("/embed", json={"inputs": text})
+            latencies.append(time.perf_counter() - t)
+            response.raise_for_status()
+            tokens += response.json()["tokens"][0]
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency)) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    seconds = time.perf_counter() - start
+    latencies.sort()
+    return {"requests/s": len(latencies) / seconds, "tokens/s": tokens / seconds, "done": len(latencies),
+            "p50 ms": 1000 * latencies[len(latencies) // 2],
+            "p99 ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+
+def cpu() -> str:
+    info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = re.search(r"Model name:\s*(.+)", info)
+    flags = set(re.search(r"Flags:\s*(.+)", info).group(1).split()) if "Flags:" in info else set()
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores; flags: " + \
+        " ".join(f for f in wanted if f in flags)
+
+
+def main() -> None:
+    sentences = tsv_column(DATA / "glue" / "SST-2" / "dev.tsv", "sentence")
+    model = args.model
+    if model is None:
+        import torch
+
+        from roberta.hub import RobertaHub
+        from roberta.model import RobertaConfig, RobertaForMaskedLM
+        from roberta.tokenizer import RobertaTokenizer
+
+        torch.manual_seed(0)
+        tokenizer = RobertaTokenizer.from_pretrained(DATA / "roberta-bpe")
+        model = tempfile.mkdtemp(prefix="bench_serve_")
+        RobertaHub(RobertaForMaskedLM(RobertaConfig.base(num_hidden_layers=args.layers)), tokenizer).save(model)
+    flags = ["--threads", str(args.threads), "--precision", args.precision]
+    described = args.model or f"base size, {args.layers} layers, random weights"
+    print(f"CPU: {cpu()}\nload average at the start: {os.getloadavg()}\nmodel: {described}; {args.precision}; "
+          f"{args.threads} threads per server; {len(sentences)} SST-2 dev sentences", flush=True)
+    sides = {"batched": Server(model, *flags), "unbatched": Server(model, *flags, "--max-batch-requests", "1")}
+    try:
+        for url in (s.url for s in sides.values()):  # warm-up
+            asyncio.run(one_pass(url, sentences, 8, 32, 60))
+        results = {}
+        for c in args.concurrency:
+            passes = {side: [] for side in sides}
+            n = max(args.requests, 4 * c)
+            for repeat in range(args.repeats):
+                for side, server in sides.items():
+                    passes[side].append(asyncio.run(one_pass(server.url, sentences, c, n, args.time_limit)))
+                print(f"concurrency {c}, pass {repeat + 1}: " + ", ".join(
+                    f"{side} {p[-1]['requests/s']:.1f} req/s p99 {p[-1]['p99 ms']:.0f} ms" for side, p in passes.items()),
+                    flush=True)
+            results[c] = {side: {k: statistics.median(p[k] for p in ps) for k in ps[0]} for side, ps in passes.items()}
+    finally:
+        codes = [s.stop() for s in sides.values()]
+    rows = []
+    for c, by_side in results.items():
+        b, u = by_side["batched"], by_side["unbatched"]
+        for side, r in by_side.items():
+            rows.append([c, side, r["requests/s"], r["tokens/s"], r["p50 ms"], r["p99 ms"],
+                         f"{b['requests/s'] / u['requests/s']:.2f}x" if side == "batched" else "1",
+                         f"{b['p99 ms'] / u['p99 ms']:.2f}" if side == "batched" else "1"])
+    print(table(["concurrency", "server", "requests/s", "tokens/s", "p50 ms", "p99 ms", "throughput vs unbatched",
+                 "p99 vs unbatched"], rows))
+    print(f"load average at the end: {os.getloadavg()}; servers exited {codes}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a model directory (default: a base-size model with random weights)")
+    parser.add_argument("--layers", type=int, default=12, help="layers of the default model (12: base size)")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--threads", type=int, default=2, help="threads of each server's forward passes")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=64, help="requests per pass (at least 4 x concurrency)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved passes per server and concurrency")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds a pass may take at most")
+    args = parser.parse_args()
+    main()

@@ -1,66 +1,95 @@
-"""Feature extraction, this project against transformers, base size, on natural-length sentences.
+"""Feature extraction, base size: this project against transformers, ONNX Runtime and CTranslate2.
 
-Both models hold the same weights (ours saved with save_pretrained, theirs loaded with from_pretrained),
-run in eval mode on the same token ids with the same thread count. transformers gets each batch of 32
-padded to its longest member, as `tokenizer(batch, padding=True)` gives it. Our rows:
-- "same batches": the same padded batches of 32 through `model(ids, mask)` (padding dropped inside);
-- "bucketed": `inference.extract_features_batched` over the whole set (sorted by length, token budget);
-- "bf16" / "int8": the same, after `inference.reduce_precision`.
-Throughput counts real tokens only, for every row; timings are interleaved passes, median reported.
-Peak memory is each row's own child process (VmHWM), so one model's memory never hides another's.
+Every engine holds the same weights: a base-size model with BERT-initialised random weights (no trained
+checkpoint is available offline) saved by this project's save_pretrained, which transformers reads with
+from_pretrained, CTranslate2 converts with its TransformersConverter (fp32 and int8), and `roberta export
+--onnx` writes as ONNX (then ONNX Runtime's transformer optimizer fuses what it recognises). All rows run
+the same batches of 32 token-id lists from the real tokenizer, with the same thread count:
+- transformers: RobertaModel with SDPA attention, each batch padded to its longest member;
+- onnxruntime: the exported graph, transformer-optimized, fp32, the same padded batches;
+- ct2-fp32 / ct2-int8: `ctranslate2.Encoder.forward_batch` on the id lists (it handles the padding);
+- fp32 / int8 / bf16: this project, `model(ids, mask)` on the padded batch after
+  `inference.reduce_precision`; auto: whatever `--precision auto` picks on this machine (named in the row).
+Throughput counts real tokens; timings are passes interleaved across engines, the median reported.
+Accuracy is per token vector against this project's fp32 (cosine, max abs difference); peak memory is
+each row's own child process (VmHWM), loading included, and what the run adds over the loaded process.
 
-    PYTHONPATH=. python benchmarks/bench_features.py            # base size, 64 sentences, 2 repeats
+    pip install -e '.[bench]'
+    PYTHONPATH=. python benchmarks/bench_features.py --repeats 5     # 128 SST-2 dev sentences
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 
-from common import child_memory, median, natural_sentences, run_child, table
+from common import DATA, child_memory, median, natural_sentences, run_child, table, tsv_column
 
 BATCH = 32
+OURS = ["fp32", "int8", "bf16", "auto"]
+SIDES = ["transformers", "onnxruntime", "ct2-fp32", "ct2-int8", *OURS]
+
+
+def batches(sequences):
+    return [sequences[i:i + BATCH] for i in range(0, len(sequences), BATCH)]
+
+
+def unpad(hidden, batch):
+    return [torch.as_tensor(h[: len(s)]).float() for h, s in zip(hidden, batch)]
 
 
 def load(side: str, path: str):
-    """The model a row runs, in eval mode, and how it turns a list of id lists into feature tensors."""
-    from roberta.inference import extract_features_batched, pad_batch, reduce_precision
+    """The engine a row runs: a function from a list of id lists to one [length, hidden] tensor each."""
+    from roberta.inference import pad_batch, reduce_precision
 
     if side == "transformers":
         import transformers
 
-        model = transformers.RobertaModel.from_pretrained(path, add_pooling_layer=False).eval()
+        model = transformers.RobertaModel.from_pretrained(path, add_pooling_layer=False,
+                                                          attn_implementation="sdpa").eval()
+        return lambda seqs: [f for b in batches(seqs) for f in unpad(
+            model(*pad_batch(b, pad_id=1)).last_hidden_state, b)]
+    if side == "onnxruntime":
+        import onnxruntime
 
-        def run(sequences):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(f"{path}/onnx/optimized.onnx", options,
+                                               providers=["CPUExecutionProvider"])
+
+        def run(seqs):
             out = []
-            for i in range(0, len(sequences), BATCH):
-                ids, mask = pad_batch(sequences[i:i + BATCH], pad_id=1)
-                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-                out += [h[: int(m.sum())] for h, m in zip(hidden, mask)]
+            for b in batches(seqs):
+                ids, mask = pad_batch(b, pad_id=1)
+                hidden, = session.run(["last_hidden_state"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+                out += unpad(hidden, b)
             return out
         return run
+    if side.startswith("ct2-"):
+        import ctranslate2
+
+        kind = {"ct2-fp32": "float32", "ct2-int8": "int8"}[side]
+        encoder = ctranslate2.Encoder(f"{path}/{side}", device="cpu", compute_type=kind,
+                                      intra_threads=args.threads, inter_threads=1)
+        return lambda seqs: [f for b in batches(seqs) for f in unpad(
+            np.asarray(encoder.forward_batch(b).last_hidden_state), b)]
 
     from roberta import RobertaModel
 
-    mode, batching = side.split("-")
-    model = reduce_precision(RobertaModel.from_pretrained(path).eval(), mode)
-    if batching == "bucketed":
-        return lambda sequences: extract_features_batched(model, sequences, batch_tokens=args.batch_tokens)
+    model = reduce_precision(RobertaModel.from_pretrained(path).eval(), side)
 
-    def run(sequences):
+    def run(seqs):
         out = []
-        for i in range(0, len(sequences), BATCH):
-            ids, mask = pad_batch(sequences[i:i + BATCH], pad_id=1)
-            hidden = model(ids, mask).last_hidden_state.float()
-            out += [h[: int(m.sum())] for h, m in zip(hidden, mask)]
+        for b in batches(seqs):
+            out += unpad(model(*pad_batch(b, pad_id=1)).last_hidden_state, b)
         return out
     return run
-
-
-SIDES = ["transformers", "fp32-same", "fp32-bucketed", "bf16-same", "bf16-bucketed", "int8-same"]
 
 
 def child(side: str, path: str, ids_file: str) -> None:
@@ -72,26 +101,51 @@ def child(side: str, path: str, ids_file: str) -> None:
         child_memory(lambda: load(side, path), lambda run: run(sequences))
 
 
-def main() -> None:
+def prepare(tmp: str, tokenizer) -> str:
+    """Random base-size weights in every engine's format; returns the fusion report of ORT's optimizer."""
+    import ctranslate2
+    from onnxruntime.transformers.optimizer import optimize_model
+
     from roberta import RobertaConfig, RobertaModel
+    from roberta.export import export_onnx
+
+    config = RobertaConfig.base(num_hidden_layers=args.layers)
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(tmp, tokenizer=tokenizer)
+    for side, kind in (("ct2-fp32", None), ("ct2-int8", "int8")):
+        ctranslate2.converters.TransformersConverter(tmp).convert(f"{tmp}/{side}", quantization=kind)
+    export_onnx(tmp, f"{tmp}/onnx")
+    optimized = optimize_model(f"{tmp}/onnx/model.onnx", model_type="bert", num_heads=config.num_attention_heads,
+                               hidden_size=config.hidden_size)
+    optimized.save_model_to_file(f"{tmp}/onnx/optimized.onnx")
+    return json.dumps({k: v for k, v in optimized.get_fused_operator_statistics().items() if v})
+
+
+def main() -> None:
+    from roberta.inference import BF16_FLAGS, INT8_FLAGS, cpu_flags, cpu_name, resolve_precision
     from roberta.tokenizer import RobertaTokenizer
-    from common import DATA
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer = RobertaTokenizer.from_pretrained(DATA / "roberta-bpe")
-    sequences = tokenizer.encode_batch(natural_sentences(args.sentences), max_length=args.max_length)
+    if args.inputs == "sst2":
+        texts = tsv_column(DATA / "glue" / "SST-2" / "dev.tsv", "sentence")[: args.sentences]
+    else:
+        texts = natural_sentences(args.sentences)
+    sequences = tokenizer.encode_batch(texts, max_length=args.max_length)
     real = sum(map(len, sequences))
-    padded = sum(len(sequences[i:i + BATCH]) * max(map(len, sequences[i:i + BATCH]))
-                 for i in range(0, len(sequences), BATCH))
+    padded = sum(len(b) * max(map(len, b)) for b in batches(sequences))
+    auto, why = resolve_precision("auto", "cpu")
+    flags = sorted(cpu_flags().intersection(BF16_FLAGS + INT8_FLAGS + ("avx512f", "avx2", "amx_int8")))
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; flags: {' '.join(flags)}; auto -> {auto} ({why})")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{len(sequences)} {args.inputs} sentences, {real} real tokens, {padded} once padded in batches of "
+          f"{BATCH}; {args.layers} layers, {args.threads} threads", flush=True)
+
     tmp = tempfile.mkdtemp(prefix="bench_features_")
-    config = RobertaConfig.base(num_hidden_layers=args.layers)
-    RobertaModel(config, add_pooling_layer=False).save_pretrained(tmp)
+    print("ONNX Runtime optimizer fused:", prepare(tmp, tokenizer), flush=True)
     ids_file = f"{tmp}/ids.json"
     with open(ids_file, "w") as f:
         json.dump(sequences, f)
-    print(f"{len(sequences)} sentences, {real} real tokens, {padded} once padded in batches of {BATCH}; "
-          f"(truncated at {args.max_length}); {args.layers} layers, {args.threads} threads", flush=True)
 
     runs = {side: load(side, tmp) for side in SIDES}
     seconds = {side: [] for side in SIDES}
@@ -106,32 +160,40 @@ def main() -> None:
                 seconds[side].append(time.perf_counter() - t)
             print(f"repeat {repeat + 1}/{args.repeats}: " +
                   ", ".join(f"{s} {real / seconds[s][-1]:.0f}" for s in SIDES), flush=True)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
-    reference = outputs["transformers"]
-    reference_fp32 = outputs["fp32-same"]
-    memory = {side: run_child(__file__, side, tmp, ids_file, "--threads", str(args.threads),
-                             "--batch-tokens", str(args.batch_tokens)) for side in SIDES}
-    base_speed = real / median(seconds["transformers"])
+    memory = {side: run_child(__file__, side, tmp, ids_file, "--threads", str(args.threads))
+              for side in SIDES} if not args.no_memory else {}
+    reference = torch.cat(outputs["fp32"]).double()
+    speed = {side: real / median(seconds[side]) for side in SIDES}
     rows = []
     for side in SIDES:
         a = torch.cat(outputs[side]).double()
-        diff = (a - torch.cat(reference).double()).abs().max().item()
-        cos = torch.nn.functional.cosine_similarity(a, torch.cat(reference_fp32).double(), dim=-1)
-        speed = real / median(seconds[side])
-        rows.append([side, speed, speed / base_speed, memory[side]["peak_mib"], memory[side]["run_added_mib"],
-                     diff, f"{cos.min().item():.6f}", f"{cos.mean().item():.6f}"])
-    print(table(["row", "tokens/s", "x transformers", "peak RSS MiB (load + run)", "MiB added by the run",
-                 "max abs diff vs transformers", "min cosine vs fp32", "mean cosine vs fp32"], rows))
+        cos = torch.nn.functional.cosine_similarity(a, reference, dim=-1)
+        mem = memory.get(side, {"peak_mib": float("nan"), "run_added_mib": float("nan")})
+        name = f"auto (= {auto})" if side == "auto" else side
+        rows.append([name, speed[side], speed[side] / speed["transformers"], speed[side] / speed["ct2-fp32"],
+                     speed[side] / speed["ct2-int8"], mem["peak_mib"], mem["run_added_mib"],
+                     (a - reference).abs().max().item(), f"{cos.min().item():.6f}", f"{cos.mean().item():.6f}"])
+    print(table(["row", "tokens/s", "x transformers", "x ct2-fp32", "x ct2-int8", "peak RSS MiB (load + run)",
+                 "MiB added by the run", "max abs diff vs our fp32", "min cosine vs fp32", "mean cosine vs fp32"],
+                rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"seconds": seconds, "real_tokens": real, "padded_tokens": padded, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sentences", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=128, help="truncate longer inputs (corpus lines)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--inputs", choices=["sst2", "natural"], default="sst2",
+                        help="sst2: the first SST-2 dev sentences (default); natural: SST-2, RTE and WikiText-2 mixed")
+    parser.add_argument("--sentences", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=128, help="truncate longer inputs")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12, help="12 is base size; fewer for a quick try")
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="token budget of a bucketed batch")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-row child processes")
+    parser.add_argument("--json", help="also write the timings and the table here")
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "MODEL", "IDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     child(*args.child) if args.child else main()

@@ -202,9 +202,9 @@ def _compress(args) -> int:
 
 
 def _add_hub_commands(sub) -> None:
-    def command(name, func, help, text="TEXT", weights=True, json=True):
+    def command(name, func, help, text="TEXT", weights=True, json=True, model_required=True):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("-m", "--model", required=True, help="a name (roberta.base, roberta.large, roberta.large.mnli, "
+        p.add_argument("-m", "--model", required=model_required, help="a name (roberta.base, roberta.large, roberta.large.mnli, "
                        "FacebookAI/roberta-base, FacebookAI/roberta-large) or a path")
         if json:
             p.add_argument("--json", action="store_true", help="print JSON, one value per input")
@@ -212,9 +212,10 @@ def _add_hub_commands(sub) -> None:
         p.add_argument("--cache-dir", help="where named models live (default $ROBERTA_CACHE or ~/.cache/roberta)")
         if weights:
             p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-            p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
-                           help="fp32 (exact, default), bf16 (several times faster on CPUs with AMX/AVX-512 "
-                           "BF16 and on GPUs), int8 (dynamic quantisation, CPU); see benchmarks/RESULTS.md")
+            p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                           help="auto (default: bf16 where the CPU/GPU has bf16 units, int8 on CPUs with VNNI "
+                           "only, else fp32; `roberta info --device` shows the choice), fp32 (exact), bf16, "
+                           "int8 (CPU); see benchmarks/RESULTS.md")
         if text:
             p.add_argument("text", nargs="*", metavar=text, help="inputs (default: one per line of stdin)")
         p.set_defaults(func=func)
@@ -234,14 +235,22 @@ def _add_hub_commands(sub) -> None:
     p = command("predict", _predict, "classify each input (a TAB separates a sentence pair) with a head")
     p.add_argument("--head", required=True, help="classification head name, e.g. mnli (see `roberta info`)")
     p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
+    p = sub.add_parser("export", help="write the encoder and its classification heads as ONNX (dynamic batch and length)")
+    p.add_argument("-m", "--model", required=True, help="a name or a path, as for the other commands")
+    p.add_argument("--onnx", required=True, metavar="DIR", help="new directory for model.onnx, onnx.json and the tokenizer")
+    p.add_argument("--offline", action="store_const", const=True, help="never download (also ROBERTA_OFFLINE=1)")
+    p.add_argument("--cache-dir", help="where named models live (default $ROBERTA_CACHE or ~/.cache/roberta)")
+    p.set_defaults(func=_export)
     p = sub.add_parser("download", help="download named models into the cache (no NAME: list them)")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--cache-dir", help="default $ROBERTA_CACHE or ~/.cache/roberta")
     p.add_argument("--base-url", help="mirror to download from instead of the official hosts (default: $ROBERTA_BASE_URL, else the official hosts)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_download)
-    command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
-            text=None, weights=False)
+    p = command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
+                text=None, weights=False, model_required=False)
+    p.add_argument("--device", nargs="?", const="auto", metavar="DEVICE", dest="show_device",
+                   help="also show the device and the precision `auto` picks there, and why (-m optional)")
     p = command("serve", _serve, "serve the model over HTTP (embed, predict, fill-mask, ...) with dynamic batching",
                 text=None, json=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
@@ -285,11 +294,11 @@ def _print(args, value, text: str) -> None:
 def _load(args):
     from .device import resolve_device
     from .hub import load
-    from .inference import reduce_precision
 
     device = resolve_device(args.device)
-    hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline)
-    reduce_precision(hub.model, args.precision)
+    hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline, precision=args.precision)
+    if sys.stderr.isatty():  # for people at a terminal; programs get one line on stderr only for errors
+        print(f"running on {device} in {hub.precision} ({hub.precision_reason})", file=sys.stderr)
     return hub
 
 
@@ -344,6 +353,12 @@ def _predict(args):
                    f"{label}\t{' '.join(f'{p:.4f}' for p in row)}\t{text}")
 
 
+def _export(args):
+    from .export import export_onnx
+
+    print(f"wrote {export_onnx(args.model, args.onnx, cache_dir=args.cache_dir, offline=args.offline)}")
+
+
 def _download(args):
     from . import download
 
@@ -360,6 +375,12 @@ def _download(args):
 def _info(args):
     from .hub import describe
 
+    if args.show_device:
+        _device_info(args)
+    if not args.model:
+        if not args.show_device:
+            raise RobertaError("info needs -m MODEL (or --device to describe this machine)")
+        return
     info = describe(args.model, cache_dir=args.cache_dir, offline=args.offline)
     c = info["config"]
     heads = ", ".join(f"{name} ({n} classes)" for name, n in info["heads"].items()) or "none"
@@ -371,6 +392,23 @@ def _info(args):
         f"parameters  {info['parameters']:,}",
         f"dtype       {info['dtype']}",
         f"size        {info['size_bytes'] / 2**20:.1f} MiB"]))
+
+def _device_info(args):
+    import torch
+
+    from .device import resolve_device
+    from .inference import BF16_FLAGS, INT8_FLAGS, cpu_flags, cpu_name, resolve_precision
+
+    device = resolve_device(args.show_device)
+    precision, why = resolve_precision("auto", device)
+    flags = sorted(cpu_flags().intersection(BF16_FLAGS + INT8_FLAGS + ("avx512f", "avx2", "amx_int8")))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    info = {"device": str(device), "cpu": cpu_name(), "cpu_flags": flags, "gpu": gpu,
+            "precision": precision, "reason": why}
+    _print(args, info, "\n".join([f"device      {device}" + (f" ({gpu})" if gpu else ""),
+                                   f"cpu         {info['cpu']}; {' '.join(flags) or 'no AVX2/AVX-512'}",
+                                   f"precision   auto -> {precision} ({why})"]))
+
 
 def _serve(args):
     import os
@@ -389,8 +427,8 @@ def _serve(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    serve(_load(args), sock, settings, model_name=str(args.model), precision=args.precision,
-          access_log=args.access_log)
+    hub = _load(args)
+    serve(hub, sock, settings, model_name=str(args.model), precision=hub.precision, access_log=args.access_log)
 
 
 def _task_args(p: argparse.ArgumentParser) -> None:

@@ -51,7 +51,17 @@ class RobertaHub(nn.Module):
                                f"{model.config.vocab_size}; load the tokenizer files that belong to this model")
         self.model = model
         self.tokenizer = tokenizer
+        self.precision, self.precision_reason = "fp32", "as loaded"  # `load` may reduce it
         self.train(model.training)  # the hub is in the mode its model is in
+
+    def train(self, mode: bool = True) -> "RobertaHub":
+        if mode and self.precision != "fp32":
+            raise RobertaError(self._fp32_only("fine-tune"))
+        return super().train(mode)
+
+    def _fp32_only(self, what: str) -> str:
+        return (f"this model was loaded in {self.precision} for inference; to {what} it, load it with "
+                "roberta.load(..., precision='fp32')")
 
     @property
     def device(self) -> torch.device:
@@ -153,6 +163,8 @@ class RobertaHub(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the model (config.json + model.safetensors, heads included) and tokenizer files."""
+        if self.precision != "fp32":
+            raise RobertaError(self._fp32_only("save"))
         self.model.save_pretrained(directory, tokenizer=self.tokenizer)
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -279,15 +291,26 @@ def resolve(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | Non
 
 
 def load(name_or_path: str | os.PathLike, device: str | torch.device | None = None, cache_dir=None,
-         offline: bool | None = None, base_url: str | None = None, progress: bool = True) -> RobertaHub:
+         offline: bool | None = None, base_url: str | None = None, progress: bool = True,
+         precision: str = "auto") -> RobertaHub:
     """Load a RoBERTa by name (`roberta.base`, `roberta.large`, `roberta.large.mnli`,
     `FacebookAI/roberta-base`, `FacebookAI/roberta-large`) or path: a fairseq directory or .tar.gz
-    (model.pt + dict.txt), a Hugging Face directory, or a directory `save` wrote. In eval mode."""
+    (model.pt + dict.txt), a Hugging Face directory, or a directory `save` wrote. In eval mode.
+
+    `precision`: "auto" (default) runs in what this machine does fastest (bf16 where the CPU or GPU has
+    bf16 units, int8 on CPUs with VNNI only, else fp32; see `roberta.inference`); `hub.precision` says
+    which. "fp32" gives the exact published numbers, and is what fine-tuning and saving need.
+    """
+    from .inference import reduce_precision, resolve_precision
+
     with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
         model = RobertaForMaskedLM.from_pretrained(directory)
         tokenizer = _tokenizer(directory, cache_dir, offline, base_url, progress)
     hub = RobertaHub(model, tokenizer).eval()
-    return hub.to(device) if device is not None else hub
+    hub = hub.to(device) if device is not None else hub
+    hub.precision, hub.precision_reason = resolve_precision(precision, hub.device)
+    reduce_precision(hub.model, hub.precision)
+    return hub
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,

@@ -1,45 +1,172 @@
-"""Fast inference over many inputs: length bucketing, padding-free batches, reduced precision.
+"""Fast inference over many inputs: length bucketing, padding-free batches, the precision to run in.
 
 A batch padded to its longest member wastes work on every pad; the encoder already drops padding before
 its dense layers (`model.Unpadded`), and sorting inputs by length makes the remaining waste (attention
 on the re-padded batch) vanish too, since neighbours in sorted order have nearly equal lengths. Results
 come back in the caller's order and equal the one-at-a-time results (float32: within float rounding).
 
-Reduced precision is opt-in and changes numbers, by an amount `benchmarks/bench_features.py` measures:
+Precision (`--precision`, `roberta.load(precision=...)`), measured by `benchmarks/bench_features.py`:
+- "fp32": exact.
 - "bf16": weights and activations in bfloat16 (LayerNorm, softmax and GELU accumulate in float32 inside
-  PyTorch's kernels). On CPUs with AMX or AVX-512 BF16, and on GPUs, matmuls run several times faster.
-- "int8": dynamic quantisation of the Linear layers (int8 weights, activations quantised per batch).
+  PyTorch's kernels). Several times faster where the hardware has bf16 units (AMX or AVX-512 BF16 on
+  x86 CPUs, bf16-capable GPUs); on other CPUs PyTorch emulates it and it is *slower* than fp32.
+- "int8": the encoder's Linear layers with int8 weights (one scale per output row) and activations
+  quantised to int8 per token at run time (one scale per row), integer matmuls through oneDNN
+  (VNNI/AMX), bias and scales applied in float32: CTranslate2's int8 scheme. CPU only.
+- "auto" (the default for inference): what this machine runs fastest without a trap, from what the CPU
+  or GPU has (`choose_precision`): bf16 where there are bf16 units, int8 on CPUs with AVX-512 VNNI and
+  no bf16 units, fp32 otherwise. Never one that is emulated.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from .errors import RobertaError
+from .model import Unpadded
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names of x86 bf16 units
+INT8_FLAGS = ("avx512_vnni",)  # int8 dot products the benchmark measured int8 faster than fp32 on
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (/proc/cpuinfo); elsewhere what PyTorch detected."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    return frozenset({"AVX512": {"avx512f"}, "AVX2": {"avx2"}}.get(capability, set()))
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as figures are recorded beside it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def choose_precision(device_type: str, flags: Iterable[str] = (), gpu_bf16: bool = False) -> tuple[str, str]:
+    """What "auto" means on a device: (precision, the reason in words).
+
+    `flags`: the CPU's feature flags (`cpu_flags()`); `gpu_bf16`: whether the GPU has bf16 units.
+    """
+    if device_type == "cuda":
+        if gpu_bf16:
+            return "bf16", "the GPU has bf16 units"
+        return "fp32", "the GPU has no bf16 units (int8 runs on CPUs only)"
+    flags = set(flags)
+    if flags.intersection(BF16_FLAGS):
+        return "bf16", f"the CPU has bf16 units ({', '.join(sorted(flags.intersection(BF16_FLAGS)))})"
+    if flags.intersection(INT8_FLAGS) and int8_kernels_available():
+        return "int8", "the CPU has AVX-512 VNNI int8 dot products but no bf16 units"
+    return "fp32", "the CPU has neither bf16 units nor AVX-512 VNNI"
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu",
+                      flags: Iterable[str] | None = None) -> tuple[str, str]:
+    """A user's precision for a device: (precision, why). "auto" is decided here; an explicit bf16 on
+    a CPU without bf16 units is kept, with a warning that it is emulated there and slower than fp32.
+    `flags`: the CPU's feature flags, this machine's (`cpu_flags()`) by default."""
+    if precision not in PRECISIONS:
+        raise RobertaError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    if precision == "auto":
+        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return choose_precision(device.type, flags if device.type == "cpu" else (), gpu_bf16)
+    if precision == "int8" and device.type != "cpu":
+        raise RobertaError("int8 runs on CPU only; use --device cpu, or bf16/fp32 on the GPU")
+    if precision == "bf16" and device.type == "cpu" and not flags.intersection(BF16_FLAGS):
+        warnings.warn("bf16 asked for, but this CPU has no bf16 units (AMX or AVX-512 BF16): PyTorch emulates "
+                      "it, several times slower than fp32; use --precision auto or fp32", stacklevel=2)
+    return precision, "asked for"
 
 
 def reduce_precision(model: nn.Module, precision: str) -> nn.Module:
-    """Convert `model` in place for inference in "fp32" (unchanged), "bf16" or "int8"; returns it."""
-    if precision not in PRECISIONS:
-        raise RobertaError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    """Convert `model` in place for inference in "fp32" (unchanged), "bf16", "int8" or "auto" (decided
+    by `resolve_precision` for the model's device); returns it, in eval mode."""
+    device = next(model.parameters()).device
+    precision, _ = resolve_precision(precision, device)
     model.eval()
     if precision == "bf16":
         return model.to(torch.bfloat16)
     if precision == "int8":
-        if next(model.parameters()).device.type != "cpu":
-            raise RobertaError("int8 dynamic quantisation runs on CPU only; move the model with .cpu() first")
-        from torch.ao.quantization import quantize_dynamic
-
-        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, not yet gone
-            warnings.simplefilter("ignore")
-            return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        if not int8_kernels_available():
+            raise RobertaError("int8 needs PyTorch's oneDNN (mkldnn) kernels, which this build lacks; use fp32")
+        for layer in model.encoder_model.encoder.layer:
+            attention = layer.attention.self
+            attention.qkv = Int8Linear(*attention.fused_qkv())
+            del attention.query, attention.key, attention.value
+            for parent in (layer.attention.output, layer.intermediate, layer.output):
+                parent.dense = Int8Linear(parent.dense.weight, parent.dense.bias)
     return model
+
+
+def int8_kernels_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row, stored with an offset of 128 as uint8 (the u8 x s8 form VNNI and AMX
+    multiply natively): (q [N, K] uint8, m [N, 1] float32) with x ~ (q - 128) * m / 127, m the largest
+    magnitude in the row (the 1/127 is left to the caller, which folds it into other scales).
+
+    Two passes over x after its row maxima: x * 127 / m + 128.5 lies in [1.5, 255.5], so truncating
+    it to uint8 rounds to the nearest integer (halves up) and adds the offset at once.
+    """
+    m = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)
+    return torch.addcmul(torch.tensor(128.5), x, torch.div(127.0, m)).to(torch.uint8), m
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W int8 (a scale per output row) and x quantised per token at run time.
+
+    The integer matmul accumulates exactly in int32; the result is scaled back per row and per column
+    and the float32 bias added. oneDNN's prepacked kernel (`onednn.qlinear_pointwise`, VNNI or AMX) does
+    the matmul and the weight scales; `forward_reference` is the same arithmetic in plain PyTorch, which
+    the tests hold the kernel to.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        q, m = quantize_rows(weight.detach().float())
+        self.register_buffer("weight", (q.int() - 128).to(torch.int8))
+        # W ~ weight * m / 127 and x ~ (q - 128) * m_x / 127: both 1/127s go into the weight's scales
+        self.register_buffer("weight_scale", m.squeeze(1) / (127 * 127))
+        self.register_buffer("bias", bias.detach().float().clone())
+        self.out_features, self.in_features = q.shape
+        self.packed = torch.ops.onednn.qlinear_prepack(self.weight, None)  # reordered once for oneDNN
+        self._zeros = torch.zeros(self.out_features, dtype=torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, m = quantize_rows(x.reshape(-1, self.in_features).float())
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.packed, self.weight_scale, self._zeros, None,
+                                                 1.0, 0, torch.float32, "none", [], "")
+        return torch.addcmul(self.bias, y, m).view(*x.shape[:-1], self.out_features)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        q, m = quantize_rows(x.reshape(-1, self.in_features).float())
+        y = ((q.int() - 128) @ self.weight.int().t()).float() * self.weight_scale  # exact int32 sums
+        return (y * m + self.bias).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel x per-token"
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -89,8 +216,9 @@ def extract_features_batched(model: nn.Module, sequences: Sequence[Sequence[int]
     features: list[torch.Tensor | None] = [None] * len(sequences)
     batches = length_batches(lengths, batch_tokens)
     for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
-        ids, mask = pad_batch([sequences[i] for i in batch], encoder.config.pad_token_id, device)
-        x, _ = encoder.forward_unpadded(ids, mask)  # [real tokens, H], sequence after sequence
+        ids, mask = pad_batch([sequences[i] for i in batch], encoder.config.pad_token_id)
+        layout = Unpadded(mask, device)  # on the host, so the forward pass never waits on the device
+        x, _ = encoder.forward_unpadded(ids.to(device, non_blocking=True), layout=layout)  # [real tokens, H]
         for i, f in zip(batch, x.float().split([lengths[i] for i in batch])):
             features[i] = f
     return features  # type: ignore[return-value]

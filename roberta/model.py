@@ -12,8 +12,10 @@ Two details make RoBERTa differ from BERT in ways that change numbers:
 - there is no next-sentence task and no pooler in the published MLM and classification models.
 
 Speed without changing results: padded positions are dropped before every dense layer (they are gathered
-into one [tokens, hidden] matrix), attention runs through PyTorch's scaled_dot_product_attention on the
-re-padded batch, and the masked-LM head is computed only where a loss is needed.
+into one [tokens, hidden] matrix, `Unpadded`), attention runs through PyTorch's scaled_dot_product_attention
+on groups of similar length (on a GPU in half precision: variable-length flash attention on the packed
+tokens), and the masked-LM head is computed only where a loss is needed. `Padded` is the plain layout the
+fast one is tested against, and what the ONNX export traces.
 """
 from __future__ import annotations
 
@@ -257,21 +259,44 @@ class ModelOutput:
 # Padding: the encoder works on the real tokens only
 
 
+try:  # torch.nn.attention.varlen: packed sequences with cumulative lengths, no re-padding (CUDA only)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # older PyTorch
+    _varlen_attn = None
+
+
+def varlen_attention_available(qkv: torch.Tensor) -> bool:
+    """PyTorch's variable-length flash attention (CUDA, half precision) can take packed sequences."""
+    return qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None
+
+
 class Unpadded:
     """Where the real tokens of a padded [B, T] batch are, to move between [B, T, H] and [N, H].
 
     Dense layers and LayerNorm treat tokens independently, so they run on the N real tokens only.
-    Attention needs whole sequences: `attend` gathers them into sub-batches of similar length
-    (`groups`), so a batch mixing 10- and 500-token inputs does not pay 500-token attention for all.
+    Attention needs whole sequences: on a GPU in half precision it runs on the packed tokens with
+    PyTorch's variable-length flash attention (`cu_seqlens`, `max_length`); elsewhere `attend` gathers
+    them into sub-batches of similar length (`groups`), so a batch mixing 10- and 500-token inputs does
+    not pay 500-token attention for all.
+
+    Everything here is computed on the host from a CPU copy of the mask, then moved to `device`: built
+    when the batch is built (`inference.extract_features_batched` does), the forward pass never waits
+    for the GPU to answer a question about shapes. (Given a mask on the GPU, it costs one copy here.)
     """
 
-    def __init__(self, attention_mask: torch.Tensor):
-        self.batch, self.length = attention_mask.shape
-        self.mask = attention_mask.bool()
-        self.has_padding = not bool(self.mask.all())
-        self.index = self.mask.flatten().nonzero().squeeze(1) if self.has_padding else None
+    def __init__(self, attention_mask: torch.Tensor, device: torch.device | str | None = None):
+        host = attention_mask.detach().to("cpu").bool()
+        device = attention_mask.device if device is None else torch.device(device)
+        self.batch, self.length = host.shape
+        self.mask = attention_mask.to(device, non_blocking=True).bool()
+        self.has_padding = not bool(host.all())
+        lengths = host.sum(1)
+        self.max_length = int(lengths.max()) if self.batch else 0
+        self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(device, torch.int32, non_blocking=True)
+        self.index = None
         if self.has_padding:
-            self.groups, self.restore = self._length_groups()
+            self.index = host.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+            self.groups, self.restore = self._length_groups(lengths, device)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(self.batch * self.length, *x.shape[2:])
@@ -283,13 +308,12 @@ class Unpadded:
             x = out.index_copy(0, self.index, x)
         return x.view(self.batch, self.length, *x.shape[1:])
 
-    def _length_groups(self):
+    def _length_groups(self, lengths: torch.Tensor, device):
         """Sub-batches of sequences sorted by length: (gather [b * T] rows, b, T, mask or None, keep [n]).
 
         A group's longest sequence is at most 1.5 times its shortest plus 16 tokens: padding inside a
         group wastes attention work, and each group costs a few extra operations.
         """
-        lengths = self.mask.sum(1)
         starts = lengths.cumsum(0) - lengths  # row of each sequence's first token in [N, H]
         sizes = lengths.tolist()
         order = [i for i in sorted(range(self.batch), key=sizes.__getitem__) if sizes[i] > 0]
@@ -300,34 +324,59 @@ class Unpadded:
             else:
                 members.append([i])
         groups, placed = [], []
+        move = lambda t: t.to(device, non_blocking=True)
         for seqs in members:
             T = sizes[seqs[-1]]
-            seqs = torch.tensor(seqs, device=self.mask.device)
-            positions = torch.arange(T, device=self.mask.device)
+            seqs = torch.tensor(seqs)
+            positions = torch.arange(T)
             real = positions < lengths[seqs, None]  # [b, T]
             # padded slots read row 0: a finite value the mask hides from every query
             gather = torch.where(real, starts[seqs, None] + positions, 0).flatten()
-            mask = None if bool(real.all()) else real[:, None, None, :]
+            mask = None if bool(real.all()) else move(real[:, None, None, :])
             keep = real.flatten().nonzero().squeeze(1)
-            groups.append((gather, len(seqs), T, mask, keep))
+            groups.append((move(gather), len(seqs), T, mask, move(keep)))
             placed.append(gather.index_select(0, keep))
         placed = torch.cat(placed)
         restore = torch.empty_like(placed)
-        restore[placed] = torch.arange(len(placed), device=placed.device)
-        return groups, restore
+        restore[placed] = torch.arange(len(placed))
+        return groups, move(restore)
 
-    def attend(self, qkv: torch.Tensor, attention) -> torch.Tensor:
-        """`attention(qkv [b, T, 3 * inner], mask [b, 1, 1, T] or None) -> [b, T, inner]` over every
-        sequence; `qkv` and the result are [N, ...] real tokens."""
+    def attend(self, qkv: torch.Tensor, attention: "RobertaSelfAttention") -> torch.Tensor:
+        """Self-attention of every sequence; `qkv` [N, 3 * inner] and the result [N, inner] are real tokens."""
+        if varlen_attention_available(qkv) and not (attention.training and attention.dropout_p > 0):
+            return attention.packed(qkv, self.cu_seqlens, self.max_length)
         if not self.has_padding:
-            y = attention(qkv.view(self.batch, self.length, -1), None)
+            y = attention.attention(qkv.view(self.batch, self.length, -1), None)
             return y.reshape(self.batch * self.length, -1)
         outputs = []
         for gather, b, T, mask, keep in self.groups:
-            y = attention(qkv.index_select(0, gather).view(b, T, -1), mask)
+            y = attention.attention(qkv.index_select(0, gather).view(b, T, -1), mask)
             outputs.append(y.reshape(-1, y.shape[-1]).index_select(0, keep))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return y.index_select(0, self.restore)
+
+
+class Padded:
+    """The plain layout: every position of the [B, T] batch, attention masked at padded keys.
+
+    It is what `export --onnx` traces (no shapes that depend on the data) and the reference the tests
+    hold the padding-free path to. Outputs at padded positions are zeros, as `Unpadded` gives them.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.batch, self.length = attention_mask.shape
+        self.mask = attention_mask.bool()
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.batch * self.length, *x.shape[2:])
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(self.batch, self.length, *x.shape[1:])
+        return torch.where(self.mask.view(self.batch, self.length, *[1] * (x.dim() - 2)), x, 0.0)
+
+    def attend(self, qkv: torch.Tensor, attention: "RobertaSelfAttention") -> torch.Tensor:
+        y = attention.attention(qkv.view(self.batch, self.length, -1), self.mask[:, None, None, :])
+        return y.reshape(self.batch * self.length, -1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -424,14 +473,22 @@ class RobertaSelfAttention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """q, k and v side by side, [N, 3 * inner]: one matmul on the concatenated weights."""
-        if not isinstance(self.query, nn.Linear):  # int8-quantised layers (inference.py) hold no float weight
-            return torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
-        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        return F.linear(x, w, b)
+        if "qkv" in self._modules:  # int8 models (inference.py) hold one quantised projection instead
+            return self.qkv(x)
+        return F.linear(x, *self.fused_qkv())
 
-    def forward(self, x: torch.Tensor, pad: Unpadded) -> torch.Tensor:
-        return pad.attend(self.project_qkv(x), self.attention)  # x: [N, H] real tokens
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The [3 * inner, H] weight and [3 * inner] bias of q, k and v together.
+
+        Made on every call (a copy of 3 H^2 weights per layer, small beside the matmul itself): a copy
+        kept between calls would go stale when an optimizer updates the weights in place without a
+        trace (fused AdamW does not even bump the version counters). int8 models fuse them once.
+        """
+        return (torch.cat([self.query.weight, self.key.weight, self.value.weight]),
+                torch.cat([self.query.bias, self.key.bias, self.value.bias]))
+
+    def forward(self, x: torch.Tensor, layout: "Unpadded | Padded") -> torch.Tensor:
+        return layout.attend(self.project_qkv(x), self)  # x: [N, H] real tokens
 
     def attention(self, qkv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """qkv: [B, T, 3 * inner] -> [B, T, inner]; mask [B, 1, 1, T] is True for real keys."""
@@ -447,6 +504,12 @@ class RobertaSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                dropout_p=self.dropout_p if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+
+    def packed(self, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_length: int) -> torch.Tensor:
+        """qkv: [N, 3 * inner] of sequences laid end to end (cu_seqlens [B + 1]) -> [N, inner]."""
+        q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # each [N, h, d]
+        y = _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length)
+        return y.reshape(-1, self.num_heads * self.head_dim)
 
 
 class RobertaSelfOutput(nn.Module):
@@ -466,8 +529,8 @@ class RobertaAttention(nn.Module):
         self.self = RobertaSelfAttention(config)
         self.output = RobertaSelfOutput(config, config.hidden_size)
 
-    def forward(self, x, pad):
-        return self.output(self.self(x, pad), x)
+    def forward(self, x, layout):
+        return self.output(self.self(x, layout), x)
 
     def prune_heads(self, heads: Iterable[int]) -> None:
         """Remove attention heads (by index among those still present) from q, k, v and the output."""
@@ -523,8 +586,8 @@ class RobertaLayer(nn.Module):
         self.intermediate = RobertaIntermediate(config)
         self.output = RobertaOutput(config)
 
-    def forward(self, x, pad):
-        x = self.attention(x, pad)
+    def forward(self, x, layout):
+        x = self.attention(x, layout)
         return self.output(self.intermediate(x), x)
 
 
@@ -534,13 +597,13 @@ class RobertaEncoder(nn.Module):
         self.layer = nn.ModuleList(RobertaLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x, pad, output_hidden_states=False):
+    def forward(self, x, layout, output_hidden_states=False):
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, pad, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, layout, use_reentrant=False)
             else:
-                x = layer(x, pad)
+                x = layer(x, layout)
             if output_hidden_states:
                 hidden_states.append(x)
         return x, hidden_states
@@ -691,6 +754,7 @@ class RobertaModel(RobertaPreTrainedModel):
         self.embeddings = RobertaEmbeddings(config)
         self.encoder = RobertaEncoder(config)
         self.pooler = RobertaPooler(config) if add_pooling_layer else None
+        self.padding_free = True  # see layout()
         self.post_init()
 
     def check_inputs(self, input_ids: torch.Tensor) -> None:
@@ -703,7 +767,10 @@ class RobertaModel(RobertaPreTrainedModel):
             raise RobertaError(
                 f"input has {n} tokens but this model takes at most {self.config.max_tokens}; "
                 "truncate the input or split it into several")
-        if input_ids.numel():
+        # Token ids are checked where reading them costs nothing: on the CPU, outside tracing. On a GPU
+        # this would stall the forward pass until the ids arrive; an id out of range fails there in the
+        # embedding lookup instead (the hub and the inference helpers check ids on the host).
+        if input_ids.numel() and input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
@@ -711,28 +778,34 @@ class RobertaModel(RobertaPreTrainedModel):
                     f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size}; "
                     "use the tokenizer that belongs to this model")
 
+    def layout(self, attention_mask: torch.Tensor) -> "Unpadded | Padded":
+        """How the encoder lays out this batch: padding-free (`Unpadded`), or every position (`Padded`)
+        when `padding_free` is off, as the ONNX export and the reference tests have it."""
+        return Unpadded(attention_mask) if self.padding_free else Padded(attention_mask)
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None,
-                output_hidden_states=False) -> ModelOutput:
+                output_hidden_states=False, layout: "Unpadded | None" = None) -> ModelOutput:
         """attention_mask: 1 for tokens, 0 for padding; by default every non-pad token (fairseq's rule).
+        layout: an `Unpadded` made from the mask when the batch was built (on the host), so that
+        the forward pass has nothing to ask the device; by default it is made here.
 
         Outputs at padded positions are zeros (they are never computed).
         """
         self.check_inputs(input_ids)
-        attention_mask = self._mask(input_ids, attention_mask)
-        pad = Unpadded(attention_mask)
-        x = pad.unpad(self.embeddings(input_ids, position_ids, token_type_ids))
-        x, hidden = self.encoder(x, pad, output_hidden_states)
-        last = pad.pad(x)
-        hidden_states = tuple(pad.pad(h) for h in hidden) if hidden is not None else None
-        pooled = self.pooler(first_token(last, attention_mask)) if self.pooler is not None else None
+        layout = layout or self.layout(self._mask(input_ids, attention_mask))
+        x = layout.unpad(self.embeddings(input_ids, position_ids, token_type_ids))
+        x, hidden = self.encoder(x, layout, output_hidden_states)
+        last = layout.pad(x)
+        hidden_states = tuple(layout.pad(h) for h in hidden) if hidden is not None else None
+        pooled = self.pooler(first_token(last, layout.mask)) if self.pooler is not None else None
         return ModelOutput(last_hidden_state=last, hidden_states=hidden_states, pooler_output=pooled)
 
-    def forward_unpadded(self, input_ids, attention_mask=None):
+    def forward_unpadded(self, input_ids, attention_mask=None, layout: "Unpadded | None" = None):
         """Encoder output for the real tokens only, [N, H], and the `Unpadded` that places them."""
         self.check_inputs(input_ids)
-        pad = Unpadded(self._mask(input_ids, attention_mask))
-        x, _ = self.encoder(pad.unpad(self.embeddings(input_ids)), pad)
-        return x, pad
+        layout = layout or Unpadded(self._mask(input_ids, attention_mask))
+        x, _ = self.encoder(layout.unpad(self.embeddings(input_ids)), layout)
+        return x, layout
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -422,7 +422,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
         from .hub import load
         from .tokenizer import RobertaTokenizer
 
-        hub = load(cfg.init_from, progress=d.main)
+        hub = load(cfg.init_from, progress=d.main, precision="fp32")  # trained on: the exact weights
         if hub.tokenizer.get_vocab() != RobertaTokenizer.from_pretrained(tokenizer_dir).get_vocab():
             raise RobertaError(f"{cfg.data} was tokenized with another vocabulary than {cfg.init_from}: "
                                f"preprocess the corpus with --vocab pointing at the model's tokenizer")

@@ -38,4 +38,4 @@ def tiny_hub(hub_checkpoints):
     """That model loaded as the hub object (do not change it in a test: load your own)."""
     import roberta
 
-    return roberta.load(hub_checkpoints["hf"])
+    return roberta.load(hub_checkpoints["hf"], precision="fp32")

@@ -64,14 +64,14 @@ def test_decode_arguments_and_stdin(hub_checkpoints, call):
 
 def test_fill_mask_json_objects_match_the_library(hub_checkpoints, tiny_hub, call):
     texts = ["Hello <mask>!", "The <mask> sat on the <mask>."]
-    result = run("fill-mask", "-m", hub_checkpoints["hf"], "--json", "--topk", 3, stdin="\n".join(texts) + "\n")
+    result = run("fill-mask", "-m", hub_checkpoints["hf"], "--json", "--topk", 3, "--precision", "fp32", stdin="\n".join(texts) + "\n")
     assert result.returncode == 0, result.stderr
     for line, text in zip(result.stdout.splitlines(), texts):
         got, expected = json.loads(line), tiny_hub.fill_mask(text, topk=3, as_dicts=True)
         assert [d["sequence"] for d in _flat(got)] == [d["sequence"] for d in _flat(expected)]
         assert [d["token"] for d in _flat(got)] == [d["token"] for d in _flat(expected)]
         assert [d["score"] for d in _flat(got)] == pytest.approx([d["score"] for d in _flat(expected)], abs=1e-6)
-    readable = call("fill-mask", "-m", hub_checkpoints["hf"], "--topk", 2, texts[0])
+    readable = call("fill-mask", "-m", hub_checkpoints["hf"], "--topk", 2, "--precision", "fp32", texts[0])
     best = tiny_hub.fill_mask(texts[0], topk=2)[0]
     assert readable.stdout.splitlines()[0] == texts[0] and best[0] in readable.stdout.splitlines()[1]
 
@@ -82,7 +82,7 @@ def _flat(result):
 
 def test_features_to_npy_and_jsonl(hub_checkpoints, tiny_hub, tmp_path, call):
     texts = ["Hello world!", "A longer sentence\tand its pair."]
-    result = call("features", "-m", hub_checkpoints["hf"], "-o", tmp_path / "f.npy", *texts)
+    result = call("features", "-m", hub_checkpoints["hf"], "-o", tmp_path / "f.npy", "--precision", "fp32", *texts)
     assert result.returncode == 0, result.stderr
     vectors = np.load(tmp_path / "f.npy")
     assert vectors.shape == (2, 64)
@@ -90,6 +90,7 @@ def test_features_to_npy_and_jsonl(hub_checkpoints, tiny_hub, tmp_path, call):
         expected = tiny_hub.extract_features(tiny_hub.encode(*text.split("\t")))[0, 0]
         np.testing.assert_allclose(vector, expected.numpy(), atol=1e-5)
     result = call("features", "-m", hub_checkpoints["hf"], "-o", tmp_path / "f.jsonl", "--pool", "none", "--layer", 0,
+                  "--precision", "fp32",
                  stdin=texts[0] + "\n")
     record = json.loads((tmp_path / "f.jsonl").read_text())
     tokens = tiny_hub.encode(texts[0])
@@ -107,7 +108,7 @@ def test_features_to_npy_and_jsonl(hub_checkpoints, tiny_hub, tmp_path, call):
 
 
 def test_predict_pairs_json(hub_checkpoints, tiny_hub, call):
-    result = call("predict", "-m", hub_checkpoints["fairseq_bpe"], "--head", "mnli", "--json",
+    result = call("predict", "-m", hub_checkpoints["fairseq_bpe"], "--head", "mnli", "--json", "--precision", "fp32",
                  "A man sleeps.\tA person rests.", "Hi")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -178,3 +179,15 @@ def test_auto_device():
 
     assert resolve_device(None) == resolve_device("auto")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_info_device_says_what_auto_picks_here(hub_checkpoints, call):
+    from roberta.inference import resolve_precision
+
+    result = call("info", "--device", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert (info["device"], info["precision"], info["reason"]) == ("cpu", *resolve_precision("auto", "cpu"))
+    readable = call("info", "--device", "cpu", "-m", hub_checkpoints["hf"])
+    assert f"auto -> {info['precision']}" in readable.stdout and "mnli (3 classes)" in readable.stdout
+    assert call("info").returncode == 2

@@ -23,7 +23,7 @@ def reference(hub_checkpoints):
     config = transformers.RobertaConfig.from_pretrained(hub_checkpoints["hf"], num_labels=3)
     classifier = transformers.RobertaForSequenceClassification(config).eval()
     classifier.roberta.load_state_dict(mlm.roberta.state_dict(), strict=False)
-    ours = roberta.load(hub_checkpoints["hf"]).model.classification_heads["mnli"].state_dict()
+    ours = roberta.load(hub_checkpoints["hf"], precision="fp32").model.classification_heads["mnli"].state_dict()
     classifier.classifier.load_state_dict(ours)
     return mlm, classifier
 
@@ -60,7 +60,7 @@ def test_every_layout_loads_the_same_model(hub_checkpoints, served, tiny_hub):
     tokens = tiny_hub.encode(*PAIR)
     expected = tiny_hub.extract_features(tokens)
     for path in (hub_checkpoints["fairseq"], hub_checkpoints["fairseq_bpe"], hub_checkpoints["archive"], hub_checkpoints["fairseq"] / "model.pt"):
-        other = roberta.load(path)
+        other = roberta.load(path, precision="fp32")
         assert other.encode(*PAIR).tolist() == tokens.tolist()
         torch.testing.assert_close(other.extract_features(tokens), expected, rtol=0, atol=1e-6)
         assert list(other.model.classification_heads) == ["mnli"]
@@ -91,14 +91,14 @@ def test_sentence_pair_prediction_matches_transformers(tiny_hub, reference):
 
 
 def test_register_a_new_head_then_save_and_reload(hub_checkpoints, tmp_path):
-    hub = roberta.load(hub_checkpoints["hf"])
+    hub = roberta.load(hub_checkpoints["hf"], precision="fp32")
     hub.register_classification_head("sentiment", num_classes=5)
     tokens = hub.encode("What a lovely day.")
     log_probs = hub.predict("sentiment", tokens)
     assert log_probs.shape == (1, 5)
     torch.testing.assert_close(log_probs.exp().sum(), torch.tensor(1.0))
     hub.save(tmp_path / "saved")
-    again = roberta.load(tmp_path / "saved")
+    again = roberta.load(tmp_path / "saved", precision="fp32")
     assert sorted(again.model.classification_heads) == ["mnli", "sentiment"]
     assert torch.equal(again.predict("sentiment", tokens), log_probs)
     assert again.fill_mask("It is <mask>.") == hub.fill_mask("It is <mask>.")
@@ -184,7 +184,7 @@ def test_too_long_input_errors_unless_truncated(tiny_hub):
 
 
 def test_modes_devices_and_dtypes(hub_checkpoints):
-    hub = roberta.load(hub_checkpoints["hf"])
+    hub = roberta.load(hub_checkpoints["hf"], precision="fp32")
     assert not hub.training and hub.device.type == "cpu"
     tokens = hub.encode("Hello world!")
     reference = hub.extract_features(tokens)
@@ -202,9 +202,9 @@ def test_modes_devices_and_dtypes(hub_checkpoints):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda(hub_checkpoints):
-    hub = roberta.load(hub_checkpoints["hf"]).cuda()
+    hub = roberta.load(hub_checkpoints["hf"], precision="fp32").cuda()
     tokens = hub.encode(SENTENCES)
-    cpu = roberta.load(hub_checkpoints["hf"]).extract_features(tokens)
+    cpu = roberta.load(hub_checkpoints["hf"], precision="fp32").extract_features(tokens)
     for gpu, ref in zip(hub.extract_features(tokens), cpu):
         torch.testing.assert_close(gpu.cpu(), ref, rtol=0, atol=1e-4)
 

@@ -67,7 +67,7 @@ def model_dir(tmp_path_factory, bpe_dir):
 
 @pytest.fixture(scope="module")
 def hub(model_dir):
-    return roberta.load(model_dir)
+    return roberta.load(model_dir, precision="fp32")  # exact, to compare the server's fp32 answers with
 
 
 class Server:
@@ -76,7 +76,7 @@ class Server:
     def __init__(self, model_dir, *flags, env=None):
         # one thread: the suite runs beside other work, where more threads contend for the cores
         self.proc = subprocess.Popen([sys.executable, "-m", "roberta", "serve", "-m", str(model_dir), "--port", "0",
-                                      "--threads", "1", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      "--threads", "1", "--precision", "fp32", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
         self.lines: queue.Queue = queue.Queue()
         self.log: list[str] = []

@@ -1,0 +1,54 @@
+"""`roberta export --onnx`: the ONNX file computes this project's outputs, checked with ONNX Runtime."""
+import json
+
+import pytest
+import torch
+
+import roberta
+from roberta.cli import main
+
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(hub_checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    assert main(["export", "-m", str(hub_checkpoints["hf"]), "--onnx", str(out), "--offline"]) == 0
+    return out
+
+
+def batch(lengths, left, seed):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids, mask = torch.ones(len(lengths), T, dtype=torch.long), torch.zeros(len(lengths), T, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        cols = slice(T - n, T) if left else slice(0, n)
+        ids[row, cols] = torch.randint(4, 1000, (n,), generator=g)
+        ids[row, cols.start], ids[row, cols.stop - 1] = 0, 2
+        mask[row, cols] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("lengths, left", [([5, 31, 12], False), ([64, 3, 40, 17, 9], True), ([1], False)])
+def test_onnx_runtime_gives_our_outputs_for_any_batch_and_length(exported, hub_checkpoints, lengths, left):
+    meta = json.loads((exported / "onnx.json").read_text())
+    assert meta["outputs"] == ["last_hidden_state", "logits_mnli"] and meta["heads"] == {"mnli": 3}
+    hub = roberta.load(hub_checkpoints["hf"], precision="fp32")
+    session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids, mask = batch(lengths, left, seed=len(lengths))
+    hidden, logits = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        ours = hub.model.roberta(ids, mask).last_hidden_state
+        ours_logits = hub.model.classify(ids, mask, head="mnli")
+    assert hidden.shape == tuple(ours.shape) and logits.shape == (len(lengths), 3)
+    assert abs(torch.from_numpy(hidden) - ours).max().item() <= 1e-4
+    assert abs(torch.from_numpy(logits) - ours_logits).max().item() <= 1e-4
+    assert (exported / "vocab.json").is_file() and (exported / "config.json").is_file()
+
+
+def test_export_refuses_an_existing_or_unreachable_directory(exported, hub_checkpoints, tmp_path, capsys):
+    model = str(hub_checkpoints["hf"])
+    assert main(["export", "-m", model, "--onnx", str(exported)]) == 2
+    assert main(["export", "-m", model, "--onnx", str(tmp_path / "missing" / "onnx")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: ") and "already exists" in err[0] and "create it first" in err[1]

@@ -205,7 +205,8 @@ def _add_hub_commands(sub) -> None:
     def command(name, func, help, text="TEXT", weights=True, json=True, model_required=True):
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("-m", "--model", required=model_required, help="a name (roberta.base, roberta.large, roberta.large.mnli, "
-                       "FacebookAI/roberta-base, FacebookAI/roberta-large) or a path")
+                       "FacebookAI/roberta-base, FacebookAI/roberta-large) or a path"
+                       + ("" if model_required else " (default: none)"))
         if json:
             p.add_argument("--json", action="store_true", help="print JSON, one value per input")
         p.add_argument("--offline", action="store_const", const=True, help="never download (also ROBERTA_OFFLINE=1)")
@@ -250,7 +251,7 @@ def _add_hub_commands(sub) -> None:
     p = command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
                 text=None, weights=False, model_required=False)
     p.add_argument("--device", nargs="?", const="auto", metavar="DEVICE", dest="show_device",
-                   help="also show the device and the precision `auto` picks there, and why (-m optional)")
+                   help="also show the device and the precision `auto` picks there, and why (-m optional; default: not shown)")
     p = command("serve", _serve, "serve the model over HTTP (embed, predict, fill-mask, ...) with dynamic batching",
                 text=None, json=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")

@@ -523,7 +523,8 @@ def _cli_cases(hub, tmp):
         (["preprocess", tmp / "missing.txt", "--out", tmp / "p", "--vocab-size", "0"], "", "must be 1 or more", ["p"]),
         (["info", "-m", tmp], "", "is not a checkpoint", []),
         (["no-such-command"], "", "invalid choice: 'no-such-command'", []),
-        (["info"], "", "the following arguments are required: -m/--model", []),
+        (["info"], "", "info needs -m MODEL", []),
+        (["features", "-m", m], "", "the following arguments are required: -o/--out", []),
     ]
 
 

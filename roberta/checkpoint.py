@@ -447,13 +447,14 @@ def load_model(cls: type[RobertaPreTrainedModel], path: str | os.PathLike, dtype
                **config_overrides) -> RobertaPreTrainedModel:
     """Build `cls` from a checkpoint; heads the checkpoint lacks are initialised fresh."""
     config, state = read_checkpoint(path)
+    file_head = config.head_name
     for key, value in config_overrides.items():
         if not hasattr(config, key):
             raise RobertaError(f"unknown config field {key!r}")
         setattr(config, key, value)
     config.__post_init__()  # an id2label override sets num_labels
     check_vocab_fits(path, config)
-    config, state = _place_heads(cls, config, state, config_overrides)
+    config, state = _place_heads(cls, config, state, config_overrides, file_head)
     config.__post_init__()
     with torch.device("meta"):  # no memory and no random init for weights the file replaces
         model = cls(config)
@@ -463,18 +464,22 @@ def load_model(cls: type[RobertaPreTrainedModel], path: str | os.PathLike, dtype
     return model.eval()
 
 
-def _place_heads(cls, config: RobertaConfig, state, overrides):
+def _place_heads(cls, config: RobertaConfig, state, overrides, file_head: str | None = None):
     """Move a sequence classifier between `classifier.*` (transformers) and named heads (fairseq).
 
-    A classifier whose label count differs from one the caller asked for is left out: the task
-    model then starts with a fresh head of the requested size.
+    This is the one place that decides which head a task model starts from. A head whose label count
+    differs from the one the caller asked for, or (when the caller names the head it wants, as
+    fine-tuning does) a head of another name, is left out: the task model then starts with a fresh
+    head. Starting RTE from an MNLI model, as the paper does, so replaces the 3-way `mnli` head with
+    a new 2-way `rte` one.
     """
     asked = "num_labels" in overrides or "id2label" in overrides
+    wanted = overrides.get("head_name")
     has_classifier = "classifier.out_proj.weight" in state
     named = sorted(config.classification_heads)
     if cls.__name__ == "RobertaForSequenceClassification" and not has_classifier and named:
-        name = config.head_name if config.head_name in named else named[0]
-        if not asked or config.classification_heads[name] == config.num_labels:
+        name = wanted if wanted else config.head_name if config.head_name in named else named[0]
+        if name in named and (not asked or config.classification_heads[name] == config.num_labels):
             for key in [k for k in state if k.startswith(f"classification_heads.{name}.")]:
                 state["classifier." + key.split(".", 2)[2]] = state.pop(key)
             config.head_name = name
@@ -489,8 +494,9 @@ def _place_heads(cls, config: RobertaConfig, state, overrides):
         config.head_name = name
     if cls.__name__ in ("RobertaForSequenceClassification", "RobertaForTokenClassification"):
         out = state.get("classifier.out_proj.weight", state.get("classifier.weight"))
-        if out is not None and out.dim() == 2 and out.shape[0] != config.num_labels:
-            if asked:
+        other_head = wanted is not None and has_classifier and (file_head or "default") != wanted
+        if out is not None and out.dim() == 2 and (out.shape[0] != config.num_labels or other_head):
+            if asked or other_head:
                 for key in [k for k in state if k.startswith("classifier.")]:
                     del state[key]
             else:

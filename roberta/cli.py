@@ -77,12 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, help="tokenizing processes (default: all cores)")
     p.set_defaults(func=_preprocess)
 
-    p = sub.add_parser("pretrain", help="masked-LM pretraining (run under torchrun for several processes)")
+    from .pretrain import PretrainConfig
+
+    p = sub.add_parser("pretrain", help="masked-LM pretraining (run under torchrun for several processes)",
+                       epilog=PretrainConfig.help_text())
     p.add_argument("--preset", choices=["tiny", "small", "base", "large"],
                    help="settings to start from (default small)")
     p.add_argument("--data", help="a directory made by `roberta preprocess` (default: the preset's, or the resumed run's)")
     p.add_argument("--out", required=True, help="run directory: config, metrics, checkpoints, final model")
-    p.add_argument("--init-from", help="continue pretraining from this checkpoint directory (default: from scratch)")
+    p.add_argument("--init-from", help="continue pretraining from this model: a name, directory or archive "
+                   "(default: from scratch)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from its latest (or the given) checkpoint (default: a new run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. lr=3e-4")
@@ -104,17 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_hub_commands(sub)
 
     # finetune / evaluate: GLUE tasks, squad, race, or custom (your own train/dev .csv/.tsv/.jsonl)
-    p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe")
+    from .finetune import Recipe
+
+    p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe (torchrun for several processes)",
+                       epilog=Recipe.help_text())
     _task_args(p)
-    p.add_argument("--out", required=True, help="output directory: best checkpoint, metrics.jsonl, curves.png, eval.json")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the task's recipe)")
+    p.add_argument("--out", required=True, help="run directory: recipe.json, metrics.jsonl, curves.png, eval.json, "
+                   "model/ (the best checkpoint), checkpoints/")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in --out from its latest (or the given) checkpoint")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the task's published one, adapted to "
+                   "the model's size)")
     p.add_argument("--batch-size", type=int, help="examples per update (default: the task's recipe)")
     p.add_argument("--max-epochs", type=int, help="passes over the training set (default: the task's recipe)")
     p.add_argument("--max-train-examples", type=int, help="train on a random subset of this size (default: all)")
     p.add_argument("--eval-every", type=int, help="updates between dev evaluations (default: each epoch)")
     p.add_argument("--head-name", help="name of the saved head (default: the task name in lower case)")
     p.set_defaults(func=_finetune)
-    p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions")
+    p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions",
+                       epilog=Recipe.help_text())
     _task_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test", "train"], help="the split to score")
     p.add_argument("--out", help="write the metrics here as JSON (default: eval_<split>.json beside the model)")
@@ -162,25 +174,16 @@ def _preprocess(args):
 
 
 def _pretrain(args):
-    import json
-    from pathlib import Path
-
     from .pretrain import PretrainConfig, pretrain
+    from .train import read_settings
 
     saved = Path(args.out) / "pretrain.json"
-    if args.resume and args.preset is None and saved.exists():
-        cfg = PretrainConfig.from_dict(json.loads(saved.read_text()))
+    if args.resume and args.preset is None and saved.is_file():
+        cfg = read_settings(PretrainConfig, saved)
     else:
         cfg = PretrainConfig.preset(args.preset or "small")
-    for key, flag in (("data", args.data), ("init_from", args.init_from)):
-        if flag:
-            cfg = cfg.set(key, flag)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RobertaError(f"--set {item}: expected KEY=VALUE, e.g. --set lr=3e-4")
-        cfg = cfg.set(key.strip(), value.strip())
-    pretrain(cfg, args.out, resume=args.resume)
+    flags = {key: value for key, value in (("data", args.data), ("init_from", args.init_from)) if value}
+    pretrain(cfg.replace(**flags).with_sets(args.set), args.out, resume=args.resume)
 
 
 def _demo(args):
@@ -227,15 +230,58 @@ def _add_hub_commands(sub) -> None:
             text="ID", weights=False)
     p = command("fill-mask", _fill_mask, "predict the words at <mask> in each input text")
     p.add_argument("--topk", type=_positive_int, default=5, help="candidates per mask (default 5)")
-    p = command("features", _features, "write one vector per input (or per token) to a .npy or .jsonl file")
-    p.add_argument("-o", "--out", required=True, help="output file: .npy (one row per input) or .jsonl")
+    def job_options(p, what):
+        p.add_argument("-i", "--input", help="read the inputs from this file, one per line (default: the TEXT "
+                       "arguments, or stdin); a sharded job reads it in chunks, whatever its size")
+        p.add_argument("--format", choices=["text", "tsv", "jsonl"],
+                       help="input lines: text (a TAB separates a pair), tsv (two columns) or jsonl "
+                       "(default: from the suffix, .tsv or .jsonl, else text)")
+        p.add_argument("--field", default="text", help="jsonl: the field holding the text (default text)")
+        p.add_argument("--pair-field", help="jsonl: the field holding the second sentence of a pair")
+        p.add_argument("--allow-empty", action="store_true",
+                       help="read a blank line as the empty text (default: a blank line is an error naming it, "
+                       "since row i of the output is line i of the input)")
+        p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
+        p.add_argument("--window", type=int, help="read inputs longer than the model in overlapping windows of this "
+                       "many tokens (default with --stride: the model's limit)")
+        p.add_argument("--stride", type=int, help="tokens shared by neighbouring windows (default with --window: half)")
+        p.add_argument("--shard-rows", type=_positive_int, default=10000, help="rows per shard of a sharded job (default 10000)")
+        p.add_argument("--resume", action="store_true", help="continue the sharded job in --out after a crash")
+        p.add_argument("--batch-tokens", type=_positive_int, default=4096, help="padded tokens per batch (default 4096)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = command("features", _features, "write one vector per input (or per token): a .npy or .jsonl file, or a "
+                "directory of .npy shards written as the input streams in (resumable, runs under torchrun)")
+    p.add_argument("-o", "--out", required=True, help="output: a .npy file (one row per input), a .jsonl file, or "
+                   "a directory for shards (features-NNNNN.npy + index.json)")
     p.add_argument("--pool", choices=["cls", "mean", "none"], default="cls",
                    help="<s> vector (default), mean over tokens, or every token (.jsonl only)")
     p.add_argument("--layer", type=int, default=-1, help="layer to read, 0 = embeddings (default: last)")
-    p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
-    p = command("predict", _predict, "classify each input (a TAB separates a sentence pair) with a head")
+    job_options(p, "features")
+    p = command("predict", _predict, "classify each input (a TAB separates a sentence pair) with a head; with -o, "
+                "into a directory of .npy shards of probabilities")
     p.add_argument("--head", required=True, help="classification head name, e.g. mnli (see `roberta info`)")
-    p.add_argument("--truncate", action="store_true", help="cut inputs longer than the model's limit")
+    p.add_argument("-o", "--out", help="a directory for shards (predict-NNNNN.npy + index.json; default: print)")
+    p.add_argument("--pool", choices=["mean", "max"], default="mean",
+                   help="how the windows of a long input combine their logits (default mean)")
+    job_options(p, "predict")
+    p = command("tag", _tag, "find the entities in each input text with a token-classification checkpoint")
+    p.add_argument("--aggregation", choices=["none", "simple", "first", "max", "average"], default="simple",
+                   help="how tokens become entities, as in transformers' pipeline (default simple)")
+    p.add_argument("--stride", type=int, help="tag texts longer than the model in windows overlapping by this "
+                   "many tokens (default: refuse them)")
+    p = command("answer", _answer, "answer each question from its context with a question-answering checkpoint",
+                text="QUESTION")
+    p.add_argument("--context", help="the context for every question (default: each input is QUESTION<TAB>CONTEXT)")
+    p.add_argument("--context-file", help="read the context for every question from this UTF-8 file")
+    p.add_argument("--topk", type=_positive_int, default=1, help="answers per question (default 1)")
+    p.add_argument("--no-answer", action="store_true", help="allow the empty answer (SQuAD 2.0)")
+    p.add_argument("--null-threshold", type=float, default=0.0,
+                   help="with --no-answer: how much the empty answer's score must beat the best span's (default 0)")
+    p.add_argument("--max-answer-len", type=_positive_int, default=15, help="longest answer in tokens (default 15)")
+    p.add_argument("--max-seq-len", type=int, help="tokens per window (default: the smaller of the model's and 384)")
+    p.add_argument("--doc-stride", type=int, help="tokens shared by neighbouring windows of a long context "
+                   "(default: the smaller of half a window and 128)")
     p = sub.add_parser("export", help="write the encoder and its classification heads as ONNX (dynamic batch and length)")
     p.add_argument("-m", "--model", required=True, help="a name or a path, as for the other commands")
     p.add_argument("--onnx", required=True, metavar="DIR", help="new directory for model.onnx, onnx.json and the tokenizer")
@@ -275,17 +321,43 @@ def _add_hub_commands(sub) -> None:
     p.add_argument("--access-log", action="store_true", help="log every request")
 
 
-def _inputs(args) -> list[str]:
+def _inputs(args, skip_blank: bool = False):
+    """Each input as its sentences (one, or a pair), one per TEXT argument or per line of --input or
+    stdin, read as needed. A blank line is an error naming it (rows must stay aligned with lines),
+    unless --allow-empty; encode and decode skip blank lines (`skip_blank`)."""
+    from .jobs import input_format, open_lines, read_inputs
+
+    source = getattr(args, "input", None)
+    if args.text and source:
+        raise RobertaError("give the inputs as TEXT arguments or with --input, not both")
     if args.text:
-        return args.text
-    if sys.stdin.isatty():
+        lines = (text.encode("utf-8", "surrogateescape") for text in args.text)
+        name = "argument"
+    elif source is None and sys.stdin.isatty():
         raise RobertaError(f"give the inputs as arguments or pipe them on stdin, e.g. echo 'Hello world!' | roberta {args.command} -m roberta.base")
-    return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    else:
+        lines, name = open_lines(source), source or "stdin"
+        if skip_blank:
+            lines = (line for line in lines if line.strip())
+    format = input_format(source, getattr(args, "format", None)) if not args.text else "text"
+    return read_inputs(lines, format, getattr(args, "field", "text"), getattr(args, "pair_field", None),
+                       getattr(args, "allow_empty", False), name=name)
 
 
-def _batches(texts: list[str], size: int = 32):
-    for start in range(0, len(texts), size):
-        yield texts[start:start + size]
+def _texts(args, skip_blank: bool = False):
+    """`_inputs` as strings, the sentences of a pair joined by a TAB."""
+    return ("\t".join(sentences) for sentences in _inputs(args, skip_blank))
+
+
+def _batches(items, size: int = 32):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _print(args, value, text: str) -> None:
@@ -307,8 +379,8 @@ def _encode(args):
     from .hub import encode, load_tokenizer
 
     tokenizer = load_tokenizer(args.model, cache_dir=args.cache_dir, offline=args.offline)
-    for text in _inputs(args):
-        ids = encode(tokenizer, *text.split("\t")).tolist()
+    for sentences in _inputs(args, skip_blank=True):
+        ids = encode(tokenizer, *sentences).tolist()
         _print(args, ids, " ".join(map(str, ids)))
 
 
@@ -316,7 +388,7 @@ def _decode(args):
     from .hub import decode, load_tokenizer
 
     tokenizer = load_tokenizer(args.model, cache_dir=args.cache_dir, offline=args.offline)
-    for line in [" ".join(args.text)] if args.text else _inputs(args):
+    for line in [" ".join(args.text)] if args.text else _texts(args, skip_blank=True):
         try:
             ids = [int(i) for i in line.replace(",", " ").strip("[] ").split()]
         except ValueError:
@@ -327,7 +399,7 @@ def _decode(args):
 
 def _fill_mask(args):
     hub = _load(args)
-    for texts in _batches(_inputs(args)):
+    for texts in _batches(_texts(args)):
         for text, result in zip(texts, hub.fill_mask(texts, topk=args.topk, as_dicts=True)):
             per_mask = result if text.count("<mask>") > 1 else [result]
             lines = [text] + [f"  {c['score']:.4f}  {c['token_str']!r:<16} {c['sequence']}"
@@ -336,22 +408,98 @@ def _fill_mask(args):
 
 
 def _features(args):
+    from . import jobs
     from .hub import write_features
 
-    hub, texts = _load(args), _inputs(args)
-    shape = write_features(hub, texts, args.out, pool=args.pool, layer=args.layer, truncate=args.truncate)
-    _print(args, {"path": args.out, "inputs": len(texts), "shape": shape},
-           f"wrote {len(texts)} inputs to {args.out} (vectors of {shape[-1]})")
+    if Path(args.out).suffix in (".npy", ".jsonl"):
+        if not Path(args.out).parent.is_dir():  # before the model loads or any input is read
+            raise RobertaError(f"cannot write {args.out}: the directory {Path(args.out).parent} does not exist; "
+                               "create it first")
+        hub = _load(args)
+        texts = list(_texts(args))
+        shape = write_features(hub, texts, args.out, pool=args.pool, layer=args.layer, truncate=args.truncate,
+                               batch_tokens=args.batch_tokens, window=args.window, stride=args.stride)
+        _print(args, {"path": args.out, "inputs": len(texts), "shape": shape},
+               f"wrote {len(texts)} inputs to {args.out} (vectors of {shape[-1]})")
+        return
+    _job(args, "features")
+
+
+def _job(args, kind: str):
+    """A sharded, streaming job into the directory --out (see roberta/jobs.py)."""
+    import os
+
+    from . import jobs
+
+    jobs.prepare_output(args.out, args.resume)  # before the model loads
+    if args.text:
+        raise RobertaError("a sharded job reads --input or stdin; write TEXT arguments to a .npy or .jsonl file")
+    if args.device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        if torch.cuda.is_available():  # under torchrun: one GPU per process
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    hub = _load(args)
+    index = jobs.run(hub, kind, args.input, args.out, format=args.format, field=args.field,
+                     pair_field=args.pair_field, allow_empty=args.allow_empty, pool=args.pool if kind == "features"
+                     else "cls", layer=getattr(args, "layer", -1), head=getattr(args, "head", None),
+                     truncate=args.truncate, window=args.window, stride=args.stride,
+                     window_pool=args.pool if kind == "predict" else "mean", shard_rows=args.shard_rows,
+                     batch_tokens=args.batch_tokens, resume=args.resume, progress=not args.no_progress,
+                     model_name=str(args.model))
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print(args, {"path": args.out, "inputs": index["rows"], "shards": len(index["shards"]),
+                      "width": index["width"]},
+               f"wrote {index['rows']} inputs to {args.out} in {len(index['shards'])} shard(s) "
+               f"(rows of {index['width']})")
 
 
 def _predict(args):
+    from . import jobs
+
+    if args.out is not None:
+        return _job(args, "predict")
     hub = _load(args)
-    for texts in _batches(_inputs(args)):
-        log_probs = hub.predict(args.head, [hub.encode(*t.split("\t")) for t in texts], truncate=args.truncate)
-        for text, row in zip(texts, log_probs.exp().tolist()):
+    windowed = args.window is not None or args.stride is not None
+    for batch in _batches(_inputs(args)):
+        tokens = jobs.tokenize(hub, batch, args.truncate, windowed)
+        probs = jobs.prediction_rows(hub, tokens, args.head, args.batch_tokens, args.window, args.stride, args.pool)
+        for sentences, row in zip(batch, probs.tolist()):
             label = max(range(len(row)), key=row.__getitem__)
             _print(args, {"label": label, "probabilities": row},
-                   f"{label}\t{' '.join(f'{p:.4f}' for p in row)}\t{text}")
+                   f"{label}\t{' '.join(f'{p:.4f}' for p in row)}\t{chr(9).join(sentences)}")
+
+
+def _tag(args):
+    hub = _load(args)
+    for text in _texts(args):
+        entities = hub.tag(text, aggregation=args.aggregation, stride=args.stride)
+        label = "entity" if args.aggregation == "none" else "entity_group"
+        _print(args, entities, "\n".join([text] + [f"  {e[label]:<10} {e['score']:.4f}  {e['start']}-{e['end']}  "
+                                                   f"{text[e['start']:e['end']]}" for e in entities]))
+
+
+def _answer(args):
+    if args.context is not None and args.context_file is not None:
+        raise RobertaError("give --context or --context-file, not both")
+    context = args.context
+    if args.context_file is not None:
+        try:
+            context = Path(args.context_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RobertaError(f"cannot read --context-file {args.context_file}: {exc}") from None
+    hub = _load(args)
+    for line in _texts(args):
+        question, tab, own_context = line.partition("\t")
+        if context is None and not tab:
+            raise RobertaError(f"input {line[:60]!r} has no context: give QUESTION<TAB>CONTEXT, or --context")
+        found = hub.answer(question, context if context is not None else own_context, topk=args.topk,
+                           no_answer=args.no_answer, null_threshold=args.null_threshold,
+                           max_answer_len=args.max_answer_len, max_seq_len=args.max_seq_len,
+                           doc_stride=args.doc_stride)
+        found = found if isinstance(found, list) else [found]
+        _print(args, found, "\n".join([question] + [f"  {a['score']:.4f}  {a['start']}-{a['end']}  {a['answer']}"
+                                                    for a in found]))
 
 
 def _export(args):
@@ -435,31 +583,33 @@ def _serve(args):
 def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE, WNLI, squad, race or custom")
     p.add_argument("--data", required=True, help="the task's data directory, e.g. glue_data/MNLI")
-    p.add_argument("--model", required=True, help="checkpoint directory (pretrained for finetune, fine-tuned for evaluate)")
+    p.add_argument("--model", required=True, help="a model name, directory or archive (pretrained for finetune, "
+                   "fine-tuned for evaluate: the model/ folder finetune wrote)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe setting, e.g. --set lr=2e-5")
-    p.add_argument("--text-columns", nargs="+", help="custom: one or two text column names (default: text)")
-    p.add_argument("--label-column", help="custom: the label column name (default: label)")
+    p.add_argument("--text-columns", nargs="+", help="custom: one or two text columns, by name or by position "
+                   "0, 1, ... for a file without a header (default: text)")
+    p.add_argument("--label-column", help="custom: the label column, by name or position (default: label)")
     p.add_argument("--problem-type", choices=["classification", "regression", "multi_label"],
                    help="custom: the kind of label (default: classification)")
     p.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip and count malformed rows")
     p.add_argument("--max-dev-examples", type=int, help="score at most this many dev examples (default: all)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto, cuda when available)")
 
 
-def _recipe_overrides(args, names: list[str]) -> dict:
-    """Recipe settings from the flags the user gave, then from --set (which wins)."""
-    from .finetune import parse_settings
+def _recipe(args, names: list[str]):
+    """The task's recipe with the flags the user gave, then --set (which wins)."""
+    from .finetune import recipe_for
 
     names += ["text_columns", "label_column", "problem_type", "skip_bad_rows", "max_dev_examples", "device"]
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    return {**given, **parse_settings(args.set)}
+    return recipe_for(args.task, **given).with_sets(args.set)
 
 
 def _finetune(args) -> int:
     from .finetune import finetune
 
-    names = ["lr", "batch_size", "max_epochs", "max_train_examples", "eval_every", "head_name"]
-    print(json.dumps(finetune(args.task, args.data, args.model, args.out, **_recipe_overrides(args, names)), indent=2))
+    recipe = _recipe(args, ["lr", "batch_size", "max_epochs", "max_train_examples", "eval_every", "head_name"])
+    print(json.dumps(finetune(args.task, args.data, args.model, args.out, recipe=recipe, resume=args.resume), indent=2))
     return 0
 
 
@@ -468,8 +618,9 @@ def _evaluate(args) -> int:
 
     model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
     out = args.out or model_dir / f"eval_{args.split}.json"
+    recipe = _recipe(args, [])
     result = evaluate(args.task, args.data, args.model, args.split, args.predictions, out, args.batch_size,
-                      **_recipe_overrides(args, []))
+                      recipe=recipe)
     print(json.dumps(result, indent=2))
     return 0
 

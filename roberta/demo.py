@@ -138,7 +138,7 @@ def run_demo(out: str | Path = "demo-out", steps: int = 3000, vocab_size: int = 
     print(f"3/5 pretraining a {model} RoBERTa for {steps} steps")
     # one thread by default: the tiny model's matrices are too small to gain from splitting them
     cfg = PretrainConfig.preset("tiny", model=model, data=str(data), max_len=64, batch_size=32,
-                                micro_batch_size=32, lr=3e-3, warmup_steps=steps // 20, max_steps=steps,
+                                micro_batch_size=32, lr=3e-3, warmup_updates=steps // 20, total_updates=steps,
                                 dropout=0.0, val_every=max(1, steps // 5), save_every=max(1, steps // 3), log_every=20,
                                 val_samples=256, threads=threads)
     torch.manual_seed(cfg.seed)
@@ -165,7 +165,7 @@ def run_demo(out: str | Path = "demo-out", steps: int = 3000, vocab_size: int = 
           f"from scratch {accuracy['from scratch']:.1%} (chance 50%)")
 
     print("5/5 serving the fine-tuned model over HTTP (roberta serve), asked with a real HTTP client")
-    served = out / "finetune" / "pretrained"
+    served = out / "finetune" / "pretrained" / "model"  # the best checkpoint of that run
     ordered = next(json.loads(line)["text"] for line in (task / "dev.jsonl").open() if '"ordered"' in line)
     serve_and_ask(served, [ordered, " ".join(reversed(ordered.split()))])
 

@@ -1,18 +1,24 @@
 """Fine-tuning and evaluation on GLUE, SQuAD, RACE and the user's own labelled files.
 
-`finetune(task, data_dir, model_dir, out_dir)` starts from a pretrained checkpoint (a masked-LM one is
-fine: its encoder is kept and a new head initialised), trains with the published recipe of the task
-(`recipe_for`), keeps the checkpoint with the best dev score in `out_dir`, and writes `metrics.jsonl`,
-`curves.png`, `recipe.json` and `eval.json` there. The head is saved under the task's name
-(`config.head_name`) so that `roberta.load(out_dir).predict('<task>', tokens)` finds it.
+`finetune(task, data_dir, model, out_dir)` starts from a pretrained model (anything `roberta.load`
+opens; a masked-LM checkpoint is fine: its encoder is kept and a new head initialised), trains with
+the published recipe of the task (`recipe_for`) on the shared training layer (`roberta/train.py`:
+fp32/bf16/fp16, accumulation, DDP under torchrun, checksummed checkpoints and exact resume), and
+writes in `out_dir`:
 
-CPU runs stay practical because batches are grouped by length and padded to their longest member,
-never to 512.
+    recipe.json     the settings;  metrics.jsonl, curves.png: the plan, the training log, dev scores
+    model/          the checkpoint with the best dev score (written whole or not at all), its head
+                    saved under the task's name so that `roberta.load(out/model).predict(task, ...)` finds it
+    checkpoints/    the latest training state, for `--resume` after a crash or kill -9
+    eval.json       the best dev metrics
+
+The update counts are derived from the data actually read (epochs x updates per epoch, 6% warmup)
+unless set: fairseq's published counts belong to the official training sets. CPU runs stay practical
+because batches are grouped by length and padded to their longest member, never to 512.
 """
 from __future__ import annotations
 
-import dataclasses
-import io
+import contextlib
 import json
 import math
 import time
@@ -24,59 +30,74 @@ import torch
 from tqdm import tqdm
 
 from . import tasks
-from .device import resolve_device
+from .checkpoint import load_model
 from .errors import RobertaError
-from .fileio import atomic_write
-from .model import (RobertaClassificationHead, RobertaForMultipleChoice, RobertaForQuestionAnswering,
-                    RobertaForSequenceClassification)
+from .fileio import atomic_write, check_output
+from .inference import pad_batch
+from .model import RobertaForMultipleChoice, RobertaForQuestionAnswering, RobertaForSequenceClassification
+from .train import (PRECISIONS, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps, precision_context,
+                    prepare_run_dir, save_checkpoint, set_lr, setup_distributed, train_step, unwrap, wrap_ddp,
+                    write_dir)
 
 # --------------------------------------------------------------------------------------------------
 # Recipes
 
 
 @dataclass
-class Recipe:
-    """Every training setting in one place; `recipe.json` in the output directory is this, as JSON.
-
-    `total_updates` and `warmup_updates` are the published ones for 10 epochs over the full training
-    set; None derives them (epochs x batches per epoch, and 6% of that), which `recipe_for` does
-    whenever the batch size, the epochs or the training set size are changed.
-    """
-    task: str
-    lr: float = 1e-5
-    batch_size: int = 32
+class Recipe(Settings):
+    """Every fine-tuning setting in one place; `recipe.json` in the output directory is this, as JSON.
+    The names are those of pretraining (`PretrainConfig`) wherever the setting is the same."""
+    task: str = "custom"
+    lr: float | None = None             # None: the task's published rate, adapted to the model's size
+    batch_size: int = 32                # examples per update, over all processes and micro-steps
+    update_freq: int = 1                # micro-steps per update (gradient accumulation)
     max_epochs: int = 10
-    total_updates: int | None = None
-    warmup_updates: int | None = None
-    weight_decay: float = 0.1
+    total_updates: int | None = None    # None: epochs x updates per epoch of the data actually read
+    warmup_updates: int | None = None   # None: 6% of total_updates
+    weight_decay: float = 0.1           # not on biases and LayerNorm weights
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-6
     clip_norm: float = 0.0
     dropout: float = 0.1
     max_len: int = 512
+    precision: str = "fp32"             # fp32, bf16, or fp16 (with dynamic loss scaling)
     seed: int = 1
     eval_every: int = 0                 # updates between dev evaluations; 0: at the end of each epoch
+    patience: int = 0                   # stop after this many evaluations without a better dev score; 0: never
+    save_every: int = 0                 # updates between training checkpoints; 0: at each evaluation
     log_every: int = 10
     max_train_examples: int | None = None
     max_dev_examples: int | None = None
     skip_bad_rows: bool = False
-    device: str = "auto"
+    device: str = "auto"                # under torchrun, each process takes the GPU of its LOCAL_RANK
     # SQuAD
     doc_stride: int = 128
     max_answer_len: int = 30
     null_threshold: float = 0.0
     # the user's own data (task "custom")
     head_name: str | None = None        # default: the task's name in lower case
-    text_columns: tuple[str, ...] = ("text",)
+    text_columns: tuple[str, ...] = ("text",)  # names, or positions counted from 0 (`1`)
     label_column: str = "label"
+    header: str = "auto"                # auto: a header line when columns are named, none when numbered
     problem_type: str = "classification"
 
+    WHAT = "recipe setting"
+    RANGES = dict(lr=(0.0, None), batch_size=(1, None), update_freq=(1, None), max_epochs=(1, None),
+                  total_updates=(1, None), warmup_updates=(0, None), weight_decay=(0.0, None),
+                  adam_betas=(0.0, 0.999999), adam_eps=(0.0, 1.0), clip_norm=(0.0, None), dropout=(0.0, 0.99),
+                  max_len=(8, 4096), seed=(0, 2**63 - 1), eval_every=(0, None), patience=(0, None),
+                  save_every=(0, None), log_every=(1, None), max_train_examples=(1, None),
+                  max_dev_examples=(1, None), doc_stride=(1, None), max_answer_len=(1, None))
+    CHOICES = dict(precision=PRECISIONS, problem_type=tasks.PROBLEM_TYPES, header=("auto", "yes", "no"))
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
 
-# The fairseq README (examples/roberta/README.glue.md): lr, batch size, total and warmup updates; the
-# rest (10 epochs, weight decay 0.1, Adam (0.9, 0.98) eps 1e-6, dropout 0.1) is common to all tasks.
+# The fairseq README (examples/roberta/README.glue.md): lr, batch size, and the total and warmup updates
+# of 10 epochs over the official training set; the rest (weight decay 0.1, Adam (0.9, 0.98) eps 1e-6,
+# dropout 0.1) is common to all tasks. The counts are shown beside the plan, not used: a run derives its
+# own from the data it reads, unless total_updates / warmup_updates are set.
 GLUE_RECIPES = {
     "MNLI": (1e-5, 32, 123873, 7432), "QNLI": (1e-5, 32, 33112, 1986), "QQP": (1e-5, 32, 113272, 28318),
     "RTE": (2e-5, 16, 2036, 122), "SST-2": (1e-5, 32, 20935, 1256), "MRPC": (1e-5, 16, 2296, 137),
@@ -91,8 +112,8 @@ OTHER_RECIPES = {
     "WNLI": dict(lr=2e-5, batch_size=16),
     "custom": dict(lr=1e-5, batch_size=32),
 }
-# Settings whose change makes the published update counts meaningless.
-_SCHEDULE_INPUTS = ("batch_size", "max_epochs", "max_train_examples")
+# Settings that may change when a run is resumed: they do not alter what is computed.
+CHANGEABLE_ON_RESUME = {"log_every", "device"}
 
 
 def task_name(task: str) -> str:
@@ -102,39 +123,33 @@ def task_name(task: str) -> str:
     return tasks.glue_task(task).name
 
 
-def recipe_for(task: str, **overrides) -> Recipe:
-    """The published recipe of `task` with `overrides` applied (unknown names are an error)."""
+def published(task: str) -> dict:
+    """The published recipe of `task`: lr, batch_size (and for GLUE total and warmup updates)."""
     name = task_name(task)
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Recipe)}
-    if unknown:
-        raise RobertaError(f"unknown recipe setting(s) {sorted(unknown)}: see roberta.finetune.Recipe for the names")
     if name in GLUE_RECIPES:
         lr, batch, total, warmup = GLUE_RECIPES[name]
-        base = dict(lr=lr, batch_size=batch, total_updates=total, warmup_updates=warmup)
-    else:
-        base = dict(OTHER_RECIPES[name])
-    if any(k in overrides for k in _SCHEDULE_INPUTS) and "total_updates" not in overrides:
-        base["total_updates"] = None
-        if "warmup_updates" not in overrides:
-            base["warmup_updates"] = None
-    recipe = Recipe(task=name, **{**base, **overrides})
-    recipe.adam_betas, recipe.text_columns = tuple(recipe.adam_betas), tuple(recipe.text_columns)
-    return recipe
+        return dict(lr=lr, batch_size=batch, total_updates=total, warmup_updates=warmup)
+    return dict(OTHER_RECIPES[name])
 
 
-def parse_settings(pairs: list[str]) -> dict:
-    """`--set key=value` pairs as recipe overrides, values parsed as JSON where they parse
-    (`lr=2e-5`, `adam_betas=[0.9,0.98]`), else kept as strings (`problem_type=regression`)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise RobertaError(f"--set {pair!r}: expected key=value, e.g. --set lr=2e-5")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+def recipe_for(task: str, **overrides) -> Recipe:
+    """The published recipe of `task` with `overrides` applied (old names renamed, unknown ones refused)."""
+    base = {k: v for k, v in published(task).items() if k not in ("lr", "total_updates", "warmup_updates")}
+    return Recipe.from_dict({"task": task_name(task), **base, **overrides})
+
+
+def default_lr(recipe: Recipe, model) -> tuple[float, str]:
+    """The peak learning rate and a line saying where it comes from. The published rates are for
+    base and large (768 and 1024 wide); a narrower model learns nothing at them (a 64-wide model stays
+    at chance at 1e-5 and learns at 1e-3), so they are scaled by (768 / width)^2, at most 1e-3."""
+    if recipe.lr is not None:
+        return recipe.lr, f"lr {recipe.lr:g} (set)"
+    rate, width = published(recipe.task)["lr"], model.config.hidden_size
+    if width >= 768:
+        return rate, f"lr {rate:g} (published)"
+    scaled = min(1e-3, max(rate, rate * (768 / width) ** 2))
+    return scaled, (f"lr {scaled:g}: the published {rate:g} is for base/large; this {width}-wide model gets "
+                    f"it x (768/{width})^2, at most 1e-3 (set lr to choose)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,17 +166,6 @@ def length_grouped_batches(lengths, batch_size: int, rng: np.random.Generator | 
     if rng is not None:
         rng.shuffle(batches)
     return batches
-
-
-def pad(seqs: list[list[int]], pad_id: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence: input ids and the attention mask (1 real, 0 padding)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def encode_pairs(tokenizer, texts_a: list[str], texts_b: list[str | None], max_len: int) -> list[list[int]]:
@@ -210,7 +214,8 @@ class SentenceTask:
         else:
             is_test = path.name.startswith("test")
             split, labels = tasks.read_table(path, list(r.text_columns), None if is_test else r.label_column,
-                                             r.problem_type, labels=self.labels, skip_bad_rows=r.skip_bad_rows)
+                                             r.problem_type, labels=self.labels, skip_bad_rows=r.skip_bad_rows,
+                                             header={"auto": None, "yes": True, "no": False}[r.header])
             self.labels = self.labels or labels
         if split.skipped:
             tqdm.write(f"{path}: skipped {split.skipped} bad rows")
@@ -234,7 +239,7 @@ class SentenceTask:
         return len(item["ids"])
 
     def collate(self, items) -> dict:
-        ids, mask = pad([it["ids"] for it in items], self.tokenizer.pad_token_id)
+        ids, mask = pad_batch([it["ids"] for it in items], self.tokenizer.pad_token_id)
         batch = dict(input_ids=ids, attention_mask=mask)
         if items[0]["label"] is not None:
             batch["labels"] = self._labels([it["label"] for it in items])
@@ -250,9 +255,9 @@ class SentenceTask:
             return y
         return torch.tensor(labels, dtype=torch.long)
 
-    def predict(self, model, items, device, batch_size) -> tuple[list, dict | None]:
+    def predict(self, model, items, device, batch_size, autocast=None) -> tuple[list, dict | None]:
         """Predictions (label index, score, or label-index list) and, if labelled, the metrics."""
-        logits = forward_all(model, self, items, device, batch_size)["logits"].numpy()
+        logits = forward_all(model, self, items, device, batch_size, autocast)["logits"].numpy()
         if self.problem_type == "regression":
             preds = list(logits[:, 0] * self.label_scale)
         elif self.problem_type == "multi_label":
@@ -309,7 +314,10 @@ class SquadTask:
         return {}
 
     def encode(self, examples) -> list:
-        features = tasks.squad_features(examples, self.tokenizer.encode_with_offsets, self.recipe.max_len,
+        def encode_with_offsets(text):
+            return self.tokenizer.encode(text, add_special_tokens=False, return_offsets=True)
+
+        features = tasks.squad_features(examples, encode_with_offsets, self.recipe.max_len,
                                         self.recipe.doc_stride, bos=self.tokenizer.bos_token_id,
                                         eos=self.tokenizer.eos_token_id)
         return [dict(ids=f.input_ids, feature=f, examples=examples) for f in features]
@@ -318,13 +326,13 @@ class SquadTask:
         return len(item["ids"])
 
     def collate(self, items) -> dict:
-        ids, mask = pad([it["ids"] for it in items], self.tokenizer.pad_token_id)
+        ids, mask = pad_batch([it["ids"] for it in items], self.tokenizer.pad_token_id)
         return dict(input_ids=ids, attention_mask=mask,
                     start_positions=torch.tensor([it["feature"].start for it in items]),
                     end_positions=torch.tensor([it["feature"].end for it in items]))
 
-    def predict(self, model, items, device, batch_size) -> tuple[dict, dict]:
-        out = forward_all(model, self, items, device, batch_size)
+    def predict(self, model, items, device, batch_size, autocast=None) -> tuple[dict, dict]:
+        out = forward_all(model, self, items, device, batch_size, autocast)
         starts, ends = out["start_logits"].numpy(), out["end_logits"].numpy()
         examples = items[0]["examples"] if items else []
         r = self.recipe
@@ -357,14 +365,14 @@ class RaceTask:
         return max(len(s) for s in item["ids"])
 
     def collate(self, items) -> dict:
-        ids, mask = pad([s for it in items for s in it["ids"]], self.tokenizer.pad_token_id)
+        ids, mask = pad_batch([s for it in items for s in it["ids"]], self.tokenizer.pad_token_id)
         batch = dict(input_ids=ids.view(len(items), 4, -1), attention_mask=mask.view(len(items), 4, -1))
         if items[0]["label"] is not None:
             batch["labels"] = torch.tensor([it["label"] for it in items])
         return batch
 
-    def predict(self, model, items, device, batch_size) -> tuple[list, dict | None]:
-        preds = list(forward_all(model, self, items, device, batch_size)["logits"].argmax(-1).numpy())
+    def predict(self, model, items, device, batch_size, autocast=None) -> tuple[list, dict | None]:
+        preds = list(forward_all(model, self, items, device, batch_size, autocast)["logits"].argmax(-1).numpy())
         if items[0]["label"] is None:
             return preds, None
         return preds, tasks.race_metrics([it["label"] for it in items], preds, [it["level"] for it in items])
@@ -381,16 +389,18 @@ def load_task(recipe: Recipe, data_dir, tokenizer, splits=("train", "dev"), id2l
     return kind(recipe, data_dir, tokenizer, splits, id2label)
 
 
-def forward_all(model, task, items, device, batch_size: int) -> dict[str, torch.Tensor]:
-    """The model's logits for every item, in the items' order, computed in length-grouped batches.
-    Per-token logits (SQuAD) from batches of different lengths are padded with -inf."""
+def forward_all(model, task, items, device, batch_size: int, autocast=None) -> dict[str, torch.Tensor]:
+    """The model's logits for every item, in the items' order, computed in length-grouped batches
+    (under the training precision's `autocast`, if given). Per-token logits (SQuAD) from batches of
+    different lengths are padded with -inf."""
     model.eval()
     batches = length_grouped_batches([task.length(it) for it in items], batch_size)
     parts: dict[str, list] = {}
     with torch.no_grad():
         for index in batches:
             batch = task.collate([items[i] for i in index])
-            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            with autocast or contextlib.nullcontext():
+                out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             for name in ("logits", "start_logits", "end_logits"):
                 if getattr(out, name) is not None:
                     parts.setdefault(name, []).append(getattr(out, name).float().cpu())
@@ -404,27 +414,28 @@ def forward_all(model, task, items, device, batch_size: int) -> dict[str, torch.
     return result
 
 
+
 # --------------------------------------------------------------------------------------------------
 # Training
 
 
-def _checkpoint(model_dir, tokenizer):
-    """A local checkpoint for a path or a model name (`roberta.base` is downloaded once), and its
-    tokenizer unless one is given."""
-    from .hub import load_tokenizer, resolve
+def open_task_model(model_name, model_class, **config):
+    """A task model and its tokenizer, opened as `roberta.load` opens a model (a name, a directory, an
+    archive); which head it starts from is decided in one place, `checkpoint.load_model`."""
+    from .hub import opened
 
-    path = resolve(model_dir)
-    return path, tokenizer or load_tokenizer(path)
+    with opened(model_name) as (directory, tokenizer):
+        return load_model(model_class, directory, **config), tokenizer
 
 
-def _split_metrics(task, files: list[Path], items_per_file: list[list], model, device, batch_size):
+def _split_metrics(task, files: list[Path], items_per_file: list[list], model, device, batch_size, autocast=None):
     """Predictions and metrics for each file of a split; with several files (MNLI's matched and
     mismatched dev sets) each metric is prefixed by the file's name without 'dev_'/'test_'."""
     preds, merged = [], {}
     for path, items in zip(files, items_per_file):
         if not items:
             raise RobertaError(f"{path} has no examples to evaluate")
-        p, metrics = task.predict(model, items, device, batch_size)
+        p, metrics = task.predict(model, items, device, batch_size, autocast)
         preds.append(p)
         if metrics is not None:
             prefix = "" if len(files) == 1 else path.stem.split("_", 1)[-1] + "_"
@@ -436,156 +447,148 @@ def _score_key(task, files: list[Path]) -> str:
     return task.metric if len(files) == 1 else files[0].stem.split("_", 1)[-1] + "_" + task.metric
 
 
-def _task_model(data, model_dir, head_name: str, dropout: float):
-    """The task's model on the checkpoint's encoder. A sentence task gets a fresh head unless the
-    checkpoint's head is already this task's (same name and size): starting RTE from an MNLI model,
-    as the paper does, replaces the 3-way `mnli` head with a new 2-way `rte` one."""
-    model = data.model_class.from_pretrained(model_dir, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    config = model.config
-    fields = data.config_overrides()
-    if fields:
-        keep = config.head_name == head_name and config.num_labels == fields["num_labels"]
-        for key, value in fields.items():
-            setattr(config, key, value)
-        config.__post_init__()
-        if not keep:
-            model.classifier = RobertaClassificationHead(config, config.num_labels)
-            model.classifier.apply(model._init_weights)
-            model.num_labels = config.num_labels
-    config.head_name = head_name
-    return model
-
-
 def _fit_max_len(recipe: Recipe, model) -> Recipe:
     """A model pretrained on shorter inputs than the recipe's max_len takes inputs cut to its length."""
-    if recipe.max_len <= model.config.max_tokens:
-        return recipe
-    return dataclasses.replace(recipe, max_len=model.config.max_tokens)
+    return recipe if recipe.max_len <= model.config.max_tokens else recipe.replace(max_len=model.config.max_tokens)
 
 
-def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = None, tokenizer=None,
+def epoch_batches(lengths, recipe: Recipe, epoch: int, parts: int) -> list[np.ndarray]:
+    """The batches of one epoch, a pure function of (seed, epoch) so that a resumed run sees the same
+    ones; a last batch too small to give every process and micro-step one example is dropped."""
+    batches = length_grouped_batches(lengths, recipe.batch_size, np.random.default_rng([recipe.seed, epoch]))
+    return [b for b in batches if len(b) >= parts]
+
+
+def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = None, resume: bool | str = False,
              **overrides) -> dict:
     """Fine-tune `model_dir` on `task` and return the best dev metrics (also in `out_dir/eval.json`)."""
     recipe = recipe or recipe_for(task, **overrides)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(recipe.seed)
-    rng = np.random.default_rng(recipe.seed)
-    device = resolve_device(recipe.device)
-    model_dir, tokenizer = _checkpoint(model_dir, tokenizer)
-    data = load_task(recipe, data_dir, tokenizer)
+    check_output(out, model_dir)  # never into (or over) the model it starts from
+    d = setup_distributed(recipe.device)
+    recipe, ckpt = prepare_run_dir(recipe, out, "recipe.json", resume, CHANGEABLE_ON_RESUME)
+    micro, accum = micro_steps(recipe.batch_size, 0, recipe.update_freq, d.world)
     head_name = recipe.head_name or recipe.task.lower()
-    model = _task_model(data, model_dir, head_name, recipe.dropout).to(device)
-    recipe = data.recipe = _fit_max_len(recipe, model)
-    atomic_write(out / "recipe.json", recipe.to_json())
+    data = load_task(recipe, data_dir, None)
+    torch.manual_seed(recipe.seed)  # the new head's initial weights, the same on every process
+    model, tokenizer = open_task_model(model_dir, data.model_class, head_name=head_name, **data.config_overrides(),
+                                       hidden_dropout_prob=recipe.dropout, attention_probs_dropout_prob=recipe.dropout)
+    data.tokenizer = tokenizer
+    model = model.to(d.device).train()
+    torch.manual_seed(recipe.seed + 1 + d.rank)  # each process its own dropout stream
+    data.recipe = _fit_max_len(recipe, model)
 
     train_examples = data.data["train"][0]
     if recipe.max_train_examples and recipe.max_train_examples < len(train_examples):
-        keep = np.sort(rng.choice(len(train_examples), recipe.max_train_examples, replace=False))
+        keep = np.sort(np.random.default_rng(recipe.seed).choice(len(train_examples), recipe.max_train_examples,
+                                                                 replace=False))
         train_examples = [train_examples[i] for i in keep]
     if not train_examples:
         raise RobertaError(f"{data.files['train'][0]} has no training examples")
-    train = data.encode(train_examples)
-    dev = [data.encode(d[: recipe.max_dev_examples]) for d in data.data["dev"]]
-
-    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
-    total = recipe.total_updates or steps_per_epoch * recipe.max_epochs
-    warmup = recipe.warmup_updates if recipe.warmup_updates is not None else round(0.06 * total)
-    updates = min(total, steps_per_epoch * recipe.max_epochs)
-
-    def lr_factor(step):  # fairseq's polynomial_decay with power 1: linear warmup, linear decay to 0
-        return step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
-    # fairseq applies weight decay to every parameter, decoupled from the gradient, as AdamW does.
-    # The fused kernel matters on CPU: the 50K-row embedding makes the per-tensor loop the slowest step.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.adam_betas,
-                                  eps=recipe.adam_eps, weight_decay=recipe.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s + 1))
-
+    train, dev = data.encode(train_examples), [data.encode(x[: recipe.max_dev_examples]) for x in data.data["dev"]]
     lengths = [data.length(it) for it in train]
+
+    # ---- the plan, from the data actually read
+    per_epoch = len(epoch_batches(lengths, recipe, 1, accum * d.world))
+    if per_epoch == 0:
+        raise RobertaError(f"{len(train)} training examples cannot fill one update of {accum * d.world} "
+                           "micro-batches: lower update_freq or use fewer processes")
+    total = recipe.total_updates or per_epoch * recipe.max_epochs
+    warmup = recipe.warmup_updates if recipe.warmup_updates is not None else round(0.06 * total)
+    updates = min(total, per_epoch * recipe.max_epochs)
+    lr, lr_note = default_lr(recipe, model)
+    pub = published(recipe.task)
+    plan = {"rows": len(train_examples), "updates_per_epoch": per_epoch, "epochs": recipe.max_epochs,
+            "total_updates": total, "warmup_updates": warmup, "updates": updates, "lr": lr,
+            "batch": f"{recipe.batch_size} = {micro} x {accum} micro-steps x {d.world} process(es)",
+            "max_len": data.recipe.max_len, "precision": recipe.precision, "device": str(d.device)}
+
+    model = wrap_ddp(model, d)
+    optimizer = adamw(model, lr, recipe.adam_betas, recipe.adam_eps, recipe.weight_decay)
+    autocast, scaler = precision_context(recipe.precision, d.device)
+    trainer = load_checkpoint(ckpt, model, optimizer, scaler, d) if ckpt else {}
+    step, best, bad_evals = int(trainer.get("step", 0)), trainer.get("best", {"score": -math.inf, "step": 0, "metrics": {}}), \
+        int(trainer.get("bad_evals", 0))
+    metrics = Metrics(out, d.main)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "recipe.json", recipe.to_json())
+        metrics.truncate(step)
+        if not step:
+            metrics.log(step=0, plan=plan)
+        published_counts = (f"; the published {pub['total_updates']}/{pub['warmup_updates']} are for the official "
+                            "training set (set total_updates, warmup_updates to use them)") if "total_updates" in pub \
+            and recipe.total_updates is None else ""
+        print(f"fine-tuning {recipe.task} on {len(train_examples)} rows: {per_epoch} updates/epoch of {plan['batch']}, "
+              f"{updates} updates ({warmup} warmup, decay to 0 at {total}){published_counts}; {lr_note}; "
+              f"{recipe.precision} on {d.device}" + (f"; resuming at update {step}" if step else ""))
+
     score_key = _score_key(data, data.files["dev"])
-    best = {"score": -math.inf, "step": 0, "metrics": {}}
-    log_path = out / "metrics.jsonl"
-    log = open(log_path, "w", encoding="utf-8")
 
-    def evaluate_dev(step, epoch):
-        _, metrics = _split_metrics(data, data.files["dev"], dev, model, device, recipe.batch_size)
-        log.write(json.dumps({"step": step, "epoch": epoch, "dev": metrics}) + "\n")
-        log.flush()
-        score = metrics[score_key]
-        tqdm.write(f"step {step} epoch {epoch}: dev {score_key} {score:.4f}")
+    def evaluate_dev(done: int) -> bool:
+        """Score the dev set (every process: they all decide on stopping); True when the patience ran out."""
+        nonlocal best, bad_evals
+        _, result = _split_metrics(data, data.files["dev"], dev, unwrap(model), d.device, micro, autocast)
+        model.train()
+        metrics.log(step=done, epoch=-(-done // per_epoch), dev=result)
+        score = result[score_key]
+        if d.main:
+            tqdm.write(f"update {done}: dev {score_key} {score:.4f}")
         if score > best["score"]:
-            best.update(score=score, step=step, metrics=metrics)
-            model.save_pretrained(out, tokenizer=tokenizer)
+            best, bad_evals = {"score": score, "step": done, "metrics": result}, 0
+            if d.main:
+                write_dir(out / "model", lambda tmp: unwrap(model).save_pretrained(tmp, tokenizer=tokenizer))
+        else:
+            bad_evals += 1
+        return bool(recipe.patience) and bad_evals >= recipe.patience
 
-    step, loss_sum, tokens, train_time = 0, 0.0, 0, 0.0  # train_time leaves the dev evaluations out
-    bar = tqdm(total=updates, desc=f"finetune {recipe.task}", unit="upd", dynamic_ncols=True)
-    try:
-        for epoch in range(1, recipe.max_epochs + 1):
-            for index in length_grouped_batches(lengths, recipe.batch_size, rng):
-                if step >= updates:
-                    break
-                t0 = time.perf_counter()
-                model.train()
-                batch = {k: v.to(device) for k, v in data.collate([train[i] for i in index]).items()}
-                loss = model(**batch).loss
-                loss.backward()
-                if recipe.clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss_sum += loss.item()
-                tokens += int(batch["attention_mask"].sum())
-                train_time += time.perf_counter() - t0
-                bar.update(1)
-                if step % recipe.log_every == 0 or step == updates:
-                    n = step % recipe.log_every or recipe.log_every
-                    record = {"step": step, "epoch": epoch, "loss": loss_sum / n,
-                              "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens / train_time}
-                    log.write(json.dumps(record) + "\n")
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                    loss_sum, tokens, train_time = 0.0, 0, 0.0
-                if recipe.eval_every and step % recipe.eval_every == 0:
-                    evaluate_dev(step, epoch)
-            if not recipe.eval_every or step % recipe.eval_every:
-                evaluate_dev(step, epoch)
-            if step >= updates:
-                break
-    finally:
-        bar.close()
-        log.close()
+    stop = bool(recipe.patience) and bad_evals >= recipe.patience
+    bar = tqdm(total=updates, initial=step, desc=f"finetune {recipe.task}", unit="upd", dynamic_ncols=True,
+               disable=not d.main)
+    window = {"loss": 0.0, "tokens": 0, "n": 0, "time": 0.0}  # time leaves the dev evaluations out
+    train_seconds = 0.0
+    batches, batches_epoch = None, 0
+    while step < updates and not stop:
+        epoch, position = divmod(step, per_epoch)
+        if batches_epoch != epoch + 1:
+            batches, batches_epoch = epoch_batches(lengths, recipe, epoch + 1, accum * d.world), epoch + 1
+        index = batches[position]
+        parts = np.array_split(index, accum * d.world)[d.rank * accum:(d.rank + 1) * accum]
+        t0 = time.perf_counter()
+        set_lr(optimizer, lr_at(step, lr, warmup, total))
+        loss, grad_norm, tokens = train_step(model, optimizer, scaler, autocast,
+                                             [data.collate([train[i] for i in part]) for part in parts],
+                                             [len(part) / len(index) for part in parts], d, recipe.clip_norm, step)
+        step += 1
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        window = {"loss": window["loss"] + loss, "tokens": window["tokens"] + tokens, "n": window["n"] + 1,
+                  "time": window["time"] + seconds}
+        bar.update(1)
+        if step % recipe.log_every == 0 or step == updates:
+            (all_tokens,) = d.all_sum([window["tokens"]])
+            entry = {"step": step, "epoch": epoch + 1, "loss": window["loss"] / window["n"],
+                     "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": all_tokens / window["time"],
+                     "grad_norm": grad_norm}
+            metrics.log(**entry)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
+            window = {"loss": 0.0, "tokens": 0, "n": 0, "time": 0.0}
+        evaluated = (recipe.eval_every and step % recipe.eval_every == 0) or step % per_epoch == 0 or step == updates
+        if evaluated:
+            stop = evaluate_dev(step)
+        if (recipe.save_every and step % recipe.save_every == 0) or (not recipe.save_every and evaluated) or \
+                step == updates or stop:
+            save_checkpoint(out, step, model, optimizer, scaler, d, 1, {"best": best, "bad_evals": bad_evals},
+                            lambda state, tmp: unwrap(model).save_pretrained(tmp, tokenizer=tokenizer))
+    bar.close()
     result = {"task": recipe.task, "head_name": head_name, "metric": score_key, "best_step": best["step"],
-              "updates": step, "dev": best["metrics"]}
-    atomic_write(out / "eval.json", json.dumps(result, indent=2) + "\n")
-    plot_curves(log_path, out / "curves.png")
+              "updates": step, "stopped_early": stop and step < updates, "dev": best["metrics"], "plan": plan,
+              "train_seconds": round(train_seconds, 3)}
+    if d.main:
+        atomic_write(out / "eval.json", json.dumps(result, indent=2) + "\n")
+        metrics.plot()
+    d.barrier()
     return result
-
-
-def plot_curves(metrics_jsonl, png) -> None:
-    """Training loss and every dev metric against updates, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in open(metrics_jsonl, encoding="utf-8") if line.strip()]
-    train = [r for r in records if "loss" in r]
-    dev = [r for r in records if "dev" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot([r["step"] for r in train], [r["loss"] for r in train])
-    ax1.set(xlabel="update", ylabel="training loss", title="loss")
-    for name in (dev[0]["dev"] if dev else {}):
-        if name not in ("mse", "total"):
-            ax2.plot([r["step"] for r in dev], [r["dev"][name] for r in dev], marker="o", label=name)
-    ax2.set(xlabel="update", title="dev metrics")
-    if dev:
-        ax2.legend()
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png")
-    plt.close(fig)
-    atomic_write(png, image.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,16 +596,24 @@ def plot_curves(metrics_jsonl, png) -> None:
 
 
 def evaluate(task: str, data_dir, model_dir, split: str = "dev", predictions=None, out_file=None,
-             batch_size: int = 32, tokenizer=None, **overrides) -> dict:
+             batch_size: int = 32, recipe: Recipe | None = None, **overrides) -> dict:
     """Score a fine-tuned model on a split ('dev', or 'test' for predictions only). Writes the metrics
     to `out_file` (JSON) and, with `predictions`, the per-example predictions in the leaderboard's
     format: GLUE `index<TAB>prediction` TSV with label names, SQuAD JSON {id: answer}, RACE
     `id<TAB>answer` letters; one file per data file (MNLI's matched/mismatched get a suffix)."""
-    recipe = recipe_for(task, **overrides)
-    device = resolve_device(recipe.device)
-    model_dir, tokenizer = _checkpoint(model_dir, tokenizer)
+    recipe = recipe or recipe_for(task, **overrides)
+    for target in (predictions, out_file):  # before any work: where the results go must exist
+        if target and not Path(target).parent.is_dir():
+            raise RobertaError(f"cannot write {target}: the directory {Path(target).parent} does not exist")
+    device = setup_distributed(recipe.device).device
     kind = {"squad": SquadTask, "race": RaceTask}.get(recipe.task, SentenceTask)
-    model = kind.model_class.from_pretrained(model_dir).to(device)
+    model, tokenizer = open_task_model(model_dir, kind.model_class,
+                                       **({"head_name": recipe.head_name} if recipe.head_name else {}))
+    head = "qa_outputs." if kind is SquadTask else "classifier."
+    if any(k.startswith(head) for k in model.missing_keys):
+        raise RobertaError(f"{model_dir} has no trained {recipe.task} head (it would score a random one): evaluate "
+                           f"the model/ folder `roberta finetune` wrote, or name the head with --set head_name=NAME")
+    model = model.to(device)
     recipe = _fit_max_len(recipe, model)
     data = load_task(recipe, data_dir, tokenizer, splits=(split,), id2label=model.config.id2label)
     if isinstance(data, SentenceTask) and model.config.num_labels != data.num_labels:

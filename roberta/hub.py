@@ -28,23 +28,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from . import download
+from . import download, windows
 from .checkpoint import read_checkpoint
 from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_write
-from .inference import length_batches
-from .model import RobertaForMaskedLM
+from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
 from .tokenizer import RobertaTokenizer
 
 MASK = "<mask>"
+WINDOW_BATCH = 16  # windows of one long sequence run this many at a time: bounded memory
 
 
 class RobertaHub(nn.Module):
     """A masked-LM RoBERTa, its named classification heads and its tokenizer, behind fairseq's calls."""
 
-    def __init__(self, model: RobertaForMaskedLM, tokenizer: RobertaTokenizer):
+    def __init__(self, model: RobertaForMaskedLM | RobertaForTokenClassification | RobertaForQuestionAnswering,
+                 tokenizer: RobertaTokenizer):
         super().__init__()
         if len(tokenizer) > model.config.vocab_size:
             raise RobertaError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
@@ -73,17 +73,27 @@ class RobertaHub(nn.Module):
 
     # ---- text <-> ids -------------------------------------------------------------------------
 
-    def encode(self, sentence, *addl_sentences: str, no_separator: bool = False, truncate: bool = False):
+    def encode(self, sentence, *addl_sentences: str, no_separator: bool = False, truncate: bool = False,
+               return_offsets: bool = False):
         """`<s> A </s>`, `<s> A </s></s> B </s>` ... as a LongTensor (no space is added before A).
 
         A list of sentences (and lists of second sentences, one each) gives a list of tensors.
         `truncate=True` keeps the first `max_tokens` ids of a longer input, ending it with `</s>`.
+        `return_offsets=True` gives `(tokens, offsets)`: each token's (start, end) character span in
+        the sentence it came from, `(0, 0)` for special tokens (see `RobertaTokenizer.encode`).
         """
-        ids = encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator)
+        result = encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator,
+                        return_offsets=return_offsets)
         if not truncate:
-            return ids
-        cut = [self._fit(t[None], truncate=True)[0] for t in (ids if isinstance(ids, list) else [ids])]
-        return cut if isinstance(ids, list) else cut[0]
+            return result
+        cut = []
+        for item in result if isinstance(result, list) else [result]:
+            ids, offsets = item if return_offsets else (item, None)
+            fitted = self._fit(ids[None], truncate=True)[0]
+            if offsets is not None and len(fitted) < len(ids):
+                offsets = offsets[:len(fitted) - 1] + [(0, 0)]  # the closing </s>
+            cut.append((fitted, offsets) if return_offsets else fitted)
+        return cut if isinstance(result, list) else cut[0]
 
     def decode(self, tokens):
         """Text of one sequence; a sequence of several sentences (split at `</s></s>`) gives a list."""
@@ -91,32 +101,93 @@ class RobertaHub(nn.Module):
 
     # ---- the encoder ---------------------------------------------------------------------------
 
-    def extract_features(self, tokens, return_all_hiddens: bool = False, truncate: bool = False):
+    def extract_features(self, tokens, return_all_hiddens: bool = False, truncate: bool = False,
+                         window: int | None = None, stride: int | None = None):
         """Last-layer features [B, T, H]; with `return_all_hiddens` a list of layers + 1 such tensors
-        (the embeddings first). A list of 1-D token tensors gives a list of the one-at-a-time results."""
-        ids, lengths = self._batch(tokens, truncate)
-        with self._inference():
-            out = self.model.roberta(ids, output_hidden_states=return_all_hiddens)
-        layers = list(out.hidden_states) if return_all_hiddens else [out.last_hidden_state]
-        if lengths is None:
-            return layers if return_all_hiddens else layers[0]
-        items = [[layer[i:i + 1, :n] for layer in layers] for i, n in enumerate(lengths)]
-        return items if return_all_hiddens else [item[0] for item in items]
+        (the embeddings first). A list of 1-D token tensors gives a list of the one-at-a-time results.
+
+        `window` / `stride` read a sequence longer than the model in overlapping windows of `window`
+        tokens (default the model's limit) sharing `stride` tokens (default half a window); each
+        token's features come from the window where it is most central (`roberta.windows`), so the
+        result has one row per token, as for a short sequence, which is read in one pass."""
+        plan = windows.check(window, stride, self.max_tokens)
+        if plan is None:
+            ids, lengths = self._batch(tokens, truncate)
+            with self._inference():
+                out = self.model.roberta(ids, output_hidden_states=return_all_hiddens)
+            layers = list(out.hidden_states) if return_all_hiddens else [out.last_hidden_state]
+            if lengths is None:
+                return layers if return_all_hiddens else layers[0]
+            items = [[layer[i:i + 1, :n] for layer in layers] for i, n in enumerate(lengths)]
+            return items if return_all_hiddens else [item[0] for item in items]
+        sequences, as_list = self._sequences(tokens)
+        items = []
+        for ids in sequences:
+            rows, ranges = windows.split(ids, *plan)
+            pieces = [self.extract_features(rows[i:i + WINDOW_BATCH], return_all_hiddens=True)
+                      for i in range(0, len(rows), WINDOW_BATCH)]
+            pieces = [layers for batch in pieces for layers in batch]
+            owner = [windows.most_central(ranges, j) for j in range(len(ids) - 2)]
+            stitched = []
+            for layer in range(len(pieces[0])):
+                inner = [pieces[w][layer][0, 1 + j - ranges[w][0]] for j, w in enumerate(owner)]
+                stitched.append(torch.stack([pieces[0][layer][0, 0], *inner, pieces[-1][layer][0, -1]])[None])
+            items.append(stitched if return_all_hiddens else stitched[-1])
+        if as_list:
+            return items
+        if return_all_hiddens:
+            return [torch.cat([item[layer] for item in items]) for layer in range(len(items[0]))]
+        return torch.cat(items)
+
+    def _sequences(self, tokens) -> tuple[list[list[int]], bool]:
+        """Token lists of one sequence (1-D), a [batch, length] tensor or a list, and whether a list came."""
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() not in (1, 2):
+                raise RobertaError(f"tokens must be 1-D or [batch, length], got shape {list(tokens.shape)}")
+            rows = tokens.reshape(-1, tokens.shape[-1]).tolist()
+            if len({len(r) for r in rows}) > 1:
+                raise RobertaError("windows need sequences of one length in a tensor; pass a list of 1-D tensors")
+            return rows, False
+        rows = [torch.as_tensor(t, dtype=torch.long).reshape(-1).tolist() for t in tokens]
+        if not rows:
+            raise RobertaError("got an empty list of inputs; give at least one")
+        return rows, True
 
     def register_classification_head(self, name: str, num_classes: int) -> None:
         """Add a new (randomly initialised) sentence-classification head, fine-tune it, then `predict`."""
-        self.model.register_classification_head(name, num_classes).train(self.training)
+        model = self._masked_lm("register_classification_head")
+        model.register_classification_head(name, num_classes).train(self.training)
 
-    def predict(self, head: str, tokens, return_logits: bool = False, truncate: bool = False) -> torch.Tensor:
+    def predict(self, head: str, tokens, return_logits: bool = False, truncate: bool = False,
+                window: int | None = None, stride: int | None = None, pool: str = "mean") -> torch.Tensor:
         """Log-probabilities [B, classes] of a classification head (logits with `return_logits`).
 
-        A list of 1-D token tensors is one padded batch: row i equals `predict(head, tokens[i])`."""
-        ids, _ = self._batch(tokens, truncate)
-        with self._inference():
-            logits = self.model.classify(ids, head=head)
+        A list of 1-D token tensors is one padded batch: row i equals `predict(head, tokens[i])`.
+        `window` / `stride` classify a sequence longer than the model from overlapping windows (see
+        `extract_features`): the head reads each window's `<s>`, and the windows' logits are pooled
+        by `pool`, "mean" (the average logit, a geometric mean of the windows' probabilities) or
+        "max" (each class's highest logit over the windows), before the softmax. A sequence that
+        fits is one window, so the result equals the single pass."""
+        model = self._masked_lm("predict")
+        plan = windows.check(window, stride, self.max_tokens)
+        if pool not in ("mean", "max"):
+            raise RobertaError(f"pool must be mean or max, got {pool!r}")
+        if plan is None:
+            ids, _ = self._batch(tokens, truncate)
+            with self._inference():
+                logits = model.classify(ids, head=head)
+        else:
+            pooled = []
+            for ids in self._sequences(tokens)[0]:
+                rows = windows.split(ids, *plan)[0]
+                scores = torch.cat([self.predict(head, rows[i:i + WINDOW_BATCH], return_logits=True)
+                                    for i in range(0, len(rows), WINDOW_BATCH)])
+                pooled.append(scores.mean(0) if pool == "mean" else scores.max(0).values)
+            logits = torch.stack(pooled)
         return logits if return_logits else F.log_softmax(logits.float(), dim=-1)
 
-    def fill_mask(self, masked_input, topk: int = 5, as_dicts: bool = False):
+    def fill_mask(self, masked_input, topk: int = 5, as_dicts: bool = False, window: int | None = None,
+                  stride: int | None = None):
         """The `topk` most likely tokens for `<mask>`: [(filled text, probability, token), ...].
 
         As in fairseq, the text around the mask is encoded without the space before `<mask>` and the
@@ -124,6 +195,8 @@ class RobertaHub(nn.Module):
         A text with several masks gives one such list per mask, each filling only its mask (the others
         stay `<mask>`); a list of texts gives a list of results. `as_dicts=True` gives the dicts of the
         fill-mask pipelines instead: {"sequence", "score", "token" (id), "token_str"}.
+        `window` / `stride` fill texts longer than the model: each mask is predicted in the
+        overlapping window where it is most central (see `extract_features`).
         """
         texts = [masked_input] if isinstance(masked_input, str) else list(masked_input)
         fresh = [k for k in getattr(self.model, "missing_keys", []) if k.startswith("lm_head.")]
@@ -133,11 +206,33 @@ class RobertaHub(nn.Module):
                           RobertaWarning, stacklevel=2)
         if not 0 < topk <= len(self.tokenizer):
             raise RobertaError(f"topk must be between 1 and the vocabulary size {len(self.tokenizer)}, got {topk}")
-        ids, _ = self._batch([self._encode_masked(text) for text in texts], truncate=None)
-        labels = torch.where(ids == self.tokenizer.mask_token_id, ids, -100)
-        with torch.no_grad(), _eval(self.model):
-            # With labels the LM head runs only at the masks: logits are [masks in the batch, vocab].
-            logits = self.model(ids, labels=labels.to(ids.device)).logits
+        model = self._masked_lm("fill_mask")
+        encoded = [self._encode_masked(text) for text in texts]
+        plan = windows.check(window, stride, self.max_tokens)
+        if plan is None:
+            rows, predict_at = encoded, None  # every mask of a row
+        else:
+            rows, predict_at = [], []  # windows, and the masks each one predicts (those most central in it)
+            for seq in encoded:
+                seq = seq.tolist()
+                parts, ranges = windows.split(seq, *plan)
+                masks = [j for j, token in enumerate(seq[1:-1]) if token == self.tokenizer.mask_token_id]
+                for w, part in enumerate(parts):
+                    rows.append(torch.tensor(part))
+                    predict_at.append([1 + j - ranges[w][0] for j in masks if windows.most_central(ranges, j) == w])
+        logits, size = [], WINDOW_BATCH if plan else max(len(rows), 1)
+        for start in range(0, max(len(rows), 1), size):
+            ids, _ = self._batch(rows[start:start + size], truncate=None)
+            labels = torch.where(ids == self.tokenizer.mask_token_id, ids, -100)
+            if plan:
+                labels.fill_(-100)
+                for r, positions in enumerate(predict_at[start:start + size]):
+                    labels[r, positions] = self.tokenizer.mask_token_id
+            with torch.no_grad(), _eval(model):
+                # With labels the LM head runs only at the masks: logits are [masks in the batch, vocab],
+                # in text order (windows come in order and a later mask is never central in an earlier one).
+                logits.append(model(ids, labels=labels.to(ids.device)).logits)
+        logits = torch.cat(logits)
         probs, predicted = logits.float().softmax(dim=-1).topk(topk, dim=-1)
         probs, predicted = probs.tolist(), predicted.tolist()
         results, row = [], 0
@@ -161,6 +256,28 @@ class RobertaHub(nn.Module):
             per_mask.append(choices)
         return per_mask
 
+    def tag(self, text, aggregation: str = "simple", stride: int | None = None, ignore_labels=("O",)):
+        """Entities from a token-classification checkpoint: `[{"entity_group", "score", "word",
+        "start", "end"}, ...]` with `text[start:end]` the entity; a list of texts gives a list of
+        such lists. `aggregation` and `stride` (overlapping windows for long texts) are those of
+        transformers' token-classification pipeline; see `roberta.spans.tag`."""
+        from . import spans
+
+        model = self._task_model(RobertaForTokenClassification, "tag", "a token-classification")
+        if isinstance(text, str):
+            return spans.tag(model, self.tokenizer, text, aggregation, stride, ignore_labels)
+        return [spans.tag(model, self.tokenizer, t, aggregation, stride, ignore_labels) for t in text]
+
+    def answer(self, question: str, context: str, topk: int = 1, **options):
+        """The answer to `question` in `context` from a question-answering checkpoint: `{"answer",
+        "score", "start", "end"}` (a list of up to `topk` for `topk` > 1), `context[start:end]` the
+        answer. Long contexts are read in overlapping windows (`doc_stride`); `no_answer=True`
+        allows the SQuAD 2.0 empty answer, with `null_threshold`; see `roberta.spans.answer`."""
+        from . import spans
+
+        model = self._task_model(RobertaForQuestionAnswering, "answer", "a question-answering")
+        return spans.answer(model, self.tokenizer, question, context, topk, **options)
+
     def save(self, directory: str | os.PathLike) -> None:
         """Write the model (config.json + model.safetensors, heads included) and tokenizer files."""
         if self.precision != "fp32":
@@ -168,6 +285,18 @@ class RobertaHub(nn.Module):
         self.model.save_pretrained(directory, tokenizer=self.tokenizer)
 
     # ---- helpers -------------------------------------------------------------------------------
+
+    def _task_model(self, cls, method: str, kind: str):
+        if not isinstance(self.model, cls):
+            raise RobertaError(f"{method} needs {kind} checkpoint (config.json architectures: {cls.__name__}); "
+                               f"this one is a {type(self.model).__name__}")
+        return self.model
+
+    def _masked_lm(self, method: str) -> RobertaForMaskedLM:
+        if not isinstance(self.model, RobertaForMaskedLM):
+            raise RobertaError(f"{method} needs a masked-LM checkpoint; this one is a {type(self.model).__name__} "
+                               "(use tag for token classification, answer for question answering)")
+        return self.model
 
     def _encode_masked(self, text: str) -> torch.Tensor:
         # fairseq's rule: the spans around each mask lose their trailing spaces (the space before a mask
@@ -214,18 +343,25 @@ class RobertaHub(nn.Module):
 # ---- text <-> ids, with the tokenizer alone (the CLI encodes without loading weights) ------------
 
 
-def encode(tokenizer: RobertaTokenizer, sentence, *addl_sentences: str, no_separator: bool = False):
+def encode(tokenizer: RobertaTokenizer, sentence, *addl_sentences: str, no_separator: bool = False,
+           return_offsets: bool = False):
     """`RobertaHub.encode`: fairseq's framing, `</s></s>` between sentences (`</s>` with no_separator)."""
     if not isinstance(sentence, str):
         batch, others = list(sentence), [list(more) for more in addl_sentences]
         if any(len(more) != len(batch) for more in others):
             raise RobertaError("encode got lists of different lengths; give one second sentence per sentence")
-        return [encode(tokenizer, *texts, no_separator=no_separator) for texts in zip(batch, *others)]
-    ids = [tokenizer.bos_token_id] + tokenizer.encode(sentence, add_special_tokens=False) + [tokenizer.eos_token_id]
-    for more in addl_sentences:
-        separator = [] if no_separator else [tokenizer.eos_token_id]
-        ids += separator + tokenizer.encode(more, add_special_tokens=False) + [tokenizer.eos_token_id]
-    return torch.tensor(ids, dtype=torch.long)
+        return [encode(tokenizer, *texts, no_separator=no_separator, return_offsets=return_offsets)
+                for texts in zip(batch, *others)]
+    bos, eos, none = [tokenizer.bos_token_id], [tokenizer.eos_token_id], [(0, 0)]
+    ids, offsets = [], []
+    for i, text in enumerate((sentence, *addl_sentences)):
+        encoded = tokenizer.encode(text, add_special_tokens=False, return_offsets=return_offsets)
+        text_ids, text_offsets = encoded if return_offsets else (encoded, [])
+        before = 1 if i == 0 or not no_separator else 0  # <s> first, then a </s> separator unless told not to
+        ids += (bos if i == 0 else eos) * before + text_ids + eos
+        offsets += none * before + text_offsets + none
+    tokens = torch.tensor(ids, dtype=torch.long)
+    return (tokens, offsets) if return_offsets else tokens
 
 
 def decode(tokenizer: RobertaTokenizer, tokens):
@@ -304,7 +440,7 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     from .inference import reduce_precision, resolve_precision
 
     with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
-        model = RobertaForMaskedLM.from_pretrained(directory)
+        model = _model_class(directory).from_pretrained(directory)
         tokenizer = _tokenizer(directory, cache_dir, offline, base_url, progress)
     hub = RobertaHub(model, tokenizer).eval()
     hub = hub.to(device) if device is not None else hub
@@ -313,11 +449,34 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     return hub
 
 
+@contextlib.contextmanager
+def opened(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,
+           base_url: str | None = None, progress: bool = True):
+    """(directory, tokenizer) of a model opened as `load` opens it (a name, a path, an archive),
+    for code that builds another model class from it (fine-tuning, evaluation). An archive's
+    directory lasts as long as the `with` block."""
+    with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
+        yield directory, _tokenizer(directory, cache_dir, offline, base_url, progress)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | None = None,
                    base_url: str | None = None, progress: bool = True) -> RobertaTokenizer:
     """Only the tokenizer of a model (what `encode`/`decode` need), without reading its weights."""
     with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
         return _tokenizer(directory, cache_dir, offline, base_url, progress)
+
+
+def _model_class(directory: Path):
+    """The model a checkpoint holds: a token-classification or question-answering model when its
+    config.json says so (as transformers writes it), else the masked LM with its named heads."""
+    try:
+        architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []  # a fairseq checkpoint, or a config the loader reports on
+    for cls in (RobertaForTokenClassification, RobertaForQuestionAnswering):
+        if cls.__name__ in architectures:
+            return cls
+    return RobertaForMaskedLM
 
 
 @contextlib.contextmanager
@@ -375,17 +534,24 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
 
 
 def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, pool: str = "cls",
-                   layer: int = -1, truncate: bool = False, batch_tokens: int = 4096) -> list[int]:
+                   layer: int = -1, truncate: bool = False, batch_tokens: int = 4096, window: int | None = None,
+                   stride: int | None = None) -> list[int]:
     """Features of each text (a TAB separates the sentences of a pair) written atomically to `path`.
 
     `.npy`: one row per text ([texts, hidden]); `.jsonl`: {"text", "tokens", "features"} per line.
     `pool`: "cls" (the `<s>` vector, what classification heads read), "mean" over the tokens, or
     "none" (every token: .jsonl only). `layer`: 0 is the embeddings, -1 (default) the last layer.
-    Returns the shape of one text's features.
+    `window`/`stride` read texts longer than the model in overlapping windows (see
+    `RobertaHub.extract_features`). Everything is held in memory; for corpora use `roberta.jobs`,
+    which streams into shards. Returns the shape of one text's features.
     """
+    from . import jobs
+
     path = Path(path)
     if path.suffix not in (".npy", ".jsonl"):
-        raise RobertaError(f"cannot write features to {path}: name it .npy or .jsonl")
+        raise RobertaError(f"cannot write features to {path}: name it .npy or .jsonl (or a directory, for shards)")
+    if not path.parent.is_dir():
+        raise RobertaError(f"cannot write {path}: the directory {path.parent} does not exist; create it first")
     if pool not in ("cls", "mean", "none"):
         raise RobertaError(f"pool must be cls, mean or none, got {pool!r}")
     if pool == "none" and path.suffix == ".npy":
@@ -394,21 +560,16 @@ def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, p
     layers = hub.model.config.num_hidden_layers
     if not -layers - 1 <= layer <= layers:
         raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}")
-    tokens = [hub._fit(hub.encode(*text.split("\t"))[None], truncate)[0] for text in texts]
-    # Sorted into batches of similar length under a token budget: almost no padding work, and the
-    # vectors go back to input order.
-    vectors: list = [None] * len(tokens)
-    batches = length_batches([len(t) for t in tokens], batch_tokens)
-    for batch in tqdm(batches, desc="features", unit="batch", disable=len(batches) < 10):
-        hidden = hub.extract_features([tokens[i] for i in batch], return_all_hiddens=layer not in (-1, layers))
-        for i, h in zip(batch, hidden):
-            h = (h[layer] if isinstance(h, list) else h)[0].float()
-            vectors[i] = (h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy()
+    if not texts:
+        raise RobertaError("no inputs to write features for; give at least one text")
+    windowed = windows.check(window, stride, hub.max_tokens) is not None
+    tokens = jobs.tokenize(hub, [text.split("\t") for text in texts], truncate, windowed)
+    vectors = jobs.feature_rows(hub, tokens, pool, layer, batch_tokens, window, stride)
     if path.suffix == ".npy":
         buffer = io.BytesIO()
         np.save(buffer, np.stack(vectors))
         atomic_write(path, buffer.getvalue())
     else:
-        atomic_write(path, "".join(json.dumps({"text": text, "tokens": ids.tolist(), "features": vector.tolist()}) + "\n"
+        atomic_write(path, "".join(json.dumps({"text": text, "tokens": ids, "features": vector.tolist()}) + "\n"
                                    for text, ids, vector in zip(texts, tokens, vectors)))
     return list(vectors[0].shape)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import json
+import math
 import re
 import string
 from dataclasses import dataclass, field
@@ -148,9 +150,7 @@ def read_glue(task: GlueTask | str, path: str | Path, skip_bad_rows: bool = Fals
     path = _need_file(Path(path), f"a GLUE {task.name} TSV file from download_glue_data.py")
     rows = _Rows(path, skip_bad_rows)
     is_test = path.name.startswith("test")
-    # utf-8-sig: MRPC's files start with a byte-order mark before "Quality".
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    lines = list(csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     if is_test or task.header:
         if not lines:
             raise TaskDataError(f"{path} is empty: expected a header line")
@@ -217,9 +217,12 @@ PROBLEM_TYPES = ("classification", "regression", "multi_label")
 
 def read_table(path: str | Path, text_columns: list[str], label_column: str | None = "label",
                problem_type: str = "classification", labels: list[str] | None = None,
-               label_sep: str = ",", skip_bad_rows: bool = False) -> tuple[Split, list[str] | None]:
+               label_sep: str = ",", skip_bad_rows: bool = False,
+               header: bool | None = None) -> tuple[Split, list[str] | None]:
     """Read a user's labelled file: `.csv` (standard quoting), `.tsv` (tabs, no quoting, like GLUE)
-    or `.jsonl` (one object a line). One or two `text_columns` make a sentence or a sentence pair.
+    or `.jsonl` (one object, or one array, a line). One or two `text_columns` make a sentence or a
+    sentence pair. Columns are header names, or positions counted from 0 (`"1"`): a CSV/TSV file has
+    a header line when `header` says so, or (None) when the columns are given by name.
 
     Labels: class names for "classification"; numbers for "regression"; for "multi_label", a JSON
     list in JSONL or names joined by `label_sep` in CSV/TSV. Returns the split and the label names
@@ -231,7 +234,8 @@ def read_table(path: str | Path, text_columns: list[str], label_column: str | No
     if not 1 <= len(text_columns) <= 2:
         raise TaskDataError(f"give one or two text columns, not {len(text_columns)}")
     rows = _Rows(path, skip_bad_rows)
-    records = list(_records(path, rows))
+    positional = all(str(c).isdigit() for c in [*text_columns, label_column] if c is not None)
+    records = list(_records(path, rows, not positional if header is None else header))
     wanted = list(text_columns) + ([label_column] if label_column else [])
 
     raw = []
@@ -258,6 +262,9 @@ def read_table(path: str | Path, text_columns: list[str], label_column: str | No
                 except (TypeError, ValueError):
                     rows.bad(n, f"label {value!r} is not a number")
                     continue
+                if not math.isfinite(label):  # nan or inf would turn every loss after it into nan
+                    rows.bad(n, f"label {value!r} is not a finite number")
+                    continue
             else:
                 names = _label_names(value, problem_type, label_sep)
                 unknown = [x for x in names if x not in labels]
@@ -271,38 +278,54 @@ def read_table(path: str | Path, text_columns: list[str], label_column: str | No
     return Split(examples, path, rows.skipped), labels
 
 
-def _records(path: Path, rows: _Rows):
-    """(line number, dict) for each record of a CSV/TSV/JSONL file."""
+def _records(path: Path, rows: _Rows, header: bool = True):
+    """(line number, dict) for each record of a CSV/TSV/JSONL file; without a header (or for a JSON
+    array) the keys are the positions "0", "1", ..."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    rows.bad(n, f"not valid JSON ({exc.msg})")
-                    continue
-                if not isinstance(record, dict):
-                    rows.bad(n, "expected a JSON object")
-                    continue
-                yield n, record
-    elif suffix in (".csv", ".tsv"):
-        quoting = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv" else {}
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, **quoting)
-            header = next(reader, None)
-            if header is None:
-                raise TaskDataError(f"{path} is empty: expected a header line naming the columns")
-            for fields in reader:
-                n = reader.line_num
-                if len(fields) != len(header):
-                    rows.bad(n, f"expected {len(header)} fields as in the header, found {len(fields)}")
-                    continue
-                yield n, dict(zip(header, fields))
-    else:
+    if suffix not in (".jsonl", ".csv", ".tsv"):
         raise TaskDataError(f"{path}: unknown file type {suffix!r}: use .csv, .tsv or .jsonl")
+    text = read_utf8(path)
+    if suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                rows.bad(n, f"not valid JSON ({exc.msg})")
+                continue
+            if isinstance(record, list):
+                record = {str(i): v for i, v in enumerate(record)}
+            if not isinstance(record, dict):
+                rows.bad(n, "expected a JSON object or array")
+                continue
+            yield n, record
+        return
+    quoting = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv" else {}
+    reader = csv.reader(io.StringIO(text, newline=""), **quoting)
+    names = next(reader, None) if header else None
+    if header and names is None:
+        raise TaskDataError(f"{path} is empty: expected a header line naming the columns")
+    for fields in reader:
+        n = reader.line_num
+        if names is None:
+            names = [str(i) for i in range(len(fields))]  # a headerless file: the first row sets the width
+        if len(fields) != len(names):
+            rows.bad(n, f"expected {len(names)} fields as in the {'header' if header else 'first row'}, "
+                        f"found {len(fields)}")
+            continue
+        yield n, dict(zip(names, fields))
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents; bytes that are not UTF-8 are an error naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # -sig: MRPC's files start with a byte-order mark
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise TaskDataError(f"{path}:{line}: byte 0x{data[exc.start]:02x} is not valid UTF-8: save the file "
+                            "as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _label_names(value, problem_type: str, sep: str) -> list[str]:
@@ -500,7 +523,7 @@ def squad_features(examples: list[SquadExample], encode_with_offsets, max_len: i
     tokens apart (as in the original BERT SQuAD code), so every answer lies whole in some window.
 
     `encode_with_offsets(text) -> (ids, [(char_start, char_end), ...])` tokenises without special
-    tokens; the tokenizer's `encode_with_offsets` does that.
+    tokens; the tokenizer's `encode(text, add_special_tokens=False, return_offsets=True)` does that.
     """
     features = []
     for index, ex in enumerate(examples):

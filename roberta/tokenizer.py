@@ -84,9 +84,10 @@ class RobertaTokenizer:
         tokenizer = Tokenizer(bpe)
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
-        bos, eos = ("<s>", self.bos_token_id), ("</s>", self.eos_token_id)
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[bos, eos])
+        # `<s> A </s>` and `<s> A </s></s> B </s>`, with transformers' offsets: a token's span
+        # leaves out the space before it (trim_offsets), since that space is not part of the word.
+        tokenizer.post_processor = processors.RobertaProcessing(
+            ("</s>", self.eos_token_id), ("<s>", self.bos_token_id), trim_offsets=True, add_prefix_space=False)
         return tokenizer
 
     # ---- loading ------------------------------------------------------------------------------
@@ -173,23 +174,33 @@ class RobertaTokenizer:
     # ---- encoding -----------------------------------------------------------------------------
 
     def encode(self, text: str, pair: str | None = None, add_special_tokens: bool = True,
-               max_length: int | None = None, parse_special_tokens: bool = False) -> list[int]:
+               max_length: int | None = None, parse_special_tokens: bool = False,
+               return_offsets: bool = False, return_word_ids: bool = False):
         """Token ids of `text` (and `pair`), framed as `<s> A </s>` / `<s> A </s></s> B </s>`.
 
         `max_length` caps the total length, specials included, by cutting the end of the text (of
-        the longer text first for a pair); the special tokens are always kept."""
+        the longer text first for a pair); the special tokens are always kept.
+
+        `return_offsets=True` gives `(ids, offsets)`: each token's `(start, end)` character span in
+        the text it came from (a pair's second text for its tokens), so that `text[start:end]` is
+        the token's text. As in transformers' fast tokenizers (`trim_offsets`), a token's span
+        leaves out the spaces before it (' world' spans 'world'), a token made only of spaces has
+        an empty span at its end, special tokens are `(0, 0)`, and the byte-level pieces of one
+        character (an emoji split in two tokens) each span that whole character. Spans are in
+        Python `str` indices (code points), so combining marks count as characters of their own.
+        `return_word_ids=True` also gives `word_ids`: the index of the pre-tokenizer word (' world',
+        '!') each token belongs to, None for special tokens: `(ids, offsets, word_ids)`.
+        """
         if not isinstance(text, str) or not isinstance(pair, (str, type(None))):
             raise TypeError(f"encode expects str text, got {type(text).__name__} and {type(pair).__name__}")
-        room = self._room(max_length, pair is not None, add_special_tokens)
-        tokenizer = self._parsing if parse_special_tokens else self._plain
-        if room is None:
-            return self._ids([tokenizer.encode(text, pair, add_special_tokens=add_special_tokens)])[0]
-        first, *second = self._ids([tokenizer.encode(t, add_special_tokens=False) for t in (text, pair) if t is not None])
-        return self._frame(first, second[0] if second else None, room, add_special_tokens)
+        rows = self._encode_rows([text], None if pair is None else [pair], add_special_tokens, max_length,
+                                 parse_special_tokens, return_offsets or return_word_ids)
+        return self._returned(rows[0], return_offsets, return_word_ids)
 
     def encode_batch(self, texts: list[str], pairs: list[str] | None = None, add_special_tokens: bool = True,
-                     max_length: int | None = None, parse_special_tokens: bool = False) -> list[list[int]]:
-        """`encode` for many texts at once, in parallel inside `tokenizers`."""
+                     max_length: int | None = None, parse_special_tokens: bool = False,
+                     return_offsets: bool = False, return_word_ids: bool = False) -> list:
+        """`encode` for many texts at once, in parallel inside `tokenizers` (one result per text)."""
         if isinstance(texts, str) or isinstance(pairs, str):
             raise TypeError("encode_batch expects a list of texts, not one str; use encode for a single text")
         texts = list(texts)
@@ -197,27 +208,45 @@ class RobertaTokenizer:
             pairs = list(pairs)
             if len(pairs) != len(texts):
                 raise RobertaError(f"encode_batch got {len(texts)} texts but {len(pairs)} pairs; they must match")
+        rows = self._encode_rows(texts, pairs, add_special_tokens, max_length, parse_special_tokens,
+                                 return_offsets or return_word_ids)
+        return [self._returned(row, return_offsets, return_word_ids) for row in rows]
+
+    @staticmethod
+    def _returned(row, return_offsets: bool, return_word_ids: bool):
+        ids, offsets, words = row
+        if not (return_offsets or return_word_ids):
+            return ids
+        if return_word_ids and not return_offsets:
+            raise RobertaError("return_word_ids=True needs return_offsets=True: the result is (ids, offsets, word_ids)")
+        return (ids, offsets, words) if return_word_ids else (ids, offsets)
+
+    def _encode_rows(self, texts, pairs, add_special_tokens, max_length, parse_special_tokens, details: bool):
+        """(ids, offsets, word_ids) per input (offsets and word_ids None unless `details`)."""
         room = self._room(max_length, pairs is not None, add_special_tokens)
         tokenizer = self._parsing if parse_special_tokens else self._plain
         if room is None:
             inputs = texts if pairs is None else list(zip(texts, pairs))
-            return self._ids(tokenizer.encode_batch_fast(inputs, add_special_tokens=add_special_tokens))
-        firsts = self._ids(tokenizer.encode_batch_fast(texts, add_special_tokens=False))
-        seconds = [None] * len(texts) if pairs is None else \
-            self._ids(tokenizer.encode_batch_fast(pairs, add_special_tokens=False))
-        return [self._frame(a, b, room, add_special_tokens) for a, b in zip(firsts, seconds)]
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids of `text` without special tokens, and each token's (start, end) character span
-        in `text` with the leading space left out, so that an answer span found in token positions
-        maps back to the exact text (SQuAD)."""
-        encoding = self._plain.encode(text, add_special_tokens=False)
-        offsets = []
-        for start, end in encoding.offsets:
-            while start < end - 1 and text[start].isspace():
-                start += 1
-            offsets.append((start, end))
-        return self._ids([encoding])[0], offsets
+            encodings = (tokenizer.encode_batch if details else tokenizer.encode_batch_fast)(
+                inputs, add_special_tokens=add_special_tokens)
+            return [(ids, e.offsets if details else None, e.word_ids if details else None)
+                    for ids, e in zip(self._ids(encodings), encodings)]
+        # Under a length cap each text is encoded alone and cut here, tokens with their spans.
+        encode = tokenizer.encode_batch if details else tokenizer.encode_batch_fast
+        parts = [encode(group, add_special_tokens=False) for group in (texts, pairs) if group is not None]
+        rows = []
+        for encodings in zip(*parts):
+            pieces = [list(zip(ids, e.offsets, e.word_ids)) if details else ids
+                      for ids, e in zip(self._ids(encodings), encodings)]
+            special = (self.bos_token_id, (0, 0), None) if details else self.bos_token_id
+            framed = self._frame(pieces[0], pieces[1] if len(pieces) > 1 else None, room, add_special_tokens,
+                                 special, (self.eos_token_id, (0, 0), None) if details else self.eos_token_id)
+            if details:
+                ids, offsets, words = (list(column) for column in zip(*framed)) if framed else ([], [], [])
+                rows.append((ids, offsets, words))
+            else:
+                rows.append((framed, None, None))
+        return rows
 
     def _ids(self, encodings) -> list[list[int]]:
         ids = [encoding.ids for encoding in encodings]
@@ -235,7 +264,9 @@ class RobertaTokenizer:
             raise RobertaError(f"max_length={max_length} is too short: the special tokens alone take {specials}")
         return max_length - specials
 
-    def _frame(self, first: list[int], second: list[int] | None, room: int, add_special_tokens: bool) -> list[int]:
+    @staticmethod
+    def _frame(first: list, second: list | None, room: int, add_special_tokens: bool, bos, eos) -> list:
+        """Cut to `room` and frame with `bos`/`eos`; the items are ids, or (id, span, word) triples."""
         if second is None:
             first = first[:room]
         elif len(first) + len(second) > room:
@@ -247,8 +278,7 @@ class RobertaTokenizer:
                 first, second = first[:short], second[:room - short]
         if not add_special_tokens:
             return first + (second or [])
-        bos, eos = [self.bos_token_id], [self.eos_token_id]
-        return bos + first + eos if second is None else bos + first + eos + eos + second + eos
+        return [bos] + first + [eos] if second is None else [bos] + first + [eos, eos] + second + [eos]
 
     def tokenize(self, text: str, parse_special_tokens: bool = False) -> list[str]:
         """The byte-level BPE pieces of `text`, without special tokens ('Ġ' marks a space)."""

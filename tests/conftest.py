@@ -39,3 +39,18 @@ def tiny_hub(hub_checkpoints):
     import roberta
 
     return roberta.load(hub_checkpoints["hf"], precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_dir(tmp_path_factory, bpe_dir) -> Path:
+    """A tiny masked LM (2 x 64, 64 positions) with the real tokenizer, to fine-tune in tests."""
+    import torch
+
+    from roberta.model import RobertaConfig, RobertaForMaskedLM
+    from roberta.tokenizer import RobertaTokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-mlm-dir")
+    RobertaForMaskedLM(RobertaConfig.tiny(max_position_embeddings=66)).save_pretrained(
+        path, tokenizer=RobertaTokenizer.from_pretrained(bpe_dir))
+    return path

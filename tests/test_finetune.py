@@ -11,6 +11,7 @@ import roberta
 from roberta import finetune as ft
 from roberta.cli import main
 from roberta.errors import RobertaError
+from roberta.inference import pad_batch
 from roberta.model import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
 from roberta.tokenizer import RobertaTokenizer
 
@@ -51,7 +52,7 @@ def sst2_pretrained(tmp_path_factory):
                valid_fraction=0.02, workers=2, progress=False)
     run = root / "run"
     pretrain(PretrainConfig.preset("tiny", data=str(root / "data"), max_len=64, batch_size=32, micro_batch_size=32,
-                                   lr=3e-3, warmup_steps=30, max_steps=PRETRAIN_STEPS, dropout=0.0,
+                                   lr=3e-3, warmup_updates=30, total_updates=PRETRAIN_STEPS, dropout=0.0,
                                    val_every=PRETRAIN_STEPS, save_every=PRETRAIN_STEPS, threads=1, progress=False), run)
     return run
 
@@ -65,23 +66,19 @@ def read_jsonl(path):
 
 def test_published_glue_recipes_and_overrides():
     r = ft.recipe_for("mnli")
-    assert (r.task, r.lr, r.batch_size, r.total_updates, r.warmup_updates) == ("MNLI", 1e-5, 32, 123873, 7432)
+    assert (r.task, r.lr, r.batch_size, r.total_updates, r.warmup_updates) == ("MNLI", None, 32, None, None)
     assert (r.max_epochs, r.weight_decay, r.adam_betas, r.adam_eps) == (10, 0.1, (0.9, 0.98), 1e-6)
-    r = ft.recipe_for("RTE")
-    assert (r.lr, r.batch_size, r.total_updates, r.warmup_updates) == (2e-5, 16, 2036, 122)
-    assert ft.recipe_for("sts-b").total_updates == 3598
-    assert ft.recipe_for("squad").lr == 1.5e-5 and ft.recipe_for("race").batch_size == 16
-    # The published update counts assume the full data at the published batch size: changing either
-    # derives them again; changing only the learning rate keeps them.
-    assert ft.recipe_for("RTE", batch_size=8).total_updates is None
-    assert ft.recipe_for("RTE", max_train_examples=100).warmup_updates is None
-    assert ft.recipe_for("RTE", lr=1e-5).total_updates == 2036
+    assert ft.published("mnli") == dict(lr=1e-5, batch_size=32, total_updates=123873, warmup_updates=7432)
+    assert ft.published("RTE") == dict(lr=2e-5, batch_size=16, total_updates=2036, warmup_updates=122)
+    assert ft.recipe_for("RTE").batch_size == 16 and ft.published("sts-b")["total_updates"] == 3598
+    assert ft.published("squad")["lr"] == 1.5e-5 and ft.recipe_for("race").batch_size == 16
     with pytest.raises(RobertaError, match="unknown recipe setting"):
         ft.recipe_for("RTE", learning_rate=1)
-    assert ft.parse_settings(["lr=2e-5", "adam_betas=[0.9,0.999]", "problem_type=regression"]) == {
-        "lr": 2e-5, "adam_betas": [0.9, 0.999], "problem_type": "regression"}
-    with pytest.raises(RobertaError, match="expected key=value"):
-        ft.parse_settings(["lr"])
+    # the published rate for base and large; a narrow model gets a larger one, and the log says so
+    wide, narrow = RobertaForMaskedLM(RobertaConfig.tiny(hidden_size=768)), RobertaForMaskedLM(RobertaConfig.tiny())
+    assert ft.default_lr(r, wide)[0] == 1e-5 and ft.default_lr(r, narrow)[0] == 1e-3
+    assert "set lr to choose" in ft.default_lr(r, narrow)[1]
+    assert ft.default_lr(r.replace(lr=3e-5), narrow)[0] == 3e-5
 
 
 def test_length_grouped_batches_cover_everything_and_pad_to_the_longest():
@@ -97,7 +94,7 @@ def test_length_grouped_batches_cover_everything_and_pad_to_the_longest():
     # Shuffled batch order in training, a fixed one in evaluation.
     assert [len(b) for b in batches] != sorted(len(b) for b in batches) or not np.array_equal(
         batches[0], ft.length_grouped_batches(lengths, 32)[0])
-    ids, mask = ft.pad([[0, 5, 2], [0, 7, 8, 9, 2]])
+    ids, mask = pad_batch([[0, 5, 2], [0, 7, 8, 9, 2]], 1)
     assert ids.tolist() == [[0, 5, 2, 1, 1], [0, 7, 8, 9, 2]]
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
 
@@ -107,9 +104,9 @@ def test_length_grouped_batches_cover_everything_and_pad_to_the_longest():
 @pytest.mark.slow
 def test_sst2_learns_from_a_pretrained_model_and_the_saved_head_reloads(sst2_pretrained, tmp_path):
     # Pretraining learned something: the masked-LM loss on held-out text fell.
-    validations = [r for r in read_jsonl(sst2_pretrained / "metrics.jsonl") if "val_loss" in r]
+    validations = [r for r in read_jsonl(sst2_pretrained / "metrics.jsonl") if "valid" in r]
     assert [r["step"] for r in validations] == [0, PRETRAIN_STEPS]
-    assert validations[-1]["val_loss"] < validations[0]["val_loss"] - 0.5
+    assert validations[-1]["valid"]["loss"] < validations[0]["valid"]["loss"] - 0.5
 
     out = tmp_path / "sst2"
     result = ft.finetune("SST-2", shared_path("glue", "SST-2"), sst2_pretrained / "model", out,
@@ -117,18 +114,22 @@ def test_sst2_learns_from_a_pretrained_model_and_the_saved_head_reloads(sst2_pre
     # SST-2 dev (all 872 sentences): 444 positive, so the majority class scores 50.9%.
     assert result["dev"]["accuracy"] >= 0.62  # 0.663 here; 0.642 with other seeds
     assert json.loads((out / "eval.json").read_text()) == result
-    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt", "curves.png", "recipe.json"):
+    for name in ("model/config.json", "model/model.safetensors", "model/vocab.json", "model/merges.txt",
+                 "curves.png", "recipe.json"):
         assert (out / name).exists(), name
     log = read_jsonl(out / "metrics.jsonl")
     train = [r for r in log if "loss" in r]
     assert {"step", "epoch", "loss", "lr", "tokens_per_s"} <= set(train[0])
     assert [r["dev"]["accuracy"] for r in log if "dev" in r][-1] <= result["dev"]["accuracy"]
-    assert train[-1]["lr"] == 0.0  # linear decay ends at zero
-    recipe = json.loads((out / "recipe.json").read_text())
-    assert recipe["max_len"] == 64  # cut to the pretrained model's positions
+    plan = result["plan"]  # derived from the 3,000 rows read: 94 updates per epoch, 6% warmup
+    assert (plan["rows"], plan["updates_per_epoch"], plan["total_updates"], plan["warmup_updates"]) == (3000, 94, 188, 11)
+    assert train[-1]["lr"] == pytest.approx(2e-3 / (188 - 11))  # fairseq's linear decay: 0 after the last update
+    assert json.loads((out / "recipe.json").read_text())["max_len"] == 512  # as asked,
+    assert plan["max_len"] == 64  # and cut to the pretrained model's positions
 
     # The saved head: evaluate reproduces the dev score and writes GLUE's submission format.
     preds_file = tmp_path / "SST-2.tsv"
+    out = out / "model"
     again = ft.evaluate("SST-2", shared_path("glue", "SST-2"), out, predictions=preds_file, out_file=tmp_path / "m.json")
     assert again["metrics"]["accuracy"] == pytest.approx(result["dev"]["accuracy"])
     rows = [line.split("\t") for line in preds_file.read_text().splitlines()]
@@ -138,7 +139,7 @@ def test_sst2_learns_from_a_pretrained_model_and_the_saved_head_reloads(sst2_pre
     config = json.loads((out / "config.json").read_text())
     assert config["head_name"] == "sst-2" and config["id2label"] == {"0": "0", "1": "1"}
     tok = RobertaTokenizer.from_pretrained(out)
-    batch = ft.pad(tok.encode_batch(["a gorgeous , witty , seductive movie .", "dull and lifeless"]))
+    batch = pad_batch(tok.encode_batch(["a gorgeous , witty , seductive movie .", "dull and lifeless"]), 1)
     seq = RobertaForSequenceClassification.from_pretrained(out)
     mlm = RobertaForMaskedLM.from_pretrained(out)
     with torch.no_grad():
@@ -151,7 +152,7 @@ def test_sst2_learns_from_a_pretrained_model_and_the_saved_head_reloads(sst2_pre
 def _predict_rows(model, tok, dev_tsv):
     """The reloaded model's labels for the first dev rows, computed directly."""
     sentences = [line.split("\t")[0] for line in dev_tsv.read_text().splitlines()[1:3]]
-    ids, mask = ft.pad(tok.encode_batch(sentences))
+    ids, mask = pad_batch(tok.encode_batch(sentences), 1)
     with torch.no_grad():
         return model(ids, mask).logits.argmax(-1).tolist()
 
@@ -172,6 +173,7 @@ def test_rte_runs_end_to_end_as_a_pair_task_from_the_cli(tiny_checkpoint, tmp_pa
     assert ids[0] == 0 and ids[-1] == 2 and len(ids) <= 128 and any(ids[i:i + 2] == [2, 2] for i in range(len(ids)))
     assert task.collate([item])["labels"].tolist() == [task.data["dev"][0][0].label]
     preds = tmp_path / "RTE.tsv"
+    out = out / "model"
     assert main(["evaluate", "--task", "RTE", "--data", str(data), "--model", str(out), "--predictions", str(preds),
                  "--max-dev-examples", "24"]) == 0
     rows = preds.read_text().splitlines()
@@ -184,7 +186,7 @@ def test_rte_runs_end_to_end_as_a_pair_task_from_the_cli(tiny_checkpoint, tmp_pa
     logits = torch.cat([hub.predict("rte", torch.tensor(it["ids"]), return_logits=True) for it in items])
     assert [["entailment", "not_entailment"][i] for i in logits.argmax(-1)] == [r.split("\t")[1] for r in rows[1:]]
     with torch.no_grad():
-        expected = RobertaForSequenceClassification.from_pretrained(out)(*ft.pad([it["ids"] for it in items])).logits
+        expected = RobertaForSequenceClassification.from_pretrained(out)(*pad_batch([it["ids"] for it in items], 1)).logits
     assert torch.allclose(logits, expected, atol=1e-5)
 
 
@@ -213,15 +215,15 @@ def test_mnli_reports_matched_and_mismatched(tiny_checkpoint, tmp_path):
     assert {"matched_accuracy", "mismatched_accuracy"} <= set(result["dev"])
     # Same data in both dev files: same score.
     assert result["dev"]["matched_accuracy"] == result["dev"]["mismatched_accuracy"]
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
     assert config["head_name"] == "mnli" and config["id2label"] == {"0": "contradiction", "1": "neutral", "2": "entailment"}
     # RTE from the MNLI model, as in the paper: the encoder carries over, the 3-way head makes way for a 2-way one.
-    rte = ft.finetune("RTE", shared_path("glue", "RTE"), tmp_path / "out", tmp_path / "rte", max_train_examples=16,
+    rte = ft.finetune("RTE", shared_path("glue", "RTE"), tmp_path / "out" / "model", tmp_path / "rte", max_train_examples=16,
                       max_dev_examples=8, max_epochs=1)
     assert rte["head_name"] == "rte"
-    config = json.loads((tmp_path / "rte" / "config.json").read_text())
+    config = json.loads((tmp_path / "rte" / "model" / "config.json").read_text())
     assert config["head_name"] == "rte" and config["id2label"] == {"0": "entailment", "1": "not_entailment"}
-    assert RobertaForSequenceClassification.from_pretrained(tmp_path / "rte").classifier.out_proj.out_features == 2
+    assert RobertaForSequenceClassification.from_pretrained(tmp_path / "rte" / "model").classifier.out_proj.out_features == 2
 
 
 def test_stsb_trains_as_regression_on_scores_scaled_to_unit_range(tiny_checkpoint, tmp_path, tokenizer):
@@ -236,13 +238,13 @@ def test_stsb_trains_as_regression_on_scores_scaled_to_unit_range(tiny_checkpoin
     result = ft.finetune("STS-B", tmp_path, tiny_checkpoint, tmp_path / "out", max_epochs=1, batch_size=5)
     assert result["metric"] == "pearson" and {"pearson", "spearman", "mse"} <= set(result["dev"])
     preds = tmp_path / "STS-B.tsv"
-    ft.evaluate("STS-B", tmp_path, tmp_path / "out", predictions=preds)
+    ft.evaluate("STS-B", tmp_path, tmp_path / "out" / "model", predictions=preds)
     scores = [float(line.split("\t")[1]) for line in preds.read_text().splitlines()[1:]]
     assert len(scores) == 10  # printed on GLUE's 0-5 scale (scaled back from the model's [0, 1])
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["problem_type"] == "regression"
+    assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["problem_type"] == "regression"
     # The test split has no scores: predictions only, with the test file's own index column.
     (tmp_path / "test.tsv").write_text(header.replace("\tscore", "") + "7\tg\tf\ty\t0\tn\tn\tA dog.\tA cat.\n")
-    result = ft.evaluate("STS-B", tmp_path, tmp_path / "out", split="test", predictions=tmp_path / "test-preds.tsv")
+    result = ft.evaluate("STS-B", tmp_path, tmp_path / "out" / "model", split="test", predictions=tmp_path / "test-preds.tsv")
     assert result["metrics"] == {}
     (row,) = [line.split("\t") for line in (tmp_path / "test-preds.tsv").read_text().splitlines()[1:]]
     assert row[0] == "7" and re.fullmatch(r"-?\d+\.\d{3}", row[1])  # a score with 3 decimals
@@ -260,11 +262,11 @@ def test_custom_multi_label_jsonl(tiny_checkpoint, tmp_path):
     result = ft.finetune("custom", tmp_path, tiny_checkpoint, out, text_columns=["body"], label_column="tags",
                          problem_type="multi_label", head_name="topics", max_epochs=1, batch_size=4)
     assert result["head_name"] == "topics" and {"micro_f1", "macro_f1", "subset_accuracy"} <= set(result["dev"])
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "model" / "config.json").read_text())
     assert config["problem_type"] == "multi_label_classification"
     assert config["id2label"] == {"0": "politics", "1": "sports"}
     preds = tmp_path / "p.tsv"
-    ft.evaluate("custom", tmp_path, out, predictions=preds, text_columns=["body"], label_column="tags",
+    ft.evaluate("custom", tmp_path, out / "model", predictions=preds, text_columns=["body"], label_column="tags",
                 problem_type="multi_label")
     assert len(preds.read_text().splitlines()) == 9
 
@@ -282,13 +284,6 @@ def squad_file(path, version_2):
     return context
 
 
-def test_encode_with_offsets_maps_tokens_to_characters(tokenizer):
-    text = "Beyonce was born in Houston, Texas."
-    ids, offsets = tokenizer.encode_with_offsets(text)
-    assert ids == tokenizer.encode(text)[1:-1]
-    assert [text[s:e] for s, e in offsets][-4:] == ["Houston", ",", "Texas", "."]
-
-
 def test_squad_v2_runs_end_to_end_and_writes_answers(tiny_checkpoint, tmp_path):
     for split in ("train", "dev"):
         context = squad_file(tmp_path / f"{split}-v2.0.json", version_2=True)
@@ -297,7 +292,7 @@ def test_squad_v2_runs_end_to_end_and_writes_answers(tiny_checkpoint, tmp_path):
     result = ft.finetune("squad", tmp_path, tiny_checkpoint, out, max_epochs=1, batch_size=4, max_len=24, doc_stride=8)
     assert {"exact", "f1", "HasAns_f1", "NoAns_f1"} <= set(result["dev"])
     preds = tmp_path / "predictions.json"
-    ft.evaluate("squad", tmp_path, out, predictions=preds, max_len=24, doc_stride=8)
+    ft.evaluate("squad", tmp_path, out / "model", predictions=preds, max_len=24, doc_stride=8)
     answers = json.loads(preds.read_text())
     assert set(answers) == {"q1", "q2", "q3"} and all(a in context for a in answers.values())
 
@@ -313,6 +308,6 @@ def test_race_runs_end_to_end_with_levels(tiny_checkpoint, tmp_path):
     result = ft.finetune("race", tmp_path, tiny_checkpoint, out, max_epochs=1, batch_size=2)
     assert {"accuracy", "accuracy_middle", "accuracy_high"} <= set(result["dev"])
     preds = tmp_path / "race.tsv"
-    ft.evaluate("race", tmp_path, out, predictions=preds)
+    ft.evaluate("race", tmp_path, out / "model", predictions=preds)
     rows = [line.split("\t") for line in preds.read_text().splitlines()]
     assert rows[0] == ["id", "answer"] and len(rows) == 5 and {r[1] for r in rows[1:]} <= set("ABCD")

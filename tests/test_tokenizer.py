@@ -294,3 +294,112 @@ def test_corrupt_hf_files(bpe_dir, tmp_path):
     one_line_error(lambda: RobertaTokenizer.from_pretrained(folder), "merges.txt line 3")
     (folder / "merges.txt").write_text("#version: 0.2\nĠ t\nzzz q\n", encoding="utf-8")
     one_line_error(lambda: RobertaTokenizer.from_pretrained(folder), "line 3: token 'zzz' is not in the vocabulary")
+
+
+# ---- character offsets --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_loaded(bpe_dir):
+    """transformers' fast tokenizer loaded the way users load it, checked on a known sequence first."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.RobertaTokenizerFast.from_pretrained(str(bpe_dir))
+    assert hf("Hello world!")["input_ids"] == HELLO
+    return hf
+
+
+def expected_spans(tok, text: str, ids: list[int]) -> list[tuple[int, int]]:
+    """Independent oracle: each token's bytes (its vocabulary entry, byte-level decoded) laid end to end
+    over text.encode(), leading spaces left out, then the smallest run of characters holding them."""
+    unbyte = {c: b for b, c in enumerate(_byte_alphabet())}
+    char_of_byte, position = [], 0
+    for i, char in enumerate(text):
+        char_of_byte += [i] * len(char.encode("utf-8"))
+    char_of_byte.append(len(text))  # the end
+    spans = []
+    for token in ids:
+        raw = bytes(unbyte[c] for c in tok.id_to_token(token))
+        start, end = position, position + len(raw)
+        position = end
+        start += len(raw) - len(raw.lstrip(b" "))
+        if start >= end:  # only spaces: an empty span at the end
+            spans.append((char_of_byte[end], char_of_byte[end]))
+        else:
+            spans.append((char_of_byte[start], char_of_byte[end - 1] + 1))
+    assert position == len(text.encode("utf-8"))  # the tokens cover every byte once
+    return spans
+
+
+def _byte_alphabet() -> list[str]:
+    # GPT-2's byte -> printable character table, in byte order (as in its encoder.py)
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40)
+       | st.lists(st.sampled_from([" ", "  ", "\n", "é", "e\u0301", "😀", "👍🏽", "中文", "ß", "a", "Ab", "'s", "\t",
+                                  "\u00a0", "\u2028", "\x00"]), max_size=15).map("".join))
+def test_offsets_slice_each_tokens_text_on_arbitrary_unicode(tok, text):
+    ids, offsets = tok.encode(text, add_special_tokens=False, return_offsets=True)
+    assert ids == tok.encode(text, add_special_tokens=False)
+    assert offsets == expected_spans(tok, text, ids)
+    unbyte = {c: b for b, c in enumerate(_byte_alphabet())}
+    for token, (start, end) in zip(ids, offsets):
+        raw = bytes(unbyte[c] for c in tok.id_to_token(token))
+        if raw.decode("utf-8", errors="replace").encode("utf-8") == raw:  # a token of whole characters
+            assert text[start:end] == raw.decode("utf-8").lstrip(" ")
+    framed, framed_offsets = tok.encode(text, return_offsets=True)
+    assert framed == [0, *ids, 2] and framed_offsets == [(0, 0), *offsets, (0, 0)]
+
+
+def test_offsets_examples(tok):
+    text = " Hello  wörld 😀!\n"
+    ids, offsets = tok.encode(text, add_special_tokens=False, return_offsets=True)
+    assert [text[s:e] for s, e in offsets] == ["Hello", "", "w", "ör", "ld", "😀", "😀", "!", "\n"]
+    ids, offsets, words = tok.encode("a b", "c d", return_offsets=True, return_word_ids=True)
+    assert offsets == [(0, 0), (0, 1), (2, 3), (0, 0), (0, 0), (0, 1), (2, 3), (0, 0)]
+    assert words == [None, 0, 1, None, None, 0, 1, None]
+    with pytest.raises(RobertaError, match="return_offsets=True"):
+        tok.encode("a", return_word_ids=True)
+
+
+def test_offsets_under_max_length_follow_the_cut(tok, hf_loaded):
+    text, pair = "one two three four five six", "seven eight nine"
+    for max_length in (6, 9, 30):
+        ours = tok.encode(text, pair, max_length=max_length, return_offsets=True)
+        ref = hf_loaded(text, pair, max_length=max_length, truncation="longest_first", return_offsets_mapping=True)
+        assert ours == (ref["input_ids"], [tuple(o) for o in ref["offset_mapping"]])
+    assert tok.encode_batch([text, "x"], max_length=4, return_offsets=True) == \
+        [tok.encode(t, max_length=4, return_offsets=True) for t in (text, "x")]
+
+
+@pytest.mark.parametrize("name", CORPORA)
+def test_offsets_equal_transformers_on_the_corpus(tok, hf_loaded, name):
+    lines = [line.replace("<unk>", "unk") for line in corpus_lines(name)][:3000]
+    ours = tok.encode_batch(lines, return_offsets=True, return_word_ids=True)
+    ref = hf_loaded(lines, return_offsets_mapping=True)
+    assert [ids for ids, _, _ in ours] == ref["input_ids"]
+    assert [offsets for _, offsets, _ in ours] == [[tuple(o) for o in row] for row in ref["offset_mapping"]]
+    assert [words for _, _, words in ours] == [ref.word_ids(i) for i in range(len(lines))]
+    pairs = list(zip(lines[::2], lines[1::2]))[:500]
+    ours = tok.encode_batch([a for a, _ in pairs], [b for _, b in pairs], return_offsets=True)
+    ref = hf_loaded([a for a, _ in pairs], [b for _, b in pairs], return_offsets_mapping=True)
+    assert [offsets for _, offsets in ours] == [[tuple(o) for o in row] for row in ref["offset_mapping"]]
+
+
+def test_hub_encode_offsets_per_sentence(tok):
+    from roberta.hub import encode
+
+    tokens, offsets = encode(tok, "Hi there", "you  two", return_offsets=True)
+    assert tokens.tolist() == encode(tok, "Hi there", "you  two").tolist() == tok.encode("Hi there", "you  two")
+    assert offsets == [(0, 0), (0, 2), (3, 8), (0, 0), (0, 0), (0, 3), (4, 4), (5, 8), (0, 0)]
+    tokens, offsets = encode(tok, "a", "b", "c", no_separator=True, return_offsets=True)
+    assert tokens.tolist() == [0, 102, 2, 428, 2, 438, 2]
+    assert offsets == [(0, 0), (0, 1), (0, 0), (0, 1), (0, 0), (0, 1), (0, 0)]

@@ -1,0 +1,401 @@
+"""Streaming batch jobs: features or predictions for inputs of any size, written in shards as they go.
+
+    roberta features -m MODEL -i corpus.txt -o vectors/       # vectors/features-00000.npy ... index.json
+    torchrun --nproc-per-node 4 -m roberta features ...        # the same files, four processes
+
+Input is read line by line (plain text, a TAB separating the sentences of a pair; TSV with two
+columns; or JSONL with a text field and an optional pair field), one input per line and one output
+row per input, in input order: row i of the output is line i + 1 of the input. A blank line is an
+error naming the line, unless `allow_empty` makes it the empty text (`<s></s>`, a row like any other).
+
+Every `shard_rows` inputs make one shard, `<kind>-NNNNN.npy` (float32 [rows, width]: pooled features,
+or class probabilities), written to a temporary name and renamed, so a shard file is whole or
+absent. Memory holds one shard's inputs and results, whatever the input size. `job.json` records
+the settings when the job starts; `index.json`, written last, lists the shards, their first rows and
+row counts: its presence means the job is complete. After a crash, `resume=True` checks the settings
+and the input against job.json and computes only the shards that are missing. Under torchrun each
+process computes the shards k with k % world_size == rank (any world size can resume any other's
+job); rank 0 writes job.json and the index, and gloo (or NCCL) barriers order the steps. Each shard's
+timing goes to `metrics.jsonl` (rows, seconds, rows per second, rank).
+
+Why `.npy` shards rather than Parquet: no new dependency, float32 rows stored exactly, and
+`np.load(shard, mmap_mode="r")` or `load_rows(directory)` reads them back without a copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import RobertaError
+from .fileio import atomic_write
+
+FORMATS = ("text", "tsv", "jsonl")
+KINDS = ("features", "predict")
+SHARD_ROWS = 10_000
+
+
+# ---- reading inputs -----------------------------------------------------------------------------
+
+
+def input_format(path: str | None, format: str | None) -> str:
+    """`format` if given, else from the file's suffix: .jsonl -> jsonl, .tsv -> tsv, anything else text."""
+    if format is not None:
+        if format not in FORMATS:
+            raise RobertaError(f"input format must be one of {', '.join(FORMATS)}, got {format!r}")
+        return format
+    suffix = Path(path).suffix.lower() if path and path != "-" else ""
+    return {".jsonl": "jsonl", ".tsv": "tsv"}.get(suffix, "text")
+
+
+def read_inputs(lines: Iterator[bytes], format: str = "text", field: str = "text", pair_field: str | None = None,
+                allow_empty: bool = False, name: str = "input") -> Iterator[list[str]]:
+    """The sentences of each input line (one, or a pair), in order; bad lines are errors naming the line."""
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RobertaError(f"{name} line {number} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        line = line[:-1] if line.endswith("\n") else line
+        line = line[:-1] if line.endswith("\r") else line
+        if format == "jsonl":
+            sentences = _json_fields(line, number, field, pair_field, name) if line.strip() else [""]
+        elif format == "tsv":
+            sentences = line.split("\t")
+            if line.strip() and len(sentences) != 2:
+                raise RobertaError(f"{name} line {number} has {len(sentences)} columns; a TSV input has two "
+                                   "(sentence TAB sentence); use --format text for single sentences")
+        else:
+            sentences = line.split("\t")
+        if not allow_empty and not "".join(sentences).strip():
+            raise RobertaError(f"{name} line {number} is empty; each line is one input and one output row, so "
+                               "remove it, or pass --allow-empty to read it as the empty text")
+        yield sentences
+
+
+def _json_fields(line: str, number: int, field: str, pair_field: str | None, name: str) -> list[str]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RobertaError(f"{name} line {number} is not JSON ({exc.msg})") from None
+    values = []
+    for key in (field, pair_field) if pair_field else (field,):
+        value = record.get(key) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            raise RobertaError(f"{name} line {number} has no string field {key!r}; name the field with --field")
+        values.append(value)
+    return values
+
+
+def open_lines(path: str | None) -> Iterator[bytes]:
+    """The lines of a file (or of stdin for None / '-'), as bytes, read as they are needed."""
+    if path in (None, "-"):
+        if hasattr(sys.stdin, "buffer"):
+            yield from sys.stdin.buffer
+        else:  # a text stream standing in for stdin (tests, notebooks)
+            yield from (line.encode("utf-8", "surrogateescape") for line in sys.stdin)
+        return
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise RobertaError(f"cannot read input {path}: {exc.strerror}") from None
+    with handle:
+        yield from handle
+
+
+def count_lines(path: str) -> int:
+    """Lines in a file (a last line without a newline counts), read in 1 MiB blocks."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
+
+
+# ---- computing ----------------------------------------------------------------------------------
+
+
+def tokenize(hub, inputs: list[list[str]], truncate: bool, windowed: bool) -> list[list[int]]:
+    """Token ids of each input (`<s> A </s>` or `<s> A </s></s> B </s>`), refused or cut at the model's
+    limit unless windows will read it."""
+    from .hub import encode
+
+    tokenizer, limit = hub.tokenizer, hub.max_tokens
+    if all(len(s) == 1 for s in inputs):
+        ids = tokenizer.encode_batch([s[0] for s in inputs])
+    elif all(len(s) == 2 for s in inputs):
+        ids = tokenizer.encode_batch([s[0] for s in inputs], [s[1] for s in inputs])
+    else:
+        ids = [encode(tokenizer, *s).tolist() for s in inputs]
+    if windowed:
+        return ids
+    return [row if len(row) <= limit else hub._fit(torch.tensor([row]), truncate)[0].tolist() for row in ids]
+
+
+def _padded(hub, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids right-padded with `<pad>` and the attention mask, on the model's device."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    ids = np.full((len(rows), int(lengths.max())), hub.tokenizer.pad_token_id, dtype=np.int64)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = row
+    mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+    return torch.from_numpy(ids).to(hub.device), torch.from_numpy(mask).long().to(hub.device)
+
+
+def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -1, batch_tokens: int = 4096,
+                 window: int | None = None, stride: int | None = None) -> list[np.ndarray]:
+    """Features of each token sequence, float32: the `<s>` vector (`pool` "cls"), the mean over the
+    tokens ("mean"), or every token ("none", [length, hidden]), from `layer` (0: the embeddings).
+    Sequences go in batches of similar length under `batch_tokens`, pooled as a batch; longer than
+    the model with `window`/`stride`, in overlapping windows."""
+    from .inference import length_batches
+
+    layers = hub.model.config.num_hidden_layers
+    all_layers = layer not in (-1, layers)
+    limit = hub.max_tokens
+    out: list = [None] * len(tokens)
+    short = [i for i, t in enumerate(tokens) if len(t) <= limit]
+    for batch in length_batches([len(tokens[i]) for i in short], batch_tokens):
+        batch = [short[i] for i in batch]
+        ids, mask = _padded(hub, [tokens[i] for i in batch])
+        with torch.inference_mode():
+            result = hub.model.roberta(ids, attention_mask=mask, output_hidden_states=all_layers)
+        h = (result.hidden_states[layer] if all_layers else result.last_hidden_state).float()
+        if pool == "cls":
+            pooled = list(h[:, 0].cpu().numpy())
+        elif pool == "mean":
+            m = mask.unsqueeze(-1).to(h.dtype)
+            pooled = list(((h * m).sum(1) / m.sum(1)).cpu().numpy())
+        else:
+            pooled = [h[r, :len(tokens[i])].cpu().numpy() for r, i in enumerate(batch)]
+        for i, vector in zip(batch, pooled):
+            out[i] = vector
+    for i in (i for i, t in enumerate(tokens) if len(t) > limit):
+        h = hub.extract_features(torch.tensor(tokens[i]), return_all_hiddens=all_layers, window=window, stride=stride)
+        h = (h[layer] if all_layers else h)[0].float()
+        out[i] = (h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy()
+    return out
+
+
+def prediction_rows(hub, tokens: list[list[int]], head: str, batch_tokens: int = 4096, window: int | None = None,
+                    stride: int | None = None, pool: str = "mean") -> np.ndarray:
+    """Class probabilities [inputs, classes] of a classification head (windows pooled by `pool`)."""
+    from .inference import length_batches
+
+    probs: list = [None] * len(tokens)
+    limit = hub.max_tokens
+    short = [i for i, t in enumerate(tokens) if len(t) <= limit]
+    for batch in length_batches([len(tokens[i]) for i in short], batch_tokens):
+        batch = [short[i] for i in batch]
+        ids, _ = _padded(hub, [tokens[i] for i in batch])
+        rows = hub.predict(head, ids).exp().cpu().numpy()
+        for i, row in zip(batch, rows):
+            probs[i] = row
+    for i in (i for i, t in enumerate(tokens) if len(t) > limit):
+        probs[i] = hub.predict(head, torch.tensor(tokens[i]), window=window, stride=stride, pool=pool)[0].exp().numpy()
+    return np.stack(probs).astype(np.float32)
+
+
+# ---- the job ------------------------------------------------------------------------------------
+
+
+def shard_name(kind: str, index: int) -> str:
+    return f"{kind}-{index:05d}.npy"
+
+
+def prepare_output(out: str | os.PathLike, resume: bool) -> Path:
+    """Check the output directory before any work: its parent must exist; an existing one needs `resume`."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise RobertaError(f"cannot write to {out}: the directory {out.parent} does not exist; create it first")
+    if out.exists() and not out.is_dir():
+        raise RobertaError(f"{out} is a file; the output of a sharded job is a directory")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise RobertaError(f"{out} already exists; pass --resume to continue the job in it, or choose a new directory")
+    if resume and out.is_dir() and any(out.iterdir()) and not (out / "job.json").is_file():
+        raise RobertaError(f"{out} holds no job.json: it is not a job to resume")
+    return out
+
+
+def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: str | None = None,
+        field: str = "text", pair_field: str | None = None, allow_empty: bool = False, pool: str = "cls",
+        layer: int = -1, head: str | None = None, truncate: bool = False, window: int | None = None,
+        stride: int | None = None, window_pool: str = "mean", shard_rows: int = SHARD_ROWS,
+        batch_tokens: int = 4096, resume: bool = False, progress: bool = True, model_name: str = "") -> dict:
+    """Run a `kind` ("features" or "predict") job from `source` (a file, or stdin for None / '-') into
+    the directory `out`; returns the index (also written to out/index.json)."""
+    from . import windows
+
+    if kind not in KINDS:
+        raise RobertaError(f"job kind must be features or predict, got {kind!r}")
+    if shard_rows < 1:
+        raise RobertaError(f"shard_rows must be at least 1, got {shard_rows}")
+    if kind == "features" and pool not in ("cls", "mean"):
+        raise RobertaError(f"pool must be cls or mean for sharded features (one row per input), got {pool!r}")
+    layers = hub.model.config.num_hidden_layers
+    if not -layers - 1 <= layer <= layers:
+        raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}")
+    if kind == "predict":
+        heads = getattr(hub.model, "classification_heads", {})
+        if head not in heads:
+            raise RobertaError(f"the model has no classification head {head!r}; it has: {', '.join(heads) or 'none'}")
+    windowed = windows.check(window, stride, hub.max_tokens) is not None
+    format = input_format(source, format)
+    out = prepare_output(out, resume)
+    stdin = source in (None, "-")
+    if not stdin and not Path(source).is_file():
+        raise RobertaError(f"input {source} is not a file")
+    settings = {"kind": kind, "model": model_name, "input": "-" if stdin else str(Path(source).resolve()),
+                "input_bytes": None if stdin else Path(source).stat().st_size,
+                "input_head_sha256": None if stdin else _head_digest(Path(source)),
+                "format": format, "field": field, "pair_field": pair_field, "allow_empty": allow_empty,
+                "pool": pool if kind == "features" else None, "layer": layer if kind == "features" else None,
+                "head": head, "truncate": truncate, "window": window, "stride": stride,
+                "window_pool": window_pool if kind == "predict" else None, "shard_rows": shard_rows}
+    rank, world = _distributed()
+    try:
+        if (out / "index.json").is_file() and resume:
+            return _check_settings(out, settings) or json.loads((out / "index.json").read_text())
+        if rank == 0:
+            out.mkdir(exist_ok=True)
+            if (out / "job.json").is_file():
+                _check_settings(out, settings)
+            else:
+                atomic_write(out / "job.json", json.dumps(settings, indent=2) + "\n")
+        _barrier(world)
+        _check_settings(out, settings)
+        total = None if stdin else count_lines(source)
+        mine = None if total is None else sum(min(shard_rows, total - k * shard_rows)
+                                              for k in range(rank, -(-total // shard_rows), world))
+        bar = tqdm(total=mine, unit="line", unit_scale=True, desc=kind, disable=not progress or rank != 0,
+                   smoothing=0.1, file=sys.stderr)
+        rows_seen, width, shard = 0, None, []
+        inputs = read_inputs(open_lines(source), format, field, pair_field, allow_empty,
+                             name="stdin" if stdin else str(source))
+        for sentences in inputs:
+            shard.append(sentences)
+            rows_seen += 1
+            if len(shard) == shard_rows:
+                width = _shard(hub, kind, out, (rows_seen - 1) // shard_rows, shard, rank, world, bar, truncate,
+                               windowed, pool, layer, head, batch_tokens, window, stride, window_pool) or width
+                shard = []
+        if shard:
+            width = _shard(hub, kind, out, (rows_seen - 1) // shard_rows, shard, rank, world, bar, truncate,
+                           windowed, pool, layer, head, batch_tokens, window, stride, window_pool) or width
+        bar.close()
+        if rows_seen == 0:
+            raise RobertaError(f"{'stdin' if stdin else source} holds no inputs; give one input per line")
+        _barrier(world)
+        count = -(-rows_seen // shard_rows)
+        shards = [{"file": shard_name(kind, k), "first_row": k * shard_rows,
+                   "rows": min(shard_rows, rows_seen - k * shard_rows)} for k in range(count)]
+        for entry in shards:
+            entry["width"] = _shard_shape(out / entry["file"], entry["rows"])[1]
+        index = {"kind": kind, "rows": rows_seen, "width": shards[0]["width"], "dtype": "float32",
+                 "shards": shards, "settings": settings}
+        if kind == "predict":
+            index["labels"] = _labels(hub, head, shards[0]["width"])
+        if rank == 0:
+            atomic_write(out / "index.json", json.dumps(index, indent=2) + "\n")
+        _barrier(world)
+        return index
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _shard(hub, kind, out, k, inputs, rank, world, bar, truncate, windowed, pool, layer, head, batch_tokens,
+           window, stride, window_pool):
+    """Compute and write shard k if it is this process's and not already on disk; returns its width."""
+    path = out / shard_name(kind, k)
+    if k % world != rank:
+        return None
+    if path.is_file():  # written before a crash: whole, since shards are renamed into place
+        _shard_shape(path, len(inputs))
+        bar.update(len(inputs))
+        return None
+    started = time.perf_counter()
+    tokens = tokenize(hub, inputs, truncate, windowed)
+    if kind == "features":
+        rows = np.stack(feature_rows(hub, tokens, pool, layer, batch_tokens, window, stride)).astype(np.float32)
+    else:
+        rows = prediction_rows(hub, tokens, head, batch_tokens, window, stride, window_pool)
+    buffer = io.BytesIO()
+    np.save(buffer, rows)
+    atomic_write(path, buffer.getvalue())
+    seconds = time.perf_counter() - started
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"shard": k, "rows": len(inputs), "seconds": round(seconds, 4),
+                            "rows_per_second": round(len(inputs) / max(seconds, 1e-9), 1), "rank": rank}) + "\n")
+    bar.update(len(inputs))
+    return rows.shape[1]
+
+
+def _shard_shape(path: Path, rows: int) -> tuple[int, int]:
+    try:
+        shape = np.load(path, mmap_mode="r").shape
+    except (OSError, ValueError) as exc:
+        raise RobertaError(f"shard {path} is unreadable ({exc}); delete it and resume to recompute it") from None
+    if len(shape) != 2 or shape[0] != rows:
+        raise RobertaError(f"shard {path} holds {shape} but should hold {rows} rows; delete it and resume")
+    return shape
+
+
+def _head_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(1 << 16)).hexdigest()
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    try:
+        saved = json.loads((out / "job.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise RobertaError(f"{out / 'job.json'} is unreadable ({exc}); start the job in a new directory") from None
+    changed = [key for key in settings if saved.get(key) != settings[key]]
+    if changed:
+        key = changed[0]
+        raise RobertaError(f"cannot resume {out}: {key} was {saved.get(key)!r} and is now {settings[key]!r}; "
+                           "resume with the same model, input and settings, or start a new directory")
+
+
+def _labels(hub, head: str, width: int) -> list[str]:
+    config = hub.model.config
+    if config.id2label and len(config.id2label) == width and (config.head_name in (None, head)):
+        return [config.id2label[i] for i in range(width)]
+    return [str(i) for i in range(width)]
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun (the process group is set up here), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def load_rows(directory: str | os.PathLike) -> np.ndarray:
+    """All rows of a finished job as one array, in input order (memory-mapped shards, concatenated)."""
+    directory = Path(directory)
+    if not (directory / "index.json").is_file():
+        raise RobertaError(f"{directory} has no index.json: the job is not finished (resume it)")
+    index = json.loads((directory / "index.json").read_text())
+    return np.concatenate([np.load(directory / s["file"], mmap_mode="r") for s in index["shards"]])

@@ -1,0 +1,279 @@
+"""Text spans from token-level heads: entities (`tag`) and answers (`answer`), with character offsets.
+
+Both follow transformers' pipelines step for step, so a model gives the same entities and answers
+here as there (`tests/test_spans.py` checks it on the same weights):
+
+- `tag` is the token-classification pipeline: a softmax per token, then `aggregation`
+  "none" (one result per token), "simple" (adjacent tokens of one entity, B-/I- aware, grouped
+  with their mean score), or "first" / "max" / "average" (each word first takes one label from its
+  tokens: the first token's, the most confident token's, or the mean of the tokens' scores; then
+  words group as in "simple"). A word starts where a token follows a space or the text start (the
+  pipeline's rule for BPE tokenizers without word markers).
+- `answer` is the extractive question-answering pipeline: per window, softmax over the context
+  tokens (and `<s>`), a span's score is p(start) * p(end) over spans of at most `max_answer_len`
+  tokens, spans are widened to whole words (`align_to_words`), equal answers from several windows
+  add their scores. The SQuAD 2.0 empty answer scores p(start=`<s>`) * p(end=`<s>`), the lowest
+  over windows.
+
+Texts longer than the model's window are read in overlapping windows: `stride` tokens of each window
+repeat the end of the previous one (the pipelines' `stride` / `doc_stride`). For tagging, entities
+found in several windows are merged by keeping the longest (then the highest-scoring) of each overlap.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import windows
+from .errors import RobertaError
+from .inference import pad_batch
+from .tokenizer import RobertaTokenizer
+
+AGGREGATIONS = ("none", "simple", "first", "max", "average")
+WINDOW_BATCH = 8  # windows run together: bounded memory on long documents
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    shifted = np.exp(x - x.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+@torch.inference_mode()
+def _run(model, sequences: list[list[int]], pad_id: int) -> list:
+    """The model's outputs for each sequence, unpadded, as float32 numpy: token-classification
+    logits [T, labels], or QA (start [T], end [T])."""
+    device = model.get_input_embeddings().weight.device
+    outputs = []
+    for i in range(0, len(sequences), WINDOW_BATCH):
+        batch = sequences[i:i + WINDOW_BATCH]
+        ids, mask = pad_batch(batch, pad_id, device)
+        out = model(ids, attention_mask=mask)
+        for row, seq in enumerate(batch):
+            if out.logits is not None:
+                outputs.append(out.logits[row, :len(seq)].float().cpu().numpy())
+            else:
+                outputs.append((out.start_logits[row, :len(seq)].float().cpu().numpy(),
+                                out.end_logits[row, :len(seq)].float().cpu().numpy()))
+    return outputs
+
+
+def _max_tokens(model, max_length: int | None) -> int:
+    limit = model.config.max_tokens
+    if max_length is None:
+        return limit
+    if not 4 < max_length <= limit:
+        raise RobertaError(f"max_length must be between 5 and the model's {limit} tokens, got {max_length}")
+    return max_length
+
+
+# ---- entities -----------------------------------------------------------------------------------
+
+
+def tag(model, tokenizer: RobertaTokenizer, text: str, aggregation: str = "simple", stride: int | None = None,
+        ignore_labels=("O",), max_length: int | None = None) -> list[dict]:
+    """Entities in `text` from a token-classification model.
+
+    Returns, for `aggregation` "simple", "first", "max" or "average", one dict per entity:
+    `{"entity_group", "score", "word", "start", "end"}` (`text[start:end]` is the entity; `word` is
+    its tokens decoded, with the space before it, as transformers gives it); for "none" one dict
+    per token, `{"entity", "score", "index", "word", "start", "end"}` (`word` the BPE token, `index`
+    its position in the window). Labels in `ignore_labels` are left out.
+
+    A text longer than the model's window (or `max_length` tokens) needs `stride`: it is tagged in
+    overlapping windows. Without it such a text is refused.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise RobertaError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+    if not isinstance(text, str):
+        raise RobertaError(f"tag takes one text (str), got {type(text).__name__}")
+    labels = model.config.labels()
+    ids, offsets = tokenizer.encode(text, add_special_tokens=False, return_offsets=True)
+    room = _max_tokens(model, max_length) - 2
+    if len(ids) > room and stride is None:
+        raise RobertaError(f"the text has {len(ids) + 2} tokens but the model takes at most {room + 2}; "
+                           "pass stride=N (--stride N) to tag it in windows that overlap by N tokens")
+    if stride is not None and aggregation == "none":
+        raise RobertaError("stride needs an aggregation other than 'none' (overlapping windows repeat tokens); "
+                           "use simple, first, max or average")
+    ranges = windows.spans(len(ids), room, stride or 0)
+    sequences = [[tokenizer.bos_token_id, *ids[a:b], tokenizer.eos_token_id] for a, b in ranges]
+    entities = []
+    for (a, b), logits in zip(ranges, _run(model, sequences, tokenizer.pad_token_id)):
+        scores = _softmax(logits[1:-1])  # the text's tokens, without <s> and </s>
+        tokens = []
+        for i, (token, (start, end), probs) in enumerate(zip(ids[a:b], offsets[a:b], scores)):
+            # BPE has no word markers: a token continues a word unless a space (or the text start) precedes it
+            is_subword = start > 0 and " " not in text[start - 1:start + 1]
+            word = tokenizer.id_to_token(token)
+            if token == tokenizer.unk_token_id:
+                word, is_subword = text[start:end], False
+            tokens.append({"ids": [token], "word": word, "scores": probs, "start": start, "end": end,
+                           "index": i + 1, "is_subword": is_subword})
+        found = _aggregate(tokens, aggregation, labels, tokenizer)
+        entities += [e for e in found if e.get("entity", e.get("entity_group")) not in ignore_labels]
+    return _merge_overlaps(entities) if len(ranges) > 1 else entities
+
+
+def _aggregate(tokens: list[dict], aggregation: str, labels: dict[int, str], tokenizer) -> list[dict]:
+    if aggregation in ("none", "simple"):
+        per_token = []
+        for t in tokens:
+            best = int(t["scores"].argmax())
+            per_token.append({"entity": labels[best], "score": float(t["scores"][best]), "index": t["index"],
+                              "word": t["word"], "start": t["start"], "end": t["end"], "ids": t["ids"]})
+        if aggregation == "none":
+            return [{k: v for k, v in e.items() if k != "ids"} for e in per_token]
+        return _group(per_token, tokenizer)
+    words, current = [], []
+    for t in tokens:
+        if current and not t["is_subword"]:
+            words.append(_word(current, aggregation, labels))
+            current = []
+        current.append(t)
+    if current:
+        words.append(_word(current, aggregation, labels))
+    return _group(words, tokenizer)
+
+
+def _word(tokens: list[dict], aggregation: str, labels: dict[int, str]) -> dict:
+    """One label for the tokens of one word."""
+    if aggregation == "first":
+        scores = tokens[0]["scores"]
+    elif aggregation == "max":
+        scores = max(tokens, key=lambda t: t["scores"].max())["scores"]  # the first of equal maxima
+    else:
+        scores = np.nanmean(np.stack([t["scores"] for t in tokens]), axis=0)
+    best = int(scores.argmax())
+    return {"entity": labels[best], "score": float(scores[best]), "start": tokens[0]["start"],
+            "end": tokens[-1]["end"], "ids": [i for t in tokens for i in t["ids"]]}
+
+
+def _split_tag(label: str) -> tuple[str, str]:
+    if label.startswith(("B-", "I-")):
+        return label[0], label[2:]
+    return "I", label  # a label without a prefix continues the same label
+
+
+def _group(entities: list[dict], tokenizer) -> list[dict]:
+    """Adjacent tokens or words of one entity become one group: same tag, and not a fresh B-."""
+    groups, current = [], []
+    for entity in entities:
+        if current:
+            bi, label = _split_tag(entity["entity"])
+            if label == _split_tag(current[-1]["entity"])[1] and bi != "B":
+                current.append(entity)
+                continue
+            groups.append(current)
+        current = [entity]
+    if current:
+        groups.append(current)
+    return [{"entity_group": group[0]["entity"].split("-", 1)[-1],
+             "score": float(np.nanmean([e["score"] for e in group])),
+             "word": tokenizer.decode([i for e in group for i in e["ids"]]),
+             "start": group[0]["start"], "end": group[-1]["end"]} for group in groups]
+
+
+def _merge_overlaps(entities: list[dict]) -> list[dict]:
+    """Entities from overlapping windows: of entities that overlap, keep the longest, then the best scored."""
+    if not entities:
+        return entities
+    entities = sorted(entities, key=lambda e: e["start"])
+    merged, previous = [], entities[0]
+    for entity in entities:
+        if previous["start"] <= entity["start"] < previous["end"]:
+            length, previous_length = entity["end"] - entity["start"], previous["end"] - previous["start"]
+            if length > previous_length or (length == previous_length and entity["score"] > previous["score"]):
+                previous = entity
+        else:
+            merged.append(previous)
+            previous = entity
+    merged.append(previous)
+    return merged
+
+
+# ---- answers ------------------------------------------------------------------------------------
+
+
+def answer(model, tokenizer: RobertaTokenizer, question: str, context: str, topk: int = 1,
+           max_answer_len: int = 15, max_seq_len: int | None = None, doc_stride: int | None = None,
+           no_answer: bool = False, null_threshold: float = 0.0, align_to_words: bool = True):
+    """The answer to `question` in `context` from an extractive QA model: `{"answer", "score",
+    "start", "end"}` with `context[start:end] == answer`; `topk` > 1 gives a list of up to `topk`.
+
+    Windows hold `<s> question </s></s> context part </s>` in `max_seq_len` tokens (default the
+    smaller of the model's limit and 384), overlapping by `doc_stride` tokens (default the smaller of
+    half a window and 128), so a context of any length is read whole. `no_answer=True` (SQuAD 2.0)
+    adds the empty answer `{"answer": "", "start": 0, "end": 0}` scored as the model's no-answer
+    probability; it wins over a span only when its score beats the span's by more than
+    `null_threshold` (0: the higher score wins, as in transformers).
+    """
+    if not isinstance(question, str) or not isinstance(context, str):
+        raise RobertaError("answer takes a question and a context, both str")
+    if topk < 1 or max_answer_len < 1:
+        raise RobertaError(f"topk and max_answer_len must be at least 1, got {topk} and {max_answer_len}")
+    max_seq_len = min(model.config.max_tokens, 384) if max_seq_len is None else _max_tokens(model, max_seq_len)
+    doc_stride = min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
+    if doc_stride > max_seq_len:
+        raise RobertaError(f"doc_stride {doc_stride} is larger than max_seq_len {max_seq_len}")
+    q_ids = tokenizer.encode(question, add_special_tokens=False)
+    c_ids, c_offsets, c_words = tokenizer.encode(context, add_special_tokens=False, return_offsets=True,
+                                                 return_word_ids=True)
+    room = max_seq_len - len(q_ids) - 4  # <s> question </s></s> context </s>
+    if room < 1:
+        raise RobertaError(f"the question has {len(q_ids)} tokens, which leaves no room for the context in "
+                           f"{max_seq_len}-token windows; shorten the question or raise max_seq_len")
+    ranges = windows.spans(len(c_ids), room, doc_stride)
+    prefix = [tokenizer.bos_token_id, *q_ids, tokenizer.eos_token_id, tokenizer.eos_token_id]
+    sequences = [prefix + c_ids[a:b] + [tokenizer.eos_token_id] for a, b in ranges]
+    candidates_per_window = topk * 2 + 10 if align_to_words else topk  # word alignment merges some spans
+    null_score, answers = 1_000_000.0, []
+    for (a, b), (start_logits, end_logits) in zip(ranges, _run(model, sequences, tokenizer.pad_token_id)):
+        # the context tokens and <s> can be answers; the question, separators and </s> cannot
+        allowed = np.zeros(len(start_logits), dtype=bool)
+        allowed[0] = True
+        allowed[len(prefix):len(prefix) + b - a] = True
+        p_start = _softmax(np.where(allowed, start_logits, -10000.0))
+        p_end = _softmax(np.where(allowed, end_logits, -10000.0))
+        null_score = min(null_score, float(p_start[0] * p_end[0]))
+        p_start[0] = p_end[0] = 0.0
+        offsets = [(0, 0)] * len(prefix) + c_offsets[a:b] + [(0, 0)]
+        words = [None] * len(prefix) + c_words[a:b] + [None]
+        for s, e, score in _best_spans(p_start, p_end, candidates_per_window, max_answer_len, allowed):
+            start, end = _char_span(s, e, offsets, words, align_to_words)
+            text = context[start:end]
+            same = next((x for x in answers if x["answer"].lower() == text.lower()), None)
+            if same is not None:  # one answer found again (another window or span of the same words)
+                same["score"] += score
+            else:
+                answers.append({"answer": text, "score": score, "start": start, "end": end})
+    ranked = [(x["score"], x) for x in answers]
+    if no_answer:
+        ranked.append((null_score - null_threshold, {"answer": "", "score": null_score, "start": 0, "end": 0}))
+    ranked.sort(key=lambda pair: pair[0], reverse=True)  # stable: a tie keeps the span first
+    best = [x for _, x in ranked[:topk]]
+    return best[0] if topk == 1 else best
+
+
+def _best_spans(p_start: np.ndarray, p_end: np.ndarray, k: int, max_answer_len: int, allowed: np.ndarray):
+    """The `k` best (start, end, p_start * p_end) with start <= end < start + max_answer_len, both allowed."""
+    candidates = np.tril(np.triu(np.outer(p_start, p_end)), max_answer_len - 1)
+    flat = candidates.ravel()
+    if k == 1:
+        order = np.array([np.argmax(flat)])
+    elif len(flat) <= k:
+        order = np.argsort(-flat)
+    else:
+        order = np.argpartition(-flat, k)[:k]
+        order = order[np.argsort(-flat[order])]
+    starts, ends = np.unravel_index(order, candidates.shape)
+    keep = allowed[starts] & allowed[ends]
+    return [(int(s), int(e), float(candidates[s, e])) for s, e in zip(starts[keep], ends[keep])]
+
+
+def _char_span(s: int, e: int, offsets, words, align_to_words: bool) -> tuple[int, int]:
+    """Character span of tokens s..e; with `align_to_words`, of the whole words they fall in."""
+    if not align_to_words or words[s] is None or words[e] is None:
+        return offsets[s][0], offsets[e][1]
+    first = words.index(words[s])
+    last = len(words) - 1 - words[::-1].index(words[e])
+    return offsets[first][0], offsets[last][1]

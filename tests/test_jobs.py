@@ -1,0 +1,212 @@
+"""Streaming batch jobs (roberta/jobs.py, `roberta features/predict -o DIR`): one row per input line,
+bounded memory on 200,000 lines, kill -9 then --resume, torchrun with two gloo processes."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import roberta
+from roberta import RobertaConfig, RobertaForMaskedLM, RobertaTokenizer, jobs
+from roberta.errors import RobertaError
+
+WORDS = "alpha beta gamma delta river stone light night green small house music".split()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, bpe_dir):
+    """The smallest RoBERTa that still has every part: one layer of 16, the real vocabulary, an mnli head."""
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(RobertaConfig(vocab_size=50265, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32, max_position_embeddings=66))
+    model.register_classification_head("mnli", 3)
+    directory = tmp_path_factory.mktemp("jobs-model")
+    model.eval().save_pretrained(directory, tokenizer=RobertaTokenizer.from_pretrained(bpe_dir))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def hub(model_dir):
+    return roberta.load(model_dir, precision="fp32")
+
+
+def lines(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(WORDS), size=(n, 4))
+    return [f"{i} " + " ".join(WORDS[j] for j in row) for i, row in enumerate(picks)]
+
+
+def write_lines(path, texts):
+    path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def main(*args) -> int:
+    from roberta.cli import main as cli_main
+
+    return cli_main([str(a) for a in args] + ["--precision", "fp32"])
+
+
+def digests(directory) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())
+            if p.name != "metrics.jsonl"}
+
+
+# ---- one row per line ---------------------------------------------------------------------------
+
+def test_blank_lines_keep_rows_aligned_or_fail_naming_the_line(model_dir, hub, tmp_path, capsys):
+    source = tmp_path / "in.txt"
+    source.write_text("first\n\nthird\n", encoding="utf-8")
+    assert main("features", "-m", model_dir, "-i", source, "-o", tmp_path / "f.npy") == 2
+    err = capsys.readouterr().err
+    assert "line 2 is empty" in err and "--allow-empty" in err
+    assert not (tmp_path / "f.npy").exists()
+    assert main("features", "-m", model_dir, "-i", source, "-o", tmp_path / "f.npy", "--allow-empty") == 0
+    vectors = np.load(tmp_path / "f.npy")
+    assert vectors.shape == (3, 16)
+    expected = [hub.extract_features(hub.encode(t))[0, 0].numpy() for t in ("first", "", "third")]
+    np.testing.assert_allclose(vectors, np.stack(expected), atol=1e-6)
+    write_lines(source, ["", "  ", ""])
+    for out in (tmp_path / "g.npy", tmp_path / "shards"):
+        assert main("features", "-m", model_dir, "-i", source, "-o", out, "--no-progress") == 2
+        assert "line 1 is empty" in capsys.readouterr().err
+    assert not (tmp_path / "g.npy").exists() and not (tmp_path / "shards" / "index.json").exists()
+
+
+@pytest.mark.parametrize("out", ["missing/f.npy", "missing/f.jsonl", "missing/shards"])
+def test_output_into_a_missing_directory_is_refused_before_any_work(model_dir, tmp_path, out, capsys):
+    assert main("features", "-m", tmp_path / "no-such-model", "-o", tmp_path / out, "x") == 2
+    err = capsys.readouterr().err
+    assert "does not exist; create it first" in err
+    assert "no-such-model" not in err  # refused before the model was even looked for
+    assert not (tmp_path / "missing").exists()
+
+
+def test_job_formats_and_bad_lines(hub, tmp_path):
+    pairs = tmp_path / "pairs.tsv"
+    write_lines(pairs, ["A man sleeps.\tA person rests.", "Hi\tthere"])
+    index = jobs.run(hub, "predict", str(pairs), tmp_path / "p", head="mnli", progress=False)
+    probs = jobs.load_rows(tmp_path / "p")
+    expected = hub.predict("mnli", [hub.encode("A man sleeps.", "A person rests."), hub.encode("Hi", "there")]).exp()
+    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-6)
+    assert index["rows"] == 2 and index["labels"] == ["0", "1", "2"]
+    records = tmp_path / "in.jsonl"
+    write_lines(records, [json.dumps({"body": "Hello world!"}), json.dumps({"body": "Hi"})])
+    jobs.run(hub, "features", str(records), tmp_path / "j", field="body", pool="mean", progress=False)
+    expected = [hub.extract_features(hub.encode(t))[0].mean(0).numpy() for t in ("Hello world!", "Hi")]
+    np.testing.assert_allclose(jobs.load_rows(tmp_path / "j"), np.stack(expected), atol=1e-6)
+    bad = [("in.jsonl", ['{"text": "ok"}', '{"other": 1}'], "line 2 has no string field 'text'"),
+           ("in.jsonl", ['{"text": "ok"}', "not json"], "line 2 is not JSON"),
+           ("in.tsv", ["a\tb", "only one"], "line 2 has 1 columns"),
+           ("in.txt", ["fine", "\udcff"], "line 2 is not UTF-8")]
+    for number, (name, rows, message) in enumerate(bad):
+        path = tmp_path / f"bad-{number}-{name}"
+        path.write_bytes("".join(r + "\n" for r in rows).encode("utf-8", "surrogateescape"))
+        out = tmp_path / f"bad-{number}"
+        with pytest.raises(RobertaError, match=message):
+            jobs.run(hub, "features", str(path), out, progress=False)
+        assert not (out / "index.json").exists()
+    with pytest.raises(RobertaError, match="already exists; pass --resume"):
+        jobs.run(hub, "features", str(records), tmp_path / "j", field="body", progress=False)
+    with pytest.raises(RobertaError, match="pool was 'mean' and is now 'cls'"):
+        jobs.run(hub, "features", str(records), tmp_path / "j", field="body", resume=True, progress=False)
+    with pytest.raises(RobertaError, match="no classification head 'sst2'"):
+        jobs.run(hub, "predict", str(pairs), tmp_path / "q", head="sst2", progress=False)
+
+
+# ---- size, crashes, processes -------------------------------------------------------------------
+
+PEAK = "import resource, sys; from roberta.cli import main; code = main(sys.argv[1:]); " \
+       "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)"
+
+
+def peak_rss_kib(*args) -> int:
+    result = subprocess.run([sys.executable, "-c", PEAK, *map(str, args)], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    return int(result.stderr.strip().splitlines()[-1])
+
+
+def test_200k_lines_stream_in_bounded_memory_with_the_in_memory_vectors(model_dir, hub, tmp_path):
+    texts = lines(200_000)
+    big = write_lines(tmp_path / "big.txt", texts)
+    small = write_lines(tmp_path / "small.txt", texts[:20_000])
+    options = ("--pool", "mean", "--shard-rows", 20_000, "--no-progress", "--precision", "fp32")
+    small_peak = peak_rss_kib("features", "-m", model_dir, "-i", small, "-o", tmp_path / "small", *options)
+    big_peak = peak_rss_kib("features", "-m", model_dir, "-i", big, "-o", tmp_path / "big", *options)
+    # ten times the input, the same memory: the in-memory path would hold 200,000 token lists and
+    # vectors (well over 100 MB more); one shard of 20,000 rows is what stays resident
+    assert big_peak - small_peak < 30 * 1024, (small_peak, big_peak)
+    index = json.loads((tmp_path / "big" / "index.json").read_text())
+    assert index["rows"] == 200_000 and len(index["shards"]) == 10 and index["width"] == 16
+    rows = jobs.load_rows(tmp_path / "big")
+    assert rows.shape == (200_000, 16) and rows.dtype == np.float32
+    sample = [0, 1, 19_999, 20_000, 123_456, 199_999, *range(50_000, 200_000, 997)]
+    roberta.hub.write_features(hub, [texts[i] for i in sample], tmp_path / "sample.npy", pool="mean")
+    np.testing.assert_allclose(rows[sample], np.load(tmp_path / "sample.npy"), atol=1e-6)
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_lines(tmp_path_factory.mktemp("corpus") / "corpus.txt", lines(24_000, seed=1))
+
+
+@pytest.fixture(scope="module")
+def one_process(model_dir, corpus, tmp_path_factory):
+    """The job run straight through, under torchrun with one process."""
+    out = tmp_path_factory.mktemp("one") / "out"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                             "-m", "roberta", "features", "-m", str(model_dir), "-i", str(corpus), "-o", str(out),
+                             "--shard-rows", "2000", "--no-progress", "--precision", "fp32"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_kill_9_then_resume_gives_identical_files(model_dir, corpus, one_process, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "roberta", "features", "-m", model_dir, "-i", corpus, "-o", out,
+            "--shard-rows", 2000, "--no-progress", "--precision", "fp32"]
+    job = subprocess.Popen(list(map(str, args)), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(list(out.glob("features-*.npy"))) >= 3 or job.poll() is not None)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    done = sorted(p.name for p in out.glob("features-*.npy"))
+    assert 3 <= len(done) < 12 and not (out / "index.json").exists()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the processes run with OMP_NUM_THREADS=1: the same float rounding
+    try:
+        assert main(*args[3:], "--resume") == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert digests(out) == digests(one_process)
+    shards_rewritten = [json.loads(line)["shard"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(shards_rewritten) == len(set(shards_rewritten)) == 12  # each shard computed once
+    assert main(*args[3:], "--resume") == 0 and digests(out) == digests(one_process)  # already done
+
+
+def test_two_gloo_processes_under_torchrun_equal_one(model_dir, corpus, one_process, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "roberta", "features", "-m", str(model_dir), "-i", str(corpus), "-o", str(out),
+                             "--shard-rows", "2000", "--no-progress", "--precision", "fp32"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert digests(out) == digests(one_process)
+    ranks = {json.loads(line)["shard"]: json.loads(line)["rank"] for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert ranks == {k: k % 2 for k in range(12)}

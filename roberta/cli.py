@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory: recipe.json, metrics.jsonl, curves.png, eval.json, "
                    "model/ (the best checkpoint), checkpoints/")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in --out from its latest (or the given) checkpoint")
+                   help="continue the run in --out from its latest (or the given) checkpoint (default: a new run)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the task's published one, adapted to "
                    "the model's size)")
     p.add_argument("--batch-size", type=int, help="examples per update (default: the task's recipe)")
@@ -237,7 +237,7 @@ def _add_hub_commands(sub) -> None:
                        help="input lines: text (a TAB separates a pair), tsv (two columns) or jsonl "
                        "(default: from the suffix, .tsv or .jsonl, else text)")
         p.add_argument("--field", default="text", help="jsonl: the field holding the text (default text)")
-        p.add_argument("--pair-field", help="jsonl: the field holding the second sentence of a pair")
+        p.add_argument("--pair-field", help="jsonl: the field holding the second sentence of a pair (default: none, single sentences)")
         p.add_argument("--allow-empty", action="store_true",
                        help="read a blank line as the empty text (default: a blank line is an error naming it, "
                        "since row i of the output is line i of the input)")
@@ -273,7 +273,7 @@ def _add_hub_commands(sub) -> None:
     p = command("answer", _answer, "answer each question from its context with a question-answering checkpoint",
                 text="QUESTION")
     p.add_argument("--context", help="the context for every question (default: each input is QUESTION<TAB>CONTEXT)")
-    p.add_argument("--context-file", help="read the context for every question from this UTF-8 file")
+    p.add_argument("--context-file", help="read the context for every question from this UTF-8 file (default: from each input)")
     p.add_argument("--topk", type=_positive_int, default=1, help="answers per question (default 1)")
     p.add_argument("--no-answer", action="store_true", help="allow the empty answer (SQuAD 2.0)")
     p.add_argument("--null-threshold", type=float, default=0.0,

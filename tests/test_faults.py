@@ -519,7 +519,7 @@ def _cli_cases(hub, tmp):
         (["encode", "-m", str(tmp / "nowhere"), "hi"], "", "is neither an existing path nor a known model", []),
         (["decode", "-m", m, "1", "x"], "", "decode takes token ids", []),
         (["predict", "-m", m, "--head", "nope", "a\tb"], "", "nope", []),
-        (["features", "-m", m, "-o", tmp / "f.txt", "hi"], "", "name it .npy or .jsonl", ["f.txt"]),
+        (["features", "-m", m, "-o", tmp / "f.txt", "hi"], "", ".npy or .jsonl", ["f.txt"]),
         (["preprocess", tmp / "missing.txt", "--out", tmp / "p", "--vocab-size", "0"], "", "must be 1 or more", ["p"]),
         (["info", "-m", tmp], "", "is not a checkpoint", []),
         (["no-such-command"], "", "invalid choice: 'no-such-command'", []),

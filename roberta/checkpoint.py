@@ -11,6 +11,7 @@ restricted unpickler that builds tensors and inert placeholders and refuses ever
 """
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import fnmatch
 import json
@@ -271,6 +272,10 @@ _INERT_PACKAGES = ("omegaconf", "fairseq", "typing", "enum", "numpy", "pathlib",
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        # Protocol-2 pickles (torch.save's default) name Python 2 modules (`__builtin__.dict`, as in
+        # an omegaconf DictConfig); map them as pickle itself does before checking the allow-list.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         if module.split(".")[0] in _INERT_PACKAGES:
@@ -317,6 +322,8 @@ def _plain(obj: Any) -> Any:
         return None
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):  # an omegaconf ListConfig's content
+        return [_plain(v) for v in obj]
     return obj
 
 

@@ -30,6 +30,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if action.required and action.option_strings:
             return f"{text} (required)".strip()
+        if isinstance(action, argparse._AppendAction) and not action.default and "default" not in text:
+            return f"{text} (repeatable; default: none)".strip()
         if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
             return text
         return super()._get_help_string(action)
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="continue pretraining from this model: a name, directory or archive "
                    "(default: from scratch)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in --out from its latest (or the given) checkpoint")
+                   help="continue the run in --out from its latest (or the given) checkpoint (default: a new run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. lr=3e-4")
     p.set_defaults(func=_pretrain)
 
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory: recipe.json, metrics.jsonl, curves.png, eval.json, "
                    "model/ (the best checkpoint), checkpoints/")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in --out from its latest (or the given) checkpoint")
+                   help="continue the run in --out from its latest (or the given) checkpoint (default: a new run)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the task's published one, adapted to "
                    "the model's size)")
     p.add_argument("--batch-size", type=int, help="examples per update (default: the task's recipe)")
@@ -126,11 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions",
                        epilog=Recipe.help_text())
     _task_args(p)
-    p.add_argument("--split", default="dev", choices=["dev", "test", "train"])
+    p.add_argument("--split", default="dev", choices=["dev", "test", "train"], help="the split to score")
     p.add_argument("--out", help="write the metrics here as JSON (default: eval_<split>.json beside the model)")
     p.add_argument("--predictions", help="write per-example predictions here in the leaderboard's format "
                    "(default: none written)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     p.set_defaults(func=_evaluate)
     _explain(sub)
     return parser
@@ -206,7 +208,8 @@ def _add_hub_commands(sub) -> None:
     def command(name, func, help, text="TEXT", weights=True, json=True, model_required=True):
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("-m", "--model", required=model_required, help="a path, a Hub id (org/name or org/name@revision, "
-                       "e.g. FacebookAI/roberta-base) or a fairseq release (roberta.base, roberta.large, roberta.large.mnli)")
+                       "e.g. FacebookAI/roberta-base) or a fairseq release (roberta.base, roberta.large, roberta.large.mnli)"
+                       + ("" if model_required else " (default: none)"))
         if json:
             p.add_argument("--json", action="store_true", help="print JSON, one value per input")
         _source_args(p)
@@ -233,7 +236,7 @@ def _add_hub_commands(sub) -> None:
                        help="input lines: text (a TAB separates a pair), tsv (two columns) or jsonl "
                        "(default: from the suffix, .tsv or .jsonl, else text)")
         p.add_argument("--field", default="text", help="jsonl: the field holding the text (default text)")
-        p.add_argument("--pair-field", help="jsonl: the field holding the second sentence of a pair")
+        p.add_argument("--pair-field", help="jsonl: the field holding the second sentence of a pair (default: none, single sentences)")
         p.add_argument("--allow-empty", action="store_true",
                        help="read a blank line as the empty text (default: a blank line is an error naming it, "
                        "since row i of the output is line i of the input)")
@@ -271,7 +274,7 @@ def _add_hub_commands(sub) -> None:
     p = command("answer", _answer, "answer each question from its context with a question-answering checkpoint",
                 text="QUESTION")
     p.add_argument("--context", help="the context for every question (default: each input is QUESTION<TAB>CONTEXT)")
-    p.add_argument("--context-file", help="read the context for every question from this UTF-8 file")
+    p.add_argument("--context-file", help="read the context for every question from this UTF-8 file (default: from each input)")
     p.add_argument("--topk", type=_positive_int, default=1, help="answers per question (default 1)")
     p.add_argument("--no-answer", action="store_true", help="allow the empty answer (SQuAD 2.0)")
     p.add_argument("--null-threshold", type=float, default=0.0,
@@ -293,7 +296,7 @@ def _add_hub_commands(sub) -> None:
     p = command("info", _info, "show what a checkpoint holds: config, heads, parameters, dtype, size",
                 text=None, weights=False, model_required=False)
     p.add_argument("--device", nargs="?", const="auto", metavar="DEVICE", dest="show_device",
-                   help="also show the device and the precision `auto` picks there, and why (-m optional)")
+                   help="also show the device and the precision `auto` picks there, and why (-m optional; default: not shown)")
     p = command("serve", _serve, "serve the model over HTTP (embed, predict, fill-mask, ...) with dynamic batching",
                 text=None, json=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")

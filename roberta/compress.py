@@ -253,8 +253,16 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="roberta-compress")
 
 
+def _thread_count(threads: int | None) -> int:
+    if threads is None:
+        return os.cpu_count() or 1
+    if type(threads) is not int or threads < 1:
+        raise RobertaError(f"threads must be a whole number of at least 1, got {threads!r}")
+    return threads
+
+
 def _map(fn, items: list, threads: int | None) -> list:
-    threads = threads or os.cpu_count() or 1
+    threads = _thread_count(threads)
     if threads == 1 or len(items) <= 1:
         return [fn(item) for item in items]
     return list(_pool(threads).map(fn, items))
@@ -383,7 +391,7 @@ def decompress_tensor(blob, threads: int | None = None, name: str = "tensor", so
 
     if _C_DECODER:
         try:
-            failed = _planes.decode_chunks(blob, _chunk_table(header["chunks"]), out, threads or os.cpu_count() or 1)
+            failed = _planes.decode_chunks(blob, _chunk_table(header["chunks"]), out, _thread_count(threads))
         except ValueError as exc:  # the C side's own layout checks; the header checks above should catch it first
             raise _malformed(what, source, f" ({exc})") from None
         if failed >= 0:

@@ -188,7 +188,8 @@ def preprocess(inputs: list[str | Path], out: str | Path, *, vocab: str | Path |
 
     `vocab` is an existing tokenizer directory; without it a byte-level BPE of `vocab_size` is trained
     on the inputs. Every `round(1/valid_fraction)`-th document (starting with the first) goes to the
-    validation split. Tokenizing runs on `workers` processes (default: all cores) over chunks of about
+    validation split; with `doc_per_file` and fewer files than that, every such line instead (as a
+    document of its own), so that about `valid_fraction` of the text is held out either way. Tokenizing runs on `workers` processes (default: all cores) over chunks of about
     `chunk_chars` characters, with a bounded number in flight, so corpora larger than memory stream.
     The directory appears only once complete (built beside it, then renamed).
     """
@@ -217,21 +218,33 @@ def preprocess(inputs: list[str | Path], out: str | Path, *, vocab: str | Path |
         dtype = np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32)
         writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "valid")}
         every = round(1 / valid_fraction) if valid_fraction > 0 else 0
-        n_docs = 0
+        # With a document per file and fewer files than 1 / valid_fraction, whole documents cannot
+        # make up valid_fraction (three files and 0.01 would hold out a third): lines are held out then.
+        by_lines = bool(doc_per_file and every and len(paths) < every)
+        n_docs = n_lines = 0
         bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
         with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(tmp / "tokenizer"),)) as pool:
             pending: deque = deque()
 
             def drain_one() -> None:
-                nonlocal n_docs
+                nonlocal n_docs, n_lines
                 ids, sent_lens, doc_sents = pending.popleft().get()
                 starts = np.concatenate([[0], np.cumsum(doc_sents)])
                 tok_starts = np.concatenate([[0], np.cumsum(sent_lens)])
                 for d in range(len(doc_sents)):
                     a, b = starts[d], starts[d + 1]
-                    split = "valid" if every and n_docs % every == 0 else "train"
-                    writers[split].add(ids[tok_starts[a]:tok_starts[b]], sent_lens[a:b])
+                    doc_ids, doc_lens = ids[tok_starts[a]:tok_starts[b]], sent_lens[a:b]
                     n_docs += 1
+                    if by_lines:  # every `every`-th line becomes a validation document of its own
+                        held = (n_lines + np.arange(b - a)) % every == 0
+                        n_lines += b - a
+                        for s in np.flatnonzero(held):
+                            writers["valid"].add(ids[tok_starts[a + s]:tok_starts[a + s + 1]], doc_lens[s:s + 1])
+                        if not held.all():
+                            writers["train"].add(doc_ids[~np.repeat(held, doc_lens)], doc_lens[~held])
+                        continue
+                    split = "valid" if every and (n_docs - 1) % every == 0 else "train"
+                    writers[split].add(doc_ids, doc_lens)
                 bar.update(len(doc_sents))
 
             for chunk in _chunks(read_documents(paths, doc_per_file), chunk_chars):
@@ -250,6 +263,7 @@ def preprocess(inputs: list[str | Path], out: str | Path, *, vocab: str | Path |
             "bos": tok.bos_token_id, "pad": tok.pad_token_id, "eos": tok.eos_token_id,
             "unk": tok.unk_token_id, "mask": tok.mask_token_id,
             "doc_per_file": doc_per_file, "valid_fraction": valid_fraction,
+            "valid_unit": "line" if by_lines else "document",
             "sources": [str(p) for p in paths], "shards": shards,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -56,9 +56,6 @@ def replace_dir(dst: str | os.PathLike, keep: Callable[[str], bool] | None = Non
     dst = Path(os.path.realpath(dst))
     if dst.exists() and not dst.is_dir():
         raise RobertaError(f"{dst} is a file, not a directory: give a directory to write the output into")
-    if dst == Path.cwd() or dst in Path.cwd().parents:
-        raise RobertaError(f"cannot replace {dst}, the current directory (or one above it): "
-                           "write into a new directory")
     dst.parent.mkdir(parents=True, exist_ok=True)
     _remove_debris(dst)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}{_TMP_MARK}{os.getpid()}-"))
@@ -71,7 +68,10 @@ def replace_dir(dst: str | os.PathLike, keep: Callable[[str], bool] | None = Non
                     _link_tree(item, tmp / item.name)
         _fsync_tree(tmp)
         if dst.exists():
+            cwd = os.getcwd()
             _exchange(tmp, dst)  # tmp now holds the old content
+            if Path(cwd) == dst or dst in Path(cwd).parents:  # this process stood in the old directory:
+                os.chdir(cwd if os.path.isdir(cwd) else dst)  # move it to the new one before deleting the old
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.rename(tmp, dst)

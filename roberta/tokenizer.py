@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from .errors import RobertaError
+from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_write
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, the order of fairseq's Dictionary
@@ -114,6 +115,7 @@ class RobertaTokenizer:
             raise RobertaError(f"{directory} lacks {', '.join(missing)} for the {layout} layout; expected {expected}")
         if layout == "hf":
             vocab = _read_token_ids(directory / "vocab.json")
+            _check_same_vocabulary(directory, vocab)
             return cls._checked(directory / "vocab.json", vocab, _read_merges(directory / "merges.txt", vocab))
         if layout == "json":
             return cls._checked(directory / "tokenizer.json", *_read_tokenizer_json(directory / "tokenizer.json"))
@@ -167,6 +169,10 @@ class RobertaTokenizer:
         model = json.loads(tokenizer.to_str())["model"]
         vocab = model["vocab"]
         vocab[MASK] = len(vocab)
+        if len(vocab) < vocab_size:
+            warnings.warn(f"the trained vocabulary has {len(vocab):,} tokens, fewer than the {vocab_size:,} asked: the "
+                          f"text holds no more pairs seen at least {min_frequency} times; give more text or a "
+                          "smaller vocabulary size", RobertaWarning, stacklevel=3)
         return cls(vocab, [tuple(merge) for merge in model["merges"]])
 
     # ---- encoding -----------------------------------------------------------------------------
@@ -426,7 +432,31 @@ def _read_merges(path: Path, vocab: dict[str, int]) -> list[tuple[str, str]]:
                 raise RobertaError(f"{path} line {number}: token {token!r} is not in the vocabulary; "
                                    "the vocabulary and merges files do not belong together")
         merges.append(pair)
+    if not merges and len(vocab) > 256 + len(SPECIALS) + 1:
+        raise RobertaError(f"{path} holds no merges, so every word would be cut into single bytes; the file is "
+                           "empty or truncated: restore it from the original")
     return merges
+
+
+def _check_same_vocabulary(directory: Path, vocab: dict[str, int]) -> None:
+    """A folder with both layouts must give every token the same id in both: a dict.txt from another
+    model beside vocab.json would otherwise go unnoticed (the model reads one, fairseq the other)."""
+    if not (directory / "dict.txt").is_file():
+        return
+    if (directory / "encoder.json").is_file():
+        other, _ = _read_dict(directory / "dict.txt", _read_token_ids(directory / "encoder.json"))
+        differ = next((t for t in vocab if other.get(t) != vocab[t]), None)
+        if differ is None and len(other) == len(vocab):
+            return
+        detail = (f"token {differ!r} has id {vocab[differ]} in vocab.json but {other.get(differ)} in dict.txt"
+                  if differ is not None else f"{len(vocab)} tokens in vocab.json, {len(other)} in dict.txt")
+    else:
+        rows = len(_lines(directory / "dict.txt"))
+        if rows + len(SPECIALS) + 1 == len(vocab):
+            return
+        detail = f"{len(vocab)} tokens in vocab.json, {rows + len(SPECIALS) + 1} in dict.txt"
+    raise RobertaError(f"{directory}: vocab.json and dict.txt do not describe the same vocabulary ({detail}); "
+                       "remove the file that belongs to another model")
 
 
 def _read_dict(path: Path, encoder: dict[str, int]) -> tuple[dict[str, int], list[int]]:

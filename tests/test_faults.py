@@ -68,7 +68,8 @@ def models(tmp_path_factory):
 
 def run(*args, stdin=None, cwd=None, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ROBERTA_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "roberta", *map(str, args)], input=stdin, capture_output=True,
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    return subprocess.run([sys.executable, "-m", "roberta", *argv], input=stdin, capture_output=True,
                           env=env, timeout=timeout, cwd=cwd)
 
 
@@ -434,3 +435,302 @@ def test_kill_9_leaves_the_old_or_the_new_model(models, tmp_path, operation, poi
         assert result.returncode == 0, result.stderr
     assert same_weights(weights_of(dst), new)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".dst")]  # ... is gone after the next
+
+
+# ---- compressed files: bounds checked before decoding ---------------------------------------------
+
+def _forge_blob(blob: bytes, edit) -> bytes:
+    """A tensor blob whose header JSON `edit` changed, with every hash made valid again."""
+    import struct
+
+    import xxhash
+
+    length, _ = struct.unpack_from("<IQ", blob)
+    entry = edit(json.loads(blob[12:12 + length]))
+    text = json.dumps(entry, separators=(",", ":")).encode()
+    return struct.pack("<IQ", len(text), xxhash.xxh3_64_intdigest(text)) + text + blob[12 + length:]
+
+
+def test_a_chunk_table_declaring_more_than_its_frames_hold_is_refused_before_decoding(monkeypatch):
+    from roberta import compress
+
+    blob = compress.compress_tensor(torch.zeros(1000))  # fp16-exact zeros: two zstd planes
+
+    def inflate(entry):  # claim 131072 elements from frames that hold 1000 bytes each
+        entry["shape"] = [compress.CHUNK_ELEMENTS]
+        entry["chunks"][0][1] = compress.CHUNK_ELEMENTS
+        for plane in entry["chunks"][0][3]:
+            assert plane[0] == compress.ZSTD
+            plane[2] = compress.CHUNK_ELEMENTS
+        return entry
+
+    forged = _forge_blob(blob, inflate)
+    monkeypatch.setattr(compress.np, "empty", lambda *a, **k: pytest.fail("allocated before the check"))
+    with pytest.raises(RobertaError, match="malformed header of tensor 'w'"):
+        compress.decompress_tensor(forged, name="w")
+
+
+def test_only_the_tensors_a_model_has_are_decoded(models, tmp_path, monkeypatch):
+    from roberta import compress
+
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    (path / "config.json").write_bytes((models["A"] / "config.json").read_bytes())
+    state = load_file(models["A"] / "model.safetensors")
+    compress.save_file({**state, "zz_optimizer_state": torch.randn(1000)}, path / "model.rbz")
+    data = bytearray((path / "model.rbz").read_bytes())
+    data[-1] ^= 0xFF  # the extra tensor (written last) is now corrupt: decoding it would be an error
+    (path / "model.rbz").write_bytes(bytes(data))
+    assert same_weights(weights_of(path), models["A-weights"])
+    with pytest.raises(RobertaError, match="zz_optimizer_state"):
+        compress.load_file(path / "model.rbz")
+
+
+def test_compressed_sizes_are_checked_against_the_config_before_decoding(models, tmp_path, monkeypatch):
+    from roberta import compress
+
+    path = _with_config(models, tmp_path, vocab_size=100)
+    compress.save_file(load_file(path / "model.safetensors"), path / "model.rbz")
+    (path / "model.safetensors").unlink()
+    monkeypatch.setattr(compress, "decompress_tensor", lambda *a, **k: pytest.fail("decoded before the check"))
+    with pytest.raises(RobertaError, match="vocab_size, hidden_size = 100, 32 but the weights hold"):
+        read_checkpoint(path)
+
+
+# ---- the command line: every mistake is one `error:` line and exit status 2 ------------------------
+
+LONG = "word " * 200
+
+
+def _cli_cases(hub, tmp):
+    """(argv, stdin, message, paths that must not exist afterwards)."""
+    m = str(hub["hf"])
+    return [
+        (["compress", m, tmp / "z", "--threads", "-3"], "", "argument --threads: must be 1 or more, got -3", ["z"]),
+        (["compress", m, tmp / "z", "--threads", "two"], "", "argument --threads: expected a whole number", ["z"]),
+        (["decompress", m, tmp / "z"], "", "has no model.rbz to decompress", ["z"]),
+        (["convert", m, tmp / "c", "--to", "onnx"], "", "argument --to: invalid choice: 'onnx'", ["c"]),
+        (["fill-mask", "-m", m, "--topk", "0", "Hi <mask>"], "", "argument --topk: must be 1 or more", []),
+        (["fill-mask", "-m", m, "--device", "cuda", "Hi <mask>"], "", "this PyTorch build has no CUDA", []),
+        (["fill-mask", "-m", m, "--device", "quantum", "Hi <mask>"], "", "unknown device 'quantum'", []),
+        (["fill-mask", "-m", m, "no mask here"], "", "fill_mask needs a <mask> in the text", []),
+        (["fill-mask", "-m", m, LONG + "<mask>"], "", "the model takes at most 64", []),
+        (["encode", "-m", m, "caf\udce9"], "", "argument 4 is not valid UTF-8", []),
+        (["encode", "-m", str(tmp / "nowhere"), "hi"], "", "is neither an existing path nor a known model", []),
+        (["decode", "-m", m, "1", "x"], "", "decode takes token ids", []),
+        (["predict", "-m", m, "--head", "nope", "a\tb"], "", "nope", []),
+        (["features", "-m", m, "-o", tmp / "f.txt", "hi"], "", ".npy or .jsonl", ["f.txt"]),
+        (["preprocess", tmp / "missing.txt", "--out", tmp / "p", "--vocab-size", "0"], "", "must be 1 or more", ["p"]),
+        (["info", "-m", tmp], "", "is not a checkpoint", []),
+        (["no-such-command"], "", "invalid choice: 'no-such-command'", []),
+        (["info"], "", "info needs -m MODEL", []),
+        (["features", "-m", m], "", "the following arguments are required: -o/--out", []),
+    ]
+
+
+def test_cli_mistakes_table(hub_checkpoints, tmp_path, call):
+    for argv, stdin, message, absent in _cli_cases(hub_checkpoints, tmp_path):
+        try:
+            result = call(*argv, stdin=stdin)
+        except SystemExit as exc:  # argparse exits; as a process it is the same status and stderr
+            result = subprocess.CompletedProcess(argv, exc.code, "", "")
+            import contextlib
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+                main(list(map(str, argv)))
+            result.stderr = err.getvalue()
+        assert result.returncode == 2, (argv, result.stderr)
+        line = one_error_line(result)
+        assert message in line, (argv, line)
+        for name in absent:
+            assert not (tmp_path / name).exists(), (argv, name)
+
+
+def test_invalid_utf8_on_stdin_and_in_argv(hub_checkpoints):
+    result = run("encode", "-m", hub_checkpoints["hf"], stdin=b"fine\ncaf\xe9\n")
+    assert result.returncode == 2 and "stdin line 2 is not UTF-8" in one_error_line(result)
+    # streamed: line 1's ids come out, then the error; nothing for the bad line or after it
+    assert result.stdout == run("encode", "-m", hub_checkpoints["hf"], stdin=b"fine\n").stdout
+    result = run("encode", "-m", hub_checkpoints["hf"], b"caf\xe9")
+    assert result.returncode == 2 and "argument 4 is not valid UTF-8 (byte b'\\xe9'" in one_error_line(result)
+
+
+def test_a_closed_pipe_ends_quietly(hub_checkpoints):
+    script = (f"{sys.executable} -m roberta fill-mask -m {hub_checkpoints['hf']} --topk 3 | head -1; "
+              "echo \"status ${PIPESTATUS[0]}\"")
+    texts = "".join(f"Sentence {i} is <mask>.\n" for i in range(3000))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ROBERTA_OFFLINE": "1"}
+    result = subprocess.run(["bash", "-c", script], input=texts, capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout.splitlines()[0] == "Sentence 0 is <mask>."
+    assert result.stdout.splitlines()[-1] == "status 141"
+    assert result.stderr == ""
+
+
+def test_encode_truncate_keeps_the_first_max_tokens(tiny_hub):
+    ids = tiny_hub.encode(LONG, truncate=True)
+    assert len(ids) == tiny_hub.max_tokens and ids[-1] == 2 and ids[0] == 0
+    assert ids[:-1].tolist() == tiny_hub.encode(LONG)[:tiny_hub.max_tokens - 1].tolist()
+    pair = tiny_hub.encode([LONG, "short"], ["x", "y"], truncate=True)
+    assert len(pair[0]) == tiny_hub.max_tokens and pair[1].tolist() == tiny_hub.encode("short", "y").tolist()
+    tiny_hub.predict("mnli", tiny_hub.encode(LONG, truncate=True))  # what the too-long error advises works
+
+
+def test_fill_mask_with_a_random_lm_head_warns(hub_checkpoints, tmp_path, call):
+    import roberta
+
+    target = tmp_path / "no-lm-head"
+    target.mkdir()
+    for item in hub_checkpoints["hf"].iterdir():
+        (target / item.name).write_bytes(item.read_bytes())
+    state = load_file(target / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("lm_head.")}, target / "model.safetensors")
+    with pytest.warns(RobertaWarning, match="no masked-LM head"):
+        roberta.load(target).fill_mask("Hello <mask>!")
+    result = call("fill-mask", "-m", target, "Hello <mask>!")
+    assert result.returncode == 0 and result.stderr.startswith("warning: this checkpoint has no masked-LM head")
+
+
+def test_every_command_explains_itself_with_defaults():
+    import argparse
+
+    from roberta import __version__
+    from roberta.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert len(commands) >= 15
+    for name, command in commands.items():
+        assert command.description, f"`roberta {name} --help` does not say what it does"
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if not action.option_strings or action.nargs == 0 or isinstance(action, argparse._HelpAction):
+                continue  # positionals, switches
+            assert action.help, f"roberta {name} {action.option_strings[0]}: no help"
+            text = formatter._get_help_string(action)
+            assert "default" in text or action.required, f"roberta {name} {action.option_strings[0]}: no default shown"
+    compress_help = commands["compress"].format_help()
+    assert "store a checkpoint's weights losslessly compressed" in compress_help
+    fill_help = commands["fill-mask"].format_help()
+    assert "(default 5)" in fill_help and "(required)" in fill_help
+    assert "(default: dev)" in commands["evaluate"].format_help()
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.decode().startswith(f"roberta {__version__} (torch ")
+
+
+# ---- fairseq 0.10: a real omegaconf DictConfig as `cfg` -------------------------------------------
+
+def test_fairseq_model_pt_with_an_omegaconf_cfg(tmp_path):
+    import pickle
+
+    omegaconf = pytest.importorskip("omegaconf", reason="omegaconf is a test dependency (pip install -e '.[test]')")
+    from roberta.checkpoint import hf_to_fairseq, read_fairseq
+
+    model = tiny_model(5)
+    cfg = omegaconf.OmegaConf.create({
+        "_name": None,
+        "common": {"fp16": True, "seed": 1, "log_interval": 100},
+        "model": {"_name": "roberta_base", "encoder_attention_heads": 2, "encoder_layers": 2, "dropout": 0.15,
+                  "attention_dropout": 0.05, "activation_fn": "gelu", "encoder_embed_dim": 32},
+        "optimization": {"lr": [0.0005], "update_freq": [16], "max_update": 500000},
+        "task": {"_name": "masked_lm", "data": "/data/bin", "tokens_per_sample": 512},
+    })
+    assert isinstance(cfg, omegaconf.DictConfig)
+    path = tmp_path / "model.pt"
+    torch.save({"args": None, "cfg": cfg, "model": hf_to_fairseq(model.state_dict())}, path)
+    config, state = read_fairseq(path)
+    assert (config.num_attention_heads, config.hidden_dropout_prob, config.attention_probs_dropout_prob) == (2, 0.15, 0.05)
+    loaded = RobertaForMaskedLM.from_pretrained(tmp_path)
+    ids = torch.tensor([[0, 5, 6, 7, 2]])
+    assert torch.equal(loaded(ids).logits, RobertaForMaskedLM.from_pretrained(tmp_path)(ids).logits)
+    # the Python 2 names protocol 2 uses are mapped, not trusted: a callable is still refused
+    for module, name in (("__builtin__", "eval"), ("os", "system"), ("posix", "system")):
+        class Evil:
+            def __reduce__(self):
+                return (getattr(__import__("builtins" if module == "__builtin__" else module), name), ("1",))
+        bad = tmp_path / f"{name}-{module}.pt"
+        torch.save({"model": {}, "cfg": Evil()}, bad, pickle_protocol=2)
+        with pytest.raises(RobertaError, match="was refused: it references"):
+            read_fairseq(bad)
+
+
+# ---- tokenizer files that do not belong together ---------------------------------------------------
+
+def _copy_bpe(bpe_dir, tmp_path, *names):
+    target = tmp_path / "tok"
+    target.mkdir()
+    for name in names:
+        (target / name).write_bytes((bpe_dir / name).read_bytes())
+    return target
+
+
+def test_an_empty_merges_file_is_refused(bpe_dir, tmp_path):
+    from roberta.tokenizer import RobertaTokenizer
+
+    target = _copy_bpe(bpe_dir, tmp_path, "vocab.json")
+    for text in ("", "#version: 0.2\n"):
+        (target / "merges.txt").write_text(text)
+        with pytest.raises(RobertaError, match="merges.txt holds no merges"):
+            RobertaTokenizer.from_pretrained(target)
+
+
+def test_vocab_json_that_disagrees_with_dict_txt_is_refused(bpe_dir, tmp_path, call):
+    from roberta.tokenizer import RobertaTokenizer
+
+    target = _copy_bpe(bpe_dir, tmp_path, "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "dict.txt")
+    assert len(RobertaTokenizer.from_pretrained(target)) == 50265  # the real files agree
+    lines = (target / "dict.txt").read_text().splitlines(keepends=True)
+    lines[10], lines[11] = lines[11], lines[10]  # two rows swapped: two tokens change ids
+    (target / "dict.txt").write_text("".join(lines))
+    with pytest.raises(RobertaError, match="vocab.json and dict.txt do not describe the same vocabulary"):
+        RobertaTokenizer.from_pretrained(target)
+    (target / "encoder.json").unlink()
+    (target / "vocab.bpe").unlink()
+    (target / "dict.txt").write_text("".join(lines[:-100]))  # without encoder.json: the sizes are compared
+    with pytest.raises(RobertaError, match="50265 tokens in vocab.json, 50165 in dict.txt"):
+        RobertaTokenizer.from_pretrained(target)
+    result = call("encode", "-m", target, "hi")
+    assert result.returncode == 2 and "do not describe the same vocabulary" in one_error_line(result)
+
+
+# ---- preprocess: a smaller vocabulary than asked; the validation split of --doc-per-file -----------
+
+def test_preprocess_warns_about_a_smaller_vocabulary_and_holds_out_lines_per_file(tmp_path, call):
+    from roberta.data import preprocess, read_meta
+
+    files = []
+    for i in range(3):
+        path = tmp_path / f"{i}.txt"
+        path.write_text("".join(f"File {i} line {j} says a few words.\n" for j in range(200)))
+        files.append(path)
+    with pytest.warns(RobertaWarning, match=r"has [0-9,]+ tokens, fewer than the 32,000 asked"):
+        meta = preprocess(files, tmp_path / "data", vocab_size=32000, doc_per_file=True, valid_fraction=0.01,
+                          workers=1, progress=False)
+    valid = sum(s["tokens"] for s in meta["shards"]["valid"])
+    train = sum(s["tokens"] for s in meta["shards"]["train"])
+    assert meta["valid_unit"] == "line" and sum(s["sentences"] for s in meta["shards"]["valid"]) == 6
+    assert 0.005 < valid / (valid + train) < 0.02  # about valid_fraction, not a third
+    assert sum(s["documents"] for s in meta["shards"]["train"]) == 3
+    assert read_meta(tmp_path / "data")["vocab_size"] == meta["vocab_size"] < 32000
+    result = call("preprocess", *files, "--out", tmp_path / "cli", "--vocab-size", "32000", "--doc-per-file",
+                  "--workers", "1")
+    assert result.returncode == 0 and "warning: the trained vocabulary has" in result.stderr
+
+
+def test_replacing_the_current_directory_moves_the_process_into_the_new_one(tmp_path, monkeypatch):
+    dst = tmp_path / "run"
+    dst.mkdir()
+    (dst / "model.safetensors").write_text("old")
+    (dst / "metrics.jsonl").write_text("kept")
+    monkeypatch.chdir(dst)
+    with replace_dir(".", keep=lambda name: name == "metrics.jsonl") as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert Path("model.safetensors").read_text() == "new" and Path("metrics.jsonl").read_text() == "kept"
+    assert os.getcwd() == str(dst) and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_library_thread_counts_are_checked():
+    from roberta import compress
+
+    for bad in (-3, 0, 2.5):
+        with pytest.raises(RobertaError, match="threads must be a whole number of at least 1"):
+            compress.compress_tensor(torch.zeros(300_000), threads=bad)

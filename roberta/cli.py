@@ -323,11 +323,11 @@ def _add_hub_commands(sub) -> None:
 def _source_args(p) -> None:
     """Where models come from: the caches, a mirror, offline mode (see roberta/download.py)."""
     p.add_argument("--offline", action="store_const", const=True,
-                   help="never download (also HF_HUB_OFFLINE=1 or ROBERTA_OFFLINE=1)")
+                   help="never download (default: off, unless HF_HUB_OFFLINE=1 or ROBERTA_OFFLINE=1)")
     p.add_argument("--cache-dir", help="cache for Hub repositories and fairseq releases (default: the Hugging Face "
                    "cache, $HF_HOME/hub, for Hub ids; $ROBERTA_CACHE or ~/.cache/roberta for releases)")
-    p.add_argument("--base-url", help="a mirror to download from ($HF_ENDPOINT for Hub ids, $ROBERTA_BASE_URL "
-                   "for fairseq releases)")
+    p.add_argument("--base-url", help="a mirror to download from (default: $HF_ENDPOINT or the Hugging Face Hub for Hub "
+                   "ids, $ROBERTA_BASE_URL or the official location for fairseq releases)")
 
 
 def _inputs(args, skip_blank: bool = False):

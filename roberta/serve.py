@@ -435,13 +435,6 @@ class DecodeResponse(BaseModel):
 # ---- the application ----------------------------------------------------------------------------
 
 
-def head_labels(config, head: str, classes: int) -> list[str]:
-    """Class names of a head: the config's id2label for its main head, LABEL_i otherwise."""
-    if config.id2label and len(config.id2label) == classes and config.head_name in (None, head):
-        return [config.id2label[i] for i in range(classes)]
-    return [f"LABEL_{i}" for i in range(classes)]
-
-
 def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precision: str = "fp32") -> FastAPI:
     """The ASGI application serving `hub` (a loaded `RobertaHub`, in eval mode)."""
     batcher = Batcher(hub, settings)
@@ -449,7 +442,8 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     config = hub.model.config
     limit = min(settings.max_input_tokens or hub.max_tokens, hub.max_tokens)
     heads = {name: head.out_proj.out_features for name, head in hub.model.classification_heads.items()}
-    labels = {name: head_labels(config, name, n) for name, n in heads.items()}
+    # a fine-tuned classifier's id2label (`hub.labels`), LABEL_i where the checkpoint names none
+    labels = {name: hub.labels(name) or [f"LABEL_{i}" for i in range(n)] for name, n in heads.items()}
     # a checkpoint without its masked-LM head (a fine-tuned classifier) got a random one when loaded
     has_lm_head = not any(k.startswith("lm_head.") for k in getattr(hub.model, "missing_keys", []))
 

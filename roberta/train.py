@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -459,8 +458,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, d: Dist, kee
         write_model(model_state, tmp)
         torch.save({"step": step, "optimizer": optim_state, "scaler": scaler.state_dict(), "rng": rng, **state},
                    tmp / "trainer.pt")
-        if os.environ.get("ROBERTA_TEST_STALL_CHECKPOINT") == str(step):  # lets a test kill -9 mid-write
-            time.sleep(60)
 
     write_dir(out / "checkpoints" / f"step-{step:08d}", write)
     for old in list_checkpoints(out)[:-keep_last]:

@@ -33,7 +33,7 @@ from . import tasks
 from .checkpoint import load_model
 from .errors import RobertaError
 from .fileio import atomic_write, check_output
-from .inference import pad_batch
+from .inference import length_batches, pad_batch
 from .model import RobertaForMultipleChoice, RobertaForQuestionAnswering, RobertaForSequenceClassification
 from .train import (PRECISIONS, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps, precision_context,
                     prepare_run_dir, save_checkpoint, set_lr, setup_distributed, train_step, unwrap, wrap_ddp,
@@ -150,22 +150,6 @@ def default_lr(recipe: Recipe, model) -> tuple[float, str]:
     scaled = min(1e-3, max(rate, rate * (768 / width) ** 2))
     return scaled, (f"lr {scaled:g}: the published {rate:g} is for base/large; this {width}-wide model gets "
                     f"it x (768/{width})^2, at most 1e-3 (set lr to choose)")
-
-
-# --------------------------------------------------------------------------------------------------
-# Batching: group by length, pad to the batch's longest
-
-
-def length_grouped_batches(lengths, batch_size: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
-    """Indices in batches of similar length. With `rng` (training) ties are broken at random and the
-    batch order shuffled; without it (evaluation) the order is fixed."""
-    lengths = np.asarray(lengths)
-    perm = rng.permutation(len(lengths)) if rng is not None else np.arange(len(lengths))
-    order = perm[np.argsort(lengths[perm], kind="stable")]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if rng is not None:
-        rng.shuffle(batches)
-    return batches
 
 
 def encode_pairs(tokenizer, texts_a: list[str], texts_b: list[str | None], max_len: int) -> list[list[int]]:
@@ -394,7 +378,7 @@ def forward_all(model, task, items, device, batch_size: int, autocast=None) -> d
     (under the training precision's `autocast`, if given). Per-token logits (SQuAD) from batches of
     different lengths are padded with -inf."""
     model.eval()
-    batches = length_grouped_batches([task.length(it) for it in items], batch_size)
+    batches = length_batches([task.length(it) for it in items], batch_size=batch_size)
     parts: dict[str, list] = {}
     with torch.no_grad():
         for index in batches:
@@ -452,10 +436,10 @@ def _fit_max_len(recipe: Recipe, model) -> Recipe:
     return recipe if recipe.max_len <= model.config.max_tokens else recipe.replace(max_len=model.config.max_tokens)
 
 
-def epoch_batches(lengths, recipe: Recipe, epoch: int, parts: int) -> list[np.ndarray]:
+def epoch_batches(lengths, recipe: Recipe, epoch: int, parts: int) -> list[list[int]]:
     """The batches of one epoch, a pure function of (seed, epoch) so that a resumed run sees the same
     ones; a last batch too small to give every process and micro-step one example is dropped."""
-    batches = length_grouped_batches(lengths, recipe.batch_size, np.random.default_rng([recipe.seed, epoch]))
+    batches = length_batches(lengths, batch_size=recipe.batch_size, rng=np.random.default_rng([recipe.seed, epoch]))
     return [b for b in batches if len(b) >= parts]
 
 

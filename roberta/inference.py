@@ -169,21 +169,35 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel x per-token"
 
 
-def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped by similar length; each batch holds at most `batch_tokens` tokens once padded."""
-    if batch_tokens < 1:
-        raise RobertaError(f"batch_tokens must be positive, got {batch_tokens}")
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+def length_batches(lengths: Sequence[int], batch_tokens: int | None = None, *, batch_size: int | None = None,
+                   rng=None) -> list[list[int]]:
+    """Indices grouped by similar length, in batches of at most `batch_tokens` tokens once padded
+    (inference) or of `batch_size` sequences (fine-tuning, which counts rows as fairseq does).
+
+    With `rng`, a numpy Generator (training), ties between equal lengths are broken at random and the batch order is
+    shuffled, all drawn from `rng` alone, so that a seeded generator gives the same batches again on
+    resume; without it the batches come shortest first in a fixed order.
+    """
+    if (batch_tokens is None) == (batch_size is None):
+        raise ValueError("give one of batch_tokens and batch_size")
+    limit, name = (batch_tokens, "batch_tokens") if batch_size is None else (batch_size, "batch_size")
+    if limit < 1:
+        raise RobertaError(f"{name} must be positive, got {limit}")
+    ties = rng.permutation(len(lengths)).tolist() if rng is not None else range(len(lengths))
+    order = sorted(ties, key=lambda i: lengths[i])  # stable: equal lengths keep the order of `ties`
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
         # ascending order: the newcomer is the longest, so the padded size is (count + 1) * its length
-        if current and (len(current) + 1) * lengths[i] > batch_tokens:
+        size = len(current) + 1 if batch_size is not None else (len(current) + 1) * lengths[i]
+        if current and size > limit:
             batches.append(current)
             current = []
         current.append(i)
     if current:
         batches.append(current)
+    if rng is not None:
+        rng.shuffle(batches)
     return batches
 
 

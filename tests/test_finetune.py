@@ -11,7 +11,7 @@ import roberta
 from roberta import finetune as ft
 from roberta.cli import main
 from roberta.errors import RobertaError
-from roberta.inference import pad_batch
+from roberta.inference import length_batches, pad_batch
 from roberta.model import RobertaConfig, RobertaForMaskedLM, RobertaForSequenceClassification
 from roberta.tokenizer import RobertaTokenizer
 
@@ -81,19 +81,25 @@ def test_published_glue_recipes_and_overrides():
     assert ft.default_lr(r.replace(lr=3e-5), narrow)[0] == 3e-5
 
 
-def test_length_grouped_batches_cover_everything_and_pad_to_the_longest():
+def test_fine_tuning_batches_cover_everything_group_lengths_and_repeat_from_the_seed():
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 200, size=1000)
-    batches = ft.length_grouped_batches(lengths, 32, np.random.default_rng(1))
-    flat = np.concatenate(batches)
-    assert sorted(flat) == list(range(1000))
+    batches = length_batches(lengths, batch_size=32, rng=np.random.default_rng(1))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert sorted(len(b) for b in batches) == [8] + [32] * 31  # rows counted, not tokens
     # Similar lengths together: padding waste is small compared with one random batching.
     waste = sum(lengths[b].max() * len(b) - lengths[b].sum() for b in batches)
     random_waste = sum(lengths[b].max() * len(b) - lengths[b].sum() for b in np.array_split(rng.permutation(1000), 32))
     assert waste < 0.05 * random_waste
-    # Shuffled batch order in training, a fixed one in evaluation.
-    assert [len(b) for b in batches] != sorted(len(b) for b in batches) or not np.array_equal(
-        batches[0], ft.length_grouped_batches(lengths, 32)[0])
+    # The same seed gives the same batches (what exact resume needs), another seed another order;
+    # evaluation's order is fixed, shortest first.
+    assert length_batches(lengths, batch_size=32, rng=np.random.default_rng(1)) == batches
+    assert length_batches(lengths, batch_size=32, rng=np.random.default_rng(2)) != batches
+    fixed = length_batches(lengths, batch_size=32)
+    assert [lengths[b].max() for b in fixed] == sorted(lengths[b].max() for b in fixed)
+    assert fixed == length_batches(lengths, batch_size=32) and fixed != batches
+    with pytest.raises(RobertaError, match="batch_size must be positive"):
+        length_batches(lengths, batch_size=0)
     ids, mask = pad_batch([[0, 5, 2], [0, 7, 8, 9, 2]], 1)
     assert ids.tolist() == [[0, 5, 2, 1, 1], [0, 7, 8, 9, 2]]
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]

@@ -522,7 +522,8 @@ def _place_heads(cls, config: RobertaConfig, state, overrides, file_head: str | 
     differs from the one the caller asked for, or (when the caller names the head it wants, as
     fine-tuning does) a head of another name, is left out: the task model then starts with a fresh
     head. Starting RTE from an MNLI model, as the paper does, so replaces the 3-way `mnli` head with
-    a new 2-way `rte` one.
+    a new 2-way `rte` one. Named heads other than the wanted one are left out too, as fairseq leaves
+    them out when fine-tuning: they were trained on the encoder as it was, and fine-tuning changes it.
     """
     asked = "num_labels" in overrides or "id2label" in overrides
     wanted = overrides.get("head_name")
@@ -537,6 +538,10 @@ def _place_heads(cls, config: RobertaConfig, state, overrides, file_head: str | 
             config.num_labels = config.classification_heads.pop(name)
             if config.id2label is not None and len(config.id2label) != config.num_labels:
                 config.id2label = None
+        if wanted:
+            for key in [k for k in state if k.startswith("classification_heads.")]:
+                del state[key]
+            config.classification_heads = {}
     elif issubclass(cls, RobertaForMaskedLM) and has_classifier:
         name = config.head_name or "default"
         for key in [k for k in state if k.startswith("classifier.")]:

@@ -2,10 +2,12 @@
 RACE run, heads reload and predict the same labels, recipes are the published ones."""
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import roberta
 from roberta import finetune as ft
@@ -275,6 +277,50 @@ def test_custom_multi_label_jsonl(tiny_checkpoint, tmp_path):
     ft.evaluate("custom", tmp_path, out / "model", predictions=preds, text_columns=["body"], label_column="tags",
                 problem_type="multi_label")
     assert len(preds.read_text().splitlines()) == 9
+
+
+def test_fine_tunes_a_fairseq_release_archive_from_the_cli_then_evaluates_and_predicts(
+        hub_checkpoints, bpe_dir, tmp_path, monkeypatch, capsys):
+    """A fairseq .tar.gz as the releases ship it (a top folder holding model.pt and dict.txt; the GPT-2
+    BPE files come from the cache a first download filled, here offline) fine-tunes to the same weights
+    as the same model's Hugging Face directory, and the result evaluates and predicts alike."""
+    cache = tmp_path / "cache" / "gpt2_bpe"
+    cache.mkdir(parents=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(bpe_dir / name, cache / name)
+    monkeypatch.setenv("ROBERTA_CACHE", str(cache.parent))
+    monkeypatch.setenv("ROBERTA_OFFLINE", "1")
+    data = tmp_path / "reviews"
+    data.mkdir()
+    texts = {split: [f"the film was {'good' if i % 2 else 'bad'}, said viewer {i}" for i in range(n)]
+             for split, n in (("train", 24), ("dev", 8))}
+    for split, rows in texts.items():  # headerless: label, text
+        (data / f"{split}.csv").write_text("".join(f"{'pos' if i % 2 else 'neg'},{t}\n" for i, t in enumerate(rows)))
+    columns = ["--task", "custom", "--data", str(data), "--text-columns", "1", "--label-column", "0"]
+    for source in ("archive", "hf"):
+        assert main(["finetune", *columns, "--model", str(hub_checkpoints[source]), "--out", str(tmp_path / source),
+                     "--batch-size", "8", "--max-epochs", "2"]) == 0
+    model = tmp_path / "archive" / "model"
+    result = json.loads((tmp_path / "archive" / "eval.json").read_text())
+    assert result["plan"]["rows"] == 24 and result["updates"] == 6
+    weights = [load_file(tmp_path / source / "model" / "model.safetensors") for source in ("archive", "hf")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=1e-6)
+    config = json.loads((model / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "pos"} and config["head_name"] == "custom"
+    assert not config["classification_heads"]  # the archive's mnli head, stale once the encoder moved, is left out
+    preds = tmp_path / "dev-preds.tsv"
+    capsys.readouterr()
+    assert main(["evaluate", *columns, "--model", str(model), "--predictions", str(preds)]) == 0
+    scored = json.loads((model / "eval_dev.json").read_text())["metrics"]
+    assert scored["accuracy"] == pytest.approx(result["dev"]["accuracy"])
+    written = [line.split("\t")[1] for line in preds.read_text().splitlines()[1:]]
+    assert len(written) == 8 and set(written) <= {"neg", "pos"}
+    capsys.readouterr()
+    assert main(["predict", "-m", str(model), "--precision", "fp32", "--json", *texts["dev"]]) == 0
+    predicted = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["label"] for p in predicted] == written
 
 
 # ----------------------------------------------------------------------------------------- SQuAD/RACE

@@ -8,7 +8,8 @@ come back in the caller's order and equal the one-at-a-time results (float32: wi
 Precision (`--precision`, `roberta.load(precision=...)`), measured by `benchmarks/bench_features.py`:
 - "fp32": exact.
 - "bf16": weights and activations in bfloat16 (LayerNorm, softmax and GELU accumulate in float32 inside
-  PyTorch's kernels). Several times faster where the hardware has bf16 units (AMX or AVX-512 BF16 on
+  PyTorch's kernels); on CPUs with bf16 units the dense layers run on oneDNN with weights reordered once
+  at load and GELU fused into the matmul (`PackedLinear`). Several times faster where the hardware has bf16 units (AMX or AVX-512 BF16 on
   x86 CPUs, bf16-capable GPUs); on other CPUs PyTorch emulates it and it is *slower* than fp32.
 - "int8": the encoder's Linear layers with int8 weights (one scale per output row) and activations
   quantised to int8 per token at run time (one scale per row), integer matmuls through oneDNN
@@ -118,7 +119,7 @@ def reduce_precision(model: nn.Module, precision: str) -> nn.Module:
         model.to(torch.bfloat16)
         if device.type == "cpu" and packed_bf16_available():
             _prepare_encoder(model, PackedLinear)
-        else:  # a GPU: cuBLAS needs no reordering, but q, k and v are still concatenated once, not per call
+        else:  # a GPU (cuBLAS needs no reordering) or a CPU emulating bf16: q, k and v still concatenated once
             _prepare_encoder(model, lambda weight, bias, gelu=False: _linear(weight, bias), keep_dense=True)
     elif precision == "int8":
         if not int8_kernels_available():

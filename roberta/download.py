@@ -15,6 +15,9 @@ what it leaves out, done here for both kinds of download:
 - a stall guard: a transfer that receives under 64 KiB in `ROBERTA_STALL_TIMEOUT` seconds (default
   60) is abandoned with a one-line error (the per-read timeout, `HF_HUB_DOWNLOAD_TIMEOUT`, only
   fires when no byte at all arrives);
+- resumption across runs: a Hub file's blob is transferred here, under huggingface_hub's lock for
+  it, into `blobs/<etag>.incomplete`, kept when a run is cut and resumed by the next with a Range
+  request (huggingface_hub 2.x itself resumes only within one call, see `_hub_file`);
 - one-line errors (`RobertaError`) for every failure a user can meet.
 
 fairseq's archives (`roberta.base`, `roberta.large`, `roberta.large.mnli`) are not on the Hub: they
@@ -132,8 +135,9 @@ def _install_stall_guard() -> None:
                 if time.monotonic() - start >= window:
                     if received < STALL_BYTES:
                         raise RobertaError(f"the download from {self.url} stalled: {received} bytes in the last "
-                                           f"{window:g} s (ROBERTA_STALL_TIMEOUT); nothing was kept, try again "
-                                           f"later or use a mirror (HF_ENDPOINT, --base-url)")
+                                           f"{window:g} s (ROBERTA_STALL_TIMEOUT); what arrived is kept and the "
+                                           f"next run resumes it; try again later or use a mirror (HF_ENDPOINT, "
+                                           f"--base-url)")
                     start, received = time.monotonic(), 0
                 yield chunk
 
@@ -200,7 +204,7 @@ def select_files(names: list[str]) -> list[str]:
 def hub_snapshot(name: str, cache: str | os.PathLike | None = None, endpoint: str | None = None,
                  offline: bool | None = None, progress: bool = True) -> Path:
     """The local directory of a Hub repository (`org/name[@revision]`): its files in the cache's snapshot."""
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
 
     repo, revision = parse_hub_id(name)
@@ -217,16 +221,13 @@ def hub_snapshot(name: str, cache: str | os.PathLike | None = None, endpoint: st
         commit = info.sha or revision
         directory = None
         for file in files:
-            path = Path(hf_hub_download(repo, file, revision=commit, cache_dir=cache, endpoint=endpoint,
-                                        tqdm_class=bars))
+            path = _hub_file(repo, file, commit, cache, endpoint, bars)
             verify(path, repo=name)
             directory = directory or path.parents[len(Path(file).parts) - 1]  # the snapshot's root
             if file.endswith(".index.json"):  # the shards the index names, beside it
                 folder = file.rpartition("/")[0]
                 for shard in sorted(set(_read_json(path, name).get("weight_map", {}).values())):
-                    shard = f"{folder}/{shard}" if folder else shard
-                    verify(Path(hf_hub_download(repo, shard, revision=commit, cache_dir=cache, endpoint=endpoint,
-                                                tqdm_class=bars)),
+                    verify(_hub_file(repo, f"{folder}/{shard}" if folder else shard, commit, cache, endpoint, bars),
                            repo=name)
         if revision is not None and revision != commit:  # so that `org/name@revision` also loads offline
             _remember_revision(cache, repo, revision, commit)
@@ -253,6 +254,60 @@ def hub_snapshot(name: str, cache: str | os.PathLike | None = None, endpoint: st
         if type(exc).__module__.startswith("httpx"):
             return _unreachable(name, repo, revision, cache, exc)
         raise
+
+
+def _hub_file(repo: str, file: str, commit: str, cache: Path, endpoint: str | None, bars) -> Path:
+    """One file of a Hub snapshot, through `hf_hub_download`, its blob first transferred here so that an
+    interrupted download resumes on the next run.
+
+    huggingface_hub 2.x writes each transfer to a process-unique temporary file and deletes it when
+    the transfer fails (its PR #4228, against file systems whose locks do not hold), so it resumes only
+    within one call. Here the blob is fetched under huggingface_hub's own lock for it (the one
+    transformers takes too) into `blobs/<etag>.incomplete`, which is kept when a run is cut and resumed
+    with a Range request by the next; `hf_hub_download` then finds the blob and only links it into the
+    snapshot. Files stored with Xet, when hf_xet is installed, are left to huggingface_hub (Xet keeps
+    its own cache of the chunks already received).
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    folder = cache / repo_folder_name(repo_id=repo, repo_type="model")
+    if not (folder / "snapshots" / commit / file).exists():
+        url = hf_hub_url(repo, file, revision=commit, endpoint=endpoint)
+        meta = get_hf_file_metadata(url, timeout=_seconds("HF_HUB_ETAG_TIMEOUT", 10), endpoint=endpoint)
+        if meta.etag and meta.size is not None and not (meta.xet_file_data is not None and is_xet_available()):
+            _resume_blob(folder, meta, url, file, bars)
+    return Path(hf_hub_download(repo, file, revision=commit, cache_dir=cache, endpoint=endpoint, tqdm_class=bars))
+
+
+def _resume_blob(folder: Path, meta, url: str, file: str, bars) -> None:
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    blob = folder / "blobs" / meta.etag
+    lock = folder.parent / ".locks" / folder.name / f"{meta.etag}.lock"  # huggingface_hub's lock for this blob
+    partial = blob.with_name(blob.name + ".incomplete")
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    headers = build_hf_headers()
+    if urlparse(meta.location).netloc != urlparse(url).netloc:  # a CDN gets no credentials, as in huggingface_hub
+        headers.pop("authorization", None)
+    with WeakFileLock(str(lock)):
+        if blob.exists():
+            return
+        with open(partial, "ab") as out:
+            if out.tell() > meta.size:  # not a prefix of this file: start again
+                out.truncate(0)
+            try:
+                http_get(meta.location, out, resume_size=out.tell(), headers=headers, expected_size=meta.size,
+                         displayed_filename=file, tqdm_class=bars)
+            except OSError as exc:
+                if "Consistency check failed" in str(exc):  # the server sent another length: keep nothing
+                    out.close()
+                    partial.unlink(missing_ok=True)
+                raise
+        os.replace(partial, blob)
 
 
 def _unreachable(name, repo, revision, cache, exc) -> Path:

@@ -121,7 +121,10 @@ class HubServer:
     `add(repo, files, revision="main")` publishes a commit (returned) with `files` ({name: bytes}) and
     points `revision` at it. Knobs: `gated` (repositories answered 401 GatedRepo without a token),
     `wrong[(repo, file)] = bytes` (sent instead of the real bytes, under the real headers),
-    `trickle[(repo, file)] = seconds` (one byte per that many seconds). `log` holds (method, path).
+    `trickle[(repo, file)] = seconds` (one byte per that many seconds), `cut[(repo, file)] = n` (the
+    next transfer of the file closes after byte n, and the file's server then answers 503 while the key
+    is in `outage`, as a network that stays down for the rest of a run). `log` holds (method, path,
+    Range header or None).
     """
 
     LFS_FROM = 1000  # bytes: larger files are served as LFS files (sha256 etag, redirect)
@@ -132,7 +135,9 @@ class HubServer:
         self.gated: set[str] = set()
         self.wrong: dict[tuple[str, str], bytes] = {}
         self.trickle: dict[tuple[str, str], float] = {}
-        self.log: list[tuple[str, str]] = []
+        self.cut: dict[tuple[str, str], int] = {}
+        self.outage: set[tuple[str, str]] = set()
+        self.log: list[tuple[str, str, str | None]] = []
         self.max_requests, self.lifetime, self.started = 500, 120.0, time.monotonic()
         server = self
 
@@ -158,7 +163,7 @@ class HubServer:
                     self.wfile.write(body)
 
             def answer(self, body: bool):
-                server.log.append((self.command, self.path))
+                server.log.append((self.command, self.path, self.headers.get("Range")))
                 path = self.path.split("?")[0]
                 if len(server.log) > server.max_requests or time.monotonic() - server.started > server.lifetime:
                     return self.reply(503, body=b"test server budget spent", send=body)
@@ -195,6 +200,8 @@ class HubServer:
                 return self.file(repo, name, data, commit, body, etag=git_sha1(data))
 
             def file(self, repo, name, data, commit, body, etag=None):
+                if (repo, name) in server.outage:
+                    return self.reply(503, body=b"down", send=body)
                 sent = server.wrong.get((repo, name), data)
                 start = 0
                 if m := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "")):
@@ -213,6 +220,11 @@ class HubServer:
                     return
                 if (repo, name) in server.trickle:
                     _trickle(self, sent[start:], server.trickle[(repo, name)], server)
+                    self.close_connection = True
+                elif (repo, name) in server.cut:
+                    self.wfile.write(sent[start:max(start, server.cut.pop((repo, name)))])
+                    self.wfile.flush()
+                    server.outage.add((repo, name))
                     self.close_connection = True
                 else:
                     self.wfile.write(sent[start:])

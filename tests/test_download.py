@@ -134,6 +134,31 @@ def test_unknown_repository_and_a_repository_without_weights(hub, hub_checkpoint
         roberta.load("org/card-only", cache_dir=tmp_path / "hf", base_url=hub.url, precision="fp32")
 
 
+def test_interrupted_hub_download_resumes_on_the_next_run_with_a_range_request(hub, hub_checkpoints, tiny_hub,
+                                                                              tmp_path, capsys):
+    weights = (hub_checkpoints["hf"] / "model.safetensors").read_bytes()
+    sha = hashlib.sha256(weights).hexdigest()
+    # huggingface_hub writes what it receives in 10 MiB pieces (DOWNLOAD_CHUNK_SIZE): cut past the first
+    hub.cut[("org/tiny", "model.safetensors")] = cut = len(weights) - 1_000_000
+    cache = tmp_path / "hf"
+    argv = ["info", "-m", "org/tiny", "--cache-dir", str(cache), "--base-url", hub.url]
+    assert main(argv) == 2  # the connection is cut, and the network stays down for the rest of this run
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "503" in err
+    partial = next(cache.glob("models--org--tiny/blobs/*.incomplete"))
+    kept = partial.stat().st_size
+    assert partial.name == f"{sha}.incomplete" and 0 < kept <= cut and partial.read_bytes() == weights[:kept]
+
+    hub.outage.clear()  # the next run, with the network back
+    requests = len(hub.log)
+    model = roberta.load("org/tiny", cache_dir=cache, base_url=hub.url, progress=False, precision="fp32")
+    transfers = [ranged for method, path, ranged in hub.log[requests:] if method == "GET" and path == f"/cdn/{sha}"]
+    assert transfers == [f"bytes={kept}-"]  # one request, for the rest of the file only
+    blob = cache / "models--org--tiny" / "blobs" / sha
+    assert blob.read_bytes() == weights and not partial.exists()
+    torch.testing.assert_close(features(model), features(tiny_hub), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("file", ["model.safetensors", "config.json", "vocab.json"])
 def test_garbage_file_is_refused_removed_and_repaired_by_the_next_download(hub, hub_checkpoints, tiny_hub, tmp_path, file):
     real = (hub_checkpoints["hf"] / file).read_bytes()

@@ -1,5 +1,6 @@
 """Downloads as a hostile network and a careless user meet them: each case asserts the exit status, the
 one-line message and what is left in the cache (never a half-written or wrong file under a real name)."""
+import hashlib
 import io
 import os
 import tarfile
@@ -110,7 +111,7 @@ def test_a_server_slower_than_the_read_timeout_fails_in_bounded_time(server, env
     assert not download.is_cached("roberta.base")
 
 
-def test_a_stalled_hub_file_fails_in_bounded_time_and_keeps_nothing(hub_checkpoints, tmp_path, capsys, monkeypatch):
+def test_a_stalled_hub_file_fails_in_bounded_time_and_keeps_no_real_file(hub_checkpoints, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ROBERTA_STALL_TIMEOUT", "1")
     with HubServer() as hub:
         hub.add("org/tiny", directory_files(hub_checkpoints["hf"]))
@@ -119,10 +120,14 @@ def test_a_stalled_hub_file_fails_in_bounded_time_and_keeps_nothing(hub_checkpoi
         code, err = run(capsys, "info", "-m", "org/tiny", "--cache-dir", str(tmp_path / "hf"), "--base-url", hub.url)
     assert code == 2 and "stalled" in err and "\n" not in err
     assert time.monotonic() - start < 30
-    # what is kept is whole and verified (config.json came first); no .incomplete file, no weights blob
+    # what is kept under a real name is whole and verified (config.json came first); the weights only as
+    # their `<etag>.incomplete`, a prefix that the next run resumes
     from hub_helpers import git_sha1
-    assert [p.name for p in (tmp_path / "hf").glob("models--*/blobs/*")] == [
-        git_sha1((hub_checkpoints["hf"] / "config.json").read_bytes())]
+    weights = (hub_checkpoints["hf"] / "model.safetensors").read_bytes()
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "hf").glob("models--*/blobs/*")}
+    partial = kept.pop(f"{hashlib.sha256(weights).hexdigest()}.incomplete", b"")
+    assert list(kept) == [git_sha1((hub_checkpoints["hf"] / "config.json").read_bytes())]
+    assert weights.startswith(partial)
     assert "model.safetensors" not in [p.name for p in (tmp_path / "hf").glob("models--*/snapshots/*/*")]
 
 

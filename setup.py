@@ -1,7 +1,12 @@
-# The one compiled part of roberta: the decoder of compressed checkpoints (zstd without the GIL, byte
-# planes back into words; ZipNN's chunks through zstd's Huffman decoder). roberta.compress falls back
-# to the zstandard package and numpy when it is not built, roberta.znn to the zipnn package, so a
-# failed build costs speed (and, for ZipNN files, the zipnn package), never correctness.
+# The compiled parts of roberta, both optional: a failed build costs speed, never correctness.
+# - roberta._planes: the decoder of compressed checkpoints (zstd without the GIL, byte planes back into
+#   words; ZipNN's chunks through zstd's Huffman decoder); roberta.compress falls back to the zstandard
+#   package and numpy without it, roberta.znn to the zipnn package (then needed for ZipNN files).
+# - roberta._kernels: the int8 encoder's element-wise steps in one pass each; roberta.inference falls
+#   back to the same arithmetic in PyTorch. -ffp-contract=off keeps them bit for bit equal to it.
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("roberta._planes", ["csrc/planes.c"], extra_compile_args=["-O3"], optional=True)])
+setup(ext_modules=[
+    Extension("roberta._planes", ["csrc/planes.c"], extra_compile_args=["-O3"], optional=True),
+    Extension("roberta._kernels", ["csrc/kernels.c"], extra_compile_args=["-O3", "-ffp-contract=off"], optional=True),
+])

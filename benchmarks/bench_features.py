@@ -11,6 +11,9 @@ the same batches of 32 token-id lists from the real tokenizer, with the same thr
 - fp32 / int8 / bf16: this project, `model(ids, mask)` on the padded batch after
   `inference.reduce_precision`; auto: whatever `--precision auto` picks on this machine (named in the row).
 Throughput counts real tokens; timings are passes interleaved across engines, the median reported.
+The last row is a bound, not an engine: the dense layers' fp32 matmuls alone, timed with PyTorch's sgemm
+on each batch's real tokens (`gemm_ceiling`), i.e. what an fp32 engine on the same matmuls would reach if
+everything else (attention, LayerNorm, GELU, padding) cost nothing.
 Accuracy is per token vector against this project's fp32 (cosine, max abs difference); peak memory is
 each row's own child process (VmHWM), loading included, and what the run adds over the loaded process.
 
@@ -92,6 +95,26 @@ def load(side: str, path: str):
     return run
 
 
+def gemm_ceiling(sequences, config, repeats: int) -> float:
+    """Real tokens/s of an fp32 encoder whose only cost is its dense layers' matmuls, each timed here
+    with PyTorch's sgemm (MKL) on this batch's real-token count: the most any fp32 engine built on the
+    same matmuls can reach, whatever it does about attention, LayerNorm, GELU and padding."""
+    h, f = config.hidden_size, config.intermediate_size
+    shapes = [(3 * h, h), (h, h), (f, h), (h, f)]  # q/k/v together, attention output, FFN in, FFN out
+    weights = [(torch.randn(n, k) * 0.02, torch.zeros(n)) for n, k in shapes]
+    total = 0.0
+    for b in batches(sequences):
+        x = {k: torch.randn(sum(map(len, b)), k) for _, k in shapes}
+        times = []
+        for _ in range(repeats + 1):  # the first pass warms up
+            t = time.perf_counter()
+            for (n, k), (w, bias) in zip(shapes, weights):
+                torch.nn.functional.linear(x[k], w, bias)
+            times.append(time.perf_counter() - t)
+        total += median(times[1:]) * config.num_hidden_layers
+    return sum(map(len, sequences)) / total
+
+
 def child(side: str, path: str, ids_file: str) -> None:
     """One row alone in this process: load, run once, report peak memory."""
     torch.set_num_threads(args.threads)
@@ -161,6 +184,9 @@ def main() -> None:
             print(f"repeat {repeat + 1}/{args.repeats}: " +
                   ", ".join(f"{s} {real / seconds[s][-1]:.0f}" for s in SIDES), flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    from roberta import RobertaConfig
+
+    ceiling = gemm_ceiling(sequences, RobertaConfig.base(num_hidden_layers=args.layers), args.repeats)
 
     memory = {side: run_child(__file__, side, tmp, ids_file, "--threads", str(args.threads))
               for side in SIDES} if not args.no_memory else {}
@@ -175,6 +201,8 @@ def main() -> None:
         rows.append([name, speed[side], speed[side] / speed["transformers"], speed[side] / speed["ct2-fp32"],
                      speed[side] / speed["ct2-int8"], mem["peak_mib"], mem["run_added_mib"],
                      (a - reference).abs().max().item(), f"{cos.min().item():.6f}", f"{cos.mean().item():.6f}"])
+    rows.append(["fp32 sgemm ceiling (matmuls only)", ceiling, ceiling / speed["transformers"],
+                 ceiling / speed["ct2-fp32"], ceiling / speed["ct2-int8"], float("nan"), float("nan"), 0, "-", "-"])
     print(table(["row", "tokens/s", "x transformers", "x ct2-fp32", "x ct2-int8", "peak RSS MiB (load + run)",
                  "MiB added by the run", "max abs diff vs our fp32", "min cosine vs fp32", "mean cosine vs fp32"],
                 rows))

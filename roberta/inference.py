@@ -8,7 +8,8 @@ come back in the caller's order and equal the one-at-a-time results (float32: wi
 Precision (`--precision`, `roberta.load(precision=...)`), measured by `benchmarks/bench_features.py`:
 - "fp32": exact.
 - "bf16": weights and activations in bfloat16 (LayerNorm, softmax and GELU accumulate in float32 inside
-  PyTorch's kernels). Several times faster where the hardware has bf16 units (AMX or AVX-512 BF16 on
+  PyTorch's kernels); on CPUs with bf16 units the dense layers run on oneDNN with weights reordered once
+  at load and GELU fused into the matmul (`PackedLinear`). Several times faster where the hardware has bf16 units (AMX or AVX-512 BF16 on
   x86 CPUs, bf16-capable GPUs); on other CPUs PyTorch emulates it and it is *slower* than fp32.
 - "int8": the encoder's Linear layers with int8 weights (one scale per output row) and activations
   quantised to int8 per token at run time (one scale per row), integer matmuls through oneDNN
@@ -30,6 +31,11 @@ from tqdm import tqdm
 
 from .errors import RobertaError
 from .model import Unpadded
+
+try:  # the int8 encoder's element-wise steps in C (setup.py); PyTorch does the same without them
+    from . import _kernels
+except ImportError:
+    _kernels = None
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names of x86 bf16 units
@@ -100,22 +106,85 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu",
 
 def reduce_precision(model: nn.Module, precision: str) -> nn.Module:
     """Convert `model` in place for inference in "fp32" (unchanged), "bf16", "int8" or "auto" (decided
-    by `resolve_precision` for the model's device); returns it, in eval mode."""
+    by `resolve_precision` for the model's device); returns it, in eval mode.
+
+    bf16 and int8 models are for inference only: their encoder's weights are prepared once here for the
+    kernels that run them (q, k and v as one projection; on CPU, reordered into oneDNN's blocked layouts,
+    with GELU done in the bf16 matmul's epilogue), so they cannot be trained or saved.
+    """
     device = next(model.parameters()).device
     precision, _ = resolve_precision(precision, device)
     model.eval()
     if precision == "bf16":
-        return model.to(torch.bfloat16)
-    if precision == "int8":
+        model.to(torch.bfloat16)
+        if device.type == "cpu" and packed_bf16_available():
+            _prepare_encoder(model, PackedLinear)
+        else:  # a GPU (cuBLAS needs no reordering) or a CPU emulating bf16: q, k and v still concatenated once
+            _prepare_encoder(model, lambda weight, bias, gelu=False: _linear(weight, bias), keep_dense=True)
+    elif precision == "int8":
         if not int8_kernels_available():
             raise RobertaError("int8 needs PyTorch's oneDNN (mkldnn) kernels, which this build lacks; use fp32")
-        for layer in model.encoder_model.encoder.layer:
-            attention = layer.attention.self
-            attention.qkv = Int8Linear(*attention.fused_qkv())
-            del attention.query, attention.key, attention.value
-            for parent in (layer.attention.output, layer.intermediate, layer.output):
-                parent.dense = Int8Linear(parent.dense.weight, parent.dense.bias)
+        _prepare_encoder(model, Int8Linear)
     return model
+
+
+def _prepare_encoder(model: nn.Module, make, keep_dense: bool = False) -> None:
+    """Every encoder layer's projections replaced by `make(weight, bias, gelu=...)`: q, k and v by one
+    module on their concatenated weights, the FFN's first layer and its GELU by one (unless `keep_dense`:
+    then only its Linear is replaced and RobertaIntermediate still applies the GELU)."""
+    for layer in model.encoder_model.encoder.layer:
+        attention = layer.attention.self
+        attention.qkv = make(*attention.fused_qkv())
+        del attention.query, attention.key, attention.value
+        for parent in (layer.attention.output, layer.output):
+            parent.dense = make(parent.dense.weight, parent.dense.bias)
+        dense = layer.intermediate.dense
+        if keep_dense:
+            layer.intermediate.dense = make(dense.weight, dense.bias)
+        else:
+            layer.intermediate = make(dense.weight, dense.bias, gelu=True)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
+
+
+def packed_bf16_available() -> bool:
+    """oneDNN's bf16 linear on reordered weights, where the CPU has bf16 units to run it."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and bool(cpu_flags().intersection(BF16_FLAGS)))
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b in bfloat16, then GELU when `gelu`, on oneDNN with W reordered once into the
+    blocked layout its AMX / AVX-512 BF16 kernels read and the GELU applied in the matmul's epilogue
+    (one pass over the output instead of two). Measured by `benchmarks/bench_features.py` against
+    `F.linear` on the same bf16 weights; `forward_reference` is that plain path, for the tests.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.gelu = gelu
+        self.register_buffer("bias", bias.detach().to(torch.bfloat16).clone())
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias,
+                                               "gelu" if self.gelu else "none", [], "none" if self.gelu else "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.packed.to_dense(), self.bias)
+        return F.gelu(y) if self.gelu else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 oneDNN" + \
+            (" + GELU" if self.gelu else "")
 
 
 def int8_kernels_available() -> bool:
@@ -127,11 +196,31 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     multiply natively): (q [N, K] uint8, m [N, 1] float32) with x ~ (q - 128) * m / 127, m the largest
     magnitude in the row (the 1/127 is left to the caller, which folds it into other scales).
 
-    Two passes over x after its row maxima: x * 127 / m + 128.5 lies in [1.5, 255.5], so truncating
-    it to uint8 rounds to the nearest integer (halves up) and adds the offset at once.
+    x * 127 / m + 128.5 lies in [1.5, 255.5], so truncating it to uint8 rounds to the nearest integer
+    (halves up) and adds the offset at once. `roberta._kernels` does it in one pass over a float32 x;
+    `quantize_rows_reference` is the same arithmetic in PyTorch, and the fallback without the kernels.
     """
-    m = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)
-    return torch.addcmul(torch.tensor(128.5), x, torch.div(127.0, m)).to(torch.uint8), m
+    if _kernels is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2:
+        return quantize_rows_reference(x)
+    x = x.contiguous()
+    q = torch.empty(x.shape, dtype=torch.uint8)
+    m = torch.empty(x.shape[0], 1)
+    _kernels.quantize_rows(x.detach().numpy(), x.shape[0], x.shape[1], q.numpy(), m.numpy())
+    return q, m
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m = x.abs().amax(-1, keepdim=True).clamp_min_(1e-30)
+    return (x * (127.0 / m)).add_(128.5).to(torch.uint8), m
+
+
+def scale_rows(y: torch.Tensor, m: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """bias + y * m, with y [N, n] float32 scaled per row by m [N, 1], in place: in one pass where
+    `roberta._kernels` is built, else in two (the same two roundings, to the bit)."""
+    if _kernels is None or not y.is_contiguous() or y.dim() != 2:
+        return y.mul_(m).add_(bias)
+    _kernels.scale_rows(y.detach().numpy(), y.shape[0], y.shape[1], m.detach().numpy(), bias.detach().numpy())
+    return y
 
 
 class Int8Linear(nn.Module):
@@ -143,8 +232,9 @@ class Int8Linear(nn.Module):
     the tests hold the kernel to.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False):
         super().__init__()
+        self.gelu = gelu  # the FFN's first layer: GELU on the float32 result
         q, m = quantize_rows(weight.detach().float())
         self.register_buffer("weight", (q.int() - 128).to(torch.int8))
         # W ~ weight * m / 127 and x ~ (q - 128) * m_x / 127: both 1/127s go into the weight's scales
@@ -158,15 +248,18 @@ class Int8Linear(nn.Module):
         q, m = quantize_rows(x.reshape(-1, self.in_features).float())
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.packed, self.weight_scale, self._zeros, None,
                                                  1.0, 0, torch.float32, "none", [], "")
-        return torch.addcmul(self.bias, y, m).view(*x.shape[:-1], self.out_features)
+        y = scale_rows(y, m, self.bias)
+        return (F.gelu(y) if self.gelu else y).view(*x.shape[:-1], self.out_features)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        q, m = quantize_rows(x.reshape(-1, self.in_features).float())
+        q, m = quantize_rows_reference(x.reshape(-1, self.in_features).float())
         y = ((q.int() - 128) @ self.weight.int().t()).float() * self.weight_scale  # exact int32 sums
-        return (y * m + self.bias).view(*x.shape[:-1], self.out_features)
+        y = y * m + self.bias
+        return (F.gelu(y) if self.gelu else y).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel x per-token"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel x per-token" + \
+            (" + GELU" if self.gelu else "")
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

@@ -12,8 +12,11 @@ import transformers
 import roberta
 from roberta import RobertaConfig
 from roberta.tokenizer import RobertaTokenizer
-from roberta.inference import (Int8Linear, choose_precision, cpu_flags, extract_features_batched, length_batches,
-                               pad_batch, reduce_precision, resolve_precision)
+import os
+
+from roberta import inference
+from roberta.inference import (Int8Linear, PackedLinear, choose_precision, cpu_flags, extract_features_batched,
+                               length_batches, packed_bf16_available, pad_batch, reduce_precision, resolve_precision)
 
 from test_model import CONFIG as MODEL_CONFIG, TOL, pair as model_pair, randomize
 
@@ -93,8 +96,11 @@ def test_masked_lm_model_gives_encoder_features_and_empty_input_is_refused(tmp_p
         extract_features_batched(mlm, [[0, 5, 2], []])
 
 
-@pytest.mark.parametrize("precision, min_cosine", [("bf16", 0.999), ("int8", 0.999)])
-def test_reduced_precision_stays_close_to_float32(precision, min_cosine):
+@pytest.mark.parametrize("precision, min_cosine, packed", [("bf16", 0.999, True), ("bf16", 0.999, False),
+                                                           ("int8", 0.999, None)])
+def test_reduced_precision_stays_close_to_float32(precision, min_cosine, packed, monkeypatch):
+    if packed is False:  # the bf16 path of GPUs and of CPUs without bf16 units, whatever this CPU has
+        monkeypatch.setattr(inference, "packed_bf16_available", lambda: False)
     # BERT initialisation, as a trained model has it: the regime the documented accuracy is for
     torch.manual_seed(0)
     model = roberta.RobertaModel(RobertaConfig(**{**CONFIG, "hidden_size": 128, "intermediate_size": 256})).eval()
@@ -110,6 +116,9 @@ def test_reduced_precision_stays_close_to_float32(precision, min_cosine):
         assert isinstance(model.encoder.layer[1].output.dense, Int8Linear)
     else:
         assert model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+        kind = PackedLinear if packed and packed_bf16_available() else torch.nn.Linear
+        attention = model.encoder.layer[0].attention.self
+        assert type(attention.qkv) is kind and not hasattr(attention, "query")
 
 
 def test_unknown_precision_is_refused():
@@ -158,6 +167,44 @@ def test_int8_kernel_equals_the_plain_integer_arithmetic():
     assert (fast - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
     exact = torch.nn.functional.linear(x, weight, bias)
     assert 0 < (fast - exact).abs().max().item() <= 0.02 * exact.abs().max().item()  # quantised, and close
+
+
+def test_int8_c_kernels_equal_their_pytorch_arithmetic_bit_for_bit():
+    if inference._kernels is None:
+        assert os.environ.get("CI") != "true", "roberta._kernels was not built (setup.py)"
+        pytest.skip("roberta._kernels is not built; inference uses the PyTorch arithmetic itself")
+    g = torch.Generator().manual_seed(1)
+    for rows, k in [(37, 768), (5, 3072), (1, 1), (0, 8), (9, 33)]:
+        x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
+        if rows > 2:
+            x[1], x[2, :] = 0.0, 1e-38  # a zero row and a subnormal row meet the 1e-30 floor
+        q, m = inference.quantize_rows(x)
+        q_ref, m_ref = inference.quantize_rows_reference(x)
+        assert q.dtype == torch.uint8 and torch.equal(q, q_ref) and torch.equal(m, m_ref)
+        y, s, b = torch.randn(rows, 50, generator=g), torch.rand(rows, 1, generator=g), torch.randn(50, generator=g)
+        assert torch.equal(inference.scale_rows(y.clone(), s, b), y.clone().mul_(s).add_(b))
+    for gelu in (False, True):  # the whole layer through the kernels against the int32 reference
+        layer = Int8Linear(torch.randn(48, 64, generator=g) * 0.1, torch.randn(48, generator=g), gelu=gelu)
+        x = torch.randn(4, 7, 64, generator=g)
+        assert (layer(x) - layer.forward_reference(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.skipif(not packed_bf16_available(), reason="needs a CPU with bf16 units (AMX or AVX-512 BF16)")
+@pytest.mark.parametrize("gelu", [False, True])
+def test_packed_bf16_linear_equals_the_plain_bf16_linear(gelu):
+    g = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(96, 64, generator=g) * 0.1, torch.randn(96, generator=g)
+    layer = PackedLinear(weight, bias, gelu=gelu)
+    for shape in [(1, 64), (3, 11, 64), (200, 64)]:
+        x = torch.randn(*shape, generator=g).bfloat16()
+        fast, plain = layer(x), layer.forward_reference(x)
+        assert fast.shape == (*shape[:-1], 96) and fast.dtype == torch.bfloat16
+        exact = torch.nn.functional.linear(x.float(), weight.bfloat16().float(), bias.bfloat16().float())
+        exact = torch.nn.functional.gelu(exact) if gelu else exact
+        # bf16 output: both within a few bf16 roundings of the float32 result on the same bf16 inputs
+        scale = exact.abs().max().item()
+        assert (fast.float() - exact).abs().max().item() <= 2 ** -7 * scale
+        assert (fast.float() - plain.float()).abs().max().item() <= 2 ** -7 * scale
 
 
 HEADS = [("RobertaModel", {}), ("RobertaForMaskedLM", {}), ("RobertaForSequenceClassification", {"num_labels": 3}),

@@ -305,7 +305,8 @@ def _add_hub_commands(sub) -> None:
     p.add_argument("--max-batch-requests", type=int, default=128,
                    help="inputs in one forward pass (default 128; 1 turns batching off)")
     p.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="how long the oldest queued input waits for a batch to fill (default 2)")
+                   help="a batch closes when no input has come for this long, or its budgets are full "
+                        "(default 2; at most 10 such waits per batch)")
     p.add_argument("--max-queue", type=int, default=2048, help="inputs waiting before requests get 429 (default 2048)")
     p.add_argument("--max-inputs", type=int, default=64, help="inputs in one request (default 64; 413 past it)")
     p.add_argument("--max-input-tokens", type=int,

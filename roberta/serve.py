@@ -7,8 +7,10 @@ A server that runs each request alone wastes what makes the encoder fast: the pa
 Here every request is split into its inputs, the inputs wait in one bounded queue, and one worker thread
 takes them in arrival order into batches of at most `max_batch_tokens` real tokens and
 `max_batch_requests` inputs (as text-embeddings-inference does; padding costs nothing, so the budget
-counts real tokens). It waits at most `max_wait_ms` after the oldest input arrived for a batch to fill,
-runs it through the encoder once (`inference.extract_features_batched`), applies each input's head
+counts real tokens). A batch closes when a budget is full or when no input has come for `max_wait_ms`
+(at most ten such waits in all): while a forward pass has the cores, requests pile up unread in the
+sockets, and the event loop hands them over one by one afterwards, so a fixed wait after the oldest
+input would close the next batch on the first one or two of them. Then the worker runs it through the encoder once (`inference.extract_features_batched`), applies each input's head
 (pooling, a classification head, the masked-LM head at the masks), and hands each caller its own rows:
 the numbers the library gives for that request alone, within float rounding.
 
@@ -38,10 +40,11 @@ from .errors import RobertaError
 from .inference import extract_features_batched
 
 try:
+    import orjson
     import uvicorn
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -58,7 +61,7 @@ class ServeSettings:
 
     max_batch_tokens: int = 8192     # real tokens in one forward pass
     max_batch_requests: int = 128    # inputs in one forward pass (1: no batching)
-    max_wait_ms: float = 2.0         # how long the oldest queued input waits for a batch to fill
+    max_wait_ms: float = 2.0         # a batch closes when no input has come for this long (or budgets are full)
     max_queue: int = 2048            # inputs waiting; past it requests get 429 with Retry-After
     max_inputs: int = 64             # inputs in one request (413 past it)
     max_input_tokens: int | None = None  # tokens in one input (default: the model's limit); 413 or truncate
@@ -90,6 +93,17 @@ class HTTPError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+
+
+class JSONResponse(Response):
+    """JSON through orjson: a 768-float embedding is encoded ~10x faster than by the json module (which
+    took a quarter of the server's time under load), and float32 arrays as their shortest float32 text,
+    which reads back to the same float32 values."""
+
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def error_response(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
@@ -184,6 +198,7 @@ class Batcher:
         self.metrics = Metrics(lambda: self.depth)
         self._queue: collections.deque[tuple[Job, int]] = collections.deque()  # (job, input index)
         self._queued_tokens = 0
+        self._last_arrival = 0.0  # when the newest input came
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="roberta-batcher", daemon=True)
@@ -217,6 +232,7 @@ class Batcher:
             for i, ids in enumerate(job.sequences):
                 self._queue.append((job, i))
                 self._queued_tokens += len(ids)
+            self._last_arrival = job.arrived
             self._cond.notify()
 
     # -- the worker thread
@@ -230,17 +246,22 @@ class Batcher:
                 self._process(batch)
 
     def _next_batch(self) -> list[tuple[Job, int]] | None:
-        """Up to the budgets, oldest first; waits up to max_wait_ms after the oldest arrived to fill up."""
+        """Up to the budgets, oldest first; waits for more while inputs keep coming: until none has come
+        for max_wait_ms (counted from now at the earliest), at most 10 x max_wait_ms in all."""
         s = self.settings
         with self._cond:
             while not self._queue:
                 if self._stopping:
                     return None
                 self._cond.wait()
-            deadline = self._queue[0][0].arrived + s.max_wait_ms / 1000
+            now = time.monotonic()
+            gap, last_deadline = s.max_wait_ms / 1000, now + 10 * s.max_wait_ms / 1000
             while (not self._stopping and len(self._queue) < s.max_batch_requests
-                   and self._queued_tokens < s.max_batch_tokens and time.monotonic() < deadline):
-                self._cond.wait(max(0.0, deadline - time.monotonic()))
+                   and self._queued_tokens < s.max_batch_tokens):
+                deadline = min(max(self._last_arrival, now) + gap, last_deadline)
+                if time.monotonic() >= deadline:
+                    break
+                self._cond.wait(deadline - time.monotonic())
             batch, tokens = [], 0
             while self._queue and len(batch) < s.max_batch_requests:
                 job, i = self._queue[0]
@@ -288,7 +309,7 @@ class Batcher:
         for row, ((job, _), f) in enumerate(zip(batch, features)):
             if job.kind == "embed":
                 v = f[0] if job.options["pooling"] == "cls" else f.mean(0)
-                outputs[row] = (F.normalize(v, dim=0) if job.options["normalize"] else v).tolist()
+                outputs[row] = (F.normalize(v, dim=0) if job.options["normalize"] else v).numpy()  # float32
             elif job.kind == "predict":
                 by_head[job.options["head"]].append(row)
             else:

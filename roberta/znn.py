@@ -55,11 +55,12 @@ ROW = 19  # int64s per chunk in decode_znn's table
 def _load_decoder() -> bool:
     from . import compress
 
-    if not compress._C_DECODER:
+    load_huf = getattr(compress._planes, "load_huf", None)  # None: an extension built before decode_znn
+    if not compress._C_DECODER or load_huf is None:
         return False
     import zstandard
 
-    return any(compress._planes.load_huf(str(path)) for path in sorted(Path(zstandard.__file__).parent.glob("_cffi*")))
+    return any(load_huf(str(path)) for path in sorted(Path(zstandard.__file__).parent.glob("_cffi*")))
 
 
 DECODER = "roberta" if _load_decoder() else "zipnn"  # which decoder reads ZipNN files in this process

@@ -179,7 +179,7 @@ TENSORS = {  # what each case reaches: Huffman groups, stored groups, one-symbol
 def test_own_decoder_restores_each_tensor_bit_for_bit_as_zipnn_does(case):
     from roberta import znn
 
-    assert znn.DECODER == "roberta"  # the C extension is built in the test environment
+    assert znn.DECODER == "roberta", "roberta._planes is not built or predates decode_znn: pip install -e '.[test]'"
     tensor = TENSORS[case]
     blob = zipnn_blob(tensor)
     ours = znn.decompress_blob(blob, case)

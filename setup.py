@@ -1,6 +1,7 @@
 # The compiled parts of roberta, both optional: a failed build costs speed, never correctness.
 # - roberta._planes: the decoder of compressed checkpoints (zstd without the GIL, byte planes back into
-#   words); roberta.compress falls back to the zstandard package and numpy without it.
+#   words; ZipNN's chunks through zstd's Huffman decoder); roberta.compress falls back to the zstandard
+#   package and numpy without it, roberta.znn to the zipnn package (then needed for ZipNN files).
 # - roberta._kernels: the int8 encoder's element-wise steps in one pass each; roberta.inference falls
 #   back to the same arithmetic in PyTorch. -ffp-contract=off keeps them bit for bit equal to it.
 from setuptools import Extension, setup

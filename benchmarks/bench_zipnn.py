@@ -1,15 +1,18 @@
-"""Reading ZipNN checkpoints: this project's loader (which calls the zipnn package) against zipnn's own
-decompression, plain safetensors and this project's model.rbz, in one run, passes interleaved.
+"""Reading ZipNN checkpoints: this project's own ZipNN decoder against the zipnn package, side by
+side in one run, passes interleaved, with plain safetensors and this project's model.rbz for scale.
 
 For each layout ZipNN writes (whole-file `model.safetensors.znn`, per-tensor `model.znn.safetensors`)
-and each kind of weights (fp16-exact fp32, bf16; trained-like values, see bench_compress.py), files are
-made by the zipnn package and then read repeatedly by:
-  roberta   roberta.checkpoint.read_weight_file (chunk walk, dtype/shape checks, zipnn's decoder)
+and each kind of weights (fp16-exact fp32, bf16, fp32; trained-like values, see bench_compress.py),
+files are made by the zipnn package and then read repeatedly by:
+  roberta   roberta.checkpoint.read_weight_file with its own decoder (roberta/znn.py, csrc/planes.c)
+  fallback  the same with the zipnn package decoding (what runs where the C extension is missing)
   zipnn     zipnn itself: ZipNN(is_streaming=True).decompress + safetensors.load / its SafeOpen
   plain     the uncompressed model.safetensors (safetensors.torch.load_file)
   rbz       this project's own format, model.rbz (roberta.compress.load_file)
-The question it answers: what reading through the package costs against zipnn itself (our wrapper's
-overhead), and what a reader of our own would have to beat (see README "ZipNN checkpoints").
+Every read is checked bit for bit against the original tensors. Speeds are MB/s of uncompressed
+weights (median wall time); `ratio` is the compressed size over the plain file's; `roberta/zipnn` is
+zipnn's time over ours, by wall time and by CPU time of the process (all threads), the second being
+the steadier on a loaded machine.
 
     PYTHONPATH=. python benchmarks/bench_zipnn.py --layers 4 --repeats 5
 """
@@ -30,7 +33,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compress import trained_like  # noqa: E402
 
-from roberta import compress  # noqa: E402
+from roberta import compress, znn  # noqa: E402
 from roberta.checkpoint import read_weight_file  # noqa: E402
 
 
@@ -71,35 +74,59 @@ def zipnn_per_tensor(path: Path) -> dict:
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
+def with_decoder(decoder: str, path: Path) -> dict:
+    saved, znn.DECODER = znn.DECODER, decoder
+    try:
+        return read_weight_file(path)
+    finally:
+        znn.DECODER = saved
+
+
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    assert znn.DECODER == "roberta", "this project's ZipNN decoder is not available (C extension not built?)"
     base = trained_like(args.layers)
     kinds = {"fp16-exact fp32": {k: v.half().float() for k, v in base.items()},
-             "bf16": {k: v.bfloat16() for k, v in base.items()}}
-    print(f"{args.layers} layers x 768, vocabulary 50265; torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'kind':<16} {'layout':<11} {'MiB':>7} {'roberta s':>10} {'zipnn s':>8} {'roberta/zipnn':>13} "
-          f"{'plain s':>8} {'rbz s':>7} {'rbz MiB':>8}")
+             "bf16": {k: v.bfloat16() for k, v in base.items()},
+             "fp32": base}
+    print(f"{cpu_model()}, {os.cpu_count()} CPUs; {args.layers} layers x 768, vocabulary 50265; "
+          f"load average {os.getloadavg()[0]:.1f} at the start")
+    names = ["roberta", "fallback", "zipnn", "plain", "rbz"]
+    print(f"{'kind':<16} {'layout':<11} {'MB':>6} {'ratio':>6} " + " ".join(f"{n + ' MB/s':>13}" for n in names)
+          + f" {'roberta/zipnn wall':>18} {'cpu':>6}")
     for kind, tensors in kinds.items():
         with tempfile.TemporaryDirectory() as tmp:
             files = make_files(tensors, Path(tmp))
+            size = files["plain"].stat().st_size
             for layout, theirs in (("whole", zipnn_whole), ("per_tensor", zipnn_per_tensor)):
-                readers = {"roberta": lambda: read_weight_file(files[layout]), "zipnn": lambda: theirs(files[layout]),
+                readers = {"roberta": lambda: with_decoder("roberta", files[layout]),
+                           "fallback": lambda: with_decoder("zipnn", files[layout]),
+                           "zipnn": lambda: theirs(files[layout]),
                            "plain": lambda: load_file(str(files["plain"])), "rbz": lambda: compress.load_file(files["rbz"])}
-                times = {name: [] for name in readers}
+                times, cpu = {name: [] for name in readers}, {name: [] for name in readers}
                 for _ in range(args.repeats):  # interleaved: a busy machine slows every reader alike
                     for name, read in readers.items():
-                        start = time.perf_counter()
+                        start, start_cpu = time.perf_counter(), time.process_time()
                         got = read()
                         times[name].append(time.perf_counter() - start)
+                        cpu[name].append(time.process_time() - start_cpu)
                         assert all(torch.equal(got[k].view(torch.uint8), tensors[k].view(torch.uint8)) for k in tensors)
                 t = {name: statistics.median(v) for name, v in times.items()}
-                print(f"{kind:<16} {layout:<11} {files[layout].stat().st_size / 2**20:7.1f} {t['roberta']:10.3f} "
-                      f"{t['zipnn']:8.3f} {t['roberta'] / t['zipnn']:13.2f} {t['plain']:8.3f} {t['rbz']:7.3f} "
-                      f"{files['rbz'].stat().st_size / 2**20:8.1f}")
+                c = {name: statistics.median(v) for name, v in cpu.items()}
+                print(f"{kind:<16} {layout:<11} {size / 1e6:6.1f} {files[layout].stat().st_size / size:6.3f} "
+                      + " ".join(f"{size / 1e6 / t[n]:13.0f}" for n in names)
+                      + f" {t['zipnn'] / t['roberta']:17.2f}x {c['zipnn'] / c['roberta']:5.2f}x")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-/* The decoding half of roberta.compress: a tensor's chunks back into its words, on all cores.
+/* The decoding half of roberta.compress: a tensor's chunks back into its words, on all cores; and,
+on the same threads, ZipNN's chunks back into their bytes (decode_znn, for roberta.znn).
 
 decode_chunks takes a whole tensor blob and its chunk table and does everything compress.py's numpy
 fallback does, without the GIL and without Python between chunks: worker threads take chunks in turn,
@@ -229,16 +230,35 @@ enum { RAW, ZSTD };
 #define MAX_PLANES 8
 #define ROW (6 + 3 * MAX_PLANES)
 
-typedef struct {
+/* What a worker needs besides the job: a zstd context, a Huffman table and its workspace (for ZipNN),
+   and a buffer per plane. Kept in a pool between calls, so that decoding allocates nothing and
+   touches no fresh pages once it has run. */
+#define HUF_TABLE_WORDS (1 + (1 << 12))  /* zstd's HUF_DTABLE_SIZE(HUF_TABLELOG_MAX) */
+#define HUF_WORKSPACE_BYTES 8192          /* zstd needs HUF_DECOMPRESS_WORKSPACE_SIZE, 2560 */
+typedef struct state {
+    struct state *next;
+    void *dctx;
+    uint32_t huf_table[HUF_TABLE_WORDS];
+    uint64_t huf_workspace[HUF_WORKSPACE_BYTES / 8];
+    uint8_t *buffers[MAX_PLANES];
+    Py_ssize_t capacity;
+} state_t;
+
+/* One call's work: `decode` turns chunk c of the table into its part of out (0, or -1 when the
+   chunk's data is wrong), using a worker's state. */
+typedef struct job {
     const uint8_t *blob;
     const int64_t *table;
     uint8_t *out;
     Py_ssize_t chunks, itemsize, buffer_size;
+    int (*decode)(struct job *job, Py_ssize_t c, state_t *s);
     atomic_long next, failed;  /* the next chunk to take; the lowest chunk that failed (chunks: none) */
 } job_t;
 
 /* Decode chunk c; 0 on success, -1 if its hash, a zstd frame or a decoded size is wrong. */
-static int decode_chunk(job_t *job, Py_ssize_t c, void *dctx, uint8_t **buffers) {
+static int decode_chunk(job_t *job, Py_ssize_t c, state_t *s) {
+    void *dctx = s->dctx;
+    uint8_t **buffers = s->buffers;
     const int64_t *row = job->table + c * ROW;
     int transform = (int)row[0], nplanes = (int)row[5];
     Py_ssize_t start = row[1], n = row[2];
@@ -267,9 +287,6 @@ static int decode_chunk(job_t *job, Py_ssize_t c, void *dctx, uint8_t **buffers)
     }
 }
 
-/* What a worker needs besides the job: a zstd context and a buffer per plane. Kept in a pool between
-   calls, so that decoding allocates nothing and touches no fresh pages once it has run. */
-typedef struct state { struct state *next; void *dctx; uint8_t *buffers[MAX_PLANES]; Py_ssize_t capacity; } state_t;
 static state_t *pool;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -312,7 +329,7 @@ static void *worker(void *arg) {
     for (;;) {
         Py_ssize_t c = atomic_fetch_add(&job->next, 1);
         if (c >= job->chunks || c > atomic_load(&job->failed)) break;  /* done, or past a failure */
-        if (decode_chunk(job, c, s->dctx, s->buffers) < 0) {
+        if (job->decode(job, c, s) < 0) {
             long lowest = atomic_load(&job->failed);
             while (c < lowest && !atomic_compare_exchange_weak(&job->failed, &lowest, c)) {}
         }
@@ -413,13 +430,178 @@ static const char *check_table(const int64_t *table, Py_ssize_t chunks, Py_ssize
     return NULL;
 }
 
-/* decode_chunks(blob, table, out, threads) -> int: decode every chunk the table lists from blob into
-   out (the tensor's bytes) on `threads` threads; -1 when all succeed, else the lowest chunk whose
-   hash or data was wrong (out is then partly written). */
-static PyObject *py_decode_chunks(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* --- ZipNN's format (roberta/znn.py documents it) --------------------------------------------- */
+
+/* zstd's Huffman decoder for one 4-stream block with its table description (what ZipNN's HUF_compress
+   writes; the format zstd's literals use), taken from a zstd library that exports it. */
+static size_t (*huf_decompress4x)(uint32_t *table, void *dst, size_t size, const void *src, size_t length,
+                                  void *workspace, size_t workspace_size, int flags);
+static unsigned (*huf_is_error)(size_t code);
+static int huf_flags;
+
+/* load_huf(path) -> bool: use HUF_decompress4X_hufOnly_wksp from the zstd library at path, which only
+   libraries built with their internal symbols visible export (the zstandard wheel's cffi module
+   does). Its signature is zstd's internal one, fixed from zstd 1.5.5 (flags) to 1.5.x: other
+   versions are refused. */
+static PyObject *py_load_huf(PyObject *self, PyObject *path) {
+    const char *name = PyUnicode_AsUTF8(path);
+    if (!name) return NULL;
+    void *lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+    if (!lib) Py_RETURN_FALSE;
+    void *version = dlsym(lib, "ZSTD_versionNumber"), *decode = dlsym(lib, "HUF_decompress4X_hufOnly_wksp");
+    void *is_error = dlsym(lib, "HUF_isError");
+    if (!version || !decode || !is_error) Py_RETURN_FALSE;
+    unsigned number = ((unsigned (*)(void))version)();
+    if (number < 10505 || number >= 10600) Py_RETURN_FALSE;
+    huf_decompress4x = (size_t (*)(uint32_t *, void *, size_t, const void *, size_t, void *, size_t, int))decode;
+    huf_is_error = (unsigned (*)(size_t))is_error;
+#ifdef HAVE_AVX2_PATH
+    huf_flags = __builtin_cpu_supports("bmi2") ? 1 : 0;  /* HUF_flags_bmi2: its fast loop */
+#endif
+    Py_RETURN_TRUE;
+}
+
+/* One row per ZipNN chunk (int64 each): output offset, output bytes, groups k (1, 2 or 4) | bit order
+   << 8, then for each group: codec (0 stored, 1 Huffman), offset of its bytes in the blob, their
+   length, the group's decoded length. */
+#define ZNN_ROW (3 + 4 * 4)
+
+static inline uint16_t znn_revert16(uint16_t w) { return (uint16_t)((w & 0x80) << 8 | (w >> 1 & 0x7F80) | (w & 0x7F)); }
+static inline uint32_t znn_revert32(uint32_t w) { return (w << 8 & 0x80000000u) | (w >> 1 & 0x7F800000u) | (w & 0x7FFFFFu); }
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+/* 16 words at a time (SSE2: every x86-64 CPU): four groups' bytes into 32-bit words, or two groups'
+   into 16-bit words, with the sign bits moved back when `bits`. Returns how many words were written. */
+static int64_t znn_join4_sse2(const uint8_t *const *g, int bits, uint8_t *out, int64_t q) {
+    const __m128i sign = _mm_set1_epi32((int)0x80000000u), exponent = _mm_set1_epi32(0x7F800000), mantissa = _mm_set1_epi32(0x7FFFFF);
+    int64_t i = 0;
+    for (; i + 16 <= q; i += 16) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(g[0] + i)), b = _mm_loadu_si128((const __m128i *)(g[1] + i));
+        __m128i c = _mm_loadu_si128((const __m128i *)(g[2] + i)), d = _mm_loadu_si128((const __m128i *)(g[3] + i));
+        __m128i ab_lo = _mm_unpacklo_epi8(a, b), ab_hi = _mm_unpackhi_epi8(a, b);
+        __m128i cd_lo = _mm_unpacklo_epi8(c, d), cd_hi = _mm_unpackhi_epi8(c, d);
+        __m128i w[4] = {_mm_unpacklo_epi16(ab_lo, cd_lo), _mm_unpackhi_epi16(ab_lo, cd_lo),
+                        _mm_unpacklo_epi16(ab_hi, cd_hi), _mm_unpackhi_epi16(ab_hi, cd_hi)};
+        for (int j = 0; j < 4; j++) {
+            if (bits)
+                w[j] = _mm_or_si128(_mm_or_si128(_mm_and_si128(_mm_slli_epi32(w[j], 8), sign),
+                                                 _mm_and_si128(_mm_srli_epi32(w[j], 1), exponent)),
+                                    _mm_and_si128(w[j], mantissa));
+            _mm_storeu_si128((__m128i *)(out + 4 * i + 16 * j), w[j]);
+        }
+    }
+    return i;
+}
+
+static int64_t znn_join2_sse2(const uint8_t *const *g, int bits, uint8_t *out, int64_t q) {
+    const __m128i sign = _mm_set1_epi16(0x80), exponent = _mm_set1_epi16(0x7F80), mantissa = _mm_set1_epi16(0x7F);
+    int64_t i = 0;
+    for (; i + 16 <= q; i += 16) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(g[0] + i)), b = _mm_loadu_si128((const __m128i *)(g[1] + i));
+        __m128i w[2] = {_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b)};
+        for (int j = 0; j < 2; j++) {
+            if (bits)
+                w[j] = _mm_or_si128(_mm_or_si128(_mm_slli_epi16(_mm_and_si128(w[j], sign), 8),
+                                                 _mm_and_si128(_mm_srli_epi16(w[j], 1), exponent)),
+                                    _mm_and_si128(w[j], mantissa));
+            _mm_storeu_si128((__m128i *)(out + 2 * i + 16 * j), w[j]);
+        }
+    }
+    return i;
+}
+#endif
+
+/* A chunk's groups back into its bytes: byte i*k+b is group b's byte i; the n % k bytes left over
+   are the last bytes of the first groups. With the bit order set, ZipNN moved each float's sign
+   below its exponent in every whole 4-byte word of the chunk: moved back here. */
+static void znn_join(const uint8_t *const *g, int k, int bits, uint8_t *out, int64_t n) {
+    int64_t q = n / k, i = 0;
+    if (k == 4) {
+#if defined(__SSE2__)
+        i = znn_join4_sse2(g, bits, out, q);
+#endif
+        for (; i < q; i++) {
+            uint32_t w = (uint32_t)g[0][i] | (uint32_t)g[1][i] << 8 | (uint32_t)g[2][i] << 16 | (uint32_t)g[3][i] << 24;
+            if (bits) w = znn_revert32(w);
+            memcpy(out + 4 * i, &w, 4);
+        }
+    } else if (k == 2) {
+        int64_t moved = bits ? n / 4 * 2 : 0;  /* 16-bit words inside whole 4-byte words */
+#if defined(__SSE2__)
+        i = znn_join2_sse2(g, bits, out, bits ? moved : q);
+#endif
+        for (; i < q; i++) {
+            uint16_t w = (uint16_t)(g[0][i] | g[1][i] << 8);
+            if (i < moved) w = znn_revert16(w);
+            memcpy(out + 2 * i, &w, 2);
+        }
+    } else {
+        memcpy(out, g[0], (size_t)n);
+        return;
+    }
+    for (int b = 0; b < n % k; b++) out[q * k + b] = g[b][q];
+}
+
+static int decode_znn_chunk(job_t *job, Py_ssize_t c, state_t *s) {
+    const int64_t *row = job->table + c * ZNN_ROW;
+    int k = (int)(row[2] & 0xFF), bits = (int)(row[2] >> 8 & 1);
+    const uint8_t *groups[4];
+    for (int b = 0; b < k; b++) {
+        const int64_t *g = row + 3 + 4 * b;
+        const uint8_t *src = job->blob + g[1];
+        int64_t length = g[2], size = g[3];
+        if (g[0] == 0 || length == size) {  /* stored, or Huffman's own "stored" */
+            groups[b] = src;
+        } else if (length == 1) {  /* Huffman's one-symbol block: that byte, size times */
+            memset(s->buffers[b], src[0], (size_t)size);
+            groups[b] = s->buffers[b];
+        } else {
+            s->huf_table[0] = 12u * 0x01000001u;  /* an empty table of zstd's largest size */
+            size_t got = huf_decompress4x(s->huf_table, s->buffers[b], (size_t)size, src, (size_t)length,
+                                          s->huf_workspace, sizeof s->huf_workspace, huf_flags);
+            if (huf_is_error(got) || got != (size_t)size) return -1;
+            groups[b] = s->buffers[b];
+        }
+    }
+    znn_join(groups, k, bits, job->out + row[0], row[1]);
+    return 0;
+}
+
+/* The same checks as check_table, for ZipNN rows: groups that split the chunk as ZipNN splits it,
+   inside the blob and the output. */
+static const char *check_znn_table(const int64_t *table, Py_ssize_t chunks, Py_ssize_t blob_len, Py_ssize_t out_len,
+                                   Py_ssize_t itemsize, Py_ssize_t *buffer_size) {
+    *buffer_size = 1;
+    for (Py_ssize_t c = 0; c < chunks; c++) {
+        const int64_t *row = table + c * ZNN_ROW;
+        int64_t start = row[0], n = row[1], k = row[2] & 0xFF;
+        if ((k != 1 && k != 2 && k != 4) || (row[2] >> 8) > 1) return "unknown grouping";
+        if (n <= 0 || start < 0 || start > out_len - n) return "chunk outside the output";
+        for (int b = 0; b < k; b++) {
+            const int64_t *g = row + 3 + 4 * b;
+            int64_t codec = g[0], offset = g[1], length = g[2], size = g[3];
+            if (size != n / k + (b < n % k)) return "group sizes do not match";
+            if (codec == 0 ? length != size : codec != 1 || length < 1 || length > size) return "group sizes do not match";
+            if (offset < 0 || offset > blob_len - length) return "chunk outside the blob";
+            if (codec == 1 && size > *buffer_size) *buffer_size = size;
+        }
+    }
+    (void)itemsize;
+    return NULL;
+}
+
+/* --- the calls --------------------------------------------------------------------------------- */
+
+typedef const char *(*check_fn)(const int64_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t *);
+
+/* (blob, table, out, threads): decode every row of the table from blob into out on `threads`
+   threads; -1 when all succeed, else the lowest row whose data was wrong (out is then partly
+   written). */
+static PyObject *run_table(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t row, check_fn check,
+                           int (*decode)(job_t *, Py_ssize_t, state_t *)) {
     Py_buffer v[3];
-    if (nargs != 4) return PyErr_Format(PyExc_TypeError, "decode_chunks(blob, table, out, threads)");
-    if (!zstd_decompress_dctx || !xxh3_64) return PyErr_Format(PyExc_RuntimeError, "call load_zstd and load_xxh3 first");
+    if (nargs != 4) return PyErr_Format(PyExc_TypeError, "expected (blob, table, out, threads)");
     long threads = PyLong_AsLong(args[3]);
     if (threads == -1 && PyErr_Occurred()) return NULL;
     int flags[3] = {PyBUF_C_CONTIGUOUS, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT};
@@ -430,14 +612,14 @@ static PyObject *py_decode_chunks(PyObject *self, PyObject *const *args, Py_ssiz
         }
     }
     const char *error = NULL;
-    Py_ssize_t chunks = v[1].len / (Py_ssize_t)(ROW * sizeof(int64_t)), buffer_size = 0;
-    if (v[1].itemsize != 8 || v[1].len % (ROW * sizeof(int64_t))) error = "the table must be int64 rows of 30";
-    else error = check_table(v[1].buf, chunks, v[0].len, v[2].len, v[2].itemsize, &buffer_size);
+    Py_ssize_t chunks = v[1].len / (Py_ssize_t)(row * sizeof(int64_t)), buffer_size = 0;
+    if (v[1].itemsize != 8 || v[1].len % (row * sizeof(int64_t))) error = "the table must be whole int64 rows";
+    else error = check(v[1].buf, chunks, v[0].len, v[2].len, v[2].itemsize, &buffer_size);
     if (error) {
         for (int i = 0; i < 3; i++) PyBuffer_Release(&v[i]);
         return PyErr_Format(PyExc_ValueError, "%s", error);
     }
-    job_t job = {v[0].buf, v[1].buf, v[2].buf, chunks, v[2].itemsize, buffer_size};
+    job_t job = {v[0].buf, v[1].buf, v[2].buf, chunks, v[2].itemsize, buffer_size, decode};
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, chunks);
     Py_BEGIN_ALLOW_THREADS
@@ -449,12 +631,27 @@ static PyObject *py_decode_chunks(PyObject *self, PyObject *const *args, Py_ssiz
     return PyLong_FromLong(failed < chunks ? failed : -1);
 }
 
+/* decode_chunks(blob, table, out, threads) -> int: a model.rbz tensor (out: its bytes, typed) */
+static PyObject *py_decode_chunks(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!zstd_decompress_dctx || !xxh3_64) return PyErr_Format(PyExc_RuntimeError, "call load_zstd and load_xxh3 first");
+    return run_table(args, nargs, ROW, check_table, decode_chunk);
+}
+
+/* decode_znn(blob, table, out, threads) -> int: ZipNN chunks (out: bytes) */
+static PyObject *py_decode_znn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!zstd_create_dctx || !huf_decompress4x) return PyErr_Format(PyExc_RuntimeError, "call load_zstd and load_huf first");
+    return run_table(args, nargs, ZNN_ROW, check_znn_table, decode_znn_chunk);
+}
+
 static PyMethodDef methods[] = {
     {"load_zstd", py_load_zstd, METH_O, "load_zstd(path) -> bool"},
     {"load_xxh3", py_load_xxh3, METH_O, "load_xxh3(path) -> bool"},
     {"xxh3", py_xxh3, METH_O, "xxh3(buffer) -> int"},
     {"decode_chunks", (PyCFunction)(void (*)(void))py_decode_chunks, METH_FASTCALL,
      "decode_chunks(blob, table, out, threads) -> -1, or the lowest chunk that failed its checks"},
+    {"load_huf", py_load_huf, METH_O, "load_huf(path) -> bool"},
+    {"decode_znn", (PyCFunction)(void (*)(void))py_decode_znn, METH_FASTCALL,
+     "decode_znn(blob, table, out, threads) -> -1, or the lowest ZipNN chunk whose data was wrong"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -309,7 +309,8 @@ class Batcher:
         for row, ((job, _), f) in enumerate(zip(batch, features)):
             if job.kind == "embed":
                 v = f[0] if job.options["pooling"] == "cls" else f.mean(0)
-                outputs[row] = (F.normalize(v, dim=0) if job.options["normalize"] else v).numpy()  # float32
+                # float32 on the host (features stay on the model's device: a GPU's need copying)
+                outputs[row] = (F.normalize(v, dim=0) if job.options["normalize"] else v).cpu().numpy()
             elif job.kind == "predict":
                 by_head[job.options["head"]].append(row)
             else:

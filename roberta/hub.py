@@ -64,6 +64,17 @@ class RobertaHub(nn.Module):
             raise RobertaError(self._fp32_only("fine-tune"))
         return super().train(mode)
 
+    def to(self, *args, **kwargs) -> "RobertaHub":
+        """nn.Module.to; a model loaded in bf16 or int8 holds weights prepared for its device's kernels
+        (`inference.reduce_precision`), so it is not moved or cast: load it where it should run."""
+        device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
+        here, weights = self.device, self.model.get_input_embeddings().weight.dtype
+        moved = device is not None and (device.type != here.type or device.index not in (None, here.index))
+        if self.precision != "fp32" and (moved or (dtype is not None and dtype != weights)):
+            raise RobertaError(f"this model was loaded in {self.precision} for {self.device}, with weights prepared "
+                               "for that device; load it where it should run: roberta.load(..., device=...)")
+        return super().to(*args, **kwargs)
+
     def _fp32_only(self, what: str) -> str:
         return (f"this model was loaded in {self.precision} for inference; to {what} it, load it with "
                 "roberta.load(..., precision='fp32')")

@@ -363,3 +363,17 @@ def test_attention_dropout_in_training_matches_sdpa_without_dropout(tmp_path):
     manual = attention.attention(qkv, mask)
     attention.eval()
     assert torch.allclose(manual, attention.attention(qkv, mask), atol=1e-6)
+
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_a_reduced_precision_hub_is_not_moved_or_cast_away_from_its_prepared_weights(hub_checkpoints, precision):
+    hub = roberta.load(hub_checkpoints["hf"], precision=precision)
+    expected = hub.extract_features(hub.encode("Hello world!"))
+    for args in (("cuda",), ("meta",), (torch.float16,), ("cpu", torch.float32 if precision == "bf16" else torch.bfloat16)):
+        with pytest.raises(roberta.RobertaError, match="load it where it should run"):
+            hub.to(*args)
+    assert hub.to("cpu") is hub and hub.to(torch.device("cpu")) is hub  # where it is already: nothing to do
+    assert torch.equal(hub.extract_features(hub.encode("Hello world!")), expected)
+    exact = roberta.load(hub_checkpoints["hf"], precision="fp32")
+    assert exact.to("cpu", torch.float32) is exact  # fp32 hubs move as any module

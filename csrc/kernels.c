@@ -1,4 +1,6 @@
-/* The int8 encoder's two element-wise steps around each integer matmul (roberta.inference.Int8Linear),
+/* Inference kernels for the CPU.
+
+1. The int8 encoder's two element-wise steps around each integer matmul (roberta.inference.Int8Linear),
 one pass each instead of PyTorch's four to five: per-token quantisation of the activations, and the
 per-token scale plus bias on the int32 sums oneDNN has already scaled per column.
 
@@ -7,11 +9,21 @@ every operation is one IEEE single-precision step in the same order, and contrac
 multiply-adds is switched off (-ffp-contract=off in setup.py), since an FMA rounds once where PyTorch
 rounds twice. The loops are plain C that the compiler vectorises for the machine's widest units
 (target_clones: AVX-512, AVX2 or the baseline, chosen at load time).
+
+2. Self-attention on packed sequences (roberta.model.RobertaSelfAttention.packed on CPU): each
+sequence's real tokens attend to each other straight from the [tokens, 3 x heads x dim] projection,
+with no padding, masks or gathers. Short sequences are most of what an encoder serves, and there
+PyTorch's attention costs more in overhead and padding than in arithmetic. This one is not held to
+PyTorch's bits (it sums in another order and has its own exp), only to within float rounding; its
+multiply-adds are explicit fmaf() calls, so -ffp-contract=off does not slow it.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
+#include <math.h>
+#include <pthread.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -60,6 +72,130 @@ static void scale_rows(float *y, Py_ssize_t rows, Py_ssize_t n, const float *m, 
     }
 }
 
+typedef struct {
+    const float *qkv;
+    float *out;
+    const int64_t *cu;  /* cumulative lengths, [batch + 1] */
+    Py_ssize_t batch, heads, dim, max_length;
+    float scale;
+    int next;  /* the next (sequence, head) to take, shared by the threads */
+    int failed;
+} attend_job;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define ATTEND_KERNEL 1
+#define AVX512 __attribute__((target("avx512f")))
+
+/* e^x, 16 at a time, for x <= 0 (the softmax's shifted scores): x = n ln2 + r with |r| <= ln2 / 2, e^r by
+   its degree-6 Taylor polynomial (relative error under 2e-7 there), times 2^n (vscalefps). ln2 is
+   subtracted in two parts, so that n ln2 is exact; below -87, e^x is under float's range anyway. */
+AVX512 static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145752f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.42860677e-6f), r);
+    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 720), _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+#define ROWS 4  /* queries per block: 4 rows x 4 vectors of output (a 64-wide head) fill 16 registers */
+
+/* One head of one sequence of T tokens: softmax(q k^T * scale) v, for a head size that is a multiple of
+   16. `kt` receives k transposed, [dim, Tp] with T rounded up to 16 and zeros after T, so that a block
+   of queries gets its scores as whole-vector multiply-adds along contiguous rows; `p` [ROWS, Tp] holds
+   the block's scores, then their exponentials. Queries past T in the last block repeat query T - 1,
+   so every load is in bounds; their results are not stored. */
+AVX512 static inline __attribute__((always_inline))
+void attend_head(const attend_job *job, Py_ssize_t b, Py_ssize_t h, float *kt, float *p, const Py_ssize_t d) {
+    const Py_ssize_t inner = job->heads * d, stride = 3 * inner;
+    const Py_ssize_t start = job->cu[b], T = job->cu[b + 1] - start, Tp = (T + 15) & ~(Py_ssize_t)15;
+    if (T == 0) return;
+    const float *q = job->qkv + start * stride + h * d, *k = q + inner, *v = q + 2 * inner;
+    float *out = job->out + start * inner + h * d;
+    const __mmask16 tail = (__mmask16)((1u << (16 - (Tp - T))) - 1);  /* real keys of the last vector */
+    const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32((int)stride));
+    for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 16) {  /* 16 keys' values of one dimension at a time */
+        const __mmask16 real = j0 + 16 < Tp ? 0xFFFF : tail;
+        for (Py_ssize_t c = 0; c < d; c++)
+            _mm512_storeu_ps(kt + c * Tp + j0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, rows, k + j0 * stride + c, 4));
+    }
+    for (Py_ssize_t i0 = 0; i0 < T; i0 += ROWS) {
+        const float *qi[ROWS];
+        for (int r = 0; r < ROWS; r++) qi[r] = q + (i0 + r < T ? i0 + r : T - 1) * stride;
+        for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 16) {  /* scores: p[r, j] = scale * q_r . k_j */
+            __m512 acc[ROWS];
+            for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+            for (Py_ssize_t c = 0; c < d; c++) {
+                const __m512 kc = _mm512_loadu_ps(kt + c * Tp + j0);
+                for (int r = 0; r < ROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qi[r][c]), kc, acc[r]);
+            }
+            for (int r = 0; r < ROWS; r++) _mm512_storeu_ps(p + r * Tp + j0, _mm512_mul_ps(acc[r], _mm512_set1_ps(job->scale)));
+        }
+        float norm[ROWS];
+        for (int r = 0; r < ROWS; r++) {  /* softmax numerators e^(s - max), and 1 / their sum */
+            float *pr = p + r * Tp;
+            const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+            __m512 top = minus_inf;
+            for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 16)
+                top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, j0 + 16 < Tp ? 0xFFFF : tail, pr + j0));
+            const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+            __m512 sum = _mm512_setzero_ps();
+            for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 16) {
+                __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(pr + j0), shift));
+                e = _mm512_maskz_mov_ps(j0 + 16 < Tp ? 0xFFFF : tail, e);  /* padded keys weigh 0 */
+                _mm512_storeu_ps(pr + j0, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            norm[r] = 1.0f / _mm512_reduce_add_ps(sum);  /* >= 1: the largest score contributes e^0 */
+        }
+        for (Py_ssize_t c0 = 0; c0 < d; c0 += 64) {  /* outputs: o_r = sum_j p[r, j] v_j, 64 columns at a time */
+            const int vectors = d - c0 >= 64 ? 4 : (int)((d - c0) / 16);
+            __m512 o[ROWS][4];
+            for (int r = 0; r < ROWS; r++)
+                for (int u = 0; u < 4; u++) o[r][u] = _mm512_setzero_ps();
+            for (Py_ssize_t j = 0; j < T; j++) {
+                const float *vj = v + j * stride + c0;
+                __m512 vv[4];
+                for (int u = 0; u < 4; u++) vv[u] = u < vectors ? _mm512_loadu_ps(vj + 16 * u) : _mm512_setzero_ps();
+                for (int r = 0; r < ROWS; r++) {
+                    const __m512 w = _mm512_set1_ps(p[r * Tp + j]);
+                    for (int u = 0; u < 4; u++) o[r][u] = _mm512_fmadd_ps(w, vv[u], o[r][u]);
+                }
+            }
+            for (int r = 0; r < ROWS && i0 + r < T; r++)
+                for (int u = 0; u < vectors; u++)
+                    _mm512_storeu_ps(out + (i0 + r) * inner + c0 + 16 * u, _mm512_mul_ps(o[r][u], _mm512_set1_ps(norm[r])));
+        }
+    }
+}
+
+AVX512 static void attend_one(const attend_job *job, Py_ssize_t b, Py_ssize_t h, float *kt, float *p) {
+    if (job->dim == 64)  /* every RoBERTa size: the compiler unrolls the head with its size known */
+        attend_head(job, b, h, kt, p, 64);
+    else
+        attend_head(job, b, h, kt, p, job->dim);
+}
+
+static void *attend_worker(void *arg) {
+    attend_job *job = arg;
+    const size_t padded = ((size_t)job->max_length + 15) & ~(size_t)15;  /* T rounded up, as in attend_head */
+    float *work = malloc(sizeof(float) * (size_t)(job->dim + ROWS) * (padded ? padded : 16));
+    if (!work) { __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED); return NULL; }
+    const int items = (int)(job->batch * job->heads);
+    for (int item; (item = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED)) < items;)
+        attend_one(job, item / job->heads, item % job->heads, work, work + job->dim * padded);
+    free(work);
+    return NULL;
+}
+#endif /* ATTEND_KERNEL */
+
 /* A contiguous buffer of `count` items of `size` bytes, writable when asked; else a Python error. */
 static int get(PyObject *obj, Py_buffer *view, Py_ssize_t count, Py_ssize_t size, int writable, const char *what) {
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
@@ -103,14 +239,74 @@ static PyObject *py_scale_rows(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+static int attend_runs(void) {
+#ifdef ATTEND_KERNEL
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
+static PyObject *py_attend_available(PyObject *self, PyObject *unused) { return PyBool_FromLong(attend_runs()); }
+
+#ifdef ATTEND_KERNEL
+static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) return PyErr_Format(PyExc_TypeError, "attend(qkv, tokens, cu_seqlens, batch, heads, dim, out, threads)");
+    Py_ssize_t tokens = PyLong_AsSsize_t(args[1]), batch = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t heads = PyLong_AsSsize_t(args[4]), dim = PyLong_AsSsize_t(args[5]);
+    long threads = PyLong_AsLong(args[7]);
+    if (PyErr_Occurred()) return NULL;
+    if (!attend_runs()) return PyErr_Format(PyExc_RuntimeError, "attend needs AVX-512 (see attend_available())");
+    if (dim % 16) return PyErr_Format(PyExc_ValueError, "attend takes heads of a multiple of 16 dimensions, not %zd", dim);
+    if (tokens < 0 || batch < 0 || heads < 1 || dim < 1 || threads < 1 || threads > 256 || batch * heads > 0x7fffffff)
+        return PyErr_Format(PyExc_ValueError, "bad sizes: %zd tokens, %zd sequences, %zd heads of %zd, %ld threads",
+                            tokens, batch, heads, dim, threads);
+    Py_buffer qkv, cu, out;
+    if (get(args[0], &qkv, tokens * 3 * heads * dim, 4, 0, "qkv") < 0) return NULL;
+    if (get(args[2], &cu, batch + 1, 8, 0, "cu_seqlens") < 0) { PyBuffer_Release(&qkv); return NULL; }
+    if (get(args[6], &out, tokens * heads * dim, 4, 1, "out") < 0) { PyBuffer_Release(&qkv); PyBuffer_Release(&cu); return NULL; }
+    const int64_t *c = cu.buf;
+    Py_ssize_t max_length = 0;
+    int ok = c[0] == 0 && c[batch] == tokens;
+    for (Py_ssize_t b = 0; ok && b < batch; b++) {
+        ok = c[b + 1] >= c[b];
+        if (c[b + 1] - c[b] > max_length) max_length = c[b + 1] - c[b];
+    }
+    if (!ok) {
+        PyBuffer_Release(&qkv); PyBuffer_Release(&cu); PyBuffer_Release(&out);
+        return PyErr_Format(PyExc_ValueError, "cu_seqlens must rise from 0 to the %zd tokens", tokens);
+    }
+    attend_job job = {qkv.buf, out.buf, c, batch, heads, dim, max_length, 1.0f / sqrtf((float)dim), 0, 0};
+    pthread_t pool[256];
+    long started = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (; started < threads - 1; started++)  /* the caller's thread is the last worker */
+        if (pthread_create(&pool[started], NULL, attend_worker, &job) != 0) break;
+    attend_worker(&job);
+    for (long t = 0; t < started; t++) pthread_join(pool[t], NULL);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&qkv); PyBuffer_Release(&cu); PyBuffer_Release(&out);
+    if (job.failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+#else
+static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return PyErr_Format(PyExc_RuntimeError, "attend needs an x86-64 build with AVX-512");
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"quantize_rows", (PyCFunction)(void (*)(void))py_quantize_rows, METH_FASTCALL,
      "quantize_rows(x, rows, k, q, m): float32 x [rows, k] into uint8 q and float32 row maxima m"},
     {"scale_rows", (PyCFunction)(void (*)(void))py_scale_rows, METH_FASTCALL,
      "scale_rows(y, rows, n, m, bias): y = bias + y * m[row], in place"},
+    {"attend_available", py_attend_available, METH_NOARGS, "attend_available(): whether this CPU runs attend (AVX-512)"},
+    {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL,
+     "attend(qkv, tokens, cu_seqlens, batch, heads, dim, out, threads): self-attention of packed sequences, "
+     "float32 qkv [tokens, 3 * heads * dim] into out [tokens, heads * dim]; cu_seqlens int64 [batch + 1]"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "The int8 encoder's element-wise steps (roberta.inference).", -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "CPU inference kernels: int8 element-wise steps (roberta.inference), packed attention (roberta.model).", -1, methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

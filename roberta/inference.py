@@ -6,7 +6,8 @@ on the re-padded batch) vanish too, since neighbours in sorted order have nearly
 come back in the caller's order and equal the one-at-a-time results (float32: within float rounding).
 
 Precision (`--precision`, `roberta.load(precision=...)`), measured by `benchmarks/bench_features.py`:
-- "fp32": exact.
+- "fp32": float32 throughout. On CPUs with AVX-512, attention runs in this project's C kernel on the
+  packed tokens (within float rounding of PyTorch's: `model.packed_attention_available`).
 - "bf16": weights and activations in bfloat16 (LayerNorm, softmax and GELU accumulate in float32 inside
   PyTorch's kernels); on CPUs with bf16 units the dense layers run on oneDNN with weights reordered once
   at load and GELU fused into the matmul (`PackedLinear`). Several times faster where the hardware has bf16 units (AMX or AVX-512 BF16 on
@@ -115,6 +116,8 @@ def reduce_precision(model: nn.Module, precision: str) -> nn.Module:
     device = next(model.parameters()).device
     precision, _ = resolve_precision(precision, device)
     model.eval()
+    if device.type == "cpu":
+        keep_freed_memory()
     if precision == "bf16":
         model.to(torch.bfloat16)
         if device.type == "cpu" and packed_bf16_available():
@@ -126,6 +129,37 @@ def reduce_precision(model: nn.Module, precision: str) -> nn.Module:
             raise RobertaError("int8 needs PyTorch's oneDNN (mkldnn) kernels, which this build lacks; use fp32")
         _prepare_encoder(model, Int8Linear)
     return model
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters, from glibc's malloc.h
+MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts: bigger allocations always get their own mmap()
+TRIM_THRESHOLD = 256 << 20  # free memory kept at the top of the heap before glibc hands it back
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep memory freed by one batch for the next, instead of returning it to the
+    kernel; returns whether it could (glibc only; elsewhere nothing changes).
+
+    By default glibc returns the free top of its heap once it exceeds twice the largest recent block,
+    and serves blocks above a moving threshold with fresh mmap()s. Either way each batch's activations
+    (a few MB per matmul output) come back as new pages, each a page fault on first touch: 80-170
+    thousand per pass of `benchmarks/bench_features.py` in fp32 (about 4% of its time), none after this.
+    The cost is that up to TRIM_THRESHOLD of freed memory stays with the process. Process-wide, so
+    `reduce_precision` calls it once a model is prepared for inference on CPU; blocks above 32 MiB
+    (activations of batches over ~2,700 tokens in the FFN of base) still map and fault as before.
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+        mapped = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)  # 1 when accepted
+        trimmed = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        return bool(mapped and trimmed)
+    except (OSError, AttributeError):
+        return False
 
 
 def _prepare_encoder(model: nn.Module, make, keep_dense: bool = False) -> None:

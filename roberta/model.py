@@ -12,10 +12,11 @@ Two details make RoBERTa differ from BERT in ways that change numbers:
 - there is no next-sentence task and no pooler in the published MLM and classification models.
 
 Speed without changing results: padded positions are dropped before every dense layer (they are gathered
-into one [tokens, hidden] matrix, `Unpadded`), attention runs through PyTorch's scaled_dot_product_attention
-on groups of similar length (on a GPU in half precision: variable-length flash attention on the packed
-tokens), and the masked-LM head is computed only where a loss is needed. `Padded` is the plain layout the
-fast one is tested against, and what the ONNX export traces.
+into one [tokens, hidden] matrix, `Unpadded`), attention runs on the packed tokens where a kernel for it
+exists (a GPU in half precision: PyTorch's variable-length flash attention; float32 inference on an
+AVX-512 CPU: this project's, csrc/kernels.c) and otherwise through PyTorch's scaled_dot_product_attention
+on groups of similar length, and the masked-LM head is computed only where a loss is needed. `Padded` is
+the plain layout the fast one is tested against, and what the ONNX export traces.
 """
 from __future__ import annotations
 
@@ -265,19 +266,34 @@ except ImportError:  # older PyTorch
     _varlen_attn = None
 
 
-def varlen_attention_available(qkv: torch.Tensor) -> bool:
-    """PyTorch's variable-length flash attention (CUDA, half precision) can take packed sequences."""
-    return qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None
+try:  # this project's attention on packed sequences for CPU inference (csrc/kernels.c; x86 with AVX-512)
+    from ._kernels import attend as _attend_cpu, attend_available as _attend_cpu_available
+    _attend_cpu = _attend_cpu if _attend_cpu_available() else None
+except ImportError:  # not built: PyTorch's attention on length groups instead
+    _attend_cpu = None
+
+
+def packed_attention_available(qkv: torch.Tensor, attention: "RobertaSelfAttention") -> bool:
+    """Whether attention can run on the packed tokens without re-padding: PyTorch's variable-length flash
+    attention on a GPU in half precision, or this project's C kernel for float32 inference on CPU (no
+    autograd through it, and heads a multiple of 16 wide). Neither drops attention weights in training."""
+    if attention.training and attention.dropout_p > 0:
+        return False
+    if qkv.is_cuda:
+        return qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None
+    return (_attend_cpu is not None and qkv.device.type == "cpu" and qkv.dtype == torch.float32
+            and attention.head_dim % 16 == 0 and not (torch.is_grad_enabled() and qkv.requires_grad))
 
 
 class Unpadded:
     """Where the real tokens of a padded [B, T] batch are, to move between [B, T, H] and [N, H].
 
     Dense layers and LayerNorm treat tokens independently, so they run on the N real tokens only.
-    Attention needs whole sequences: on a GPU in half precision it runs on the packed tokens with
-    PyTorch's variable-length flash attention (`cu_seqlens`, `max_length`); elsewhere `attend` gathers
-    them into sub-batches of similar length (`groups`), so a batch mixing 10- and 500-token inputs does
-    not pay 500-token attention for all.
+    Attention needs whole sequences: it runs on the packed tokens (`cu_seqlens`, `max_length`) with
+    PyTorch's variable-length flash attention on a GPU in half precision, and with this project's C
+    kernel in float32 inference on CPU (`packed_attention_available`); elsewhere `attend` gathers them
+    into sub-batches of similar length (`groups`), so a batch mixing 10- and 500-token inputs does not
+    pay 500-token attention for all.
 
     Everything here is computed on the host from a CPU copy of the mask, then moved to `device`: built
     when the batch is built (`inference.extract_features_batched` does), the forward pass never waits
@@ -292,7 +308,8 @@ class Unpadded:
         self.has_padding = not bool(host.all())
         lengths = host.sum(1)
         self.max_length = int(lengths.max()) if self.batch else 0
-        self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(device, torch.int32, non_blocking=True)
+        self.cu_seqlens_host = F.pad(lengths.cumsum(0), (1, 0))  # int64, what the CPU kernel reads
+        self.cu_seqlens = self.cu_seqlens_host.to(device, torch.int32, non_blocking=True)
         self.index = None
         if self.has_padding:
             self.index = host.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
@@ -343,8 +360,8 @@ class Unpadded:
 
     def attend(self, qkv: torch.Tensor, attention: "RobertaSelfAttention") -> torch.Tensor:
         """Self-attention of every sequence; `qkv` [N, 3 * inner] and the result [N, inner] are real tokens."""
-        if varlen_attention_available(qkv) and not (attention.training and attention.dropout_p > 0):
-            return attention.packed(qkv, self.cu_seqlens, self.max_length)
+        if packed_attention_available(qkv, attention):
+            return attention.packed(qkv, self)
         if not self.has_padding:
             y = attention.attention(qkv.view(self.batch, self.length, -1), None)
             return y.reshape(self.batch * self.length, -1)
@@ -423,6 +440,18 @@ class Dropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def gelu(y: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU, as fairseq and transformers use. Without autograd (inference) it overwrites y,
+    a fresh matmul output: a [tokens, 3072] buffer fewer to allocate and fill per layer, about 3% of a
+    base forward pass on CPU (benchmarks/bench_features.py)."""
+    return F.gelu(y) if torch.is_grad_enabled() else torch.ops.aten.gelu_(y)
+
+
+def add(y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """y + residual, into y (a fresh matmul output) when no backward pass needs it, as `gelu`."""
+    return y + residual if torch.is_grad_enabled() else y.add_(residual)
 
 
 def first_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -505,11 +534,18 @@ class RobertaSelfAttention(nn.Module):
                                                dropout_p=self.dropout_p if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
 
-    def packed(self, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_length: int) -> torch.Tensor:
-        """qkv: [N, 3 * inner] of sequences laid end to end (cu_seqlens [B + 1]) -> [N, inner]."""
-        q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # each [N, h, d]
-        y = _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length)
-        return y.reshape(-1, self.num_heads * self.head_dim)
+    def packed(self, qkv: torch.Tensor, layout: "Unpadded") -> torch.Tensor:
+        """qkv: [N, 3 * inner] of sequences laid end to end (`layout.cu_seqlens` [B + 1]) -> [N, inner]."""
+        inner = self.num_heads * self.head_dim
+        if qkv.is_cuda:
+            q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # each [N, h, d]
+            y = _varlen_attn(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_length, layout.max_length)
+            return y.reshape(-1, inner)
+        qkv = qkv.detach().contiguous()
+        y = qkv.new_empty(qkv.shape[0], inner)
+        _attend_cpu(qkv.numpy(), qkv.shape[0], layout.cu_seqlens_host.numpy(), layout.batch, self.num_heads,
+                    self.head_dim, y.numpy(), torch.get_num_threads())
+        return y
 
 
 class RobertaSelfOutput(nn.Module):
@@ -520,7 +556,7 @@ class RobertaSelfOutput(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, y, residual):
-        return self.LayerNorm(self.dropout(self.dense(y)) + residual)  # post-LayerNorm, as in BERT
+        return self.LayerNorm(add(self.dropout(self.dense(y)), residual))  # post-LayerNorm, as in BERT
 
 
 class RobertaAttention(nn.Module):
@@ -565,7 +601,7 @@ class RobertaIntermediate(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, x):
-        return F.gelu(self.dense(x))  # exact (erf) GELU, as fairseq and transformers use
+        return gelu(self.dense(x))
 
 
 class RobertaOutput(nn.Module):
@@ -576,7 +612,7 @@ class RobertaOutput(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, h, residual):
-        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+        return self.LayerNorm(add(self.dropout(self.dense(h)), residual))
 
 
 class RobertaLayer(nn.Module):

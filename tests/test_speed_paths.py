@@ -14,7 +14,8 @@ from roberta import RobertaConfig
 from roberta.tokenizer import RobertaTokenizer
 import os
 
-from roberta import inference
+from roberta import inference, model
+from roberta.model import packed_attention_available
 from roberta.inference import (Int8Linear, PackedLinear, choose_precision, cpu_flags, extract_features_batched,
                                length_batches, packed_bf16_available, pad_batch, reduce_precision, resolve_precision)
 
@@ -224,6 +225,9 @@ def test_padding_free_path_equals_the_plain_padded_path(cls_name, overrides, lef
         ids, mask = ids[:6].view(3, 2, -1), mask[:6].view(3, 2, -1)
     with torch.no_grad():
         a, b = fast(ids, mask), plain(ids, mask)
+        qkv = torch.zeros(1, 3 * CONFIG["hidden_size"])
+        attention = fast.encoder_model.encoder.layer[0].attention.self
+        assert packed_attention_available(qkv, attention) == (model._attend_cpu is not None)  # the C kernel ran
     real = mask.bool()
     for field in ("last_hidden_state", "logits", "start_logits", "end_logits", "pooler_output"):
         x, y = getattr(a, field), getattr(b, field)
@@ -232,6 +236,66 @@ def test_padding_free_path_equals_the_plain_padded_path(cls_name, overrides, lef
         if x.shape[:2] == real.shape:  # per token: padding is not an output
             x, y = x[real], y[real]
         assert (x - y).abs().max().item() <= TOL * max(1.0, y.abs().max().item()), field
+
+
+def sdpa_per_sequence(qkv, lengths, heads, dim, dtype=torch.float64):
+    """The reference: PyTorch's attention on each sequence alone (in float64 unless told)."""
+    out, start = [], 0
+    for T in lengths:
+        q, k, v = qkv[start:start + T].to(dtype).view(T, 3, heads, dim).permute(1, 2, 0, 3)  # each [h, T, d]
+        out.append(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(T, heads * dim))
+        start += T
+    return torch.cat(out).float()
+
+
+def require_attention_kernel():
+    if model._attend_cpu is None:
+        assert os.environ.get("CI") != "true" or inference.cpu_flags().isdisjoint({"avx512f"}), \
+            "roberta._kernels was not built (setup.py), or its attention does not run on this AVX-512 CPU"
+        pytest.skip("the C attention kernel is not built or this CPU has no AVX-512; model uses PyTorch's attention")
+
+
+@pytest.mark.parametrize("lengths, heads, dim", [
+    ([25, 3, 1, 40], 12, 64),  # short sentences, as most served inputs are
+    ([512, 7], 4, 64),  # the longest input next to a short one
+    ([0, 5, 0, 16, 17], 2, 16),  # empty sequences, lengths at a vector's edge
+    ([33] * 5, 3, 32),
+    ([3, 100], 2, 80),  # a head wider than one block of 64 columns
+    ([9], 1, 128),
+])
+def test_cpu_packed_attention_kernel_equals_sdpa(lengths, heads, dim):
+    require_attention_kernel()
+    g = torch.Generator().manual_seed(sum(lengths) + dim)
+    tokens = sum(lengths)
+    qkv = torch.randn(tokens, 3 * heads * dim, generator=g) * 2
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    expected = sdpa_per_sequence(qkv, lengths, heads, dim)
+    sdpa_error = (sdpa_per_sequence(qkv, lengths, heads, dim, torch.float32) - expected).abs().max().item() if tokens else 0
+    for threads in (1, 2, 3):
+        out = torch.full((tokens, heads * dim), float("nan"))
+        model._attend_cpu(qkv.numpy(), tokens, cu.numpy(), len(lengths), heads, dim, out.numpy(), threads)
+        # within twice float32 SDPA's own distance from the float64 result (measured: 1.0-1.2 times)
+        assert (out - expected).abs().max().item() <= max(2 * sdpa_error, 1e-6) if tokens else out.numel() == 0
+
+
+def test_cpu_packed_attention_kernel_refuses_inconsistent_sizes():
+    require_attention_kernel()
+    qkv, out, cu = torch.zeros(10, 3 * 32), torch.zeros(10, 32), torch.tensor([0, 4, 10])
+    assert model._attend_cpu(qkv.numpy(), 10, cu.numpy(), 2, 2, 16, out.numpy(), 2) is None
+    bad = [
+        (qkv.numpy(), 11, cu.numpy(), 2, 2, 16, out.numpy(), 2),  # more tokens than qkv holds
+        (qkv.numpy(), 10, torch.tensor([0, 6, 4]).numpy(), 2, 2, 16, out.numpy(), 2),  # lengths going down
+        (qkv.numpy(), 10, torch.tensor([0, 4, 9]).numpy(), 2, 2, 16, out.numpy(), 2),  # not ending at the tokens
+        (qkv.numpy(), 10, torch.tensor([1, 4, 10]).numpy(), 2, 2, 16, out.numpy(), 2),  # not starting at 0
+        (qkv.numpy(), 10, cu.int().numpy(), 2, 2, 16, out.numpy(), 2),  # int32 lengths
+        (qkv.numpy(), 10, cu.numpy(), 2, 2, 16, out[:9].numpy(), 2),  # too small an output
+        (qkv.numpy(), 10, cu.numpy(), 2, 4, 8, out.numpy(), 2),  # heads of 8: not a multiple of 16
+        (qkv.numpy(), 10, cu.numpy(), 2, 2, 16, out.numpy(), 0),  # no threads
+        (qkv.numpy(), 10, cu.numpy(), 2, 2, 16, torch.zeros(10, 32).t().numpy(), 2),  # not contiguous
+    ]
+    for args in bad:
+        with pytest.raises(ValueError):
+            model._attend_cpu(*args)
 
 
 class _DeviceQuestions(torch.utils._python_dispatch.TorchDispatchMode):
@@ -377,3 +441,36 @@ def test_a_reduced_precision_hub_is_not_moved_or_cast_away_from_its_prepared_wei
     assert torch.equal(hub.extract_features(hub.encode("Hello world!")), expected)
     exact = roberta.load(hub_checkpoints["hf"], precision="fp32")
     assert exact.to("cpu", torch.float32) is exact  # fp32 hubs move as any module
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from roberta import RobertaConfig, RobertaModel
+from roberta.inference import keep_freed_memory, pad_batch
+torch.set_num_threads(1)
+model = RobertaModel(RobertaConfig.base(num_hidden_layers=2, vocab_size=1000), add_pooling_layer=False).eval()
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+ids, mask = pad_batch([[0] + [5] * 23 + [2]] * 32, 1)  # 800 tokens: FFN activations of 9.4 MiB
+faults = []
+with torch.inference_mode():
+    for _ in range(8):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        model(ids, mask)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[4:]))  # once warm
+"""
+
+
+def test_inference_keeps_freed_memory_so_warm_batches_do_not_page_fault():
+    """glibc hands the activations' memory back after each batch and faults it in again for the next
+    (~5,000 page faults a pass here); `keep_freed_memory` (which `reduce_precision` calls) stops that."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("keep_freed_memory tunes glibc's malloc; this libc is not glibc")
+    faults = {how: int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, how], capture_output=True, text=True,
+                                      check=True, timeout=120).stdout) for how in ("default", "keep")}
+    assert faults["keep"] < 100 and faults["default"] > 10_000, faults

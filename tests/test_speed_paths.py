@@ -473,4 +473,4 @@ def test_inference_keeps_freed_memory_so_warm_batches_do_not_page_fault():
         pytest.skip("keep_freed_memory tunes glibc's malloc; this libc is not glibc")
     faults = {how: int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, how], capture_output=True, text=True,
                                       check=True, timeout=120).stdout) for how in ("default", "keep")}
-    assert faults["keep"] < 100 and faults["default"] > 10_000, faults
+    assert faults["keep"] < 100 and faults["default"] >= 1000, faults  # default: 5,000-21,000 measured

@@ -322,15 +322,17 @@ class Batcher:
                 outputs[r] = p
         if masked:
             mask_id = self.hub.tokenizer.mask_token_id
-            at = [sequences[r].to(features[r].device) == mask_id for r in masked]
-            hidden = torch.cat([features[r][m] for r, m in zip(masked, at)]).to(dtype)
+            # the masks' places found in the host's ids: chosen on a GPU, they would make it wait
+            at = [sequences[r].eq(mask_id).nonzero().squeeze(1) for r in masked]
+            hidden = torch.cat([features[r].index_select(0, m.to(features[r].device, non_blocking=True))
+                                for r, m in zip(masked, at)]).to(dtype)
             logits = model.lm_head(hidden, model.roberta.embeddings.word_embeddings.weight)
             topk = max(batch[r][0].options["topk"] for r in masked)
             probs, predicted = logits.float().softmax(-1).topk(topk, dim=-1)
             probs, predicted = probs.tolist(), predicted.tolist()
             start = 0
             for r, m in zip(masked, at):
-                n, k = int(m.sum()), batch[r][0].options["topk"]
+                n, k = len(m), batch[r][0].options["topk"]
                 outputs[r] = ([p[:k] for p in probs[start:start + n]], [t[:k] for t in predicted[start:start + n]])
                 start += n
         return outputs

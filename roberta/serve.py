@@ -306,15 +306,18 @@ class Batcher:
         outputs: list = [None] * len(batch)
         by_head: dict[str, list[int]] = collections.defaultdict(list)
         masked: list[int] = []
+        embedded: dict[int, torch.Tensor] = {}
         for row, ((job, _), f) in enumerate(zip(batch, features)):
             if job.kind == "embed":
                 v = f[0] if job.options["pooling"] == "cls" else f.mean(0)
-                # float32 on the host (features stay on the model's device: a GPU's need copying)
-                outputs[row] = (F.normalize(v, dim=0) if job.options["normalize"] else v).cpu().numpy()
+                embedded[row] = F.normalize(v, dim=0) if job.options["normalize"] else v
             elif job.kind == "predict":
                 by_head[job.options["head"]].append(row)
             else:
                 masked.append(row)
+        if embedded:  # float32 on the host in one copy (features stay on the model's device; a GPU waits once)
+            for row, v in zip(embedded, torch.stack(list(embedded.values())).cpu().numpy()):
+                outputs[row] = v
         for head, rows in by_head.items():
             first = torch.stack([features[r][0] for r in rows]).to(dtype)
             probs = model.classification_heads[head](first).float().softmax(-1)

@@ -12,7 +12,9 @@ Beyond the original: a list of inputs is a batch. `encode` of a list gives a lis
 `extract_features`/`predict`/`fill_mask` of a list run it as one padded batch whose results equal
 the one-at-a-time ones. A text may hold several `<mask>`s, and `truncate=True` cuts inputs longer
 than the model's limit instead of refusing them. Inference runs without gradients unless the
-object is in train mode (so fine-tuning through it still works).
+object is in train mode (so fine-tuning through it still works). Each call builds its batch on the
+host (ids, mask and the encoder's layout) and sends it to the model's device without waiting, so on
+a GPU the forward pass never stops to tell the host about the batch.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from . import download, windows
 from .checkpoint import read_checkpoint
 from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_write
-from .inference import length_batches
+from .inference import length_batches, pad_batch
 from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
 from .tokenizer import RobertaTokenizer
 
@@ -129,8 +131,9 @@ class RobertaHub(nn.Module):
         plan = windows.check(window, stride, self.max_tokens)
         if plan is None:
             ids, lengths = self._batch(tokens, truncate)
+            ids, layout = self._placed(ids)
             with self._inference():
-                out = self.model.roberta(ids, output_hidden_states=return_all_hiddens)
+                out = self.model.roberta(ids, output_hidden_states=return_all_hiddens, layout=layout)
             layers = list(out.hidden_states) if return_all_hiddens else [out.last_hidden_state]
             if lengths is None:
                 return layers if return_all_hiddens else layers[0]
@@ -228,9 +231,9 @@ class RobertaHub(nn.Module):
         if pool not in ("mean", "max"):
             raise RobertaError(f"pool must be mean or max, got {pool!r}")
         if plan is None:
-            ids, _ = self._batch(tokens, truncate)
+            ids, layout = self._placed(self._batch(tokens, truncate)[0])
             with self._inference():
-                logits = model.classify(ids, head=head)
+                logits = model.classify(ids, head=head, layout=layout)
         else:
             pooled = []
             for ids in self._sequences(tokens)[0]:
@@ -276,17 +279,23 @@ class RobertaHub(nn.Module):
                     rows.append(torch.tensor(part))
                     predict_at.append([1 + j - ranges[w][0] for j in masks if windows.most_central(ranges, j) == w])
         logits, size = [], WINDOW_BATCH if plan else max(len(rows), 1)
+        decoder = model.roberta.embeddings.word_embeddings.weight
         for start in range(0, max(len(rows), 1), size):
             ids, _ = self._batch(rows[start:start + size], truncate=None)
-            labels = torch.where(ids == self.tokenizer.mask_token_id, ids, -100)
+            wanted = ids == self.tokenizer.mask_token_id
             if plan:
-                labels.fill_(-100)
+                wanted.fill_(False)
                 for r, positions in enumerate(predict_at[start:start + size]):
-                    labels[r, positions] = self.tokenizer.mask_token_id
+                    wanted[r, positions] = True
+            # The masks' places in the flattened batch, found on the host (on the device, choosing them
+            # would make the GPU wait), in text order: windows come in order and a later mask is never
+            # central in an earlier one.
+            at = wanted.flatten().nonzero().squeeze(1).to(self.device, non_blocking=True)
+            ids, layout = self._placed(ids)
             with torch.no_grad(), _eval(model):
-                # With labels the LM head runs only at the masks: logits are [masks in the batch, vocab],
-                # in text order (windows come in order and a later mask is never central in an earlier one).
-                logits.append(model(ids, labels=labels.to(ids.device)).logits)
+                hidden = model.roberta(ids, layout=layout).last_hidden_state
+                # the 50K-way LM head only at the masks: [masks in the batch, vocab]
+                logits.append(model.lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, at), decoder))
         logits = torch.cat(logits)
         probs, predicted = logits.float().softmax(dim=-1).topk(topk, dim=-1)
         probs, predicted = probs.tolist(), predicted.tolist()
@@ -365,17 +374,26 @@ class RobertaHub(nn.Module):
         return torch.tensor(ids + [tok.eos_token_id], dtype=torch.long)
 
     def _batch(self, tokens, truncate: bool | None) -> tuple[torch.Tensor, list[int] | None]:
-        """[B, T] ids on the model's device, and the lengths when `tokens` was a list (right-padded)."""
-        pad = self.tokenizer.pad_token_id
+        """[B, T] ids on the host, and the lengths when `tokens` was a list (right-padded). A tensor
+        on a GPU is copied to the host once, here: what the batch looks like is decided there."""
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() not in (1, 2):
                 raise RobertaError(f"tokens must be 1-D or [batch, length], got shape {list(tokens.shape)}")
-            return self._fit(tokens.long().reshape(-1, tokens.shape[-1]), truncate).to(self.device), None
-        rows = [self._fit(torch.as_tensor(t, dtype=torch.long).reshape(1, -1), truncate)[0] for t in tokens]
+            return self._fit(tokens.to("cpu", torch.long).reshape(-1, tokens.shape[-1]), truncate), None
+        rows = [self._fit(torch.as_tensor(t, dtype=torch.long, device="cpu").reshape(1, -1), truncate)[0]
+                for t in tokens]
         if not rows:
             raise RobertaError("got an empty list of inputs; give at least one")
-        ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
-        return ids.to(self.device), [len(r) for r in rows]
+        return pad_batch(rows, self.tokenizer.pad_token_id)[0], [len(r) for r in rows]
+
+    def _placed(self, ids: torch.Tensor, mask: torch.Tensor | None = None):
+        """Host ids [B, T] sent to the model's device without waiting, and the encoder's layout for
+        them made on the host from `mask` (by default every non-pad token, fairseq's rule): the
+        forward pass then never makes a GPU stop to tell the host about the batch."""
+        encoder = self.model.encoder_model
+        encoder.check_inputs(ids)  # on the host, where reading the ids costs nothing
+        mask = ids.ne(self.model.config.pad_token_id) if mask is None else mask
+        return ids.to(self.device, non_blocking=True), encoder.layout(mask, self.device)
 
     def _fit(self, ids: torch.Tensor, truncate: bool | None, limit: int | None = None) -> torch.Tensor:
         """Refuse (or with `truncate`, cut) inputs past the limit (default: the model's); None: the caller

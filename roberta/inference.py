@@ -328,15 +328,16 @@ def length_batches(lengths: Sequence[int], batch_tokens: int | None = None, *, b
     return batches
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [B, T] ids and the attention mask (1 for tokens)."""
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [B, T] ids and the attention mask (1 for tokens), on the host: the layout is made
+    from the mask there (`RobertaModel.layout(mask, device)`) and the ids sent to a GPU without waiting."""
     T = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(sequences), T, dtype=torch.long)
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
+    return ids, mask
 
 
 @torch.inference_mode()

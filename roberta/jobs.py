@@ -142,23 +142,13 @@ def tokenize(hub, inputs: list[list[str]], truncate: bool, windowed: bool) -> li
     return [row if len(row) <= limit else hub._fit(torch.tensor([row]), truncate)[0].tolist() for row in ids]
 
 
-def _padded(hub, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T] ids right-padded with `<pad>` and the attention mask, on the model's device."""
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    ids = np.full((len(rows), int(lengths.max())), hub.tokenizer.pad_token_id, dtype=np.int64)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)] = row
-    mask = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-    return torch.from_numpy(ids).to(hub.device), torch.from_numpy(mask).long().to(hub.device)
-
-
 def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -1, batch_tokens: int = 4096,
                  window: int | None = None, stride: int | None = None) -> list[np.ndarray]:
     """Features of each token sequence, float32: the `<s>` vector (`pool` "cls"), the mean over the
     tokens ("mean"), or every token ("none", [length, hidden]), from `layer` (0: the embeddings).
     Sequences go in batches of similar length under `batch_tokens`, pooled as a batch; longer than
     the model with `window`/`stride`, in overlapping windows."""
-    from .inference import length_batches
+    from .inference import length_batches, pad_batch
 
     layers = hub.model.config.num_hidden_layers
     all_layers = layer not in (-1, layers)
@@ -167,14 +157,14 @@ def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -
     short = [i for i, t in enumerate(tokens) if len(t) <= limit]
     for batch in length_batches([len(tokens[i]) for i in short], batch_tokens):
         batch = [short[i] for i in batch]
-        ids, mask = _padded(hub, [tokens[i] for i in batch])
+        ids, layout = hub._placed(*pad_batch([tokens[i] for i in batch], hub.tokenizer.pad_token_id))
         with torch.inference_mode():
-            result = hub.model.roberta(ids, attention_mask=mask, output_hidden_states=all_layers)
+            result = hub.model.roberta(ids, output_hidden_states=all_layers, layout=layout)
         h = (result.hidden_states[layer] if all_layers else result.last_hidden_state).float()
         if pool == "cls":
             pooled = list(h[:, 0].cpu().numpy())
         elif pool == "mean":
-            m = mask.unsqueeze(-1).to(h.dtype)
+            m = layout.mask.unsqueeze(-1).to(h.dtype)
             pooled = list(((h * m).sum(1) / m.sum(1)).cpu().numpy())
         else:
             pooled = [h[r, :len(tokens[i])].cpu().numpy() for r, i in enumerate(batch)]
@@ -190,14 +180,14 @@ def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -
 def prediction_rows(hub, tokens: list[list[int]], head: str, batch_tokens: int = 4096, window: int | None = None,
                     stride: int | None = None, pool: str = "mean") -> np.ndarray:
     """Class probabilities [inputs, classes] of a classification head (windows pooled by `pool`)."""
-    from .inference import length_batches
+    from .inference import length_batches, pad_batch
 
     probs: list = [None] * len(tokens)
     limit = hub.max_tokens
     short = [i for i, t in enumerate(tokens) if len(t) <= limit]
     for batch in length_batches([len(tokens[i]) for i in short], batch_tokens):
         batch = [short[i] for i in batch]
-        ids, _ = _padded(hub, [tokens[i] for i in batch])
+        ids, _ = pad_batch([tokens[i] for i in batch], hub.tokenizer.pad_token_id)
         rows = hub.predict(head, ids).exp().cpu().numpy()
         for i, row in zip(batch, rows):
             probs[i] = row

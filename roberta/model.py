@@ -381,9 +381,10 @@ class Padded:
     hold the padding-free path to. Outputs at padded positions are zeros, as `Unpadded` gives them.
     """
 
-    def __init__(self, attention_mask: torch.Tensor):
+    def __init__(self, attention_mask: torch.Tensor, device: torch.device | str | None = None):
         self.batch, self.length = attention_mask.shape
-        self.mask = attention_mask.bool()
+        device = attention_mask.device if device is None else device
+        self.mask = attention_mask.to(device, non_blocking=True).bool()
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.batch * self.length, *x.shape[2:])
@@ -776,10 +777,14 @@ class RobertaPreTrainedModel(nn.Module):
     def _mask(self, input_ids, attention_mask):
         return input_ids.ne(self.config.pad_token_id) if attention_mask is None else attention_mask
 
-    def _encode(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None,
-                output_hidden_states=False):
-        return self.encoder_model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  token_type_ids=token_type_ids, output_hidden_states=output_hidden_states)
+    def _layout(self, input_ids, attention_mask, layout):
+        """The layout the caller built on the host, else one made from the mask: a head reads its
+        mask (`layout.mask`, on the device) from the same layout the encoder ran on."""
+        return layout or self.encoder_model.layout(self._mask(input_ids, attention_mask))
+
+    def _encode(self, input_ids, layout, position_ids=None, token_type_ids=None, output_hidden_states=False):
+        return self.encoder_model(input_ids, position_ids=position_ids, token_type_ids=token_type_ids,
+                                  output_hidden_states=output_hidden_states, layout=layout)
 
 
 class RobertaModel(RobertaPreTrainedModel):
@@ -815,21 +820,25 @@ class RobertaModel(RobertaPreTrainedModel):
                     f"token id {bad} is out of range for a vocabulary of {self.config.vocab_size}; "
                     "use the tokenizer that belongs to this model")
 
-    def layout(self, attention_mask: torch.Tensor) -> "Unpadded | Padded":
+    def layout(self, attention_mask: torch.Tensor, device: torch.device | str | None = None) -> Unpadded | Padded:
         """How the encoder lays out this batch: padding-free (`Unpadded`), or every position (`Padded`)
-        when `padding_free` is off, as the ONNX export and the reference tests have it."""
-        return Unpadded(attention_mask) if self.padding_free else Padded(attention_mask)
+        when `padding_free` is off, as the ONNX export and the reference tests have it.
+
+        Made from a mask on the host and placed on `device` (by default where the mask is) when the
+        batch is built, as the hub does, the forward pass has no question to ask the device."""
+        return (Unpadded if self.padding_free else Padded)(attention_mask, device)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None,
-                output_hidden_states=False, layout: "Unpadded | None" = None) -> ModelOutput:
+                output_hidden_states=False, layout: Unpadded | Padded | None = None) -> ModelOutput:
         """attention_mask: 1 for tokens, 0 for padding; by default every non-pad token (fairseq's rule).
-        layout: an `Unpadded` made from the mask when the batch was built (on the host), so that
-        the forward pass has nothing to ask the device; by default it is made here.
+        layout: `self.layout(mask, device)` made when the batch was built (on the host), so that the
+        forward pass has nothing to ask the device; it replaces `attention_mask`. By default it is
+        made here from the mask (on a GPU, at the cost of one copy of the mask to the host).
 
         Outputs at padded positions are zeros (they are never computed).
         """
         self.check_inputs(input_ids)
-        layout = layout or self.layout(self._mask(input_ids, attention_mask))
+        layout = self._layout(input_ids, attention_mask, layout)
         x = layout.unpad(self.embeddings(input_ids, position_ids, token_type_ids))
         x, hidden = self.encoder(x, layout, output_hidden_states)
         last = layout.pad(x)
@@ -838,7 +847,8 @@ class RobertaModel(RobertaPreTrainedModel):
         return ModelOutput(last_hidden_state=last, hidden_states=hidden_states, pooler_output=pooled)
 
     def forward_unpadded(self, input_ids, attention_mask=None, layout: "Unpadded | None" = None):
-        """Encoder output for the real tokens only, [N, H], and the `Unpadded` that places them."""
+        """Encoder output for the real tokens only, [N, H], and the `Unpadded` that places them (given a
+        `Padded` layout, every position: [B * T, H])."""
         self.check_inputs(input_ids)
         layout = layout or Unpadded(self._mask(input_ids, attention_mask))
         x, _ = self.encoder(layout.unpad(self.embeddings(input_ids)), layout)
@@ -898,11 +908,12 @@ class _NamedHeads:
         self.config.classification_heads[name] = num_classes
         return head
 
-    def classify(self, input_ids, attention_mask=None, head: str | None = None) -> torch.Tensor:
+    def classify(self, input_ids, attention_mask=None, head: str | None = None,
+                 layout: Unpadded | Padded | None = None) -> torch.Tensor:
         """Logits of a named classification head on `<s>`."""
         module = self._head(head)
-        hidden = self._encode(input_ids, attention_mask).last_hidden_state
-        return module(first_token(hidden, self._mask(input_ids, attention_mask)))
+        layout = self._layout(input_ids, attention_mask, layout)
+        return module(first_token(self._encode(input_ids, layout).last_hidden_state, layout.mask))
 
     def _head(self, name):
         if name is None or name not in self.classification_heads:
@@ -942,21 +953,24 @@ class RobertaForMaskedLM(RobertaPreTrainedModel, _NamedHeads):
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, token_type_ids=None,
-                output_hidden_states=False) -> ModelOutput:
+                output_hidden_states=False, layout: Unpadded | Padded | None = None) -> ModelOutput:
         decoder = self.roberta.embeddings.word_embeddings.weight
+        layout = self._layout(input_ids, attention_mask, layout)
         if labels is None:
-            out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
+            out = self._encode(input_ids, layout, position_ids, token_type_ids, output_hidden_states)
             out.logits = self.lm_head(out.last_hidden_state, decoder)
             return out
+        # Choosing the labelled tokens makes a shape from the data: on a GPU the one wait of a training
+        # step (the alternative, the 50K-way head on every token, costs several times the LM head).
         if output_hidden_states or position_ids is not None or token_type_ids is not None:
-            out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
+            out = self._encode(input_ids, layout, position_ids, token_type_ids, output_hidden_states)
             selected = labels.ne(-100)
             features = out.last_hidden_state[selected]
             targets = labels[selected]
         else:
             # The fast path: real tokens only, and the 50K-way projection only where there is a label.
-            x, pad = self.roberta.forward_unpadded(input_ids, attention_mask)
-            targets = pad.unpad(labels.unsqueeze(-1)).squeeze(-1)
+            x, _ = self.roberta.forward_unpadded(input_ids, layout=layout)
+            targets = layout.unpad(labels.unsqueeze(-1)).squeeze(-1)
             selected = targets.ne(-100)
             features, targets = x[selected], targets[selected]
             out = ModelOutput()
@@ -984,9 +998,11 @@ class RobertaForSequenceClassification(RobertaPreTrainedModel, _NamedHeads):
         return super()._head(name)
 
     def forward(self, input_ids, attention_mask=None, labels=None, head: str | None = None,
-                position_ids=None, token_type_ids=None, output_hidden_states=False) -> ModelOutput:
-        out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
-        out.logits = self._head(head)(first_token(out.last_hidden_state, self._mask(input_ids, attention_mask)))
+                position_ids=None, token_type_ids=None, output_hidden_states=False,
+                layout: Unpadded | Padded | None = None) -> ModelOutput:
+        layout = self._layout(input_ids, attention_mask, layout)
+        out = self._encode(input_ids, layout, position_ids, token_type_ids, output_hidden_states)
+        out.logits = self._head(head)(first_token(out.last_hidden_state, layout.mask))
         if labels is not None:
             out.loss = _classification_loss(self.config, out.logits, labels)
         return out
@@ -1006,8 +1022,9 @@ class RobertaForTokenClassification(RobertaPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, token_type_ids=None,
-                output_hidden_states=False) -> ModelOutput:
-        out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
+                output_hidden_states=False, layout: Unpadded | Padded | None = None) -> ModelOutput:
+        layout = self._layout(input_ids, attention_mask, layout)
+        out = self._encode(input_ids, layout, position_ids, token_type_ids, output_hidden_states)
         out.logits = self.classifier(self.dropout(out.last_hidden_state))
         if labels is not None:
             out.loss = F.cross_entropy(out.logits.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
@@ -1025,11 +1042,13 @@ class RobertaForQuestionAnswering(RobertaPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, start_positions=None, end_positions=None,
-                position_ids=None, token_type_ids=None, output_hidden_states=False) -> ModelOutput:
-        out = self._encode(input_ids, attention_mask, position_ids, token_type_ids, output_hidden_states)
+                position_ids=None, token_type_ids=None, output_hidden_states=False,
+                layout: Unpadded | Padded | None = None) -> ModelOutput:
+        layout = self._layout(input_ids, attention_mask, layout)
+        out = self._encode(input_ids, layout, position_ids, token_type_ids, output_hidden_states)
         start, end = self.qa_outputs(out.last_hidden_state).unbind(-1)
         # padding can never be an answer: its scores are the lowest number, not whatever pads compute to
-        is_pad = ~self._mask(input_ids, attention_mask).bool()
+        is_pad = ~layout.mask
         lowest = torch.finfo(start.dtype).min
         start, end = start.masked_fill(is_pad, lowest), end.masked_fill(is_pad, lowest)
         out.start_logits, out.end_logits = start.contiguous(), end.contiguous()
@@ -1053,10 +1072,14 @@ class RobertaForMultipleChoice(RobertaPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=False) -> ModelOutput:
+    def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=False,
+                layout: Unpadded | Padded | None = None) -> ModelOutput:
+        """layout: made from the [batch * choices, length] mask, the choices as rows."""
         B, C, T = input_ids.shape
+        flat_ids = input_ids.reshape(B * C, T)
         flat_mask = attention_mask.reshape(B * C, T) if attention_mask is not None else None
-        out = self._encode(input_ids.reshape(B * C, T), flat_mask, output_hidden_states=output_hidden_states)
+        layout = self._layout(flat_ids, flat_mask, layout)
+        out = self._encode(flat_ids, layout, output_hidden_states=output_hidden_states)
         out.logits = self.classifier(self.dropout(out.pooler_output)).view(B, C)
         if labels is not None:
             out.loss = F.cross_entropy(out.logits, labels)

@@ -306,15 +306,18 @@ class Batcher:
         outputs: list = [None] * len(batch)
         by_head: dict[str, list[int]] = collections.defaultdict(list)
         masked: list[int] = []
+        embedded: dict[int, torch.Tensor] = {}
         for row, ((job, _), f) in enumerate(zip(batch, features)):
             if job.kind == "embed":
                 v = f[0] if job.options["pooling"] == "cls" else f.mean(0)
-                # float32 on the host (features stay on the model's device: a GPU's need copying)
-                outputs[row] = (F.normalize(v, dim=0) if job.options["normalize"] else v).cpu().numpy()
+                embedded[row] = F.normalize(v, dim=0) if job.options["normalize"] else v
             elif job.kind == "predict":
                 by_head[job.options["head"]].append(row)
             else:
                 masked.append(row)
+        if embedded:  # float32 on the host in one copy (features stay on the model's device; a GPU waits once)
+            for row, v in zip(embedded, torch.stack(list(embedded.values())).cpu().numpy()):
+                outputs[row] = v
         for head, rows in by_head.items():
             first = torch.stack([features[r][0] for r in rows]).to(dtype)
             probs = model.classification_heads[head](first).float().softmax(-1)
@@ -322,15 +325,17 @@ class Batcher:
                 outputs[r] = p
         if masked:
             mask_id = self.hub.tokenizer.mask_token_id
-            at = [sequences[r].to(features[r].device) == mask_id for r in masked]
-            hidden = torch.cat([features[r][m] for r, m in zip(masked, at)]).to(dtype)
+            # the masks' places found in the host's ids: chosen on a GPU, they would make it wait
+            at = [sequences[r].eq(mask_id).nonzero().squeeze(1) for r in masked]
+            hidden = torch.cat([features[r].index_select(0, m.to(features[r].device, non_blocking=True))
+                                for r, m in zip(masked, at)]).to(dtype)
             logits = model.lm_head(hidden, model.roberta.embeddings.word_embeddings.weight)
             topk = max(batch[r][0].options["topk"] for r in masked)
             probs, predicted = logits.float().softmax(-1).topk(topk, dim=-1)
             probs, predicted = probs.tolist(), predicted.tolist()
             start = 0
             for r, m in zip(masked, at):
-                n, k = int(m.sum()), batch[r][0].options["topk"]
+                n, k = len(m), batch[r][0].options["topk"]
                 outputs[r] = ([p[:k] for p in probs[start:start + n]], [t[:k] for t in predicted[start:start + n]])
                 start += n
         return outputs

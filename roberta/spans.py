@@ -46,14 +46,17 @@ def _run(model, sequences: list[list[int]], pad_id: int) -> list:
     outputs = []
     for i in range(0, len(sequences), WINDOW_BATCH):
         batch = sequences[i:i + WINDOW_BATCH]
-        ids, mask = pad_batch(batch, pad_id, device)
-        out = model(ids, attention_mask=mask)
-        for row, seq in enumerate(batch):
-            if out.logits is not None:
-                outputs.append(out.logits[row, :len(seq)].float().cpu().numpy())
-            else:
-                outputs.append((out.start_logits[row, :len(seq)].float().cpu().numpy(),
-                                out.end_logits[row, :len(seq)].float().cpu().numpy()))
+        ids, mask = pad_batch(batch, pad_id)
+        # the layout made here on the host, the ids sent without waiting: the GPU runs the whole batch
+        # before it is asked for anything, and then once, for the results
+        layout = model.encoder_model.layout(mask, device)
+        out = model(ids.to(device, non_blocking=True), layout=layout)
+        if out.logits is not None:
+            logits = out.logits.float().cpu().numpy()
+            outputs += [logits[row, :len(seq)] for row, seq in enumerate(batch)]
+        else:
+            start, end = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+            outputs += [(start[row, :len(seq)], end[row, :len(seq)]) for row, seq in enumerate(batch)]
     return outputs
 
 

@@ -1,5 +1,7 @@
 """The published RoBERTa examples, run on a tiny model with the real tokenizer, checked against transformers."""
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -200,13 +202,93 @@ def test_modes_devices_and_dtypes(hub_checkpoints):
     assert hub.half().extract_features(tokens).dtype == torch.float16
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda(hub_checkpoints):
-    hub = roberta.load(hub_checkpoints["hf"], precision="fp32").cuda()
+@contextlib.contextmanager
+def between(first: torch.nn.Module, last: torch.nn.Module, start, stop):
+    """Calls start() as `first` begins each forward pass, stop() as `last` ends its own."""
+    def call(f):
+        return lambda *_: [f(), None][1]  # a hook's return value would replace the inputs or the output
+
+    hooks = [first.register_forward_pre_hook(call(start)), last.register_forward_hook(call(stop))]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def left_padded(rows: list[torch.Tensor], pad: int = 1) -> torch.Tensor:
+    ids = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, ids.shape[1] - len(r):] = r
+    return ids
+
+
+def test_hub_calls_build_the_batch_on_the_host_and_the_model_asks_the_device_nothing(hub_checkpoints, monkeypatch):
+    """extract_features, predict and fill_mask make ids, mask and layout on the host: from the encoder's
+    first step to the head's last, the forward pass reads no value and makes no shape from the data
+    (what makes a GPU wait), for a list (padded on the right) and a tensor padded on the left."""
+    from test_speed_paths import _DeviceQuestions
+
+    hub = roberta.load(hub_checkpoints["hf"], precision="fp32")
     tokens = hub.encode(SENTENCES)
-    cpu = roberta.load(hub_checkpoints["hf"], precision="fp32").extract_features(tokens)
-    for gpu, ref in zip(hub.extract_features(tokens), cpu):
-        torch.testing.assert_close(gpu.cpu(), ref, rtol=0, atol=1e-4)
+    masked = ["The capital of France is <mask>.", "<mask> world, <mask> again!"]
+    alone = [hub.fill_mask(text) for text in masked]
+    questions = _DeviceQuestions()
+    encoder = hub.model.roberta
+    monkeypatch.setattr(encoder, "check_inputs", lambda ids: None)  # it reads the ids only on the CPU
+    start, stop = questions.__enter__, lambda: questions.__exit__(None, None, None)
+    with between(encoder, encoder, start, stop):
+        features, shifted = hub.extract_features(tokens), hub.extract_features(left_padded(tokens))
+    with between(encoder, hub.model.classification_heads["mnli"], start, stop):
+        scores, shifted_scores = hub.predict("mnli", tokens), hub.predict("mnli", left_padded(tokens))
+    with between(encoder, hub.model.lm_head, start, stop):
+        filled = hub.fill_mask(masked)
+    assert questions.asked == []
+    for row, (f, ids) in enumerate(zip(features, tokens)):
+        assert (shifted[row, shifted.shape[1] - len(ids):] - f[0]).abs().max().item() <= 1e-6
+    assert scores.shape == (3, 3) and (shifted_scores - scores).abs().max().item() <= 1e-6
+    assert [[choice[2] for choice in per_mask] for per_mask in filled[1]] == \
+        [[choice[2] for choice in per_mask] for per_mask in alone[1]]
+    assert [choice[2] for choice in filled[0]] == [choice[2] for choice in alone[0]]
+    assert max(abs(a[1] - b[1]) for a, b in zip(filled[0], alone[0])) <= 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_hub_calls_never_make_the_gpu_wait(hub_checkpoints, precision):
+    """On a GPU, extract_features and predict run without a single device-to-host synchronisation, and
+    fill_mask without one up to its LM head (then its top-k comes to the host: the one wait, for the
+    results); a [batch, length] tensor already on the GPU costs one copy to the host, no more. The
+    results equal the CPU's (fp32 within 1e-4; bf16, which runs varlen attention, roughly)."""
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("needs a GPU with bf16 units")
+    hub = roberta.load(hub_checkpoints["hf"], device="cuda", precision=precision)
+    cpu = roberta.load(hub_checkpoints["hf"], precision="fp32")
+    tokens = hub.encode(SENTENCES)
+    on_gpu = left_padded(tokens).cuda()
+    masked = ["The capital of France is <mask>.", "<mask> world, <mask> again!"]
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        features, scores = hub.extract_features(tokens), hub.predict("mnli", tokens)
+        with between(hub.model.roberta, hub.model.lm_head, lambda: None, lambda: torch.cuda.set_sync_debug_mode(0)):
+            filled = hub.fill_mask(masked)
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from_gpu = hub.extract_features(on_gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1
+    tol = 1e-4 if precision == "fp32" else 0.1
+    for gpu, ref in zip(features, cpu.extract_features(tokens)):
+        torch.testing.assert_close(gpu.float().cpu(), ref, rtol=0, atol=tol)
+    torch.testing.assert_close(scores.cpu(), cpu.predict("mnli", tokens), rtol=0, atol=tol)
+    torch.testing.assert_close(from_gpu.float().cpu(), cpu.extract_features(left_padded(tokens)), rtol=0, atol=tol)
+    for ours, ref in zip(filled, cpu.fill_mask(masked)):  # probabilities: near ties may swap tokens
+        ours, ref = (ours, ref) if isinstance(ours[0], list) else ([ours], [ref])
+        for a, b in zip(ours, ref):
+            assert np.allclose([c[1] for c in a], [c[1] for c in b], rtol=0.05 if precision == "bf16" else 1e-3)
 
 
 def test_named_models_download_once_then_load_offline(served, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 Plain = transformers' model on the padded batch (same weights), or our model one sequence at a time.
 """
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -334,6 +335,51 @@ def test_forward_with_host_metadata_asks_the_device_nothing():
     with _DeviceQuestions() as questions:  # the recorder does see them: building the metadata asks
         Unpadded(mask)
     assert "nonzero" in questions.asked and "_local_scalar_dense" in questions.asked
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+@pytest.mark.parametrize("left", [False, True])
+@pytest.mark.parametrize("cls_name, overrides", HEADS)
+def test_every_head_runs_on_a_host_built_layout_and_asks_the_device_nothing(cls_name, overrides, left,
+                                                                           padding_free, monkeypatch):
+    """A layout made on the host when the batch is built, as the hub makes it, gives every head (and the
+    named heads' `classify`) what it gives without one, with padding on either side, in both layouts;
+    and with it the forward pass reads no value and makes no shape from the data (a GPU never waits)."""
+    from roberta.model import ModelOutput
+
+    heads = {"extra": 4} if cls_name in ("RobertaForMaskedLM", "RobertaForSequenceClassification") else {}
+    model = randomize(getattr(roberta, cls_name)(RobertaConfig(**{**CONFIG, **overrides}, classification_heads=heads)))
+    encoder = model.encoder_model
+    encoder.padding_free = padding_free
+    ids, mask = fixed_lengths([3, 60, 5, 41, 17, 2], left=left)
+    layout = encoder.layout(mask, "cpu")  # [batch * choices, length] for multiple choice
+    if cls_name == "RobertaForMultipleChoice":
+        ids, mask = ids.view(3, 2, -1), mask.view(3, 2, -1)
+    with torch.no_grad():
+        expected = model(ids, mask, output_hidden_states=True)
+        named = model.classify(ids, mask, head="extra") if heads else None
+        monkeypatch.setattr(encoder, "check_inputs", lambda ids: None)  # the id range check reads ids on the CPU
+        with _DeviceQuestions() as questions:
+            got = model(ids, output_hidden_states=True, layout=layout)
+            named_got = model.classify(ids, head="extra", layout=layout) if heads else None
+    assert questions.asked == []
+    compared = 0
+    for field in dataclasses.fields(ModelOutput):
+        a, b = getattr(got, field.name), getattr(expected, field.name)
+        assert (a is None) == (b is None), field.name
+        for x, y in zip(*((a, b) if isinstance(a, tuple) else ((a,), (b,)))) if a is not None else ():
+            assert x.shape == y.shape and (x - y).abs().max().item() <= 1e-6, field.name
+            compared += 1
+    assert compared >= 3  # the layers' states and the head's output at least
+    if heads:
+        assert named_got.shape == (6, 4) and (named_got - named).abs().max().item() <= 1e-6
+    if cls_name == "RobertaForMaskedLM":  # the training path: the LM head only at the labels
+        chosen = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+        labels = torch.where(chosen & mask.bool(), ids, -100)
+        with torch.no_grad():
+            a, b = model(ids, labels=labels, layout=layout), model(ids, mask, labels=labels)
+        assert a.logits.shape == b.logits.shape and (a.logits - b.logits).abs().max().item() <= 1e-6
+        assert abs(a.loss.item() - b.loss.item()) <= 1e-6
 
 
 def test_hub_runs_in_the_precision_auto_picks_and_refuses_to_train_or_save_it(hub_checkpoints, tmp_path):

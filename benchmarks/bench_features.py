@@ -10,7 +10,8 @@ the same batches of 32 token-id lists from the real tokenizer, with the same thr
 - ct2-fp32 / ct2-int8: `ctranslate2.Encoder.forward_batch` on the id lists (it handles the padding);
 - fp32 / int8 / bf16: this project, `model(ids, mask)` on the padded batch after
   `inference.reduce_precision`; auto: whatever `--precision auto` picks on this machine (named in the row).
-Throughput counts real tokens; timings are passes interleaved across engines, the median reported.
+Throughput counts real tokens; each engine runs in its own process (so that one engine's malloc settings or
+spinning thread pool cannot help or hurt another), timed one pass at a time in turn, the median reported.
 The last row is a bound, not an engine: the dense layers' fp32 matmuls alone, timed with PyTorch's sgemm
 on each batch's real tokens (`gemm_ceiling`), i.e. what an fp32 engine on the same matmuls would reach if
 everything else (attention, LayerNorm, GELU, padding) cost nothing.
@@ -31,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from common import DATA, child_memory, median, natural_sentences, run_child, table, tsv_column
+from common import DATA, Worker, child_memory, median, natural_sentences, run_child, serve_passes, table, tsv_column
 
 BATCH = 32
 OURS = ["fp32", "int8", "bf16", "auto"]
@@ -124,6 +125,17 @@ def child(side: str, path: str, ids_file: str) -> None:
         child_memory(lambda: load(side, path), lambda run: run(sequences))
 
 
+def worker(side: str, path: str, ids_file: str) -> None:
+    """One row in its own process: load, run once and save the outputs beside the ids, then time passes."""
+    torch.set_num_threads(args.threads)
+    with open(ids_file) as f:
+        sequences = json.load(f)
+    with torch.inference_mode():
+        run = load(side, path)
+        torch.save(run(sequences), f"{ids_file}.{side}.pt")
+        serve_passes(lambda: run(sequences))
+
+
 def prepare(tmp: str, tokenizer) -> str:
     """Random base-size weights in every engine's format; returns the fusion report of ORT's optimizer."""
     import ctranslate2
@@ -170,30 +182,38 @@ def main() -> None:
     with open(ids_file, "w") as f:
         json.dump(sequences, f)
 
-    runs = {side: load(side, tmp) for side in SIDES}
-    seconds = {side: [] for side in SIDES}
-    outputs = {}
-    with torch.inference_mode():
-        for side, run in runs.items():  # warm-up, and the outputs compared below
-            outputs[side] = run(sequences)
-        for repeat in range(args.repeats):
-            for side, run in runs.items():
-                t = time.perf_counter()
-                run(sequences)
-                seconds[side].append(time.perf_counter() - t)
-            print(f"repeat {repeat + 1}/{args.repeats}: " +
-                  ", ".join(f"{s} {real / seconds[s][-1]:.0f}" for s in SIDES), flush=True)
+    sides = [side for side in SIDES if side in args.engines.split(",") or side == "fp32"]  # fp32: the reference
+    workers = {}
+    for side in sides:  # one process each, started one after another (loading is not timed)
+        workers[side] = Worker(__file__, side, tmp, ids_file, "--threads", str(args.threads))
+    outputs = {side: torch.load(f"{ids_file}.{side}.pt") for side in sides}  # from each warm-up pass
+    seconds = {side: [] for side in sides}
+    for repeat in range(args.repeats):
+        for side in sides:
+            time.sleep(args.gap)  # the engine before may still spin its threads (ONNX Runtime's do)
+            seconds[side].append(workers[side].run_pass())
+        print(f"repeat {repeat + 1}/{args.repeats}: " +
+              ", ".join(f"{s} {real / seconds[s][-1]:.0f}" for s in sides), flush=True)
+    for w in workers.values():
+        w.close()
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    from roberta.inference import keep_freed_memory
+
+    keep_freed_memory()  # the ceiling's matmuls without page faults, as our fp32 runs them
     from roberta import RobertaConfig
 
     ceiling = gemm_ceiling(sequences, RobertaConfig.base(num_hidden_layers=args.layers), args.repeats)
 
     memory = {side: run_child(__file__, side, tmp, ids_file, "--threads", str(args.threads))
-              for side in SIDES} if not args.no_memory else {}
+              for side in sides} if not args.no_memory else {}
     reference = torch.cat(outputs["fp32"]).double()
-    speed = {side: real / median(seconds[side]) for side in SIDES}
+    speed = {side: real / median(seconds[side]) for side in sides}
+    for ours, peer in (("fp32", "ct2-fp32"), ("int8", "ct2-int8"), ("fp32", "transformers")):
+        if ours in sides and peer in sides:
+            print(f"{ours} / {peer} per pass:", " ".join(f"{b / a:.2f}" for a, b in zip(seconds[ours], seconds[peer])))
+    speed.update({side: float("nan") for side in SIDES if side not in sides})
     rows = []
-    for side in SIDES:
+    for side in sides:
         a = torch.cat(outputs[side]).double()
         cos = torch.nn.functional.cosine_similarity(a, reference, dim=-1)
         mem = memory.get(side, {"peak_mib": float("nan"), "run_added_mib": float("nan")})
@@ -221,7 +241,11 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12, help="12 is base size; fewer for a quick try")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-row child processes")
+    parser.add_argument("--gap", type=float, default=1.0, help="seconds of idle before each timed pass")
+    parser.add_argument("--engines", default=",".join(SIDES),
+                        help=f"comma-separated rows to run, of {','.join(SIDES)} (fp32 always runs: it is the reference)")
     parser.add_argument("--json", help="also write the timings and the table here")
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "MODEL", "IDS"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("SIDE", "MODEL", "IDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    child(*args.child) if args.child else main()
+    child(*args.child) if args.child else worker(*args.worker) if args.worker else main()

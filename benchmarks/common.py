@@ -81,6 +81,50 @@ def run_child(script: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+PASS = "@@pass "  # the worker protocol's lines; anything else a library prints is passed over
+
+
+class Worker:
+    """One engine in its own interpreter, timed one pass at a time when asked (`run_pass`), so that passes
+    of several engines still interleave but nothing one engine does to its process (malloc settings,
+    thread pools spinning after their work, caches) speeds up or slows down another.
+
+    The child runs `script --worker ...`, which must call `serve_passes`.
+    """
+
+    def __init__(self, script: str, *args: str):
+        self.proc = subprocess.Popen([sys.executable, script, "--worker", *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                     env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        self._answer()  # loaded and warmed up
+
+    def _answer(self) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(PASS):
+                return line[len(PASS):].strip()
+        raise RuntimeError(f"worker {self.proc.args[2:]} exited with status {self.proc.wait()}")
+
+    def run_pass(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return float(self._answer())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def serve_passes(run) -> None:
+    """The worker's side: say it is ready, then time `run()` once per line read from stdin."""
+    import time
+
+    print(PASS + "ready", flush=True)
+    for _ in sys.stdin:
+        t = time.perf_counter()
+        run()
+        print(PASS + repr(time.perf_counter() - t), flush=True)
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     """A Markdown table."""
     fmt = lambda v: f"{v:,.4g}" if isinstance(v, float) else str(v)

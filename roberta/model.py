@@ -276,13 +276,13 @@ except ImportError:  # not built: PyTorch's attention on length groups instead
 def packed_attention_available(qkv: torch.Tensor, attention: "RobertaSelfAttention") -> bool:
     """Whether attention can run on the packed tokens without re-padding: PyTorch's variable-length flash
     attention on a GPU in half precision, or this project's C kernel for float32 inference on CPU (no
-    autograd through it, and heads a multiple of 16 wide; bf16 is widened to float32 for it, as PyTorch's
-    CPU attention also computes in float32). Neither drops attention weights in training."""
+    autograd through it, and heads a multiple of 16 wide). Neither drops attention weights in training.
+    (bf16 on CPU stays with PyTorch's attention: widened to float32 for this kernel it measured slower.)"""
     if attention.training and attention.dropout_p > 0:
         return False
     if qkv.is_cuda:
         return qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None
-    return (_attend_cpu is not None and qkv.device.type == "cpu" and qkv.dtype in (torch.float32, torch.bfloat16)
+    return (_attend_cpu is not None and qkv.device.type == "cpu" and qkv.dtype == torch.float32
             and attention.head_dim % 16 == 0 and not (torch.is_grad_enabled() and qkv.requires_grad))
 
 
@@ -543,11 +543,11 @@ class RobertaSelfAttention(nn.Module):
             q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # each [N, h, d]
             y = _varlen_attn(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_length, layout.max_length)
             return y.reshape(-1, inner)
-        x = qkv.detach().float().contiguous()
-        y = x.new_empty(x.shape[0], inner)
-        _attend_cpu(x.numpy(), x.shape[0], layout.cu_seqlens_host.numpy(), layout.batch, self.num_heads,
+        qkv = qkv.detach().contiguous()
+        y = qkv.new_empty(qkv.shape[0], inner)
+        _attend_cpu(qkv.numpy(), qkv.shape[0], layout.cu_seqlens_host.numpy(), layout.batch, self.num_heads,
                     self.head_dim, y.numpy(), torch.get_num_threads())
-        return y.to(qkv.dtype)
+        return y
 
 
 class RobertaSelfOutput(nn.Module):

@@ -248,4 +248,9 @@ if __name__ == "__main__":
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "MODEL", "IDS"), help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("SIDE", "MODEL", "IDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = set(args.engines.split(",")) - set(SIDES)
+    if unknown:
+        parser.error(f"unknown engine(s) {', '.join(sorted(unknown))}; choose from {','.join(SIDES)}")
+    if args.repeats < 1 or args.gap < 0:
+        parser.error("--repeats must be at least 1 and --gap at least 0")
     child(*args.child) if args.child else worker(*args.worker) if args.worker else main()

@@ -72,10 +72,12 @@ def rss_mib() -> float:
     return float("nan")
 
 
+CHILD = {"cwd": ROOT, "env": {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}}  # how children are started
+
+
 def run_child(script: str, *args: str) -> dict:
     """Run `script --child ...` in a fresh interpreter (so its peak memory is its own); it prints one JSON line."""
-    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True,
-                         cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, **CHILD)
     if out.returncode:
         raise RuntimeError(f"child {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -94,8 +96,7 @@ class Worker:
 
     def __init__(self, script: str, *args: str):
         self.proc = subprocess.Popen([sys.executable, script, "--worker", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                     env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                                     stdout=subprocess.PIPE, text=True, **CHILD)
         self._answer()  # loaded and warmed up
 
     def _answer(self) -> str:

@@ -277,6 +277,7 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
         return PyErr_Format(PyExc_ValueError, "cu_seqlens must rise from 0 to the %zd tokens", tokens);
     }
     attend_job job = {qkv.buf, out.buf, c, batch, heads, dim, max_length, 1.0f / sqrtf((float)dim), 0, 0};
+    if (threads > batch * heads) threads = batch * heads > 0 ? (long)(batch * heads) : 1;  /* no idle threads */
     pthread_t pool[256];
     long started = 0;
     Py_BEGIN_ALLOW_THREADS

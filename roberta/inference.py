@@ -10,8 +10,9 @@ Precision (`--precision`, `roberta.load(precision=...)`), measured by `benchmark
   packed tokens (within float rounding of PyTorch's: `model.packed_attention_available`).
 - "bf16": weights and activations in bfloat16 (LayerNorm, softmax and GELU accumulate in float32 inside
   PyTorch's kernels); on CPUs with bf16 units the dense layers run on oneDNN with weights reordered once
-  at load and GELU fused into the matmul (`PackedLinear`). Several times faster where the hardware has bf16 units (AMX or AVX-512 BF16 on
-  x86 CPUs, bf16-capable GPUs); on other CPUs PyTorch emulates it and it is *slower* than fp32.
+  at load and GELU fused into the matmul (`PackedLinear`). Several times faster where the hardware has
+  bf16 units (AMX or AVX-512 BF16 on x86 CPUs, bf16-capable GPUs); on other CPUs PyTorch emulates it and
+  it is *slower* than fp32.
 - "int8": the encoder's Linear layers with int8 weights (one scale per output row) and activations
   quantised to int8 per token at run time (one scale per row), integer matmuls through oneDNN
   (VNNI/AMX), bias and scales applied in float32: CTranslate2's int8 scheme. CPU only.
@@ -142,7 +143,7 @@ def keep_freed_memory() -> bool:
 
     By default glibc returns the free top of its heap once it exceeds twice the largest recent block,
     and serves blocks above a moving threshold with fresh mmap()s. Either way each batch's activations
-    (a few MB per matmul output) come back as new pages, each a page fault on first touch: 80-170
+    (a few MB per matmul output) come back as new pages, each a page fault on first touch: 80-195
     thousand per pass of `benchmarks/bench_features.py` in fp32 (about 4% of its time), none after this.
     The cost is that up to TRIM_THRESHOLD of freed memory stays with the process. Process-wide, so
     `reduce_precision` calls it once a model is prepared for inference on CPU; blocks above 32 MiB

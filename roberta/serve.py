@@ -10,9 +10,10 @@ takes them in arrival order into batches of at most `max_batch_tokens` real toke
 counts real tokens). A batch closes when a budget is full or when no input has come for `max_wait_ms`
 (at most ten such waits in all): while a forward pass has the cores, requests pile up unread in the
 sockets, and the event loop hands them over one by one afterwards, so a fixed wait after the oldest
-input would close the next batch on the first one or two of them. Then the worker runs it through the encoder once (`inference.extract_features_batched`), applies each input's head
-(pooling, a classification head, the masked-LM head at the masks), and hands each caller its own rows:
-the numbers the library gives for that request alone, within float rounding.
+input would close the next batch on the first one or two of them. Then the worker runs the batch
+through the encoder once (`inference.extract_features_batched`), applies each input's head (pooling,
+a classification head, the masked-LM head at the masks), and hands each caller its own rows: the
+numbers the library gives for that request alone, within float rounding.
 
 The HTTP side is FastAPI on uvicorn: the request and response schemas below are pydantic models, so
 they are validated on the way in and listed at /openapi.json (/docs renders them). Every error is JSON,

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import _compat_pickle
 import argparse
+import copy
 import fnmatch
 import json
+import math
 import os
 import pickle
 import types
@@ -28,7 +30,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 from .errors import RobertaError, RobertaWarning
-from .fileio import check_output, default_mode, replace_dir
+from .fileio import check_output, default_mode, read_json, replace_dir
 from .model import RobertaConfig, RobertaForMaskedLM, RobertaModel, RobertaPreTrainedModel
 
 CONFIG_NAME = "config.json"
@@ -116,13 +118,13 @@ def _read_hf_weights(path: Path, config: RobertaConfig) -> dict[str, torch.Tenso
                            f"{compress.COMPRESSED_WEIGHTS_NAME}, ZipNN's {SAFETENSORS_NAME}.znn or "
                            f"model.znn.safetensors, or {PYTORCH_NAME})")
     if not file.name.endswith(".index.json"):
-        return read_weight_file(file)
+        return read_weight_file(file, config)
     state: dict[str, torch.Tensor] = {}
     weight_map = read_index(file)
     for shard in sorted(set(weight_map.values())):
         if not (path / shard).is_file():
             raise RobertaError(f"{file} names the shard {shard}, which is missing; download or copy it too")
-        state.update(read_weight_file(path / shard))
+        state.update(read_weight_file(path / shard, config, shard=True))
     absent = [k for k in weight_map if k not in state]
     if absent:
         raise RobertaError(f"{file} places {absent[0]} in {weight_map[absent[0]]}, which does not hold it; "
@@ -132,35 +134,59 @@ def _read_hf_weights(path: Path, config: RobertaConfig) -> dict[str, torch.Tenso
 
 def read_index(file: Path) -> dict[str, str]:
     """The weight_map of a sharded checkpoint's index: tensor name -> shard file (beside the index)."""
-    try:
-        index = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise RobertaError(f"{file} is not valid JSON ({exc}); download or copy it again") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = read_json(file, kind=dict).get("weight_map")
     if not isinstance(weight_map, dict) or not all(
             isinstance(v, str) and v and "/" not in v and not v.startswith(".") for v in weight_map.values()):
         raise RobertaError(f"{file} has no weight_map of tensor names to shard files beside it")
     return weight_map
 
 
-def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
+def read_weight_file(file: Path, config: RobertaConfig | None = None, shard: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of one weight file: safetensors (ZipNN's per-tensor layout included), a whole-file
-    ZipNN `.znn`, or a weights-only pickle."""
+    ZipNN `.znn`, or a weights-only pickle. With `config`, what a ZipNN file declares (its tensors'
+    shapes, its decompressed size) is checked against it before anything is decoded (a `shard`, one
+    of several files, only for its shapes' sizes, since it holds some of the layers)."""
     from . import znn
     from safetensors import safe_open
     from safetensors.torch import load as load_safetensors_bytes
 
     try:
         if file.name.endswith(".znn"):
-            data = znn.decompress_whole_file(file)
+            data = znn.decompress_whole_file(file, weights_bound(config) if config is not None else None)
             return load_safetensors_bytes(data) if file.name.endswith(".safetensors.znn") else _load_pickle(file, data)
         if file.name.endswith(".safetensors"):
             with safe_open(str(file), framework="pt") as f:
                 metadata = f.metadata()
+                if config is not None and znn.METADATA_KEY in (metadata or {}):
+                    compressed = znn.compressed_tensors(metadata)
+                    declared = sum(math.prod(shape) * dtype.itemsize for dtype, shape in compressed.values())
+                    if declared > weights_bound(config):
+                        raise RobertaError(f"{file} declares {declared:,} bytes of compressed tensors, more than "
+                                           f"the {weights_bound(config):,} its config's model can hold; the file "
+                                           "does not belong to this config or is corrupted")
+                    shapes = {name: compressed.get(name) or (torch.float32, f.get_slice(name).get_shape())
+                              for name in f.keys() if name.startswith(_MODEL_PREFIXES)}
+                    with warnings.catch_warnings():  # the check after loading says them once
+                        warnings.simplefilter("ignore", RobertaWarning)
+                        if not shard:
+                            check_weights(copy.deepcopy(config), _with_prefix({
+                                name: torch.empty(shape, dtype=dtype, device="meta")
+                                for name, (dtype, shape) in shapes.items()}), str(file))
             return znn.decompress_tensors(load_safetensors(str(file)), metadata, str(file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise RobertaError(f"{file} is truncated or corrupted ({exc}); download or copy it again") from None
+    except MemoryError:
+        raise RobertaError(f"{file} does not fit in this machine's memory (or the memory limit set for this "
+                           f"process); free memory or raise the limit") from None
     return _load_pickle(file)
+
+
+def weights_bound(config: RobertaConfig) -> int:
+    """The most bytes the weights a config describes can take in one file: every parameter as float64,
+    with room for the file's header and heads the config does not list."""
+    with torch.device("meta"):
+        parameters = RobertaForMaskedLM(config).num_parameters()
+    return 8 * parameters + (64 << 20)
 
 
 def _load_pickle(file: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
@@ -616,10 +642,7 @@ def check_vocab_fits(path: str | os.PathLike, config: RobertaConfig) -> None:
         path = path.parent
     n = None
     if (path / "vocab.json").exists():
-        try:
-            n = len(json.loads((path / "vocab.json").read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RobertaError(f"{path / 'vocab.json'} is not valid JSON; restore it from the original") from None
+        n = len(read_json(path / "vocab.json"))
     elif (path / FAIRSEQ_DICT).exists():
         with open(path / FAIRSEQ_DICT, encoding="utf-8", errors="replace") as f:
             n = 4 + sum(1 for line in f if line.strip()) + 1  # <s> <pad> </s> <unk>, rows, <mask>

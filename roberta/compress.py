@@ -50,7 +50,7 @@ import zstandard
 from .checkpoint import (CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, keep_beside_checkpoint,
                          read_checkpoint)
 from .errors import RobertaError
-from .fileio import atomic_write, check_output, replace_dir
+from .fileio import atomic_write, check_output, parse_json, replace_dir
 
 try:  # the C decoder built by setup.py; numpy and the zstandard package do the same, slower, without it
     from . import _planes
@@ -323,7 +323,7 @@ def _parse_blob_header(blob: memoryview, what: str, source: str) -> tuple[dict, 
     if end > len(blob) or xxhash.xxh3_64_intdigest(blob[_BLOB_PREFIX.size:end]) != digest:
         raise _corrupt(f"the header of {what}", source)
     try:
-        header = json.loads(bytes(blob[_BLOB_PREFIX.size:end]))
+        header = parse_json(bytes(blob[_BLOB_PREFIX.size:end]))
         dtype, shape, chunks = header["dtype"], [int(d) for d in header["shape"]], header["chunks"]
         if dtype not in DTYPES or min(shape, default=0) < 0:
             raise ValueError
@@ -352,7 +352,7 @@ def _parse_blob_header(blob: memoryview, what: str, source: str) -> tuple[dict, 
         numel = int(np.prod(shape, dtype=np.int64))
         if total != numel or offset != len(blob):
             raise ValueError
-    except (ValueError, KeyError, TypeError, zstandard.ZstdError) as exc:
+    except (RobertaError, ValueError, KeyError, TypeError, zstandard.ZstdError) as exc:
         raise _malformed(what, source) from exc
     return {"dtype": dtype, "shape": shape, "chunks": layout}, end
 
@@ -460,7 +460,7 @@ def _read_header(f, source: str) -> dict:
     if xxhash.xxh3_64_intdigest(text) != digest:
         raise _corrupt("the header", source)
     try:
-        header = json.loads(text)
+        header = parse_json(text)
         declared, tensors, metadata = int(header["size"]), header["tensors"], header["metadata"]
         end = _PREFIX.size + length
         for offset, blob_length in tensors.values():
@@ -469,7 +469,7 @@ def _read_header(f, source: str) -> dict:
             end += blob_length
         if end != declared or not isinstance(metadata, dict):
             raise ValueError
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (RobertaError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CorruptFileError(f"malformed header in {source}: the file is corrupted or was not written by "
                                "`roberta compress`; download or copy it again") from exc
     if size != declared:
@@ -511,11 +511,11 @@ def tensor_shapes(path) -> dict[str, tuple[torch.dtype, list[int]]]:
             if xxhash.xxh3_64_intdigest(text) != digest:
                 raise _corrupt(f"the header of tensor '{name}'", str(path))
             try:
-                header = json.loads(text)
+                header = parse_json(text)
                 dtype, shape = DTYPES[header["dtype"]], [int(d) for d in header["shape"]]
                 if min(shape, default=0) < 0:
                     raise ValueError
-            except (ValueError, KeyError, TypeError) as exc:
+            except (RobertaError, ValueError, KeyError, TypeError) as exc:
                 raise _malformed(f"tensor '{name}'", str(path)) from exc
             out[name] = (dtype, shape)
     return out

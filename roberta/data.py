@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .errors import RobertaError
+from .fileio import read_json
 
 FORMAT_VERSION = 1
 SNIFF_BYTES = 1 << 16
@@ -283,7 +284,7 @@ def read_meta(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise RobertaError(f"{data_dir} is not a preprocessed corpus (no meta.json): run `roberta preprocess` first")
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
     if meta.get("format") != FORMAT_VERSION:
         raise RobertaError(f"{path} has format {meta.get('format')}, this version reads {FORMAT_VERSION}: "
                            "preprocess the corpus again")
@@ -404,7 +405,7 @@ def masking_for(data_dir: str | Path, whole_word: bool = False, mask_prob: float
     meta = read_meta(data_dir)
     word_starts = None
     if whole_word:
-        vocab = json.loads((Path(data_dir) / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+        vocab = read_json(Path(data_dir) / "tokenizer" / "vocab.json")
         word_starts = np.zeros(meta["vocab_size"], dtype=bool)
         word_starts[[i for t, i in vocab.items() if t.startswith("\u0120") and i < meta["vocab_size"]]] = True
     specials = tuple(meta[k] for k in ("bos", "pad", "eos", "unk", "mask"))

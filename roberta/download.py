@@ -41,9 +41,9 @@ import zlib
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from .checkpoint import WEIGHT_FILES
+from .checkpoint import WEIGHT_FILES, read_index
 from .errors import RobertaError
-from .fileio import atomic_write
+from .fileio import atomic_write, parse_json, read_json, remove_owned
 
 FAIRSEQ_HOST = "https://dl.fbaipublicfiles.com"
 MANIFEST = "downloads.json"
@@ -222,13 +222,13 @@ def hub_snapshot(name: str, cache: str | os.PathLike | None = None, endpoint: st
         directory = None
         for file in files:
             path = _hub_file(repo, file, commit, cache, endpoint, bars)
-            verify(path, repo=name)
+            verify(path, cache, repo=name)
             directory = directory or path.parents[len(Path(file).parts) - 1]  # the snapshot's root
             if file.endswith(".index.json"):  # the shards the index names, beside it
                 folder = file.rpartition("/")[0]
-                for shard in sorted(set(_read_json(path, name).get("weight_map", {}).values())):
+                for shard in sorted(set(read_index(path).values())):
                     verify(_hub_file(repo, f"{folder}/{shard}" if folder else shard, commit, cache, endpoint, bars),
-                           repo=name)
+                           cache, repo=name)
         if revision is not None and revision != commit:  # so that `org/name@revision` also loads offline
             _remember_revision(cache, repo, revision, commit)
         elif revision is None and commit:
@@ -334,7 +334,7 @@ def _cached_snapshot(name, repo, revision, cache: Path) -> Path:
     files = select_files([str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()])
     _check_repository(name, files, where=f"the cached copy in {directory}")
     for file in files:
-        verify(directory / file, repo=name)
+        verify(directory / file, cache, repo=name)
     return directory
 
 
@@ -359,20 +359,26 @@ def _remember_revision(cache: Path, repo: str, revision: str, commit: str) -> No
 # ---- content checks -----------------------------------------------------------------------------
 
 
-def verify(path: Path, repo: str | None = None, expected: str | None = None) -> None:
+def verify(path: Path, cache: Path, repo: str | None = None) -> None:
     """Parse a downloaded file by its name, and hash it against its cache etag when that is a hash.
 
-    A file that fails is removed (with its cache blob) so that the next download fetches it afresh.
+    A file that fails is removed (the snapshot's link and its blob) so that the next download fetches
+    it afresh; only what lies inside `cache` is removed, never what a link in it points to elsewhere.
     """
     problem = _content_problem(path)
-    blob = path.resolve()
-    if problem is None and repo is not None and blob != path:  # a cache snapshot entry: the blob's name is its etag
+    blob = Path(os.path.realpath(path))
+    owned_blob = blob.parent.name == "blobs" and os.path.commonpath([blob, os.path.realpath(cache)]) == \
+        os.path.realpath(cache)
+    if problem is None and repo is not None and owned_blob:  # a cache blob's name is its etag
         problem = _hash_problem(blob)
     if problem is None:
         return
-    for file in {path, blob}:
-        file.unlink(missing_ok=True)
     source = f"{repo}: " if repo else ""
+    removed = remove_owned(path, cache)  # the snapshot's link (or the file itself), not its target
+    removed = owned_blob and remove_owned(blob, cache) or removed
+    if not removed:
+        raise RobertaError(f"{source}{path.name} in the cache is {problem}; it lies outside the cache ({blob}), "
+                           f"so it was left in place: remove {path} (or the link above it) and run again")
     raise RobertaError(f"{source}{path.name} as downloaded is {problem}; it was removed from the cache, so "
                        f"the next run downloads it again (if it recurs, the server or mirror is sending bad files)")
 
@@ -403,7 +409,7 @@ def _content_problem(path: Path) -> str | None:
         with open(path, "rb") as f:
             head = f.read(8)
             if name.endswith(".json"):
-                json.loads(head + f.read())
+                parse_json(head + f.read())
             elif name.endswith((".txt", ".bpe", ".md")):
                 (head + f.read()).decode("utf-8")
             elif name.endswith(".safetensors") and not name.endswith(".znn.safetensors"):
@@ -416,6 +422,8 @@ def _content_problem(path: Path) -> str | None:
             elif name.endswith((".bin", ".pt")):
                 if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):
                     return "neither a torch zip archive nor a pickle"
+    except RobertaError as exc:  # the JSON reader's problem
+        return str(exc)
     except (ValueError, UnicodeDecodeError) as exc:
         return f"not valid {'JSON' if name.endswith('.json') else 'UTF-8 text'} ({str(exc).splitlines()[0][:80]})"
     except OSError as exc:
@@ -429,24 +437,18 @@ def _safetensors_problem(f, head: bytes, size: int, exact: bool = True) -> str |
     n = int.from_bytes(head, "little")
     if n > min(size - 8, 100 << 20):
         return "not a safetensors file (its header length is past the end of the file)"
-    header = json.loads(f.read(n))
-    if not isinstance(header, dict):
-        return "not a safetensors file (its header is not a JSON object)"
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    try:
+        header = parse_json(f.read(n), kind=dict)
+    except RobertaError as exc:
+        return f"not a safetensors file (its header is {exc})"
+    try:
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "not a safetensors file (a tensor's data_offsets are missing or not numbers)"
     data = size - 8 - n
     if exact and max(ends, default=0) != data or not exact and max(ends, default=0) > data:
         return f"a truncated or padded safetensors file (tensors end at byte {max(ends, default=0)} of {data})"
     return None
-
-
-def _read_json(path: Path, name: str) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise RobertaError(f"{name}: {path.name} is not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise RobertaError(f"{name}: {path.name} does not hold a JSON object")
-    return value
 
 
 # ---- fairseq archives ---------------------------------------------------------------------------
@@ -493,7 +495,7 @@ def download(name: str, cache: str | os.PathLike | None = None, base: str | None
                 if not all((root / f).is_file() for f in ("model.pt", "dict.txt")):
                     raise RobertaError(f"{url} is a tar.gz archive but holds no fairseq model (model.pt + dict.txt)")
                 for file in ("model.pt", "dict.txt"):
-                    _must_parse(root / file, url)
+                    _must_parse(root / file, url, staging)
             except RobertaError:
                 archive.unlink()  # a wrong archive would fail the same way next time: fetch it afresh
                 raise
@@ -524,15 +526,15 @@ def gpt2_bpe(cache: str | os.PathLike | None = None, base: str | None = None,
         target.mkdir(parents=True, exist_ok=True)
         url = (base or FAIRSEQ_HOST) + GPT2_BPE[file]
         path = fetch(url, target / file, progress)
-        _must_parse(path, url)
+        _must_parse(path, url, cache_dir(cache))
     return target
 
 
-def _must_parse(path: Path, url: str) -> None:
+def _must_parse(path: Path, url: str, owner: Path) -> None:
     problem = _content_problem(path) or (None if path.name != "vocab.bpe" or path.read_text(
         encoding="utf-8").startswith("#version") else "not a BPE merges file")
     if problem:
-        path.unlink(missing_ok=True)
+        remove_owned(path, owner)
         raise RobertaError(f"{url}: {path.name} is {problem}; it was not kept, try again (or check ROBERTA_BASE_URL)")
 
 
@@ -634,6 +636,6 @@ def _sha256(path: Path) -> str:
 def _record(directory: Path, filename: str, record: dict) -> None:
     """Add what we downloaded (url, size, sha256) to the directory's manifest, atomically."""
     manifest = directory / MANIFEST
-    entries = json.loads(manifest.read_text()) if manifest.exists() else {}
+    entries = read_json(manifest) if manifest.exists() else {}
     entries[filename] = record
     atomic_write(manifest, json.dumps(entries, indent=2) + "\n")

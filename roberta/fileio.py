@@ -1,11 +1,14 @@
-"""Writing files and directories so that a crash, a kill or a full disk never leaves half of one
-under the real name: `atomic_write` for one file, `replace_dir` for a directory written whole (a
-checkpoint), `check_output` to refuse an output that is a file or would destroy the input."""
+"""Files the project reads and writes. Writing so that a crash, a kill or a full disk never leaves half
+of one under the real name: `atomic_write` for one file, `replace_dir` for a directory written whole
+(a checkpoint), `check_output` to refuse an output that is a file or would destroy the input.
+Reading JSON with bounds (`read_json`, `parse_json`), since every JSON file may come from a stranger;
+deleting only what a command owns (`remove_owned`), never what a link points to."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import glob
+import json
 import os
 import shutil
 import sys
@@ -14,6 +17,102 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import RobertaError
+
+
+# ---- JSON from strangers ---------------------------------------------------------------------------
+# Python's json parses a 100,000-deep nesting into a RecursionError and a 5,000-digit number into a
+# ValueError (int's digit limit), both tracebacks, and reads a file of any size whole. Every JSON file
+# and line the project opens goes through here: a size checked before reading, numbers of at most
+# JSON_DIGITS characters, nesting at most JSON_DEPTH deep, and one line naming the file on failure.
+
+JSON_BYTES = 1 << 30  # tokenizer.json of a large vocabulary is tens of MB; a config or an index is KB
+JSON_DEPTH = 100  # the deepest real file (tokenizer.json's normalizer sequences) nests under 10
+JSON_DIGITS = 400  # a float64 written out in full is under 800 characters; ids and counts under 20
+
+
+def read_json(path: str | os.PathLike, kind: type | None = dict, limit: int = JSON_BYTES):
+    """The JSON value in the file `path`, its size, nesting and numbers checked; `kind` (dict, list,
+    or None for any) is the type the top level must have. Every fault is a one-line RobertaError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise RobertaError(f"{path} is {size:,} bytes, more than the {limit:,} a JSON file of this kind may "
+                               f"have; it is not the file it claims to be")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RobertaError(f"cannot read {path} ({exc.strerror or exc})") from None
+    return parse_json(data, str(path), kind)
+
+
+def parse_json(text: str | bytes, where: str | None = None, kind: type | None = None):
+    """`text` parsed as JSON with the bounds of `read_json`. The error names `where` (a file, a line):
+    '<where> is <problem>'; without `where` it is the problem alone ('not valid JSON (...)')."""
+    def number(cast):
+        def parse(literal: str):
+            if len(literal) > JSON_DIGITS:
+                raise _Bad(f"not usable JSON: it holds a number of {len(literal):,} digits (at most "
+                           f"{JSON_DIGITS} are read)")
+            return cast(literal)
+        return parse
+
+    deep = f"not usable JSON: it is nested deeper than {JSON_DEPTH} levels"
+    try:
+        if isinstance(text, (bytes, bytearray)):
+            text = text.decode("utf-8-sig")  # json.loads would guess UTF-16 or -32 from the first bytes
+        value = json.loads(text, parse_int=number(int), parse_float=number(float))
+        problem = deep if _too_deep(value) else None
+    except _Bad as exc:
+        problem = str(exc)
+    except RecursionError:
+        problem = deep
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at {exc.start})"
+    except ValueError as exc:
+        problem = f"not valid JSON ({str(exc).splitlines()[0][:120]})"
+    if problem is None and kind is not None and not isinstance(value, kind):
+        names = {dict: "an object", list: "an array"}
+        problem = f"{_json_type(value)} where JSON {names.get(kind, kind.__name__)} belongs"
+    if problem is not None:
+        raise RobertaError(f"{where} is {problem}" if where else problem)
+    return value
+
+
+class _Bad(ValueError):
+    pass
+
+
+def _too_deep(value) -> bool:
+    """Nesting past JSON_DEPTH (which json itself parses up to the recursion limit) is refused, so that
+    no later walk over the value recurses without bound."""
+    level = [value]
+    for _ in range(JSON_DEPTH + 1):
+        level = [v for item in level if isinstance(item, (dict, list))
+                 for v in (item.values() if isinstance(item, dict) else item) if isinstance(v, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+def _json_type(value) -> str:
+    return {dict: "a JSON object", list: "a JSON array", str: "a JSON string", bool: "a JSON boolean",
+            int: "a JSON number", float: "a JSON number", type(None): "JSON null"}.get(type(value), "a value")
+
+
+# ---- deleting only what is owned ------------------------------------------------------------------
+
+def remove_owned(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Delete the directory entry `path` (a link itself, never its target) if the directory holding it
+    really lies inside `root`; False, and nothing deleted, otherwise. A shared, copied or untarred
+    cache can hold links to anywhere (a folder linked to ~/thesis): what they point to is not ours."""
+    path = Path(path)
+    holder, owner = os.path.realpath(path.parent), os.path.realpath(root)
+    if os.path.commonpath([holder, owner]) != owner or not os.path.lexists(path):
+        return False
+    if path.is_dir() and not path.is_symlink():
+        return False  # a directory is never a cache entry to drop
+    path.unlink()
+    return True
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from . import download, windows
 from .checkpoint import read_checkpoint
 from .errors import RobertaError, RobertaWarning
-from .fileio import atomic_write
+from .fileio import atomic_write, read_json
 from .inference import length_batches, pad_batch
 from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
 from .tokenizer import RobertaTokenizer
@@ -531,7 +531,7 @@ def read_sentence_config(directory: Path) -> tuple[SentencePooling, Path] | None
     modules_file = directory / "modules.json"
     if not modules_file.is_file():
         return None
-    modules = _json(modules_file)
+    modules = _json(modules_file, kind=None)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise RobertaError(f"{modules_file} should be a list of modules (sentence-transformers' modules.json)")
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
@@ -543,11 +543,11 @@ def read_sentence_config(directory: Path) -> tuple[SentencePooling, Path] | None
     mode = "cls"
     if "Pooling" in kinds:
         config = _json(directory / str(modules[kinds.index("Pooling")].get("path", "")) / "config.json")
-        modes = config.get("pooling_mode") if isinstance(config, dict) else None
-        if modes is None and isinstance(config, dict):
+        modes = config.get("pooling_mode")
+        if modes is None:
             modes = [mode for flag, mode in _POOLING_FLAGS.items() if config.get(flag)]
-        modes = [modes] if isinstance(modes, str) else list(modes or [])
-        if len(modes) != 1 or modes[0] not in POOLINGS:
+        modes = [modes] if isinstance(modes, str) else modes if isinstance(modes, list) else [modes]
+        if len(modes) != 1 or not isinstance(modes[0], str) or modes[0] not in POOLINGS:
             raise RobertaError(f"{directory}: pooling {modes} is not supported; one of {', '.join(POOLINGS)} is")
         mode = modes[0]
     max_tokens = None
@@ -559,13 +559,10 @@ def read_sentence_config(directory: Path) -> tuple[SentencePooling, Path] | None
     return SentencePooling(mode, "Normalize" in kinds, max_tokens), transformer
 
 
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RobertaError(f"{path} is missing; the sentence-transformers directory is incomplete") from None
-    except (ValueError, OSError) as exc:
-        raise RobertaError(f"{path} is not valid JSON ({exc}); restore it") from None
+def _json(path: Path, kind: type = dict):
+    if not path.is_file():
+        raise RobertaError(f"{path} is missing; the sentence-transformers directory is incomplete")
+    return read_json(path, kind=kind)
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -636,11 +633,11 @@ def _model_class(directory: Path):
     """The model a checkpoint holds: a token-classification or question-answering model when its
     config.json says so (as transformers writes it), else the masked LM with its named heads."""
     try:
-        architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        architectures = []  # a fairseq checkpoint, or a config the loader reports on
+        architectures = read_json(directory / "config.json").get("architectures")
+    except RobertaError:
+        architectures = None  # a fairseq checkpoint, or a config the loader reports on
     for cls in (RobertaForTokenClassification, RobertaForQuestionAnswering):
-        if cls.__name__ in architectures:
+        if isinstance(architectures, list) and cls.__name__ in architectures:  # a name, not a substring of one
             return cls
     return RobertaForMaskedLM
 

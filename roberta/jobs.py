@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import RobertaError
-from .fileio import atomic_write
+from .fileio import atomic_write, parse_json, read_json
 
 FORMATS = ("text", "tsv", "jsonl")
 KINDS = ("features", "predict")
@@ -83,10 +83,7 @@ def read_inputs(lines: Iterator[bytes], format: str = "text", field: str = "text
 
 
 def _json_fields(line: str, number: int, field: str, pair_field: str | None, name: str) -> list[str]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RobertaError(f"{name} line {number} is not JSON ({exc.msg})") from None
+    record = parse_json(line, f"{name} line {number}")
     values = []
     for key in (field, pair_field) if pair_field else (field,):
         value = record.get(key) if isinstance(record, dict) else None
@@ -255,7 +252,7 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
     rank, world = _distributed()
     try:
         if (out / "index.json").is_file() and resume:
-            return _check_settings(out, settings) or json.loads((out / "index.json").read_text())
+            return _check_settings(out, settings) or read_json(out / "index.json")
         if rank == 0:
             out.mkdir(exist_ok=True)
             if (out / "job.json").is_file():
@@ -347,10 +344,7 @@ def _head_digest(path: Path) -> str:
 
 
 def _check_settings(out: Path, settings: dict) -> None:
-    try:
-        saved = json.loads((out / "job.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise RobertaError(f"{out / 'job.json'} is unreadable ({exc}); start the job in a new directory") from None
+    saved = read_json(out / "job.json")
     changed = [key for key in settings if saved.get(key) != settings[key]]
     if changed:
         key = changed[0]
@@ -387,5 +381,5 @@ def load_rows(directory: str | os.PathLike) -> np.ndarray:
     directory = Path(directory)
     if not (directory / "index.json").is_file():
         raise RobertaError(f"{directory} has no index.json: the job is not finished (resume it)")
-    index = json.loads((directory / "index.json").read_text())
+    index = read_json(directory / "index.json")
     return np.concatenate([np.load(directory / s["file"], mmap_mode="r") for s in index["shards"]])

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import RobertaError
-from .fileio import atomic_write
+from .fileio import atomic_write, read_json
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,6 +106,10 @@ class RobertaConfig:
                 id2label = {int(k): str(v) for k, v in self.id2label.items()}
             except (TypeError, ValueError):
                 raise RobertaError(f"id2label keys must be class ids 0, 1, ...; got {list(self.id2label)[:4]}") from None
+            unnamed = [v for v in self.id2label.values() if not isinstance(v, str)]
+            if unnamed:
+                raise RobertaError(f"id2label must name each class with a string; got {repr(unnamed[0])[:40]}: write e.g. "
+                                   f"{{\"0\": \"negative\", \"1\": \"positive\"}}")
             if sorted(id2label) != list(range(len(id2label))):
                 raise RobertaError(f"id2label must number its classes 0 to {len(id2label) - 1}; got ids "
                                    f"{sorted(id2label)[:8]}")
@@ -202,15 +206,9 @@ class RobertaConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RobertaConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise RobertaError(f"{path} does not exist: a checkpoint directory needs a config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RobertaError(f"{path} is not valid JSON ({exc}); restore the file from the original") from None
-        if not isinstance(d, dict):
-            raise RobertaError(f"{path} does not hold a JSON object; restore the file from the original")
+        if not os.path.exists(path):
+            raise RobertaError(f"{path} does not exist: a checkpoint directory needs a config.json")
+        d = read_json(path, limit=1 << 24)
         try:
             return cls.from_dict(d)
         except TypeError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import csv
 import io
-import json
 import math
 import re
 import string
@@ -22,6 +21,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, mean_squared_error
 
 from .errors import RobertaError
+from .fileio import parse_json, read_json
 
 
 class TaskDataError(RobertaError):
@@ -290,9 +290,9 @@ def _records(path: Path, rows: _Rows, header: bool = True):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                rows.bad(n, f"not valid JSON ({exc.msg})")
+                record = parse_json(line)
+            except RobertaError as exc:
+                rows.bad(n, str(exc))
                 continue
             if isinstance(record, list):
                 record = {str(i): v for i, v in enumerate(record)}
@@ -345,8 +345,8 @@ def read_squad(path: str | Path, skip_bad_rows: bool = False) -> Split:
     answers do not sit where `answer_start` says are malformed (line = question number)."""
     path = _need_file(Path(path), "a SQuAD JSON file (train-v1.1.json, dev-v2.0.json, ...)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))["data"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        data = read_json(path)["data"]
+    except (RobertaError, KeyError) as exc:
         raise TaskDataError(f"{path} is not a SQuAD file: expected JSON with a 'data' list ({exc})") from None
     rows = _Rows(path, skip_bad_rows)
     examples, n = [], 0
@@ -387,9 +387,9 @@ def read_race(split_dir: str | Path, skip_bad_rows: bool = False) -> Split:
     for path in files:
         rows = _Rows(path, skip_bad_rows)
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = read_json(path)
             article, questions, options, answers = doc["article"], doc["questions"], doc["options"], doc["answers"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (RobertaError, KeyError) as exc:
             rows.bad(1, f"not a RACE JSON file with article/questions/options/answers ({exc})")
             skipped += rows.skipped
             continue

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .errors import RobertaError, RobertaWarning
-from .fileio import atomic_write
+from .fileio import atomic_write, read_json
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, the order of fairseq's Dictionary
 MASK = "<mask>"  # always the last id
@@ -384,37 +384,44 @@ def _lines(path: Path) -> list[str]:
 
 def _read_token_ids(path: Path) -> dict[str, int]:
     """A JSON object of token -> id (vocab.json, encoder.json)."""
-    try:
-        table = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise RobertaError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); "
-                           "it should map each token to its id") from None
+    table = read_json(path, kind=None)
     if not isinstance(table, dict) or not all(type(i) is int for i in table.values()):
-        raise RobertaError(f"{path} should be a JSON object mapping each token to an integer id")
+        wrong = next((i for i in table.values() if type(i) is not int), None) if isinstance(table, dict) else table
+        raise RobertaError(f"{path} should be a JSON object mapping each token to an integer id (found "
+                           f"{repr(wrong)[:40]})")
     return table
 
 
 def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocabulary and merges of a byte-level BPE `tokenizer.json` (its added tokens join the vocabulary)."""
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise RobertaError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    model = data.get("model") if isinstance(data, dict) else None
+    data = read_json(path)
+    model = data.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise RobertaError(f"{path} is not a BPE tokenizer (RoBERTa's is byte-level BPE)")
     vocab = dict(model["vocab"])
-    for added in data.get("added_tokens") or []:
-        if isinstance(added, dict) and isinstance(added.get("content"), str) and type(added.get("id")) is int:
-            vocab.setdefault(added["content"], added["id"])
-    merges = []
-    for number, merge in enumerate(model.get("merges") or [], 1):
-        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
+    wrong = next((item for item in vocab.items() if type(item[1]) is not int), None)
+    if wrong is not None:
+        raise RobertaError(f"{path}: model.vocab gives {wrong[0]!r} the id {repr(wrong[1])[:40]}; ids are whole "
+                           f"numbers: the file is damaged, restore it from the original")
+    added_tokens = data.get("added_tokens") or []
+    if not isinstance(added_tokens, list):
+        raise RobertaError(f"{path}: added_tokens is {repr(added_tokens)[:40]}, not a list of tokens")
+    for number, added in enumerate(added_tokens, 1):
+        if not (isinstance(added, dict) and isinstance(added.get("content"), str) and type(added.get("id")) is int):
+            raise RobertaError(f"{path}: added token {number} ({repr(added)[:60]}) is not an object with a "
+                               f"string content and a whole-number id")
+        vocab.setdefault(added["content"], added["id"])
+    merges = model.get("merges") or []
+    if not isinstance(merges, list):
+        raise RobertaError(f"{path}: model.merges is {repr(merges)[:40]}, not a list of merges")
+    pairs = []
+    for number, merge in enumerate(merges, 1):
+        pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) if isinstance(merge, list) else ()
         if len(pair) != 2 or not all(isinstance(t, str) and t for t in pair) or not all(
                 t in vocab for t in (*pair, pair[0] + pair[1])):
-            raise RobertaError(f"{path}: merge {number} ({merge!r}) is not two tokens of its vocabulary")
-        merges.append(pair)
-    return vocab, merges
+            raise RobertaError(f"{path}: merge {number} ({repr(merge)[:60]}) is not two tokens of its vocabulary")
+        pairs.append(pair)
+    return vocab, pairs
 
 
 def _read_merges(path: Path, vocab: dict[str, int]) -> list[tuple[str, str]]:

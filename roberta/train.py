@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .device import resolve_device
 from .errors import RobertaError
-from .fileio import atomic_write, replace_dir
+from .fileio import atomic_write, read_json, replace_dir
 
 # ----------------------------------------------------------------------------------------------------
 # Settings: one vocabulary and one grammar for pretraining and fine-tuning
@@ -373,8 +373,9 @@ def prepare_run_dir(cfg: Settings, out: Path, settings_file: str, resume: bool |
 
 def read_settings(cls, path: Path):
     """A run's saved settings file, checked as if typed in."""
+    settings = read_json(path)
     try:
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), quiet=True)
+        return cls.from_dict(settings, quiet=True)
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise RobertaError(f"{path} is not a valid settings file ({type(exc).__name__}: {str(exc)[:100]}): "
                            "restore it, or start a new run in another --out") from None
@@ -433,8 +434,8 @@ def verify_dir(ckpt: Path) -> None:
     """Every file of a checkpoint against its recorded SHA-256: a flipped bit is found before use."""
     fix = "remove it to resume from the one before, or start a new run"
     try:
-        sums = json.loads((ckpt / CHECKSUMS).read_text())
-    except (OSError, ValueError):
+        sums = read_json(ckpt / CHECKSUMS)
+    except RobertaError:
         raise RobertaError(f"checkpoint {ckpt} is unreadable (no valid {CHECKSUMS}); {fix}") from None
     for name, digest in sums.items():
         if not (ckpt / name).is_file() or _sha256(ckpt / name) != digest:

@@ -34,6 +34,7 @@ results bit for bit; README "ZipNN checkpoints" and benchmarks/RESULTS.md give t
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from .errors import RobertaError
+from .fileio import parse_json, read_json
 
 METADATA_KEY = "znn_compressed_vectors"  # ZipNN's key for the per-tensor layout
 HEADER = 32
@@ -142,15 +144,23 @@ def _stream(data: np.ndarray, at: int, out_at: int, rows: list) -> tuple[int, in
 def _decode(data: np.ndarray, rows: list, size: int) -> torch.Tensor:
     from . import compress
 
-    out = torch.empty(size, dtype=torch.uint8)
+    try:
+        out = torch.empty(size, dtype=torch.uint8)
+    except (RuntimeError, MemoryError):  # over a memory limit (ulimit -v, a container's)
+        raise RobertaError(f"decoding needs {size:,} bytes, more than this process may allocate; free memory or "
+                           f"raise the limit") from None
     failed = compress._planes.decode_znn(data, np.concatenate(rows), out.numpy(), compress._thread_count(None))
     if failed >= 0:
         raise _Corrupt(f"chunk {failed} does not decode")
     return out
 
 
-def decompress_whole_file(path: str | os.PathLike) -> bytes:
-    """The original bytes of a `*.znn` file (a whole safetensors file, for `*.safetensors.znn`)."""
+def decompress_whole_file(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The original bytes of a `*.znn` file (a whole safetensors file, for `*.safetensors.znn`).
+
+    `limit`: the most bytes the file may decompress to (what its config's weights can take): the
+    sizes its streams declare are summed from their headers and checked before anything is decoded,
+    since a few hundred bytes of ZipNN can declare gigabytes (a run of one byte per chunk)."""
     path = Path(path)
     data = np.fromfile(path, dtype=np.uint8)
     if bytes(data[:2]) != b"ZN":
@@ -162,6 +172,9 @@ def decompress_whole_file(path: str | os.PathLike) -> bytes:
             if shape is not None:
                 raise _Corrupt(f"the stream at byte {at} holds a tensor, not bytes of a file")
             at, size = at + length, size + original
+        if limit is not None and size > limit:
+            raise RobertaError(f"{path} declares {size:,} bytes of weights, more than the {limit:,} its config's "
+                               f"model can hold; the file does not belong to this config or is corrupted")
         if DECODER == "roberta":
             return bytes(_decode(data, rows, size).numpy())
     except _Corrupt as exc:
@@ -175,8 +188,10 @@ def decompress_whole_file(path: str | os.PathLike) -> bytes:
                            "download it again") from None
 
 
-def decompress_blob(blob: torch.Tensor, source: str) -> torch.Tensor:
-    """The tensor one ZipNN torch-format stream (a `*.znn.safetensors` entry) holds."""
+def decompress_blob(blob: torch.Tensor, source: str, expected: tuple[torch.dtype, list[int]] | None = None
+                    ) -> torch.Tensor:
+    """The tensor one ZipNN torch-format stream (a `*.znn.safetensors` entry) holds; `expected` (the
+    dtype and shape the file's metadata lists) is checked against the stream's header before decoding."""
     if blob.dtype != torch.uint8 or blob.dim() != 1:
         raise RobertaError(f"{source} is not a ZipNN blob (it is {blob.dtype} {list(blob.shape)}, not uint8 bytes); "
                            "download the file again")
@@ -186,8 +201,11 @@ def decompress_blob(blob: torch.Tensor, source: str) -> torch.Tensor:
         if shape is None or length != len(data):
             raise _Corrupt("it is not one tensor stream" if shape is None else f"{len(data) - length} bytes follow the stream")
         dtype = DTYPES[code][0]
-        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != original:
+        if math.prod(shape) * dtype.itemsize != original:
             raise _Corrupt(f"shape {list(shape)} of {dtype} is not the {original} bytes it announces")
+        if expected is not None and (dtype, list(shape)) != (expected[0], list(expected[1])):
+            raise _Corrupt(f"it holds {str(dtype).removeprefix('torch.')} {list(shape)} but the metadata lists "
+                           f"{str(expected[0]).removeprefix('torch.')} {list(expected[1])}")
         if DECODER == "roberta":
             return _decode(data, rows, original).view(dtype).reshape(shape)
     except _Corrupt as exc:
@@ -196,42 +214,40 @@ def decompress_blob(blob: torch.Tensor, source: str) -> torch.Tensor:
     return codec.decompress(data)
 
 
-def compressed_tensors(metadata: dict[str, str] | None) -> dict[str, dict]:
-    """{name: {"dtype", "shape"}} of the tensors a `*.znn.safetensors` file holds compressed."""
+def compressed_tensors(metadata: dict[str, str] | None) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """{name: (dtype, shape)} of the tensors a `*.znn.safetensors` file holds compressed."""
     if not metadata or METADATA_KEY not in metadata:
         return {}
-    try:
-        table = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError:
-        table = None
-    if not isinstance(table, dict):
-        raise RobertaError(f"the {METADATA_KEY} metadata is not a JSON object; the file is corrupted")
-    return table
+    table = parse_json(metadata[METADATA_KEY], f"the {METADATA_KEY} metadata", kind=dict)
+    dtypes = {str(dtype).removeprefix("torch."): dtype for dtype, _, _ in DTYPES.values()}
+    out = {}
+    for name, info in table.items():
+        dtype = dtypes.get(str(info.get("dtype", "")).removeprefix("torch.")) if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if isinstance(shape, str) and shape.startswith("["):  # ZipNN writes the shape as the text of a list
+            shape = parse_json(shape, f"the {METADATA_KEY} metadata's shape of {name}")
+        if dtype is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise RobertaError(f"the {METADATA_KEY} metadata gives tensor {name} no float dtype and shape "
+                               f"({repr(info)[:60]}); the file is corrupted")
+        out[name] = (dtype, shape)
+    return out
 
 
 def decompress_tensors(state: dict[str, torch.Tensor], metadata: dict[str, str] | None,
                        source: str) -> dict[str, torch.Tensor]:
     """`state` with each tensor the metadata lists as compressed replaced by what ZipNN restores."""
     table = compressed_tensors(metadata)
-    if not table:
-        return state
     out = dict(state)
-    for name, info in table.items():
+    for name, expected in table.items():
         if name not in state:
             raise RobertaError(f"{source}: {METADATA_KEY} lists {name}, which the file does not hold")
         try:
-            tensor = decompress_blob(state[name], f"{source}: tensor {name}")
+            out[name] = decompress_blob(state[name], f"{source}: tensor {name}", expected)
         except RobertaError:
             raise
         except Exception as exc:  # zipnn's decoder (the fallback): its errors carry no common type
             raise RobertaError(f"{source}: tensor {name} is not a valid ZipNN blob ({type(exc).__name__}: {exc}); "
                                "download the file again") from None
-        want_dtype = str(info.get("dtype", "")).removeprefix("torch.")
-        want_shape = str(info.get("shape"))
-        if str(tensor.dtype).removeprefix("torch.") != want_dtype or str(list(tensor.shape)) != want_shape:
-            raise RobertaError(f"{source}: tensor {name} decompresses to {tensor.dtype} {list(tensor.shape)} but "
-                               f"the metadata says {want_dtype} {want_shape}; the file is corrupted")
-        out[name] = tensor
     return out
 
 
@@ -254,17 +270,19 @@ def decompress_checkpoint(src: Path, dst: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save as safetensors_bytes
 
-    from .checkpoint import keep_beside_checkpoint, read_index
+    from .checkpoint import CONFIG_NAME, keep_beside_checkpoint, read_index, weights_bound
     from .fileio import atomic_write, replace_dir
+    from .model import RobertaConfig
 
     src, dst = Path(src), Path(dst)
+    limit = weights_bound(RobertaConfig.load(src / CONFIG_NAME)) if (src / CONFIG_NAME).is_file() else None
     with replace_dir(dst, keep=keep_beside_checkpoint) as staging:
         for item in sorted(src.iterdir()):
             if not item.is_file():
                 continue
             target = staging / plain_name(item.name)
             if item.name.endswith(".safetensors.znn"):
-                atomic_write(target, decompress_whole_file(item))
+                atomic_write(target, decompress_whole_file(item, limit))
             elif item.name.endswith(".znn.safetensors"):
                 with safe_open(str(item), framework="pt") as f:
                     metadata = dict(f.metadata() or {})
@@ -273,7 +291,7 @@ def decompress_checkpoint(src: Path, dst: Path) -> Path:
                 metadata.pop(METADATA_KEY, None)
                 atomic_write(target, safetensors_bytes(state, metadata=metadata or None))
             elif item.name.endswith(".index.json"):
-                index = json.loads(item.read_text(encoding="utf-8"))
+                index = read_json(item)
                 index["weight_map"] = {k: plain_name(v) for k, v in read_index(item).items()}
                 atomic_write(target, json.dumps(index, indent=2) + "\n")
             else:

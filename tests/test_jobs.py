@@ -102,7 +102,7 @@ def test_job_formats_and_bad_lines(hub, tmp_path):
     expected = [hub.extract_features(hub.encode(t))[0].mean(0).numpy() for t in ("Hello world!", "Hi")]
     np.testing.assert_allclose(jobs.load_rows(tmp_path / "j"), np.stack(expected), atol=1e-6)
     bad = [("in.jsonl", ['{"text": "ok"}', '{"other": 1}'], "line 2 has no string field 'text'"),
-           ("in.jsonl", ['{"text": "ok"}', "not json"], "line 2 is not JSON"),
+           ("in.jsonl", ['{"text": "ok"}', "not json"], "line 2 is not valid JSON"),
            ("in.tsv", ["a\tb", "only one"], "line 2 has 1 columns"),
            ("in.txt", ["fine", "\udcff"], "line 2 is not UTF-8")]
     for number, (name, rows, message) in enumerate(bad):

@@ -410,6 +410,9 @@ def _decode(args):
 
 def _fill_mask(args):
     hub = _load(args)
+    if not hub.has_lm_head():  # as the server's 409: predictions from a random head are noise
+        raise RobertaError(f"{args.model} has no masked-LM head (lm_head.*), so fill-mask would predict at random; "
+                           "use a checkpoint saved with its LM head")
     for texts in _batches(_texts(args)):
         for text, result in zip(texts, hub.fill_mask(texts, topk=args.topk, as_dicts=True)):
             per_mask = result if text.count("<mask>") > 1 else [result]

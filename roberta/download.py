@@ -208,6 +208,7 @@ def hub_snapshot(name: str, cache: str | os.PathLike | None = None, endpoint: st
     from huggingface_hub import errors as hf_errors
 
     repo, revision = parse_hub_id(name)
+    _check_hub_id(name, repo, revision)
     cache = hub_cache_dir(cache)
     endpoint = base_url(endpoint, "HF_ENDPOINT")
     bars = None if progress else _silent_tqdm()
@@ -254,6 +255,22 @@ def hub_snapshot(name: str, cache: str | os.PathLike | None = None, endpoint: st
         if type(exc).__module__.startswith("httpx"):
             return _unreachable(name, repo, revision, cache, exc)
         raise
+
+
+def _check_hub_id(name: str, repo: str, revision: str | None) -> None:
+    """huggingface_hub's own rules for a repository id (no `--` or `..`, no `-` or `.` at either end of
+    a part, at most 96 characters), and a revision that stays one name under the cache's refs/."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise RobertaError(f"{name!r} is not a valid Hub id: a repository name uses letters, digits, '-', '_' and "
+                           f"'.', neither starts nor ends with '-' or '.', has no '--' or '..', and is at most 96 "
+                           f"characters") from None
+    if revision is not None and (revision.startswith("/") or ".." in revision.split("/") or "//" in revision):
+        raise RobertaError(f"{name!r}: revision {revision!r} is not a branch, tag or commit name")
 
 
 def _hub_file(repo: str, file: str, commit: str, cache: Path, endpoint: str | None, bars) -> Path:

@@ -99,6 +99,23 @@ def _json_type(value) -> str:
             int: "a JSON number", float: "a JSON number", type(None): "JSON null"}.get(type(value), "a value")
 
 
+# ---- content identity -------------------------------------------------------------------------------
+
+def content_digest(paths: list[str | os.PathLike]) -> str:
+    """One hash (xxh3-128, hex) of the files' names and bytes, read in blocks: two sets of files with the
+    same digest hold the same content, whatever their modification times."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    for path in paths:
+        digest.update(os.fsencode(Path(path).name) + b"\0")
+        with open(path, "rb") as f:
+            digest.update(b"%d\0" % os.fstat(f.fileno()).st_size)
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 # ---- deleting only what is owned ------------------------------------------------------------------
 
 def remove_owned(path: str | os.PathLike, root: str | os.PathLike) -> bool:

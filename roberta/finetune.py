@@ -7,6 +7,8 @@ fp32/bf16/fp16, accumulation, DDP under torchrun, checksummed checkpoints and ex
 writes in `out_dir`:
 
     recipe.json     the settings;  metrics.jsonl, curves.png: the plan, the training log, dev scores
+    sources.json    the content identity (xxh3-128) of the data files and of the model it started from,
+                    which `--resume` checks: other bytes under the same names are refused
     model/          the checkpoint with the best dev score (written whole or not at all), its head
                     saved under the task's name so that `roberta.load(out/model).predict(task, ...)` finds it
     checkpoints/    the latest training state, for `--resume` after a crash or kill -9
@@ -30,9 +32,9 @@ import torch
 from tqdm import tqdm
 
 from . import tasks
-from .checkpoint import load_model
+from .checkpoint import is_checkpoint_file, load_model
 from .errors import RobertaError
-from .fileio import atomic_write, check_output
+from .fileio import atomic_write, check_output, content_digest, read_json
 from .inference import length_batches, pad_batch
 from .model import RobertaForMultipleChoice, RobertaForQuestionAnswering, RobertaForSequenceClassification
 from .train import (PRECISIONS, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps, precision_context,
@@ -203,6 +205,9 @@ class SentenceTask:
             self.labels = self.labels or labels
         if split.skipped:
             tqdm.write(f"{path}: skipped {split.skipped} bad rows")
+        if path.name.startswith("train") and not split.examples:  # before dev is read against its labels
+            raise RobertaError(f"{path} has no training examples{' left' if split.skipped else ''}: give it rows "
+                               f"under its header")
         return split.examples
 
     @property
@@ -403,13 +408,35 @@ def forward_all(model, task, items, device, batch_size: int, autocast=None) -> d
 # Training
 
 
-def open_task_model(model_name, model_class, **config):
+def open_task_model(model_name, model_class, files: bool = False, **config):
     """A task model and its tokenizer, opened as `roberta.load` opens a model (a name, a directory, an
-    archive); which head it starts from is decided in one place, `checkpoint.load_model`."""
+    archive); which head it starts from is decided in one place, `checkpoint.load_model`. `files`:
+    also the content identity of the checkpoint's files (config, weights, tokenizer)."""
     from .hub import opened
 
     with opened(model_name) as (directory, tokenizer):
-        return load_model(model_class, directory, **config), tokenizer
+        model = load_model(model_class, directory, **config)
+        if not files:
+            return model, tokenizer
+        return model, tokenizer, content_digest(sorted(f for f in directory.rglob("*") if f.is_file() and
+                                                       is_checkpoint_file(f.relative_to(directory).parts[0])))
+
+
+SOURCES = "sources.json"  # what a run trains on: the content identity of its data files and its model
+
+
+def _check_sources(saved: Path, sources: dict) -> None:
+    """A resumed run must read the data and start from the model it started with, by content: the
+    same names with other bytes would mix two trainings in one run."""
+    if not saved.is_file():
+        return  # a run from before sources were recorded
+    recorded = read_json(saved)
+    names = {"data": "--data (the task's files)", "model": "--model (its checkpoint files)"}
+    changed = [what for what in names if recorded.get(what) != sources[what]]
+    if changed:
+        raise RobertaError(f"{' and '.join(names[what] for what in changed)} differ in content from what the run in "
+                           f"{saved.parent} started with; resume with the run's own {' and '.join(changed)}, or start "
+                           f"a new run in another --out")
 
 
 def _split_metrics(task, files: list[Path], items_per_file: list[list], model, device, batch_size, autocast=None):
@@ -455,8 +482,13 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
     head_name = recipe.head_name or recipe.task.lower()
     data = load_task(recipe, data_dir, None)
     torch.manual_seed(recipe.seed)  # the new head's initial weights, the same on every process
-    model, tokenizer = open_task_model(model_dir, data.model_class, head_name=head_name, **data.config_overrides(),
-                                       hidden_dropout_prob=recipe.dropout, attention_probs_dropout_prob=recipe.dropout)
+    model, tokenizer, model_files = open_task_model(
+        model_dir, data.model_class, files=True, head_name=head_name, **data.config_overrides(),
+        hidden_dropout_prob=recipe.dropout, attention_probs_dropout_prob=recipe.dropout)
+    sources = {"data": content_digest([f for split in data.files.values() for f in split]),
+               "model": model_files}
+    if resume:
+        _check_sources(out / SOURCES, sources)
     data.tokenizer = tokenizer
     model = model.to(d.device).train()
     torch.manual_seed(recipe.seed + 1 + d.rank)  # each process its own dropout stream
@@ -469,6 +501,11 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
         train_examples = [train_examples[i] for i in keep]
     if not train_examples:
         raise RobertaError(f"{data.files['train'][0]} has no training examples")
+    if isinstance(data, SentenceTask) and data.problem_type == "classification" and \
+            len({e.label for e in train_examples}) < 2:
+        raise RobertaError(f"{data.files['train'][0]} holds one class only ({train_examples[0].label!r}), so there is "
+                           f"nothing to learn and every prediction would be right: give examples of at least two "
+                           f"classes")
     train, dev = data.encode(train_examples), [data.encode(x[: recipe.max_dev_examples]) for x in data.data["dev"]]
     lengths = [data.length(it) for it in train]
 
@@ -497,6 +534,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "recipe.json", recipe.to_json())
+        atomic_write(out / SOURCES, json.dumps(sources, indent=2) + "\n")
         metrics.truncate(step)
         if not step:
             metrics.log(step=0, plan=plan)

@@ -257,8 +257,7 @@ class RobertaHub(nn.Module):
         overlapping window where it is most central (see `extract_features`).
         """
         texts = [masked_input] if isinstance(masked_input, str) else list(masked_input)
-        fresh = [k for k in getattr(self.model, "missing_keys", []) if k.startswith("lm_head.")]
-        if fresh and not self.training:
+        if not self.has_lm_head() and not self.training:
             warnings.warn("this checkpoint has no masked-LM head (lm_head.*): it was initialised at random when "
                           "loaded, so these predictions are noise; use a checkpoint saved with its LM head",
                           RobertaWarning, stacklevel=2)
@@ -327,7 +326,7 @@ class RobertaHub(nn.Module):
         transformers' token-classification pipeline; see `roberta.spans.tag`."""
         from . import spans
 
-        model = self._task_model(RobertaForTokenClassification, "tag", "a token-classification")
+        model = self._task_model(RobertaForTokenClassification, "tag", "a token-classification", "classifier.")
         if isinstance(text, str):
             return spans.tag(model, self.tokenizer, text, aggregation, stride, ignore_labels)
         return [spans.tag(model, self.tokenizer, t, aggregation, stride, ignore_labels) for t in text]
@@ -339,7 +338,7 @@ class RobertaHub(nn.Module):
         allows the SQuAD 2.0 empty answer, with `null_threshold`; see `roberta.spans.answer`."""
         from . import spans
 
-        model = self._task_model(RobertaForQuestionAnswering, "answer", "a question-answering")
+        model = self._task_model(RobertaForQuestionAnswering, "answer", "a question-answering", "qa_outputs.")
         return spans.answer(model, self.tokenizer, question, context, topk, **options)
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -350,11 +349,18 @@ class RobertaHub(nn.Module):
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    def _task_model(self, cls, method: str, kind: str):
+    def _task_model(self, cls, method: str, kind: str, head: str):
         if not isinstance(self.model, cls):
             raise RobertaError(f"{method} needs {kind} checkpoint (config.json architectures: {cls.__name__}); "
                                f"this one is a {type(self.model).__name__}")
+        if any(k.startswith(head) for k in getattr(self.model, "missing_keys", [])):
+            raise RobertaError(f"{method} needs {kind} checkpoint with its trained head ({head}*), which this one "
+                               f"lacks (it would answer with a random head); fine-tune one first")
         return self.model
+
+    def has_lm_head(self) -> bool:
+        """False when the checkpoint had no masked-LM head (lm_head.*) and one was initialised at random."""
+        return not any(k.startswith("lm_head.") for k in getattr(self.model, "missing_keys", []))
 
     def _masked_lm(self, method: str) -> RobertaForMaskedLM:
         if not isinstance(self.model, RobertaForMaskedLM):

@@ -473,7 +473,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     # a fine-tuned classifier's id2label (`hub.labels`), LABEL_i where the checkpoint names none
     labels = {name: hub.labels(name) or [f"LABEL_{i}" for i in range(n)] for name, n in heads.items()}
     # a checkpoint without its masked-LM head (a fine-tuned classifier) got a random one when loaded
-    has_lm_head = not any(k.startswith("lm_head.") for k in getattr(hub.model, "missing_keys", []))
+    has_lm_head = hub.has_lm_head()
 
     @asynccontextmanager
     async def lifespan(app):

@@ -21,6 +21,8 @@ found in several windows are merged by keeping the longest (then the highest-sco
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -214,6 +216,11 @@ def answer(model, tokenizer: RobertaTokenizer, question: str, context: str, topk
         raise RobertaError("answer takes a question and a context, both str")
     if topk < 1 or max_answer_len < 1:
         raise RobertaError(f"topk and max_answer_len must be at least 1, got {topk} and {max_answer_len}")
+    if not isinstance(null_threshold, (int, float)) or not math.isfinite(null_threshold):
+        raise RobertaError(f"null_threshold must be a finite number, got {null_threshold!r}")
+    if not context.strip() and not no_answer:
+        raise RobertaError("the context is empty, so it holds no answer; give a context, or allow the empty "
+                           "answer (no_answer=True, --no-answer)")
     max_seq_len = min(model.config.max_tokens, 384) if max_seq_len is None else _max_tokens(model, max_seq_len)
     doc_stride = min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
     if doc_stride > max_seq_len:

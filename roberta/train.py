@@ -373,7 +373,11 @@ def prepare_run_dir(cfg: Settings, out: Path, settings_file: str, resume: bool |
 
 def read_settings(cls, path: Path):
     """A run's saved settings file, checked as if typed in."""
-    settings = read_json(path)
+    try:
+        settings = read_json(path)
+    except RobertaError as exc:
+        raise RobertaError(f"{path} is not a valid settings file ({str(exc).removeprefix(f'{path} is ')}): "
+                           "restore it, or start a new run in another --out") from None
     try:
         return cls.from_dict(settings, quiet=True)
     except (OSError, ValueError, TypeError, AttributeError) as exc:

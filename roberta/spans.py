@@ -218,9 +218,12 @@ def answer(model, tokenizer: RobertaTokenizer, question: str, context: str, topk
         raise RobertaError(f"topk and max_answer_len must be at least 1, got {topk} and {max_answer_len}")
     if not isinstance(null_threshold, (int, float)) or not math.isfinite(null_threshold):
         raise RobertaError(f"null_threshold must be a finite number, got {null_threshold!r}")
-    if not context.strip() and not no_answer:
-        raise RobertaError("the context is empty, so it holds no answer; give a context, or allow the empty "
-                           "answer (no_answer=True, --no-answer)")
+    if not context.strip():  # nothing to point at: spans of blanks would be answers of nothing
+        if not no_answer:
+            raise RobertaError("the context is empty, so it holds no answer; give a context, or allow the empty "
+                               "answer (no_answer=True, --no-answer)")
+        empty = {"answer": "", "score": 1.0, "start": 0, "end": 0}
+        return empty if topk == 1 else [empty]
     max_seq_len = min(model.config.max_tokens, 384) if max_seq_len is None else _max_tokens(model, max_seq_len)
     doc_stride = min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
     if doc_stride > max_seq_len:

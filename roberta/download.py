@@ -43,7 +43,7 @@ from urllib.parse import urlparse
 
 from .checkpoint import WEIGHT_FILES, read_index
 from .errors import RobertaError
-from .fileio import atomic_write, parse_json, read_json, remove_owned
+from .fileio import atomic_write, open_for_append, parse_json, read_json, remove_owned
 
 FAIRSEQ_HOST = "https://dl.fbaipublicfiles.com"
 MANIFEST = "downloads.json"
@@ -313,7 +313,7 @@ def _resume_blob(folder: Path, meta, url: str, file: str, bars) -> None:
     with WeakFileLock(str(lock)):
         if blob.exists():
             return
-        with open(partial, "ab") as out:
+        with open_for_append(partial) as out:
             if out.tell() > meta.size:  # not a prefix of this file: start again
                 out.truncate(0)
             try:
@@ -581,7 +581,7 @@ def fetch(url: str, dest: str | os.PathLike, progress: bool = True) -> Path:
         if dest.is_file():
             return dest
         try:
-            with open(part, "ab") as out:
+            with open_for_append(part) as out:
                 http_get(url, out, resume_size=out.tell(), displayed_filename=dest.name,
                          headers={"User-Agent": "roberta-python"},
                          tqdm_class=None if progress else _silent_tqdm())

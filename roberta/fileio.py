@@ -132,6 +132,20 @@ def remove_owned(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     return True
 
 
+def open_for_append(path: str | os.PathLike):
+    """`open(path, "ab")` that never writes through a link: a link found there (a copied or untarred
+    cache can hold one to any file) is removed and a file of our own started in its place."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError:
+        if not os.path.islink(path):
+            raise
+        os.unlink(path)
+        fd = os.open(path, flags, 0o666)
+    return os.fdopen(fd, "ab")
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write to a temporary file in the same directory, then rename it over `path` in one step."""
     path = Path(path)

@@ -208,6 +208,12 @@ class SentenceTask:
         if path.name.startswith("train") and not split.examples:  # before dev is read against its labels
             raise RobertaError(f"{path} has no training examples{' left' if split.skipped else ''}: give it rows "
                                f"under its header")
+        classes = {e.label for e in split.examples}
+        if path.name.startswith("train") and self.problem_type == "classification" and len(classes) < 2:
+            name = self.labels[next(iter(classes))] if self.labels and isinstance(next(iter(classes)), int) else \
+                next(iter(classes))
+            raise RobertaError(f"{path} holds one class only ({name!r}), so there is nothing to learn and every "
+                               f"prediction would be right: give examples of at least two classes")
         return split.examples
 
     @property
@@ -501,11 +507,6 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
         train_examples = [train_examples[i] for i in keep]
     if not train_examples:
         raise RobertaError(f"{data.files['train'][0]} has no training examples")
-    if isinstance(data, SentenceTask) and data.problem_type == "classification" and \
-            len({e.label for e in train_examples}) < 2:
-        raise RobertaError(f"{data.files['train'][0]} holds one class only ({train_examples[0].label!r}), so there is "
-                           f"nothing to learn and every prediction would be right: give examples of at least two "
-                           f"classes")
     train, dev = data.encode(train_examples), [data.encode(x[: recipe.max_dev_examples]) for x in data.data["dev"]]
     lengths = [data.length(it) for it in train]
 

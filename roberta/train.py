@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .device import resolve_device
 from .errors import RobertaError
-from .fileio import atomic_write, read_json, replace_dir
+from .fileio import atomic_write, parse_json, read_json, replace_dir
 
 # ----------------------------------------------------------------------------------------------------
 # Settings: one vocabulary and one grammar for pretraining and fine-tuning
@@ -466,7 +466,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, d: Dist, kee
 
     write_dir(out / "checkpoints" / f"step-{step:08d}", write)
     for old in list_checkpoints(out)[:-keep_last]:
-        shutil.rmtree(old)
+        if old.is_symlink():  # a checkpoint linked in from elsewhere: drop the link, not what it points to
+            old.unlink()
+        else:
+            shutil.rmtree(old)
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scaler, d: Dist) -> dict:
@@ -509,9 +512,9 @@ class Metrics:
         keep = []
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if step else []:
             try:
-                if json.loads(line)["step"] <= step:
+                if parse_json(line)["step"] <= step:
                     keep.append(line)
-            except (ValueError, KeyError, TypeError):  # a line cut by the kill
+            except (RobertaError, KeyError, TypeError):  # a line cut by the kill
                 continue
         atomic_write(self.path, "".join(line + "\n" for line in keep))
 
@@ -532,7 +535,8 @@ def plot_curves(metrics: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [parse_json(line, f"{metrics} line {number}", kind=dict)
+            for number, line in enumerate(Path(metrics).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     train = [r for r in rows if "loss" in r]
     evals = [(r["step"], split, r[split]) for r in rows for split in ("valid", "dev") if split in r]
     fig, (ax_loss, ax_eval, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))

@@ -575,7 +575,7 @@ def test_encode_truncate_keeps_the_first_max_tokens(tiny_hub):
     tiny_hub.predict("mnli", tiny_hub.encode(LONG, truncate=True))  # what the too-long error advises works
 
 
-def test_fill_mask_with_a_random_lm_head_warns(hub_checkpoints, tmp_path, call):
+def test_fill_mask_with_a_random_lm_head_warns_and_the_command_refuses(hub_checkpoints, tmp_path, call):
     import roberta
 
     target = tmp_path / "no-lm-head"
@@ -586,8 +586,8 @@ def test_fill_mask_with_a_random_lm_head_warns(hub_checkpoints, tmp_path, call):
     save_file({k: v for k, v in state.items() if not k.startswith("lm_head.")}, target / "model.safetensors")
     with pytest.warns(RobertaWarning, match="no masked-LM head"):
         roberta.load(target).fill_mask("Hello <mask>!")
-    result = call("fill-mask", "-m", target, "Hello <mask>!")
-    assert result.returncode == 0 and result.stderr.startswith("warning: this checkpoint has no masked-LM head")
+    result = call("fill-mask", "-m", target, "Hello <mask>!")  # the command line refuses, as the server's 409
+    assert result.returncode == 2 and "has no masked-LM head (lm_head.*)" in one_error_line(result)
 
 
 def test_every_command_explains_itself_with_defaults():

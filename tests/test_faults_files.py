@@ -194,6 +194,17 @@ def test_every_json_file_of_a_checkpoint_is_read_with_bounds(hub_checkpoints, tm
     assert f"{file.name} is not usable JSON" in line and message in line, line
 
 
+@pytest.mark.parametrize("kind, size", [("config.json", 17 << 20), ("tokenizer.json", 65 << 20),
+                                        ("vocab.json", 65 << 20), ("model.safetensors.index.json", 65 << 20)])
+def test_a_json_file_too_large_for_its_kind_is_refused_before_reading(hub_checkpoints, tmp_path, call, kind, size):
+    argv, file = _json_fault(kind, tmp_path, hub_checkpoints["hf"], b"")
+    with open(file, "wb") as f:  # sparse: the size is what is checked, before a byte is read
+        f.truncate(size)
+    result = call(*argv)
+    assert result.returncode == 2
+    assert f"{file.name} is {size:,} bytes, more than the" in one_error_line(result)
+
+
 def test_jsonl_inputs_task_files_and_run_files_are_read_with_bounds(hub_checkpoints, tiny_mlm_dir, tmp_path, call):
     # an input line of a job
     (tmp_path / "in.jsonl").write_bytes(b'{"text": "fine"}\n' + LONG_NUMBER + b"\n")

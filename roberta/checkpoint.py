@@ -16,7 +16,6 @@ import argparse
 import copy
 import fnmatch
 import json
-import math
 import os
 import pickle
 import types
@@ -158,12 +157,7 @@ def read_weight_file(file: Path, config: RobertaConfig | None = None, shard: boo
             with safe_open(str(file), framework="pt") as f:
                 metadata = f.metadata()
                 if config is not None and znn.METADATA_KEY in (metadata or {}):
-                    compressed = znn.compressed_tensors(metadata)
-                    declared = sum(math.prod(shape) * dtype.itemsize for dtype, shape in compressed.values())
-                    if declared > weights_bound(config):
-                        raise RobertaError(f"{file} declares {declared:,} bytes of compressed tensors, more than "
-                                           f"the {weights_bound(config):,} its config's model can hold; the file "
-                                           "does not belong to this config or is corrupted")
+                    compressed = znn.compressed_tensors(metadata, weights_bound(config), str(file))
                     shapes = {name: compressed.get(name) or (torch.float32, f.get_slice(name).get_shape())
                               for name in f.keys() if name.startswith(_MODEL_PREFIXES)}
                     with warnings.catch_warnings():  # the check after loading says them once

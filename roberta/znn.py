@@ -214,8 +214,11 @@ def decompress_blob(blob: torch.Tensor, source: str, expected: tuple[torch.dtype
     return codec.decompress(data)
 
 
-def compressed_tensors(metadata: dict[str, str] | None) -> dict[str, tuple[torch.dtype, list[int]]]:
-    """{name: (dtype, shape)} of the tensors a `*.znn.safetensors` file holds compressed."""
+def compressed_tensors(metadata: dict[str, str] | None, limit: int | None = None,
+                       source: str = "the file") -> dict[str, tuple[torch.dtype, list[int]]]:
+    """{name: (dtype, shape)} of the tensors a `*.znn.safetensors` file holds compressed; `limit`: the
+    most bytes they may declare together (what the config's weights can take), checked here, before
+    any is decoded."""
     if not metadata or METADATA_KEY not in metadata:
         return {}
     table = parse_json(metadata[METADATA_KEY], f"the {METADATA_KEY} metadata", kind=dict)
@@ -230,13 +233,17 @@ def compressed_tensors(metadata: dict[str, str] | None) -> dict[str, tuple[torch
             raise RobertaError(f"the {METADATA_KEY} metadata gives tensor {name} no float dtype and shape "
                                f"({repr(info)[:60]}); the file is corrupted")
         out[name] = (dtype, shape)
+    declared = sum(math.prod(shape) * dtype.itemsize for dtype, shape in out.values())
+    if limit is not None and declared > limit:
+        raise RobertaError(f"{source} declares {declared:,} bytes of compressed tensors, more than the {limit:,} "
+                           f"its config's model can hold; the file does not belong to this config or is corrupted")
     return out
 
 
 def decompress_tensors(state: dict[str, torch.Tensor], metadata: dict[str, str] | None,
-                       source: str) -> dict[str, torch.Tensor]:
+                       source: str, limit: int | None = None) -> dict[str, torch.Tensor]:
     """`state` with each tensor the metadata lists as compressed replaced by what ZipNN restores."""
-    table = compressed_tensors(metadata)
+    table = compressed_tensors(metadata, limit, source)
     out = dict(state)
     for name, expected in table.items():
         if name not in state:
@@ -287,7 +294,7 @@ def decompress_checkpoint(src: Path, dst: Path) -> Path:
                 with safe_open(str(item), framework="pt") as f:
                     metadata = dict(f.metadata() or {})
                     state = {name: f.get_tensor(name) for name in f.keys()}
-                state = decompress_tensors(state, metadata, str(item))
+                state = decompress_tensors(state, metadata, str(item), limit)
                 metadata.pop(METADATA_KEY, None)
                 atomic_write(target, safetensors_bytes(state, metadata=metadata or None))
             elif item.name.endswith(".index.json"):

@@ -417,6 +417,12 @@ def test_znn_files_declaring_gigabytes_under_a_memory_limit_are_one_line(models_
                                 capture_output=True, env=env, timeout=120)
         assert result.returncode == 2, (name, result.stderr)
         assert "1,073,741,824 bytes" in one_error_line(result)
+    # `roberta decompress` of the same directory: the same check, nothing written
+    for name, path in paths.items():
+        result = subprocess.run(["bash", "-c", f"ulimit -v 1500000; exec {sys.executable} -m roberta decompress "
+                                 f"{path} {tmp_path / 'out'}"], capture_output=True, env=env, timeout=120)
+        assert result.returncode == 2 and "1,073,741,824 bytes" in one_error_line(result), (name, result.stderr)
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

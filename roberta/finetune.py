@@ -208,8 +208,8 @@ class SentenceTask:
         if path.name.startswith("train") and not split.examples:  # before dev is read against its labels
             raise RobertaError(f"{path} has no training examples{' left' if split.skipped else ''}: give it rows "
                                f"under its header")
-        classes = {e.label for e in split.examples}
-        if path.name.startswith("train") and self.problem_type == "classification" and len(classes) < 2:
+        classes = {e.label for e in split.examples} if self.problem_type == "classification" else None
+        if path.name.startswith("train") and classes is not None and len(classes) < 2:
             name = self.labels[next(iter(classes))] if self.labels and isinstance(next(iter(classes)), int) else \
                 next(iter(classes))
             raise RobertaError(f"{path} holds one class only ({name!r}), so there is nothing to learn and every "

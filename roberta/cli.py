@@ -271,6 +271,17 @@ def _add_hub_commands(sub) -> None:
                    help="how tokens become entities, as in transformers' pipeline (default simple)")
     p.add_argument("--stride", type=int, help="tag texts longer than the model in windows overlapping by this "
                    "many tokens (default: refuse them)")
+    p = command("zero-shot", _zero_shot, "classify each input text into candidate labels with an NLI head "
+                "(transformers' zero-shot-classification pipeline)")
+    p.add_argument("--labels", required=True, help="the candidate labels, comma-separated")
+    p.add_argument("--template", default="This example is {}.", help="the hypothesis; {} is the label")
+    p.add_argument("--multi-label", action="store_true", help="score each label on its own (several may be true)")
+    p.add_argument("--head", help="the NLI head (default: the model's main or only one, or mnli)")
+    p = command("rerank", _rerank, "rank the passages (TEXT, or stdin lines) by relevance to --query with a "
+                "cross-encoder (sentence-transformers' CrossEncoder.rank)", text="PASSAGE")
+    p.add_argument("--query", required=True, help="the query")
+    p.add_argument("--top-k", type=_positive_int, help="print only the best K (default: all)")
+    p.add_argument("--head", help="the one-output head (default: the model's main or only one)")
     p = command("answer", _answer, "answer each question from its context with a question-answering checkpoint",
                 text="QUESTION")
     p.add_argument("--context", help="the context for every question (default: each input is QUESTION<TAB>CONTEXT)")
@@ -510,6 +521,25 @@ def _head(args, hub) -> str:
         raise RobertaError(f"this model has {'no classification head' if not heads else 'heads ' + ', '.join(heads)}; "
                            f"{'fine-tune one first' if not heads else 'choose one with --head'}")
     return head
+
+
+def _zero_shot(args):
+    hub = _load(args)
+    for text in _texts(args):
+        result = hub.zero_shot(text, args.labels, hypothesis_template=args.template, multi_label=args.multi_label,
+                               head=args.head)
+        _print(args, result, "\n".join([text] + [f"  {score:.4f}  {label}"
+                                                 for label, score in zip(result["labels"], result["scores"])]))
+
+
+def _rerank(args):
+    hub = _load(args)
+    texts = list(_texts(args))
+    ranks = hub.rerank(args.query, texts, top_k=args.top_k, head=args.head)
+    if args.json:
+        return print(json.dumps(ranks))
+    for rank in ranks:
+        print(f"{rank['corpus_id']}\t{rank['score']:.4f}\t{texts[rank['corpus_id']]}")
 
 
 def _tag(args):

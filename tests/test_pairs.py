@@ -145,3 +145,27 @@ def test_fit_pair_cuts_as_the_hugging_face_tokenizer_does(bpe_dir, n1, n2, limit
     a, b = fit_pair(tokenizer(first, add_special_tokens=False)["input_ids"],
                     tokenizer(second, add_special_tokens=False)["input_ids"], limit)
     assert [0, *a, 2, 2, *b, 2] == want
+
+
+def test_the_command_line_prints_what_the_library_gives(nli_dir, cross_dir, capsys):
+    from roberta.cli import main
+
+    nli, cross = roberta.load(nli_dir, precision="fp32"), roberta.load(cross_dir, precision="fp32")
+    assert main(["zero-shot", "-m", str(nli_dir), "--precision", "fp32", "--labels", ",".join(LABELS), "--json",
+                 "--multi-label", *TEXTS[:2]]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for g, w in zip(got, nli.zero_shot(TEXTS[:2], LABELS, multi_label=True)):
+        assert g["labels"] == w["labels"]
+        np.testing.assert_allclose(g["scores"], w["scores"], atol=1e-6)
+    assert main(["rerank", "-m", str(cross_dir), "--precision", "fp32", "--query", QUERY, "--top-k", "3",
+                 *TEXTS]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    want = cross.rerank(QUERY, TEXTS, top_k=3)
+    assert [int(i) for i, _, _ in lines] == [w["corpus_id"] for w in want]
+    assert [t for _, _, t in lines] == [TEXTS[w["corpus_id"]] for w in want]
+    np.testing.assert_allclose([float(s) for _, s, _ in lines], [w["score"] for w in want], atol=1e-4)
+    assert main(["zero-shot", "-m", str(cross_dir), "--labels", "a,b", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no entailment class" in err and err.count("\n") == 1, err
+    assert main(["rerank", "-m", str(nli_dir), "--query", "q", "x"]) == 2
+    assert "a cross-encoder scores with one" in capsys.readouterr().err

@@ -308,7 +308,8 @@ def _add_hub_commands(sub) -> None:
                 text=None, weights=False, model_required=False)
     p.add_argument("--device", nargs="?", const="auto", metavar="DEVICE", dest="show_device",
                    help="also show the device and the precision `auto` picks there, and why (-m optional; default: not shown)")
-    p = command("serve", _serve, "serve the model over HTTP (embed, predict, fill-mask, ...) with dynamic batching",
+    p = command("serve", _serve, "serve the model over HTTP on text-embeddings-inference's API (embed, predict, "
+                "rerank, ...; fill-mask and zero-shot too) with dynamic batching",
                 text=None, json=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
@@ -323,6 +324,11 @@ def _add_hub_commands(sub) -> None:
     p.add_argument("--max-input-tokens", type=int,
                    help="tokens in one input (default: the model's limit; 413 past it unless the request truncates)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="request body size (default 2 MiB)")
+    p.add_argument("--max-response-bytes", type=int, default=64 * 2**20,
+                   help="an answer's size (/fill-mask, /embed_all), estimated before any work; 422 past it (default 64 MiB)")
+    p.add_argument("--read-timeout", type=float, default=15.0,
+                   help="seconds a request's head, then its body, may take to arrive; slower connections are "
+                        "closed (default 15)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before an unanswered request gets 503 (default 30)")
     p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
                    help="pooling of /v1/embeddings and the default of /embed (default cls: the <s> vector)")
@@ -653,6 +659,7 @@ def _serve(args):
     settings = ServeSettings(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_inputs=args.max_inputs,
                              max_input_tokens=args.max_input_tokens, max_body_bytes=args.max_body_bytes,
+                             max_response_bytes=args.max_response_bytes, read_timeout_s=args.read_timeout,
                              timeout_s=args.timeout, pooling=args.pooling, api_key=api_key)
     if args.threads is not None and args.threads < 1:
         raise RobertaError(f"--threads must be at least 1, got {args.threads}")

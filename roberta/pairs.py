@@ -46,14 +46,7 @@ def read_cross_encoder(directory: Path) -> CrossEncoderHead | None:
     "CrossEncoder" and `activation_fn`; 4.x kept `activation_fn` in config.json's
     `sentence_transformers`; earlier ones `sbert_ce_default_activation_function`. The max length is
     tokenizer_config.json's `model_max_length`."""
-    from .hub import _json
-
-    st = directory / "config_sentence_transformers.json"
-    st_config = _json(st) if st.is_file() else {}
-    config = _json(directory / "config.json") if (directory / "config.json").is_file() else {}
-    if not isinstance(st_config, dict) or not isinstance(config, dict):
-        raise RobertaError(f"{directory}: config.json and config_sentence_transformers.json must be JSON objects")
-    path = None
+    st_config, config = _object(directory / "config_sentence_transformers.json"), _object(directory / "config.json")
     if st_config.get("model_type") == "CrossEncoder":
         path = st_config.get("activation_fn")
     elif isinstance(config.get("sentence_transformers"), dict) and "activation_fn" in config["sentence_transformers"]:
@@ -71,11 +64,20 @@ def read_cross_encoder(directory: Path) -> CrossEncoderHead | None:
 
 
 def model_max_length(directory: Path) -> int | None:
+    value = _object(directory / "tokenizer_config.json").get("model_max_length")
+    return value if isinstance(value, int) and 4 <= value < 1_000_000 else None
+
+
+def _object(path: Path) -> dict:
+    """A JSON file's object, or {} where it is missing or not one: the loaders that need the file
+    report on it; here it only decides what a cross-encoder looks like."""
     from .hub import _json
 
-    path = directory / "tokenizer_config.json"
-    value = _json(path).get("model_max_length") if path.is_file() else None
-    return value if isinstance(value, int) and 4 <= value < 1_000_000 else None
+    try:
+        value = _json(path) if path.is_file() else {}
+    except RobertaError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def fit_pair(first: list[int], second: list[int], limit: int, strategy: str = "longest_first") -> tuple[list, list]:

@@ -169,3 +169,30 @@ def test_the_command_line_prints_what_the_library_gives(nli_dir, cross_dir, caps
     assert err.startswith("error: ") and "no entailment class" in err and err.count("\n") == 1, err
     assert main(["rerank", "-m", str(nli_dir), "--query", "q", "x"]) == 2
     assert "a cross-encoder scores with one" in capsys.readouterr().err
+
+
+def test_a_served_cross_encoder_ranks_as_sentence_transformers_and_post_root_reranks(cross_dir, nli_dir):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from sentence_transformers import CrossEncoder
+
+    from roberta.serve import ServeSettings, create_app
+
+    texts = TEXTS + [LONG]
+    want = CrossEncoder(str(cross_dir)).rank(QUERY, texts)
+    app = create_app(roberta.load(cross_dir, precision="fp32"), ServeSettings(max_wait_ms=0))
+    with TestClient(app) as client:
+        assert "reranker" in client.get("/info").json()["model_type"]  # one output: POST / is /rerank, as in TEI
+        for path in ("/rerank", "/"):
+            got = client.post(path, json={"query": QUERY, "texts": texts, "truncate": True}).json()
+            assert [g["index"] for g in got] == [w["corpus_id"] for w in want]
+            np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want], atol=1e-5, rtol=0)
+        long = client.post("/rerank", json={"query": QUERY, "texts": [LONG]})  # past max_length 40, no truncate
+        assert long.status_code == 413 and "at most 40" in long.json()["error"]
+    # an NLI model served: /zero-shot equals the pipeline's numbers through the library
+    nli = roberta.load(nli_dir, precision="fp32")
+    with TestClient(create_app(nli, ServeSettings(max_wait_ms=0))) as client:
+        got = client.post("/zero-shot", json={"inputs": TEXTS[:2], "candidate_labels": LABELS}).json()
+        for g, w in zip(got, nli.zero_shot(TEXTS[:2], LABELS)):
+            assert g["labels"] == w["labels"]
+            np.testing.assert_allclose(g["scores"], w["scores"], atol=1e-5, rtol=0)

@@ -11,7 +11,8 @@
 Beyond the original: a list of inputs is a batch. `encode` of a list gives a list of tensors, and
 `extract_features`/`predict`/`fill_mask` of a list run it as one padded batch whose results equal
 the one-at-a-time ones. A text may hold several `<mask>`s, and `truncate=True` cuts inputs longer
-than the model's limit instead of refusing them. Inference runs without gradients unless the
+than the model's limit instead of refusing them. `zero_shot` classifies with an NLI head and `rerank`
+ranks passages with a cross-encoder (`roberta.pairs`). Inference runs without gradients unless the
 object is in train mode (so fine-tuning through it still works). Each call builds its batch on the
 host (ids, mask and the encoder's layout) and sends it to the model's device without waiting, so on
 a GPU the forward pass never stops to tell the host about the batch.
@@ -361,7 +362,8 @@ class RobertaHub(nn.Module):
         return [{"corpus_id": i, "score": s, **({"text": texts[i]} if return_documents else {})}
                 for i, s in pairs.ranked(scores, list(range(len(texts))), top_k)]
 
-    def score_pairs(self, sentence_pairs, head: str | None = None, raw: bool = False) -> torch.Tensor:
+    def score_pairs(self, sentence_pairs, head: str | None = None, raw: bool = False,
+                    batch_tokens: int = 4096) -> torch.Tensor:
         """One score per (first, second) pair from a one-output head, as `CrossEncoder.predict`: the
         logit through the cross-encoder's activation (sigmoid unless its directory names another);
         `raw` gives the logits. Pairs past the limit are cut longest-first, as CrossEncoder cuts them."""
@@ -370,7 +372,11 @@ class RobertaHub(nn.Module):
         head = self.pair_head(head, one_output=True)
         limit = self.pair_limit()
         tokens = [pairs.encode_pair(self.tokenizer, a, b, limit) for a, b in sentence_pairs]
-        logits = self.predict(head, tokens, return_logits=True)[:, 0].float()
+        if not tokens:
+            raise RobertaError("score_pairs needs at least one (first, second) pair")
+        logits = torch.empty(len(tokens))
+        for batch in length_batches([len(t) for t in tokens], batch_tokens):  # bounded memory, little padding
+            logits[batch] = self.predict(head, [tokens[i] for i in batch], return_logits=True)[:, 0].float().cpu()
         return logits if raw else (self.cross_encoder or pairs.CrossEncoderHead()).score(logits)
 
     def pair_head(self, head: str | None = None, one_output: bool = False) -> str:

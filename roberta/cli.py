@@ -627,6 +627,10 @@ def _info(args):
         p = info["pooling"]
         limit = f", max {p['max_tokens']} tokens" if p["max_tokens"] else ""
         lines.append(f"pooling     {p['mode']}{', normalised' if p['normalize'] else ''}{limit} (sentence-transformers)")
+    if info["cross_encoder"]:
+        c = info["cross_encoder"]
+        limit = f", max {c['max_tokens']} tokens" if c["max_tokens"] else ""
+        lines.append(f"scores      {c['activation']} of one output{limit} (a sentence-transformers CrossEncoder)")
     lines += [f"parameters  {info['parameters']:,}", f"dtype       {info['dtype']}",
               f"size        {info['size_bytes'] / 2**20:.1f} MiB in {len(info['files'])} files"]
     lines += [f"  {size / 2**20:10.2f} MiB  {name}" for name, size in info["files"].items()]

@@ -789,7 +789,8 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
     base = path if path.is_dir() else path.parent
     repository, revision = hub_origin(path)
-    sentence = read_sentence_config(path) if path.is_dir() and not read_cross_encoder(path) else None
+    cross = read_cross_encoder(path) if path.is_dir() else None
+    sentence = read_sentence_config(path) if path.is_dir() and not cross else None
     return {
         "path": str(path),
         "repository": repository,
@@ -798,6 +799,7 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
         "labels": {head: names for head in config.classification_heads
                    if (names := head_labels(config, head)) is not None},
         "pooling": dataclasses.asdict(sentence[0]) if sentence else None,
+        "cross_encoder": dataclasses.asdict(cross) if cross else None,
         "format": layout,
         "config": config.to_dict(),
         "heads": dict(config.classification_heads),

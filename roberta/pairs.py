@@ -143,6 +143,11 @@ def parse_labels(candidate_labels) -> list[str]:
 
 
 def hypotheses(labels: list[str], template: str) -> list[str]:
-    if template.format(labels[0]) == template:
-        raise RobertaError(f"the hypothesis template {template!r} has no {{}} for the label; e.g. {HYPOTHESIS!r}")
-    return [template.format(label) for label in labels]
+    """The hypothesis of each label: the template with the label in its one `{}`."""
+    try:
+        filled = [template.format(label) for label in labels]
+    except (IndexError, KeyError, ValueError):
+        filled = [template]  # a template with other fields than one {}
+    if filled[0] == template:
+        raise RobertaError(f"the hypothesis template {template!r} needs one {{}} for the label; e.g. {HYPOTHESIS!r}")
+    return filled

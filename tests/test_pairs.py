@@ -88,7 +88,8 @@ def test_zero_shot_refuses_a_head_without_entailment_and_bad_arguments(nli_dir, 
         hub.zero_shot("a text", ["x", "y"])
     nli = roberta.load(nli_dir, precision="fp32")
     for labels, template, message in (([], "This is {}.", "at least one candidate label"),
-                                      (["x"], "No slot.", "has no {}")):
+                                      (["x"], "No slot.", "needs one {}"), (["x"], "{0} {1}", "needs one {}"),
+                                      (["x"], "{label}", "needs one {}")):
         with pytest.raises(RobertaError, match=message):
             nli.zero_shot("a text", labels, hypothesis_template=template)
     with pytest.raises(RobertaError, match="no room for the text"):

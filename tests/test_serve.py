@@ -1,7 +1,9 @@
 """`roberta serve` as users run it: a real subprocess on a free loopback port, real HTTP clients.
 
 Every answer is compared with what the library gives for the same request alone, on a tiny model saved
-here with the real tokenizer and two classification heads.
+here with the real tokenizer and three classification heads (sentiment, mnli, and a one-output rank).
+Each text-embeddings-inference route's request and answer is checked against TEI's published OpenAPI
+description (tei_openapi.json), and huggingface_hub's InferenceClient drives the server as a TEI client.
 """
 import asyncio
 import base64

@@ -628,7 +628,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
                                  "input (Right); drop the field or send Right", "Validation")
 
     def too_long(n: int, tokens: int, most: int, truncate: bool | None) -> HTTPError:
-        offer = "" if truncate is None else "send \"truncate\": true to keep the first ones, or "
+        offer = "" if truncate is None else "send \"truncate\": true to cut it to fit, or "
         return HTTPError(413, f"input {n} has {tokens} tokens but this server takes at most {most}; {offer}shorten it",
                          "Validation")
 

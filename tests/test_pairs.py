@@ -167,10 +167,10 @@ def test_the_command_line_prints_what_the_library_gives(nli_dir, cross_dir, caps
     np.testing.assert_allclose([float(s) for _, s, _ in lines], [w["score"] for w in want], atol=1e-4)
     assert main(["info", "-m", str(cross_dir)]) == 0
     assert "scores      Sigmoid of one output, max 40 tokens" in capsys.readouterr().out
-    assert main(["zero-shot", "-m", str(cross_dir), "--labels", "a,b", "x"]) == 2
+    assert main(["zero-shot", "-m", str(cross_dir), "--precision", "fp32", "--labels", "a,b", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no entailment class" in err and err.count("\n") == 1, err
-    assert main(["rerank", "-m", str(nli_dir), "--query", "q", "x"]) == 2
+    assert main(["rerank", "-m", str(nli_dir), "--precision", "fp32", "--query", "q", "x"]) == 2
     assert "a cross-encoder scores with one" in capsys.readouterr().err
 
 

@@ -280,6 +280,17 @@ def _add_hub_commands(sub) -> None:
                    help="how tokens become entities, as in transformers' pipeline (default simple)")
     p.add_argument("--stride", type=int, help="tag texts longer than the model in windows overlapping by this "
                    "many tokens (default: refuse them)")
+    p = command("zero-shot", _zero_shot, "classify each input text into candidate labels with an NLI head "
+                "(transformers' zero-shot-classification pipeline)")
+    p.add_argument("--labels", required=True, help="the candidate labels, comma-separated")
+    p.add_argument("--template", default="This example is {}.", help="the hypothesis; {} is the label")
+    p.add_argument("--multi-label", action="store_true", help="score each label on its own (several may be true)")
+    p.add_argument("--head", help="the NLI head (default: the model's main or only one, or mnli)")
+    p = command("rerank", _rerank, "rank the passages (TEXT, or stdin lines) by relevance to --query with a "
+                "cross-encoder (sentence-transformers' CrossEncoder.rank)", text="PASSAGE")
+    p.add_argument("--query", required=True, help="the query")
+    p.add_argument("--top-k", type=_positive_int, help="print only the best K (default: all)")
+    p.add_argument("--head", help="the one-output head (default: the model's main or only one)")
     p = command("answer", _answer, "answer each question from its context with a question-answering checkpoint",
                 text="QUESTION")
     p.add_argument("--context", help="the context for every question (default: each input is QUESTION<TAB>CONTEXT)")
@@ -306,7 +317,8 @@ def _add_hub_commands(sub) -> None:
                 text=None, weights=False, model_required=False)
     p.add_argument("--device", nargs="?", const="auto", metavar="DEVICE", dest="show_device",
                    help="also show the device and the precision `auto` picks there, and why (-m optional; default: not shown)")
-    p = command("serve", _serve, "serve the model over HTTP (embed, predict, fill-mask, ...) with dynamic batching",
+    p = command("serve", _serve, "serve the model over HTTP on text-embeddings-inference's API (embed, predict, "
+                "rerank, ...; fill-mask and zero-shot too) with dynamic batching",
                 text=None, json=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
@@ -321,6 +333,11 @@ def _add_hub_commands(sub) -> None:
     p.add_argument("--max-input-tokens", type=int,
                    help="tokens in one input (default: the model's limit; 413 past it unless the request truncates)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="request body size (default 2 MiB)")
+    p.add_argument("--max-response-bytes", type=int, default=64 * 2**20,
+                   help="an answer's size (/fill-mask, /embed_all), estimated before any work; 422 past it (default 64 MiB)")
+    p.add_argument("--read-timeout", type=float, default=15.0,
+                   help="seconds a request's head, then its body, may take to arrive; slower connections are "
+                        "closed (default 15)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before an unanswered request gets 503 (default 30)")
     p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
                    help="pooling of /v1/embeddings and the default of /embed (default cls: the <s> vector)")
@@ -524,6 +541,25 @@ def _head(args, hub) -> str:
     return head
 
 
+def _zero_shot(args):
+    hub = _load(args)
+    for text in _texts(args):
+        result = hub.zero_shot(text, args.labels, hypothesis_template=args.template, multi_label=args.multi_label,
+                               head=args.head)
+        _print(args, result, "\n".join([text] + [f"  {score:.4f}  {label}"
+                                                 for label, score in zip(result["labels"], result["scores"])]))
+
+
+def _rerank(args):
+    hub = _load(args)
+    texts = list(_texts(args))
+    ranks = hub.rerank(args.query, texts, top_k=args.top_k, head=args.head)
+    if args.json:
+        return print(json.dumps(ranks))
+    for rank in ranks:
+        print(f"{rank['corpus_id']}\t{rank['score']:.4f}\t{texts[rank['corpus_id']]}")
+
+
 def _tag(args):
     hub = _load(args)
     for text in _texts(args):
@@ -603,6 +639,10 @@ def _info(args):
         p = info["pooling"]
         limit = f", max {p['max_tokens']} tokens" if p["max_tokens"] else ""
         lines.append(f"pooling     {p['mode']}{', normalised' if p['normalize'] else ''}{limit} (sentence-transformers)")
+    if info["cross_encoder"]:
+        c = info["cross_encoder"]
+        limit = f", max {c['max_tokens']} tokens" if c["max_tokens"] else ""
+        lines.append(f"scores      {c['activation']} of one output{limit} (a sentence-transformers CrossEncoder)")
     lines += [f"parameters  {info['parameters']:,}", f"dtype       {info['dtype']}",
               f"size        {info['size_bytes'] / 2**20:.1f} MiB in {len(info['files'])} files"]
     lines += [f"  {size / 2**20:10.2f} MiB  {name}" for name, size in info["files"].items()]
@@ -635,6 +675,7 @@ def _serve(args):
     settings = ServeSettings(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_inputs=args.max_inputs,
                              max_input_tokens=args.max_input_tokens, max_body_bytes=args.max_body_bytes,
+                             max_response_bytes=args.max_response_bytes, read_timeout_s=args.read_timeout,
                              timeout_s=args.timeout, pooling=args.pooling, api_key=api_key)
     sock = listen(args.host, args.port)  # before loading: a busy port fails at once
     hub = _load(args)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import shared_path
 from roberta import reproduce as rp
+from roberta.cli import main
 from roberta.errors import RobertaError
 from roberta.finetune import WARMUP_RATIO, published, recipe_for
 
@@ -25,7 +26,7 @@ GLUE_DATA = shared_path("glue")
 # 2 settings x 2 seeds; a fraction of the data that keeps each run to a few updates: SST-2 337 of 67349
 # rows (11 updates an epoch at batch 32), RTE 7 of 1244 rows (one update an epoch).
 GRID = {"seeds": [1, 2], "grid": {"lr": [1e-3, 3e-4]},
-        "set": {"batch_size": 32, "max_epochs": 2, "max_dev_examples": 64}}
+        "set": {"batch_size": 32, "max_epochs": 2, "max_dev_examples": 32}}
 FRACTION = 0.005
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -202,22 +203,34 @@ def test_the_table_is_the_median_of_the_best_setting_from_the_runs_eval_files(sw
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def in_process(args, capsys) -> tuple[int, str, str]:
+    """`roberta ARGS` in this process (what the command runs, without a second interpreter's start)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the sweep's workers (--threads 1): CPU results are bitwise at a thread count
+    try:
+        status = main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
 @pytest.mark.slow
-def test_a_run_is_bitwise_the_run_of_its_printed_finetune_command(swept, tiny_mlm_dir, grid_file, tmp_path):
+def test_a_run_is_bitwise_the_run_of_its_printed_finetune_command(swept, tiny_mlm_dir, grid_file, tmp_path, capsys):
     out, _ = swept
-    proc = cli(*sweep_args(tiny_mlm_dir, out, grid_file, "--print-commands"))
-    lines = proc.communicate(timeout=120)[0].splitlines()
-    assert proc.returncode == 0 and lines[0].startswith("# 8 runs, 8 done") and len(lines) == 1
+    status, printed, _ = in_process(sweep_args(tiny_mlm_dir, out, grid_file, "--print-commands"), capsys)
+    assert status == 0 and printed.startswith("# 8 runs, 8 done") and len(printed.splitlines()) == 1
     # the command of one run, from a fresh sweep directory (no run done there yet)
-    proc = cli(*sweep_args(tiny_mlm_dir, tmp_path / "fresh", grid_file, "--print-commands"))
-    commands = [line for line in proc.communicate(timeout=120)[0].splitlines() if line.startswith("roberta finetune")]
-    assert len(commands) == 8
+    status, printed, _ = in_process(sweep_args(tiny_mlm_dir, tmp_path / "fresh", grid_file, "--print-commands"), capsys)
+    commands = [line for line in printed.splitlines() if line.startswith("roberta finetune")]
+    assert status == 0 and len(commands) == 8
     args = shlex.split(next(c for c in commands if "--task RTE" in c and "seed2" in c))
     ran = Path(args[args.index("--out") + 1])
     args[args.index("--out") + 1] = str(tmp_path / "direct")
-    proc = cli(*args[1:])
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, output
+    status, printed, err = in_process(args[1:], capsys)
+    assert status == 0, err
     mine = out / "RTE" / ran.name
     assert json.loads((tmp_path / "direct" / "recipe.json").read_text()) == json.loads((mine / "recipe.json").read_text())
     a, b = weights(tmp_path / "direct"), weights(mine)
@@ -226,13 +239,14 @@ def test_a_run_is_bitwise_the_run_of_its_printed_finetune_command(swept, tiny_ml
 
 
 @pytest.mark.slow
-def test_kill_9_mid_sweep_then_rerun_completes_it_to_the_same_table(swept, tiny_mlm_dir, grid_file, tmp_path):
+def test_kill_9_mid_sweep_then_rerun_completes_it_to_the_same_table(swept, tiny_mlm_dir, grid_file, tmp_path, capsys):
     reference, table = swept
     out = tmp_path / "killed"
     proc = cli(*sweep_args(tiny_mlm_dir, out, grid_file), start_new_session=True)
-    while proc.poll() is None:  # kill when two runs are finished and a third has started
+    while proc.poll() is None:  # kill when two runs are finished and another has saved a checkpoint
         dirs = run_dirs(out)
-        if sum((d / "eval.json").is_file() for d in dirs) >= 2 and any(not (d / "eval.json").is_file() for d in dirs):
+        if sum((d / "eval.json").is_file() for d in dirs) >= 2 and \
+                any(not (d / "eval.json").is_file() and list(d.glob("checkpoints/step-*")) for d in dirs):
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -252,10 +266,11 @@ def test_kill_9_mid_sweep_then_rerun_completes_it_to_the_same_table(swept, tiny_
     assert len(finished) >= 2 and len(unfinished) == 1
     stamps = {f: f.stat().st_mtime_ns for d in finished for f in d.rglob("*") if f.is_file()}
 
-    proc = cli(*sweep_args(tiny_mlm_dir, out, grid_file))
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, output
+    status, output, err = in_process(sweep_args(tiny_mlm_dir, out, grid_file), capsys)
+    assert status == 0, err
     assert f"{len(finished)} of 8 runs already done; 1 resume, the rest start" in output
+    log = out / "logs" / unfinished[0].parent.name / f"{unfinished[0].name}.log"
+    assert "; resuming at update " in log.read_text()  # from its checkpoint, through finetune's --resume
     assert {f: f.stat().st_mtime_ns for f in stamps} == stamps  # finished runs untouched
     assert sum(line.startswith("done ") for line in output.splitlines()) == 8 - len(finished)
     again = json.loads((out / "table.json").read_text())
@@ -266,9 +281,9 @@ def test_kill_9_mid_sweep_then_rerun_completes_it_to_the_same_table(swept, tiny_
 
 
 @pytest.mark.slow
-def test_another_model_in_the_same_out_is_refused(swept, tiny_mlm_dir, tmp_path, grid_file):
+def test_another_model_in_the_same_out_is_refused(swept, tiny_mlm_dir, tmp_path, grid_file, capsys):
     out, _ = swept
     (tmp_path / "other").symlink_to(tiny_mlm_dir)  # the same weights, but not the model the sweep names
-    proc = cli(*sweep_args(tmp_path / "other", out, grid_file))
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 2 and output.startswith("error: ") and len(output.splitlines()) == 1
+    status, printed, err = in_process(sweep_args(tmp_path / "other", out, grid_file), capsys)
+    assert status == 2 and printed == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {out} holds a sweep of model {tiny_mlm_dir}: give the same, or choose another --out")

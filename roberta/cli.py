@@ -694,6 +694,8 @@ def _add_reproduce(sub) -> None:
                    "file in the layout of roberta.reproduce.PAPER")
     p.add_argument("--mnli-model", help="start the MNLI-initialised tasks (large: RTE, STS-B, MRPC) from this "
                    "fine-tuned MNLI model (default: the sweep's own MNLI runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe setting every run takes "
+                   "besides the protocol's, e.g. --set precision=bf16")
     p.add_argument("--device", default="auto", help="auto (every GPU, else the CPU), cpu or cuda")
     p.add_argument("--jobs", type=_positive_int, help="runs at a time (default: one per GPU; 1 on the CPU)")
     p.add_argument("--threads", type=_positive_int, help="CPU threads per run (default: the cores / --jobs)")
@@ -722,8 +724,15 @@ def _reproduce(args) -> int:
     from .reproduce import Budget, markdown, reproduce
 
     budget = Budget(args.seeds, args.lr, args.batch_size, args.data_fraction)
+    extra = {}
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RobertaError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set precision=bf16")
+        extra[key.strip()] = value.strip()
     result = reproduce(args.tasks, args.model, args.data, args.out, args.grid, budget, args.device, args.mnli_model,
-                       args.jobs, args.threads, args.print_commands, args.collect, progress=not args.no_progress)
+                       args.jobs, args.threads, args.print_commands, args.collect, progress=not args.no_progress,
+                       extra=extra)
     print("\n".join(result) if args.print_commands else markdown(result), end="\n" if args.print_commands else "")
     return 0
 

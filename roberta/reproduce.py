@@ -336,6 +336,7 @@ class Sweep:
     budget: Budget = field(default_factory=Budget)
     device: str = "auto"
     mnli_model: str | None = None        # a fine-tuned MNLI model to start RTE/STS-B/MRPC from
+    extra: dict = field(default_factory=dict)  # recipe settings every run takes besides the protocol's (precision)
     size: str | None = None
     runs: list[Run] = field(default_factory=list)
     cuts: list[str] = field(default_factory=list)
@@ -358,7 +359,13 @@ class Sweep:
         seeds = p.seeds[: b.seeds] if b.seeds else p.seeds
         if len(seeds) < len(p.seeds):
             self.cuts.append(f"seeds: {len(seeds)} of the protocol's {len(p.seeds)} ({', '.join(map(str, seeds))})")
+        for key in set(self.extra) & (NOT_IN_GRID | {"lr", "batch_size"}):
+            raise RobertaError(f"--set {key}: the protocol and the budget choose {key}, not --set")
         for task in tasks:
+            changed = sorted(k for k in self.extra if any(k in point for point in p.points[task]))
+            if changed:  # --set over a setting the protocol fixes is a cut like any other
+                self.cuts.append(f"{task}: --set {', '.join(f'{k}={self.extra[k]}' for k in changed)} replaces the "
+                                 "protocol's value")
             points = cut_points(task, p.points[task], b)
             if len(points) < len(p.points[task]):
                 self.cuts.append(f"{task}: {len(points)} of the grid's {len(p.points[task])} settings")
@@ -368,6 +375,7 @@ class Sweep:
                 limit = max(1, math.ceil(b.data_fraction * rows))
                 self.cuts.append(f"{task}: {limit} of {rows} training rows ({b.data_fraction:g})")
             for point in points:
+                point = {**point, **self.extra}
                 for seed in seeds:
                     extra = {"max_train_examples": limit} if limit else {}
                     recipe = recipe_for(task, **point, seed=seed, device=self.device, **extra)
@@ -383,6 +391,7 @@ class Sweep:
     def check_out(self, create: bool = True) -> None:
         """OUT/sweep.json names the model and data the runs were made from; another model is refused."""
         record = {"model": str(self.model), "data": str(self.data), "mnli_model": self.mnli_model}
+        # (--set settings and the budget need no record here: they are in every run's recipe.json)
         path = self.out / "sweep.json"
         if path.is_file():
             try:
@@ -656,7 +665,7 @@ def table(sweep: Sweep) -> dict:
     p = sweep.protocol
     return {"model": str(sweep.model), "size": sweep.size, "protocol": p.name, "seeds": list(p.seeds),
             "warmup_ratio": WARMUP_RATIO, "mnli_start": [t for t in p.mnli_start if p.starts_from_mnli(t, sweep.size)],
-            "mnli_model": sweep.mnli_model, "cuts": sweep.cuts + incomplete,
+            "mnli_model": sweep.mnli_model, "set": sweep.extra, "cuts": sweep.cuts + incomplete,
             "is_protocol": not (sweep.cuts or incomplete), "tasks": rows}
 
 
@@ -684,6 +693,8 @@ def markdown(t: dict) -> str:
             median = f"{r['other_medians'].get('exact', math.nan):.2f}/{median}"
         lines.append(f"| {r['task']} | {r['metric']} | {median} | {r['min']:.2f} | {r['max']:.2f} | {r['seeds']} | "
                      f"{r['settings'][r['best']]['name']} | {pub} |")
+    if t["set"]:
+        lines += ["", "Every run also: " + ", ".join(f"{k}={v}" for k, v in t["set"].items()) + "."]
     if t["mnli_start"]:
         lines += ["", f"{', '.join(t['mnli_start'])} started from the MNLI model"
                       + (f" {t['mnli_model']}." if t["mnli_model"] else " of this sweep (its best setting's median run).")]
@@ -744,12 +755,13 @@ def expand_tasks(names: list[str]) -> tuple[str, ...]:
 def reproduce(tasks: list[str], model: str, data, out, grid: str = "paper", budget: Budget | None = None,
               device: str = "auto", mnli_model: str | None = None, jobs: int | None = None,
               threads: int | None = None, print_commands: bool = False, collect_only: bool = False,
-              progress: bool = True) -> dict | list[str]:
-    """Run (or list, or only collect) the protocol's runs and return the table (the command lines)."""
+              progress: bool = True, extra: dict | None = None) -> dict | list[str]:
+    """Run (or list, or only collect) the protocol's runs and return the table (the command lines).
+    `extra`: recipe settings every run takes besides the protocol's, e.g. {"precision": "bf16"}."""
     if jobs is not None and jobs < 1 or threads is not None and threads < 1:
         raise RobertaError("--jobs and --threads take 1 or more")
     sweep = Sweep(expand_tasks(tasks), model, data, out, protocol(grid), budget or Budget(), device, mnli_model,
-                  size=model_size(model))
+                  extra or {}, size=model_size(model))
     for note in sweep.notes:
         print(f"note: {note}", file=sys.stderr)
     sweep.check_out(create=not collect_only)

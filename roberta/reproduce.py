@@ -510,8 +510,8 @@ class Worker:
     def result(self) -> dict:
         line = self.proc.stdout.readline()
         self.run = None
-        if not line:
-            return {"error": f"the worker process ended (exit status {self.proc.wait()})", "bug": True}
+        if not line:  # killed (out of memory?) or crashed: the run resumes from its checkpoint next time
+            return {"error": f"its process ended (exit status {self.proc.wait()}): rerun the sweep to resume it"}
         return json.loads(line)
 
     def close(self) -> None:

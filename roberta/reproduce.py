@@ -90,6 +90,9 @@ SIZES = {(768, 12): "base", (1024, 24): "large"}  # (hidden size, layers) of the
 # Settings the protocol cannot set: they are the sweep's own (seed), the command's (task, device) or
 # the budget's (max_train_examples).
 NOT_IN_GRID = {"seed", "task", "device", "max_train_examples"}
+# --set settings that leave the protocol as it is: the precision (the paper trained in fp16), the same batch
+# in micro-batches, how often the run logs and saves.
+SAME_PROTOCOL = {"precision", "update_freq", "log_every", "save_every"}
 KEYS = {"name", "seeds", "grid", "set", "tasks", "mnli_start", "mnli_start_sizes"}
 
 
@@ -361,11 +364,10 @@ class Sweep:
             self.cuts.append(f"seeds: {len(seeds)} of the protocol's {len(p.seeds)} ({', '.join(map(str, seeds))})")
         for key in set(self.extra) & (NOT_IN_GRID | {"lr", "batch_size"}):
             raise RobertaError(f"--set {key}: the protocol and the budget choose {key}, not --set")
+        changed = sorted(set(self.extra) - SAME_PROTOCOL)
+        if changed:  # a setting that changes what is trained or measured is a cut like any other
+            self.cuts.append(f"--set {', '.join(f'{k}={self.extra[k]}' for k in changed)}: not the protocol's")
         for task in tasks:
-            changed = sorted(k for k in self.extra if any(k in point for point in p.points[task]))
-            if changed:  # --set over a setting the protocol fixes is a cut like any other
-                self.cuts.append(f"{task}: --set {', '.join(f'{k}={self.extra[k]}' for k in changed)} replaces the "
-                                 "protocol's value")
             points = cut_points(task, p.points[task], b)
             if len(points) < len(p.points[task]):
                 self.cuts.append(f"{task}: {len(points)} of the grid's {len(p.points[task])} settings")
@@ -647,7 +649,8 @@ def task_result(task: str, runs: list[Run], size: str | None) -> dict:
                          "median": statistics.median(scores.values()) if scores else None})
     scored = [i for i, s in enumerate(settings) if s["median"] is not None]
     best = max(scored, key=lambda i: (settings[i]["median"], -i)) if scored else None
-    row = {"task": task, "metric": metric, "best": best, "settings": settings,
+    row = {"task": task, "started_from": runs[0].model if runs else None, "metric": metric, "best": best,
+           "settings": settings,
            "runs_done": sum(len(s["scores"]) for s in settings), "runs": len(runs),
            "published": PUBLISHED.get(size or "", {}).get(task), "published_note": PUBLISHED_NOTES.get(task)}
     if best is not None:

@@ -290,3 +290,14 @@ def test_another_model_in_the_same_out_is_refused(swept, tiny_mlm_dir, tmp_path,
     status, printed, err = in_process(sweep_args(tmp_path / "other", out, grid_file), capsys)
     assert status == 2 and printed == "" and len(err.splitlines()) == 1
     assert err.startswith(f"error: {out} holds a sweep of model {tiny_mlm_dir}: give the same, or choose another --out")
+
+
+def test_set_adds_a_setting_to_every_run_and_a_cut_unless_it_leaves_the_protocol_as_it_is(tmp_path):
+    def sweep(**extra):
+        return rp.Sweep(("RTE",), "m", GLUE_DATA, tmp_path / "o", rp.protocol("paper"), extra=extra)
+    same = sweep(precision="bf16", update_freq="2")
+    assert same.cuts == [] and all(r.recipe.precision == "bf16" and r.recipe.update_freq == 2 for r in same.runs)
+    assert "--set update_freq=2" in shlex.join(same.runs[0].command())
+    assert sweep(max_dev_examples="100").cuts == ["--set max_dev_examples=100: not the protocol's"]
+    with pytest.raises(RobertaError, match="--set lr: the protocol and the budget choose lr, not --set"):
+        sweep(lr="1e-5")

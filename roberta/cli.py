@@ -705,9 +705,9 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     b = p.add_argument_group("budget", "cut the protocol for a quick look (the table lists every cut)")
     b.add_argument("--seeds", type=_positive_int, help="the first N of the protocol's seeds (default: all five)")
-    b.add_argument("--lr", type=_number_list(float), help="keep the settings with these learning rates, e.g. 2e-5,3e-5")
-    b.add_argument("--batch-size", type=_number_list(int), help="keep the settings with these batch sizes, e.g. 32")
-    b.add_argument("--data-fraction", type=float, help="train on this fraction of each task's training rows")
+    b.add_argument("--lr", type=_number_list(float), help="keep the settings with these learning rates, e.g. 2e-5,3e-5 (default: all the grid's)")
+    b.add_argument("--batch-size", type=_number_list(int), help="keep the settings with these batch sizes, e.g. 32 (default: all the grid's)")
+    b.add_argument("--data-fraction", type=float, help="train on this fraction of each task's training rows (default: all)")
     p.set_defaults(func=_reproduce)
 
 

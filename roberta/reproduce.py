@@ -728,6 +728,7 @@ def plot(t: dict, png: Path) -> None:
             ax.legend(fontsize=7)
         ax.set_xticks(range(len(r["settings"])), [s["name"] for s in r["settings"]], rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{r['task']} ({r['metric'] or 'no runs'})")
+        ax.set_ylabel("dev score (%)")
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
     fig.tight_layout()
@@ -763,6 +764,8 @@ def reproduce(tasks: list[str], model: str, data, out, grid: str = "paper", budg
     `extra`: recipe settings every run takes besides the protocol's, e.g. {"precision": "bf16"}."""
     if jobs is not None and jobs < 1 or threads is not None and threads < 1:
         raise RobertaError("--jobs and --threads take 1 or more")
+    if device not in ("auto", "cpu", "cuda"):  # each worker sees one GPU as cuda:0
+        raise RobertaError(f"--device {device}: use auto, cpu or cuda (CUDA_VISIBLE_DEVICES and --jobs choose the GPUs)")
     sweep = Sweep(expand_tasks(tasks), model, data, out, protocol(grid), budget or Budget(), device, mnli_model,
                   extra or {}, size=model_size(model))
     for note in sweep.notes:

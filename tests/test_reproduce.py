@@ -301,3 +301,16 @@ def test_set_adds_a_setting_to_every_run_and_a_cut_unless_it_leaves_the_protocol
     assert sweep(max_dev_examples="100").cuts == ["--set max_dev_examples=100: not the protocol's"]
     with pytest.raises(RobertaError, match="--set lr: the protocol and the budget choose lr, not --set"):
         sweep(lr="1e-5")
+
+
+def test_bad_command_values_are_refused(tmp_path):
+    with pytest.raises(RobertaError, match=r"--data-fraction 0: give a fraction in \(0, 1\]"):
+        rp.Budget(data_fraction=0)
+    with pytest.raises(RobertaError, match="--seeds 0: give 1 or more"):
+        rp.Budget(seeds=0)
+    with pytest.raises(RobertaError, match="--device cuda:1: use auto, cpu or cuda"):
+        rp.reproduce(["RTE"], "m", GLUE_DATA, tmp_path / "o", device="cuda:1")
+    with pytest.raises(RobertaError, match="unknown task 'SST3'"):
+        rp.expand_tasks(["glue", "SST3"])
+    assert rp.expand_tasks(["rte", "glue", "squad"]) == ("RTE", "MNLI", "QNLI", "QQP", "SST-2", "MRPC", "CoLA", "STS-B",
+                                                         "squad")

@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: none written)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     p.set_defaults(func=_evaluate)
+    _add_reproduce(sub)
     _explain(sub)
     for name in COMPUTING:
         sub.choices[name].add_argument("--threads", type=_positive_int, help="CPU threads for the model's math "
@@ -724,6 +725,62 @@ def _evaluate(args) -> int:
     result = evaluate(args.task, args.data, args.model, args.split, args.predictions, out, args.batch_size,
                       recipe=recipe)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="the paper's fine-tuning protocol: a grid of settings, 5 seeds, the median "
+                       "of the best setting beside the published number")
+    p.add_argument("tasks", nargs="+", metavar="TASK", help="glue, squad, race, or task names (MNLI, RTE, ...)")
+    p.add_argument("--model", required=True, help="the pretrained model: a name, directory or archive")
+    p.add_argument("--data", required=True, help="the folder that holds each task's data: glue_data's MNLI/, SST-2/, "
+                   "..., and squad/, RACE/")
+    p.add_argument("--out", required=True, help="sweep directory: OUT/<TASK>/<setting>-seed<N>/ run directories, "
+                   "table.md, table.json, scores.png")
+    p.add_argument("--grid", default="paper", help="paper, fairseq (its README's per-task settings), or a JSON/YAML "
+                   "file in the layout of roberta.reproduce.PAPER")
+    p.add_argument("--mnli-model", help="start the MNLI-initialised tasks (large: RTE, STS-B, MRPC) from this "
+                   "fine-tuned MNLI model (default: the sweep's own MNLI runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe setting every run takes "
+                   "besides the protocol's, e.g. --set precision=bf16")
+    p.add_argument("--device", default="auto", help="auto (every GPU, else the CPU), cpu or cuda")
+    p.add_argument("--jobs", type=_positive_int, help="runs at a time (default: one per GPU; 1 on the CPU)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads per run (default: the cores / --jobs)")
+    p.add_argument("--print-commands", action="store_true", help="list the `roberta finetune` commands of the runs "
+                   "not done (for a cluster scheduler) and run nothing")
+    p.add_argument("--collect", action="store_true", help="write the table from what the run directories hold; run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    b = p.add_argument_group("budget", "cut the protocol for a quick look (the table lists every cut)")
+    b.add_argument("--seeds", type=_positive_int, help="the first N of the protocol's seeds (default: all five)")
+    b.add_argument("--lr", type=_number_list(float), help="keep the settings with these learning rates, e.g. 2e-5,3e-5 (default: all the grid's)")
+    b.add_argument("--batch-size", type=_number_list(int), help="keep the settings with these batch sizes, e.g. 32 (default: all the grid's)")
+    b.add_argument("--data-fraction", type=float, help="train on this fraction of each task's training rows (default: all)")
+    p.set_defaults(func=_reproduce)
+
+
+def _number_list(kind):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return parse
+
+
+def _reproduce(args) -> int:
+    from .reproduce import Budget, markdown, reproduce
+
+    budget = Budget(args.seeds, args.lr, args.batch_size, args.data_fraction)
+    extra = {}
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RobertaError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set precision=bf16")
+        extra[key.strip()] = value.strip()
+    result = reproduce(args.tasks, args.model, args.data, args.out, args.grid, budget, args.device, args.mnli_model,
+                       args.jobs, args.threads, args.print_commands, args.collect, progress=not args.no_progress,
+                       extra=extra)
+    print("\n".join(result) if args.print_commands else markdown(result), end="\n" if args.print_commands else "")
     return 0
 
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RobertaError
-from .fileio import atomic_write
+from .fileio import atomic_write, parse_json
 from .finetune import CHANGEABLE_ON_RESUME, GLUE_RECIPES, WARMUP_RATIO, Recipe, recipe_for, task_name
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +200,9 @@ def protocol(name_or_file: str) -> Protocol:
 
             data = yaml.safe_load(text)
         else:
-            data = json.loads(text)
+            data = parse_json(text)
+    except RobertaError as exc:  # the bounded JSON reader: nesting, number length
+        raise RobertaError(f"{path} is {exc}") from None
     except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError's subclasses of it
         raise RobertaError(f"{path} is not valid {path.suffix[1:].upper() or 'JSON'}: {str(exc).splitlines()[0]}") \
             from None
@@ -397,8 +399,8 @@ class Sweep:
         path = self.out / "sweep.json"
         if path.is_file():
             try:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError:
+                saved = parse_json(path.read_text(encoding="utf-8"))
+            except (ValueError, RobertaError):
                 raise RobertaError(f"{path} is not valid JSON: restore it, or choose another --out") from None
             diff = [k for k in record if saved.get(k) != record[k]]
             if diff:
@@ -602,15 +604,15 @@ def run_progress(out: Path) -> tuple[int, int | None]:
     path = out / "metrics.jsonl"
     try:
         with open(path, "rb") as f:
-            first = json.loads(f.readline())
+            first = parse_json(f.readline())
             f.seek(max(0, path.stat().st_size - 4096))
             tail = f.read().splitlines()
         total = first.get("plan", {}).get("updates")
         for line in reversed(tail):
-            with contextlib.suppress(ValueError):
-                return int(json.loads(line).get("step", 0)), total
+            with contextlib.suppress(ValueError, RobertaError):
+                return int(parse_json(line).get("step", 0)), total
         return 0, total
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RobertaError):
         return 0, None
 
 
@@ -622,12 +624,12 @@ def read_score(out: Path) -> tuple[str, float, dict]:
     """(metric, score in percent, all dev metrics in percent) from a finished run's eval.json."""
     path = out / "eval.json"
     try:
-        result = json.loads(path.read_text(encoding="utf-8"))
+        result = parse_json(path.read_text(encoding="utf-8"))
         metric, dev = result["metric"], result["dev"]
         scale = 1.0 if result["task"] == "squad" else 100.0  # SQuAD's metrics are percent already
         scores = {k: scale * v for k, v in dev.items() if isinstance(v, (int, float)) and k != "total"}
         return metric, scores[metric], scores
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RobertaError):
         raise RobertaError(f"{path} is not a fine-tuning result (eval.json with metric and dev): rerun the "
                            f"sweep to redo it, after removing {out}") from None
 

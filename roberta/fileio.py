@@ -103,11 +103,14 @@ def _json_type(value) -> str:
 
 def content_digest(paths: list[str | os.PathLike]) -> str:
     """One hash (xxh3-128, hex) of the files' names and bytes, read in blocks: two sets of files with the
-    same digest hold the same content, whatever their modification times."""
+    same digest hold the same content, whatever their modification times. A folder stands for the
+    files below it."""
     import xxhash
 
     digest = xxhash.xxh3_128()
-    for path in paths:
+    files = [file for path in map(Path, paths) for file in (
+        sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path])]
+    for path in files:
         digest.update(os.fsencode(Path(path).name) + b"\0")
         with open(path, "rb") as f:
             digest.update(b"%d\0" % os.fstat(f.fileno()).st_size)

@@ -594,3 +594,18 @@ def test_an_export_killed_with_9_leaves_nothing_the_next_export_does_not_remove(
     result = run("export", "-m", hub_checkpoints["hf"], "--onnx", out, timeout=300)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]  # the debris of the killed export is gone
+
+
+def test_content_digest_follows_bytes_not_times_and_reads_folders(tmp_path):
+    from roberta.fileio import content_digest
+
+    folder = tmp_path / "race" / "train"
+    folder.mkdir(parents=True)
+    (folder / "1.txt").write_bytes(b"article one")
+    (folder / "2.txt").write_bytes(b"article two")
+    first = content_digest([folder])
+    assert first == content_digest(sorted(folder.iterdir()))  # a folder stands for its files
+    os.utime(folder / "1.txt", (0, 0))
+    assert content_digest([folder]) == first  # times do not count
+    (folder / "2.txt").write_bytes(b"article tw0")  # one byte, same size
+    assert content_digest([folder]) != first

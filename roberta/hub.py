@@ -40,7 +40,7 @@ from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_write
 from .inference import length_batches, pad_batch
 from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
-from .tokenizer import RobertaTokenizer
+from .tokenizer import RobertaTokenizer, longest_first
 
 MASK = "<mask>"
 WINDOW_BATCH = 16  # windows of one long sequence run this many at a time: bounded memory
@@ -59,6 +59,7 @@ class RobertaHub(nn.Module):
         self.tokenizer = tokenizer
         self.pooling: SentencePooling | None = None  # a sentence-transformers directory's own (`load` sets it)
         self.precision, self.precision_reason = "fp32", "as loaded"  # `load` may reduce it
+        self.source: Path | None = None  # the directory or archive `load` read (a job's model identity)
         self.train(model.training)  # the hub is in the mode its model is in
 
     def train(self, mode: bool = True) -> "RobertaHub":
@@ -402,11 +403,14 @@ class RobertaHub(nn.Module):
         if n <= limit:
             return ids
         if not truncate:
-            offer = "" if truncate is None else f"pass truncate=True (--truncate) to keep the first {limit}, or "
-            raise RobertaError(f"input has {n} tokens but the model takes at most {limit}; {offer}shorten it")
-        ids = ids[:, :limit].clone()
-        ids[ids[:, -1].ne(self.tokenizer.pad_token_id), -1] = self.tokenizer.eos_token_id  # keep the end marker
-        return ids
+            raise RobertaError(too_long("input", n, limit, truncate))
+        pad = self.tokenizer.pad_token_id
+        rows = []
+        for row in ids.tolist():
+            while len(row) > limit and row[-1] == pad:  # a padded batch: the padding goes first
+                row.pop()
+            rows.append(cut(self.tokenizer, row, limit) if len(row) > limit else row)
+        return pad_batch(rows, pad)[0].to(ids.device)
 
     def _inference(self):
         # Gradients only when training through the hub (fine-tuning), never for inference.
@@ -435,6 +439,71 @@ def encode(tokenizer: RobertaTokenizer, sentence, *addl_sentences: str, no_separ
         offsets += none * before + text_offsets + none
     tokens = torch.tensor(ids, dtype=torch.long)
     return (tokens, offsets) if return_offsets else tokens
+
+
+def too_long(what: str, tokens: int | None, limit: int, truncate: bool | None) -> str:
+    """The refusal of an input past the model's limit (`tokens` None: more than the limit)."""
+    count = f"more than {limit}" if tokens is None else tokens
+    offer = "" if truncate is None else f"pass truncate=True (--truncate) to keep the first {limit}, or "
+    return f"{what} has {count} tokens but the model takes at most {limit}; {offer}shorten it"
+
+
+def cut(tokenizer: RobertaTokenizer, ids: list[int], limit: int) -> list[int]:
+    """`ids` cut to `limit` tokens keeping the end marker. A pair (`<s> A </s></s> B </s>`) loses
+    tokens from its longer sentence first, as transformers' truncation="longest_first": both
+    sentences and the `</s></s>` between them stay."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if len(ids) <= limit:
+        return ids
+    sep = next((i for i in range(1, len(ids) - 2) if ids[i] == eos and ids[i + 1] == eos), None)
+    if sep is None or ids[0] != bos or ids[-1] != eos or limit < 4:
+        return ids[:limit - 1] + [eos]
+    first, second = ids[1:sep], ids[sep + 2:-1]
+    keep_first, keep_second = longest_first(len(first), len(second), limit - 4)
+    return [bos, *first[:keep_first], eos, eos, *second[:keep_second], eos]
+
+
+def encode_within(tokenizer: RobertaTokenizer, sentences: list[str], limit: int | None, truncate: bool | None,
+                  what: str = "input") -> list[int]:
+    """`encode(tokenizer, *sentences)` refused past `limit` tokens, or with `truncate` cut as `cut`
+    cuts it, tokenizing no more of a long text than that needs: a chunk at a time
+    (`RobertaTokenizer.ids_in_chunks`), stopping once a sentence is past the limit. None: no limit."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if limit is None:  # every token (windows read them all)
+        ids = [bos]
+        for i, text in enumerate(sentences):
+            ids += [eos] * (i > 0) + [t for chunk in tokenizer.ids_in_chunks(text) for t in chunk] + [eos]
+        return ids
+    if len(sentences) > 2:
+        ids = encode(tokenizer, *sentences).tolist()
+        if len(ids) > limit and not truncate:
+            raise RobertaError(too_long(what, len(ids), limit, truncate))
+        return cut(tokenizer, ids, limit)
+    room = limit - 2 * len(sentences)
+    heads, whole = [], []
+    for text in sentences:
+        ids = []
+        for chunk in tokenizer.ids_in_chunks(text):
+            ids += chunk
+            if len(ids) > room:
+                break
+        heads.append(ids[:room + 1])
+        whole.append(len(ids) <= room)
+    lengths = [len(h) for h in heads]
+    if sum(lengths) > room:
+        if not truncate:
+            raise RobertaError(too_long(what, sum(lengths) + 2 * len(sentences) if all(whole) else None, limit,
+                                        truncate))
+        if len(heads) == 1:
+            lengths = [room]
+        else:
+            if not any(whole):  # which is longer decides who keeps the odd token: count them, a chunk at a time
+                lengths = [sum(len(c) for c in tokenizer.ids_in_chunks(text)) for text in sentences]
+            lengths = list(longest_first(*lengths, max(room, 0)))
+    ids = [bos]
+    for i, (head, n) in enumerate(zip(heads, lengths)):
+        ids += [eos] * (i > 0) + head[:n] + [eos]
+    return ids
 
 
 def decode(tokenizer: RobertaTokenizer, tokens):
@@ -602,13 +671,15 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     """
     from .inference import reduce_precision, resolve_precision
 
-    with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
+    source = resolve(name_or_path, cache_dir, offline, base_url, progress)
+    with _model_dir(source) as directory:
         sentence = read_sentence_config(directory)
         directory = sentence[1] if sentence else directory
         model = _model_class(directory).from_pretrained(directory)
         tokenizer = _tokenizer(directory, cache_dir, offline, base_url, progress)
     hub = RobertaHub(model, tokenizer).eval()
     hub.pooling = sentence[0] if sentence else None
+    hub.source = source.parent if source.name == "model.pt" else source
     hub = hub.to(device) if device is not None else hub
     hub.precision, hub.precision_reason = resolve_precision(precision, hub.device)
     reduce_precision(hub.model, hub.precision)

@@ -360,14 +360,9 @@ def _texts(args, skip_blank: bool = False):
 
 
 def _batches(items, size: int = 32):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    from .jobs import chunks
+
+    return chunks(items, size)
 
 
 def _print(args, value, text: str) -> None:
@@ -427,11 +422,18 @@ def _features(args):
             raise RobertaError(f"cannot write {args.out}: the directory {Path(args.out).parent} does not exist; "
                                "create it first")
         hub = _load(args)
-        texts = list(_texts(args))
-        shape = write_features(hub, texts, args.out, pool=args.pool, layer=args.layer, truncate=args.truncate,
-                               batch_tokens=args.batch_tokens, window=args.window, stride=args.stride)
-        _print(args, {"path": args.out, "inputs": len(texts), "shape": shape},
-               f"wrote {len(texts)} inputs to {args.out} (vectors of {shape[-1]})")
+        count = 0
+
+        def texts():  # streamed: the rows go to the file as they are computed
+            nonlocal count
+            for count, text in enumerate(_texts(args), 1):
+                yield text
+
+        name = "argument" if args.text else args.input or "stdin"
+        shape = write_features(hub, texts(), args.out, pool=args.pool, layer=args.layer, truncate=args.truncate,
+                               batch_tokens=args.batch_tokens, window=args.window, stride=args.stride, name=name)
+        _print(args, {"path": args.out, "inputs": count, "shape": shape},
+               f"wrote {count} inputs to {args.out} (vectors of {shape[-1]})")
         return
     _job(args, "features")
 

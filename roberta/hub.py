@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -32,12 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from . import download, windows
 from .checkpoint import read_checkpoint
 from .errors import RobertaError, RobertaWarning
-from .fileio import atomic_write
+from .fileio import atomic_open
 from .inference import length_batches, pad_batch
 from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
 from .tokenizer import RobertaTokenizer, longest_first
@@ -143,21 +141,39 @@ class RobertaHub(nn.Module):
         sequences, as_list = self._sequences(tokens)
         items = []
         for ids in sequences:
-            rows, ranges = windows.split(ids, *plan)
-            pieces = [self.extract_features(rows[i:i + WINDOW_BATCH], return_all_hiddens=True)
-                      for i in range(0, len(rows), WINDOW_BATCH)]
-            pieces = [layers for batch in pieces for layers in batch]
-            owner = [windows.most_central(ranges, j) for j in range(len(ids) - 2)]
-            stitched = []
-            for layer in range(len(pieces[0])):
-                inner = [pieces[w][layer][0, 1 + j - ranges[w][0]] for j, w in enumerate(owner)]
-                stitched.append(torch.stack([pieces[0][layer][0, 0], *inner, pieces[-1][layer][0, -1]])[None])
+            stitched = None
+            for start, layers in self.stitched_rows(ids, plan, return_all_hiddens):
+                if stitched is None:
+                    stitched = [h.new_empty(len(ids), h.shape[-1]) for h in layers]
+                for out, h in zip(stitched, layers):
+                    out[start:start + len(h)] = h
+            stitched = [out[None] for out in stitched]
             items.append(stitched if return_all_hiddens else stitched[-1])
         if as_list:
             return items
         if return_all_hiddens:
             return [torch.cat([item[layer] for item in items]) for layer in range(len(items[0]))]
         return torch.cat(items)
+
+    def stitched_rows(self, ids: list[int], plan: tuple[int, int], return_all_hiddens: bool = False):
+        """The features of one long sequence read in windows (`plan`: window, stride), as pieces
+        `(position, layers)`: rows [n, hidden] of each layer (the last only, unless
+        `return_all_hiddens`) for positions position..position+n, each token from the window where
+        it is most central. One batch of windows is held at a time; the caller keeps what it needs
+        (the stitched sequence, or a pooled sum)."""
+        rows, ranges = windows.split(ids, *plan)
+        runs = windows.owned(ranges)
+        for first in range(0, len(rows), WINDOW_BATCH):
+            batch = self.extract_features(rows[first:first + WINDOW_BATCH], return_all_hiddens=return_all_hiddens)
+            for w, layers in enumerate(batch, first):
+                layers = layers if return_all_hiddens else [layers]
+                if w == 0:
+                    yield 0, [h[0, :1] for h in layers]  # <s>
+                (a, b), offset = runs[w], 1 - ranges[w][0]
+                if b > a:
+                    yield 1 + a, [h[0, a + offset:b + offset] for h in layers]
+                if w == len(rows) - 1:
+                    yield len(ids) - 1, [h[0, -1:] for h in layers]  # </s>
 
     def _sequences(self, tokens) -> tuple[list[list[int]], bool]:
         """Token lists of one sequence (1-D), a [batch, length] tensor or a list, and whether a list came."""
@@ -799,9 +815,9 @@ def head_labels(config, head: str) -> list[str] | None:
     return [config.id2label[i] for i in range(classes)]
 
 
-def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, pool: str | None = None,
+def write_features(hub: RobertaHub, texts, path: str | os.PathLike, pool: str | None = None,
                    layer: int = -1, truncate: bool = False, batch_tokens: int = 4096, window: int | None = None,
-                   stride: int | None = None) -> list[int]:
+                   stride: int | None = None, name: str | None = None) -> list[int]:
     """Features of each text (a TAB separates the sentences of a pair) written atomically to `path`.
 
     `.npy`: one row per text ([texts, hidden]); `.jsonl`: {"text", "tokens", "features"} per line.
@@ -811,8 +827,10 @@ def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, p
     modes (max, mean_sqrt_len_tokens, weightedmean, lasttoken), or "none" (every token: .jsonl only).
     `layer`: 0 is the embeddings, -1 (default) the last layer. `window`/`stride` read texts longer
     than the model in overlapping windows (see `RobertaHub.extract_features`; cls, mean or none).
-    Everything is held in memory; for corpora use `roberta.jobs`, which streams into shards. Returns
-    the shape of one text's features.
+    `texts` may be any iterable: they are read, computed and written FEATURE_CHUNK at a time, so
+    memory does not grow with their number (the .npy header, whose row count comes last, is
+    rewritten at the end). `name` (e.g. the input file) makes errors name the line. Returns the
+    shape of one text's features.
     """
     from . import jobs
 
@@ -830,32 +848,56 @@ def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, p
     layers = hub.model.config.num_hidden_layers
     if not -layers - 1 <= layer <= layers:
         raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}")
-    if not texts:
-        raise RobertaError("no inputs to write features for; give at least one text")
     windowed = windows.check(window, stride, hub.max_tokens) is not None
-    if hub.pooling is None and pool in (None, "cls", "mean", "none") or windowed:
-        if pool not in (None, "cls", "mean", "none"):
-            raise RobertaError(f"windows pool with cls, mean or none, not {pool!r}")
-        tokens = jobs.tokenize(hub, [text.split("\t") for text in texts], truncate, windowed)
-        vectors = jobs.feature_rows(hub, tokens, pool or "cls", layer, batch_tokens, window, stride)
-    else:  # a sentence-transformers model's own pooling, or one of its other modes
+    ours = hub.pooling is None and pool in (None, "cls", "mean", "none") or windowed
+    if windowed and pool not in (None, "cls", "mean", "none"):
+        raise RobertaError(f"windows pool with cls, mean or none, not {pool!r}")
+
+    def features(texts: list[str], first_line: int) -> tuple[list, list]:
+        if ours:
+            tokens = jobs.tokenize(hub, [text.split("\t") for text in texts], truncate, windowed,
+                                   first_line=first_line if name else None, name=name or "input")
+            return tokens, jobs.feature_rows(hub, tokens, pool or "cls", layer, batch_tokens, window, stride)
+        # a sentence-transformers model's own pooling, or one of its other modes
         tokens = [hub._fit_to(hub.encode(*text.split("\t")), truncate, limit).tolist() for text in texts]
         # Sorted into batches of similar length under a token budget: almost no padding work, and the
         # vectors go back to input order.
         vectors: list = [None] * len(tokens)
-        batches = length_batches([len(t) for t in tokens], batch_tokens)
-        for batch in tqdm(batches, desc="features", unit="batch", disable=len(batches) < 10):
+        for batch in length_batches([len(t) for t in tokens], batch_tokens):
             hidden = hub.extract_features([torch.tensor(tokens[i]) for i in batch],
                                           return_all_hiddens=layer not in (-1, layers))
             for i, h in zip(batch, hidden):
                 h = (h[layer] if isinstance(h, list) else h)[0].float()
                 vector = h if mode == "none" else pool_tokens(h, mode)
                 vectors[i] = (F.normalize(vector, dim=-1) if unit else vector).cpu().numpy()
-    if path.suffix == ".npy":
-        buffer = io.BytesIO()
-        np.save(buffer, np.stack(vectors))
-        atomic_write(path, buffer.getvalue())
-    else:
-        atomic_write(path, "".join(json.dumps({"text": text, "tokens": ids, "features": vector.tolist()}) + "\n"
-                                   for text, ids, vector in zip(texts, tokens, vectors)))
-    return list(vectors[0].shape)
+        return tokens, vectors
+
+    rows, shape = 0, None
+    with atomic_open(path) as f:
+        if path.suffix == ".npy":
+            f.write(bytes(NPY_HEADER))  # room for the header, written once the rows are counted
+        for chunk in jobs.chunks(texts, FEATURE_CHUNK):
+            tokens, vectors = features(chunk, rows + 1)
+            shape = shape or list(vectors[0].shape)
+            if path.suffix == ".npy":
+                f.write(np.ascontiguousarray(np.stack(vectors), dtype="<f4").tobytes())
+            else:
+                f.write("".join(json.dumps({"text": text, "tokens": ids, "features": vector.tolist()}) + "\n"
+                                for text, ids, vector in zip(chunk, tokens, vectors)).encode("utf-8"))
+            rows += len(chunk)
+        if rows == 0:
+            raise RobertaError("no inputs to write features for; give at least one text")
+        if path.suffix == ".npy":
+            f.seek(0)
+            f.write(npy_header((rows, *shape)))
+    return shape
+
+
+FEATURE_CHUNK = 4096  # texts `write_features` reads and computes at a time
+NPY_HEADER = 128  # bytes of a streamed .npy's header: room for any float32 [rows, width] shape
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """A .npy (version 1.0) header of exactly NPY_HEADER bytes for little-endian float32 rows."""
+    text = repr({"descr": "<f4", "fortran_order": False, "shape": tuple(shape)}).encode("latin1")
+    return b"\x93NUMPY\x01\x00" + (NPY_HEADER - 10).to_bytes(2, "little") + text.ljust(NPY_HEADER - 11) + b"\n"

@@ -127,6 +127,18 @@ def scan_input(path: str) -> tuple[int, str]:
     return count + (last != b"\n"), digest.hexdigest()
 
 
+def chunks(items, size: int) -> Iterator[list]:
+    """Lists of `size` items (the last one shorter) from any iterable, read as they are needed."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 # ---- computing ----------------------------------------------------------------------------------
 
 
@@ -169,6 +181,7 @@ def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -
     tokens ("mean"), or every token ("none", [length, hidden]), from `layer` (0: the embeddings).
     Sequences go in batches of similar length under `batch_tokens`, pooled as a batch; longer than
     the model with `window`/`stride`, in overlapping windows."""
+    from . import windows
     from .inference import length_batches, pad_batch
 
     layers = hub.model.config.num_hidden_layers
@@ -191,10 +204,23 @@ def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -
             pooled = [h[r, :len(tokens[i])].cpu().numpy() for r, i in enumerate(batch)]
         for i, vector in zip(batch, pooled):
             out[i] = vector
+    plan = windows.check(window, stride, limit)
     for i in (i for i, t in enumerate(tokens) if len(t) > limit):
-        h = hub.extract_features(torch.tensor(tokens[i]), return_all_hiddens=all_layers, window=window, stride=stride)
-        h = (h[layer] if all_layers else h)[0].float()
-        out[i] = (h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy()
+        if pool == "none":
+            h = hub.extract_features(torch.tensor(tokens[i]), return_all_hiddens=all_layers, window=window,
+                                     stride=stride)
+            out[i] = (h[layer] if all_layers else h)[0].float().cpu().numpy()
+            continue
+        # Pooled as the windows go: the stitched sequence (of every layer) is never held.
+        total, first = 0, None
+        with torch.inference_mode():
+            for _, layers in hub.stitched_rows(tokens[i], plan, all_layers):
+                h = (layers[layer] if all_layers else layers[0]).float()
+                if pool == "cls":  # the first piece holds <s>: no other window is needed
+                    first = h[0]
+                    break
+                total = total + h.sum(0)
+        out[i] = (first if pool == "cls" else total / len(tokens[i])).cpu().numpy()
     return out
 
 

@@ -493,8 +493,9 @@ def _predict(args):
     head = _head(args, hub)
     names = hub.labels(head)  # a fine-tuned classifier's id2label, else class indices
     windowed = args.window is not None or args.stride is not None
-    for batch in _batches(_inputs(args)):
-        tokens = jobs.tokenize(hub, batch, args.truncate, windowed)
+    name = "argument" if args.text else args.input or "stdin"
+    for first, batch in enumerate(_batches(_inputs(args))):
+        tokens = jobs.tokenize(hub, batch, args.truncate, windowed, first_line=32 * first + 1, name=name)
         probs = jobs.prediction_rows(hub, tokens, head, args.batch_tokens, args.window, args.stride, args.pool)
         for sentences, row in zip(batch, probs.tolist()):
             index = max(range(len(row)), key=row.__getitem__)

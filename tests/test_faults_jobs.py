@@ -244,3 +244,194 @@ def test_the_other_commands_read_no_byte_order_mark(model_dir, capsys, monkeypat
     assert outputs[1] == outputs[0]
     if command == "encode":
         assert outputs[0] == [0, 31414, 232, 328, 2]
+
+
+# ---- pairs cut to the limit: the longer sentence first, as transformers ----------------------------
+
+HELLO = [0, 31414, 232, 328, 2]
+
+
+@pytest.fixture(scope="module")
+def hf_tok(bpe_dir):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.RobertaTokenizerFast.from_pretrained(str(bpe_dir))
+    assert tok("Hello world!")["input_ids"] == HELLO
+    return tok
+
+
+def words(n: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(WORDS[j] for j in rng.integers(0, 12, size=n)) + "."
+
+
+# (first, second) lengths in words around the limit's 60 tokens of room: one short, both long, a tie,
+# one exactly half, neither cut
+PAIRS = [(200, 3), (3, 200), (200, 200), (100, 101), (101, 100), (30, 40), (31, 29), (29, 31), (10, 10), (1, 500),
+         (5000, 40), (40, 30000)]
+
+
+@pytest.mark.parametrize("limit", [64, 63, 9])
+def test_pairs_cut_longest_first_give_transformers_ids(hub, hf_tok, limit):
+    from roberta.hub import encode_within
+
+    for n1, n2 in PAIRS:
+        a, b = words(n1, n1), words(n2, n2 + 1)
+        expected = hf_tok(a, b, truncation="longest_first", max_length=limit)["input_ids"]
+        assert len(expected) == min(limit, len(hf_tok(a, b)["input_ids"])) and expected.count(2) == 3
+        encoded = hub.encode(a, b)
+        assert hub._fit(encoded[None], True, limit)[0].tolist() == expected, (n1, n2)
+        assert encode_within(hub.tokenizer, [a, b], limit, True) == expected, (n1, n2)
+        assert hub.tokenizer.encode(a, b, max_length=limit) == expected, (n1, n2)
+        if limit == hub.max_tokens:
+            assert hub.encode(a, b, truncate=True).tolist() == expected, (n1, n2)
+            assert jobs.tokenize(hub, [[a, b]], truncate=True, windowed=False) == [expected], (n1, n2)
+
+
+def test_a_padded_batch_of_pairs_is_cut_row_by_row(hub, hf_tok):
+    pairs = [(words(200, 1), words(3, 2)), (words(2, 3), words(5, 4)), (words(80, 5), words(90, 6))]
+    batch = [hub.encode(a, b) for a, b in pairs]
+    ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=hub.tokenizer.pad_token_id)
+    fitted = hub._fit(ids, True)
+    for row, (a, b) in zip(fitted.tolist(), pairs):
+        expected = hf_tok(a, b, truncation="longest_first", max_length=64)["input_ids"]
+        assert row[:len(expected)] == expected and set(row[len(expected):]) <= {hub.tokenizer.pad_token_id}
+
+
+def test_predict_truncate_keeps_the_hypothesis(model_dir, hub, hf_tok, tmp_path, capsys, monkeypatch):
+    """A long premise no longer pushes the hypothesis out: different hypotheses, different scores,
+    each the scores of transformers' ids; the command line gives the same."""
+    premise = words(300, 7)
+    pairs = [(premise, "A man sleeps."), (premise, "Nobody is here at all today.")]
+    expected = [hf_tok(a, b, truncation="longest_first", max_length=64)["input_ids"] for a, b in pairs]
+    reference = hub.predict("mnli", [torch.tensor(e) for e in expected]).exp()
+    got = hub.predict("mnli", [hub.encode(a, b) for a, b in pairs], truncate=True).exp()
+    torch.testing.assert_close(got, reference, atol=1e-6, rtol=0)
+    assert not torch.equal(got[0], got[1])  # (a random head: close to uniform, but not the same)
+    source = tmp_path / "pairs.tsv"
+    source.write_text("".join(f"{a}\t{b}\n" for a, b in pairs))
+    assert call(capsys, monkeypatch, "predict", "-m", model_dir, "-i", source, "--truncate", "--json",
+                "--precision", "fp32", job=False) == (0, "")
+    printed = [json.loads(line)["probabilities"] for line in call.out.splitlines()]
+    np.testing.assert_allclose(printed, reference.numpy(), atol=1e-6)
+    code, error = call(capsys, monkeypatch, "predict", "-m", model_dir, "-i", source, "--precision", "fp32", job=False)
+    assert code == 2 and f"{source} line 1 has" in error and "--truncate" in error, error
+
+
+# ---- long lines and many rows in bounded memory ------------------------------------------------------
+
+def test_chunked_tokenizing_gives_the_ids_of_the_whole_text(hub):
+    """`ids_in_chunks` (what long inputs are read with) against one call on the whole text, on texts
+    built to break chunk ends: contractions, runs of spaces and newlines, digits, emoji, combining
+    marks, long words; chunks down to one character (they grow past a word that does not fit)."""
+    rng = np.random.default_rng(0)
+    atoms = ["a", "they", "'", "'re", "'s", "'ll", "re", " ", "  ", "\n", "\t", "\r\n", "1", "23", " 42", "😀",
+             "é", "e\u0301", "!", "..", "x" * 30, " Hello", "world", "\u00a0", "中文"]
+    tokenizer = hub.tokenizer
+    for trial in range(200):
+        text = "".join(atoms[i] for i in rng.integers(0, len(atoms), size=rng.integers(1, 300)))
+        whole = tokenizer.encode(text, add_special_tokens=False)
+        for chars in (1, 3, 8, 13, 64):
+            assert [t for c in tokenizer.ids_in_chunks(text, chars) for t in c] == whole, (trial, chars, text)
+
+
+def test_a_long_line_cut_or_windowed_gives_what_the_whole_line_gives(hub, tmp_path):
+    """Cut from its first chunk, a 200,000-character line gives the ids of tokenizing all of it then
+    cutting; in windows, every id, and pooled features equal to the stitched sequence's."""
+    from roberta.hub import encode_within
+
+    text = " ".join(lines(15_000))
+    assert len(text) > 3 * (1 << 16)
+    whole = hub.encode(text).tolist()
+    assert encode_within(hub.tokenizer, [text], 64, True) == whole[:63] + [2]
+    assert jobs.tokenize(hub, [[text]], True, False) == [whole[:63] + [2]]
+    assert jobs.tokenize(hub, [[text]], False, True) == [whole]
+    with pytest.raises(RobertaError, match="in.txt line 7 has more than 64 tokens"):
+        jobs.tokenize(hub, [["short"], [text]], False, False, first_line=6, name="in.txt")
+    some = torch.tensor(whole[:3000])
+    stitched = hub.extract_features(some, window=64, stride=16)[0]
+    for pool, expected in (("cls", stitched[0]), ("mean", stitched.mean(0))):
+        got = jobs.feature_rows(hub, [some.tolist()], pool, window=64, stride=16)[0]
+        np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+
+
+PEAK = "import resource, sys; from roberta.cli import main; code = main(sys.argv[1:]); " \
+       "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)"
+
+
+def peak_mib(*args) -> tuple[int, str, float]:
+    """(exit status, stderr without the figure, peak resident MiB) of the command in a fresh process."""
+    result = subprocess.run([sys.executable, "-c", PEAK, *map(str, args), "--no-progress", "--precision", "fp32"],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    *err, peak = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, "\n".join(err), int(peak) / 1024
+
+
+@pytest.fixture(scope="module")
+def fifty_mb_line(tmp_path_factory):
+    path = tmp_path_factory.mktemp("long") / "long.txt"
+    words_line = " ".join(lines(2000))  # about 70 KB
+    path.write_text(words_line * (50 * 2 ** 20 // len(words_line)) + "\nsecond line\n")
+    return path
+
+
+def test_a_50_mb_line_costs_little_memory(model_dir, fifty_mb_line, tmp_path):
+    """The line is read once (its bytes, its text, the sentences split from it: a few times 50 MB);
+    only as much of it is tokenized as the limit keeps. Tokenized whole it took 6.3 GB."""
+    small = tmp_path / "small.txt"
+    small.write_text("a short line\nsecond line\n")
+    base = peak_mib("features", "-m", model_dir, "-i", small, "-o", tmp_path / "base")
+    assert base[0] == 0, base
+    for out in ("cut", "cut.npy"):
+        code, err, peak = peak_mib("features", "-m", model_dir, "-i", fifty_mb_line, "-o", tmp_path / out, "--truncate")
+        assert code == 0, err
+        assert peak - base[2] < 400, (out, base[2], peak)  # 8 bytes per byte of the line
+    rows = jobs.load_rows(tmp_path / "cut")
+    assert rows.shape == (2, 16)
+    np.testing.assert_array_equal(np.load(tmp_path / "cut.npy"), rows)
+    for out in ("refused", "refused.npy"):
+        code, err, peak = peak_mib("features", "-m", model_dir, "-i", fifty_mb_line, "-o", tmp_path / out)
+        assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+        assert f"{fifty_mb_line} line 1 has more than 64 tokens" in err and "--truncate" in err, err
+        assert peak - base[2] < 400, (out, base[2], peak)
+        assert not (tmp_path / out).exists() or not (tmp_path / out / "index.json").exists()
+
+
+def test_windows_over_a_5_mb_line_keep_only_the_pooled_row(bpe_dir, tmp_path):
+    """--window 512 over a 5 MB line (about 1.3 million tokens, 5,000 windows): each window's layers
+    are dropped once their rows are pooled. Kept until stitching they took 4.8 GB (base size);
+    with this model (3 hidden states of 64) about 2 GB."""
+    model = save_model(tmp_path / "model", bpe_dir, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=514)
+    small, long = tmp_path / "small.txt", tmp_path / "long.txt"
+    small.write_text("a short line\n")
+    line = " ".join(lines(2000))
+    long.write_text(line * (5 * 2 ** 20 // len(line)) + "\n")
+    options = ("--window", 512, "--pool", "mean", "--layer", 1)
+    base = peak_mib("features", "-m", model, "-i", small, "-o", tmp_path / "base", *options)
+    code, err, peak = peak_mib("features", "-m", model, "-i", long, "-o", tmp_path / "long", *options)
+    assert base[0] == 0 and code == 0, (base, err)
+    # the line, its text, its ids (a Python list) and one batch of windows: under 300 MiB
+    assert peak - base[2] < 300, (base[2], peak)
+    assert jobs.load_rows(tmp_path / "long").shape == (1, 64)
+
+
+def test_features_into_one_npy_file_stream_in_bounded_memory(model_dir, hub, tmp_path):
+    """`features -o out.npy` writes rows as they are computed: five times the lines, the same memory
+    (held in memory it took 852 MiB for 20,000 lines and 3,078 MiB for 200,000: 12 KiB a line)."""
+    texts = lines(40_000)
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    big.write_text("".join(t + "\n" for t in texts))
+    small.write_text("".join(t + "\n" for t in texts[:8_000]))
+    small_peak = peak_mib("features", "-m", model_dir, "-i", small, "-o", tmp_path / "small.npy", "--pool", "mean")
+    big_peak = peak_mib("features", "-m", model_dir, "-i", big, "-o", tmp_path / "big.npy", "--pool", "mean")
+    assert small_peak[0] == 0 and big_peak[0] == 0, (small_peak, big_peak)
+    assert big_peak[2] - small_peak[2] < 30, (small_peak[2], big_peak[2])
+    rows = np.load(tmp_path / "big.npy", mmap_mode="r")
+    assert rows.shape == (40_000, 16) and rows.dtype == np.float32
+    # other batches (the last chunk of the small file is shorter): equal to rounding
+    np.testing.assert_allclose(rows[:8_000], np.load(tmp_path / "small.npy"), rtol=0, atol=1e-6)
+    sample = [0, 4095, 4096, 39_999]
+    expected = [hub.extract_features(hub.encode(texts[i]))[0].mean(0).numpy() for i in sample]
+    np.testing.assert_allclose(rows[sample], np.stack(expected), atol=1e-5)

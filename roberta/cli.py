@@ -354,6 +354,11 @@ def _inputs(args, skip_blank: bool = False):
                        getattr(args, "allow_empty", False), name=name)
 
 
+def _source(args) -> str:
+    """What the inputs' errors call where they came from: argument, the --input file, or stdin."""
+    return "argument" if args.text else getattr(args, "input", None) or "stdin"
+
+
 def _texts(args, skip_blank: bool = False):
     """`_inputs` as strings, the sentences of a pair joined by a TAB."""
     return ("\t".join(sentences) for sentences in _inputs(args, skip_blank))
@@ -429,9 +434,9 @@ def _features(args):
             for count, text in enumerate(_texts(args), 1):
                 yield text
 
-        name = "argument" if args.text else args.input or "stdin"
         shape = write_features(hub, texts(), args.out, pool=args.pool, layer=args.layer, truncate=args.truncate,
-                               batch_tokens=args.batch_tokens, window=args.window, stride=args.stride, name=name)
+                               batch_tokens=args.batch_tokens, window=args.window, stride=args.stride,
+                               name=_source(args))
         _print(args, {"path": args.out, "inputs": count, "shape": shape},
                f"wrote {count} inputs to {args.out} (vectors of {shape[-1]})")
         return
@@ -493,9 +498,10 @@ def _predict(args):
     head = _head(args, hub)
     names = hub.labels(head)  # a fine-tuned classifier's id2label, else class indices
     windowed = args.window is not None or args.stride is not None
-    name = "argument" if args.text else args.input or "stdin"
-    for first, batch in enumerate(_batches(_inputs(args))):
-        tokens = jobs.tokenize(hub, batch, args.truncate, windowed, first_line=32 * first + 1, name=name)
+    line = 1
+    for batch in _batches(_inputs(args)):
+        tokens = jobs.tokenize(hub, batch, args.truncate, windowed, first_line=line, name=_source(args))
+        line += len(batch)
         probs = jobs.prediction_rows(hub, tokens, head, args.batch_tokens, args.window, args.stride, args.pool)
         for sentences, row in zip(batch, probs.tolist()):
             index = max(range(len(row)), key=row.__getitem__)

@@ -95,7 +95,8 @@ class RobertaHub(nn.Module):
         """`<s> A </s>`, `<s> A </s></s> B </s>` ... as a LongTensor (no space is added before A).
 
         A list of sentences (and lists of second sentences, one each) gives a list of tensors.
-        `truncate=True` keeps the first `max_tokens` ids of a longer input, ending it with `</s>`.
+        `truncate=True` keeps the first `max_tokens` ids of a longer input, ending it with `</s>`; a
+        pair loses tokens from its longer sentence first (transformers' `longest_first`), so both stay.
         `return_offsets=True` gives `(tokens, offsets)`: each token's (start, end) character span in
         the sentence it came from, `(0, 0)` for special tokens (see `RobertaTokenizer.encode`).
         """
@@ -413,8 +414,8 @@ class RobertaHub(nn.Module):
         return ids.to(self.device, non_blocking=True), encoder.layout(mask, self.device)
 
     def _fit(self, ids: torch.Tensor, truncate: bool | None, limit: int | None = None) -> torch.Tensor:
-        """Refuse (or with `truncate`, cut) inputs past the limit (default: the model's); None: the caller
-        offers no truncation."""
+        """Refuse (or with `truncate`, cut as `cut` does: a pair longest first) inputs past the limit
+        (default: the model's); None: the caller offers no truncation."""
         n, limit = ids.shape[-1], limit or self.max_tokens
         if n <= limit:
             return ids

@@ -10,16 +10,21 @@ error naming the line, unless `allow_empty` makes it the empty text (`<s></s>`, 
 
 Every `shard_rows` inputs make one shard, `<kind>-NNNNN.npy` (float32 [rows, width]: pooled features,
 or class probabilities), written to a temporary name and renamed, so a shard file is whole or
-absent. Memory holds one shard's inputs and results, whatever the input size. `job.json` records
-the settings when the job starts; `index.json`, written last, lists the shards, their first rows and
-row counts: its presence means the job is complete. After a crash, `resume=True` checks the settings
-and the input against job.json and computes only the shards that are missing. Under torchrun each
+absent, after its record `<kind>-NNNNN.json` (the xxh3-128 of the shard's input lines and of its
+bytes). Memory holds one shard's inputs and results, whatever the input size. `job.json` records
+the settings when the job starts, with the content identity of the input file and of the model
+(xxh3-128 of their bytes: names and sizes say nothing of an edit in place); `index.json`, written
+last, lists the shards, their first rows, row counts and checksums: its presence means the job is
+complete. `resume=True` checks the settings and identities against job.json, reads the input again
+and checks every shard on disk against the lines it now reads (what makes stdin resumable) and
+against its checksum, and computes only the shards that are missing. Under torchrun each
 process computes the shards k with k % world_size == rank (any world size can resume any other's
 job); rank 0 writes job.json and the index, and gloo (or NCCL) barriers order the steps. Each shard's
 timing goes to `metrics.jsonl` (rows, seconds, rows per second, rank).
 
 Why `.npy` shards rather than Parquet: no new dependency, float32 rows stored exactly, and
-`np.load(shard, mmap_mode="r")` or `load_rows(directory)` reads them back without a copy.
+`np.load(shard, mmap_mode="r")` reads one back without a copy; `load_rows(directory)` all of them,
+each checked against its checksum.
 """
 from __future__ import annotations
 
@@ -480,7 +485,8 @@ def model_digest(hub) -> str:
     return digest.hexdigest()
 
 
-CHANGED = {"input_xxh3_128": "the input's content", "model_xxh3_128": "the model's files (weights, config or tokenizer)"}
+CHANGED = {"input_xxh3_128": "the input's content",
+           "model_xxh3_128": "the model's files (weights, config or tokenizer)"}
 
 
 def _check_settings(out: Path, settings: dict) -> None:

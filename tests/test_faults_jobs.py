@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 import roberta
 from roberta import RobertaConfig, RobertaForMaskedLM, RobertaTokenizer, jobs
@@ -195,12 +196,12 @@ def test_every_shard_and_its_input_lines_have_checksums_in_the_index(model_dir, 
     texts = lines(5)
     source.write_text("".join(t + "\n" for t in texts))
     index = jobs.run(hub, "features", str(source), tmp_path / "out", shard_rows=2, progress=False)
-    import xxhash
 
     for k, shard in enumerate(index["shards"]):
         data = (tmp_path / "out" / shard["file"]).read_bytes()
         assert shard["xxh3_128"] == xxhash.xxh3_128_hexdigest(data)
-        assert shard["input_xxh3_128"] == xxhash.xxh3_128_hexdigest("".join(t + "\n" for t in texts[2 * k:2 * k + 2]).encode())
+        lines_of_shard = "".join(t + "\n" for t in texts[2 * k:2 * k + 2]).encode()
+        assert shard["input_xxh3_128"] == xxhash.xxh3_128_hexdigest(lines_of_shard)
     settings = json.loads((tmp_path / "out" / "job.json").read_text())
     assert settings["input_xxh3_128"] == xxhash.xxh3_128_hexdigest(source.read_bytes())
     assert settings["model_xxh3_128"] == jobs.model_digest(hub)
@@ -386,7 +387,7 @@ def test_a_50_mb_line_costs_little_memory(model_dir, fifty_mb_line, tmp_path):
     for out in ("cut", "cut.npy"):
         code, err, peak = peak_mib("features", "-m", model_dir, "-i", fifty_mb_line, "-o", tmp_path / out, "--truncate")
         assert code == 0, err
-        assert peak - base[2] < 400, (out, base[2], peak)  # 8 bytes per byte of the line
+        assert peak - base[2] < 300, (out, base[2], peak)  # 6 bytes per byte of the line (measured: 166 MiB)
     rows = jobs.load_rows(tmp_path / "cut")
     assert rows.shape == (2, 16)
     np.testing.assert_array_equal(np.load(tmp_path / "cut.npy"), rows)
@@ -394,27 +395,27 @@ def test_a_50_mb_line_costs_little_memory(model_dir, fifty_mb_line, tmp_path):
         code, err, peak = peak_mib("features", "-m", model_dir, "-i", fifty_mb_line, "-o", tmp_path / out)
         assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
         assert f"{fifty_mb_line} line 1 has more than 64 tokens" in err and "--truncate" in err, err
-        assert peak - base[2] < 400, (out, base[2], peak)
+        assert peak - base[2] < 300, (out, base[2], peak)
         assert not (tmp_path / out).exists() or not (tmp_path / out / "index.json").exists()
 
 
 def test_windows_over_a_5_mb_line_keep_only_the_pooled_row(bpe_dir, tmp_path):
-    """--window 512 over a 5 MB line (about 1.3 million tokens, 5,000 windows): each window's layers
-    are dropped once their rows are pooled. Kept until stitching they took 4.8 GB (base size);
-    with this model (3 hidden states of 64) about 2 GB."""
-    model = save_model(tmp_path / "model", bpe_dir, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=128, max_position_embeddings=514)
+    """--window 512 over a 5 MB line (about 1.3 million tokens, 5,000 windows): each window's rows
+    are dropped once they are pooled. Every window's every layer kept until stitching took 4.8 GB
+    with a base-size model; with this one (two hidden states of 32) that is about 700 MB."""
+    model = save_model(tmp_path / "model", bpe_dir, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=514)
     small, long = tmp_path / "small.txt", tmp_path / "long.txt"
     small.write_text("a short line\n")
     line = " ".join(lines(2000))
     long.write_text(line * (5 * 2 ** 20 // len(line)) + "\n")
-    options = ("--window", 512, "--pool", "mean", "--layer", 1)
+    options = ("--window", 512, "--pool", "mean")
     base = peak_mib("features", "-m", model, "-i", small, "-o", tmp_path / "base", *options)
     code, err, peak = peak_mib("features", "-m", model, "-i", long, "-o", tmp_path / "long", *options)
     assert base[0] == 0 and code == 0, (base, err)
-    # the line, its text, its ids (a Python list) and one batch of windows: under 300 MiB
+    # the line, its text, its ids (a Python list) and one batch of windows (measured: 107 MiB)
     assert peak - base[2] < 300, (base[2], peak)
-    assert jobs.load_rows(tmp_path / "long").shape == (1, 64)
+    assert jobs.load_rows(tmp_path / "long").shape == (1, 32)
 
 
 def test_features_into_one_npy_file_stream_in_bounded_memory(model_dir, hub, tmp_path):

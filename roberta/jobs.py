@@ -429,13 +429,13 @@ def _record(out: Path, kind: str, k: int) -> dict:
     return record
 
 
-def file_digest(path: Path) -> str:
-    """xxh3-128 of a file's bytes, read in 1 MiB blocks."""
-    digest = xxhash.xxh3_128()
+def file_digest(path: Path, digest=None):
+    """A file's bytes, read in 1 MiB blocks, into `digest` (returned); by default a new xxh3-128."""
+    digest = xxhash.xxh3_128() if digest is None else digest
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
 
 
 def _check_shard(path: Path, checksum: str, rows: int) -> tuple[int, int]:
@@ -443,7 +443,7 @@ def _check_shard(path: Path, checksum: str, rows: int) -> tuple[int, int]:
     if not path.is_file():
         raise RobertaError(f"shard {path} is missing; resume the job (the same command with --resume) to "
                            "recompute it")
-    if file_digest(path) != checksum:
+    if file_digest(path).hexdigest() != checksum:
         raise RobertaError(f"shard {path} is damaged: its bytes do not match the checksum written with it; "
                            "delete it and resume the job to recompute it")
     return _shard_shape(path, rows)
@@ -479,9 +479,7 @@ def model_digest(hub) -> str:
         and all(is_checkpoint_file(part) or part.endswith(".znn") for part in p.relative_to(source).parts))
     for path in files:
         digest.update(f"{path.relative_to(source) if path != source else path.name}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        file_digest(path, digest)
     return digest.hexdigest()
 
 

@@ -300,7 +300,8 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
     # Content, not names: a file edited in place or a model retrained in place is another job.
     # stdin cannot be read twice, so its identity is each shard's own input digest (checked below).
     total, input_digest = (None, None) if stdin else scan_input(source)
-    settings = {"kind": kind, "model": model_name, "input": "-" if stdin else str(Path(source).resolve()),
+    settings = {"kind": kind, "model": model_name, "precision": getattr(hub, "precision", "fp32"),
+                "input": "-" if stdin else str(Path(source).resolve()),
                 "input_xxh3_128": input_digest, "model_xxh3_128": model_digest(hub),
                 "format": format, "field": field, "pair_field": pair_field, "allow_empty": allow_empty,
                 "pool": pool if kind == "features" else None, "layer": layer if kind == "features" else None,

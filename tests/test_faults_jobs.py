@@ -18,6 +18,7 @@ import roberta
 from roberta import RobertaConfig, RobertaForMaskedLM, RobertaTokenizer, jobs
 from roberta.cli import main as cli_main
 from roberta.errors import RobertaError
+from test_tokenizer import hf_loaded  # noqa: F401 (a fixture: transformers' tokenizer, checked on known ids)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "alpha beta gamma delta river stone light night green small house music".split()
@@ -223,7 +224,8 @@ def test_a_byte_order_mark_is_stripped_not_tokenized(model_dir, tmp_path, capsys
 def test_the_other_commands_read_no_byte_order_mark(model_dir, capsys, monkeypatch, command):
     outputs = []
     for data in (b"Hello world!\n", b"\xef\xbb\xbfHello world!\n"):
-        assert call(capsys, monkeypatch, command, "-m", model_dir, "--json", stdin=data, job=False) == (0, "")
+        exact = ("--precision", "fp32") if command == "predict" else ()
+        assert call(capsys, monkeypatch, command, "-m", model_dir, "--json", *exact, stdin=data, job=False) == (0, "")
         outputs.append(json.loads(call.out))
     assert outputs[1] == outputs[0]
     if command == "encode":
@@ -231,17 +233,6 @@ def test_the_other_commands_read_no_byte_order_mark(model_dir, capsys, monkeypat
 
 
 # ---- pairs cut to the limit: the longer sentence first, as transformers ----------------------------
-
-HELLO = [0, 31414, 232, 328, 2]
-
-
-@pytest.fixture(scope="module")
-def hf_tok(bpe_dir):
-    transformers = pytest.importorskip("transformers")
-    tok = transformers.RobertaTokenizerFast.from_pretrained(str(bpe_dir))
-    assert tok("Hello world!")["input_ids"] == HELLO
-    return tok
-
 
 def words(n: int, seed: int) -> str:
     rng = np.random.default_rng(seed)
@@ -255,13 +246,13 @@ PAIRS = [(200, 3), (3, 200), (200, 200), (100, 101), (101, 100), (30, 40), (31, 
 
 
 @pytest.mark.parametrize("limit", [64, 63, 9])
-def test_pairs_cut_longest_first_give_transformers_ids(hub, hf_tok, limit):
+def test_pairs_cut_longest_first_give_transformers_ids(hub, hf_loaded, limit):
     from roberta.hub import encode_within
 
     for n1, n2 in PAIRS:
         a, b = words(n1, n1), words(n2, n2 + 1)
-        expected = hf_tok(a, b, truncation="longest_first", max_length=limit)["input_ids"]
-        assert len(expected) == min(limit, len(hf_tok(a, b)["input_ids"])) and expected.count(2) == 3
+        expected = hf_loaded(a, b, truncation="longest_first", max_length=limit)["input_ids"]
+        assert len(expected) == min(limit, len(hf_loaded(a, b)["input_ids"])) and expected.count(2) == 3
         encoded = hub.encode(a, b)
         assert hub._fit(encoded[None], True, limit)[0].tolist() == expected, (n1, n2)
         assert encode_within(hub.tokenizer, [a, b], limit, True) == expected, (n1, n2)
@@ -271,22 +262,22 @@ def test_pairs_cut_longest_first_give_transformers_ids(hub, hf_tok, limit):
             assert jobs.tokenize(hub, [[a, b]], truncate=True, windowed=False) == [expected], (n1, n2)
 
 
-def test_a_padded_batch_of_pairs_is_cut_row_by_row(hub, hf_tok):
+def test_a_padded_batch_of_pairs_is_cut_row_by_row(hub, hf_loaded):
     pairs = [(words(200, 1), words(3, 2)), (words(2, 3), words(5, 4)), (words(80, 5), words(90, 6))]
     batch = [hub.encode(a, b) for a, b in pairs]
     ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=hub.tokenizer.pad_token_id)
     fitted = hub._fit(ids, True)
     for row, (a, b) in zip(fitted.tolist(), pairs):
-        expected = hf_tok(a, b, truncation="longest_first", max_length=64)["input_ids"]
+        expected = hf_loaded(a, b, truncation="longest_first", max_length=64)["input_ids"]
         assert row[:len(expected)] == expected and set(row[len(expected):]) <= {hub.tokenizer.pad_token_id}
 
 
-def test_predict_truncate_keeps_the_hypothesis(model_dir, hub, hf_tok, tmp_path, capsys, monkeypatch):
+def test_predict_truncate_keeps_the_hypothesis(model_dir, hub, hf_loaded, tmp_path, capsys, monkeypatch):
     """A long premise no longer pushes the hypothesis out: different hypotheses, different scores,
     each the scores of transformers' ids; the command line gives the same."""
     premise = words(300, 7)
     pairs = [(premise, "A man sleeps."), (premise, "Nobody is here at all today.")]
-    expected = [hf_tok(a, b, truncation="longest_first", max_length=64)["input_ids"] for a, b in pairs]
+    expected = [hf_loaded(a, b, truncation="longest_first", max_length=64)["input_ids"] for a, b in pairs]
     reference = hub.predict("mnli", [torch.tensor(e) for e in expected]).exp()
     got = hub.predict("mnli", [hub.encode(a, b) for a, b in pairs], truncate=True).exp()
     torch.testing.assert_close(got, reference, atol=1e-6, rtol=0)

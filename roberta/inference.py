@@ -16,9 +16,13 @@ Precision (`--precision`, `roberta.load(precision=...)`), measured by `benchmark
 - "int8": the encoder's Linear layers with int8 weights (one scale per output row) and activations
   quantised to int8 per token at run time (one scale per row), integer matmuls through oneDNN
   (VNNI/AMX), bias and scales applied in float32: CTranslate2's int8 scheme. CPU only.
-- "auto" (the default for inference): what this machine runs fastest without a trap, from what the CPU
-  or GPU has (`choose_precision`): bf16 where there are bf16 units, int8 on CPUs with AVX-512 VNNI and
-  no bf16 units, fp32 otherwise. Never one that is emulated.
+- "auto" (the default for inference commands): what this machine runs fastest without a trap
+  (`choose_precision`): bf16 where the CPU or GPU has bf16 units, else int8 on CPUs with AVX-512 VNNI,
+  else fp32; on a CPU only where this process's libraries run it correctly (`runs_here`: a tiny product
+  through the kernel, since an instruction-set cap such as ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN refuse
+  bf16 and miscompute int8 whatever /proc/cpuinfo says) and it measured faster than fp32 here
+  (`measured_speeds`, cached with the kernel choices of `roberta.kernels`). Never one that is emulated,
+  never slower than fp32; `hub.precision_reason` says why.
 """
 from __future__ import annotations
 
@@ -69,40 +73,132 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def choose_precision(device_type: str, flags: Iterable[str] = (), gpu_bf16: bool = False) -> tuple[str, str]:
+def choose_precision(device_type: str, flags: Iterable[str] = (), gpu_bf16: bool = False,
+                     runs: Iterable[str] = ("bf16", "int8"), gflops: dict | None = None) -> tuple[str, str]:
     """What "auto" means on a device: (precision, the reason in words).
 
-    `flags`: the CPU's feature flags (`cpu_flags()`); `gpu_bf16`: whether the GPU has bf16 units.
+    `flags`: the CPU's feature flags (`cpu_flags()`); `gpu_bf16`: whether the GPU has bf16 units;
+    `runs`: the reduced precisions this process's libraries ran a product in (`runs_here`: oneDNN may be
+    capped below what the CPU has); `gflops`: GFLOP/s measured here per precision (`measured_speeds`).
+    On a CPU, bf16 (the more accurate) is preferred, then int8, where the CPU has the units, the libraries
+    run it, and, when measured, it is faster than fp32; fp32 otherwise. Never an emulated precision.
     """
     if device_type == "cuda":
         if gpu_bf16:
             return "bf16", "the GPU has bf16 units"
         return "fp32", "the GPU has no bf16 units (int8 runs on CPUs only)"
-    flags = set(flags)
-    if flags.intersection(BF16_FLAGS):
-        return "bf16", f"the CPU has bf16 units ({', '.join(sorted(flags.intersection(BF16_FLAGS)))})"
-    if flags.intersection(INT8_FLAGS) and int8_kernels_available():
-        return "int8", "the CPU has AVX-512 VNNI int8 dot products but no bf16 units"
-    return "fp32", "the CPU has neither bf16 units nor AVX-512 VNNI"
+    flags, runs = set(flags), set(runs)
+    units = {"bf16": sorted(flags.intersection(BF16_FLAGS)), "int8": sorted(flags.intersection(INT8_FLAGS))}
+    notes = []
+    for precision in ("bf16", "int8"):
+        if not units[precision]:
+            continue
+        has = f"the CPU has {precision} units ({', '.join(units[precision])})"
+        if precision not in runs:
+            notes.append(f"{has} but this process's oneDNN does not run it correctly (an instruction-set cap?)")
+        elif gflops and not gflops.get(precision, 0) > gflops.get("fp32", float("inf")):
+            notes.append(f"{precision} measured {gflops.get(precision, 0):.0f} GFLOP/s, not faster than fp32's "
+                         f"{gflops['fp32']:.0f}")
+        else:
+            measured = f", measured {gflops[precision]:.0f} GFLOP/s against fp32's {gflops['fp32']:.0f}" \
+                if gflops else ""
+            return precision, "; ".join(notes + [has + measured])
+    return "fp32", "; ".join(notes) or "the CPU has neither bf16 units nor AVX-512 VNNI"
+
+
+def runs_here() -> frozenset[str]:
+    """The reduced precisions whose CPU kernels run correctly in this process: a tiny product through
+    each, held to the plain arithmetic it stands for (`forward_reference`). oneDNN refuses bf16 when
+    capped below AVX-512 (ONEDNN_MAX_CPU_ISA=AVX2), whatever the CPU has, and its AVX2 int8 kernel sums
+    pairs of u8 x s8 products in saturating 16-bit integers (vpmaddubsw), so with activations offset
+    by 128 its results are wrong there: both are left out."""
+    global _runs
+    if _runs is None:
+        g = torch.Generator().manual_seed(0)
+        weight, bias, x = torch.randn(16, 64, generator=g), torch.randn(16, generator=g), torch.randn(4, 64, generator=g)
+        found = set()
+        for precision, make, cast in (("bf16", PackedLinear, torch.bfloat16), ("int8", Int8Linear, torch.float32)):
+            try:
+                with torch.inference_mode():
+                    layer, xc = make(weight, bias), x.to(cast)
+                    y, plain = layer(xc).float(), layer.forward_reference(xc).float()
+                if (y - plain).abs().max().item() <= 0.01 * plain.abs().max().item():
+                    found.add(precision)
+            except (RuntimeError, AttributeError):  # refused by oneDNN, or a build without its ops
+                pass
+        _runs = frozenset(found)
+    return _runs
+
+
+_runs: frozenset[str] | None = None
+SPEED_SHAPE = (768, 3072, 768)  # tokens, out, in: base size's FFN on a batch, where most of the time goes
+
+
+def measured_speeds(precisions: Iterable[str]) -> dict[str, float]:
+    """GFLOP/s of one [tokens, in] x [in, out] product (SPEED_SHAPE) in fp32 (its fastest kernel here) and
+    in each of `precisions` through the kernels that would run them; measured once per machine and
+    cached with the kernel choices (`roberta.kernels`)."""
+    from . import kernels
+
+    precisions = sorted(set(precisions) - {"fp32"})
+    tokens, out_features, in_features = SPEED_SHAPE
+
+    def measure() -> dict:
+        g = torch.Generator().manual_seed(0)
+        weight, bias = torch.randn(out_features, in_features, generator=g) * 0.02, torch.randn(out_features, generator=g)
+        x = torch.randn(tokens, in_features, generator=g)
+        flops = 2.0 * tokens * out_features * in_features
+        calls = {f"fp32 {k}": (lambda k=k: kernels.FP32_KERNELS[k](x, weight, bias)) for k in kernels.available_fp32()}
+        if "bf16" in precisions:
+            packed, xb = PackedLinear(weight, bias), x.bfloat16()
+            calls["bf16"] = lambda: packed(xb)
+        if "int8" in precisions:
+            int8 = Int8Linear(weight, bias)
+            calls["int8"] = lambda: int8(x)
+        with torch.inference_mode():
+            speeds = {name: flops / kernels.seconds(call) / 1e9 for name, call in calls.items()}
+        speeds["fp32"] = max(v for k, v in speeds.items() if k.startswith("fp32 "))
+        return {"shape": list(SPEED_SHAPE), "gflops": speeds}
+
+    def valid(record: dict) -> bool:
+        return (record["shape"] == list(SPEED_SHAPE) and all(p in record["gflops"] for p in precisions + ["fp32"])
+                and all(isinstance(v, float) and v > 0 for v in record["gflops"].values()))
+
+    name = "x".join(map(str, SPEED_SHAPE)) + " " + "+".join(precisions or ["fp32"])
+    return kernels.cached("precision", name, valid, measure)["gflops"]
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu",
                       flags: Iterable[str] | None = None) -> tuple[str, str]:
-    """A user's precision for a device: (precision, why). "auto" is decided here; an explicit bf16 on
-    a CPU without bf16 units is kept, with a warning that it is emulated there and slower than fp32.
-    `flags`: the CPU's feature flags, this machine's (`cpu_flags()`) by default."""
+    """A user's precision for a device: (precision, why). "auto" is decided here, from the CPU's units,
+    what this process's libraries run (`runs_here`) and, for this machine's CPU, what measures faster
+    than fp32 here (`measured_speeds`; not with ROBERTA_KERNELS=default). An explicit bf16 on a CPU
+    without bf16 units is kept, with a warning that it is emulated there and slower than fp32.
+    `flags`: the CPU's feature flags, this machine's (`cpu_flags()`) by default; given, nothing is
+    measured (this machine's speeds say nothing about another CPU)."""
+    from . import kernels
+
     if precision not in PRECISIONS:
         raise RobertaError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
+    measure = flags is None and kernels.mode() == "measure"
     flags = cpu_flags() if flags is None else frozenset(flags)
     if precision == "auto":
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        return choose_precision(device.type, flags if device.type == "cpu" else (), gpu_bf16)
+        if device.type == "cuda":
+            return choose_precision("cuda", (), torch.cuda.is_bf16_supported(including_emulation=False))
+        runs = runs_here()
+        units = [p for p, names in (("bf16", BF16_FLAGS), ("int8", INT8_FLAGS)) if flags.intersection(names)]
+        gflops = measured_speeds(set(units) & runs) if measure and set(units) & runs else None
+        return choose_precision("cpu", flags, False, runs, gflops)
     if precision == "int8" and device.type != "cpu":
         raise RobertaError("int8 runs on CPU only; use --device cpu, or bf16/fp32 on the GPU")
-    if precision == "bf16" and device.type == "cpu" and not flags.intersection(BF16_FLAGS):
-        warnings.warn("bf16 asked for, but this CPU has no bf16 units (AMX or AVX-512 BF16): PyTorch emulates "
-                      "it, several times slower than fp32; use --precision auto or fp32", stacklevel=2)
+    if precision == "int8" and "int8" not in runs_here():
+        raise RobertaError("int8 does not run correctly in this process (oneDNN lacks the ops, or is capped "
+                           "below AVX-512 VNNI, where its int8 sums saturate); use --precision fp32 or auto")
+    if precision == "bf16" and device.type == "cpu" and not (flags.intersection(BF16_FLAGS) and "bf16" in runs_here()):
+        warnings.warn("bf16 asked for, but this CPU has no bf16 units (AMX or AVX-512 BF16) that this process's "
+                      "oneDNN runs: PyTorch emulates it, several times slower than fp32; use --precision auto or "
+                      "fp32", stacklevel=2)
     return precision, "asked for"
 
 
@@ -189,9 +285,8 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
 
 
 def packed_bf16_available() -> bool:
-    """oneDNN's bf16 linear on reordered weights, where the CPU has bf16 units to run it."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and bool(cpu_flags().intersection(BF16_FLAGS)))
+    """oneDNN's bf16 linear on reordered weights, where the CPU has bf16 units and oneDNN runs it here."""
+    return bool(cpu_flags().intersection(BF16_FLAGS)) and "bf16" in runs_here()
 
 
 class PackedLinear(nn.Module):

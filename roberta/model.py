@@ -14,7 +14,7 @@ Two details make RoBERTa differ from BERT in ways that change numbers:
 Speed without changing results: padded positions are dropped before every dense layer (they are gathered
 into one [tokens, hidden] matrix, `Unpadded`), attention runs on the packed tokens where a kernel for it
 exists (a GPU in half precision: PyTorch's variable-length flash attention; float32 inference on an
-AVX-512 CPU: this project's, csrc/kernels.c) and otherwise through PyTorch's scaled_dot_product_attention
+x86 CPU with AVX2 or AVX-512: this project's, csrc/kernels.c) and otherwise through PyTorch's scaled_dot_product_attention
 on groups of similar length, and the masked-LM head is computed only where a loss is needed. `Padded` is
 the plain layout the fast one is tested against, and what the ONNX export traces.
 """
@@ -267,9 +267,11 @@ except ImportError:  # older PyTorch
     _varlen_attn = None
 
 
-try:  # this project's attention on packed sequences for CPU inference (csrc/kernels.c; x86 with AVX-512)
-    from ._kernels import attend as _attend_cpu, attend_available as _attend_cpu_available
-    _attend_cpu = _attend_cpu if _attend_cpu_available() else None
+try:  # this project's attention on packed sequences for CPU inference (csrc/kernels.c; x86, AVX2 or AVX-512)
+    from . import _kernels
+    # the C kernels use the instruction sets PyTorch may use here (ATEN_CPU_CAPABILITY caps both)
+    _kernels.set_isa(torch.backends.cpu.get_cpu_capability())
+    _attend_cpu = _kernels.attend if _kernels.attend_available() else None
 except ImportError:  # not built: PyTorch's attention on length groups instead
     _attend_cpu = None
 

@@ -4,6 +4,7 @@ Plain = transformers' model on the padded batch (same weights), or our model one
 """
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -60,6 +61,16 @@ def random_sequences(n, seed=0, lo=2, hi=60, vocab=300):
 
 def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+CAP_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def run_capped(args, tmp_path):
+    """A child Python with every library capped at AVX2, as on an AVX2-only CPU; this checkout first."""
+    env = {**os.environ, **CAP_AVX2, "ROBERTA_CACHE": str(tmp_path), "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def test_length_batches_cover_every_index_once_within_the_budget():
@@ -149,17 +160,56 @@ def test_auto_precision_follows_the_hardware(device, flags, gpu_bf16, expected):
     assert precision == expected and why
 
 
+ZEN = {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}
+
+
+@pytest.mark.parametrize("runs, gflops, expected, reason", [
+    ({"bf16", "int8"}, None, "bf16", "bf16 units"),
+    ({"int8"}, None, "int8", "does not run it correctly"),  # oneDNN capped below bf16: the next one
+    (set(), None, "fp32", "does not run it correctly"),  # the AVX2 cap: neither runs
+    ({"bf16", "int8"}, {"fp32": 100.0, "bf16": 300.0, "int8": 400.0}, "bf16", "300 GFLOP/s"),
+    ({"bf16", "int8"}, {"fp32": 100.0, "bf16": 90.0, "int8": 400.0}, "int8", "not faster than fp32"),
+    ({"bf16", "int8"}, {"fp32": 100.0, "bf16": 90.0, "int8": 99.0}, "fp32", "not faster than fp32"),
+])
+def test_auto_precision_takes_what_runs_here_and_is_never_slower_than_fp32(runs, gflops, expected, reason):
+    precision, why = choose_precision("cpu", ZEN, False, runs, gflops)
+    assert precision == expected and reason in why
+
+
 def test_explicit_precisions_and_the_emulated_bf16_warning(recwarn):
-    assert resolve_precision("auto", "cpu", flags={"avx512_vnni"})[0] == "int8"
-    assert resolve_precision("auto", "cpu", flags={"amx_bf16"})[0] == "bf16"
+    runs = inference.runs_here()
+    assert resolve_precision("auto", "cpu", flags={"avx512_vnni"})[0] == ("int8" if "int8" in runs else "fp32")
+    assert resolve_precision("auto", "cpu", flags={"amx_bf16"})[0] == ("bf16" if "bf16" in runs else "fp32")
     assert resolve_precision("fp32", "cpu", flags={"amx_bf16"}) == ("fp32", "asked for")
-    assert resolve_precision("bf16", "cpu", flags={"amx_bf16"}) == ("bf16", "asked for")
+    if "bf16" in runs:
+        assert resolve_precision("bf16", "cpu", flags={"amx_bf16"}) == ("bf16", "asked for")
     assert not recwarn.list
     with pytest.warns(UserWarning, match="emulates it"):
         assert resolve_precision("bf16", "cpu", flags={"avx512f", "avx512_vnni"})[0] == "bf16"
     with pytest.raises(roberta.RobertaError, match="int8 runs on CPU only"):
         resolve_precision("int8", "cuda", flags=set())
     assert cpu_flags() == cpu_flags() and isinstance(cpu_flags(), frozenset)
+
+
+def test_auto_resolves_and_runs_under_an_avx2_cap(tmp_path):
+    """On an AVX2-only machine (or one capped so), `auto` picks what runs, and the model runs in it:
+    oneDNN refuses bf16 there and its int8 sums saturate, whatever /proc/cpuinfo lists."""
+    script = (
+        "import json, torch, roberta\n"
+        "from roberta import inference\n"
+        "precision, why = inference.resolve_precision('auto', 'cpu')\n"
+        "model = roberta.RobertaModel(roberta.RobertaConfig.tiny()).eval()\n"
+        "inference.reduce_precision(model, precision)\n"
+        "features = inference.extract_features_batched(model, [[0, 5, 6, 2], [0, 7, 2]])\n"
+        "print(json.dumps({'precision': precision, 'why': why, 'runs': sorted(inference.runs_here()),\n"
+        "                  'isa': torch.backends.cpu.get_cpu_capability(),\n"
+        "                  'finite': all(bool(f.isfinite().all()) for f in features)}))\n")
+    done = run_capped(["-c", script], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["isa"] in ("AVX2", "DEFAULT") and result["finite"] and result["why"]
+    assert "bf16" not in result["runs"]  # oneDNN's bf16 path needs AVX-512
+    assert result["precision"] == "fp32" or result["precision"] in result["runs"]
 
 
 def test_int8_kernel_equals_the_plain_integer_arithmetic():
@@ -303,16 +353,6 @@ def test_cpu_packed_attention_kernel_equals_sdpa(lengths, heads, dim):
         out = torch.full((tokens, heads * dim), float("nan"))
         model._attend_cpu(qkv.numpy(), tokens, cu.numpy(), len(lengths), heads, dim, out.numpy(), threads)
         assert bool(((out - expected).abs() <= bound).all()) if tokens else out.numel() == 0
-
-
-CAP_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-
-
-def run_capped(args, tmp_path):
-    """A child Python with every library capped at AVX2, as on an AVX2-only CPU; this checkout first."""
-    env = {**os.environ, **CAP_AVX2, "ROBERTA_CACHE": str(tmp_path), "PYTHONPATH": os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def test_avx2_attention_kernel_equals_sdpa_under_an_avx2_cap(tmp_path):

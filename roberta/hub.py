@@ -590,7 +590,7 @@ def resolve(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | Non
 
 def load(name_or_path: str | os.PathLike, device: str | torch.device | None = None, cache_dir=None,
          offline: bool | None = None, base_url: str | None = None, progress: bool = True,
-         precision: str = "auto") -> RobertaHub:
+         precision: str = "auto", kernels: str | None = None) -> RobertaHub:
     """Load a RoBERTa by name (`roberta.base`, `roberta.large`, `roberta.large.mnli`), Hub id
     (`FacebookAI/roberta-base`, `org/name@revision`: any RoBERTa-family repository) or path: a fairseq
     directory or .tar.gz (model.pt + dict.txt), a Hugging Face directory (sharded, ZipNN-compressed or
@@ -599,8 +599,15 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     `precision`: "auto" (default) runs in what this machine does fastest (bf16 where the CPU or GPU has
     bf16 units, int8 on CPUs with VNNI only, else fp32; see `roberta.inference`); `hub.precision` says
     which. "fp32" gives the exact published numbers, and is what fine-tuning and saving need.
+    `kernels`: "default" runs every float32 product through F.linear instead of the GEMM measured
+    fastest here ("measure"), for runs that repeat bit for bit across machines; process-wide, as
+    $ROBERTA_KERNELS (`roberta.kernels`).
     """
+    from . import kernels as _kernels
     from .inference import reduce_precision, resolve_precision
+
+    if kernels is not None:
+        _kernels.use(kernels)
 
     with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
         sentence = read_sentence_config(directory)

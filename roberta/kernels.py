@@ -227,14 +227,35 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def report() -> list[dict]:
-    """This machine's cached choices, for `roberta info --device`: one row per shape and token class."""
-    entry = _read_entry(machine())
+def encoder_shapes(hidden: int = 768, intermediate: int = 3072) -> list[tuple[int, int]]:
+    """(out, in) of an encoder layer's products: q, k and v together, the attention output, the FFN."""
+    return [(3 * hidden, hidden), (hidden, hidden), (intermediate, hidden), (hidden, intermediate)]
+
+
+def report(shapes: list[tuple[int, int]] | None = None) -> list[dict]:
+    """This machine's choices (measured now where missing) for `shapes` (base size's by default), and
+    the speeds `auto` was decided on when measured: rows for `roberta info --device`."""
     rows = []
-    for shape, record in sorted((entry.get("fp32") or {}).items()):
+    for out_features, in_features in shapes or encoder_shapes():
+        fp32_choice(1, out_features, in_features)
+        record = _read_entry(machine()).get("fp32", {}).get(f"{out_features}x{in_features}")
         for name in ("small", "large"):
-            r = record.get(name, {}) if isinstance(record, dict) else {}
-            if isinstance(r, dict) and "winner" in r:
-                rows.append({"precision": "fp32", "shape": shape, "tokens": r.get("tokens"), "kernel": r["winner"],
-                             "gflops": r.get("gflops", {})})
+            r = record[name] if record else {"tokens": None, "winner": _fp32.get(
+                (torch.get_num_threads(), name == "large", out_features, in_features)), "gflops": {}}
+            rows.append({"precision": "fp32", "shape": f"{out_features}x{in_features}", "tokens": r["tokens"],
+                         "kernel": r["winner"], "gflops": r["gflops"]})
+    for name, record in sorted((_read_entry(machine()).get("precision") or {}).items()):
+        if isinstance(record, dict) and isinstance(record.get("gflops"), dict):
+            rows.append({"precision": "auto", "shape": name, "tokens": record.get("shape", [None])[0],
+                         "kernel": None, "gflops": record["gflops"]})
     return rows
+
+
+def describe(row: dict) -> str:
+    """One row of `report` in words."""
+    speeds = ", ".join(f"{k} {v:.0f}" for k, v in sorted(row["gflops"].items()))
+    tokens = f"{row['tokens']} tokens" if row["tokens"] else "tokens not measured"
+    if row["kernel"] is None:  # the speeds `auto` compared
+        return f"auto  {row['shape']} at {tokens}, GFLOP/s: {speeds}"
+    return f"{row['precision']:<5} {row['shape']:<12} at {tokens}: {row['kernel']}" + \
+        (f" (GFLOP/s: {speeds})" if speeds else "")

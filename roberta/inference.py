@@ -33,7 +33,6 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .errors import RobertaError
 from .model import Unpadded
@@ -453,7 +452,11 @@ def extract_features_batched(model: nn.Module, sequences: Sequence[Sequence[int]
     lengths = [len(s) for s in sequences]
     features: list[torch.Tensor | None] = [None] * len(sequences)
     batches = length_batches(lengths, batch_tokens)
-    for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
+    if progress:  # tqdm imported only here: the rest runs with nothing but torch (benchmarks/gpu_check.py)
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="features", unit="batch")
+    for batch in batches:
         ids, mask = pad_batch([sequences[i] for i in batch], encoder.config.pad_token_id)
         layout = Unpadded(mask, device)  # on the host, so the forward pass never waits on the device
         x, _ = encoder.forward_unpadded(ids.to(device, non_blocking=True), layout=layout)  # [real tokens, H]

@@ -218,7 +218,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if (x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32 or x.numel() == 0
             or torch.is_grad_enabled() or not weight.is_contiguous() or mode() == "default"
             or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
         return F.linear(x, weight, bias)
     kernel = fp32_choice(x.numel() // x.shape[-1], *weight.shape)
     if kernel == "mkl":

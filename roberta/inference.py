@@ -6,8 +6,9 @@ on the re-padded batch) vanish too, since neighbours in sorted order have nearly
 come back in the caller's order and equal the one-at-a-time results (float32: within float rounding).
 
 Precision (`--precision`, `roberta.load(precision=...)`), measured by `benchmarks/bench_features.py`:
-- "fp32": float32 throughout. On CPUs with AVX-512, attention runs in this project's C kernel on the
-  packed tokens (within float rounding of PyTorch's: `model.packed_attention_available`).
+- "fp32": float32 throughout. On x86 CPUs (AVX2 with FMA, or AVX-512), attention runs in this project's
+  C kernel on the packed tokens (within float rounding of PyTorch's: `model.packed_attention_available`),
+  and each dense layer on the GEMM measured fastest here for its shape (`roberta.kernels`).
 - "bf16": weights and activations in bfloat16 (LayerNorm, softmax and GELU accumulate in float32 inside
   PyTorch's kernels); on CPUs with bf16 units the dense layers run on oneDNN with weights reordered once
   at load and GELU fused into the matmul (`PackedLinear`). Several times faster where the hardware has

@@ -20,7 +20,8 @@ head to 1e-5 of the plain path):
   model's weights change, so the plain weight is what runs.
 
 Only inference takes this path (no autograd, float32, CPU, not being traced for export): training keeps
-`F.linear`, whose backward the measurement in benchmarks/RESULTS.md found no faster alternative for.
+`F.linear` and its backward until a training step through oneDNN measures faster on a quiet machine
+(`benchmarks/bench_train_gemm.py`; the one figure so far, 0.85x the time, was taken under heavy load).
 `ROBERTA_KERNELS=default` (or `use("default")`, `roberta.load(..., kernels="default")`) turns the
 measurement off: every product is `F.linear`, for runs that must repeat bit for bit across machines.
 """

@@ -54,8 +54,11 @@ def test_the_choice_is_measured_once_and_cached(cache, measured, monkeypatch):
     assert measured == [(96, 64)]
     kernels.fp32_choice(800, 32, 64)  # another shape: measured and added beside the first
     assert measured == [(96, 64), (32, 64)] and set(entry(cache)["fp32"]) == {"96x64", "32x64"}
-    assert {(r["shape"], r["tokens"]) for r in kernels.report()} == {
-        (s, t) for s in ("96x64", "32x64") for t in (kernels.SMALL_TOKENS, kernels.LARGE_TOKENS)}
+    rows = kernels.report([(96, 64), (32, 64)])  # what `roberta info --device` shows: from the cache
+    assert [(r["shape"], r["tokens"], r["kernel"]) for r in rows] == [
+        (s, entry(cache)["fp32"][s][c]["tokens"], entry(cache)["fp32"][s][c]["winner"])
+        for s in ("96x64", "32x64") for c in ("small", "large")]
+    assert measured == [(96, 64), (32, 64)] and all(kernels.describe(r).startswith("fp32") for r in rows)
 
 
 @pytest.mark.parametrize("damage", ["not json {", "[]", "truncated", "foreign machine", "unknown kernel",

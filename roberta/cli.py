@@ -135,7 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     p.set_defaults(func=_evaluate)
     _explain(sub)
+    for name in COMPUTING:
+        sub.choices[name].add_argument("--threads", type=_positive_int, help="CPU threads for the model's math "
+                                       "(default: all cores; waiting threads sleep, so a core another program "
+                                       "keeps busy costs only its share)")
     return parser
+
+
+# Commands that compute with the model, each taking --threads (compress/decompress have their own).
+COMPUTING = ("pretrain", "finetune", "evaluate", "demo", "fill-mask", "features", "predict", "tag", "answer",
+             "export", "serve")
 
 
 def _explain(sub) -> None:
@@ -216,9 +225,9 @@ def _add_hub_commands(sub) -> None:
         if weights:
             p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
             p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
-                           help="auto (default: bf16 where the CPU/GPU has bf16 units, int8 on CPUs with VNNI "
-                           "only, else fp32; `roberta info --device` shows the choice), fp32 (exact), bf16, "
-                           "int8 (CPU); see benchmarks/RESULTS.md")
+                           help="auto (default: the fastest mode this machine runs, said on stderr and recorded in "
+                           "a job's job.json; `roberta info --device` shows the choice), fp32 (exact float32), "
+                           "bf16, int8 (CPU); see benchmarks/RESULTS.md")
         if text:
             p.add_argument("text", nargs="*", metavar=text, help="inputs (default: one per line of stdin)")
         p.set_defaults(func=func)
@@ -317,7 +326,6 @@ def _add_hub_commands(sub) -> None:
                    help="pooling of /v1/embeddings and the default of /embed (default cls: the <s> vector)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                    "(default $ROBERTA_API_KEY; unset: no key)")
-    p.add_argument("--threads", type=int, help="threads of each forward pass (default: all cores; 1 on a busy machine)")
     p.add_argument("--access-log", action="store_true", help="log every request")
 
 
@@ -381,8 +389,12 @@ def _load(args):
     device = resolve_device(args.device)
     hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url,
                 precision=args.precision)
-    if sys.stderr.isatty():  # for people at a terminal; programs get one line on stderr only for errors
-        print(f"running on {device} in {hub.precision} ({hub.precision_reason})", file=sys.stderr)
+    exact = "" if hub.precision == "fp32" else "; --precision fp32 for the exact float32 numbers"
+    note = f"ran on {device} in {hub.precision} ({hub.precision_reason}){exact}"
+    if sys.stderr.isatty():  # a person at a terminal hears it first
+        print(note.replace("ran on", "running on", 1), file=sys.stderr)
+    elif args.precision == "auto":  # what `auto` chose changes the numbers: said once the command succeeded,
+        args.precision_note = note  # so that an error stays the one line on stderr
     return hub
 
 
@@ -629,13 +641,7 @@ def _serve(args):
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_inputs=args.max_inputs,
                              max_input_tokens=args.max_input_tokens, max_body_bytes=args.max_body_bytes,
                              timeout_s=args.timeout, pooling=args.pooling, api_key=api_key)
-    if args.threads is not None and args.threads < 1:
-        raise RobertaError(f"--threads must be at least 1, got {args.threads}")
     sock = listen(args.host, args.port)  # before loading: a busy port fails at once
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     hub = _load(args)
     serve(hub, sock, settings, model_name=str(args.model), precision=hub.precision, access_log=args.access_log)
 
@@ -697,7 +703,14 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(sys.stdin, io.TextIOWrapper):  # bad bytes on stdin are an error, never U+FFFD
                 sys.stdin.reconfigure(encoding="utf-8", errors="strict")
             args = build_parser().parse_args(argv)
-            return args.func(args) or 0
+            if args.command in COMPUTING and args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            status = args.func(args) or 0
+            if status == 0 and getattr(args, "precision_note", None):
+                print(args.precision_note, file=sys.stderr)
+            return status
         except RobertaError as exc:
             return _fail(str(exc))
         except UnicodeDecodeError as exc:

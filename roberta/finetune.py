@@ -35,7 +35,7 @@ from .errors import RobertaError
 from .fileio import atomic_write, check_output
 from .inference import length_batches, pad_batch
 from .model import RobertaForMultipleChoice, RobertaForQuestionAnswering, RobertaForSequenceClassification
-from .train import (PRECISIONS, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps, precision_context,
+from .train import (check_reproducible, PRECISIONS, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps, precision_context,
                     prepare_run_dir, save_checkpoint, set_lr, setup_distributed, train_step, unwrap, wrap_ddp,
                     write_dir)
 
@@ -490,6 +490,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
     model = wrap_ddp(model, d)
     optimizer = adamw(model, lr, recipe.adam_betas, recipe.adam_eps, recipe.weight_decay)
     autocast, scaler = precision_context(recipe.precision, d.device)
+    check_reproducible(d)
     trainer = load_checkpoint(ckpt, model, optimizer, scaler, d) if ckpt else {}
     step, best, bad_evals = int(trainer.get("step", 0)), trainer.get("best", {"score": -math.inf, "step": 0, "metrics": {}}), \
         int(trainer.get("bad_evals", 0))

@@ -78,8 +78,8 @@ def machine() -> dict:
     """What a measurement holds for: the CPU, the instruction sets the libraries may use, threads, torch."""
     from .inference import cpu_name
 
-    caps = {name: os.environ.get(name, "") for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
-                                                        "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
+    caps = {name: os.environ.get(name, "") for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                                                        "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")}  # CBWR: MKL's speed too
     isa = torch.backends.cpu.get_cpu_capability() + "".join(f" {k}={v}" for k, v in caps.items() if v)
     return {"cpu": cpu_name(), "isa": isa, "threads": torch.get_num_threads(), "torch": torch.__version__}
 

@@ -35,7 +35,8 @@ import time
 import numpy as np
 import torch
 
-from common import DATA, PASSED_ON, Worker, child_memory, median, natural_sentences, run_child, serve_passes, table, tsv_column
+from common import (DATA, PASSED_ON, Worker, child_memory, cpu_line, median, natural_sentences, run_child, serve_passes,
+                    table, tsv_column)
 
 BATCH = 32
 OURS = ["fp32", "int8", "bf16", "auto"]
@@ -184,7 +185,7 @@ def prepare(tmp: str, tokenizer) -> str:
 
 
 def main() -> None:
-    from roberta.inference import BF16_FLAGS, INT8_FLAGS, cpu_flags, cpu_name, resolve_precision
+    from roberta.inference import resolve_precision
     from roberta.tokenizer import RobertaTokenizer
 
     torch.set_num_threads(args.threads)
@@ -198,10 +199,9 @@ def main() -> None:
     real = sum(map(len, sequences))
     padded = sum(len(b) * max(map(len, b)) for b in batches(sequences))
     auto, why = resolve_precision("auto", "cpu")
-    flags = sorted(cpu_flags().intersection(BF16_FLAGS + INT8_FLAGS + ("avx512f", "avx2", "amx_int8")))
     caps = " ".join(f"{k}={os.environ[k]}" for k in PASSED_ON[:5] if k in os.environ) or "none"
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; flags: {' '.join(flags)}; PyTorch capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; instruction-set caps: {caps}; auto -> {auto} ({why})")
+    print(f"{cpu_line()}; PyTorch capability {torch.backends.cpu.get_cpu_capability()}; instruction-set "
+          f"caps: {caps}; auto -> {auto} ({why})")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{len(sequences)} {args.inputs} sentences, {real} real tokens, {padded} once padded in batches of "
           f"{BATCH}; {args.layers} layers, {args.threads} threads", flush=True)

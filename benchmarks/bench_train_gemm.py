@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import median
+from common import cpu_line, median
 
 
 class OneDNNLinear(torch.autograd.Function):
@@ -49,7 +49,6 @@ def onednn_linear(x, weight, bias):
 
 def main() -> None:
     from roberta import RobertaConfig, RobertaForMaskedLM, kernels
-    from roberta.inference import cpu_flags, cpu_name
     from roberta.train import adamw
 
     torch.set_num_threads(args.threads)
@@ -90,8 +89,7 @@ def main() -> None:
         for way in ways:
             times[way].append(step(way))
     kernels.linear = plain
-    flags = " ".join(sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"}))
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; flags {flags}; load average {os.getloadavg()[0]:.2f}")
+    print(f"{cpu_line()}; load average {os.getloadavg()[0]:.2f}")
     print(f"base width, {args.layers} layers, batch {args.batch} x {args.length} tokens, fp32, {args.threads} threads")
     tokens = args.batch * args.length
     for way, t in times.items():

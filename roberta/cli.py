@@ -622,7 +622,7 @@ def _device_info(args):
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     info = {"device": str(device), "cpu": cpu_name(), "cpu_flags": flags, "gpu": gpu,
             "precision": precision, "reason": why, "kernels_mode": kernels.mode()}
-    info["kernels"] = kernels.report() if device.type == "cpu" and kernels.mode() == "measure" else []
+    info["kernels"] = kernels.report() if device.type == "cpu" and kernels.mode() != "default" else []
     _print(args, info, "\n".join([f"device      {device}" + (f" ({gpu})" if gpu else ""),
                                    f"cpu         {info['cpu']}; {' '.join(flags) or 'no AVX2/AVX-512'}",
                                    f"precision   auto -> {precision} ({why})"]

@@ -24,6 +24,9 @@ Only inference takes this path (no autograd, float32, CPU, not being traced for 
 (`benchmarks/bench_train_gemm.py`; the one figure so far, 0.85x the time, was taken under heavy load).
 `ROBERTA_KERNELS=default` (or `use("default")`, `roberta.load(..., kernels="default")`) turns the
 measurement off: every product is `F.linear`, for runs that must repeat bit for bit across machines.
+`ROBERTA_KERNELS=remeasure` times every shape again once in the process and replaces the cached choice
+(a measurement taken while other work loaded the machine is kept until then; `roberta info --device`
+with it re-measures base size's shapes).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 from .errors import RobertaError
 
-MODES = ("measure", "default")
+MODES = ("measure", "default", "remeasure")
 ENV = "ROBERTA_KERNELS"
 CACHE_FILE = "kernels.json"
 FORMAT = 1  # of the cache file; another number is another format, measured again
@@ -49,6 +52,7 @@ BUDGET_S = 0.25  # at most this long timing one candidate on one shape (after on
 
 _mode: str | None = None  # set by use(); None: from the environment
 _fp32: dict[tuple, str] = {}  # (threads, token class, out, in) -> kernel, this process's decisions
+_remeasured: set[tuple] = set()  # with "remeasure": the records this process has measured afresh
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -59,8 +63,9 @@ FP32_KERNELS: dict[str, Callable] = {"mkl": F.linear, "onednn": _onednn}
 
 
 def use(mode: str | None) -> None:
-    """Set the process-wide mode: "measure" (choose by timing) or "default" (always F.linear);
-    None goes back to $ROBERTA_KERNELS (default "measure")."""
+    """Set the process-wide mode: "measure" (choose by timing, once per machine), "remeasure" (time
+    again in this process, replacing the cached choices: after a measurement taken on a busy machine)
+    or "default" (always F.linear); None goes back to $ROBERTA_KERNELS (default "measure")."""
     global _mode
     if mode is not None and mode not in MODES:
         raise RobertaError(f"kernels {mode!r} is not one of {', '.join(MODES)}")
@@ -141,12 +146,14 @@ def cached(section: str, name: str, valid: Callable[[dict], bool], measure: Call
     m = machine()
     record = _read_entry(m).get(section, {})
     record = record.get(name) if isinstance(record, dict) else None
+    fresh = mode() == "remeasure" and (section, name) not in _remeasured
     try:
-        if isinstance(record, dict) and valid(record):
+        if isinstance(record, dict) and not fresh and valid(record):
             return record
     except (KeyError, TypeError, ValueError, AttributeError):
         pass
     record = measure()
+    _remeasured.add((section, name))
     _write_entry(m, section, name, record)
     return record
 

@@ -20,6 +20,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
     monkeypatch.setattr(kernels, "_fp32", {})
     monkeypatch.setattr(kernels, "_mode", None)
+    monkeypatch.setattr(kernels, "_remeasured", set())
     return tmp_path / kernels.CACHE_FILE
 
 
@@ -59,6 +60,20 @@ def test_the_choice_is_measured_once_and_cached(cache, measured, monkeypatch):
         (s, entry(cache)["fp32"][s][c]["tokens"], entry(cache)["fp32"][s][c]["winner"])
         for s in ("96x64", "32x64") for c in ("small", "large")]
     assert measured == [(96, 64), (32, 64)] and all(kernels.describe(r).startswith("fp32") for r in rows)
+
+
+def test_remeasure_times_again_once_and_replaces_the_cached_choice(cache, measured, monkeypatch):
+    kernels.fp32_choice(800, 96, 64)
+    old = entry(cache)["fp32"]["96x64"]
+    monkeypatch.setenv(kernels.ENV, "remeasure")  # in another process, which has measured nothing yet
+    monkeypatch.setattr(kernels, "_fp32", {})
+    monkeypatch.setattr(kernels, "_remeasured", set())
+    kernels.fp32_choice(800, 96, 64)
+    monkeypatch.setattr(kernels, "_fp32", {})
+    kernels.fp32_choice(800, 96, 64)  # once per process: the fresh record is used from then on
+    assert measured == [(96, 64), (96, 64)]
+    new = entry(cache)["fp32"]["96x64"]
+    assert new["large"]["gflops"] != old["large"]["gflops"]  # timings never repeat to the last bit
 
 
 @pytest.mark.parametrize("damage", ["not json {", "[]", "truncated", "foreign machine", "unknown kernel",

@@ -181,7 +181,7 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu",
     if precision not in PRECISIONS:
         raise RobertaError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
-    measure = flags is None and kernels.mode() == "measure"
+    measure = flags is None and kernels.mode() != "default"
     flags = cpu_flags() if flags is None else frozenset(flags)
     if precision == "auto":
         if device.type == "cuda":

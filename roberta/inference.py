@@ -106,12 +106,32 @@ def choose_precision(device_type: str, flags: Iterable[str] = (), gpu_bf16: bool
     return "fp32", "; ".join(notes) or "the CPU has neither bf16 units nor AVX-512 VNNI"
 
 
+def int8_levels() -> int:
+    """127 where oneDNN's int8 matmul sums exactly with full-range weights here (VNNI, AMX), else 63
+    (`Int8Linear`); probed once on a product that saturates 16-bit pair sums."""
+    global _levels
+    if _levels is None:
+        _levels = 127
+        try:
+            g = torch.Generator().manual_seed(0)
+            weight, x = torch.randn(16, 64, generator=g), torch.randn(4, 64, generator=g)
+            layer = Int8Linear(weight, torch.zeros(16), levels=127)
+            with torch.inference_mode():
+                y, plain = layer(x), layer.forward_reference(x)
+            _levels = 127 if (y - plain).abs().max().item() <= 1e-4 * plain.abs().max().item() else 63
+        except (RuntimeError, AttributeError):  # no int8 ops: runs_here leaves int8 out anyway
+            pass
+    return _levels
+
+
+_levels: int | None = None
+
+
 def runs_here() -> frozenset[str]:
     """The reduced precisions whose CPU kernels run correctly in this process: a tiny product through
     each, held to the plain arithmetic it stands for (`forward_reference`). oneDNN refuses bf16 when
-    capped below AVX-512 (ONEDNN_MAX_CPU_ISA=AVX2), whatever the CPU has, and its AVX2 int8 kernel sums
-    pairs of u8 x s8 products in saturating 16-bit integers (vpmaddubsw), so with activations offset
-    by 128 its results are wrong there: both are left out."""
+    capped below AVX-512 (ONEDNN_MAX_CPU_ISA=AVX2), whatever the CPU has; int8 there runs with 7-bit
+    weights (`int8_levels`), which its AVX2 kernel sums exactly."""
     global _runs
     if _runs is None:
         g = torch.Generator().manual_seed(0)
@@ -193,8 +213,8 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu",
     if precision == "int8" and device.type != "cpu":
         raise RobertaError("int8 runs on CPU only; use --device cpu, or bf16/fp32 on the GPU")
     if precision == "int8" and "int8" not in runs_here():
-        raise RobertaError("int8 does not run correctly in this process (oneDNN lacks the ops, or is capped "
-                           "below AVX-512 VNNI, where its int8 sums saturate); use --precision fp32 or auto")
+        raise RobertaError("int8 does not run correctly in this process (PyTorch's oneDNN lacks its int8 "
+                           "ops); use --precision fp32 or auto")
     if precision == "bf16" and device.type == "cpu" and not (flags.intersection(BF16_FLAGS) and "bf16" in runs_here()):
         warnings.warn("bf16 asked for, but this CPU has no bf16 units (AMX or AVX-512 BF16) that this process's "
                       "oneDNN runs: PyTorch emulates it, several times slower than fp32; use --precision auto or "
@@ -360,15 +380,24 @@ class Int8Linear(nn.Module):
     and the float32 bias added. oneDNN's prepacked kernel (`onednn.qlinear_pointwise`, VNNI or AMX) does
     the matmul and the weight scales; `forward_reference` is the same arithmetic in plain PyTorch, which
     the tests hold the kernel to.
+
+    `levels`: the weights' largest integer, 127, or 63 where oneDNN runs without VNNI (AVX2): there its
+    u8 x s8 multiply-add sums pairs of products in saturating 16-bit integers, and 2 x 255 x 63 is the
+    largest pair that fits (FBGEMM's "reduce_range"). Default: `int8_levels()`, what runs exactly here.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False, levels: int | None = None):
         super().__init__()
         self.gelu = gelu  # the FFN's first layer: GELU on the float32 result
+        levels = levels or int8_levels()
         q, m = quantize_rows(weight.detach().float())
-        self.register_buffer("weight", (q.int() - 128).to(torch.int8))
-        # W ~ weight * m / 127 and x ~ (q - 128) * m_x / 127: both 1/127s go into the weight's scales
-        self.register_buffer("weight_scale", m.squeeze(1) / (127 * 127))
+        if levels == 127:
+            q = q.int() - 128
+        else:  # W ~ q * m / levels, rounded to the nearest of fewer levels
+            q = torch.round(weight.detach().float() * (levels / m)).int()
+        self.register_buffer("weight", q.to(torch.int8))
+        # W ~ weight * m / levels and x ~ (q - 128) * m_x / 127: both divisors go into the weight's scales
+        self.register_buffer("weight_scale", m.squeeze(1) / (levels * 127))
         self.register_buffer("bias", bias.detach().float().clone())
         self.out_features, self.in_features = q.shape
         self.packed = torch.ops.onednn.qlinear_prepack(self.weight, None)  # reordered once for oneDNN

@@ -112,6 +112,8 @@ OTHER_RECIPES = {
     "WNLI": dict(lr=2e-5, batch_size=16),
     "custom": dict(lr=1e-5, batch_size=32),
 }
+# The warmup of every recipe without warmup_updates: the first 6% of the updates (the paper, Appendix C).
+WARMUP_RATIO = 0.06
 # Settings that may change when a run is resumed: they do not alter what is computed.
 CHANGEABLE_ON_RESUME = {"log_every", "device"}
 
@@ -478,7 +480,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
         raise RobertaError(f"{len(train)} training examples cannot fill one update of {accum * d.world} "
                            "micro-batches: lower update_freq or use fewer processes")
     total = recipe.total_updates or per_epoch * recipe.max_epochs
-    warmup = recipe.warmup_updates if recipe.warmup_updates is not None else round(0.06 * total)
+    warmup = recipe.warmup_updates if recipe.warmup_updates is not None else round(WARMUP_RATIO * total)
     updates = min(total, per_epoch * recipe.max_epochs)
     lr, lr_note = default_lr(recipe, model)
     pub = published(recipe.task)

@@ -209,7 +209,10 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu",
         runs = runs_here()
         units = [p for p, names in (("bf16", BF16_FLAGS), ("int8", INT8_FLAGS)) if flags.intersection(names)]
         gflops = measured_speeds(set(units) & runs) if measure and set(units) & runs else None
-        return choose_precision("cpu", flags, False, runs, gflops)
+        chosen, why = choose_precision("cpu", flags, False, runs, gflops)
+        if chosen == "int8" and int8_levels() < 127:
+            why += "; with 7-bit weights, as oneDNN runs int8 without VNNI here"
+        return chosen, why
     if precision == "int8" and device.type != "cpu":
         raise RobertaError("int8 runs on CPU only; use --device cpu, or bf16/fp32 on the GPU")
     if precision == "int8" and "int8" not in runs_here():

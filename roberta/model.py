@@ -270,8 +270,8 @@ try:  # this project's attention on packed sequences for CPU inference (csrc/ker
     # the C kernels use the instruction sets PyTorch may use here (ATEN_CPU_CAPABILITY caps both)
     _kernels.set_isa(torch.backends.cpu.get_cpu_capability())
     _attend_cpu = _kernels.attend if _kernels.attend_available() else None
-except ImportError:  # not built: PyTorch's attention on length groups instead
-    _attend_cpu = None
+except (ImportError, AttributeError):  # not built, or built from older sources: PyTorch's attention on length
+    _attend_cpu = None                  # groups instead (`pip install -e .` rebuilds it)
 
 
 def packed_attention_available(qkv: torch.Tensor, attention: "RobertaSelfAttention") -> bool:

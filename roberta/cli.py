@@ -22,6 +22,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
+    def format_help(self):
+        if callable(self.epilog):  # settings lists that need torch are built only when asked for
+            self.epilog = self.epilog()
+        return super().format_help()
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help shows its default, unless the help text already says what it is."""
@@ -77,10 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, help="tokenizing processes (default: all cores)")
     p.set_defaults(func=_preprocess)
 
-    from .pretrain import PretrainConfig
-
     p = sub.add_parser("pretrain", help="masked-LM pretraining (run under torchrun for several processes)",
-                       epilog=PretrainConfig.help_text())
+                       epilog=_pretrain_help)
     p.add_argument("--preset", choices=["tiny", "small", "base", "large"],
                    help="settings to start from (default small)")
     p.add_argument("--data", help="a directory made by `roberta preprocess` (default: the preset's, or the resumed run's)")
@@ -104,14 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("src", help="checkpoint directory")
         p.add_argument("dst", help="output directory (the other files are copied there)")
         p.add_argument("--threads", type=_positive_int, help="threads to use (default: all cores)")
+        p.add_argument("--json", action="store_true", help="print the path, sizes and ratio as JSON")
         p.set_defaults(func=_compress)
     _add_hub_commands(sub)
 
     # finetune / evaluate: GLUE tasks, squad, race, or custom (your own train/dev .csv/.tsv/.jsonl)
-    from .finetune import Recipe
-
     p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe (torchrun for several processes)",
-                       epilog=Recipe.help_text())
+                       epilog=_recipe_help)
     _task_args(p)
     p.add_argument("--out", required=True, help="run directory: recipe.json, metrics.jsonl, curves.png, eval.json, "
                    "model/ (the best checkpoint), checkpoints/")
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-name", help="name of the saved head (default: the task name in lower case)")
     p.set_defaults(func=_finetune)
     p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions",
-                       epilog=Recipe.help_text())
+                       epilog=_recipe_help)
     _task_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test", "train"], help="the split to score")
     p.add_argument("--out", help="write the metrics here as JSON (default: eval_<split>.json beside the model)")
@@ -146,12 +148,27 @@ def _explain(sub) -> None:
         command.formatter_class = _HelpFormatter
 
 
+def _pretrain_help() -> str:
+    from .pretrain import PretrainConfig
+
+    return PretrainConfig.help_text()
+
+
+def _recipe_help() -> str:
+    from .finetune import Recipe
+
+    return Recipe.help_text()
+
+
 def _version_line(version: str) -> str:
     import platform
+    from importlib.metadata import PackageNotFoundError, version as installed
 
-    import torch
-
-    return f"roberta {version} (torch {torch.__version__}, Python {platform.python_version()})"
+    try:  # the installed torch's version, read without importing torch (seconds)
+        torch_version = installed("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"roberta {version} (torch {torch_version}, Python {platform.python_version()})"
 
 
 def _convert(args) -> int:
@@ -194,8 +211,15 @@ def _demo(args):
 def _compress(args) -> int:
     from . import compress
 
+    from .checkpoint import model_path
+
     convert = compress.compress_checkpoint if args.command == "compress" else compress.decompress_checkpoint
-    print(f"wrote {convert(args.src, args.dst, args.threads)}")
+    out = convert(args.src, args.dst, args.threads)
+    weights = (".safetensors", ".bin", ".pt", ".rbz")  # the weight files, whatever their layout
+    before = sum(p.stat().st_size for p in model_path(args.src, note=False).iterdir() if p.is_file() and p.name.endswith(weights))
+    after = out.stat().st_size
+    _print(args, {"path": str(out), "bytes_before": before, "bytes_after": after, "ratio": after / before},
+           f"wrote {out}: {after / 2**20:.2f} MiB, from {before / 2**20:.2f} MiB of weights ({after / before:.1%} of the size)")
     return 0
 
 
@@ -491,6 +515,9 @@ def _predict(args):
     head = _head(args, hub)
     names = hub.labels(head)  # a fine-tuned classifier's id2label, else class indices
     windowed = args.window is not None or args.stride is not None
+    if not args.json:  # a header naming the columns: the label, each class's probability, the input
+        classes = names or [str(i) for i in range(hub.model.config.classification_heads[head])]
+        print(f"label\t{' '.join(classes)}\tinput")
     for batch in _batches(_inputs(args)):
         tokens = jobs.tokenize(hub, batch, args.truncate, windowed)
         probs = jobs.prediction_rows(hub, tokens, head, args.batch_tokens, args.window, args.stride, args.pool)
@@ -504,12 +531,18 @@ def _predict(args):
 
 def _head(args, hub) -> str:
     """--head, or the model's only classification head."""
+    from .model import find_head
+
     heads = sorted(hub.model.config.classification_heads)
-    head = args.head or (heads[0] if len(heads) == 1 else None)
-    if head is None:
+    if args.head is not None:
+        if find_head(args.head, heads) is None:
+            raise RobertaError(f"this model has no head named {args.head!r}: "
+                               f"{'it has ' + ', '.join(heads) if heads else 'it has none, fine-tune one first'}")
+        return find_head(args.head, heads)
+    if len(heads) != 1:
         raise RobertaError(f"this model has {'no classification head' if not heads else 'heads ' + ', '.join(heads)}; "
                            f"{'fine-tune one first' if not heads else 'choose one with --head'}")
-    return head
+    return heads[0]
 
 
 def _tag(args):

@@ -35,11 +35,11 @@ from torch import nn
 from tqdm import tqdm
 
 from . import download, windows
-from .checkpoint import read_checkpoint
+from .checkpoint import model_path, not_a_model, read_checkpoint
 from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_write
 from .inference import length_batches, pad_batch
-from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
+from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification, find_head
 from .tokenizer import RobertaTokenizer
 
 MASK = "<mask>"
@@ -578,7 +578,7 @@ def resolve(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | Non
     downloaded there when missing. `cache_dir` replaces both caches; `base_url` names a mirror."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return path
+        return model_path(path)
     name = str(name_or_path)
     if name in download.MODELS:
         return download.download(name, cache_dir, base_url, offline, progress)
@@ -665,6 +665,8 @@ def _tokenizer(directory: Path, cache_dir, offline, base_url, progress) -> Rober
             (directory / "tokenizer.json").is_file():
         return RobertaTokenizer.from_pretrained(directory)
     if not (directory / "dict.txt").is_file():
+        if not (directory / "config.json").is_file():
+            raise not_a_model(directory)
         raise RobertaError(f"{directory} holds no tokenizer: expected vocab.json + merges.txt, tokenizer.json, or dict.txt "
                            f"(fairseq, with encoder.json + vocab.bpe or the GPT-2 BPE download)")
     # A fairseq release ships dict.txt only; the BPE files are GPT-2's, downloaded once into the cache.
@@ -721,6 +723,7 @@ def hub_origin(path: Path) -> tuple[str | None, str | None]:
 def head_labels(config, head: str) -> list[str] | None:
     """The class names of a classification head: a fine-tuned transformers classifier's id2label, which
     belongs to its one head (`head_name`); None where the checkpoint names none."""
+    head = find_head(head, config.classification_heads)
     classes = config.classification_heads.get(head)
     if not config.id2label or classes is None or head != (config.head_name or "default") \
             or sorted(config.id2label) != list(range(classes)):

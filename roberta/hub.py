@@ -160,6 +160,7 @@ class RobertaHub(nn.Module):
 
     def _sequences(self, tokens) -> tuple[list[list[int]], bool]:
         """Token lists of one sequence (1-D), a [batch, length] tensor or a list, and whether a list came."""
+        _check_ids(tokens)
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() not in (1, 2):
                 raise RobertaError(f"tokens must be 1-D or [batch, length], got shape {list(tokens.shape)}")
@@ -376,6 +377,7 @@ class RobertaHub(nn.Module):
     def _batch(self, tokens, truncate: bool | None) -> tuple[torch.Tensor, list[int] | None]:
         """[B, T] ids on the host, and the lengths when `tokens` was a list (right-padded). A tensor
         on a GPU is copied to the host once, here: what the batch looks like is decided there."""
+        _check_ids(tokens)
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() not in (1, 2):
                 raise RobertaError(f"tokens must be 1-D or [batch, length], got shape {list(tokens.shape)}")
@@ -718,6 +720,22 @@ def hub_origin(path: Path) -> tuple[str | None, str | None]:
         if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
             return folder.parent.parent.name.removeprefix("models--").replace("--", "/"), folder.name
     return None, None
+
+
+def _check_ids(tokens) -> None:
+    """Token ids are what the model reads: a text (or anything else) where they belong is refused with
+    what to call instead, before torch meets it with an obscure TypeError."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.is_floating_point() or tokens.is_complex():
+            raise RobertaError(f"expected token ids (integers), got a {tokens.dtype} tensor: pass what encode returns")
+        return
+    items = [tokens] if isinstance(tokens, (str, bytes)) else tokens if isinstance(tokens, (list, tuple)) else []
+    if tokens is None or isinstance(tokens, (int, float, dict)):
+        raise RobertaError(f"expected token ids (a tensor from encode, or a list of them), got a {type(tokens).__name__}")
+    text = next((item for item in items if isinstance(item, (str, bytes))), None)
+    if text is not None:
+        raise RobertaError(f"expected token ids, got the text {text[:40]!r}: call encode first, e.g. "
+                           f"hub.encode({text[:20]!r}), or embed(texts) for sentence vectors")
 
 
 def head_labels(config, head: str) -> list[str] | None:

@@ -588,10 +588,13 @@ def _download(args):
     from .hub import resolve
 
     if not args.names:
+        if not args.json:
+            print("fairseq releases (cached: downloaded, works offline; not cached: `roberta download NAME` fetches "
+                  "it); any Hub id, e.g. FacebookAI/roberta-base, downloads the same way")
         for name in download.MODELS:
             cached = download.is_cached(name, args.cache_dir)
             _print(args, {"name": name, "cached": cached, "path": str(download.model_dir(name, args.cache_dir))},
-                   f"{name:<26} {'cached' if cached else '-'}")
+                   f"  {name:<24} {'cached' if cached else 'not cached'}")
     for name in args.names:
         if name not in download.MODELS and not download.parse_hub_id(name):
             raise RobertaError(f"{name!r} is neither a Hub id (org/name[@revision]) nor a fairseq release "
@@ -611,8 +614,8 @@ def _info(args):
         return
     info = describe(args.model, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url)
     c = info["config"]
-    heads = ", ".join(f"{name} ({n} classes{': ' + ', '.join(info['labels'][name]) if name in info['labels'] else ''})"
-                      for name, n in info["heads"].items()) or "none"
+    heads = "; ".join(f"{t['name']} ({t['task']}, {t['classes']} outputs{': ' + ', '.join(t['labels']) if t['labels'] else ''})"
+                      for t in info["tasks"]) or "none"
     lines = [f"path        {info['path']} ({info['format']})"]
     if info["repository"]:
         lines.append(f"repository  {info['repository']} at revision {info['revision']}")

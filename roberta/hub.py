@@ -705,6 +705,7 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
         "format": layout,
         "config": config.to_dict(),
         "heads": dict(config.classification_heads),
+        "tasks": _head_tasks(config, state),
         "max_tokens": config.max_tokens,
         "parameters": parameters,
         "dtype": ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in state.values()
@@ -720,6 +721,21 @@ def hub_origin(path: Path) -> tuple[str | None, str | None]:
         if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
             return folder.parent.parent.name.removeprefix("models--").replace("--", "/"), folder.name
     return None, None
+
+
+def _head_tasks(config, state: dict) -> list[dict]:
+    """Every head a checkpoint holds, with its task kind, its number of outputs and its class names."""
+    named = [{"name": head, "task": "sequence classification", "classes": classes,
+              "labels": head_labels(config, head)} for head, classes in config.classification_heads.items()]
+    names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else None
+    if "classifier.weight" in state:  # a transformers token classifier (NER, POS): one label per token
+        classes = state["classifier.weight"].shape[0]
+        named.append({"name": config.head_name or "token_classification", "task": "token classification",
+                      "classes": classes, "labels": names if names and len(names) == classes else None})
+    if "qa_outputs.weight" in state:  # extractive question answering: a start and an end score per token
+        named.append({"name": config.head_name or "qa", "task": "question answering", "classes": 2,
+                      "labels": ["start", "end"]})
+    return named
 
 
 def _check_ids(tokens) -> None:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .errors import RobertaError
 from .inference import extract_features_batched
+from .model import find_head
 
 try:
     import orjson
@@ -583,11 +584,11 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
                 return config.head_name
             if len(heads) == 1:
                 return next(iter(heads))
-        if name not in heads:
+        if find_head(name, heads) is None:  # 404 too when none was named: there is no default head to find
             known = ", ".join(heads) or "none"
-            raise HTTPError(404 if name else 400, f"no classification head named {name!r} (this model has: {known}); "
-                            "name one in \"head\"", "unknown_head")
-        return name
+            what = f"no classification head named {name!r}" if name else "no head was named and this model has no single one"
+            raise HTTPError(404, f"{what} (this model has: {known}); name one in \"head\"", "unknown_head")
+        return find_head(name, heads)
 
     @app.post("/embed", response_model=EmbedResponse, dependencies=guarded)
     async def embed(body: EmbedRequest):

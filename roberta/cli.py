@@ -195,11 +195,13 @@ def _pretrain(args):
     from .train import read_settings
 
     saved = Path(args.out) / "pretrain.json"
-    if args.resume and args.preset is None and saved.is_file():
+    flags = {key: value for key, value in (("data", args.data), ("init_from", args.init_from)) if value}
+    if args.resume and saved.is_file():  # the run's own settings; what is given again must agree with them
         cfg = read_settings(PretrainConfig, saved)
+        if args.preset:  # the preset names the architecture; its other settings are the run's
+            flags["model"] = PretrainConfig.preset(args.preset).model
     else:
         cfg = PretrainConfig.preset(args.preset or "small")
-    flags = {key: value for key, value in (("data", args.data), ("init_from", args.init_from)) if value}
     pretrain(cfg.replace(**flags).with_sets(args.set), args.out, resume=args.resume)
 
 
@@ -270,6 +272,8 @@ def _add_hub_commands(sub) -> None:
         p.add_argument("--stride", type=int, help="tokens shared by neighbouring windows (default with --window: half)")
         p.add_argument("--shard-rows", type=_positive_int, default=10000, help="rows per shard of a sharded job (default 10000)")
         p.add_argument("--resume", action="store_true", help="continue the sharded job in --out after a crash")
+        p.add_argument("--overwrite", action="store_true", help="start the sharded job in --out over, deleting its "
+                       "shards (only a job's directory: one holding job.json)")
         p.add_argument("--batch-tokens", type=_positive_int, default=4096, help="padded tokens per batch (default 4096)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -466,7 +470,7 @@ def _job(args, kind: str):
 
     from . import jobs
 
-    jobs.prepare_output(args.out, args.resume)  # before the model loads
+    jobs.prepare_output(args.out, args.resume, args.overwrite, remove=False)  # before the model loads
     if args.text:
         raise RobertaError("a sharded job reads --input or stdin; write TEXT arguments to a .npy or .jsonl file")
     if args.device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -485,7 +489,8 @@ def _job(args, kind: str):
                      layer=getattr(args, "layer", -1), head=head,
                      truncate=args.truncate, window=args.window, stride=args.stride,
                      window_pool=args.pool if kind == "predict" else "mean", shard_rows=args.shard_rows,
-                     batch_tokens=args.batch_tokens, resume=args.resume, progress=not args.no_progress,
+                     batch_tokens=args.batch_tokens, resume=args.resume, overwrite=args.overwrite,
+                     progress=not args.no_progress,
                      model_name=str(args.model))
     if int(os.environ.get("RANK", "0")) == 0:
         _print(args, {"path": args.out, "inputs": index["rows"], "shards": len(index["shards"]),
@@ -687,11 +692,14 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto, cuda when available)")
 
 
+_RECIPE_FLAGS = ["text_columns", "label_column", "problem_type", "skip_bad_rows", "max_dev_examples", "device"]
+
+
 def _recipe(args, names: list[str]):
     """The task's recipe with the flags the user gave, then --set (which wins)."""
     from .finetune import recipe_for
 
-    names += ["text_columns", "label_column", "problem_type", "skip_bad_rows", "max_dev_examples", "device"]
+    names += _RECIPE_FLAGS
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     return recipe_for(args.task, **given).with_sets(args.set)
 
@@ -699,7 +707,16 @@ def _recipe(args, names: list[str]):
 def _finetune(args) -> int:
     from .finetune import finetune
 
-    recipe = _recipe(args, ["lr", "batch_size", "max_epochs", "max_train_examples", "eval_every", "head_name"])
+    names = ["lr", "batch_size", "max_epochs", "max_train_examples", "eval_every", "head_name"]
+    saved = Path(args.out) / "recipe.json"
+    if args.resume and saved.is_file():  # the run's own recipe; what is given again must agree with it
+        from .finetune import Recipe, task_name
+        from .train import read_settings
+
+        given = {n: getattr(args, n) for n in names + _RECIPE_FLAGS if getattr(args, n, None) is not None}
+        recipe = read_settings(Recipe, saved).replace(task=task_name(args.task), **given).with_sets(args.set)
+    else:
+        recipe = _recipe(args, names)
     print(json.dumps(finetune(args.task, args.data, args.model, args.out, recipe=recipe, resume=args.resume), indent=2))
     return 0
 

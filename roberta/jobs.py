@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -125,9 +126,11 @@ def count_lines(path: str) -> int:
 # ---- computing ----------------------------------------------------------------------------------
 
 
-def tokenize(hub, inputs: list[list[str]], truncate: bool, windowed: bool) -> list[list[int]]:
+def tokenize(hub, inputs: list[list[str]], truncate: bool, windowed: bool,
+             where: tuple[str, int] | None = None) -> list[list[int]]:
     """Token ids of each input (`<s> A </s>` or `<s> A </s></s> B </s>`), refused or cut at the model's
-    limit unless windows will read it."""
+    limit unless windows will read it. `where` (the input's name, the line of inputs[0]) lets a refusal
+    name the line."""
     from .hub import encode
 
     tokenizer, limit = hub.tokenizer, hub.max_tokens
@@ -139,7 +142,15 @@ def tokenize(hub, inputs: list[list[str]], truncate: bool, windowed: bool) -> li
         ids = [encode(tokenizer, *s).tolist() for s in inputs]
     if windowed:
         return ids
-    return [row if len(row) <= limit else hub._fit(torch.tensor([row]), truncate)[0].tolist() for row in ids]
+    fitted = []
+    for i, row in enumerate(ids):
+        try:
+            fitted.append(row if len(row) <= limit else hub._fit(torch.tensor([row]), truncate)[0].tolist())
+        except RobertaError as exc:
+            if where is None:
+                raise
+            raise RobertaError(f"{where[0]} line {where[1] + i}: {exc}") from None
+    return fitted
 
 
 def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -1, batch_tokens: int = 4096,
@@ -203,15 +214,27 @@ def shard_name(kind: str, index: int) -> str:
     return f"{kind}-{index:05d}.npy"
 
 
-def prepare_output(out: str | os.PathLike, resume: bool) -> Path:
-    """Check the output directory before any work: its parent must exist; an existing one needs `resume`."""
+def prepare_output(out: str | os.PathLike, resume: bool, overwrite: bool = False, remove: bool = True) -> Path:
+    """Check the output directory before any work: its parent must exist; an existing one needs `resume`
+    (continue it) or `overwrite` (start it over: only a job's directory, one holding job.json, is
+    removed, unless `remove` is False: a check before the model loads)."""
     out = Path(out)
+    if resume and overwrite:
+        raise RobertaError("give --resume (continue the job) or --overwrite (start it over), not both")
+    if overwrite and out.is_dir() and any(out.iterdir()):
+        if not (out / "job.json").is_file():
+            raise RobertaError(f"{out} holds no job.json: it is not a job's output, so --overwrite leaves it alone; "
+                               "choose a new directory")
+        if not remove:
+            return out
+        shutil.rmtree(out)
     if not out.parent.is_dir():
         raise RobertaError(f"cannot write to {out}: the directory {out.parent} does not exist; create it first")
     if out.exists() and not out.is_dir():
         raise RobertaError(f"{out} is a file; the output of a sharded job is a directory")
     if out.is_dir() and any(out.iterdir()) and not resume:
-        raise RobertaError(f"{out} already exists; pass --resume to continue the job in it, or choose a new directory")
+        raise RobertaError(f"{out} already exists; pass --resume to continue the job in it, --overwrite to start it "
+                           "over, or choose a new directory")
     if resume and out.is_dir() and any(out.iterdir()) and not (out / "job.json").is_file():
         raise RobertaError(f"{out} holds no job.json: it is not a job to resume")
     return out
@@ -221,7 +244,8 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
         field: str = "text", pair_field: str | None = None, allow_empty: bool = False, pool: str = "cls",
         layer: int = -1, head: str | None = None, truncate: bool = False, window: int | None = None,
         stride: int | None = None, window_pool: str = "mean", shard_rows: int = SHARD_ROWS,
-        batch_tokens: int = 4096, resume: bool = False, progress: bool = True, model_name: str = "") -> dict:
+        batch_tokens: int = 4096, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        model_name: str = "") -> dict:
     """Run a `kind` ("features" or "predict") job from `source` (a file, or stdin for None / '-') into
     the directory `out`; returns the index (also written to out/index.json)."""
     from . import windows
@@ -241,7 +265,9 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
             raise RobertaError(f"the model has no classification head {head!r}; it has: {', '.join(heads) or 'none'}")
     windowed = windows.check(window, stride, hub.max_tokens) is not None
     format = input_format(source, format)
-    out = prepare_output(out, resume)
+    out = prepare_output(out, resume, overwrite)
+    existed = out.exists()
+    new = not existed or not any(out.iterdir())  # a job that fails before its first shard removes what it made
     stdin = source in (None, "-")
     if not stdin and not Path(source).is_file():
         raise RobertaError(f"input {source} is not a file")
@@ -252,7 +278,7 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
                 "pool": pool if kind == "features" else None, "layer": layer if kind == "features" else None,
                 "head": head, "truncate": truncate, "window": window, "stride": stride,
                 "window_pool": window_pool if kind == "predict" else None, "shard_rows": shard_rows}
-    rank, world = _distributed()
+    rank, world, bar = *_distributed(), None
     try:
         if (out / "index.json").is_file() and resume:
             return _check_settings(out, settings) or json.loads((out / "index.json").read_text())
@@ -270,18 +296,20 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
         bar = tqdm(total=mine, unit="line", unit_scale=True, desc=kind, disable=not progress or rank != 0,
                    smoothing=0.1, file=sys.stderr)
         rows_seen, width, shard = 0, None, []
-        inputs = read_inputs(open_lines(source), format, field, pair_field, allow_empty,
-                             name="stdin" if stdin else str(source))
+        name = "stdin" if stdin else str(source)
+        inputs = read_inputs(open_lines(source), format, field, pair_field, allow_empty, name=name)
         for sentences in inputs:
             shard.append(sentences)
             rows_seen += 1
             if len(shard) == shard_rows:
                 width = _shard(hub, kind, out, (rows_seen - 1) // shard_rows, shard, rank, world, bar, truncate,
-                               windowed, pool, layer, head, batch_tokens, window, stride, window_pool) or width
+                               windowed, pool, layer, head, batch_tokens, window, stride, window_pool, name,
+                               rows_seen - len(shard) + 1) or width
                 shard = []
         if shard:
             width = _shard(hub, kind, out, (rows_seen - 1) // shard_rows, shard, rank, world, bar, truncate,
-                           windowed, pool, layer, head, batch_tokens, window, stride, window_pool) or width
+                           windowed, pool, layer, head, batch_tokens, window, stride, window_pool, name,
+                           rows_seen - len(shard) + 1) or width
         bar.close()
         if rows_seen == 0:
             raise RobertaError(f"{'stdin' if stdin else source} holds no inputs; give one input per line")
@@ -299,13 +327,24 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
             atomic_write(out / "index.json", json.dumps(index, indent=2) + "\n")
         _barrier(world)
         return index
+    except BaseException:
+        if bar is not None:  # cleared now, so that it is not drawn again after the error
+            bar.leave = False
+            bar.close()
+        if new and rank == 0 and out.is_dir() and not any(out.glob(f"{kind}-*.npy")):
+            if existed:  # nothing computed yet: leave no job that asks for --resume
+                for made in ("job.json", "metrics.jsonl"):
+                    (out / made).unlink(missing_ok=True)
+            else:
+                shutil.rmtree(out)
+        raise
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 def _shard(hub, kind, out, k, inputs, rank, world, bar, truncate, windowed, pool, layer, head, batch_tokens,
-           window, stride, window_pool):
+           window, stride, window_pool, name, first_line):
     """Compute and write shard k if it is this process's and not already on disk; returns its width."""
     path = out / shard_name(kind, k)
     if k % world != rank:
@@ -315,7 +354,7 @@ def _shard(hub, kind, out, k, inputs, rank, world, bar, truncate, windowed, pool
         bar.update(len(inputs))
         return None
     started = time.perf_counter()
-    tokens = tokenize(hub, inputs, truncate, windowed)
+    tokens = tokenize(hub, inputs, truncate, windowed, where=(name, first_line))
     if kind == "features":
         rows = np.stack(feature_rows(hub, tokens, pool, layer, batch_tokens, window, stride)).astype(np.float32)
     else:

@@ -334,3 +334,25 @@ def test_feature_files_come_back_in_input_order(tiny_hub, tmp_path):
     assert [line["text"] for line in lines] == texts
     alone = tiny_hub.extract_features(tiny_hub.encode(texts[1]), return_all_hiddens=True)[1][0].mean(0)
     assert np.abs(np.array(lines[1]["features"]) - alone.numpy()).max() <= 1e-5
+
+
+@pytest.mark.parametrize("call", [
+    lambda hub: hub.extract_features("Hello"),
+    lambda hub: hub.predict("mnli", "a great movie"),
+    lambda hub: hub.predict("mnli", ["a great movie", "dull"]),
+    lambda hub: hub.extract_features("Hello", window=16),
+])
+def test_a_text_where_token_ids_belong_says_to_call_encode(tiny_hub, call):
+    with pytest.raises(RobertaError) as info:
+        call(tiny_hub)
+    message = str(info.value)
+    assert message.startswith("expected token ids, got the text ") and "\n" not in message
+    assert message.endswith("): call encode first, e.g. hub.encode('Hello'), or embed(texts) for sentence vectors") \
+        or "call encode first, e.g. hub.encode('a great movie')" in message
+
+
+def test_other_wrong_types_for_token_ids_are_one_line_errors(tiny_hub):
+    with pytest.raises(RobertaError, match=r"^expected token ids \(a tensor from encode, or a list of them\), got a int$"):
+        tiny_hub.extract_features(31414)
+    with pytest.raises(RobertaError, match=r"^expected token ids \(integers\), got a torch.float32 tensor"):
+        tiny_hub.predict("mnli", torch.ones(1, 4))

@@ -404,6 +404,21 @@ def test_a_request_not_answered_in_time_gets_503_and_a_classifier_has_no_fill_ma
         assert s.stop() == 0, "".join(s.log)
 
 
+def test_predict_naming_no_head_on_a_model_without_one_is_404(bpe_dir, tmp_path):
+    encoder = tmp_path / "encoder"  # a pretrained masked LM: no classification head to default to
+    RobertaForMaskedLM(RobertaConfig.tiny(max_position_embeddings=66)).save_pretrained(
+        encoder, tokenizer=RobertaTokenizer.from_pretrained(bpe_dir))
+    s = Server(encoder)
+    try:
+        response = httpx.post(s.url + "/predict", json={"inputs": "a great movie"}, timeout=30)
+        assert response.status_code == 404, response.text
+        assert response.json()["error"] == {
+            "message": "no head was named and this model has no single one (this model has: none); name one in \"head\"",
+            "type": "unknown_head", "code": 404}
+    finally:
+        assert s.stop() == 0, "".join(s.log)
+
+
 def test_bad_settings_and_a_busy_port_are_one_line_errors(model_dir, capsys):
     import socket
 

@@ -190,7 +190,7 @@ def test_info_device_says_what_auto_picks_here(hub_checkpoints, call):
     info = json.loads(result.stdout)
     assert (info["device"], info["precision"], info["reason"]) == ("cpu", *resolve_precision("auto", "cpu"))
     readable = call("info", "--device", "cpu", "-m", hub_checkpoints["hf"])
-    assert f"auto -> {info['precision']}" in readable.stdout and "mnli (3 classes)" in readable.stdout
+    assert f"auto -> {info['precision']}" in readable.stdout and "mnli (sequence classification, 3 outputs)" in readable.stdout
     assert call("info").returncode == 2
 
 
@@ -221,7 +221,7 @@ def fine_tuning_run(hf_dir: Path, run: Path) -> Path:
 
 def test_a_run_directory_resolves_to_its_model_with_a_note(hub_checkpoints, tiny_hub, tmp_path, call):
     run = fine_tuning_run(hub_checkpoints["hf"], tmp_path / "sst2-run")
-    for command in (("encode", "-m", run, "Hello world!"), ("predict", "-m", run, "--json", "Hello world!")):
+    for command in (("encode", "-m", run, "Hello world!"), ("predict", "-m", run, "--json", "--precision", "fp32", "Hello world!")):
         result = call(*command)
         assert result.returncode == 0, result.stderr
         assert result.stderr == f"note: {run} is a fine-tuning run; using its model, {run / 'model'}\n"
@@ -284,7 +284,7 @@ def labelled(hub_checkpoints, tmp_path):
 
 @pytest.mark.parametrize("head", ["sst-2", "sst2", "SST-2", "Sst_2"])
 def test_predict_prints_label_names_under_a_header_and_finds_the_head_by_any_spelling(labelled, tiny_hub, head, call):
-    result = call("predict", "-m", labelled, "--head", head, "a great movie", "Hello world!")
+    result = call("predict", "-m", labelled, "--head", head, "--precision", "fp32", "a great movie", "Hello world!")
     assert result.returncode == 0, result.stderr
     names = ["negative", "neutral", "positive"]
     probs = tiny_hub.predict("mnli", [tiny_hub.encode("a great movie"), tiny_hub.encode("Hello world!")]).exp()
@@ -336,13 +336,13 @@ def test_compress_prints_the_sizes_and_the_ratio(hub_checkpoints, tmp_path, call
 
 
 def test_sharded_job_errors_name_the_line_leave_nothing_and_overwrite_starts_over(hub_checkpoints, tmp_path, call):
-    lines = ["short line"] * 5 + ["word " * 200] + ["short line"] * 3
+    lines = ["short line"] * 2 + ["word " * 200] + ["short line"] * 6  # too long, in the first shard
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(lines) + "\n")
     out = tmp_path / "vectors"
     failed = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--shard-rows", "4")
     assert failed.returncode == 2
-    assert failed.stderr.splitlines()[-1] == (f"error: {corpus} line 6: input has 202 tokens but the model takes at "
+    assert failed.stderr.splitlines()[-1] == (f"error: {corpus} line 3: input has 203 tokens but the model takes at "
                                               "most 64; pass truncate=True (--truncate) to keep the first 64, or shorten it")
     assert failed.stderr.count("error:") == 1 and failed.stderr.count("\n") == 1  # the bar left no line
     assert not out.exists()  # nothing computed: no directory asking for --resume

@@ -917,12 +917,12 @@ class _NamedHeads:
         return module(first_token(self._encode(input_ids, layout).last_hidden_state, layout.mask))
 
     def _head(self, name):
-        name = find_head(name, self.classification_heads)
-        if name is None:
+        found = find_head(name, self.classification_heads)
+        if found is None:
             known = ", ".join(self.classification_heads) or "none"
             raise RobertaError(f"no classification head named {name!r} (this model has: {known}); "
                                "register one with register_classification_head(name, num_classes)")
-        return self.classification_heads[name]
+        return self.classification_heads[found]
 
 
 def find_head(name: str | None, heads) -> str | None:
@@ -1005,7 +1005,7 @@ class RobertaForSequenceClassification(RobertaPreTrainedModel, _NamedHeads):
         self.post_init()
 
     def _head(self, name):
-        if name is None or name == self.config.head_name:
+        if name is None or find_head(name, [self.config.head_name]) is not None:
             return self.classifier
         return super()._head(name)
 

@@ -295,7 +295,7 @@ def test_info_shows_the_repository_and_a_classifier_labels_reach_predict(hub, hu
     assert info["labels"] == {"default": ["negative", "positive"]}
     assert main(["info", "-m", "org/sentiment", "--cache-dir", str(tmp_path / "hf"), "--offline"]) == 0
     text = capsys.readouterr().out
-    assert f"repository  org/sentiment at revision {commit}" in text and "default (2 classes: negative, positive)" in text
+    assert f"repository  org/sentiment at revision {commit}" in text and "default (sequence classification, 2 outputs: negative, positive)" in text
 
 
 def test_a_failing_download_is_one_line_after_a_bounded_number_of_tries(server, tmp_path):

@@ -1,4 +1,8 @@
 """RoBERTa in PyTorch: exact to the published models, fast, small on disk."""
+from . import runtime
+
+runtime.configure()  # before torch loads: OpenMP's wait policy and MKL's reproducible mode (roberta/runtime.py)
+
 import importlib
 
 from .errors import RobertaError

@@ -242,9 +242,9 @@ def _add_hub_commands(sub) -> None:
         if weights:
             p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
             p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
-                           help="auto (default: bf16 where the CPU/GPU has bf16 units, int8 on CPUs with VNNI "
-                           "only, else fp32; `roberta info --device` shows the choice), fp32 (exact), bf16, "
-                           "int8 (CPU); see benchmarks/RESULTS.md")
+                           help="auto (default: the fastest mode this machine runs, said on stderr and recorded in "
+                           "a job's job.json; `roberta info --device` shows the choice), fp32 (exact float32), "
+                           "bf16, int8 (CPU); see benchmarks/RESULTS.md")
         if text:
             p.add_argument("text", nargs="*", metavar=text, help="inputs (default: one per line of stdin)")
         p.set_defaults(func=func)
@@ -409,8 +409,9 @@ def _load(args):
     device = resolve_device(args.device)
     hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url,
                 precision=args.precision)
-    if sys.stderr.isatty():  # for people at a terminal; programs get one line on stderr only for errors
-        print(f"running on {device} in {hub.precision} ({hub.precision_reason})", file=sys.stderr)
+    if args.precision == "auto" or sys.stderr.isatty():  # what `auto` chose is always said: it changes the numbers
+        exact = "" if hub.precision == "fp32" else "; --precision fp32 for the exact float32 numbers"
+        print(f"running on {device} in {hub.precision} ({hub.precision_reason}){exact}", file=sys.stderr)
     return hub
 
 

@@ -592,15 +592,16 @@ def resolve(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | Non
 
 def load(name_or_path: str | os.PathLike, device: str | torch.device | None = None, cache_dir=None,
          offline: bool | None = None, base_url: str | None = None, progress: bool = True,
-         precision: str = "auto") -> RobertaHub:
+         precision: str = "fp32") -> RobertaHub:
     """Load a RoBERTa by name (`roberta.base`, `roberta.large`, `roberta.large.mnli`), Hub id
     (`FacebookAI/roberta-base`, `org/name@revision`: any RoBERTa-family repository) or path: a fairseq
     directory or .tar.gz (model.pt + dict.txt), a Hugging Face directory (sharded, ZipNN-compressed or
     sentence-transformers too), or a directory `save` wrote. In eval mode.
 
-    `precision`: "auto" (default) runs in what this machine does fastest (bf16 where the CPU or GPU has
-    bf16 units, int8 on CPUs with VNNI only, else fp32; see `roberta.inference`); `hub.precision` says
-    which. "fp32" gives the exact published numbers, and is what fine-tuning and saving need.
+    `precision`: "fp32" (default) gives the exact published numbers in float32 on every machine, as
+    transformers, sentence-transformers and fairseq do, and is what training, saving and new heads need.
+    "auto" runs in what this machine does fastest for inference (see `roberta.inference`); "bf16" and
+    "int8" ask for one. `hub.precision` and `hub.precision_reason` say what was chosen and why.
     """
     from .inference import reduce_precision, resolve_precision
 

@@ -271,7 +271,7 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
     stdin = source in (None, "-")
     if not stdin and not Path(source).is_file():
         raise RobertaError(f"input {source} is not a file")
-    settings = {"kind": kind, "model": model_name, "input": "-" if stdin else str(Path(source).resolve()),
+    settings = {"kind": kind, "model": model_name, "precision": getattr(hub, "precision", "fp32"), "input": "-" if stdin else str(Path(source).resolve()),
                 "input_bytes": None if stdin else Path(source).stat().st_size,
                 "input_head_sha256": None if stdin else _head_digest(Path(source)),
                 "format": format, "field": field, "pair_field": pair_field, "allow_empty": allow_empty,

@@ -2,7 +2,14 @@
 import os
 from pathlib import Path
 
-import pytest
+# Each xdist worker gets its share of the cores, so that `pytest -n N` never runs more compute threads than
+# the machine has (set before torch loads; subprocesses of the tests inherit it).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+
+import pytest  # noqa: E402
+
+import roberta  # noqa: E402,F401  first, so that its runtime settings (roberta/runtime.py) precede torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

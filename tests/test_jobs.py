@@ -188,12 +188,10 @@ def test_kill_9_then_resume_gives_identical_files(model_dir, corpus, one_process
     job.wait()
     done = sorted(p.name for p in out.glob("features-*.npy"))
     assert 3 <= len(done) < 12 and not (out / "index.json").exists()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the processes run with OMP_NUM_THREADS=1: the same float rounding
-    try:
-        assert main(*args[3:], "--resume") == 0
-    finally:
-        torch.set_num_threads(threads)
+    # resumed in a new process as a user would, with the same thread count: the same float rounding
+    resumed = subprocess.run(list(map(str, args + ["--resume"])), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
     assert digests(out) == digests(one_process)
     shards_rewritten = [json.loads(line)["shard"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(shards_rewritten) == len(set(shards_rewritten)) == 12  # each shard computed once

@@ -393,7 +393,7 @@ def test_hub_runs_in_the_precision_auto_picks_and_refuses_to_train_or_save_it(hu
     with pytest.raises(roberta.RobertaError, match="precision='fp32'"):
         fast.save(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
-    auto = roberta.load(hub_checkpoints["hf"])
+    auto = roberta.load(hub_checkpoints["hf"], precision="auto")
     assert (auto.precision, auto.precision_reason) == resolve_precision("auto", "cpu")
 
 

@@ -302,7 +302,7 @@ def test_predict_prints_label_names_under_a_header_and_finds_the_head_by_any_spe
 
 
 def test_an_unknown_head_names_the_ones_there_are(labelled, call):
-    result = call("predict", "-m", labelled, "--head", "mnli", "a great movie")
+    result = call("predict", "-m", labelled, "--head", "mnli", "--precision", "fp32", "a great movie")
     assert (result.returncode, result.stderr) == (2, "error: this model has no head named 'mnli': it has sst-2\n")
 
 
@@ -340,7 +340,8 @@ def test_sharded_job_errors_name_the_line_leave_nothing_and_overwrite_starts_ove
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(lines) + "\n")
     out = tmp_path / "vectors"
-    failed = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--shard-rows", "4")
+    failed = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--shard-rows", "4",
+                  "--precision", "fp32")
     assert failed.returncode == 2
     assert failed.stderr.splitlines()[-1] == (f"error: {corpus} line 3: input has 203 tokens but the model takes at "
                                               "most 64; pass truncate=True (--truncate) to keep the first 64, or shorten it")
@@ -353,7 +354,8 @@ def test_sharded_job_errors_name_the_line_leave_nothing_and_overwrite_starts_ove
     done = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--truncate", "--shard-rows", "4")
     assert done.returncode == 0, done.stderr
     first = np.load(out / "features-00000.npy")
-    refused = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--shard-rows", "4")
+    refused = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--shard-rows", "4",
+                   "--precision", "fp32")
     assert (refused.returncode, refused.stderr) == (2, f"error: {out} already exists; pass --resume to continue the "
                                                        "job in it, --overwrite to start it over, or choose a new directory\n")
     over = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--truncate", "--shard-rows", "3",

@@ -132,3 +132,15 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cpu_line() -> str:
+    """The CPU as figures are recorded beside it: model name, cores and the flags that decide speed."""
+    import os
+
+    sys.path.insert(0, str(ROOT))
+    from roberta.inference import cpu_flags, cpu_name
+
+    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+    return (f"CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} cores; flags: "
+            f"{' '.join(f for f in wanted if f in cpu_flags())}")

@@ -136,8 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: none written)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     p.set_defaults(func=_evaluate)
+    _add_reproduce(sub)
     _explain(sub)
+    for name in COMPUTING:
+        sub.choices[name].add_argument("--threads", type=_positive_int, help="CPU threads for the model's math "
+                                       "(default: all cores; waiting threads sleep, so a core another program "
+                                       "keeps busy costs only its share)")
     return parser
+
+
+# Commands that compute with the model, each taking --threads (compress/decompress have their own).
+COMPUTING = ("pretrain", "finetune", "evaluate", "demo", "fill-mask", "features", "predict", "tag", "answer",
+             "export", "serve")
 
 
 def _explain(sub) -> None:
@@ -299,6 +309,17 @@ def _add_hub_commands(sub) -> None:
                    help="how tokens become entities, as in transformers' pipeline (default simple)")
     p.add_argument("--stride", type=int, help="tag texts longer than the model in windows overlapping by this "
                    "many tokens (default: refuse them)")
+    p = command("zero-shot", _zero_shot, "classify each input text into candidate labels with an NLI head "
+                "(transformers' zero-shot-classification pipeline)")
+    p.add_argument("--labels", required=True, help="the candidate labels, comma-separated")
+    p.add_argument("--template", default="This example is {}.", help="the hypothesis; {} is the label")
+    p.add_argument("--multi-label", action="store_true", help="score each label on its own (several may be true)")
+    p.add_argument("--head", help="the NLI head (default: the model's main or only one, or mnli)")
+    p = command("rerank", _rerank, "rank the passages (TEXT, or stdin lines) by relevance to --query with a "
+                "cross-encoder (sentence-transformers' CrossEncoder.rank)", text="PASSAGE")
+    p.add_argument("--query", required=True, help="the query")
+    p.add_argument("--top-k", type=_positive_int, help="print only the best K (default: all)")
+    p.add_argument("--head", help="the one-output head (default: the model's main or only one)")
     p = command("answer", _answer, "answer each question from its context with a question-answering checkpoint",
                 text="QUESTION")
     p.add_argument("--context", help="the context for every question (default: each input is QUESTION<TAB>CONTEXT)")
@@ -325,7 +346,8 @@ def _add_hub_commands(sub) -> None:
                 text=None, weights=False, model_required=False)
     p.add_argument("--device", nargs="?", const="auto", metavar="DEVICE", dest="show_device",
                    help="also show the device and the precision `auto` picks there, and why (-m optional; default: not shown)")
-    p = command("serve", _serve, "serve the model over HTTP (embed, predict, fill-mask, ...) with dynamic batching",
+    p = command("serve", _serve, "serve the model over HTTP on text-embeddings-inference's API (embed, predict, "
+                "rerank, ...; fill-mask and zero-shot too) with dynamic batching",
                 text=None, json=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
@@ -340,12 +362,16 @@ def _add_hub_commands(sub) -> None:
     p.add_argument("--max-input-tokens", type=int,
                    help="tokens in one input (default: the model's limit; 413 past it unless the request truncates)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 2**20, help="request body size (default 2 MiB)")
+    p.add_argument("--max-response-bytes", type=int, default=64 * 2**20,
+                   help="an answer's size (/fill-mask, /embed_all), estimated before any work; 422 past it (default 64 MiB)")
+    p.add_argument("--read-timeout", type=float, default=15.0,
+                   help="seconds a request's head, then its body, may take to arrive; slower connections are "
+                        "closed (default 15)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before an unanswered request gets 503 (default 30)")
     p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
                    help="pooling of /v1/embeddings and the default of /embed (default cls: the <s> vector)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                    "(default $ROBERTA_API_KEY; unset: no key)")
-    p.add_argument("--threads", type=int, help="threads of each forward pass (default: all cores; 1 on a busy machine)")
     p.add_argument("--access-log", action="store_true", help="log every request")
 
 
@@ -409,9 +435,12 @@ def _load(args):
     device = resolve_device(args.device)
     hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url,
                 precision=args.precision)
-    if args.precision == "auto" or sys.stderr.isatty():  # what `auto` chose is always said: it changes the numbers
-        exact = "" if hub.precision == "fp32" else "; --precision fp32 for the exact float32 numbers"
-        print(f"running on {device} in {hub.precision} ({hub.precision_reason}){exact}", file=sys.stderr)
+    exact = "" if hub.precision == "fp32" else "; --precision fp32 for the exact float32 numbers"
+    note = f"ran on {device} in {hub.precision} ({hub.precision_reason}){exact}"
+    if sys.stderr.isatty():  # a person at a terminal hears it first
+        print(note.replace("ran on", "running on", 1), file=sys.stderr)
+    elif args.precision == "auto":  # what `auto` chose changes the numbers: said once the command succeeded,
+        args.precision_note = note  # so that an error stays the one line on stderr
     return hub
 
 
@@ -551,6 +580,25 @@ def _head(args, hub) -> str:
     return heads[0]
 
 
+def _zero_shot(args):
+    hub = _load(args)
+    for text in _texts(args):
+        result = hub.zero_shot(text, args.labels, hypothesis_template=args.template, multi_label=args.multi_label,
+                               head=args.head)
+        _print(args, result, "\n".join([text] + [f"  {score:.4f}  {label}"
+                                                 for label, score in zip(result["labels"], result["scores"])]))
+
+
+def _rerank(args):
+    hub = _load(args)
+    texts = list(_texts(args))
+    ranks = hub.rerank(args.query, texts, top_k=args.top_k, head=args.head)
+    if args.json:
+        return print(json.dumps(ranks))
+    for rank in ranks:
+        print(f"{rank['corpus_id']}\t{rank['score']:.4f}\t{texts[rank['corpus_id']]}")
+
+
 def _tag(args):
     hub = _load(args)
     for text in _texts(args):
@@ -633,6 +681,10 @@ def _info(args):
         p = info["pooling"]
         limit = f", max {p['max_tokens']} tokens" if p["max_tokens"] else ""
         lines.append(f"pooling     {p['mode']}{', normalised' if p['normalize'] else ''}{limit} (sentence-transformers)")
+    if info["cross_encoder"]:
+        c = info["cross_encoder"]
+        limit = f", max {c['max_tokens']} tokens" if c["max_tokens"] else ""
+        lines.append(f"scores      {c['activation']} of one output{limit} (a sentence-transformers CrossEncoder)")
     lines += [f"parameters  {info['parameters']:,}", f"dtype       {info['dtype']}",
               f"size        {info['size_bytes'] / 2**20:.1f} MiB in {len(info['files'])} files"]
     lines += [f"  {size / 2**20:10.2f} MiB  {name}" for name, size in info["files"].items()]
@@ -665,14 +717,9 @@ def _serve(args):
     settings = ServeSettings(max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_inputs=args.max_inputs,
                              max_input_tokens=args.max_input_tokens, max_body_bytes=args.max_body_bytes,
+                             max_response_bytes=args.max_response_bytes, read_timeout_s=args.read_timeout,
                              timeout_s=args.timeout, pooling=args.pooling, api_key=api_key)
-    if args.threads is not None and args.threads < 1:
-        raise RobertaError(f"--threads must be at least 1, got {args.threads}")
     sock = listen(args.host, args.port)  # before loading: a busy port fails at once
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     hub = _load(args)
     serve(hub, sock, settings, model_name=str(args.model), precision=hub.precision, access_log=args.access_log)
 
@@ -734,6 +781,62 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="the paper's fine-tuning protocol: a grid of settings, 5 seeds, the median "
+                       "of the best setting beside the published number")
+    p.add_argument("tasks", nargs="+", metavar="TASK", help="glue, squad, race, or task names (MNLI, RTE, ...)")
+    p.add_argument("--model", required=True, help="the pretrained model: a name, directory or archive")
+    p.add_argument("--data", required=True, help="the folder that holds each task's data: glue_data's MNLI/, SST-2/, "
+                   "..., and squad/, RACE/")
+    p.add_argument("--out", required=True, help="sweep directory: OUT/<TASK>/<setting>-seed<N>/ run directories, "
+                   "table.md, table.json, scores.png")
+    p.add_argument("--grid", default="paper", help="paper, fairseq (its README's per-task settings), or a JSON/YAML "
+                   "file in the layout of roberta.reproduce.PAPER")
+    p.add_argument("--mnli-model", help="start the MNLI-initialised tasks (large: RTE, STS-B, MRPC) from this "
+                   "fine-tuned MNLI model (default: the sweep's own MNLI runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe setting every run takes "
+                   "besides the protocol's, e.g. --set precision=bf16")
+    p.add_argument("--device", default="auto", help="auto (every GPU, else the CPU), cpu or cuda")
+    p.add_argument("--jobs", type=_positive_int, help="runs at a time (default: one per GPU; 1 on the CPU)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads per run (default: the cores / --jobs)")
+    p.add_argument("--print-commands", action="store_true", help="list the `roberta finetune` commands of the runs "
+                   "not done (for a cluster scheduler) and run nothing")
+    p.add_argument("--collect", action="store_true", help="write the table from what the run directories hold; run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    b = p.add_argument_group("budget", "cut the protocol for a quick look (the table lists every cut)")
+    b.add_argument("--seeds", type=_positive_int, help="the first N of the protocol's seeds (default: all five)")
+    b.add_argument("--lr", type=_number_list(float), help="keep the settings with these learning rates, e.g. 2e-5,3e-5 (default: all the grid's)")
+    b.add_argument("--batch-size", type=_number_list(int), help="keep the settings with these batch sizes, e.g. 32 (default: all the grid's)")
+    b.add_argument("--data-fraction", type=float, help="train on this fraction of each task's training rows (default: all)")
+    p.set_defaults(func=_reproduce)
+
+
+def _number_list(kind):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return parse
+
+
+def _reproduce(args) -> int:
+    from .reproduce import Budget, markdown, reproduce
+
+    budget = Budget(args.seeds, args.lr, args.batch_size, args.data_fraction)
+    extra = {}
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RobertaError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set precision=bf16")
+        extra[key.strip()] = value.strip()
+    result = reproduce(args.tasks, args.model, args.data, args.out, args.grid, budget, args.device, args.mnli_model,
+                       args.jobs, args.threads, args.print_commands, args.collect, progress=not args.no_progress,
+                       extra=extra)
+    print("\n".join(result) if args.print_commands else markdown(result), end="\n" if args.print_commands else "")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. The one place where a user's mistake becomes `error: ...` and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
@@ -746,7 +849,14 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(sys.stdin, io.TextIOWrapper):  # bad bytes on stdin are an error, never U+FFFD
                 sys.stdin.reconfigure(encoding="utf-8", errors="strict")
             args = build_parser().parse_args(argv)
-            return args.func(args) or 0
+            if args.command in COMPUTING and args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            status = args.func(args) or 0
+            if status == 0 and getattr(args, "precision_note", None):
+                print(args.precision_note, file=sys.stderr)
+            return status
         except RobertaError as exc:
             return _fail(str(exc))
         except UnicodeDecodeError as exc:

@@ -206,13 +206,13 @@ def serve_and_ask(model_dir: Path, texts: list[str]) -> None:
                 return json.load(response)
 
         print(f"    {url}")
-        predicted = post("/predict", {"inputs": texts})
-        for text, p in zip(texts, predicted["predictions"]):
-            print(f"    POST /predict   {p['label']:<9} {p['score']:.2f}  {text[:70]}")
-        vectors = post("/embed", {"inputs": texts})["embeddings"]
+        predicted = post("/predict", {"inputs": [[text] for text in texts]})  # per input, its classes best first
+        for text, classes in zip(texts, predicted):
+            print(f"    POST /predict   {classes[0]['label']:<9} {classes[0]['score']:.2f}  {text[:70]}")
+        vectors = post("/embed", {"inputs": texts})
         cosine = sum(a * b for a, b in zip(*vectors))  # unit vectors
         print(f"    POST /embed     {len(vectors)} vectors of {len(vectors[0])}, cosine {cosine:.3f}")
-        tokens = post("/tokenize", {"inputs": texts[0]})["tokenized"][0]["tokens"]
+        tokens = [token["text"] for token in post("/tokenize", {"inputs": texts[0]})[0]]
         print(f"    POST /tokenize  {len(tokens)} tokens: {' '.join(tokens[:8])} ...")
         with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
             batches = re.search(r"^roberta_batch_inputs_count (\S+)$", response.read().decode(), re.M).group(1)

@@ -35,7 +35,7 @@ from .errors import RobertaError
 from .fileio import atomic_write, check_output
 from .inference import length_batches, pad_batch
 from .model import RobertaForMultipleChoice, RobertaForQuestionAnswering, RobertaForSequenceClassification
-from .train import (PRECISIONS, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps, precision_context,
+from .train import (check_reproducible, PRECISIONS, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps, precision_context,
                     prepare_run_dir, save_checkpoint, set_lr, setup_distributed, train_step, unwrap, wrap_ddp,
                     write_dir)
 
@@ -112,6 +112,8 @@ OTHER_RECIPES = {
     "WNLI": dict(lr=2e-5, batch_size=16),
     "custom": dict(lr=1e-5, batch_size=32),
 }
+# The warmup of every recipe without warmup_updates: the first 6% of the updates (the paper, Appendix C).
+WARMUP_RATIO = 0.06
 # Settings that may change when a run is resumed: they do not alter what is computed.
 CHANGEABLE_ON_RESUME = {"log_every", "device"}
 
@@ -479,7 +481,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
         raise RobertaError(f"{len(train)} training examples cannot fill one update of {accum * d.world} "
                            "micro-batches: lower update_freq or use fewer processes")
     total = recipe.total_updates or per_epoch * recipe.max_epochs
-    warmup = recipe.warmup_updates if recipe.warmup_updates is not None else round(0.06 * total)
+    warmup = recipe.warmup_updates if recipe.warmup_updates is not None else round(WARMUP_RATIO * total)
     updates = min(total, per_epoch * recipe.max_epochs)
     lr, lr_note = default_lr(recipe, model)
     pub = published(recipe.task)
@@ -491,6 +493,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
     model = wrap_ddp(model, d)
     optimizer = adamw(model, lr, recipe.adam_betas, recipe.adam_eps, recipe.weight_decay)
     autocast, scaler = precision_context(recipe.precision, d.device)
+    check_reproducible(d)
     trainer = load_checkpoint(ckpt, model, optimizer, scaler, d) if ckpt else {}
     step, best, bad_evals = int(trainer.get("step", 0)), trainer.get("best", {"score": -math.inf, "step": 0, "metrics": {}}), \
         int(trainer.get("bad_evals", 0))

@@ -11,7 +11,8 @@
 Beyond the original: a list of inputs is a batch. `encode` of a list gives a list of tensors, and
 `extract_features`/`predict`/`fill_mask` of a list run it as one padded batch whose results equal
 the one-at-a-time ones. A text may hold several `<mask>`s, and `truncate=True` cuts inputs longer
-than the model's limit instead of refusing them. Inference runs without gradients unless the
+than the model's limit instead of refusing them. `zero_shot` classifies with an NLI head and `rerank`
+ranks passages with a cross-encoder (`roberta.pairs`). Inference runs without gradients unless the
 object is in train mode (so fine-tuning through it still works). Each call builds its batch on the
 host (ids, mask and the encoder's layout) and sends it to the model's device without waiting, so on
 a GPU the forward pass never stops to tell the host about the batch.
@@ -40,6 +41,7 @@ from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_write
 from .inference import length_batches, pad_batch
 from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification, find_head
+from .pairs import read_cross_encoder
 from .tokenizer import RobertaTokenizer
 
 MASK = "<mask>"
@@ -58,6 +60,7 @@ class RobertaHub(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.pooling: SentencePooling | None = None  # a sentence-transformers directory's own (`load` sets it)
+        self.cross_encoder = None  # a CrossEncoder directory's activation and max length (`load` sets it)
         self.precision, self.precision_reason = "fp32", "as loaded"  # `load` may reduce it
         self.train(model.training)  # the hub is in the mode its model is in
 
@@ -320,6 +323,90 @@ class RobertaHub(nn.Module):
                                if as_dicts else (filled, p, token_str))
             per_mask.append(choices)
         return per_mask
+
+    def zero_shot(self, texts, candidate_labels, hypothesis_template: str = "This example is {}.",
+                  multi_label: bool = False, head: str | None = None):
+        """Zero-shot classification with an NLI head, as transformers' `zero-shot-classification`
+        pipeline: `{"sequence", "labels", "scores"}` with the labels best first (a list of texts gives
+        a list). Every (text, hypothesis) pair runs in one batch; see `roberta.pairs`."""
+        from . import pairs
+
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if not items or not all(isinstance(t, str) for t in items):
+            raise RobertaError("zero_shot needs a text or a non-empty list of texts")
+        labels = pairs.parse_labels(candidate_labels)
+        hypotheses = pairs.hypotheses(labels, hypothesis_template)
+        head = self.pair_head(head)
+        entailment, contradiction = pairs.nli_classes(self.nli_labels(head), head)
+        limit = self.pair_limit()
+        tokens = [pairs.encode_pair(self.tokenizer, text, h, limit, "only_first") for text in items for h in hypotheses]
+        logits = self.predict(head, tokens, return_logits=True).reshape(len(items), len(labels), -1)
+        scores = pairs.zero_shot_scores(logits, entailment, contradiction, multi_label).tolist()
+        results = []
+        for text, row in zip(items, scores):
+            best = pairs.ranked(row, labels)
+            results.append({"sequence": text, "labels": [l for l, _ in best], "scores": [s for _, s in best]})
+        return results[0] if isinstance(texts, str) else results
+
+    def rerank(self, query: str, texts, top_k: int | None = None, return_documents: bool = False,
+               head: str | None = None):
+        """Passages ranked by a cross-encoder, best first, as sentence-transformers' `CrossEncoder.rank`:
+        `[{"corpus_id", "score"}, ...]` (with "text" when `return_documents`), at most `top_k`."""
+        from . import pairs
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not isinstance(query, str) or not texts or not all(isinstance(t, str) for t in texts):
+            raise RobertaError("rerank needs a query text and a non-empty list of texts")
+        if top_k is not None and top_k < 1:
+            raise RobertaError(f"top_k must be at least 1, got {top_k}")
+        scores = self.score_pairs([(query, t) for t in texts], head=head).tolist()
+        return [{"corpus_id": i, "score": s, **({"text": texts[i]} if return_documents else {})}
+                for i, s in pairs.ranked(scores, list(range(len(texts))), top_k)]
+
+    def score_pairs(self, sentence_pairs, head: str | None = None, raw: bool = False,
+                    batch_tokens: int = 4096) -> torch.Tensor:
+        """One score per (first, second) pair from a one-output head, as `CrossEncoder.predict`: the
+        logit through the cross-encoder's activation (sigmoid unless its directory names another);
+        `raw` gives the logits. Pairs past the limit are cut longest-first, as CrossEncoder cuts them."""
+        from . import pairs
+
+        head = self.pair_head(head, one_output=True)
+        limit = self.pair_limit()
+        tokens = [pairs.encode_pair(self.tokenizer, a, b, limit) for a, b in sentence_pairs]
+        if not tokens:
+            raise RobertaError("score_pairs needs at least one (first, second) pair")
+        logits = torch.empty(len(tokens))
+        for batch in length_batches([len(t) for t in tokens], batch_tokens):  # bounded memory, little padding
+            logits[batch] = self.predict(head, [tokens[i] for i in batch], return_logits=True)[:, 0].float().cpu()
+        return logits if raw else (self.cross_encoder or pairs.CrossEncoderHead()).score(logits)
+
+    def pair_head(self, head: str | None = None, one_output: bool = False) -> str:
+        """The head pair pipelines use: `head`, else the model's main one, its only one, or `mnli`."""
+        heads = self.model.config.classification_heads if isinstance(self.model, RobertaForMaskedLM) else {}
+        if head is None:
+            main = self.model.config.head_name
+            head = main if main in heads else next(iter(heads)) if len(heads) == 1 else "mnli" if "mnli" in heads else None
+        if head not in heads:
+            raise RobertaError(f"no classification head {'named ' + repr(head) if head else 'to use'} (this model "
+                               f"has: {', '.join(heads) or 'none'}); name one with head=... (--head)")
+        if one_output and heads[head] != 1:
+            raise RobertaError(f"head {head!r} has {heads[head]} outputs; a cross-encoder scores with one "
+                               "(a sentence-transformers CrossEncoder or a one-label classifier)")
+        return head
+
+    def nli_labels(self, head: str) -> list[str] | None:
+        """The class names of an NLI head: its id2label, or fairseq's for roberta.large.mnli's `mnli`."""
+        from .pairs import FAIRSEQ_MNLI
+
+        names = self.labels(head)
+        if names is None and head == "mnli" and self.model.config.classification_heads[head] == 3:
+            return FAIRSEQ_MNLI
+        return names
+
+    def pair_limit(self) -> int:
+        """Tokens a pair may have: the model's limit, or a cross-encoder's smaller max length."""
+        own = self.cross_encoder.max_tokens if self.cross_encoder else None
+        return min(own or self.max_tokens, self.max_tokens)
 
     def tag(self, text, aggregation: str = "simple", stride: int | None = None, ignore_labels=("O",)):
         """Entities from a token-classification checkpoint: `[{"entity_group", "score", "word",
@@ -606,12 +693,14 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     from .inference import reduce_precision, resolve_precision
 
     with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
-        sentence = read_sentence_config(directory)
+        cross = read_cross_encoder(directory)
+        sentence = None if cross else read_sentence_config(directory)
         directory = sentence[1] if sentence else directory
         model = _model_class(directory).from_pretrained(directory)
         tokenizer = _tokenizer(directory, cache_dir, offline, base_url, progress)
     hub = RobertaHub(model, tokenizer).eval()
     hub.pooling = sentence[0] if sentence else None
+    hub.cross_encoder = cross or _one_output_head(model, directory)
     hub = hub.to(device) if device is not None else hub
     hub.precision, hub.precision_reason = resolve_precision(precision, hub.device)
     reduce_precision(hub.model, hub.precision)
@@ -633,6 +722,17 @@ def load_tokenizer(name_or_path: str | os.PathLike, cache_dir=None, offline: boo
     """Only the tokenizer of a model (what `encode`/`decode` need), without reading its weights."""
     with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
         return _tokenizer(directory, cache_dir, offline, base_url, progress)
+
+
+def _one_output_head(model, directory: Path):
+    """A one-output sequence classifier scores pairs as a CrossEncoder with its defaults would: sigmoid,
+    cut at the tokenizer's model_max_length."""
+    from .pairs import CrossEncoderHead, model_max_length
+
+    config = model.config
+    if config.classification_heads.get(config.head_name) == 1:
+        return CrossEncoderHead("Sigmoid", model_max_length(directory))
+    return None
 
 
 def _model_class(directory: Path):
@@ -694,7 +794,8 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
     base = path if path.is_dir() else path.parent
     repository, revision = hub_origin(path)
-    sentence = read_sentence_config(path) if path.is_dir() else None
+    cross = read_cross_encoder(path) if path.is_dir() else None
+    sentence = read_sentence_config(path) if path.is_dir() and not cross else None
     return {
         "path": str(path),
         "repository": repository,
@@ -703,6 +804,7 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
         "labels": {head: names for head in config.classification_heads
                    if (names := head_labels(config, head)) is not None},
         "pooling": dataclasses.asdict(sentence[0]) if sentence else None,
+        "cross_encoder": dataclasses.asdict(cross) if cross else None,
         "format": layout,
         "config": config.to_dict(),
         "heads": dict(config.classification_heads),

@@ -29,7 +29,7 @@ from .data import PackedDataset, collate, mask_tokens, masking_for, sample_rng, 
 from .errors import RobertaError
 from .fileio import atomic_write
 from .model import Dropout, RobertaConfig, RobertaForMaskedLM
-from .train import (PRECISIONS, Dist, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps,
+from .train import (check_reproducible, PRECISIONS, Dist, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps,
                     precision_context, prepare_run_dir, save_checkpoint, set_lr, setup_distributed, train_step,
                     unwrap, wrap_ddp, write_dir)
 
@@ -213,6 +213,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
         model = wrap_ddp(model, d)
     optimizer = adamw(model, cfg.lr, cfg.adam_betas, cfg.adam_eps, cfg.weight_decay, sharded=cfg.fsdp)
     autocast, scaler = precision_context(cfg.precision, d.device)
+    check_reproducible(d)
 
     # ---- start or resume
     step = int(load_checkpoint(ckpt, model, optimizer, scaler, d)["step"]) if ckpt else 0

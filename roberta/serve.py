@@ -1,7 +1,14 @@
-"""`roberta serve`: one model behind an HTTP API, with requests from many callers batched together.
+"""`roberta serve`: one model behind text-embeddings-inference's HTTP API, with requests from many
+callers batched together.
 
     roberta serve -m demo-out/pretrain/final --port 8080
     curl -s localhost:8080/embed -H 'content-type: application/json' -d '{"inputs": ["Hello world!"]}'
+
+The routes, request fields and answers are those of Hugging Face's text-embeddings-inference (TEI):
+/embed, /embed_all, /predict, /rerank, /similarity, /tokenize, /decode, /info, /health, /metrics, POST /
+(dispatched by the model's kind, as TEI does) and OpenAI's /v1/embeddings, so TEI's clients
+(huggingface_hub's InferenceClient, LangChain's and LlamaIndex's TEI classes) work unchanged. This
+project's own pipelines keep routes of their own: /fill-mask and /zero-shot. See docs/serving.md.
 
 A server that runs each request alone wastes what makes the encoder fast: the padding-free batches.
 Here every request is split into its inputs, the inputs wait in one bounded queue, and one worker thread
@@ -16,8 +23,8 @@ a classification head, the masked-LM head at the masks), and hands each caller i
 numbers the library gives for that request alone, within float rounding.
 
 The HTTP side is FastAPI on uvicorn: the request and response schemas below are pydantic models, so
-they are validated on the way in and listed at /openapi.json (/docs renders them). Every error is JSON,
-{"error": {"message", "type", "code"}}, with a 4xx status when the caller can fix it.
+they are validated on the way in and listed at /openapi.json (/docs renders them). Every error is
+TEI's JSON, {"error", "error_type"}, with a 4xx status when the caller can fix it.
 """
 from __future__ import annotations
 
@@ -39,17 +46,15 @@ import torch.nn.functional as F
 
 from .errors import RobertaError
 from .inference import extract_features_batched
-from .model import find_head
 
 try:
     import orjson
     import uvicorn
-    from fastapi import Depends, FastAPI, Request
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response
-    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-    from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+    from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as exc:  # the web stack is the `serve` extra: the library itself does not need it
     raise RobertaError(f"roberta serve needs {exc.name}: pip install 'roberta[serve]'") from None
@@ -70,14 +75,17 @@ class ServeSettings:
     max_body_bytes: int = 2 * 2**20  # request body size (413 past it)
     timeout_s: float = 30.0          # a request not answered by then gets 503 and its queued inputs are dropped
     pooling: Literal["cls", "mean"] = "cls"  # the default of /embed and what /v1/embeddings uses
+    max_response_bytes: int = 64 * 2**20  # an answer's size, estimated before any work (422 past it)
+    read_timeout_s: float = 15.0     # a request's head, and then its body, must arrive within this (else closed / 408)
     api_key: str | None = field(default=None, repr=False)  # Bearer key every endpoint but /health asks for
 
     def __post_init__(self):
-        for name in ("max_batch_tokens", "max_batch_requests", "max_queue", "max_inputs", "max_body_bytes"):
+        for name in ("max_batch_tokens", "max_batch_requests", "max_queue", "max_inputs", "max_body_bytes",
+                     "max_response_bytes"):
             if getattr(self, name) < 1:
                 raise RobertaError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.timeout_s <= 0:
-            raise RobertaError("max-wait-ms must be >= 0 and timeout must be > 0")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise RobertaError("max-wait-ms must be >= 0, and timeout and read-timeout > 0")
         if self.max_input_tokens is not None and self.max_input_tokens < 3:
             raise RobertaError(f"max-input-tokens must be at least 3 (<s>, a token, </s>), got {self.max_input_tokens}")
         if self.max_queue < self.max_inputs:
@@ -87,12 +95,17 @@ class ServeSettings:
             raise RobertaError(f"pooling must be cls or mean, got {self.pooling!r}")
         if self.api_key == "":
             raise RobertaError(f"the API key is empty; pass a non-empty --api-key (or {API_KEY_ENV}), or none")
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
+            # an HTTP header carries ASCII: such a key could never be sent, so no request could match it
+            raise RobertaError("the API key must be printable ASCII (an HTTP header cannot carry other characters); "
+                               f"choose another --api-key (or {API_KEY_ENV})")
 
 
 class HTTPError(Exception):
-    """An answer other than 200, as JSON: {"error": {"message", "type", "code"}}."""
+    """An answer other than 200, as TEI's JSON error: {"error", "error_type"}; `kind` is one of TEI's
+    error types (Validation, Empty, Overloaded, Unhealthy, Backend, Tokenizer)."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request", headers: dict | None = None):
+    def __init__(self, status: int, message: str, kind: str = "Validation", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
 
@@ -108,8 +121,13 @@ class JSONResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def error_response(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+def error_response(status: int, message: str, kind: str, headers: dict | None = None,
+                   path: str | None = None) -> JSONResponse:
+    """TEI's error body, {"error", "error_type"}; on /v1/embeddings TEI's OpenAI one, {"message", "code",
+    "error_type"}."""
+    if path == "/v1/embeddings":
+        return JSONResponse({"message": message, "code": status, "error_type": kind}, status, headers=headers)
+    return JSONResponse({"error": message, "error_type": kind}, status, headers=headers)
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -168,7 +186,7 @@ class Metrics:
 class Job:
     """One request's inputs for one kind of answer, and where the worker puts the answers."""
 
-    kind: Literal["embed", "predict", "fill-mask"]
+    kind: Literal["embed", "embed_all", "predict", "fill-mask"]
     sequences: list[torch.Tensor]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -313,6 +331,8 @@ class Batcher:
             if job.kind == "embed":
                 v = f[0] if job.options["pooling"] == "cls" else f.mean(0)
                 embedded[row] = F.normalize(v, dim=0) if job.options["normalize"] else v
+            elif job.kind == "embed_all":
+                outputs[row] = f.float().cpu().numpy()
             elif job.kind == "predict":
                 by_head[job.options["head"]].append(row)
             else:
@@ -322,9 +342,9 @@ class Batcher:
                 outputs[row] = v
         for head, rows in by_head.items():
             first = torch.stack([features[r][0] for r in rows]).to(dtype)
-            probs = model.classification_heads[head](first).float().softmax(-1)
-            for r, p in zip(rows, probs.tolist()):
-                outputs[r] = p
+            logits = model.classification_heads[head](first).float()  # each route makes its own scores
+            for r, row in zip(rows, logits.tolist()):
+                outputs[r] = row
         if masked:
             mask_id = self.hub.tokenizer.mask_token_id
             # the masks' places found in the host's ids: chosen on a GPU, they would make it wait
@@ -343,18 +363,25 @@ class Batcher:
         return outputs
 
 
-# ---- request and response schemas ---------------------------------------------------------------
+# ---- request and response schemas: text-embeddings-inference's ------------------------------------
+# The fields, defaults and answer shapes of TEI's OpenAPI description (docs/openapi.json in
+# huggingface/text-embeddings-inference), so that its clients work unchanged. A TEI field this server
+# cannot honour (prompt_name, truncation_direction "Left", dimensions other than the model's) is
+# answered 422 naming it, never ignored; `head` and `pooling` are this server's additions.
 
 Text = Annotated[str, StringConstraints(min_length=1)]
-Pair = Annotated[list[Text], Field(min_length=2, max_length=2)]
-Inputs = Union[Text, Annotated[list[Union[Text, Pair]], Field(min_length=1)]]
-INPUTS_DOC = "a text, or a list of texts; a [first, second] list inside the list is a sentence pair"
-
+Ids = list[Annotated[int, Field(ge=0)]]
+Input = Union[Text, Ids, list[Union[Text, Ids]]]  # TEI's Input: a text, token ids, or a list of them
+Pair = Annotated[list[Text], Field(min_length=1, max_length=2)]
+PredictInput = Union[Text, Pair, list[Pair]]  # a text, a [text] or [first, second], or a list of those
+Direction = Literal["Right", "right", "Left", "left"]
+INPUTS_DOC = "a text, a list of token ids, or a list of texts / token id lists"
 
 FIELD_HINTS = {
-    "inputs": "a non-empty text or a non-empty list of them (a [first, second] list inside it is a pair)",
-    "input": "a non-empty text or a non-empty list of them",
-    "ids": "a non-empty list of token ids, or a non-empty list of such lists",
+    "inputs": "a non-empty text, a list of token ids, or a list of those (/predict: a text, a [first, second] "
+              "pair, or a list of [text] / [first, second])",
+    "input": "a non-empty text or a list of them",
+    "ids": "a list of token ids, or a list of such lists",
 }
 
 
@@ -362,21 +389,72 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class EmbedRequest(Body):
-    inputs: Inputs = Field(description=INPUTS_DOC)
-    pooling: Literal["cls", "mean"] | None = Field(None, description="<s> vector, or the mean over the tokens "
-                                                   "(default: the server's --pooling)")
+class Truncation(Body):
+    truncate: bool | None = Field(None, description="cut inputs past the token limit instead of answering 413 "
+                                  "(default false)")
+    truncation_direction: Direction = Field("Right", description="only Right (the end is cut) is supported")
+
+
+class Prompted(Truncation):
+    prompt_name: str | None = Field(None, description="not supported: prepend the prompt to the text")
+
+
+class EmbedRequest(Prompted):
+    inputs: Input = Field(description=INPUTS_DOC)
     normalize: bool = Field(True, description="scale each vector to unit length")
-    truncate: bool = Field(False, description="cut inputs past the token limit instead of answering 413")
+    dimensions: int | None = Field(None, description="only the model's own width (or null) is supported")
+    pooling: Literal["cls", "mean"] | None = Field(None, description="this server's addition: the <s> vector, or "
+                                                   "the mean over the tokens (default: the server's --pooling)")
 
 
-class EmbedResponse(BaseModel):
-    embeddings: list[list[float]]
-    tokens: list[int] = Field(description="tokens of each input, after truncation")
+class EmbedAllRequest(Prompted):
+    inputs: Input = Field(description=INPUTS_DOC)
+
+
+class ClassificationParameters(Body):  # what huggingface_hub's InferenceClient.text_classification sends
+    top_k: int | None = Field(None, ge=1, description="the best k classes only")
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = None
+
+
+class PredictRequest(Truncation):
+    inputs: PredictInput = Field(description="a text, a [first, second] pair, or a list of [text] / [first, second]")
+    raw_scores: bool = Field(False, description="logits instead of probabilities")
+    head: str | None = Field(None, description="this server's addition: the classification head (default: the "
+                             "model's main or only one)")
+    parameters: ClassificationParameters | None = None
+
+
+class Prediction(BaseModel):
+    score: float
+    label: str
+
+
+class RerankRequest(Truncation):
+    query: Text
+    texts: list[Text]
+    raw_scores: bool = Field(False, description="logits instead of the cross-encoder's activation")
+    return_text: bool = False
+    head: str | None = Field(None, description="this server's addition: the one-output head")
+
+
+class Rank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class SimilarityInput(Body):
+    source_sentence: Text
+    sentences: list[Text]
+
+
+class SimilarityRequest(Body):
+    inputs: SimilarityInput
+    parameters: Prompted | None = None
 
 
 class OpenAIEmbeddingsRequest(Body):
-    input: Union[Text, Annotated[list[Text], Field(min_length=1)]]
+    input: Union[Text, list[Text]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
@@ -396,34 +474,28 @@ class OpenAIEmbeddingsResponse(BaseModel):
     usage: dict[str, int]
 
 
-class PredictRequest(Body):
-    inputs: Inputs = Field(description=INPUTS_DOC)
-    head: str | None = Field(None, description="classification head (default: the model's only or main one)")
-    truncate: bool = False
+class TokenizeRequest(Body):
+    inputs: Union[str, list[str]]
+    add_special_tokens: bool = True
+    prompt_name: str | None = Field(None, description="not supported: prepend the prompt to the text")
 
 
-class LabelScore(BaseModel):
+class SimpleToken(BaseModel):
     id: int
-    label: str
-    score: float
+    text: str
+    special: bool
+    start: int | None = Field(description="byte offset in the input (null for special tokens)")
+    stop: int | None
 
 
-class Prediction(BaseModel):
-    label: str = Field(description="the most likely class")
-    id: int
-    score: float
-    scores: list[LabelScore] = Field(description="every class, in id order (probabilities)")
-
-
-class PredictResponse(BaseModel):
-    head: str
-    predictions: list[Prediction]
+class DecodeRequest(Body):
+    ids: Union[Ids, list[Ids]] = Field(description="one sequence of token ids, or a list of them")
+    skip_special_tokens: bool = True
 
 
 class FillMaskRequest(Body):
-    inputs: Union[Text, Annotated[list[Text], Field(min_length=1)]] = Field(
-        description="a text holding one or more <mask>, or a list of them")
-    topk: int = Field(5, ge=1, description="candidates per mask")
+    inputs: Union[Text, list[Text]] = Field(description="a text holding one or more <mask>, or a list of them")
+    topk: int = Field(5, ge=1, le=1000, description="candidates per mask")
 
 
 class FillMaskChoice(BaseModel):
@@ -437,28 +509,23 @@ class FillMaskResponse(BaseModel):
     results: list[list[list[FillMaskChoice]]] = Field(description="per input, per <mask>, the topk choices")
 
 
-class TokenizeRequest(Body):
-    inputs: Inputs = Field(description=INPUTS_DOC)
-    truncate: bool = False
+class ZeroShotRequest(Truncation):
+    inputs: Union[Text, list[Text]]
+    candidate_labels: Union[Text, list[Text]] = Field(description="a list of labels, or one comma-separated text")
+    hypothesis_template: Text = "This example is {}."
+    multi_label: bool = False
+    head: str | None = Field(None, description="the NLI head (default: the model's main or only one, or mnli)")
 
 
-class Tokenized(BaseModel):
-    ids: list[int]
-    tokens: list[str]
+class ZeroShotResult(BaseModel):
+    sequence: str
+    labels: list[str]
+    scores: list[float]
 
 
-class TokenizeResponse(BaseModel):
-    tokenized: list[Tokenized]
-
-
-class DecodeRequest(Body):
-    ids: Union[Annotated[list[int], Field(min_length=1)],
-               Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]] = Field(
-        description="one sequence of token ids, or a list of them")
-
-
-class DecodeResponse(BaseModel):
-    texts: list[str | list[str]] = Field(description="a list of sentences where </s></s> separates several")
+class TEIError(BaseModel):
+    error: str
+    error_type: Literal["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty"]
 
 
 # ---- the application ----------------------------------------------------------------------------
@@ -466,15 +533,23 @@ class DecodeResponse(BaseModel):
 
 def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precision: str = "fp32") -> FastAPI:
     """The ASGI application serving `hub` (a loaded `RobertaHub`, in eval mode)."""
+    from . import pairs
+
     batcher = Batcher(hub, settings)
     metrics = batcher.metrics
     config = hub.model.config
     limit = min(settings.max_input_tokens or hub.max_tokens, hub.max_tokens)
+    pair_limit = min(limit, hub.pair_limit())
+    vocab = len(hub.tokenizer)
     heads = {name: head.out_proj.out_features for name, head in hub.model.classification_heads.items()}
     # a fine-tuned classifier's id2label (`hub.labels`), LABEL_i where the checkpoint names none
     labels = {name: hub.labels(name) or [f"LABEL_{i}" for i in range(n)] for name, n in heads.items()}
     # a checkpoint without its masked-LM head (a fine-tuned classifier) got a random one when loaded
     has_lm_head = not any(k.startswith("lm_head.") for k in getattr(hub.model, "missing_keys", []))
+    # TEI's model type, which decides what POST / does: a model whose main head has one output ranks,
+    # one with another main head classifies, any other embeds
+    main = config.head_name if config.head_name in heads else None
+    model_type = "reranker" if main and heads[main] == 1 else "classifier" if main else "embedding"
 
     @asynccontextmanager
     async def lifespan(app):
@@ -484,84 +559,112 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
 
     app = FastAPI(title="roberta serve", version=_version(), lifespan=lifespan,
-                  description="RoBERTa inference with dynamic batching. Errors: {\"error\": {\"message\", "
-                              "\"type\", \"code\"}}. Every endpoint but /health takes `Authorization: Bearer KEY` "
+                  description="RoBERTa inference with dynamic batching, on text-embeddings-inference's API. "
+                              "Errors: {\"error\", \"error_type\"} (/v1/embeddings: {\"message\", \"code\", "
+                              "\"error_type\"}). Every endpoint but /health takes `Authorization: Bearer KEY` "
                               "when the server has an API key.")
     app.state.batcher = batcher
-    bearer = HTTPBearer(auto_error=False)
-
-    async def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
-        if settings.api_key is None:
-            return
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), settings.api_key.encode()):
-            raise HTTPError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                            "unauthorized", {"WWW-Authenticate": "Bearer"})
-
-    guarded = [Depends(authorized)]
 
     # -- errors: always JSON, 4xx for what the caller can fix
 
     @app.exception_handler(HTTPError)
     async def _http_error(request, exc: HTTPError):
-        return error_response(exc.status, exc.message, exc.kind, exc.headers)
+        return error_response(exc.status, exc.message, exc.kind, exc.headers, request.url.path)
 
     @app.exception_handler(RobertaError)
     async def _roberta_error(request, exc: RobertaError):
-        return error_response(400, str(exc), "invalid_request")
+        return error_response(400, str(exc), "Validation", path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
-        errors = exc.errors()
+        errors, path = exc.errors(), request.url.path
         if any(e.get("type") == "json_invalid" or (e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",))
                for e in errors):
             return error_response(400, "the body is not valid JSON: send a JSON object, e.g. "
-                                       "{\"inputs\": \"Hello world!\"}", "invalid_json")
+                                       "{\"inputs\": \"Hello world!\"}", "Validation", path=path)
         first = errors[0]
         loc = [part for part in first.get("loc", ()) if part != "body"]
         name = str(loc[0]) if loc else "body"
         if sum(1 for e in errors if e.get("loc", ())[1:2] == (name,)) > 1 and name in FIELD_HINTS:
             message = f"{name} must be {FIELD_HINTS[name]}"  # a union: one error per branch says less than this
+        elif first.get("type") == "extra_forbidden":
+            message = f"{'.'.join(map(str, loc))}: this server has no such field (a typo, or a field of another API)"
         else:
             message = f"{'.'.join(map(str, loc)) or 'body'}: {first.get('msg')}"
-        return error_response(422, f"{message}; see /openapi.json for the schema", "invalid_request")
+        return error_response(422, f"{message}; see /openapi.json for the schema", "Validation", path=path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette_error(request, exc: StarletteHTTPException):
-        where = f"{request.method} {request.url.path}"
+        where, path = f"{request.method} {request.url.path}", request.url.path
         if exc.status_code == 404:
-            return error_response(404, f"no endpoint {where}; /openapi.json lists them", "not_found")
+            return error_response(404, f"no endpoint {where}; /openapi.json lists them", "Validation", path=path)
         if exc.status_code == 405:
-            return error_response(405, f"{where} is not allowed: {request.url.path} takes "
-                                       f"{exc.headers.get('Allow', 'another method') if exc.headers else 'another method'}",
-                                  "http_error", exc.headers)
-        return error_response(exc.status_code, f"{where}: {exc.detail}", "http_error", exc.headers)
+            allowed = exc.headers.get("Allow", "another method") if exc.headers else "another method"
+            return error_response(405, f"{where} is not allowed: {request.url.path} takes {allowed}", "Validation",
+                                  exc.headers, path)
+        return error_response(exc.status_code, f"{where}: {exc.detail}", "Validation", exc.headers, path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "Backend", path=request.url.path)
 
     # -- the work
 
-    def check_count(n: int) -> None:
+    def check_count(n: int, what: str = "inputs") -> None:
+        if n == 0:
+            raise HTTPError(400, f"`{what}` cannot be empty", "Empty")
         if n > settings.max_inputs:
-            raise HTTPError(413, f"{n} inputs in one request; this server takes at most {settings.max_inputs} "
-                                 "(--max-inputs): split the request", "payload_too_large")
+            raise HTTPError(413, f"batch size {n} > maximum allowed batch size {settings.max_inputs} (--max-inputs): "
+                                 "split the request", "Validation")
+
+    def unsupported(body) -> None:
+        """422 for the TEI fields this server cannot honour (never silently ignored)."""
+        options = body.parameters if isinstance(getattr(body, "parameters", None), Prompted) else body
+        if getattr(options, "prompt_name", None) is not None:
+            raise HTTPError(422, "prompt_name is not supported by this server: prepend the prompt to the text",
+                            "Validation")
+        if getattr(options, "truncation_direction", "Right").lower() != "right":
+            raise HTTPError(422, "truncation_direction Left is not supported by this server: it cuts the end of an "
+                                 "input (Right); drop the field or send Right", "Validation")
+
+    def too_long(n: int, tokens: int, most: int, truncate: bool | None) -> HTTPError:
+        offer = "" if truncate is None else "send \"truncate\": true to cut it to fit, or "
+        return HTTPError(413, f"input {n} has {tokens} tokens but this server takes at most {most}; {offer}shorten it",
+                         "Validation")
 
     def prepare(inputs, truncate: bool | None, encode=None) -> list[torch.Tensor]:
-        """Token ids of each input, within the limits; truncate None: the endpoint cannot truncate."""
-        texts = [inputs] if isinstance(inputs, str) else inputs
-        check_count(len(texts))
+        """Token ids of each input (a text, token ids, or a (first, second) pair) within the limits;
+        truncate None: the endpoint cannot truncate."""
+        check_count(len(inputs))
         sequences = []
-        for n, text in enumerate(texts):
-            ids = encode(text) if encode else hub.encode(*([text] if isinstance(text, str) else text))
-            if len(ids) > limit:
-                if not truncate:
-                    offer = "" if truncate is None else "send \"truncate\": true to keep the first ones, or "
-                    raise HTTPError(413, f"input {n} has {len(ids)} tokens but this server takes at most {limit}; "
-                                         f"{offer}shorten it", "payload_too_large")
-                ids = hub._fit(ids[None], True, limit)[0]
+        for n, item in enumerate(inputs):
+            if isinstance(item, tuple):  # a sentence pair: cut longest-first, as the tokenizers do
+                ids = pairs.encode_pair(hub.tokenizer, *item, 10**9)
+                if len(ids) > pair_limit:
+                    if not truncate:
+                        raise too_long(n, len(ids), pair_limit, truncate)
+                    ids = pairs.encode_pair(hub.tokenizer, *item, pair_limit)
+            else:
+                if isinstance(item, list):  # token ids, taken as they are (TEI's InputIds)
+                    bad = [i for i in item if i >= vocab]
+                    if bad or not item:
+                        raise HTTPError(422, f"input {n}: token id {bad[0]} is outside this vocabulary (0 to "
+                                             f"{vocab - 1})" if bad else f"input {n} has no token ids", "Validation")
+                    ids = torch.tensor(item, dtype=torch.long)
+                else:
+                    ids = encode(item) if encode else hub.encode(item)
+                if len(ids) > limit:
+                    if not truncate:
+                        raise too_long(n, len(ids), limit, truncate)
+                    ids = hub._fit(ids[None], True, limit)[0]
             sequences.append(ids)
         return sequences
+
+    def check_answer_size(estimate: int, what: str) -> None:
+        """Refuse, before any work, a request whose answer would be over --max-response-bytes."""
+        if estimate > settings.max_response_bytes:
+            raise HTTPError(422, f"{what} would answer about {estimate:,} bytes, over this server's "
+                                 f"{settings.max_response_bytes:,} (--max-response-bytes); ask for less", "Validation")
 
     async def run(kind: str, sequences: list[torch.Tensor], **options) -> list:
         loop = asyncio.get_running_loop()
@@ -569,41 +672,61 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         try:
             batcher.submit(job)
         except Overloaded:
-            raise HTTPError(429, f"the queue is full ({settings.max_queue} inputs waiting, --max-queue); "
-                                 "retry after a second", "overloaded", {"Retry-After": "1"}) from None
+            raise HTTPError(429, f"Model is overloaded: the queue is full ({settings.max_queue} inputs waiting, "
+                                 "--max-queue); retry after a second", "Overloaded", {"Retry-After": "1"}) from None
         try:
             return await asyncio.wait_for(job.future, settings.timeout_s)
         except asyncio.TimeoutError:
             job.cancelled = True
             raise HTTPError(503, f"not answered within {settings.timeout_s:g} s (--timeout); the server is "
-                                 "overloaded: retry later", "timeout", {"Retry-After": "1"}) from None
+                                 "overloaded: retry later", "Unhealthy", {"Retry-After": "1"}) from None
 
-    def pick_head(name: str | None) -> str:
-        if name is None:
-            if config.head_name in heads:
-                return config.head_name
-            if len(heads) == 1:
-                return next(iter(heads))
-        if find_head(name, heads) is None:  # 404 too when none was named: there is no default head to find
-            known = ", ".join(heads) or "none"
-            what = f"no classification head named {name!r}" if name else "no head was named and this model has no single one"
-            raise HTTPError(404, f"{what} (this model has: {known}); name one in \"head\"", "unknown_head")
-        return find_head(name, heads)
+    def pick_head(name: str | None, one_output: bool = False) -> str:
+        try:
+            head = hub.pair_head(name)
+        except RobertaError as exc:
+            raise HTTPError(404 if name else 424, str(exc), "Validation" if name else "Backend") from None
+        if one_output and heads[head] != 1:
+            raise HTTPError(424, f"model is not a re-ranker model: head {head!r} has {heads[head]} outputs, a "
+                                 "cross-encoder has one", "Backend")
+        return head
 
-    @app.post("/embed", response_model=EmbedResponse, dependencies=guarded)
+    def as_inputs(inputs) -> list:
+        return [inputs] if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) else list(inputs)
+
+    def probabilities(logits: list[float], function: str) -> list[float]:
+        row = torch.tensor(logits)
+        if function == "softmax":
+            return row.softmax(-1).tolist()
+        return row.sigmoid().tolist() if function == "sigmoid" else logits
+
+    @app.post("/embed", response_model=list[list[float]], responses={422: {"model": TEIError}})
     async def embed(body: EmbedRequest):
         """One vector per input: the `<s>` vector or the mean over the tokens, of the last layer."""
-        sequences = prepare(body.inputs, body.truncate)
+        unsupported(body)
+        if body.dimensions is not None and body.dimensions != config.hidden_size:
+            raise HTTPError(422, f"dimensions {body.dimensions} is not supported: this model's embeddings have "
+                                 f"{config.hidden_size}; omit it or send that", "Validation")
+        sequences = prepare(as_inputs(body.inputs), body.truncate)
         vectors = await run("embed", sequences, pooling=body.pooling or settings.pooling, normalize=body.normalize)
-        return JSONResponse({"embeddings": vectors, "tokens": [len(s) for s in sequences]})
+        return JSONResponse(vectors)
 
-    @app.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse, dependencies=guarded)
+    @app.post("/embed_all", response_model=list[list[list[float]]], responses={422: {"model": TEIError}})
+    async def embed_all(body: EmbedAllRequest):
+        """Every token's last-layer vector, `<s>` and `</s>` included, per input."""
+        unsupported(body)
+        sequences = prepare(as_inputs(body.inputs), body.truncate)
+        # about 12 bytes of JSON per float
+        check_answer_size(12 * config.hidden_size * sum(len(s) for s in sequences), "this embed_all request")
+        return JSONResponse(await run("embed_all", sequences))
+
+    @app.post("/v1/embeddings", response_model=OpenAIEmbeddingsResponse)
     async def openai_embeddings(body: OpenAIEmbeddingsRequest):
         """OpenAI's embeddings API: unit-length vectors pooled as the server's --pooling says."""
         if body.dimensions is not None and body.dimensions != config.hidden_size:
             raise HTTPError(400, f"this model's embeddings have {config.hidden_size} dimensions; omit "
-                                 "\"dimensions\" or pass that", "invalid_request")
-        sequences = prepare(body.input, truncate=False)
+                                 "\"dimensions\" or pass that", "Validation")
+        sequences = prepare(as_inputs(body.input), truncate=None)  # OpenAI's API has no truncation to offer
         vectors = await run("embed", sequences, pooling=settings.pooling, normalize=True)
         if body.encoding_format == "base64":
             import numpy as np
@@ -614,95 +737,206 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
                              "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                              "usage": {"prompt_tokens": n, "total_tokens": n}})
 
-    @app.post("/predict", response_model=PredictResponse, dependencies=guarded)
+    @app.post("/predict", response_model=Union[list[Prediction], list[list[Prediction]]],
+              responses={422: {"model": TEIError}})
     async def predict(body: PredictRequest):
-        """Class probabilities of a classification head, with the class names of the model's id2label."""
+        """Class scores of a classification head, best first, named by the model's id2label: a list for
+        one input (a text or a [first, second] pair), a list of such lists for a batch."""
+        unsupported(body)
         head = pick_head(body.head)
-        sequences = prepare(body.inputs, body.truncate)
+        single = isinstance(body.inputs, str) or isinstance(body.inputs[0], str)
+        items = [body.inputs] if single else body.inputs
+        items = [item if isinstance(item, str) else item[0] if len(item) == 1 else tuple(item) for item in items]
+        sequences = prepare(items, body.truncate)
         rows = await run("predict", sequences, head=head)
+        options = body.parameters or ClassificationParameters()
+        # TEI's scores: a softmax over the classes, or a sigmoid of a single output
+        function = "none" if body.raw_scores else options.function_to_apply or ("softmax" if heads[head] > 1 else "sigmoid")
         names = labels[head]
-        predictions = []
-        for probs in rows:
-            best = max(range(len(probs)), key=probs.__getitem__)
-            predictions.append({"label": names[best], "id": best, "score": probs[best],
-                                "scores": [{"id": i, "label": names[i], "score": p} for i, p in enumerate(probs)]})
-        return JSONResponse({"head": head, "predictions": predictions})
+        answers = []
+        for logits in rows:
+            scores = probabilities(logits, function)
+            answers.append([{"score": s, "label": names[i]} for i, s in
+                            sorted(enumerate(scores), key=lambda item: item[1], reverse=True)][:options.top_k])
+        return JSONResponse(answers[0] if single else answers)
 
-    @app.post("/fill-mask", response_model=FillMaskResponse, dependencies=guarded)
+    @app.post("/rerank", response_model=list[Rank], responses={422: {"model": TEIError}})
+    async def rerank(body: RerankRequest):
+        """The texts ranked by a cross-encoder's score against the query, best first (the model's
+        activation of its one output, as `RobertaHub.rerank` gives)."""
+        unsupported(body)
+        check_count(len(body.texts), "texts")
+        head = pick_head(body.head, one_output=True)
+        sequences = prepare([(body.query, text) for text in body.texts], body.truncate)
+        logits = torch.tensor([row[0] for row in await run("predict", sequences, head=head)])
+        scores = (logits if body.raw_scores else (hub.cross_encoder or pairs.CrossEncoderHead()).score(logits)).tolist()
+        return JSONResponse([{"index": i, "score": s, **({"text": body.texts[i]} if body.return_text else {})}
+                             for i, s in pairs.ranked(scores, list(range(len(scores))))])
+
+    @app.post("/similarity", response_model=list[float], responses={422: {"model": TEIError}})
+    async def similarity(body: SimilarityRequest):
+        """The cosine similarity of the source sentence's embedding with each sentence's (--pooling)."""
+        unsupported(body)
+        check_count(len(body.inputs.sentences), "sentences")
+        texts = [body.inputs.source_sentence, *body.inputs.sentences]
+        sequences = prepare(texts, (body.parameters or Prompted()).truncate)
+        vectors = await run("embed", sequences, pooling=settings.pooling, normalize=True)
+        return JSONResponse([float(v @ vectors[0]) for v in vectors[1:]])
+
+    @app.post("/tokenize", response_model=list[list[SimpleToken]], responses={422: {"model": TEIError}})
+    async def tokenize(body: TokenizeRequest):
+        """The tokens the model would see for each input: id, text, whether special, byte offsets."""
+        unsupported(body)
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        check_count(len(texts))
+        answers = []
+        for text in texts:
+            ids, spans = hub.encode(text, return_offsets=True)
+            tokens = []
+            for i, (start, stop) in zip(ids.tolist(), spans):
+                special = i in (hub.tokenizer.bos_token_id, hub.tokenizer.eos_token_id) and start == stop
+                if special and not body.add_special_tokens:
+                    continue
+                begin, end = len(text[:start].encode()), len(text[:stop].encode())  # TEI counts bytes
+                tokens.append({"id": i, "text": hub.tokenizer.id_to_token(i) if special else text[start:stop],
+                               "special": special, "start": None if special else begin, "stop": None if special else end})
+            answers.append(tokens)
+        return JSONResponse(answers)
+
+    @app.post("/decode", response_model=list[str], responses={422: {"model": TEIError}})
+    async def decode(body: DecodeRequest):
+        """The text of each sequence of ids."""
+        sequences = [body.ids] if not body.ids or isinstance(body.ids[0], int) else body.ids
+        check_count(len(sequences) if sequences[0] else 0, "ids")
+        for ids in sequences:
+            bad = [i for i in ids if i >= vocab]
+            if bad:
+                raise HTTPError(422, f"token id {bad[0]} is outside this vocabulary (0 to {vocab - 1})", "Validation")
+        return JSONResponse([hub.tokenizer.decode(ids, skip_special_tokens=body.skip_special_tokens)
+                             for ids in sequences])
+
+    @app.post("/fill-mask", response_model=FillMaskResponse)
     async def fill_mask(body: FillMaskRequest):
         """The topk tokens at each `<mask>` (several per text allowed), as `RobertaHub.fill_mask` gives them."""
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         if not has_lm_head:
-            raise HTTPError(409, f"{model_name} has no masked-LM head (lm_head.*): it was initialised at random "
+            raise HTTPError(424, f"{model_name} has no masked-LM head (lm_head.*): it was initialised at random "
                                  "when loaded, so fill-mask would answer noise; serve a checkpoint saved with its "
-                                 "LM head", "no_lm_head")
-        if body.topk > len(hub.tokenizer):
-            raise HTTPError(422, f"topk {body.topk} exceeds the vocabulary size {len(hub.tokenizer)}")
+                                 "LM head", "Backend")
+        if body.topk > vocab:
+            raise HTTPError(422, f"topk {body.topk} exceeds the vocabulary size {vocab}", "Validation")
+        # every choice repeats its text: refuse an answer past the limit before computing it
+        check_answer_size(sum(text.count("<mask>") * body.topk * (len(text.encode()) + 96) for text in texts),
+                          f"fill-mask with topk {body.topk}")
         sequences = prepare(texts, truncate=None, encode=hub._encode_masked)
         rows = await run("fill-mask", sequences, topk=body.topk)
         return JSONResponse({"results": [hub.mask_choices(t, probs, tokens, as_dicts=True)
                                          for t, (probs, tokens) in zip(texts, rows)]})
 
-    @app.post("/tokenize", response_model=TokenizeResponse, dependencies=guarded)
-    async def tokenize(body: TokenizeRequest):
-        """The token ids the model would see for each input (with <s>, </s>), and their BPE strings."""
-        sequences = prepare(body.inputs, body.truncate)
-        return JSONResponse({"tokenized": [{"ids": s.tolist(), "tokens": [hub.tokenizer.id_to_token(i) for i in s.tolist()]}
-                                           for s in sequences]})
+    @app.post("/zero-shot", response_model=list[ZeroShotResult])
+    async def zero_shot(body: ZeroShotRequest):
+        """Zero-shot classification with an NLI head, as `RobertaHub.zero_shot`: per input the
+        candidate labels best first and their scores."""
+        unsupported(body)
+        head = pick_head(body.head)
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        try:
+            names = pairs.parse_labels(body.candidate_labels)
+            hypotheses = pairs.hypotheses(names, body.hypothesis_template)
+            entailment, contradiction = pairs.nli_classes(hub.nli_labels(head), head)
+        except RobertaError as exc:
+            raise HTTPError(422, str(exc), "Validation") from None
+        check_count(len(texts) * len(names), "inputs x candidate_labels")
+        sequences = []
+        for n, text in enumerate(texts):
+            for hypothesis in hypotheses:  # the text is cut, never the hypothesis (only_first)
+                ids = pairs.encode_pair(hub.tokenizer, text, hypothesis, 10**9)
+                if len(ids) > pair_limit and not body.truncate:
+                    raise too_long(n, len(ids), pair_limit, body.truncate)
+                try:
+                    sequences.append(pairs.encode_pair(hub.tokenizer, text, hypothesis, pair_limit, "only_first"))
+                except RobertaError as exc:
+                    raise HTTPError(422, str(exc), "Validation") from None
+        logits = torch.tensor(await run("predict", sequences, head=head)).reshape(len(texts), len(names), -1)
+        scores = pairs.zero_shot_scores(logits, entailment, contradiction, body.multi_label).tolist()
+        answers = []
+        for text, row in zip(texts, scores):
+            best = pairs.ranked(row, names)
+            answers.append({"sequence": text, "labels": [l for l, _ in best], "scores": [s for _, s in best]})
+        return JSONResponse(answers)
 
-    @app.post("/decode", response_model=DecodeResponse, dependencies=guarded)
-    async def decode(body: DecodeRequest):
-        """Text of each sequence of ids (a list of sentences where `</s></s>` separates several)."""
-        sequences = [body.ids] if isinstance(body.ids[0], int) else body.ids
-        check_count(len(sequences))
-        vocab = len(hub.tokenizer)
-        for ids in sequences:
-            bad = [i for i in ids if not 0 <= i < vocab]
-            if bad:
-                raise HTTPError(422, f"token id {bad[0]} is outside this vocabulary (0 to {vocab - 1})")
-        return JSONResponse({"texts": [hub.decode(torch.tensor(ids, dtype=torch.long)) for ids in sequences]})
+    routes = {"reranker": (RerankRequest, rerank), "classifier": (PredictRequest, predict),
+              "embedding": (EmbedRequest, embed)}
+
+    @app.post("/", responses={422: {"model": TEIError}})
+    async def root(request: Request):
+        """As text-embeddings-inference: /rerank for a model whose main head has one output, /predict
+        for a classifier, else /embed."""
+        schema, route = routes[model_type]
+        try:
+            body = schema.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+        return await route(body)
 
     @app.get("/health")
     async def health():
         """200 while the worker runs; 503 while shutting down (for load balancers and orchestrators)."""
         if batcher.alive:
-            return {"status": "ok"}
-        return error_response(503, "shutting down", "unavailable", {"Retry-After": "1"})
+            return Response(status_code=200)
+        return error_response(503, "shutting down", "Unhealthy", {"Retry-After": "1"})
 
-    @app.get("/info", dependencies=guarded)
+    @app.get("/info")
     async def info():
-        """The model, its heads and their labels, and the server's limits."""
-        return {"model": model_name, "version": _version(), "precision": precision, "device": str(hub.device),
-                "dtype": str(hub.model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        """TEI's model description, and this server's heads, labels and limits."""
+        dtype = str(hub.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        described = {"embedding": {"pooling": settings.pooling}}
+        if main:
+            names = labels[main]
+            described = {model_type: {"id2label": {str(i): name for i, name in enumerate(names)},
+                                      "label2id": {name: i for i, name in enumerate(names)}}}
+        return {"model_id": model_name, "model_sha": None, "model_dtype": dtype, "model_type": described,
+                "served_model_name": model_name, "max_concurrent_requests": settings.max_queue,
+                "max_input_length": limit, "max_batch_tokens": settings.max_batch_tokens,
+                "max_batch_requests": settings.max_batch_requests, "max_client_batch_size": settings.max_inputs,
+                "auto_truncate": False, "tokenization_workers": 1, "version": _version(), "sha": None,
+                "docker_label": None,
+                # this server's additions
+                "precision": precision, "device": str(hub.device),
                 "config": {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
                                                            "num_attention_heads", "intermediate_size")},
-                "max_input_tokens": limit, "fill_mask": has_lm_head, "heads": {name: {"classes": n, "labels": labels[name]} for name, n in heads.items()},
+                "fill_mask": has_lm_head, "cross_encoder": asdict(hub.cross_encoder) if hub.cross_encoder else None,
+                "heads": {name: {"classes": n, "labels": labels[name]} for name, n in heads.items()},
                 "settings": {k: v for k, v in asdict(settings).items() if k != "api_key"} | {"api_key": settings.api_key is not None}}
 
-    @app.get("/metrics", dependencies=guarded)
+    @app.get("/metrics")
     async def prometheus():
         """Prometheus text: requests, latency, batch sizes, queue depth and wait, tokens/s."""
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    return _Guard(app, settings.max_body_bytes, metrics)
+    return _Guard(app, settings, metrics)
 
 
 class _Guard:
-    """ASGI middleware: refuses bodies that are not JSON (415) or over the size limit (413) before they
-    are parsed, and counts each request with its status and latency in the metrics."""
+    """ASGI middleware: asks for the API key on every path but /health (the OpenAPI description and
+    its pages included), refuses bodies that are not JSON (415), over the size limit (413) or slower
+    than --read-timeout (408) before they are parsed, and counts each request with its status and
+    latency in the metrics."""
 
-    ENDPOINTS = {"/embed", "/v1/embeddings", "/predict", "/fill-mask", "/tokenize", "/decode", "/health", "/info",
-                 "/metrics"}
+    ENDPOINTS = {"/", "/embed", "/embed_all", "/v1/embeddings", "/predict", "/rerank", "/similarity", "/fill-mask",
+                 "/zero-shot", "/tokenize", "/decode", "/health", "/info", "/metrics"}
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
-        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+    def __init__(self, app, settings: ServeSettings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.key = f"Bearer {settings.api_key}".encode() if settings.api_key is not None else None
         self.state = app.state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.monotonic()
-        endpoint = scope["path"] if scope["path"] in self.ENDPOINTS else "other"
+        path = scope["path"]
+        endpoint = path if path in self.ENDPOINTS else "other"
         status = {"code": 500}
 
         async def send_counted(message):
@@ -710,25 +944,30 @@ class _Guard:
                 status["code"] = message["status"]
             await send(message)
 
+        async def refuse(code: int, message: str, kind: str, headers: dict | None = None):
+            await error_response(code, message, kind, headers, path)(scope, receive, send_counted)
+
         try:
             headers = dict(scope["headers"])
+            if self.key is not None and path != "/health" and \
+                    not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
+                return await refuse(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                    "Validation", {"WWW-Authenticate": "Bearer"})
             kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if scope["method"] == "POST" and endpoint != "other" and kind != b"application/json":
-                response = error_response(415, f"the body must be JSON, sent with 'Content-Type: application/json' "
-                                               f"(got {kind.decode('latin-1') or 'none'}); curl: -H "
-                                               "'content-type: application/json'", "unsupported_media_type")
-                return await response(scope, receive, send_counted)
-            body, more = b"", True
-            while more:  # read the whole body first (it is small), refusing it once past the limit
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                body += message.get("body", b"")
-                more = message.get("more_body", False)
-                if len(body) > self.max_body_bytes:
-                    response = error_response(413, f"request body over {self.max_body_bytes} bytes (--max-body-bytes);"
-                                                   " split the request", "payload_too_large")
-                    return await response(scope, receive, send_counted)
+                return await refuse(415, f"the body must be JSON, sent with 'Content-Type: application/json' "
+                                         f"(got {kind.decode('latin-1') or 'none'}); curl: -H "
+                                         "'content-type: application/json'", "Validation")
+            try:
+                body = await asyncio.wait_for(self._read(receive), self.settings.read_timeout_s)
+            except asyncio.TimeoutError:
+                return await refuse(408, f"the request body did not arrive within {self.settings.read_timeout_s:g} s "
+                                         "(--read-timeout)", "Validation", {"Connection": "close"})
+            if body is None:  # the client went away
+                return
+            if len(body) > self.settings.max_body_bytes:
+                return await refuse(413, f"request body over {self.settings.max_body_bytes} bytes (--max-body-bytes);"
+                                         " split the request", "Validation")
             replayed = False
 
             async def replay():
@@ -742,6 +981,53 @@ class _Guard:
         finally:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
             self.metrics.latency.labels(endpoint).observe(time.monotonic() - start)
+
+    async def _read(self, receive) -> bytes | None:
+        """The whole body (it is small), stopping once past the limit; None if the client left."""
+        body, more = b"", True
+        while more and len(body) <= self.settings.max_body_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        return body
+
+
+def _bounded_protocol(seconds: float):
+    """uvicorn's HTTP protocol with a deadline on each request's headers: a connection that has not sent
+    a complete request head within `seconds` of opening (or of its last answer) is closed. uvicorn's own
+    keep-alive timer stops at the first byte, so one byte at a time would hold a connection forever."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class Bounded(AutoHTTPProtocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            self._disarm()
+            cycle = self.cycle  # the request answered last: a new one replaces it once its head is read
+            self._head_deadline = self.loop.call_later(seconds, self._expire, cycle)
+
+        def _disarm(self):
+            timer = getattr(self, "_head_deadline", None)
+            if timer is not None:
+                timer.cancel()
+
+        def _expire(self, cycle):
+            if self.cycle is cycle and not self.transport.is_closing():
+                self.transport.close()
+
+    return Bounded
 
 
 def _version() -> str:
@@ -772,7 +1058,10 @@ def serve(hub, sock: socket.socket, settings: ServeSettings, model_name: str = "
     """Serve `hub` on the bound socket until SIGTERM or Ctrl-C; on SIGTERM stop accepting, answer what is
     queued and in flight, and return."""
     app = create_app(hub, settings, model_name, precision)
-    config = uvicorn.Config(app, log_level="info", access_log=access_log, lifespan="on",
+    # keep-alive connections idle for 5 s are closed, and so is one whose request head is slower than
+    # --read-timeout (its body is bounded in _Guard)
+    config = uvicorn.Config(app, log_level="info", access_log=access_log, lifespan="on", timeout_keep_alive=5,
+                            http=_bounded_protocol(settings.read_timeout_s),
                             timeout_graceful_shutdown=int(settings.timeout_s) + 5)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]

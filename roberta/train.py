@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .device import resolve_device
-from .errors import RobertaError
+from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_write, replace_dir
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,6 +447,27 @@ def verify_dir(ckpt: Path) -> None:
                                f"(a flipped bit or a partial copy); {fix}")
 
 
+def numerics(d: Dist) -> dict:
+    """What decides a CPU run's float rounding besides the code and the data: recorded in each checkpoint
+    so that a resume under other conditions says so (a GPU run records nothing here)."""
+    if d.device.type != "cpu":
+        return {}
+    from .inference import cpu_name
+
+    return {"threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": str(torch.__version__),
+            "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def check_reproducible(d: Dist) -> None:
+    """Say at the start, not after, when a CPU run cannot be resumed bitwise: MKL's float32 products
+    depend on buffer alignment unless its reproducible mode was set before it loaded (roberta/runtime.py
+    sets it when `roberta` is imported before torch, and the command line always is)."""
+    if d.device.type == "cpu" and not os.environ.get("MKL_CBWR"):
+        warnings.warn("MKL's reproducible mode is off (torch was imported before roberta and MKL_CBWR is unset): "
+                      "a resumed run may differ from an uninterrupted one in the last bits; import roberta first "
+                      "or set MKL_CBWR=AUTO,STRICT", RobertaWarning, stacklevel=2)
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer, scaler, d: Dist, keep_last: int, state: dict,
                     write_model) -> None:
     """checkpoints/step-N: the weights (written by `write_model(model_state, directory)`), the optimizer,
@@ -460,8 +482,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scaler, d: Dist, kee
 
     def write(tmp: Path):
         write_model(model_state, tmp)
-        torch.save({"step": step, "optimizer": optim_state, "scaler": scaler.state_dict(), "rng": rng, **state},
-                   tmp / "trainer.pt")
+        torch.save({"step": step, "optimizer": optim_state, "scaler": scaler.state_dict(), "rng": rng,
+                    "numerics": numerics(d), **state}, tmp / "trainer.pt")
 
     write_dir(out / "checkpoints" / f"step-{step:08d}", write)
     for old in list_checkpoints(out)[:-keep_last]:
@@ -483,6 +505,12 @@ def load_checkpoint(ckpt: Path, model, optimizer, scaler, d: Dist) -> dict:
         raise RobertaError(f"checkpoint {ckpt} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); "
                            "remove it to resume from the one before, or start a new run") from None
     scaler.load_state_dict(trainer["scaler"])
+    changed = {k: (v, numerics(d).get(k)) for k, v in (trainer.get("numerics") or {}).items() if numerics(d).get(k) != v}
+    if changed:
+        warnings.warn(f"this resume differs from the run in {', '.join(f'{k} ({a} then, {b} now)' for k, (a, b) in changed.items())}: "
+                      "CPU kernels round by it, so the resumed run may differ from an uninterrupted one in the last bits"
+                      + ("; pass --threads " + str(changed["threads"][0]) + " for a bitwise-exact resume" if "threads" in changed else ""),
+                      RobertaWarning, stacklevel=2)
     rng = trainer["rng"]
     if rng.shape[0] == d.world:  # the same number of processes: continue every generator exactly
         n = torch.get_rng_state().numel()

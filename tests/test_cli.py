@@ -194,6 +194,25 @@ def test_info_device_says_what_auto_picks_here(hub_checkpoints, call):
     assert call("info").returncode == 2
 
 
+def test_inference_commands_say_what_auto_chose_and_jobs_keep_to_it(call, hub_checkpoints, tmp_path):
+    from roberta.inference import resolve_precision
+
+    chosen, why = resolve_precision("auto", "cpu")
+    result = call("features", "-m", hub_checkpoints["hf"], "-o", tmp_path / "f.npy", "Hello world!")
+    assert result.returncode == 0 and result.stderr.splitlines() == [
+        f"ran on cpu in {chosen} ({why})" + ("" if chosen == "fp32" else "; --precision fp32 for the exact float32 numbers")]
+    exact = call("features", "-m", hub_checkpoints["hf"], "-o", tmp_path / "g.npy", "--precision", "fp32", "Hello")
+    assert exact.returncode == 0 and exact.stderr == ""  # asked for: nothing to say
+    source = tmp_path / "in.txt"
+    source.write_text("Hello world!\nA second line.\n")
+    job = ["features", "-m", hub_checkpoints["hf"], "-i", source, "-o", tmp_path / "job", "--no-progress"]
+    assert call(*job, "--precision", "int8").returncode == 0
+    assert json.loads((tmp_path / "job" / "job.json").read_text())["precision"] == "int8"
+    refused = call(*job, "--precision", "fp32", "--resume")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "precision was 'int8' and is now 'fp32'" in refused.stderr
+
+
 # ---- a newcomer's first steps: fast help, run directories, label names, what each error says ------
 
 

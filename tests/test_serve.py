@@ -1,18 +1,23 @@
 """`roberta serve` as users run it: a real subprocess on a free loopback port, real HTTP clients.
 
 Every answer is compared with what the library gives for the same request alone, on a tiny model saved
-here with the real tokenizer and two classification heads.
+here with the real tokenizer and three classification heads (sentiment, mnli, and a one-output rank).
+Each text-embeddings-inference route's request and answer is checked against TEI's published OpenAPI
+description (tei_openapi.json), and huggingface_hub's InferenceClient drives the server as a TEI client.
 """
 import asyncio
 import base64
+import json
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -56,7 +61,7 @@ def model_dir(tmp_path_factory, bpe_dir):
     model = RobertaForMaskedLM(config)
     with torch.no_grad():
         model.lm_head.bias.normal_()  # so that fill-mask scores are not all alike
-    for name, classes in (("sentiment", 2), ("nli", 3)):
+    for name, classes in (("sentiment", 2), ("mnli", 3), ("rank", 1)):
         head = model.register_classification_head(name, classes)
         with torch.no_grad():
             head.out_proj.bias.normal_()
@@ -117,7 +122,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = Server(model_dir, "--max-wait-ms", "20", "--max-inputs", "8", "--max-body-bytes", "20000")
+    s = Server(model_dir, "--max-wait-ms", "20", "--max-inputs", "8", "--max-body-bytes", "20000",
+               "--max-response-bytes", "200000")
     yield s
     assert s.stop() == 0, "".join(s.log)
 
@@ -136,53 +142,169 @@ def features(hub, text, truncate=False):
     return hub.extract_features(ids, truncate=truncate)[0].float()
 
 
-# ---- every endpoint equals the library ------------------------------------------------------------
+# ---- every endpoint equals the library, in text-embeddings-inference's shapes ----------------------
+
+SPEC = json.loads((Path(__file__).parent / "tei_openapi.json").read_text())
 
 
-def test_embed_equals_the_library(server, hub):
-    inputs = SENTENCES[:4] + [["A man sleeps.", "A person rests."]]
-    for pooling in ("cls", "mean"):
+def conforms(value, schema, where="$"):
+    """Assert that `value` fits an OpenAPI 3 schema of TEI's description (the subset it uses)."""
+    if "$ref" in schema:
+        return conforms(value, SPEC["schemas"][schema["$ref"].rsplit("/", 1)[1]], where)
+    for part in schema.get("allOf", []):
+        conforms(value, part, where)
+    if "oneOf" in schema:
+        fits = 0
+        for option in schema["oneOf"]:
+            try:
+                conforms(value, option, where)
+                fits += 1
+            except AssertionError:
+                pass
+        assert fits == 1, f"{where}: {str(value)[:80]} fits {fits} of the schema's oneOf"
+    if value is None:
+        assert schema.get("nullable"), f"{where} is null"
+        return
+    kind = schema.get("type")
+    if kind == "object":
+        assert isinstance(value, dict), f"{where}: {value!r} is not an object"
+        for key in schema.get("required", []):
+            assert key in value, f"{where}: {key} missing"
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                conforms(value[key], sub, f"{where}.{key}")
+        if isinstance(schema.get("additionalProperties"), dict):
+            for key, item in value.items():
+                conforms(item, schema["additionalProperties"], f"{where}.{key}")
+    elif kind == "array":
+        assert isinstance(value, list), f"{where}: {str(value)[:80]} is not an array"
+        assert schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)), where
+        for i, item in enumerate(value):
+            conforms(item, schema.get("items", {}), f"{where}[{i}]")
+    elif kind == "string":
+        assert isinstance(value, str), f"{where}: {value!r} is not a string"
+        assert value in schema.get("enum", [value]), f"{where}: {value!r} not in {schema['enum']}"
+    elif kind in ("number", "integer"):
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: {value!r} is not a number"
+        assert kind == "number" or isinstance(value, int), f"{where}: {value!r} is not an integer"
+        assert value >= schema.get("minimum", value), f"{where}: {value} < {schema['minimum']}"
+    elif kind == "boolean":
+        assert isinstance(value, bool), f"{where}: {value!r} is not a boolean"
+
+
+def tei(server, path, body, status=200, method="post"):
+    """A TEI route's answer, its request and answer checked against TEI's OpenAPI description."""
+    route = SPEC["paths"][path][method]
+    if body is not None and route["request"]:
+        conforms(body, route["request"], "request")
+    response = httpx.request(method.upper(), server.url + path, json=body, timeout=30)
+    assert response.status_code == status, response.text
+    if route["responses"].get(str(status)):
+        conforms(response.json(), route["responses"][str(status)], f"{path} {status}")
+    return response.json() if response.content else None
+
+
+def test_embed_and_embed_all_equal_the_library(server, hub):
+    inputs = SENTENCES[:4]
+    single = tei(server, "/embed", {"inputs": "Hello world!"})  # a text: one vector, <s>, unit length
+    torch.testing.assert_close(torch.tensor(single[0]), F.normalize(features(hub, "Hello world!")[0], dim=0),
+                               atol=1e-5, rtol=1e-5)
+    for pooling in ("cls", "mean"):  # --pooling's choice, or the request's (this server's addition)
         for normalize in (False, True):
             out = ok(post(server, "/embed", {"inputs": inputs, "pooling": pooling, "normalize": normalize}))
-            for text, got, n in zip(inputs, out["embeddings"], out["tokens"]):
+            for text, got in zip(inputs, out):
                 f = features(hub, text)
                 want = f[0] if pooling == "cls" else f.mean(0)
                 want = F.normalize(want, dim=0) if normalize else want
-                assert n == f.shape[0]
                 torch.testing.assert_close(torch.tensor(got), want, atol=1e-5, rtol=1e-5)
-    single = ok(post(server, "/embed", {"inputs": "Hello world!"}))  # a string: one vector, <s>, unit length
-    torch.testing.assert_close(torch.tensor(single["embeddings"][0]), F.normalize(features(hub, "Hello world!")[0], dim=0),
-                               atol=1e-5, rtol=1e-5)
-    cut = ok(post(server, "/embed", {"inputs": LONG, "truncate": True, "normalize": False}))
-    assert cut["tokens"] == [hub.max_tokens]
-    torch.testing.assert_close(torch.tensor(cut["embeddings"][0]), features(hub, LONG, truncate=True)[0], atol=1e-5, rtol=1e-5)
+    ids = hub.encode(SENTENCES[0]).tolist()  # token ids are taken as they are, alone or in a list
+    by_ids = tei(server, "/embed", {"inputs": ids, "normalize": False})
+    mixed = tei(server, "/embed", {"inputs": [SENTENCES[1], ids], "normalize": False, "truncate": False,
+                                   "truncation_direction": "Right"})
+    for got in (by_ids[0], mixed[1]):
+        torch.testing.assert_close(torch.tensor(got), features(hub, SENTENCES[0])[0], atol=1e-5, rtol=1e-5)
+    cut = tei(server, "/embed", {"inputs": LONG, "truncate": True, "normalize": False})
+    torch.testing.assert_close(torch.tensor(cut[0]), features(hub, LONG, truncate=True)[0], atol=1e-5, rtol=1e-5)
+    every = tei(server, "/embed_all", {"inputs": [SENTENCES[2], LONG], "truncate": True})
+    for text, got in zip([SENTENCES[2], LONG], every):
+        want = features(hub, text, truncate=True)
+        assert len(got) == want.shape[0]  # every token, <s> and </s> included
+        torch.testing.assert_close(torch.tensor(got), want, atol=1e-5, rtol=1e-5)
 
 
 def test_openai_embeddings_equal_the_library(server, hub):
-    out = ok(post(server, "/v1/embeddings", {"input": SENTENCES[:3], "model": "tiny"}))
+    out = tei(server, "/v1/embeddings", {"input": SENTENCES[:3], "model": "tiny"})
     assert out["object"] == "list" and out["model"] == "tiny"
     assert [d["index"] for d in out["data"]] == [0, 1, 2]
     assert out["usage"]["prompt_tokens"] == sum(len(hub.encode(s)) for s in SENTENCES[:3])
-    encoded = ok(post(server, "/v1/embeddings", {"input": SENTENCES[0], "encoding_format": "base64"}))
+    encoded = tei(server, "/v1/embeddings", {"input": SENTENCES[0], "encoding_format": "base64"})
     for text, item in zip(SENTENCES, out["data"]):
         want = F.normalize(features(hub, text)[0], dim=0)
         torch.testing.assert_close(torch.tensor(item["embedding"]), want, atol=1e-5, rtol=1e-5)
     decoded = np.frombuffer(base64.b64decode(encoded["data"][0]["embedding"]), dtype="<f4")
     np.testing.assert_allclose(decoded, out["data"][0]["embedding"], rtol=1e-6, atol=1e-7)
+    # over the limit: OpenAI's API cannot truncate, so the error does not offer it (TEI's OpenAI error shape)
+    long = tei(server, "/v1/embeddings", {"input": LONG}, status=413)
+    assert "shorten it" in long["message"] and "truncate" not in long["message"] and long["code"] == 413
+
+
+def scores_of(hub, head, text, function):
+    ids = hub.encode(*([text] if isinstance(text, str) else text))
+    logits = hub.predict(head, ids, return_logits=True)[0].float()
+    return {"softmax": logits.softmax(-1), "sigmoid": logits.sigmoid(), "none": logits}[function]
 
 
 def test_predict_equals_the_library(server, hub):
-    inputs = SENTENCES[:3] + [["A man sleeps.", "A person rests."]]
-    default = ok(post(server, "/predict", {"inputs": inputs}))
-    assert default["head"] == "sentiment"  # the model's main head
-    nli = ok(post(server, "/predict", {"inputs": inputs, "head": "nli"}))
-    for out, head, labels in ((default, "sentiment", ["negative", "positive"]), (nli, "nli", ["LABEL_0", "LABEL_1", "LABEL_2"])):
-        for text, p in zip(inputs, out["predictions"]):
-            want = hub.predict(head, hub.encode(*([text] if isinstance(text, str) else text)))[0].exp()
-            torch.testing.assert_close(torch.tensor([s["score"] for s in p["scores"]]), want, atol=1e-5, rtol=1e-5)
-            assert [s["label"] for s in p["scores"]] == labels
-            assert p["id"] == int(want.argmax()) and p["label"] == labels[p["id"]]
-            assert p["score"] == max(s["score"] for s in p["scores"])
+    names = {"sentiment": ["negative", "positive"], "mnli": ["LABEL_0", "LABEL_1", "LABEL_2"]}
+    pair = ["A man sleeps.", "A person rests."]
+    single = tei(server, "/predict", {"inputs": SENTENCES[0]})  # one input: a list of classes, best first
+    double = tei(server, "/predict", {"inputs": pair})  # a [first, second] list is one pair
+    batch = tei(server, "/predict", {"inputs": [[SENTENCES[1]], pair, [SENTENCES[2]]], "head": "mnli"})
+    raw = tei(server, "/predict", {"inputs": [pair], "raw_scores": True})
+    cases = [(single, "sentiment", SENTENCES[0], "softmax"), (double, "sentiment", pair, "softmax"),
+             (raw[0], "sentiment", pair, "none")]
+    cases += [(got, "mnli", text, "softmax") for got, text in zip(batch, [SENTENCES[1], pair, SENTENCES[2]])]
+    for got, head, text, function in cases:
+        want = scores_of(hub, head, text, function)
+        order = want.argsort(descending=True).tolist()
+        assert [p["label"] for p in got] == [names[head][i] for i in order]
+        np.testing.assert_allclose([p["score"] for p in got], want[order].numpy(), atol=1e-5, rtol=1e-5)
+    # the parameters huggingface_hub's InferenceClient sends: top_k and function_to_apply
+    top = tei(server, "/predict", {"inputs": SENTENCES[3], "parameters": {"top_k": 1, "function_to_apply": "sigmoid"}})
+    want = scores_of(hub, "sentiment", SENTENCES[3], "sigmoid")
+    assert len(top) == 1 and top[0]["label"] == names["sentiment"][int(want.argmax())]
+    assert abs(top[0]["score"] - float(want.max())) < 1e-5
+    # POST /: this model's main head classifies, so / answers as /predict (TEI's dispatch)
+    assert ok(post(server, "/", {"inputs": SENTENCES[0]})) == single
+
+
+def test_rerank_similarity_and_zero_shot_equal_the_library(server, hub):
+    texts = SENTENCES[:5] + [LONG]
+    ranks = tei(server, "/rerank", {"query": "Who liked the film?", "texts": texts, "head": "rank",
+                                    "truncate": True, "return_text": True})
+    want = hub.rerank("Who liked the film?", texts, head="rank", return_documents=True)  # longest-first cuts
+    assert [r["index"] for r in ranks] == [w["corpus_id"] for w in want]
+    assert [r["text"] for r in ranks] == [w["text"] for w in want]
+    np.testing.assert_allclose([r["score"] for r in ranks], [w["score"] for w in want], atol=1e-5, rtol=1e-5)
+    raw = tei(server, "/rerank", {"query": "q", "texts": SENTENCES[:3], "head": "rank", "raw_scores": True})
+    logits = hub.score_pairs([("q", t) for t in SENTENCES[:3]], head="rank", raw=True)
+    np.testing.assert_allclose([r["score"] for r in sorted(raw, key=lambda r: r["index"])], logits.numpy(),
+                               atol=1e-5, rtol=1e-5)
+    assert "text" not in raw[0]
+    # a model whose main head does not have one output is no reranker: TEI's 424
+    assert tei(server, "/rerank", {"query": "q", "texts": ["a"]}, status=424)["error_type"] == "Backend"
+
+    similar = tei(server, "/similarity", {"inputs": {"source_sentence": SENTENCES[0], "sentences": SENTENCES[1:4]}})
+    source = F.normalize(features(hub, SENTENCES[0])[0], dim=0)
+    want = [float(F.normalize(features(hub, s)[0], dim=0) @ source) for s in SENTENCES[1:4]]
+    np.testing.assert_allclose(similar, want, atol=1e-5, rtol=1e-5)
+
+    # zero-shot: an MNLI head (fairseq's class order) on its own route
+    out = ok(post(server, "/zero-shot", {"inputs": SENTENCES[:2], "candidate_labels": ["film", "food", "money"],
+                                         "head": "mnli", "multi_label": True}))
+    for got, wanted in zip(out, hub.zero_shot(SENTENCES[:2], ["film", "food", "money"], multi_label=True, head="mnli")):
+        assert got["labels"] == wanted["labels"]
+        np.testing.assert_allclose(got["scores"], wanted["scores"], atol=1e-5, rtol=1e-5)
 
 
 def test_fill_mask_equals_the_library(server, hub):
@@ -202,19 +324,53 @@ def test_fill_mask_equals_the_library(server, hub):
 
 
 def test_tokenize_decode_info_health(server, hub):
-    out = ok(post(server, "/tokenize", {"inputs": ["Hello world!", ["A man sleeps.", "A person rests."]]}))
-    assert out["tokenized"][0] == {"ids": [0, 31414, 232, 328, 2], "tokens": ["<s>", "Hello", "Ġworld", "!", "</s>"]}
-    assert out["tokenized"][1]["ids"] == hub.encode("A man sleeps.", "A person rests.").tolist()
+    out = tei(server, "/tokenize", {"inputs": ["Hello world!", "héllo"]})
+    assert out[0] == [{"id": 0, "text": "<s>", "special": True, "start": None, "stop": None},
+                      {"id": 31414, "text": "Hello", "special": False, "start": 0, "stop": 5},
+                      {"id": 232, "text": "world", "special": False, "start": 6, "stop": 11},
+                      {"id": 328, "text": "!", "special": False, "start": 11, "stop": 12},
+                      {"id": 2, "text": "</s>", "special": True, "start": None, "stop": None}]
+    assert [t["id"] for t in out[1]] == hub.encode("héllo").tolist()
+    assert [(t["start"], t["stop"]) for t in out[1][1:-1]] == [(0, 1), (1, 3), (3, 6)]  # bytes, as TEI counts
+    bare = tei(server, "/tokenize", {"inputs": "Hello world!", "add_special_tokens": False})
+    assert [t["id"] for t in bare[0]] == [31414, 232, 328]
     pair = hub.encode("A man sleeps.", "A person rests.").tolist()
-    assert ok(post(server, "/decode", {"ids": [0, 31414, 232, 328, 2]})) == {"texts": ["Hello world!"]}
-    assert ok(post(server, "/decode", {"ids": [[0, 31414, 232, 328, 2], pair]}))["texts"] == \
-        ["Hello world!", ["A man sleeps.", "A person rests."]]
-    info = ok(httpx.get(server.url + "/info"))
+    assert tei(server, "/decode", {"ids": [0, 31414, 232, 328, 2]}) == ["Hello world!"]
+    assert tei(server, "/decode", {"ids": [[0, 31414, 232, 328, 2], pair]}) == \
+        ["Hello world!", hub.tokenizer.decode(pair, skip_special_tokens=True)]
+    assert tei(server, "/decode", {"ids": [0, 31414, 2], "skip_special_tokens": False}) == ["<s>Hello</s>"]
+    info = tei(server, "/info", None, method="get")
+    assert info["model_type"] == {"classifier": {"id2label": {"0": "negative", "1": "positive"},
+                                                 "label2id": {"negative": 0, "positive": 1}}}
+    assert info["max_input_length"] == hub.max_tokens and info["max_client_batch_size"] == 8
     assert info["heads"] == {"sentiment": {"classes": 2, "labels": ["negative", "positive"]},
-                             "nli": {"classes": 3, "labels": ["LABEL_0", "LABEL_1", "LABEL_2"]}}
-    assert info["max_input_tokens"] == hub.max_tokens and info["config"]["hidden_size"] == 64 and info["fill_mask"]
-    assert ok(httpx.get(server.url + "/health")) == {"status": "ok"}
-    assert "/embed" in ok(httpx.get(server.url + "/openapi.json"))["paths"]
+                             "mnli": {"classes": 3, "labels": ["LABEL_0", "LABEL_1", "LABEL_2"]},
+                             "rank": {"classes": 1, "labels": ["LABEL_0"]}}
+    assert info["config"]["hidden_size"] == 64 and info["fill_mask"]
+    health = httpx.get(server.url + "/health")
+    assert health.status_code == 200 and health.content == b""  # TEI answers an empty 200
+    assert "/rerank" in ok(httpx.get(server.url + "/openapi.json"))["paths"]
+
+
+def test_huggingface_hub_inference_client_against_the_server(server, hub):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=server.url)
+    # POST / of a classifier is /predict: the client gets the best class first
+    best = client.text_classification(SENTENCES[0])
+    want = scores_of(hub, "sentiment", SENTENCES[0], "softmax")
+    assert best.label == ["negative", "positive"][int(want.argmax())] and abs(best.score - float(want.max())) < 1e-5
+    vectors = client.feature_extraction(SENTENCES[:3], normalize=False, truncate=True, truncation_direction="right",
+                                        model=server.url + "/embed")
+    assert vectors.shape == (3, 64)
+    for text, got in zip(SENTENCES, vectors):
+        torch.testing.assert_close(torch.from_numpy(got), features(hub, text)[0], atol=1e-5, rtol=1e-5)
+    similar = client.sentence_similarity(SENTENCES[0], SENTENCES[1:3], model=server.url + "/similarity")
+    source = F.normalize(features(hub, SENTENCES[0])[0], dim=0)
+    np.testing.assert_allclose(similar, [float(F.normalize(features(hub, s)[0], dim=0) @ source)
+                                         for s in SENTENCES[1:3]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="prompt_name is not supported"):  # a field it cannot honour: 422
+        client.feature_extraction("a", prompt_name="query", model=server.url + "/embed")
 
 
 # ---- load: 64 concurrent clients ----------------------------------------------------------------
@@ -229,8 +385,10 @@ def test_64_concurrent_clients_are_batched_and_correct(server, hub):
     requests = []
     for i in range(64):
         text = f"{SENTENCES[i % len(SENTENCES)]} (client {i})"
-        if i % 4 == 3:
-            requests.append(("/predict", {"inputs": [text], "head": "nli" if i % 8 == 3 else "sentiment"}))
+        if i % 8 == 7:
+            requests.append(("/rerank", {"query": text, "texts": SENTENCES[:2], "head": "rank"}))
+        elif i % 4 == 3:
+            requests.append(("/predict", {"inputs": text, "head": "mnli" if i % 8 == 3 else "sentiment"}))
         elif i % 4 == 2:
             requests.append(("/fill-mask", {"inputs": text + " It was <mask>.", "topk": 2}))
         else:
@@ -246,12 +404,14 @@ def test_64_concurrent_clients_are_batched_and_correct(server, hub):
     for (path, body), response in zip(requests, responses):
         out = ok(response)
         if path == "/embed":
-            for text, got in zip(body["inputs"], out["embeddings"]):
+            for text, got in zip(body["inputs"], out):
                 torch.testing.assert_close(torch.tensor(got), features(hub, text)[0], atol=1e-5, rtol=1e-5)
         elif path == "/predict":
-            want = hub.predict(body["head"], hub.encode(body["inputs"][0]))[0].exp()
-            got = torch.tensor([s["score"] for s in out["predictions"][0]["scores"]])
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            want = hub.predict(body["head"], hub.encode(body["inputs"]))[0].exp().sort(descending=True).values
+            torch.testing.assert_close(torch.tensor([p["score"] for p in out]), want, atol=1e-5, rtol=1e-5)
+        elif path == "/rerank":
+            want = hub.rerank(body["query"], body["texts"], head="rank")
+            np.testing.assert_allclose([r["score"] for r in out], [w["score"] for w in want], atol=1e-5, rtol=1e-5)
         else:
             want = hub.fill_mask(body["inputs"], topk=2, as_dicts=True)
             assert [c["token"] for c in out["results"][0][0]] == [c["token"] for c in want]
@@ -269,35 +429,53 @@ def test_64_concurrent_clients_are_batched_and_correct(server, hub):
 
 # ---- bad requests: 4xx JSON, and the server goes on serving ---------------------------------------
 
-BAD = [  # (method, path, body (bytes: sent raw), status, error type)
-    ("POST", "/embed", b'{"inputs": "unterminated', 400, "invalid_json"),
-    ("POST", "/embed", b"", 400, "invalid_json"),
-    ("POST", "/embed", {"inputs": 3}, 422, "invalid_request"),
-    ("POST", "/embed", {"inputs": ["fine", 3]}, 422, "invalid_request"),
-    ("POST", "/embed", {"inputs": "a", "normalize": "yes"}, 422, "invalid_request"),
-    ("POST", "/embed", {"inputs": "a", "pooling": "max"}, 422, "invalid_request"),
-    ("POST", "/embed", {"input": "a"}, 422, "invalid_request"),  # a typo of a field is not ignored
-    ("POST", "/embed", [1, 2], 422, "invalid_request"),
-    ("POST", "/embed", {"inputs": ""}, 422, "invalid_request"),
-    ("POST", "/embed", {"inputs": []}, 422, "invalid_request"),
-    ("POST", "/embed", {"inputs": ["a", ""]}, 422, "invalid_request"),
-    ("POST", "/embed", {}, 422, "invalid_request"),
-    ("POST", "/embed", {"inputs": ["a", "b", "c"] * 3}, 413, "payload_too_large"),  # --max-inputs 8
-    ("POST", "/embed", {"inputs": LONG}, 413, "payload_too_large"),
-    ("POST", "/embed", {"inputs": "x" * 30000}, 413, "payload_too_large"),  # --max-body-bytes 20000
-    ("POST", "/predict", {"inputs": "a", "head": "mnli"}, 404, "unknown_head"),
-    ("POST", "/predict", {"inputs": [["only one"]]}, 422, "invalid_request"),
-    ("POST", "/fill-mask", {"inputs": "no mask here"}, 400, "invalid_request"),
-    ("POST", "/fill-mask", {"inputs": "a <mask>", "topk": 0}, 422, "invalid_request"),
-    ("POST", "/fill-mask", {"inputs": "a <mask>", "topk": 10**6}, 422, "invalid_request"),
-    ("POST", "/fill-mask", {"inputs": LONG + " <mask>"}, 413, "payload_too_large"),
-    ("POST", "/decode", {"ids": []}, 422, "invalid_request"),
-    ("POST", "/decode", {"ids": [0, 10**9]}, 422, "invalid_request"),
-    ("POST", "/decode", {"ids": ["a"]}, 422, "invalid_request"),
-    ("POST", "/v1/embeddings", {"input": "a", "dimensions": 3}, 400, "invalid_request"),
-    ("POST", "/embed", "inputs=a", 415, "unsupported_media_type"),  # a form, as curl -d sends without -H
-    ("GET", "/embed", None, 405, "http_error"),
-    ("GET", "/nowhere", None, 404, "not_found"),
+BAD = [  # (method, path, body (bytes: sent raw), status, TEI's error type)
+    ("POST", "/embed", b'{"inputs": "unterminated', 400, "Validation"),
+    ("POST", "/embed", b"", 400, "Validation"),
+    ("POST", "/embed", {"inputs": 3}, 422, "Validation"),
+    ("POST", "/embed", {"inputs": ["fine", 3]}, 422, "Validation"),
+    ("POST", "/embed", {"inputs": "a", "normalize": "yes"}, 422, "Validation"),
+    ("POST", "/embed", {"inputs": "a", "pooling": "max"}, 422, "Validation"),
+    ("POST", "/embed", {"input": "a"}, 422, "Validation"),  # a typo of a field is not ignored
+    ("POST", "/embed", [1, 2], 422, "Validation"),
+    ("POST", "/embed", {"inputs": ""}, 422, "Validation"),
+    ("POST", "/embed", {"inputs": []}, 400, "Empty"),
+    ("POST", "/embed", {"inputs": ["a", ""]}, 422, "Validation"),
+    ("POST", "/embed", {"inputs": [0, 10**9]}, 422, "Validation"),  # token ids outside the vocabulary
+    ("POST", "/embed", {}, 422, "Validation"),
+    ("POST", "/embed", {"inputs": ["a", "b", "c"] * 3}, 413, "Validation"),  # --max-inputs 8
+    ("POST", "/embed", {"inputs": LONG}, 413, "Validation"),
+    ("POST", "/embed", {"inputs": "x" * 30000}, 413, "Validation"),  # --max-body-bytes 20000
+    # TEI fields this server cannot honour: 422, never ignored
+    ("POST", "/embed", {"inputs": "a", "prompt_name": "query"}, 422, "Validation"),
+    ("POST", "/embed", {"inputs": "a", "truncation_direction": "Left"}, 422, "Validation"),
+    ("POST", "/embed", {"inputs": "a", "dimensions": 3}, 422, "Validation"),
+    ("POST", "/embed_all", {"inputs": [LONG] * 8, "truncate": True}, 422, "Validation"),  # --max-response-bytes
+    ("POST", "/predict", {"inputs": "a", "head": "nli"}, 404, "Validation"),
+    ("POST", "/predict", {"inputs": ["a", "b", "c"]}, 422, "Validation"),  # neither a text, a pair nor a batch
+    ("POST", "/predict", {"inputs": [["a", "b", "c"]]}, 422, "Validation"),
+    ("POST", "/predict", {"inputs": "a", "parameters": {"function_to_apply": "tanh"}}, 422, "Validation"),
+    ("POST", "/predict", {"inputs": [LONG, LONG]}, 413, "Validation"),  # a long pair without truncate
+    ("POST", "/rerank", {"query": "q", "texts": [], "head": "rank"}, 400, "Empty"),
+    ("POST", "/rerank", {"query": "q", "texts": ["a"] * 9, "head": "rank"}, 413, "Validation"),
+    ("POST", "/similarity", {"inputs": {"source_sentence": "a", "sentences": []}}, 400, "Empty"),
+    ("POST", "/zero-shot", {"inputs": "a", "candidate_labels": ["x"], "head": "sentiment"}, 422, "Validation"),
+    ("POST", "/zero-shot", {"inputs": "a", "candidate_labels": ["x"], "head": "mnli",
+                            "hypothesis_template": "no slot"}, 422, "Validation"),
+    ("POST", "/fill-mask", {"inputs": "no mask here"}, 400, "Validation"),
+    ("POST", "/fill-mask", {"inputs": "a <mask>", "topk": 0}, 422, "Validation"),
+    ("POST", "/fill-mask", {"inputs": "a <mask>", "topk": 10**6}, 422, "Validation"),
+    # every choice repeats the text: 20 masks x topk 1000 is refused before any work (--max-response-bytes)
+    ("POST", "/fill-mask", {"inputs": "a <mask> " * 20, "topk": 1000}, 422, "Validation"),
+    ("POST", "/fill-mask", {"inputs": LONG + " <mask>"}, 413, "Validation"),
+    ("POST", "/decode", {"ids": []}, 400, "Empty"),
+    ("POST", "/decode", {"ids": [0, 10**9]}, 422, "Validation"),
+    ("POST", "/decode", {"ids": ["a"]}, 422, "Validation"),
+    ("POST", "/tokenize", {"inputs": "a", "prompt_name": "query"}, 422, "Validation"),
+    ("POST", "/v1/embeddings", {"input": "a", "dimensions": 3}, 400, "Validation"),
+    ("POST", "/embed", "inputs=a", 415, "Validation"),  # a form, as curl -d sends without -H
+    ("GET", "/embed", None, 405, "Validation"),
+    ("GET", "/nowhere", None, 404, "Validation"),
 ]
 
 
@@ -312,11 +490,19 @@ def test_bad_requests_get_4xx_json_errors_and_serving_goes_on(server):
             else:
                 response = client.request(method, path, json=body)
             assert response.status_code == status, (path, body, response.text)
-            error = response.json()["error"]
-            assert error["type"] == kind and error["code"] == status, (path, body, error)
-            assert isinstance(error["message"], str) and len(error["message"]) > 10, error
-            assert ok(client.get("/health")) == {"status": "ok"}
-        assert len(ok(client.post("/embed", json={"inputs": "still here"}))["embeddings"]) == 1
+            error = response.json()
+            if path == "/v1/embeddings":  # TEI's OpenAI error
+                conforms(error, {"$ref": "#/components/schemas/OpenAICompatErrorResponse"})
+                assert error["code"] == status
+                message = error["message"]
+            else:
+                conforms(error, {"$ref": "#/components/schemas/ErrorResponse"})
+                assert set(error) == {"error", "error_type"}
+                message = error["error"]
+            assert error["error_type"] == kind, (path, body, error)
+            assert isinstance(message, str) and len(message) > 10 and "\n" not in message, error
+            assert client.get("/health").status_code == 200
+        assert len(ok(client.post("/embed", json={"inputs": "still here"}))) == 1
         metrics = client.get("/metrics").text
     assert re.search(r'roberta_requests_total\{endpoint="/embed",status="422"\} [1-9]', metrics)
 
@@ -331,13 +517,16 @@ def test_api_key_full_queue_and_sigterm_with_requests_in_flight(model_dir, hub):
     try:
         key = {"Authorization": "Bearer sesame"}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
-            for path in ("/embed", "/info", "/metrics"):
-                response = httpx.request("POST" if path == "/embed" else "GET", s.url + path, headers=headers,
-                                         json={"inputs": "a"} if path == "/embed" else None, timeout=30)
+            # every path but /health: the routes, the OpenAPI description and its pages, unknown paths
+            for path in ("/embed", "/", "/info", "/metrics", "/openapi.json", "/docs", "/redoc", "/nowhere"):
+                response = httpx.request("POST" if path in ("/embed", "/") else "GET", s.url + path, headers=headers,
+                                         json={"inputs": "a"} if path in ("/embed", "/") else None, timeout=30)
                 assert response.status_code == 401, (path, headers, response.text)
-                assert response.json()["error"]["type"] == "unauthorized"
+                assert "API key" in response.json()["error"] and response.json()["error_type"] == "Validation"
                 assert response.headers["www-authenticate"] == "Bearer"
-        assert ok(httpx.get(s.url + "/health"))["status"] == "ok"  # probes need no key
+        assert httpx.get(s.url + "/health").status_code == 200  # probes need no key
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert httpx.get(s.url + path, headers=key, timeout=30).status_code == 200
 
         results: dict = {}
 
@@ -350,9 +539,9 @@ def test_api_key_full_queue_and_sigterm_with_requests_in_flight(model_dir, hub):
         wait_for_depth(s, key, 4)
         full = httpx.post(s.url + "/embed", json={"inputs": SENTENCES[4:7]}, headers=key, timeout=30)
         assert full.status_code == 429 and full.headers["retry-after"] == "1", full.text
-        assert full.json()["error"]["type"] == "overloaded"
+        assert full.json()["error_type"] == "Overloaded"
         first.join(timeout=30)
-        assert len(ok(results["first"])["embeddings"]) == 4
+        assert len(ok(results["first"])) == 4
 
         # six requests queued, then SIGTERM: all six are answered, then the process exits 0
         threads = [threading.Thread(target=call, args=(i, SENTENCES[i])) for i in range(6)]
@@ -363,7 +552,7 @@ def test_api_key_full_queue_and_sigterm_with_requests_in_flight(model_dir, hub):
         for t in threads:
             t.join(timeout=60)
         for i in range(6):
-            got = ok(results[i])["embeddings"][0]
+            got = ok(results[i])[0]
             torch.testing.assert_close(torch.tensor(got), features(hub, SENTENCES[i])[0], atol=1e-5, rtol=1e-5)
         assert s.proc.wait(timeout=30) == 0, "".join(s.log)
         with pytest.raises(httpx.TransportError):
@@ -388,40 +577,50 @@ def test_a_request_not_answered_in_time_gets_503_and_a_classifier_has_no_fill_ma
     classifier = tmp_path / "classifier"  # a fine-tuned classifier's checkpoint: no masked-LM head in it
     RobertaForSequenceClassification(RobertaConfig.load(model_dir / "config.json")).save_pretrained(
         classifier, tokenizer=RobertaTokenizer.from_pretrained(bpe_dir))
-    s = Server(classifier, "--max-wait-ms", "60000", "--max-batch-requests", "2", "--timeout", "0.3")
+    s = Server(classifier, "--max-wait-ms", "60000", "--max-batch-requests", "2", "--timeout", "0.3",
+               "--read-timeout", "1")
     try:
         no_lm = httpx.post(s.url + "/fill-mask", json={"inputs": "a <mask>"}, timeout=30)
-        assert no_lm.status_code == 409 and no_lm.json()["error"]["type"] == "no_lm_head", no_lm.text
+        assert no_lm.status_code == 424 and no_lm.json()["error_type"] == "Backend", no_lm.text
         assert ok(httpx.get(s.url + "/info"))["fill_mask"] is False
         slow = httpx.post(s.url + "/embed", json={"inputs": "waits for a batch that never fills"}, timeout=30)
         assert slow.status_code == 503 and slow.headers["retry-after"] == "1", slow.text
-        assert slow.json()["error"]["type"] == "timeout"
+        assert slow.json()["error_type"] == "Unhealthy"
         # a full batch (two inputs) does not wait, and the timed-out input was dropped from the queue
-        assert len(ok(httpx.post(s.url + "/embed", json={"inputs": ["a", "b"]}, timeout=30))["embeddings"]) == 2
+        assert len(ok(httpx.post(s.url + "/embed", json={"inputs": ["a", "b"]}, timeout=30))) == 2
         text = httpx.get(s.url + "/metrics", timeout=10).text
         assert re.search(r"^roberta_queue_depth 0\.0$", text, re.M)
+        # slow connections are closed (--read-timeout 1): a request head sent a byte at a time ...
+        assert closed_while_trickling(s, b"POST /embed HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10000)
+        # ... and a body that stops coming: 408, then the connection goes
+        head = b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1])), timeout=30) as sock:
+            sock.sendall(head + b'{"inputs": ')
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"--read-timeout" in answer, answer
     finally:
         assert s.stop() == 0, "".join(s.log)
 
 
-def test_predict_naming_no_head_on_a_model_without_one_is_404(bpe_dir, tmp_path):
-    encoder = tmp_path / "encoder"  # a pretrained masked LM: no classification head to default to
-    RobertaForMaskedLM(RobertaConfig.tiny(max_position_embeddings=66)).save_pretrained(
-        encoder, tokenizer=RobertaTokenizer.from_pretrained(bpe_dir))
-    s = Server(encoder)
-    try:
-        response = httpx.post(s.url + "/predict", json={"inputs": "a great movie"}, timeout=30)
-        assert response.status_code == 404, response.text
-        assert response.json()["error"] == {
-            "message": "no head was named and this model has no single one (this model has: none); name one in \"head\"",
-            "type": "unknown_head", "code": 404}
-    finally:
-        assert s.stop() == 0, "".join(s.log)
+def closed_while_trickling(s, data: bytes) -> bool:
+    """Whether the server closes a connection that sends `data` a byte every 50 ms (it never finishes)."""
+    with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1])), timeout=30) as sock:
+        sock.settimeout(0.05)
+        for byte in data:
+            try:
+                sock.sendall(bytes([byte]))
+                if sock.recv(1024) == b"":
+                    return True
+            except socket.timeout:
+                continue
+            except OSError:  # reset by the server
+                return True
+    return False
 
 
 def test_bad_settings_and_a_busy_port_are_one_line_errors(model_dir, capsys):
-    import socket
-
     from roberta.cli import main
 
     busy = socket.socket()
@@ -431,7 +630,10 @@ def test_bad_settings_and_a_busy_port_are_one_line_errors(model_dir, capsys):
         for flags, expected in ((["--port", str(port)], "cannot listen on 127.0.0.1"),
                                 (["--max-batch-tokens", "0"], "max-batch-tokens must be at least 1"),
                                 (["--max-queue", "2", "--max-inputs", "4"], "max-queue (2) must hold"),
-                                (["--port", "70000"], "port must be between 0 and 65535")):
+                                (["--port", "70000"], "port must be between 0 and 65535"),
+                                (["--api-key", "sésame"], "the API key must be printable ASCII"),
+                                (["--read-timeout", "0"], "read-timeout > 0"),
+                                (["--max-response-bytes", "0"], "max-response-bytes must be at least 1")):
             assert main(["serve", "-m", str(model_dir), *flags]) == 2  # refused before the model loads
             err = capsys.readouterr().err
             assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err

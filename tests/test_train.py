@@ -152,3 +152,24 @@ def test_checkpoint_checksums_catch_a_flipped_bit(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(RobertaError, match="model.safetensors does not match its checksum.*remove it"):
         verify_dir(ckpt)
+
+
+def test_a_resume_with_another_thread_count_says_so_and_how_to_be_exact(tmp_path, recwarn):
+    from roberta.errors import RobertaWarning
+    from roberta.train import load_checkpoint
+
+    model = RobertaForSequenceClassification(RobertaConfig.tiny(num_labels=2, vocab_size=100))
+    optimizer = adamw(model, 1e-3, (0.9, 0.98), 1e-6, 0.01)
+    _, scaler = precision_context("fp32", torch.device("cpu"))
+    threads = torch.get_num_threads()
+    save_checkpoint(tmp_path, 3, model, optimizer, scaler, Dist(), 1, {}, lambda state, d: model.save_pretrained(d))
+    ckpt = tmp_path / "checkpoints" / "step-00000003"
+    assert load_checkpoint(ckpt, model, optimizer, scaler, Dist())["numerics"]["threads"] == threads
+    assert not [w for w in recwarn.list if issubclass(w.category, RobertaWarning)]  # the same conditions: silent
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.warns(RobertaWarning, match=f"threads \\({threads} then, {threads + 1} now\\).*--threads {threads} "
+                                                "for a bitwise-exact resume"):
+            load_checkpoint(ckpt, model, optimizer, scaler, Dist())
+    finally:
+        torch.set_num_threads(threads)

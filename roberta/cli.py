@@ -227,11 +227,15 @@ def _compress(args) -> int:
 
     convert = compress.compress_checkpoint if args.command == "compress" else compress.decompress_checkpoint
     out = convert(args.src, args.dst, args.threads)
-    weights = (".safetensors", ".bin", ".pt", ".rbz")  # the weight files, whatever their layout
-    before = sum(p.stat().st_size for p in model_path(args.src, note=False).iterdir() if p.is_file() and p.name.endswith(weights))
-    after = out.stat().st_size
-    _print(args, {"path": str(out), "bytes_before": before, "bytes_after": after, "ratio": after / before},
-           f"wrote {out}: {after / 2**20:.2f} MiB, from {before / 2**20:.2f} MiB of weights ({after / before:.1%} of the size)")
+    def weights(directory: Path) -> int:  # the weight files' bytes, whatever their layout (ZipNN's included)
+        return sum(p.stat().st_size for p in directory.iterdir() if p.is_file() and not p.name.endswith(".json")
+                   and (".safetensors" in p.name or p.name.endswith((".bin", ".pt", ".rbz", ".znn"))))
+
+    before, after = weights(model_path(args.src, note=False)), weights(out.parent)
+    ratio = after / before if before else None
+    _print(args, {"path": str(out), "bytes_before": before, "bytes_after": after, "ratio": ratio},
+           f"wrote {out}: {after / 2**20:.2f} MiB, from {before / 2**20:.2f} MiB of weights"
+           + (f" ({ratio:.1%} of the size)" if ratio is not None else ""))
     return 0
 
 

@@ -412,20 +412,20 @@ def _inputs(args, skip_blank: bool = False):
                        getattr(args, "allow_empty", False), name=name)
 
 
+def _source(args) -> str:
+    """What the inputs' errors call where they came from: argument, the --input file, or stdin."""
+    return "argument" if args.text else getattr(args, "input", None) or "stdin"
+
+
 def _texts(args, skip_blank: bool = False):
     """`_inputs` as strings, the sentences of a pair joined by a TAB."""
     return ("\t".join(sentences) for sentences in _inputs(args, skip_blank))
 
 
 def _batches(items, size: int = 32):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    from .jobs import chunks
+
+    return chunks(items, size)
 
 
 def _print(args, value, text: str) -> None:
@@ -489,11 +489,18 @@ def _features(args):
             raise RobertaError(f"cannot write {args.out}: the directory {Path(args.out).parent} does not exist; "
                                "create it first")
         hub = _load(args)
-        texts = list(_texts(args))
-        shape = write_features(hub, texts, args.out, pool=args.pool, layer=args.layer, truncate=args.truncate,
-                               batch_tokens=args.batch_tokens, window=args.window, stride=args.stride)
-        _print(args, {"path": args.out, "inputs": len(texts), "shape": shape},
-               f"wrote {len(texts)} inputs to {args.out} (vectors of {shape[-1]})")
+        count = 0
+
+        def texts():  # streamed: the rows go to the file as they are computed
+            nonlocal count
+            for count, text in enumerate(_texts(args), 1):
+                yield text
+
+        shape = write_features(hub, texts(), args.out, pool=args.pool, layer=args.layer, truncate=args.truncate,
+                               batch_tokens=args.batch_tokens, window=args.window, stride=args.stride,
+                               name=_source(args))
+        _print(args, {"path": args.out, "inputs": count, "shape": shape},
+               f"wrote {count} inputs to {args.out} (vectors of {shape[-1]})")
         return
     _job(args, "features")
 
@@ -557,8 +564,10 @@ def _predict(args):
     if not args.json:  # a header naming the columns: the label, each class's probability, the input
         classes = names or [str(i) for i in range(hub.model.config.classification_heads[head])]
         print(f"label\t{' '.join(classes)}\tinput")
+    line = 1
     for batch in _batches(_inputs(args)):
-        tokens = jobs.tokenize(hub, batch, args.truncate, windowed)
+        tokens = jobs.tokenize(hub, batch, args.truncate, windowed, first_line=line, name=_source(args))
+        line += len(batch)
         probs = jobs.prediction_rows(hub, tokens, head, args.batch_tokens, args.window, args.stride, args.pool)
         for sentences, row in zip(batch, probs.tolist()):
             index = max(range(len(row)), key=row.__getitem__)

@@ -11,19 +11,27 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import RobertaError
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write to a temporary file in the same directory, then rename it over `path` in one step."""
+    with atomic_open(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to stream `path` into: a temporary file in the same directory, renamed over
+    `path` when the block ends without an error, removed when it does not."""
     path = Path(path)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(handle, default_mode())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(handle, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            yield f
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

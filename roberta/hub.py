@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -33,16 +32,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from . import download, windows
 from .checkpoint import model_path, not_a_model, read_checkpoint
 from .errors import RobertaError, RobertaWarning
-from .fileio import atomic_write
+from .fileio import atomic_open
 from .inference import length_batches, pad_batch
 from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification, find_head
 from .pairs import read_cross_encoder
-from .tokenizer import RobertaTokenizer
+from .tokenizer import RobertaTokenizer, longest_first
 
 MASK = "<mask>"
 WINDOW_BATCH = 16  # windows of one long sequence run this many at a time: bounded memory
@@ -62,6 +60,7 @@ class RobertaHub(nn.Module):
         self.pooling: SentencePooling | None = None  # a sentence-transformers directory's own (`load` sets it)
         self.cross_encoder = None  # a CrossEncoder directory's activation and max length (`load` sets it)
         self.precision, self.precision_reason = "fp32", "as loaded"  # `load` may reduce it
+        self.source: Path | None = None  # the directory or archive `load` read (a job's model identity)
         self.train(model.training)  # the hub is in the mode its model is in
 
     def train(self, mode: bool = True) -> "RobertaHub":
@@ -99,7 +98,8 @@ class RobertaHub(nn.Module):
         """`<s> A </s>`, `<s> A </s></s> B </s>` ... as a LongTensor (no space is added before A).
 
         A list of sentences (and lists of second sentences, one each) gives a list of tensors.
-        `truncate=True` keeps the first `max_tokens` ids of a longer input, ending it with `</s>`.
+        `truncate=True` keeps the first `max_tokens` ids of a longer input, ending it with `</s>`; a
+        pair loses tokens from its longer sentence first (transformers' `longest_first`), so both stay.
         `return_offsets=True` gives `(tokens, offsets)`: each token's (start, end) character span in
         the sentence it came from, `(0, 0)` for special tokens (see `RobertaTokenizer.encode`).
         """
@@ -145,21 +145,39 @@ class RobertaHub(nn.Module):
         sequences, as_list = self._sequences(tokens)
         items = []
         for ids in sequences:
-            rows, ranges = windows.split(ids, *plan)
-            pieces = [self.extract_features(rows[i:i + WINDOW_BATCH], return_all_hiddens=True)
-                      for i in range(0, len(rows), WINDOW_BATCH)]
-            pieces = [layers for batch in pieces for layers in batch]
-            owner = [windows.most_central(ranges, j) for j in range(len(ids) - 2)]
-            stitched = []
-            for layer in range(len(pieces[0])):
-                inner = [pieces[w][layer][0, 1 + j - ranges[w][0]] for j, w in enumerate(owner)]
-                stitched.append(torch.stack([pieces[0][layer][0, 0], *inner, pieces[-1][layer][0, -1]])[None])
+            stitched = None
+            for start, layers in self.stitched_rows(ids, plan, return_all_hiddens):
+                if stitched is None:
+                    stitched = [h.new_empty(len(ids), h.shape[-1]) for h in layers]
+                for out, h in zip(stitched, layers):
+                    out[start:start + len(h)] = h
+            stitched = [out[None] for out in stitched]
             items.append(stitched if return_all_hiddens else stitched[-1])
         if as_list:
             return items
         if return_all_hiddens:
             return [torch.cat([item[layer] for item in items]) for layer in range(len(items[0]))]
         return torch.cat(items)
+
+    def stitched_rows(self, ids: list[int], plan: tuple[int, int], return_all_hiddens: bool = False):
+        """The features of one long sequence read in windows (`plan`: window, stride), as pieces
+        `(position, layers)`: rows [n, hidden] of each layer (the last only, unless
+        `return_all_hiddens`) for positions position..position+n, each token from the window where
+        it is most central. One batch of windows is held at a time; the caller keeps what it needs
+        (the stitched sequence, or a pooled sum)."""
+        rows, ranges = windows.split(ids, *plan)
+        runs = windows.owned(ranges)
+        for first in range(0, len(rows), WINDOW_BATCH):
+            batch = self.extract_features(rows[first:first + WINDOW_BATCH], return_all_hiddens=return_all_hiddens)
+            for w, layers in enumerate(batch, first):
+                layers = layers if return_all_hiddens else [layers]
+                if w == 0:
+                    yield 0, [h[0, :1] for h in layers]  # <s>
+                (a, b), offset = runs[w], 1 - ranges[w][0]
+                if b > a:
+                    yield 1 + a, [h[0, a + offset:b + offset] for h in layers]
+                if w == len(rows) - 1:
+                    yield len(ids) - 1, [h[0, -1:] for h in layers]  # </s>
 
     def _sequences(self, tokens) -> tuple[list[list[int]], bool]:
         """Token lists of one sequence (1-D), a [batch, length] tensor or a list, and whether a list came."""
@@ -485,17 +503,20 @@ class RobertaHub(nn.Module):
         return ids.to(self.device, non_blocking=True), encoder.layout(mask, self.device)
 
     def _fit(self, ids: torch.Tensor, truncate: bool | None, limit: int | None = None) -> torch.Tensor:
-        """Refuse (or with `truncate`, cut) inputs past the limit (default: the model's); None: the caller
-        offers no truncation."""
+        """Refuse (or with `truncate`, cut as `cut` does: a pair longest first) inputs past the limit
+        (default: the model's); None: the caller offers no truncation."""
         n, limit = ids.shape[-1], limit or self.max_tokens
         if n <= limit:
             return ids
         if not truncate:
-            offer = "" if truncate is None else f"pass truncate=True (--truncate) to keep the first {limit}, or "
-            raise RobertaError(f"input has {n} tokens but the model takes at most {limit}; {offer}shorten it")
-        ids = ids[:, :limit].clone()
-        ids[ids[:, -1].ne(self.tokenizer.pad_token_id), -1] = self.tokenizer.eos_token_id  # keep the end marker
-        return ids
+            raise RobertaError(too_long("input", n, limit, truncate))
+        pad = self.tokenizer.pad_token_id
+        rows = []
+        for row in ids.tolist():
+            while len(row) > limit and row[-1] == pad:  # a padded batch: the padding goes first
+                row.pop()
+            rows.append(cut(self.tokenizer, row, limit) if len(row) > limit else row)
+        return pad_batch(rows, pad)[0].to(ids.device)
 
     def _inference(self):
         # Gradients only when training through the hub (fine-tuning), never for inference.
@@ -524,6 +545,71 @@ def encode(tokenizer: RobertaTokenizer, sentence, *addl_sentences: str, no_separ
         offsets += none * before + text_offsets + none
     tokens = torch.tensor(ids, dtype=torch.long)
     return (tokens, offsets) if return_offsets else tokens
+
+
+def too_long(what: str, tokens: int | None, limit: int, truncate: bool | None) -> str:
+    """The refusal of an input past the model's limit (`tokens` None: more than the limit)."""
+    count = f"more than {limit}" if tokens is None else tokens
+    offer = "" if truncate is None else f"pass truncate=True (--truncate) to keep the first {limit}, or "
+    return f"{what} has {count} tokens but the model takes at most {limit}; {offer}shorten it"
+
+
+def cut(tokenizer: RobertaTokenizer, ids: list[int], limit: int) -> list[int]:
+    """`ids` cut to `limit` tokens keeping the end marker. A pair (`<s> A </s></s> B </s>`) loses
+    tokens from its longer sentence first, as transformers' truncation="longest_first": both
+    sentences and the `</s></s>` between them stay."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if len(ids) <= limit:
+        return ids
+    sep = next((i for i in range(1, len(ids) - 2) if ids[i] == eos and ids[i + 1] == eos), None)
+    if sep is None or ids[0] != bos or ids[-1] != eos or limit < 4:
+        return ids[:limit - 1] + [eos]
+    first, second = ids[1:sep], ids[sep + 2:-1]
+    keep_first, keep_second = longest_first(len(first), len(second), limit - 4)
+    return [bos, *first[:keep_first], eos, eos, *second[:keep_second], eos]
+
+
+def encode_within(tokenizer: RobertaTokenizer, sentences: list[str], limit: int | None, truncate: bool | None,
+                  what: str = "input") -> list[int]:
+    """`encode(tokenizer, *sentences)` refused past `limit` tokens, or with `truncate` cut as `cut`
+    cuts it, tokenizing no more of a long text than that needs: a chunk at a time
+    (`RobertaTokenizer.ids_in_chunks`), stopping once a sentence is past the limit. None: no limit."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if limit is None:  # every token (windows read them all)
+        ids = [bos]
+        for i, text in enumerate(sentences):
+            ids += [eos] * (i > 0) + [t for chunk in tokenizer.ids_in_chunks(text) for t in chunk] + [eos]
+        return ids
+    if len(sentences) > 2:
+        ids = encode(tokenizer, *sentences).tolist()
+        if len(ids) > limit and not truncate:
+            raise RobertaError(too_long(what, len(ids), limit, truncate))
+        return cut(tokenizer, ids, limit)
+    room = limit - 2 * len(sentences)
+    heads, whole = [], []
+    for text in sentences:
+        ids = []
+        for chunk in tokenizer.ids_in_chunks(text):
+            ids += chunk
+            if len(ids) > room:
+                break
+        heads.append(ids[:room + 1])
+        whole.append(len(ids) <= room)
+    lengths = [len(h) for h in heads]
+    if sum(lengths) > room:
+        if not truncate:
+            raise RobertaError(too_long(what, sum(lengths) + 2 * len(sentences) if all(whole) else None, limit,
+                                        truncate))
+        if len(heads) == 1:
+            lengths = [room]
+        else:
+            if not any(whole):  # which is longer decides who keeps the odd token: count them, a chunk at a time
+                lengths = [sum(len(c) for c in tokenizer.ids_in_chunks(text)) for text in sentences]
+            lengths = list(longest_first(*lengths, max(room, 0)))
+    ids = [bos]
+    for i, (head, n) in enumerate(zip(heads, lengths)):
+        ids += [eos] * (i > 0) + head[:n] + [eos]
+    return ids
 
 
 def decode(tokenizer: RobertaTokenizer, tokens):
@@ -692,7 +778,8 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     """
     from .inference import reduce_precision, resolve_precision
 
-    with _model_dir(resolve(name_or_path, cache_dir, offline, base_url, progress)) as directory:
+    source = resolve(name_or_path, cache_dir, offline, base_url, progress)
+    with _model_dir(source) as directory:
         cross = read_cross_encoder(directory)
         sentence = None if cross else read_sentence_config(directory)
         directory = sentence[1] if sentence else directory
@@ -701,6 +788,7 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     hub = RobertaHub(model, tokenizer).eval()
     hub.pooling = sentence[0] if sentence else None
     hub.cross_encoder = cross or _one_output_head(model, directory)
+    hub.source = source.parent if source.name == "model.pt" else source
     hub = hub.to(device) if device is not None else hub
     hub.precision, hub.precision_reason = resolve_precision(precision, hub.device)
     reduce_precision(hub.model, hub.precision)
@@ -868,9 +956,9 @@ def head_labels(config, head: str) -> list[str] | None:
     return [config.id2label[i] for i in range(classes)]
 
 
-def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, pool: str | None = None,
+def write_features(hub: RobertaHub, texts, path: str | os.PathLike, pool: str | None = None,
                    layer: int = -1, truncate: bool = False, batch_tokens: int = 4096, window: int | None = None,
-                   stride: int | None = None) -> list[int]:
+                   stride: int | None = None, name: str | None = None) -> list[int]:
     """Features of each text (a TAB separates the sentences of a pair) written atomically to `path`.
 
     `.npy`: one row per text ([texts, hidden]); `.jsonl`: {"text", "tokens", "features"} per line.
@@ -880,8 +968,10 @@ def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, p
     modes (max, mean_sqrt_len_tokens, weightedmean, lasttoken), or "none" (every token: .jsonl only).
     `layer`: 0 is the embeddings, -1 (default) the last layer. `window`/`stride` read texts longer
     than the model in overlapping windows (see `RobertaHub.extract_features`; cls, mean or none).
-    Everything is held in memory; for corpora use `roberta.jobs`, which streams into shards. Returns
-    the shape of one text's features.
+    `texts` may be any iterable: they are read, computed and written FEATURE_CHUNK at a time, so
+    memory does not grow with their number (the .npy header, whose row count comes last, is
+    rewritten at the end). `name` (e.g. the input file) makes errors name the line. Returns the
+    shape of one text's features.
     """
     from . import jobs
 
@@ -899,32 +989,56 @@ def write_features(hub: RobertaHub, texts: list[str], path: str | os.PathLike, p
     layers = hub.model.config.num_hidden_layers
     if not -layers - 1 <= layer <= layers:
         raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}")
-    if not texts:
-        raise RobertaError("no inputs to write features for; give at least one text")
     windowed = windows.check(window, stride, hub.max_tokens) is not None
-    if hub.pooling is None and pool in (None, "cls", "mean", "none") or windowed:
-        if pool not in (None, "cls", "mean", "none"):
-            raise RobertaError(f"windows pool with cls, mean or none, not {pool!r}")
-        tokens = jobs.tokenize(hub, [text.split("\t") for text in texts], truncate, windowed)
-        vectors = jobs.feature_rows(hub, tokens, pool or "cls", layer, batch_tokens, window, stride)
-    else:  # a sentence-transformers model's own pooling, or one of its other modes
+    ours = hub.pooling is None and pool in (None, "cls", "mean", "none") or windowed
+    if windowed and pool not in (None, "cls", "mean", "none"):
+        raise RobertaError(f"windows pool with cls, mean or none, not {pool!r}")
+
+    def features(texts: list[str], first_line: int) -> tuple[list, list]:
+        if ours:
+            tokens = jobs.tokenize(hub, [text.split("\t") for text in texts], truncate, windowed,
+                                   first_line=first_line if name else None, name=name or "input")
+            return tokens, jobs.feature_rows(hub, tokens, pool or "cls", layer, batch_tokens, window, stride)
+        # a sentence-transformers model's own pooling, or one of its other modes
         tokens = [hub._fit_to(hub.encode(*text.split("\t")), truncate, limit).tolist() for text in texts]
         # Sorted into batches of similar length under a token budget: almost no padding work, and the
         # vectors go back to input order.
         vectors: list = [None] * len(tokens)
-        batches = length_batches([len(t) for t in tokens], batch_tokens)
-        for batch in tqdm(batches, desc="features", unit="batch", disable=len(batches) < 10):
+        for batch in length_batches([len(t) for t in tokens], batch_tokens):
             hidden = hub.extract_features([torch.tensor(tokens[i]) for i in batch],
                                           return_all_hiddens=layer not in (-1, layers))
             for i, h in zip(batch, hidden):
                 h = (h[layer] if isinstance(h, list) else h)[0].float()
                 vector = h if mode == "none" else pool_tokens(h, mode)
                 vectors[i] = (F.normalize(vector, dim=-1) if unit else vector).cpu().numpy()
-    if path.suffix == ".npy":
-        buffer = io.BytesIO()
-        np.save(buffer, np.stack(vectors))
-        atomic_write(path, buffer.getvalue())
-    else:
-        atomic_write(path, "".join(json.dumps({"text": text, "tokens": ids, "features": vector.tolist()}) + "\n"
-                                   for text, ids, vector in zip(texts, tokens, vectors)))
-    return list(vectors[0].shape)
+        return tokens, vectors
+
+    rows, shape = 0, None
+    with atomic_open(path) as f:
+        if path.suffix == ".npy":
+            f.write(bytes(NPY_HEADER))  # room for the header, written once the rows are counted
+        for chunk in jobs.chunks(texts, FEATURE_CHUNK):
+            tokens, vectors = features(chunk, rows + 1)
+            shape = shape or list(vectors[0].shape)
+            if path.suffix == ".npy":
+                f.write(np.ascontiguousarray(np.stack(vectors), dtype="<f4").tobytes())
+            else:
+                f.write("".join(json.dumps({"text": text, "tokens": ids, "features": vector.tolist()}) + "\n"
+                                for text, ids, vector in zip(chunk, tokens, vectors)).encode("utf-8"))
+            rows += len(chunk)
+        if rows == 0:
+            raise RobertaError("no inputs to write features for; give at least one text")
+        if path.suffix == ".npy":
+            f.seek(0)
+            f.write(npy_header((rows, *shape)))
+    return shape
+
+
+FEATURE_CHUNK = 4096  # texts `write_features` reads and computes at a time
+NPY_HEADER = 128  # bytes of a streamed .npy's header: room for any float32 [rows, width] shape
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """A .npy (version 1.0) header of exactly NPY_HEADER bytes for little-endian float32 rows."""
+    text = repr({"descr": "<f4", "fortran_order": False, "shape": tuple(shape)}).encode("latin1")
+    return b"\x93NUMPY\x01\x00" + (NPY_HEADER - 10).to_bytes(2, "little") + text.ljust(NPY_HEADER - 11) + b"\n"

@@ -10,20 +10,24 @@ error naming the line, unless `allow_empty` makes it the empty text (`<s></s>`, 
 
 Every `shard_rows` inputs make one shard, `<kind>-NNNNN.npy` (float32 [rows, width]: pooled features,
 or class probabilities), written to a temporary name and renamed, so a shard file is whole or
-absent. Memory holds one shard's inputs and results, whatever the input size. `job.json` records
-the settings when the job starts; `index.json`, written last, lists the shards, their first rows and
-row counts: its presence means the job is complete. After a crash, `resume=True` checks the settings
-and the input against job.json and computes only the shards that are missing. Under torchrun each
+absent, after its record `<kind>-NNNNN.json` (the xxh3-128 of the shard's input lines and of its
+bytes). Memory holds one shard's inputs and results, whatever the input size. `job.json` records
+the settings when the job starts, with the content identity of the input file and of the model
+(xxh3-128 of their bytes: names and sizes say nothing of an edit in place); `index.json`, written
+last, lists the shards, their first rows, row counts and checksums: its presence means the job is
+complete. `resume=True` checks the settings and identities against job.json, reads the input again
+and checks every shard on disk against the lines it now reads (what makes stdin resumable) and
+against its checksum, and computes only the shards that are missing. Under torchrun each
 process computes the shards k with k % world_size == rank (any world size can resume any other's
 job); rank 0 writes job.json and the index, and gloo (or NCCL) barriers order the steps. Each shard's
 timing goes to `metrics.jsonl` (rows, seconds, rows per second, rank).
 
 Why `.npy` shards rather than Parquet: no new dependency, float32 rows stored exactly, and
-`np.load(shard, mmap_mode="r")` or `load_rows(directory)` reads them back without a copy.
+`np.load(shard, mmap_mode="r")` reads one back without a copy; `load_rows(directory)` all of them,
+each checked against its checksum.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -35,6 +39,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import xxhash
 from tqdm import tqdm
 
 from .errors import RobertaError
@@ -43,6 +48,7 @@ from .fileio import atomic_write
 FORMATS = ("text", "tsv", "jsonl")
 KINDS = ("features", "predict")
 SHARD_ROWS = 10_000
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors put first
 
 
 # ---- reading inputs -----------------------------------------------------------------------------
@@ -62,6 +68,8 @@ def read_inputs(lines: Iterator[bytes], format: str = "text", field: str = "text
                 allow_empty: bool = False, name: str = "input") -> Iterator[list[str]]:
     """The sentences of each input line (one, or a pair), in order; bad lines are errors naming the line."""
     for number, raw in enumerate(lines, 1):
+        if number == 1 and raw.startswith(BOM):  # an editor's byte-order mark is not text
+            raw = raw[len(BOM):]
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -113,44 +121,64 @@ def open_lines(path: str | None) -> Iterator[bytes]:
         yield from handle
 
 
-def count_lines(path: str) -> int:
-    """Lines in a file (a last line without a newline counts), read in 1 MiB blocks."""
-    count, last = 0, b"\n"
+def scan_input(path: str) -> tuple[int, str]:
+    """Lines in a file (a last line without a newline counts) and its content digest, in one pass
+    of 1 MiB blocks."""
+    count, last, digest = 0, b"\n", xxhash.xxh3_128()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             count += block.count(b"\n")
             last = block[-1:]
-    return count + (last != b"\n")
+            digest.update(block)
+    return count + (last != b"\n"), digest.hexdigest()
+
+
+def chunks(items, size: int) -> Iterator[list]:
+    """Lists of `size` items (the last one shorter) from any iterable, read as they are needed."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # ---- computing ----------------------------------------------------------------------------------
 
 
-def tokenize(hub, inputs: list[list[str]], truncate: bool, windowed: bool,
-             where: tuple[str, int] | None = None) -> list[list[int]]:
+def tokenize(hub, inputs: list[list[str]], truncate: bool, windowed: bool, first_line: int | None = None,
+             name: str = "input") -> list[list[int]]:
     """Token ids of each input (`<s> A </s>` or `<s> A </s></s> B </s>`), refused or cut at the model's
-    limit unless windows will read it. `where` (the input's name, the line of inputs[0]) lets a refusal
-    name the line."""
-    from .hub import encode
+    limit (a pair longest first) unless windows will read it. A long input is tokenized a chunk at a
+    time, no further than the limit needs (`hub.encode_within`). Errors name the line when
+    `first_line` (the first input's) is given."""
+    from .hub import cut, encode_within, too_long
+    from .tokenizer import CHUNK_CHARS
 
     tokenizer, limit = hub.tokenizer, hub.max_tokens
-    if all(len(s) == 1 for s in inputs):
-        ids = tokenizer.encode_batch([s[0] for s in inputs])
-    elif all(len(s) == 2 for s in inputs):
-        ids = tokenizer.encode_batch([s[0] for s in inputs], [s[1] for s in inputs])
-    else:
-        ids = [encode(tokenizer, *s).tolist() for s in inputs]
+
+    def what(i):
+        return "input" if first_line is None else f"{name} line {first_line + i}"
+
+    long = {i for i, s in enumerate(inputs) if len(s) > 2 or sum(map(len, s)) > CHUNK_CHARS}
+    ids: list = [None] * len(inputs)
+    for size in (1, 2):  # the short ones in one parallel call per shape
+        group = [i for i, s in enumerate(inputs) if len(s) == size and i not in long]
+        if group:
+            for i, row in zip(group, tokenizer.encode_batch(*([inputs[i][j] for i in group] for j in range(size)))):
+                ids[i] = row
+    for i in sorted(long):
+        ids[i] = encode_within(tokenizer, inputs[i], None if windowed else limit, truncate, what(i))
     if windowed:
         return ids
-    fitted = []
     for i, row in enumerate(ids):
-        try:
-            fitted.append(row if len(row) <= limit else hub._fit(torch.tensor([row]), truncate)[0].tolist())
-        except RobertaError as exc:
-            if where is None:
-                raise
-            raise RobertaError(f"{where[0]} line {where[1] + i}: {exc}") from None
-    return fitted
+        if len(row) > limit:
+            if not truncate:
+                raise RobertaError(too_long(what(i), len(row), limit, truncate))
+            ids[i] = cut(tokenizer, row, limit)
+    return ids
 
 
 def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -1, batch_tokens: int = 4096,
@@ -159,6 +187,7 @@ def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -
     tokens ("mean"), or every token ("none", [length, hidden]), from `layer` (0: the embeddings).
     Sequences go in batches of similar length under `batch_tokens`, pooled as a batch; longer than
     the model with `window`/`stride`, in overlapping windows."""
+    from . import windows
     from .inference import length_batches, pad_batch
 
     layers = hub.model.config.num_hidden_layers
@@ -181,10 +210,23 @@ def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -
             pooled = [h[r, :len(tokens[i])].cpu().numpy() for r, i in enumerate(batch)]
         for i, vector in zip(batch, pooled):
             out[i] = vector
+    plan = windows.check(window, stride, limit)
     for i in (i for i, t in enumerate(tokens) if len(t) > limit):
-        h = hub.extract_features(torch.tensor(tokens[i]), return_all_hiddens=all_layers, window=window, stride=stride)
-        h = (h[layer] if all_layers else h)[0].float()
-        out[i] = (h[0] if pool == "cls" else h.mean(0) if pool == "mean" else h).cpu().numpy()
+        if pool == "none":
+            h = hub.extract_features(torch.tensor(tokens[i]), return_all_hiddens=all_layers, window=window,
+                                     stride=stride)
+            out[i] = (h[layer] if all_layers else h)[0].float().cpu().numpy()
+            continue
+        # Pooled as the windows go: the stitched sequence (of every layer) is never held.
+        total, first = 0, None
+        with torch.inference_mode():
+            for _, layers in hub.stitched_rows(tokens[i], plan, all_layers):
+                h = (layers[layer] if all_layers else layers[0]).float()
+                if pool == "cls":  # the first piece holds <s>: no other window is needed
+                    first = h[0]
+                    break
+                total = total + h.sum(0)
+        out[i] = (first if pool == "cls" else total / len(tokens[i])).cpu().numpy()
     return out
 
 
@@ -271,17 +313,18 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
     stdin = source in (None, "-")
     if not stdin and not Path(source).is_file():
         raise RobertaError(f"input {source} is not a file")
-    settings = {"kind": kind, "model": model_name, "precision": getattr(hub, "precision", "fp32"), "input": "-" if stdin else str(Path(source).resolve()),
-                "input_bytes": None if stdin else Path(source).stat().st_size,
-                "input_head_sha256": None if stdin else _head_digest(Path(source)),
+    # Content, not names: a file edited in place or a model retrained in place is another job.
+    # stdin cannot be read twice, so its identity is each shard's own input digest (checked below).
+    total, input_digest = (None, None) if stdin else scan_input(source)
+    settings = {"kind": kind, "model": model_name, "precision": getattr(hub, "precision", "fp32"),
+                "input": "-" if stdin else str(Path(source).resolve()),
+                "input_xxh3_128": input_digest, "model_xxh3_128": model_digest(hub),
                 "format": format, "field": field, "pair_field": pair_field, "allow_empty": allow_empty,
                 "pool": pool if kind == "features" else None, "layer": layer if kind == "features" else None,
                 "head": head, "truncate": truncate, "window": window, "stride": stride,
                 "window_pool": window_pool if kind == "predict" else None, "shard_rows": shard_rows}
     rank, world, bar = *_distributed(), None
     try:
-        if (out / "index.json").is_file() and resume:
-            return _check_settings(out, settings) or json.loads((out / "index.json").read_text())
         if rank == 0:
             out.mkdir(exist_ok=True)
             if (out / "job.json").is_file():
@@ -290,35 +333,50 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
                 atomic_write(out / "job.json", json.dumps(settings, indent=2) + "\n")
         _barrier(world)
         _check_settings(out, settings)
-        total = None if stdin else count_lines(source)
         mine = None if total is None else sum(min(shard_rows, total - k * shard_rows)
                                               for k in range(rank, -(-total // shard_rows), world))
         bar = tqdm(total=mine, unit="line", unit_scale=True, desc=kind, disable=not progress or rank != 0,
                    smoothing=0.1, file=sys.stderr)
-        rows_seen, width, shard = 0, None, []
         name = "stdin" if stdin else str(source)
-        inputs = read_inputs(open_lines(source), format, field, pair_field, allow_empty, name=name)
-        for sentences in inputs:
+        digest = xxhash.xxh3_128()  # of the raw lines of the shard being read
+
+        def hashed(lines):
+            for raw in lines:
+                digest.update(raw)
+                yield raw
+
+        def shard_done(k, shard):
+            nonlocal digest
+            options = (truncate, windowed, pool, layer, head, batch_tokens, window, stride, window_pool, name)
+            _shard(hub, kind, out, k, k * shard_rows, shard, digest.hexdigest(), rank, world, bar, *options)
+            digest = xxhash.xxh3_128()
+
+        rows_seen, shard = 0, []
+        for sentences in read_inputs(hashed(open_lines(source)), format, field, pair_field, allow_empty, name=name):
             shard.append(sentences)
             rows_seen += 1
             if len(shard) == shard_rows:
-                width = _shard(hub, kind, out, (rows_seen - 1) // shard_rows, shard, rank, world, bar, truncate,
-                               windowed, pool, layer, head, batch_tokens, window, stride, window_pool, name,
-                               rows_seen - len(shard) + 1) or width
+                shard_done((rows_seen - 1) // shard_rows, shard)
                 shard = []
         if shard:
-            width = _shard(hub, kind, out, (rows_seen - 1) // shard_rows, shard, rank, world, bar, truncate,
-                           windowed, pool, layer, head, batch_tokens, window, stride, window_pool, name,
-                           rows_seen - len(shard) + 1) or width
+            shard_done((rows_seen - 1) // shard_rows, shard)
         bar.close()
         if rows_seen == 0:
-            raise RobertaError(f"{'stdin' if stdin else source} holds no inputs; give one input per line")
-        _barrier(world)
+            raise RobertaError(f"{name} holds no inputs; give one input per line")
         count = -(-rows_seen // shard_rows)
-        shards = [{"file": shard_name(kind, k), "first_row": k * shard_rows,
-                   "rows": min(shard_rows, rows_seen - k * shard_rows)} for k in range(count)]
-        for entry in shards:
-            entry["width"] = _shard_shape(out / entry["file"], entry["rows"])[1]
+        for stale in sorted(out.glob(f"{kind}-*.npy")):
+            if stale.stem[len(kind) + 1:].isdigit() and int(stale.stem[len(kind) + 1:]) >= count:
+                raise RobertaError(f"cannot resume {out}: {name} ended after {rows_seen} rows but the job holds "
+                                   f"{stale.name} for later rows: the input changed since the job started; resume "
+                                   "with the same input, or start a new directory")
+        _barrier(world)
+        shards = []
+        for k in range(count):
+            rows = min(shard_rows, rows_seen - k * shard_rows)
+            record = _record(out, kind, k)
+            shards.append({"file": shard_name(kind, k), "first_row": k * shard_rows, "rows": rows,
+                           "width": _shard_shape(out / shard_name(kind, k), rows)[1],
+                           "xxh3_128": record["xxh3_128"], "input_xxh3_128": record["input_xxh3_128"]})
         index = {"kind": kind, "rows": rows_seen, "width": shards[0]["width"], "dtype": "float32",
                  "shards": shards, "settings": settings}
         if kind == "predict":
@@ -343,31 +401,80 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
             torch.distributed.destroy_process_group()
 
 
-def _shard(hub, kind, out, k, inputs, rank, world, bar, truncate, windowed, pool, layer, head, batch_tokens,
-           window, stride, window_pool, name, first_line):
-    """Compute and write shard k if it is this process's and not already on disk; returns its width."""
+def _shard(hub, kind, out, k, first_row, inputs, input_digest, rank, world, bar, truncate, windowed, pool,
+           layer, head, batch_tokens, window, stride, window_pool, name):
+    """Compute and write shard k if it is this process's and not already on disk. A shard already
+    there is checked against the record written with it: the same input lines, the same bytes."""
     path = out / shard_name(kind, k)
     if k % world != rank:
-        return None
+        return
     if path.is_file():  # written before a crash: whole, since shards are renamed into place
-        _shard_shape(path, len(inputs))
+        record = _record(out, kind, k)
+        if record["input_xxh3_128"] != input_digest:
+            raise RobertaError(f"cannot resume {out}: {name} lines {first_row + 1}-{first_row + len(inputs)} differ "
+                               f"from those {path.name} was computed from (the input changed since the job started); "
+                               "resume with the same input, or start a new directory")
+        _check_shard(path, record["xxh3_128"], len(inputs))
         bar.update(len(inputs))
-        return None
+        return
     started = time.perf_counter()
-    tokens = tokenize(hub, inputs, truncate, windowed, where=(name, first_line))
+    tokens = tokenize(hub, inputs, truncate, windowed, first_line=first_row + 1, name=name)
     if kind == "features":
         rows = np.stack(feature_rows(hub, tokens, pool, layer, batch_tokens, window, stride)).astype(np.float32)
     else:
         rows = prediction_rows(hub, tokens, head, batch_tokens, window, stride, window_pool)
     buffer = io.BytesIO()
     np.save(buffer, rows)
-    atomic_write(path, buffer.getvalue())
+    data = buffer.getvalue()
+    # The record first, then the shard: a shard on disk always has its record (a record alone is
+    # a shard to compute again, and is rewritten with it).
+    record = {"rows": len(inputs), "first_row": first_row, "input_xxh3_128": input_digest,
+              "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
+    atomic_write(_record_path(out, kind, k), json.dumps(record) + "\n")
+    atomic_write(path, data)
     seconds = time.perf_counter() - started
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"shard": k, "rows": len(inputs), "seconds": round(seconds, 4),
                             "rows_per_second": round(len(inputs) / max(seconds, 1e-9), 1), "rank": rank}) + "\n")
     bar.update(len(inputs))
-    return rows.shape[1]
+
+
+def _record_path(out: Path, kind: str, k: int) -> Path:
+    return out / f"{kind}-{k:05d}.json"
+
+
+def _record(out: Path, kind: str, k: int) -> dict:
+    """The record written with shard k: its rows, its input lines' digest and its bytes' digest."""
+    path = _record_path(out, kind, k)
+    try:
+        record = json.loads(path.read_text())
+        if not all(isinstance(record.get(key), str) for key in ("input_xxh3_128", "xxh3_128")):
+            raise ValueError("it lacks the digests")
+    except (OSError, ValueError) as exc:
+        reason = "is missing" if not path.exists() else f"is unreadable ({exc})"
+        raise RobertaError(f"the record {path} of shard {shard_name(kind, k)} {reason}; delete the shard and "
+                           "resume to recompute it") from None
+    return record
+
+
+def file_digest(path: Path, digest=None):
+    """A file's bytes, read in 1 MiB blocks, into `digest` (returned); by default a new xxh3-128."""
+    digest = xxhash.xxh3_128() if digest is None else digest
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def _check_shard(path: Path, checksum: str, rows: int) -> tuple[int, int]:
+    """The shape of a shard whose bytes match `checksum` and which holds `rows` rows; else an error."""
+    if not path.is_file():
+        raise RobertaError(f"shard {path} is missing; resume the job (the same command with --resume) to "
+                           "recompute it")
+    if file_digest(path).hexdigest() != checksum:
+        raise RobertaError(f"shard {path} is damaged: its bytes do not match the checksum written with it; "
+                           "delete it and resume the job to recompute it")
+    return _shard_shape(path, rows)
 
 
 def _shard_shape(path: Path, rows: int) -> tuple[int, int]:
@@ -380,9 +487,32 @@ def _shard_shape(path: Path, rows: int) -> tuple[int, int]:
     return shape
 
 
-def _head_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(1 << 16)).hexdigest()
+def model_digest(hub) -> str:
+    """The content identity of the model a job runs: xxh3-128 over the files it was loaded from
+    (weights, config, tokenizer: what `checkpoint.is_checkpoint_file` names), or, for a model built
+    in memory, over its parameters."""
+    from .checkpoint import is_checkpoint_file
+
+    digest = xxhash.xxh3_128()
+    source = getattr(hub, "source", None)
+    if source is None:
+        for key, tensor in sorted(hub.model.state_dict().items()):
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            digest.update(f"{key}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+            digest.update(data.tobytes())
+        return digest.hexdigest()
+    source = Path(source)
+    files = [source] if source.is_file() else sorted(
+        p for p in source.rglob("*") if p.is_file()
+        and all(is_checkpoint_file(part) or part.endswith(".znn") for part in p.relative_to(source).parts))
+    for path in files:
+        digest.update(f"{path.relative_to(source) if path != source else path.name}\0{path.stat().st_size}\0".encode())
+        file_digest(path, digest)
+    return digest.hexdigest()
+
+
+CHANGED = {"input_xxh3_128": "the input's content",
+           "model_xxh3_128": "the model's files (weights, config or tokenizer)"}
 
 
 def _check_settings(out: Path, settings: dict) -> None:
@@ -393,8 +523,10 @@ def _check_settings(out: Path, settings: dict) -> None:
     changed = [key for key in settings if saved.get(key) != settings[key]]
     if changed:
         key = changed[0]
-        raise RobertaError(f"cannot resume {out}: {key} was {saved.get(key)!r} and is now {settings[key]!r}; "
-                           "resume with the same model, input and settings, or start a new directory")
+        what = (f"{CHANGED[key]} changed since the job started" if key in CHANGED and saved.get(key)
+                else f"{key} was {saved.get(key)!r} and is now {settings[key]!r}")
+        raise RobertaError(f"cannot resume {out}: {what}; resume with the same model, input and settings, or "
+                           "start a new directory")
 
 
 def _labels(hub, head: str, width: int) -> list[str]:
@@ -422,9 +554,17 @@ def _barrier(world: int) -> None:
 
 
 def load_rows(directory: str | os.PathLike) -> np.ndarray:
-    """All rows of a finished job as one array, in input order (memory-mapped shards, concatenated)."""
+    """All rows of a finished job as one array, in input order. Each shard is checked against the
+    checksum in the index first (a deleted, cut or damaged shard is an error naming it)."""
     directory = Path(directory)
     if not (directory / "index.json").is_file():
         raise RobertaError(f"{directory} has no index.json: the job is not finished (resume it)")
-    index = json.loads((directory / "index.json").read_text())
-    return np.concatenate([np.load(directory / s["file"], mmap_mode="r") for s in index["shards"]])
+    try:
+        index = json.loads((directory / "index.json").read_text())
+        shards = [(s["file"], s["xxh3_128"], int(s["rows"])) for s in index["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RobertaError(f"{directory / 'index.json'} is unreadable or lacks the shards' checksums ({exc}); "
+                           "run the job again in a new directory") from None
+    for file, checksum, rows in shards:
+        _check_shard(directory / Path(file).name, checksum, rows)
+    return np.concatenate([np.load(directory / Path(file).name, mmap_mode="r") for file, _, _ in shards])

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import RobertaError
+from .tokenizer import longest_first
 
 HYPOTHESIS = "This example is {}."
 # fairseq's roberta.large.mnli names no classes; its README gives them
@@ -93,11 +94,7 @@ def fit_pair(first: list[int], second: list[int], limit: int, strategy: str = "l
             raise RobertaError(f"the hypothesis has {n2} tokens, which leaves no room for the text within the "
                                f"model's {limit}; shorten the hypothesis template or the label")
         return first[:budget - n2], second
-    short, long_ = sorted((n1, n2))
-    long_ = short if short > budget else max(short, budget - short)
-    if short + long_ > budget:
-        short, long_ = budget // 2, budget // 2 + budget % 2
-    keep1, keep2 = (long_, short) if n1 > n2 else (short, long_)
+    keep1, keep2 = longest_first(n1, n2, budget)
     return first[:keep1], second[:keep2]
 
 

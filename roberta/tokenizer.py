@@ -26,6 +26,11 @@ FAIRSEQ_FILES = ("encoder.json", "vocab.bpe", "dict.txt")
 TOKENIZER_JSON = ("tokenizer.json",)  # the `tokenizers` library's one-file form, as many Hub repositories ship it
 MERGES_HEADER = "#version: 0.2"
 DEFAULT_VOCAB_SIZE = 50265  # RoBERTa's: 50257 GPT-2 tokens + 3 padding words + 5 specials
+CHUNK_CHARS = 1 << 16  # characters of a long text tokenized at a time by `ids_in_chunks`
+# A pre-tokenizer word ending this close to a chunk's end may go on past it ('they'r|e' is "they" "'"
+# "r" in the chunk but "they" "'re" in the text: the contractions are at most three characters), so the
+# chunk ends before it and the next chunk starts with it.
+CHUNK_MARGIN = 8
 
 
 class RobertaTokenizer:
@@ -273,16 +278,36 @@ class RobertaTokenizer:
         """Cut to `room` and frame with `bos`/`eos`; the items are ids, or (id, span, word) triples."""
         if second is None:
             first = first[:room]
-        elif len(first) + len(second) > room:
-            # Longest first, as Hugging Face: the shorter keeps up to half the room, the longer the rest.
-            short = min(len(first), len(second), room // 2)
-            if len(first) > len(second):
-                first, second = first[:room - short], second[:short]
-            else:
-                first, second = first[:short], second[:room - short]
+        else:
+            keep_first, keep_second = longest_first(len(first), len(second), room)
+            first, second = first[:keep_first], second[:keep_second]
         if not add_special_tokens:
             return first + (second or [])
         return [bos] + first + [eos] if second is None else [bos] + first + [eos, eos] + second + [eos]
+
+    def ids_in_chunks(self, text: str, chars: int = CHUNK_CHARS) -> Iterator[list[int]]:
+        """The ids of `text` (no special tokens) about `chars` characters at a time: together exactly
+        `encode(text, add_special_tokens=False)`, without ever holding a long text's whole encoding.
+        Each chunk keeps the words the pre-tokenizer ends at least CHUNK_MARGIN characters before its
+        end (those are the text's own words: its pattern looks no further ahead); the rest begin the
+        next chunk."""
+        start = 0
+        while start < len(text):
+            size = chars
+            while True:
+                chunk = text[start:start + size]
+                if start + size >= len(text):
+                    yield self.encode(chunk, add_special_tokens=False)
+                    return
+                words = self._plain.pre_tokenizer.pre_tokenize_str(chunk)
+                keep = next((i for i, (_, (_, end)) in enumerate(words) if end > len(chunk) - CHUNK_MARGIN),
+                            len(words))
+                if keep > 0:
+                    break
+                size *= 2  # one word longer than the chunk
+            ids, _, word_ids = self.encode(chunk, add_special_tokens=False, return_offsets=True, return_word_ids=True)
+            yield [i for i, word in zip(ids, word_ids) if word < keep]
+            start += words[keep][1][0]
 
     def tokenize(self, text: str, parse_special_tokens: bool = False) -> list[str]:
         """The byte-level BPE pieces of `text`, without special tokens ('Ġ' marks a space)."""
@@ -357,6 +382,16 @@ class RobertaTokenizer:
 
 
 # ---- file reading and checks --------------------------------------------------------------------
+
+def longest_first(first: int, second: int, room: int) -> tuple[int, int]:
+    """Tokens each sentence of a pair keeps within `room`: the longer is cut first, token by token,
+    as transformers' truncation="longest_first" does. Both cut, the shorter keeps half the room
+    (rounded down) and the longer the rest; on a tie the second keeps the rest."""
+    if first + second <= room:
+        return first, second
+    short = min(first, second, room // 2)
+    return (room - short, short) if first > second else (short, room - short)
+
 
 def _check_vocab(vocab: dict[str, int]) -> None:
     ids = sorted(vocab.values())

@@ -41,6 +41,34 @@ def most_central(ranges: list[tuple[int, int]], position: int) -> int:
     return best
 
 
+def owned(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, stop) of the positions each range is most central for (`most_central` of every
+    position, found in one sweep: a position lies in a few neighbouring ranges only). The owners
+    rise with the position, so each range owns one run (empty for a range that owns nothing)."""
+    runs, first = [], 0
+    length = ranges[-1][1]
+    candidates = 0  # the first range that still holds the position
+    for index in range(len(ranges)):
+        stop = first
+        while stop < length:
+            while ranges[candidates][1] <= stop:
+                candidates += 1
+            best, best_room = candidates, -1
+            for other in range(candidates, len(ranges)):
+                start, end = ranges[other]
+                if start > stop:
+                    break
+                room = min(stop - start, end - 1 - stop)
+                if room > best_room:
+                    best, best_room = other, room
+            if best != index:
+                break
+            stop += 1
+        runs.append((first, stop))
+        first = stop
+    return runs
+
+
 def split(ids: list[int], window: int, stride: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
     """Windows of `ids` (`<s> ... </s>`, the first and last token repeated in each window) and the
     ranges of the inner tokens each window holds."""

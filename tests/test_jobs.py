@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 import roberta
 from roberta import RobertaConfig, RobertaForMaskedLM, RobertaTokenizer, jobs
@@ -118,6 +119,46 @@ def test_job_formats_and_bad_lines(hub, tmp_path):
         jobs.run(hub, "features", str(records), tmp_path / "j", field="body", resume=True, progress=False)
     with pytest.raises(RobertaError, match="no classification head 'sst2'"):
         jobs.run(hub, "predict", str(pairs), tmp_path / "q", head="sst2", progress=False)
+
+
+# ---- content identity and checksums --------------------------------------------------------------
+
+def test_every_shard_and_its_input_lines_have_checksums_in_the_index(hub, tmp_path):
+    texts = lines(5)
+    source = write_lines(tmp_path / "in.txt", texts)
+    index = jobs.run(hub, "features", str(source), tmp_path / "out", shard_rows=2, progress=False)
+    assert [s["rows"] for s in index["shards"]] == [2, 2, 1]
+    for k, shard in enumerate(index["shards"]):
+        data = (tmp_path / "out" / shard["file"]).read_bytes()
+        assert shard["xxh3_128"] == xxhash.xxh3_128_hexdigest(data)
+        lines_of_shard = "".join(t + "\n" for t in texts[2 * k:2 * k + 2]).encode()
+        assert shard["input_xxh3_128"] == xxhash.xxh3_128_hexdigest(lines_of_shard)
+        record = json.loads((tmp_path / "out" / shard["file"].replace(".npy", ".json")).read_text())
+        assert record == {"rows": shard["rows"], "first_row": 2 * k, "input_xxh3_128": shard["input_xxh3_128"],
+                          "xxh3_128": shard["xxh3_128"]}
+    settings = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert settings["input_xxh3_128"] == xxhash.xxh3_128_hexdigest(source.read_bytes())
+    assert settings["model_xxh3_128"] == jobs.model_digest(hub)
+
+
+def test_the_model_identity_is_its_files_content(model_dir, tmp_path):
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    first = jobs.model_digest(roberta.load(copy, precision="fp32"))
+    assert first == jobs.model_digest(roberta.load(model_dir, precision="fp32"))  # the content, not the path
+    (copy / "metrics.jsonl").write_text("{}\n")  # not part of the model
+    assert jobs.model_digest(roberta.load(copy, precision="fp32")) == first
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "id2label": {"0": "a", "1": "b", "2": "c"}}))
+    assert jobs.model_digest(roberta.load(copy, precision="fp32")) != first
+    built = roberta.RobertaHub(RobertaForMaskedLM.from_pretrained(model_dir), RobertaTokenizer.from_pretrained(copy))
+    other = roberta.RobertaHub(RobertaForMaskedLM.from_pretrained(model_dir), RobertaTokenizer.from_pretrained(copy))
+    assert jobs.model_digest(built) == jobs.model_digest(other)  # built in memory: its parameters
+    with torch.no_grad():
+        other.model.lm_head.bias[0] += 1
+    assert jobs.model_digest(built) != jobs.model_digest(other)
 
 
 # ---- size, crashes, processes -------------------------------------------------------------------

@@ -362,7 +362,7 @@ def test_sharded_job_errors_name_the_line_leave_nothing_and_overwrite_starts_ove
     failed = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--shard-rows", "4",
                   "--precision", "fp32")
     assert failed.returncode == 2
-    assert failed.stderr.splitlines()[-1] == (f"error: {corpus} line 3: input has 203 tokens but the model takes at "
+    assert failed.stderr.splitlines()[-1] == (f"error: {corpus} line 3 has 203 tokens but the model takes at "
                                               "most 64; pass truncate=True (--truncate) to keep the first 64, or shorten it")
     assert failed.stderr.count("error:") == 1 and failed.stderr.count("\n") == 1  # the bar left no line
     assert not out.exists()  # nothing computed: no directory asking for --resume

@@ -12,9 +12,12 @@ the same batches of 32 token-id lists from the real tokenizer, with the same thr
   `inference.reduce_precision`; auto: whatever `--precision auto` picks on this machine (named in the row).
 Throughput counts real tokens; each engine runs in its own process (so that one engine's malloc settings or
 spinning thread pool cannot help or hurt another), timed one pass at a time in turn, the median reported.
-The last row is a bound, not an engine: the dense layers' fp32 matmuls alone, timed with PyTorch's sgemm
-on each batch's real tokens (`gemm_ceiling`), i.e. what an fp32 engine on the same matmuls would reach if
-everything else (attention, LayerNorm, GELU, padding) cost nothing.
+The last rows are bounds, not engines (`roofline`): the dense layers' matmuls alone in fp32 (and bf16,
+int8 where this process runs them), each timed on each batch's real tokens with the fastest GEMM this
+CPU has for it, i.e. what an engine on the same matmuls would reach if everything else (attention,
+LayerNorm, GELU, padding, quantisation) cost nothing; "x its roofline" is each row against its own.
+Instruction-set caps in the environment (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS,
+CT2_FORCE_CPU_ISA) reach every engine's process, so that one run shows an AVX2-only machine.
 Accuracy is per token vector against this project's fp32 (cosine, max abs difference); peak memory is
 each row's own child process (VmHWM), loading included, and what the run adds over the loaded process.
 
@@ -32,7 +35,8 @@ import time
 import numpy as np
 import torch
 
-from common import DATA, Worker, child_memory, median, natural_sentences, run_child, serve_passes, table, tsv_column
+from common import (DATA, PASSED_ON, Worker, child_memory, cpu_line, median, natural_sentences, run_child, serve_passes,
+                    table, tsv_column)
 
 BATCH = 32
 OURS = ["fp32", "int8", "bf16", "auto"]
@@ -96,24 +100,49 @@ def load(side: str, path: str):
     return run
 
 
-def gemm_ceiling(sequences, config, repeats: int) -> float:
-    """Real tokens/s of an fp32 encoder whose only cost is its dense layers' matmuls, each timed here
-    with PyTorch's sgemm (MKL) on this batch's real-token count: the most any fp32 engine built on the
-    same matmuls can reach, whatever it does about attention, LayerNorm, GELU and padding."""
+def roofline(sequences, config, repeats: int, precision: str) -> tuple[float, str]:
+    """Real tokens/s of an encoder in `precision` whose only cost is its dense layers' matmuls, each
+    timed alone on this batch's real-token count with the fastest GEMM this CPU runs for it: in fp32 the
+    faster of MKL's sgemm and oneDNN (`roberta.kernels`, per shape and batch); in bf16 oneDNN on reordered
+    weights; in int8 oneDNN's integer matmul on inputs already quantised (the quantisation and rescaling
+    around it left out). The most any engine built on these matmuls can reach, whatever it does about
+    attention, LayerNorm, GELU and padding. Returns (tokens/s, the GEMMs that won)."""
+    from roberta import kernels
+    from roberta.inference import PackedLinear, quantize_rows
+
     h, f = config.hidden_size, config.intermediate_size
     shapes = [(3 * h, h), (h, h), (f, h), (h, f)]  # q/k/v together, attention output, FFN in, FFN out
     weights = [(torch.randn(n, k) * 0.02, torch.zeros(n)) for n, k in shapes]
-    total = 0.0
+    if precision == "fp32":
+        candidates = {name: [lambda x, w=w, b=b, k=kernels.FP32_KERNELS[name]: k(x, w, b) for w, b in weights]
+                      for name in kernels.available_fp32()}
+        cast = lambda x: x
+    elif precision == "bf16":
+        candidates = {"onednn": [PackedLinear(w, b) for w, b in weights]}
+        cast = lambda x: x.bfloat16()
+    else:
+        packed = [torch.ops.onednn.qlinear_prepack(quantize_rows(w)[0].int().sub(128).to(torch.int8), None)
+                  for w, _ in weights]
+        scales, zeros = [torch.full((n,), 1e-4) for n, _ in shapes], [torch.zeros(n, dtype=torch.int32) for n, _ in shapes]
+        candidates = {"onednn": [lambda q, p=p, s=s, z=z: torch.ops.onednn.qlinear_pointwise(
+            q, 1.0, 128, p, s, z, None, 1.0, 0, torch.float32, "none", [], "") for p, s, z in zip(packed, scales, zeros)]}
+        cast = lambda x: quantize_rows(x)[0]
+    total, winners = 0.0, set()
     for b in batches(sequences):
-        x = {k: torch.randn(sum(map(len, b)), k) for _, k in shapes}
-        times = []
-        for _ in range(repeats + 1):  # the first pass warms up
-            t = time.perf_counter()
-            for (n, k), (w, bias) in zip(shapes, weights):
-                torch.nn.functional.linear(x[k], w, bias)
-            times.append(time.perf_counter() - t)
-        total += median(times[1:]) * config.num_hidden_layers
-    return sum(map(len, sequences)) / total
+        x = {k: cast(torch.randn(sum(map(len, b)), k)) for _, k in shapes}
+        for i, (n, k) in enumerate(shapes):
+            best = {}
+            for name, calls in candidates.items():
+                times = []
+                for _ in range(repeats + 1):  # the first call warms up
+                    t = time.perf_counter()
+                    calls[i](x[k])
+                    times.append(time.perf_counter() - t)
+                best[name] = median(times[1:])
+            winner = min(best, key=best.get)
+            winners.add(winner)
+            total += best[winner] * config.num_hidden_layers
+    return sum(map(len, sequences)) / total, "+".join(sorted(winners))
 
 
 def child(side: str, path: str, ids_file: str) -> None:
@@ -156,7 +185,7 @@ def prepare(tmp: str, tokenizer) -> str:
 
 
 def main() -> None:
-    from roberta.inference import BF16_FLAGS, INT8_FLAGS, cpu_flags, cpu_name, resolve_precision
+    from roberta.inference import resolve_precision
     from roberta.tokenizer import RobertaTokenizer
 
     torch.set_num_threads(args.threads)
@@ -170,8 +199,9 @@ def main() -> None:
     real = sum(map(len, sequences))
     padded = sum(len(b) * max(map(len, b)) for b in batches(sequences))
     auto, why = resolve_precision("auto", "cpu")
-    flags = sorted(cpu_flags().intersection(BF16_FLAGS + INT8_FLAGS + ("avx512f", "avx2", "amx_int8")))
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; flags: {' '.join(flags)}; auto -> {auto} ({why})")
+    caps = " ".join(f"{k}={os.environ[k]}" for k in PASSED_ON[:5] if k in os.environ) or "none"
+    print(f"{cpu_line()}; PyTorch capability {torch.backends.cpu.get_cpu_capability()}; instruction-set "
+          f"caps: {caps}; auto -> {auto} ({why})")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{len(sequences)} {args.inputs} sentences, {real} real tokens, {padded} once padded in batches of "
           f"{BATCH}; {args.layers} layers, {args.threads} threads", flush=True)
@@ -199,10 +229,13 @@ def main() -> None:
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     from roberta.inference import keep_freed_memory
 
-    keep_freed_memory()  # the ceiling's matmuls without page faults, as our fp32 runs them
+    keep_freed_memory()  # the rooflines' matmuls without page faults, as our fp32 runs them
     from roberta import RobertaConfig
+    from roberta.inference import runs_here
 
-    ceiling = gemm_ceiling(sequences, RobertaConfig.base(num_hidden_layers=args.layers), args.repeats)
+    config = RobertaConfig.base(num_hidden_layers=args.layers)
+    with torch.inference_mode():
+        rooflines = {p: roofline(sequences, config, args.repeats, p) for p in ["fp32", *sorted(runs_here())]}
 
     memory = {side: run_child(__file__, side, tmp, ids_file, "--threads", str(args.threads))
               for side in sides} if not args.no_memory else {}
@@ -218,14 +251,18 @@ def main() -> None:
         cos = torch.nn.functional.cosine_similarity(a, reference, dim=-1)
         mem = memory.get(side, {"peak_mib": float("nan"), "run_added_mib": float("nan")})
         name = f"auto (= {auto})" if side == "auto" else side
+        precision = auto if side == "auto" else side if side in OURS else side[4:] if side.startswith("ct2-") else "fp32"
+        of_roofline = speed[side] / rooflines[precision][0] if precision in rooflines else float("nan")
         rows.append([name, speed[side], speed[side] / speed["transformers"], speed[side] / speed["ct2-fp32"],
-                     speed[side] / speed["ct2-int8"], mem["peak_mib"], mem["run_added_mib"],
+                     speed[side] / speed["ct2-int8"], of_roofline, mem["peak_mib"], mem["run_added_mib"],
                      (a - reference).abs().max().item(), f"{cos.min().item():.6f}", f"{cos.mean().item():.6f}"])
-    rows.append(["fp32 sgemm ceiling (matmuls only)", ceiling, ceiling / speed["transformers"],
-                 ceiling / speed["ct2-fp32"], ceiling / speed["ct2-int8"], float("nan"), float("nan"), 0, "-", "-"])
-    print(table(["row", "tokens/s", "x transformers", "x ct2-fp32", "x ct2-int8", "peak RSS MiB (load + run)",
-                 "MiB added by the run", "max abs diff vs our fp32", "min cosine vs fp32", "mean cosine vs fp32"],
-                rows))
+    for precision, (ceiling, gemms) in rooflines.items():
+        rows.append([f"{precision} roofline: matmuls only ({gemms})", ceiling, ceiling / speed["transformers"],
+                     ceiling / speed["ct2-fp32"], ceiling / speed["ct2-int8"], 1.0, float("nan"), float("nan"), 0,
+                     "-", "-"])
+    print(table(["row", "tokens/s", "x transformers", "x ct2-fp32", "x ct2-int8", "x its roofline",
+                 "peak RSS MiB (load + run)", "MiB added by the run", "max abs diff vs our fp32",
+                 "min cosine vs fp32", "mean cosine vs fp32"], rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"seconds": seconds, "real_tokens": real, "padded_tokens": padded, "rows": rows}, f, indent=1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -72,7 +73,12 @@ def rss_mib() -> float:
     return float("nan")
 
 
-CHILD = {"cwd": ROOT, "env": {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}}  # how children are started
+# what a child keeps of the environment: the instruction-set caps every library honours (so a capped run
+# caps every engine), where the kernel choices are cached and whether they are measured
+PASSED_ON = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+             "CT2_FORCE_CPU_ISA", "ROBERTA_CACHE", "ROBERTA_KERNELS", "HOME")
+CHILD = {"cwd": ROOT, "env": {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",  # how children are started
+                              **{k: os.environ[k] for k in PASSED_ON if k in os.environ}}}
 
 
 def run_child(script: str, *args: str) -> dict:

@@ -7,15 +7,16 @@ per-token scale plus bias on the int32 sums oneDNN has already scaled per column
 Both give bit for bit what the PyTorch expressions in inference.py give (the tests hold them to it):
 every operation is one IEEE single-precision step in the same order, and contraction into fused
 multiply-adds is switched off (-ffp-contract=off in setup.py), since an FMA rounds once where PyTorch
-rounds twice. The loops are plain C that the compiler vectorises for the machine's widest units
-(target_clones: AVX-512, AVX2 or the baseline, chosen at load time).
+rounds twice. The loops are plain C that the compiler vectorises once per instruction set (AVX-512,
+AVX2 or the baseline); the one used is the widest this process may use (`set_isa`, below).
 
 2. Self-attention on packed sequences (roberta.model.RobertaSelfAttention.packed on CPU): each
 sequence's real tokens attend to each other straight from the [tokens, 3 x heads x dim] projection,
 with no padding, masks or gathers. Short sequences are most of what an encoder serves, and there
 PyTorch's attention costs more in overhead and padding than in arithmetic. This one is not held to
 PyTorch's bits (it sums in another order and has its own exp), only to within float rounding; its
-multiply-adds are explicit fmaf() calls, so -ffp-contract=off does not slow it.
+multiply-adds are explicit FMA intrinsics, so -ffp-contract=off does not slow it. Two variants, AVX-512
+(16 lanes) and AVX2 with FMA (8 lanes), taking the same steps.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,18 +26,31 @@ multiply-adds are explicit fmaf() calls, so -ffp-contract=off does not slow it.
 #include <math.h>
 #include <pthread.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+/* The widest instructions this process may use: 2 AVX-512, 1 AVX2 (+FMA), 0 the baseline. Python sets it
+   from PyTorch's own capability (set_isa, from torch.backends.cpu.get_cpu_capability(), which honours
+   ATEN_CPU_CAPABILITY), never above what the CPU has; each kernel below is compiled once per level. */
+static int isa = 0;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define X86 1
+#define AVX512 __attribute__((target("avx512f")))
+#define AVX2 __attribute__((target("avx2,fma")))
+/* void f_avx512, f_avx2 and f_base: one body (an always-inline function) compiled for each level. */
+#define PER_ISA(name, params, args) \
+    AVX512 static void name##_avx512 params { name##_body args; } \
+    AVX2 static void name##_avx2 params { name##_body args; } \
+    static void name##_base params { name##_body args; } \
+    static void name params { if (isa == 2) name##_avx512 args; else if (isa == 1) name##_avx2 args; else name##_base args; }
 #else
-#define VECTOR_CLONES
+#define PER_ISA(name, params, args) static void name params { name##_body args; }
 #endif
 
 /* q[i, k] = trunc(x[i, k] * (127 / m[i]) + 128.5) and m[i] = max(max_k |x[i, k]|, 1e-30): symmetric
    int8 with an offset of 128 (uint8), rounding halves up. The row maximum is taken on the bit patterns
    with the sign cleared: for floats that are not NaN, their order is that of unsigned integers, and an
    integer maximum vectorises where a float one would need -ffast-math. */
-VECTOR_CLONES
-static void quantize(const float *x, Py_ssize_t rows, Py_ssize_t k, uint8_t *q, float *m) {
+static inline __attribute__((always_inline))
+void quantize_body(const float *x, Py_ssize_t rows, Py_ssize_t k, uint8_t *q, float *m) {
     for (Py_ssize_t i = 0; i < rows; i++) {
         const float *row = x + i * k;
         const uint32_t *bits = (const uint32_t *)row;
@@ -60,8 +74,10 @@ static void quantize(const float *x, Py_ssize_t rows, Py_ssize_t k, uint8_t *q, 
 }
 
 /* y[i, j] = bias[j] + y[i, j] * m[i], in place, rounding the product and the sum each (no FMA). */
-VECTOR_CLONES
-static void scale_rows(float *y, Py_ssize_t rows, Py_ssize_t n, const float *m, const float *bias) {
+PER_ISA(quantize, (const float *x, Py_ssize_t rows, Py_ssize_t k, uint8_t *q, float *m), (x, rows, k, q, m))
+
+static inline __attribute__((always_inline))
+void scale_rows_body(float *y, Py_ssize_t rows, Py_ssize_t n, const float *m, const float *bias) {
     for (Py_ssize_t i = 0; i < rows; i++) {
         float *row = y + i * n;
         const float s = m[i];
@@ -72,20 +88,22 @@ static void scale_rows(float *y, Py_ssize_t rows, Py_ssize_t n, const float *m, 
     }
 }
 
+PER_ISA(scale_rows, (float *y, Py_ssize_t rows, Py_ssize_t n, const float *m, const float *bias), (y, rows, n, m, bias))
+
 typedef struct {
     const float *qkv;
     float *out;
     const int64_t *cu;  /* cumulative lengths, [batch + 1] */
     Py_ssize_t batch, heads, dim, max_length;
     float scale;
+    int isa;  /* 2: the AVX-512 kernel, 1: the AVX2 one */
     int next;  /* the next (sequence, head) to take, shared by the threads */
     int failed;
 } attend_job;
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef X86
 #include <immintrin.h>
 #define ATTEND_KERNEL 1
-#define AVX512 __attribute__((target("avx512f")))
 
 /* e^x, 16 at a time, for x <= 0 (the softmax's shifted scores): x = n ln2 + r with |r| <= ln2 / 2, e^r by
    its degree-6 Taylor polynomial (relative error under 2e-7 there), times 2^n (vscalefps). ln2 is
@@ -183,6 +201,105 @@ AVX512 static void attend_one(const attend_job *job, Py_ssize_t b, Py_ssize_t h,
         attend_head(job, b, h, kt, p, job->dim);
 }
 
+
+/* The same for AVX2 with FMA, 8 lanes: e^x with 2^n built in the exponent bits (n >= -126 after the clamp,
+   so 2^n is a normal float); padded keys are told apart by their index, as AVX2 has no mask registers. */
+AVX2 static inline __m256 exp_nonpositive8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145752f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.42860677e-6f), r);
+    __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(1.0f / 720), _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+AVX2 static inline float reduce8(__m256 v, int max) {
+    __m128 a = _mm256_castps256_ps128(v), b = _mm256_extractf128_ps(v, 1);
+    a = max ? _mm_max_ps(a, b) : _mm_add_ps(a, b);
+    b = _mm_movehl_ps(a, a);
+    a = max ? _mm_max_ps(a, b) : _mm_add_ps(a, b);
+    b = _mm_shuffle_ps(a, a, 1);
+    return _mm_cvtss_f32(max ? _mm_max_ss(a, b) : _mm_add_ss(a, b));
+}
+
+/* attend_head for AVX2: k transposed into kt [dim, Tp] (Tp: T rounded up to 8, zeros after T), scores of
+   ROWS queries 8 keys at a time, outputs 16 columns (two vectors) at a time: 8 accumulators, in the 16
+   registers AVX2 has. */
+AVX2 static inline __attribute__((always_inline))
+void attend_head_avx2(const attend_job *job, Py_ssize_t b, Py_ssize_t h, float *kt, float *p, const Py_ssize_t d) {
+    const Py_ssize_t inner = job->heads * d, stride = 3 * inner;
+    const Py_ssize_t start = job->cu[b], T = job->cu[b + 1] - start, Tp = (T + 7) & ~(Py_ssize_t)7;
+    if (T == 0) return;
+    const float *q = job->qkv + start * stride + h * d, *k = q + inner, *v = q + 2 * inner;
+    float *out = job->out + start * inner + h * d;
+    for (Py_ssize_t c = 0; c < d; c++) {
+        for (Py_ssize_t j = 0; j < T; j++) kt[c * Tp + j] = k[j * stride + c];
+        for (Py_ssize_t j = T; j < Tp; j++) kt[c * Tp + j] = 0.0f;
+    }
+    const __m256 lane = _mm256_set_ps(7, 6, 5, 4, 3, 2, 1, 0), length = _mm256_set1_ps((float)T);
+    for (Py_ssize_t i0 = 0; i0 < T; i0 += ROWS) {
+        const float *qi[ROWS];
+        for (int r = 0; r < ROWS; r++) qi[r] = q + (i0 + r < T ? i0 + r : T - 1) * stride;
+        for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 8) {
+            __m256 acc[ROWS];
+            for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+            for (Py_ssize_t c = 0; c < d; c++) {
+                const __m256 kc = _mm256_loadu_ps(kt + c * Tp + j0);
+                for (int r = 0; r < ROWS; r++) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(qi[r][c]), kc, acc[r]);
+            }
+            for (int r = 0; r < ROWS; r++) _mm256_storeu_ps(p + r * Tp + j0, _mm256_mul_ps(acc[r], _mm256_set1_ps(job->scale)));
+        }
+        float norm[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            float *pr = p + r * Tp;
+            const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+            __m256 top = minus_inf;
+            for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 8) {
+                const __m256 real = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)j0)), length, _CMP_LT_OQ);
+                top = _mm256_max_ps(top, _mm256_blendv_ps(minus_inf, _mm256_loadu_ps(pr + j0), real));
+            }
+            const __m256 shift = _mm256_set1_ps(reduce8(top, 1));
+            __m256 sum = _mm256_setzero_ps();
+            for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 8) {
+                const __m256 real = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)j0)), length, _CMP_LT_OQ);
+                __m256 e = _mm256_and_ps(exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(pr + j0), shift)), real);
+                _mm256_storeu_ps(pr + j0, e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            norm[r] = 1.0f / reduce8(sum, 0);
+        }
+        for (Py_ssize_t c0 = 0; c0 < d; c0 += 16) {  /* d is a multiple of 16 */
+            __m256 o[ROWS][2];
+            for (int r = 0; r < ROWS; r++) o[r][0] = o[r][1] = _mm256_setzero_ps();
+            for (Py_ssize_t j = 0; j < T; j++) {
+                const float *vj = v + j * stride + c0;
+                const __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8);
+                for (int r = 0; r < ROWS; r++) {
+                    const __m256 w = _mm256_set1_ps(p[r * Tp + j]);
+                    o[r][0] = _mm256_fmadd_ps(w, v0, o[r][0]);
+                    o[r][1] = _mm256_fmadd_ps(w, v1, o[r][1]);
+                }
+            }
+            for (int r = 0; r < ROWS && i0 + r < T; r++)
+                for (int u = 0; u < 2; u++)
+                    _mm256_storeu_ps(out + (i0 + r) * inner + c0 + 8 * u, _mm256_mul_ps(o[r][u], _mm256_set1_ps(norm[r])));
+        }
+    }
+}
+
+AVX2 static void attend_one_avx2(const attend_job *job, Py_ssize_t b, Py_ssize_t h, float *kt, float *p) {
+    if (job->dim == 64)
+        attend_head_avx2(job, b, h, kt, p, 64);
+    else
+        attend_head_avx2(job, b, h, kt, p, job->dim);
+}
+
 static void *attend_worker(void *arg) {
     attend_job *job = arg;
     const size_t padded = ((size_t)job->max_length + 15) & ~(size_t)15;  /* T rounded up, as in attend_head */
@@ -190,7 +307,8 @@ static void *attend_worker(void *arg) {
     if (!work) { __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED); return NULL; }
     const int items = (int)(job->batch * job->heads);
     for (int item; (item = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED)) < items;)
-        attend_one(job, item / job->heads, item % job->heads, work, work + job->dim * padded);
+        (job->isa == 2 ? attend_one : attend_one_avx2)(job, item / job->heads, item % job->heads, work,
+                                                       work + job->dim * padded);
     free(work);
     return NULL;
 }
@@ -239,15 +357,33 @@ static PyObject *py_scale_rows(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+/* The widest level this CPU has (AVX2 counts only with FMA, which the attention kernel needs). */
+static int cpu_isa(void) {
+#ifdef X86
+    if (__builtin_cpu_supports("avx512f")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+    return 0;
+}
+
 static int attend_runs(void) {
 #ifdef ATTEND_KERNEL
-    return __builtin_cpu_supports("avx512f");
+    return isa >= 1;
 #else
     return 0;
 #endif
 }
 
 static PyObject *py_attend_available(PyObject *self, PyObject *unused) { return PyBool_FromLong(attend_runs()); }
+
+static PyObject *py_set_isa(PyObject *self, PyObject *arg) {
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    int asked = !strcmp(name, "AVX512") ? 2 : !strcmp(name, "AVX2") ? 1 : 0;  /* DEFAULT and others: 0 */
+    int most = cpu_isa();
+    isa = asked < most ? asked : most;
+    return PyUnicode_FromString(isa == 2 ? "AVX512" : isa == 1 ? "AVX2" : "DEFAULT");
+}
 
 #ifdef ATTEND_KERNEL
 static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -256,7 +392,7 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_ssize_t heads = PyLong_AsSsize_t(args[4]), dim = PyLong_AsSsize_t(args[5]);
     long threads = PyLong_AsLong(args[7]);
     if (PyErr_Occurred()) return NULL;
-    if (!attend_runs()) return PyErr_Format(PyExc_RuntimeError, "attend needs AVX-512 (see attend_available())");
+    if (!attend_runs()) return PyErr_Format(PyExc_RuntimeError, "attend needs AVX2 with FMA or AVX-512 (see attend_available())");
     if (dim % 16) return PyErr_Format(PyExc_ValueError, "attend takes heads of a multiple of 16 dimensions, not %zd", dim);
     if (tokens < 0 || batch < 0 || heads < 1 || dim < 1 || threads < 1 || threads > 256 || batch * heads > 0x7fffffff)
         return PyErr_Format(PyExc_ValueError, "bad sizes: %zd tokens, %zd sequences, %zd heads of %zd, %ld threads",
@@ -276,7 +412,7 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyBuffer_Release(&qkv); PyBuffer_Release(&cu); PyBuffer_Release(&out);
         return PyErr_Format(PyExc_ValueError, "cu_seqlens must rise from 0 to the %zd tokens", tokens);
     }
-    attend_job job = {qkv.buf, out.buf, c, batch, heads, dim, max_length, 1.0f / sqrtf((float)dim), 0, 0};
+    attend_job job = {qkv.buf, out.buf, c, batch, heads, dim, max_length, 1.0f / sqrtf((float)dim), isa, 0, 0};
     if (threads > batch * heads) threads = batch * heads > 0 ? (long)(batch * heads) : 1;  /* no idle threads */
     pthread_t pool[256];
     long started = 0;
@@ -292,7 +428,7 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
 }
 #else
 static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return PyErr_Format(PyExc_RuntimeError, "attend needs an x86-64 build with AVX-512");
+    return PyErr_Format(PyExc_RuntimeError, "attend needs an x86-64 build with AVX2 or AVX-512");
 }
 #endif
 
@@ -301,7 +437,9 @@ static PyMethodDef methods[] = {
      "quantize_rows(x, rows, k, q, m): float32 x [rows, k] into uint8 q and float32 row maxima m"},
     {"scale_rows", (PyCFunction)(void (*)(void))py_scale_rows, METH_FASTCALL,
      "scale_rows(y, rows, n, m, bias): y = bias + y * m[row], in place"},
-    {"attend_available", py_attend_available, METH_NOARGS, "attend_available(): whether this CPU runs attend (AVX-512)"},
+    {"set_isa", py_set_isa, METH_O, "set_isa(name): use at most AVX512, AVX2 or DEFAULT (torch.backends.cpu."
+     "get_cpu_capability()), never more than the CPU has; returns the level in use"},
+    {"attend_available", py_attend_available, METH_NOARGS, "attend_available(): whether attend runs at the level in use (AVX2+FMA or AVX-512)"},
     {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL,
      "attend(qkv, tokens, cu_seqlens, batch, heads, dim, out, threads): self-attention of packed sequences, "
      "float32 qkv [tokens, 3 * heads * dim] into out [tokens, heads * dim]; cu_seqlens int64 [batch + 1]"},

@@ -708,6 +708,7 @@ def _device_info(args):
     import torch
 
     from .device import resolve_device
+    from . import kernels
     from .inference import BF16_FLAGS, INT8_FLAGS, cpu_flags, cpu_name, resolve_precision
 
     device = resolve_device(args.show_device)
@@ -715,10 +716,14 @@ def _device_info(args):
     flags = sorted(cpu_flags().intersection(BF16_FLAGS + INT8_FLAGS + ("avx512f", "avx2", "amx_int8")))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     info = {"device": str(device), "cpu": cpu_name(), "cpu_flags": flags, "gpu": gpu,
-            "precision": precision, "reason": why}
+            "precision": precision, "reason": why, "kernels_mode": kernels.mode()}
+    info["kernels"] = kernels.report() if device.type == "cpu" and kernels.mode() != "default" else []
     _print(args, info, "\n".join([f"device      {device}" + (f" ({gpu})" if gpu else ""),
                                    f"cpu         {info['cpu']}; {' '.join(flags) or 'no AVX2/AVX-512'}",
-                                   f"precision   auto -> {precision} ({why})"]))
+                                   f"precision   auto -> {precision} ({why})"]
+                                  + [f"kernel      {kernels.describe(row)}" for row in info["kernels"]]
+                                  + ([f"kernels     F.linear everywhere ({kernels.ENV}=default)"]
+                                     if kernels.mode() == "default" else [])))
 
 
 def _serve(args):

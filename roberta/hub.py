@@ -765,7 +765,7 @@ def resolve(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | Non
 
 def load(name_or_path: str | os.PathLike, device: str | torch.device | None = None, cache_dir=None,
          offline: bool | None = None, base_url: str | None = None, progress: bool = True,
-         precision: str = "fp32") -> RobertaHub:
+         precision: str = "fp32", kernels: str | None = None) -> RobertaHub:
     """Load a RoBERTa by name (`roberta.base`, `roberta.large`, `roberta.large.mnli`), Hub id
     (`FacebookAI/roberta-base`, `org/name@revision`: any RoBERTa-family repository) or path: a fairseq
     directory or .tar.gz (model.pt + dict.txt), a Hugging Face directory (sharded, ZipNN-compressed or
@@ -775,8 +775,15 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     transformers, sentence-transformers and fairseq do, and is what training, saving and new heads need.
     "auto" runs in what this machine does fastest for inference (see `roberta.inference`); "bf16" and
     "int8" ask for one. `hub.precision` and `hub.precision_reason` say what was chosen and why.
+    `kernels`: "default" runs every float32 product through F.linear instead of the GEMM measured
+    fastest here ("measure"), for runs that repeat bit for bit across machines; process-wide, as
+    $ROBERTA_KERNELS (`roberta.kernels`).
     """
+    from . import kernels as _kernels
     from .inference import reduce_precision, resolve_precision
+
+    if kernels is not None:
+        _kernels.use(kernels)
 
     source = resolve(name_or_path, cache_dir, offline, base_url, progress)
     with _model_dir(source) as directory:

@@ -6,8 +6,9 @@ on the re-padded batch) vanish too, since neighbours in sorted order have nearly
 come back in the caller's order and equal the one-at-a-time results (float32: within float rounding).
 
 Precision (`--precision`, `roberta.load(precision=...)`), measured by `benchmarks/bench_features.py`:
-- "fp32": float32 throughout. On CPUs with AVX-512, attention runs in this project's C kernel on the
-  packed tokens (within float rounding of PyTorch's: `model.packed_attention_available`).
+- "fp32": float32 throughout. On x86 CPUs (AVX2 with FMA, or AVX-512), attention runs in this project's
+  C kernel on the packed tokens (within float rounding of PyTorch's: `model.packed_attention_available`),
+  and each dense layer on the GEMM measured fastest here for its shape (`roberta.kernels`).
 - "bf16": weights and activations in bfloat16 (LayerNorm, softmax and GELU accumulate in float32 inside
   PyTorch's kernels); on CPUs with bf16 units the dense layers run on oneDNN with weights reordered once
   at load and GELU fused into the matmul (`PackedLinear`). Several times faster where the hardware has
@@ -16,9 +17,13 @@ Precision (`--precision`, `roberta.load(precision=...)`), measured by `benchmark
 - "int8": the encoder's Linear layers with int8 weights (one scale per output row) and activations
   quantised to int8 per token at run time (one scale per row), integer matmuls through oneDNN
   (VNNI/AMX), bias and scales applied in float32: CTranslate2's int8 scheme. CPU only.
-- "auto" (the default for inference): what this machine runs fastest without a trap, from what the CPU
-  or GPU has (`choose_precision`): bf16 where there are bf16 units, int8 on CPUs with AVX-512 VNNI and
-  no bf16 units, fp32 otherwise. Never one that is emulated.
+- "auto" (the default for inference commands): what this machine runs fastest without a trap
+  (`choose_precision`): bf16 where the CPU or GPU has bf16 units, else int8 on CPUs with AVX-512 VNNI,
+  else fp32; on a CPU only where this process's libraries run it correctly (`runs_here`: a tiny product
+  through the kernel, since an instruction-set cap such as ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN refuse
+  bf16 whatever /proc/cpuinfo says; int8 then runs with 7-bit weights, `int8_levels`) and it measured
+  faster than fp32 here (`measured_speeds`, cached with the kernel choices of `roberta.kernels`). Never
+  one that is emulated, never slower than fp32; `hub.precision_reason` says why.
 """
 from __future__ import annotations
 
@@ -29,7 +34,6 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .errors import RobertaError
 from .model import Unpadded
@@ -69,40 +73,155 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def choose_precision(device_type: str, flags: Iterable[str] = (), gpu_bf16: bool = False) -> tuple[str, str]:
+def choose_precision(device_type: str, flags: Iterable[str] = (), gpu_bf16: bool = False,
+                     runs: Iterable[str] = ("bf16", "int8"), gflops: dict | None = None) -> tuple[str, str]:
     """What "auto" means on a device: (precision, the reason in words).
 
-    `flags`: the CPU's feature flags (`cpu_flags()`); `gpu_bf16`: whether the GPU has bf16 units.
+    `flags`: the CPU's feature flags (`cpu_flags()`); `gpu_bf16`: whether the GPU has bf16 units;
+    `runs`: the reduced precisions this process's libraries ran a product in (`runs_here`: oneDNN may be
+    capped below what the CPU has); `gflops`: GFLOP/s measured here per precision (`measured_speeds`).
+    On a CPU, bf16 (the more accurate) is preferred, then int8, where the CPU has the units, the libraries
+    run it, and, when measured, it is faster than fp32; fp32 otherwise. Never an emulated precision.
     """
     if device_type == "cuda":
         if gpu_bf16:
             return "bf16", "the GPU has bf16 units"
         return "fp32", "the GPU has no bf16 units (int8 runs on CPUs only)"
-    flags = set(flags)
-    if flags.intersection(BF16_FLAGS):
-        return "bf16", f"the CPU has bf16 units ({', '.join(sorted(flags.intersection(BF16_FLAGS)))})"
-    if flags.intersection(INT8_FLAGS) and int8_kernels_available():
-        return "int8", "the CPU has AVX-512 VNNI int8 dot products but no bf16 units"
-    return "fp32", "the CPU has neither bf16 units nor AVX-512 VNNI"
+    flags, runs = set(flags), set(runs)
+    units = {"bf16": sorted(flags.intersection(BF16_FLAGS)), "int8": sorted(flags.intersection(INT8_FLAGS))}
+    notes = []
+    for precision in ("bf16", "int8"):
+        if not units[precision]:
+            continue
+        has = f"the CPU has {precision} units ({', '.join(units[precision])})"
+        if precision not in runs:
+            notes.append(f"{has} but this process's oneDNN does not run it correctly (an instruction-set cap?)")
+        elif gflops and not gflops.get(precision, 0) > gflops.get("fp32", float("inf")):
+            notes.append(f"{precision} measured {gflops.get(precision, 0):.0f} GFLOP/s, not faster than fp32's "
+                         f"{gflops['fp32']:.0f}")
+        else:
+            measured = f", measured {gflops[precision]:.0f} GFLOP/s against fp32's {gflops['fp32']:.0f}" \
+                if gflops else ""
+            return precision, "; ".join(notes + [has + measured])
+    return "fp32", "; ".join(notes) or "the CPU has neither bf16 units nor AVX-512 VNNI"
+
+
+def int8_levels() -> int:
+    """127 where oneDNN's int8 matmul sums exactly with full-range weights here (VNNI, AMX), else 63
+    (`Int8Linear`); probed once on a product that saturates 16-bit pair sums."""
+    global _levels
+    if _levels is None:
+        _levels = 127
+        try:
+            g = torch.Generator().manual_seed(0)
+            weight, x = torch.randn(16, 64, generator=g), torch.randn(4, 64, generator=g)
+            layer = Int8Linear(weight, torch.zeros(16), levels=127)
+            with torch.inference_mode():
+                y, plain = layer(x), layer.forward_reference(x)
+            _levels = 127 if (y - plain).abs().max().item() <= 1e-4 * plain.abs().max().item() else 63
+        except (RuntimeError, AttributeError):  # no int8 ops: runs_here leaves int8 out anyway
+            pass
+    return _levels
+
+
+_levels: int | None = None
+
+
+def runs_here() -> frozenset[str]:
+    """The reduced precisions whose CPU kernels run correctly in this process: a tiny product through
+    each, held to the plain arithmetic it stands for (`forward_reference`). oneDNN refuses bf16 when
+    capped below AVX-512 (ONEDNN_MAX_CPU_ISA=AVX2), whatever the CPU has; int8 there runs with 7-bit
+    weights (`int8_levels`), which its AVX2 kernel sums exactly."""
+    global _runs
+    if _runs is None:
+        g = torch.Generator().manual_seed(0)
+        weight, bias, x = torch.randn(16, 64, generator=g), torch.randn(16, generator=g), torch.randn(4, 64, generator=g)
+        found = set()
+        for precision, make, cast in (("bf16", PackedLinear, torch.bfloat16), ("int8", Int8Linear, torch.float32)):
+            try:
+                with torch.inference_mode():
+                    layer, xc = make(weight, bias), x.to(cast)
+                    y, plain = layer(xc).float(), layer.forward_reference(xc).float()
+                if (y - plain).abs().max().item() <= 0.01 * plain.abs().max().item():
+                    found.add(precision)
+            except (RuntimeError, AttributeError):  # refused by oneDNN, or a build without its ops
+                pass
+        _runs = frozenset(found)
+    return _runs
+
+
+_runs: frozenset[str] | None = None
+SPEED_SHAPE = (768, 3072, 768)  # tokens, out, in: base size's FFN on a batch, where most of the time goes
+
+
+def measured_speeds(precisions: Iterable[str]) -> dict[str, float]:
+    """GFLOP/s of one [tokens, in] x [in, out] product (SPEED_SHAPE) in fp32 (its fastest kernel here) and
+    in each of `precisions` through the kernels that would run them; measured once per machine and
+    cached with the kernel choices (`roberta.kernels`)."""
+    from . import kernels
+
+    precisions = sorted(set(precisions) - {"fp32"})
+    tokens, out_features, in_features = SPEED_SHAPE
+
+    def measure() -> dict:
+        g = torch.Generator().manual_seed(0)
+        weight, bias = torch.randn(out_features, in_features, generator=g) * 0.02, torch.randn(out_features, generator=g)
+        x = torch.randn(tokens, in_features, generator=g)
+        flops = 2.0 * tokens * out_features * in_features
+        calls = {f"fp32 {k}": (lambda k=k: kernels.FP32_KERNELS[k](x, weight, bias)) for k in kernels.available_fp32()}
+        if "bf16" in precisions:
+            packed, xb = PackedLinear(weight, bias), x.bfloat16()
+            calls["bf16"] = lambda: packed(xb)
+        if "int8" in precisions:
+            int8 = Int8Linear(weight, bias)
+            calls["int8"] = lambda: int8(x)
+        with torch.inference_mode():
+            speeds = {name: flops / kernels.seconds(call) / 1e9 for name, call in calls.items()}
+        speeds["fp32"] = max(v for k, v in speeds.items() if k.startswith("fp32 "))
+        return {"shape": list(SPEED_SHAPE), "gflops": speeds}
+
+    def valid(record: dict) -> bool:
+        return (record["shape"] == list(SPEED_SHAPE) and all(p in record["gflops"] for p in precisions + ["fp32"])
+                and all(isinstance(v, float) and v > 0 for v in record["gflops"].values()))
+
+    name = "x".join(map(str, SPEED_SHAPE)) + " " + "+".join(precisions or ["fp32"])
+    return kernels.cached("precision", name, valid, measure)["gflops"]
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu",
                       flags: Iterable[str] | None = None) -> tuple[str, str]:
-    """A user's precision for a device: (precision, why). "auto" is decided here; an explicit bf16 on
-    a CPU without bf16 units is kept, with a warning that it is emulated there and slower than fp32.
-    `flags`: the CPU's feature flags, this machine's (`cpu_flags()`) by default."""
+    """A user's precision for a device: (precision, why). "auto" is decided here, from the CPU's units,
+    what this process's libraries run (`runs_here`) and, for this machine's CPU, what measures faster
+    than fp32 here (`measured_speeds`; not with ROBERTA_KERNELS=default). An explicit bf16 on a CPU
+    without bf16 units is kept, with a warning that it is emulated there and slower than fp32.
+    `flags`: the CPU's feature flags, this machine's (`cpu_flags()`) by default; given, nothing is
+    measured (this machine's speeds say nothing about another CPU)."""
+    from . import kernels
+
     if precision not in PRECISIONS:
         raise RobertaError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
+    measure = flags is None and kernels.mode() != "default"
     flags = cpu_flags() if flags is None else frozenset(flags)
     if precision == "auto":
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        return choose_precision(device.type, flags if device.type == "cpu" else (), gpu_bf16)
+        if device.type == "cuda":
+            return choose_precision("cuda", (), torch.cuda.is_bf16_supported(including_emulation=False))
+        runs = runs_here()
+        units = [p for p, names in (("bf16", BF16_FLAGS), ("int8", INT8_FLAGS)) if flags.intersection(names)]
+        gflops = measured_speeds(set(units) & runs) if measure and set(units) & runs else None
+        chosen, why = choose_precision("cpu", flags, False, runs, gflops)
+        if chosen == "int8" and int8_levels() < 127:
+            why += "; with 7-bit weights, as oneDNN runs int8 without VNNI here"
+        return chosen, why
     if precision == "int8" and device.type != "cpu":
         raise RobertaError("int8 runs on CPU only; use --device cpu, or bf16/fp32 on the GPU")
-    if precision == "bf16" and device.type == "cpu" and not flags.intersection(BF16_FLAGS):
-        warnings.warn("bf16 asked for, but this CPU has no bf16 units (AMX or AVX-512 BF16): PyTorch emulates "
-                      "it, several times slower than fp32; use --precision auto or fp32", stacklevel=2)
+    if precision == "int8" and "int8" not in runs_here():
+        raise RobertaError("int8 does not run correctly in this process (PyTorch's oneDNN lacks its int8 "
+                           "ops); use --precision fp32 or auto")
+    if precision == "bf16" and device.type == "cpu" and not (flags.intersection(BF16_FLAGS) and "bf16" in runs_here()):
+        warnings.warn("bf16 asked for, but this CPU has no bf16 units (AMX or AVX-512 BF16) that this process's "
+                      "oneDNN runs: PyTorch emulates it, several times slower than fp32; use --precision auto or "
+                      "fp32", stacklevel=2)
     return precision, "asked for"
 
 
@@ -189,9 +308,8 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
 
 
 def packed_bf16_available() -> bool:
-    """oneDNN's bf16 linear on reordered weights, where the CPU has bf16 units to run it."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and bool(cpu_flags().intersection(BF16_FLAGS)))
+    """oneDNN's bf16 linear on reordered weights, where the CPU has bf16 units and oneDNN runs it here."""
+    return bool(cpu_flags().intersection(BF16_FLAGS)) and "bf16" in runs_here()
 
 
 class PackedLinear(nn.Module):
@@ -265,15 +383,24 @@ class Int8Linear(nn.Module):
     and the float32 bias added. oneDNN's prepacked kernel (`onednn.qlinear_pointwise`, VNNI or AMX) does
     the matmul and the weight scales; `forward_reference` is the same arithmetic in plain PyTorch, which
     the tests hold the kernel to.
+
+    `levels`: the weights' largest integer, 127, or 63 where oneDNN runs without VNNI (AVX2): there its
+    u8 x s8 multiply-add sums pairs of products in saturating 16-bit integers, and 2 x 255 x 63 is the
+    largest pair that fits (FBGEMM's "reduce_range"). Default: `int8_levels()`, what runs exactly here.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False, levels: int | None = None):
         super().__init__()
         self.gelu = gelu  # the FFN's first layer: GELU on the float32 result
+        levels = levels or int8_levels()
         q, m = quantize_rows(weight.detach().float())
-        self.register_buffer("weight", (q.int() - 128).to(torch.int8))
-        # W ~ weight * m / 127 and x ~ (q - 128) * m_x / 127: both 1/127s go into the weight's scales
-        self.register_buffer("weight_scale", m.squeeze(1) / (127 * 127))
+        if levels == 127:
+            q = q.int() - 128
+        else:  # W ~ q * m / levels, rounded to the nearest of fewer levels
+            q = torch.round(weight.detach().float() * (levels / m)).int()
+        self.register_buffer("weight", q.to(torch.int8))
+        # W ~ weight * m / levels and x ~ (q - 128) * m_x / 127: both divisors go into the weight's scales
+        self.register_buffer("weight_scale", m.squeeze(1) / (levels * 127))
         self.register_buffer("bias", bias.detach().float().clone())
         self.out_features, self.in_features = q.shape
         self.packed = torch.ops.onednn.qlinear_prepack(self.weight, None)  # reordered once for oneDNN
@@ -358,7 +485,11 @@ def extract_features_batched(model: nn.Module, sequences: Sequence[Sequence[int]
     lengths = [len(s) for s in sequences]
     features: list[torch.Tensor | None] = [None] * len(sequences)
     batches = length_batches(lengths, batch_tokens)
-    for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
+    if progress:  # tqdm imported only here: the rest runs with nothing but torch (benchmarks/gpu_check.py)
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="features", unit="batch")
+    for batch in batches:
         ids, mask = pad_batch([sequences[i] for i in batch], encoder.config.pad_token_id)
         layout = Unpadded(mask, device)  # on the host, so the forward pass never waits on the device
         x, _ = encoder.forward_unpadded(ids.to(device, non_blocking=True), layout=layout)  # [real tokens, H]

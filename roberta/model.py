@@ -14,7 +14,7 @@ Two details make RoBERTa differ from BERT in ways that change numbers:
 Speed without changing results: padded positions are dropped before every dense layer (they are gathered
 into one [tokens, hidden] matrix, `Unpadded`), attention runs on the packed tokens where a kernel for it
 exists (a GPU in half precision: PyTorch's variable-length flash attention; float32 inference on an
-AVX-512 CPU: this project's, csrc/kernels.c) and otherwise through PyTorch's scaled_dot_product_attention
+x86 CPU with AVX2 or AVX-512: this project's, csrc/kernels.c) and otherwise through PyTorch's scaled_dot_product_attention
 on groups of similar length, and the masked-LM head is computed only where a loss is needed. `Padded` is
 the plain layout the fast one is tested against, and what the ONNX export traces.
 """
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import RobertaError
 from .fileio import atomic_write
 
@@ -267,9 +268,11 @@ except ImportError:  # older PyTorch
     _varlen_attn = None
 
 
-try:  # this project's attention on packed sequences for CPU inference (csrc/kernels.c; x86 with AVX-512)
-    from ._kernels import attend as _attend_cpu, attend_available as _attend_cpu_available
-    _attend_cpu = _attend_cpu if _attend_cpu_available() else None
+try:  # this project's attention on packed sequences for CPU inference (csrc/kernels.c; x86, AVX2 or AVX-512)
+    from . import _kernels
+    # the C kernels use the instruction sets PyTorch may use here (ATEN_CPU_CAPABILITY caps both)
+    _kernels.set_isa(torch.backends.cpu.get_cpu_capability())
+    _attend_cpu = _kernels.attend if _kernels.attend_available() else None
 except ImportError:  # not built: PyTorch's attention on length groups instead
     _attend_cpu = None
 
@@ -403,6 +406,14 @@ class Padded:
 # The encoder
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoints) whose float32 CPU inference runs on the GEMM measured
+    fastest on this machine for its shape (`kernels.linear`); with autograd it is F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class _KeepScaled(torch.autograd.Function):
     """x * keep / (1 - p), keeping only the boolean mask for the backward pass."""
 
@@ -498,16 +509,16 @@ class RobertaSelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         inner = self.num_heads * self.head_dim
-        self.query = nn.Linear(config.hidden_size, inner)
-        self.key = nn.Linear(config.hidden_size, inner)
-        self.value = nn.Linear(config.hidden_size, inner)
+        self.query = Linear(config.hidden_size, inner)
+        self.key = Linear(config.hidden_size, inner)
+        self.value = Linear(config.hidden_size, inner)
         self.dropout_p = config.attention_probs_dropout_prob
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """q, k and v side by side, [N, 3 * inner]: one matmul on the concatenated weights."""
         if "qkv" in self._modules:  # int8 models (inference.py) hold one quantised projection instead
             return self.qkv(x)
-        return F.linear(x, *self.fused_qkv())
+        return kernels.linear(x, *self.fused_qkv())
 
     def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The [3 * inner, H] weight and [3 * inner] bias of q, k and v together.
@@ -554,7 +565,7 @@ class RobertaSelfAttention(nn.Module):
 class RobertaSelfOutput(nn.Module):
     def __init__(self, config: RobertaConfig, inner: int):
         super().__init__()
-        self.dense = nn.Linear(inner, config.hidden_size)
+        self.dense = Linear(inner, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
@@ -590,7 +601,7 @@ def _select_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linea
     bias = linear.bias.detach()
     if dim == 0:
         bias = bias.index_select(0, index.to(bias.device)).clone()
-    new = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    new = Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
     new.weight.data.copy_(weight)
     new.bias.data.copy_(bias)
     return new
@@ -601,7 +612,7 @@ class RobertaIntermediate(nn.Module):
         super().__init__()
         if config.hidden_act != "gelu":
             raise RobertaError(f"hidden_act {config.hidden_act!r} is not supported; RoBERTa uses 'gelu'")
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
 
     def forward(self, x):
         return gelu(self.dense(x))
@@ -610,7 +621,7 @@ class RobertaIntermediate(nn.Module):
 class RobertaOutput(nn.Module):
     def __init__(self, config: RobertaConfig):
         super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense = Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
@@ -653,7 +664,7 @@ class RobertaPooler(nn.Module):
 
     def __init__(self, config: RobertaConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, first):
         return torch.tanh(self.dense(first))
@@ -865,13 +876,13 @@ class RobertaLMHead(nn.Module):
 
     def __init__(self, config: RobertaConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, features, decoder_weight):
         x = self.layer_norm(F.gelu(self.dense(features)))
-        return F.linear(x, decoder_weight, self.bias)
+        return kernels.linear(x, decoder_weight, self.bias)
 
 
 class RobertaClassificationHead(nn.Module):
@@ -879,10 +890,10 @@ class RobertaClassificationHead(nn.Module):
 
     def __init__(self, config: RobertaConfig, num_labels: int):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = Dropout(p)
-        self.out_proj = nn.Linear(config.hidden_size, num_labels)
+        self.out_proj = Linear(config.hidden_size, num_labels)
 
     def forward(self, first):
         x = self.dropout(first)
@@ -1030,7 +1041,7 @@ class RobertaForTokenClassification(RobertaPreTrainedModel):
         self.roberta = RobertaModel(config, add_pooling_layer=False)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, token_type_ids=None,
@@ -1050,7 +1061,7 @@ class RobertaForQuestionAnswering(RobertaPreTrainedModel):
         super().__init__()
         self.config = dataclasses.replace(config, num_labels=2, id2label=None) if config.num_labels != 2 else config
         self.roberta = RobertaModel(self.config, add_pooling_layer=False)
-        self.qa_outputs = nn.Linear(self.config.hidden_size, 2)
+        self.qa_outputs = Linear(self.config.hidden_size, 2)
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, start_positions=None, end_positions=None,
@@ -1081,7 +1092,7 @@ class RobertaForMultipleChoice(RobertaPreTrainedModel):
         self.config = config
         self.roberta = RobertaModel(config)  # with the pooler, as transformers' model
         self.dropout = Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.classifier = Linear(config.hidden_size, 1)
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=False,

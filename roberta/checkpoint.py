@@ -18,6 +18,7 @@ import fnmatch
 import json
 import os
 import pickle
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -72,9 +73,43 @@ _NEW_HEAD_PREFIXES = ("classifier.", "qa_outputs.", "roberta.pooler.", "pooler."
 # Reading
 
 
+# A directory this project writes that is not a model, known by the file its command leaves there.
+_RUNS = {"pretrain.json": "a pretraining run", "recipe.json": "a fine-tuning run"}
+_NOT_MODELS = {**_RUNS, "job.json": "the output of a sharded features/predict job",
+               "meta.json": "a preprocessed corpus (give it to `roberta pretrain --data`)"}
+
+
+def model_path(path: str | os.PathLike, note: bool = True) -> Path:
+    """`path`, or the `model/` folder of the training run `path` is (with a note on stderr), so that a
+    run directory works wherever a model is expected."""
+    path = Path(path)
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and not (path / FAIRSEQ_NAME).exists():
+        kind = next((kind for marker, kind in _RUNS.items() if (path / marker).is_file()), None)
+        if kind and (path / "model" / CONFIG_NAME).is_file():
+            if note:
+                print(f"note: {path} is {kind}; using its model, {path / 'model'}", file=sys.stderr)
+            return path / "model"
+    return path
+
+
+def not_a_model(path: Path) -> RobertaError:
+    """The error for a directory that holds no model: what it is, and which path to give instead."""
+    kind = next((kind for marker, kind in _NOT_MODELS.items() if (path / marker).is_file()), None)
+    if kind in _RUNS.values():
+        steps = sorted((p for p in (path / "checkpoints").glob("step-*") if (p / CONFIG_NAME).is_file()),
+                       key=lambda p: int(p.name.removeprefix("step-")) if p.name[5:].isdigit() else -1)
+        latest = f"pass its latest checkpoint, {steps[-1]}, or " if steps else ""
+        return RobertaError(f"{path} is {kind} that has not written its model/ yet: {latest}finish the run "
+                            f"with --resume, then pass {path / 'model'}")
+    what = f"{path} is {kind}, not a model" if kind else \
+        f"{path} is not a model: it has neither config.json (Hugging Face) nor model.pt (fairseq)"
+    inner = [p for p in sorted(path.iterdir()) if p.is_dir() and ((p / CONFIG_NAME).is_file() or (p / FAIRSEQ_NAME).is_file())]
+    return RobertaError(f"{what}; pass {'the model inside it, ' + str(inner[0]) if inner else 'a checkpoint directory'}")
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[RobertaConfig, dict[str, torch.Tensor]]:
     """Config and state dict (Hugging Face names, `roberta.` prefix) from any layout we read."""
-    path = Path(path)
+    path = model_path(path)
     if not path.exists():
         raise RobertaError(f"{path} does not exist; give a checkpoint directory (Hugging Face or fairseq)")
     if path.is_file():
@@ -88,8 +123,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[RobertaConfig, dict[str, t
         return config, state
     if (path / FAIRSEQ_NAME).exists():
         return read_fairseq(path / FAIRSEQ_NAME)
-    raise RobertaError(f"{path} is not a checkpoint: it has neither config.json (Hugging Face) "
-                       f"nor model.pt (fairseq)")
+    raise not_a_model(path)
 
 
 # The weight files of a Hugging Face directory, in order of preference: plain, sharded (an index names

@@ -22,6 +22,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
+    def format_help(self):
+        if callable(self.epilog):  # settings lists that need torch are built only when asked for
+            self.epilog = self.epilog()
+        return super().format_help()
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help shows its default, unless the help text already says what it is."""
@@ -77,10 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, help="tokenizing processes (default: all cores)")
     p.set_defaults(func=_preprocess)
 
-    from .pretrain import PretrainConfig
-
     p = sub.add_parser("pretrain", help="masked-LM pretraining (run under torchrun for several processes)",
-                       epilog=PretrainConfig.help_text())
+                       epilog=_pretrain_help)
     p.add_argument("--preset", choices=["tiny", "small", "base", "large"],
                    help="settings to start from (default small)")
     p.add_argument("--data", help="a directory made by `roberta preprocess` (default: the preset's, or the resumed run's)")
@@ -104,14 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("src", help="checkpoint directory")
         p.add_argument("dst", help="output directory (the other files are copied there)")
         p.add_argument("--threads", type=_positive_int, help="threads to use (default: all cores)")
+        p.add_argument("--json", action="store_true", help="print the path, sizes and ratio as JSON")
         p.set_defaults(func=_compress)
     _add_hub_commands(sub)
 
     # finetune / evaluate: GLUE tasks, squad, race, or custom (your own train/dev .csv/.tsv/.jsonl)
-    from .finetune import Recipe
-
     p = sub.add_parser("finetune", help="fine-tune on a task with its published recipe (torchrun for several processes)",
-                       epilog=Recipe.help_text())
+                       epilog=_recipe_help)
     _task_args(p)
     p.add_argument("--out", required=True, help="run directory: recipe.json, metrics.jsonl, curves.png, eval.json, "
                    "model/ (the best checkpoint), checkpoints/")
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-name", help="name of the saved head (default: the task name in lower case)")
     p.set_defaults(func=_finetune)
     p = sub.add_parser("evaluate", help="score a fine-tuned model; optionally write leaderboard predictions",
-                       epilog=Recipe.help_text())
+                       epilog=_recipe_help)
     _task_args(p)
     p.add_argument("--split", default="dev", choices=["dev", "test", "train"], help="the split to score")
     p.add_argument("--out", help="write the metrics here as JSON (default: eval_<split>.json beside the model)")
@@ -156,12 +158,27 @@ def _explain(sub) -> None:
         command.formatter_class = _HelpFormatter
 
 
+def _pretrain_help() -> str:
+    from .pretrain import PretrainConfig
+
+    return PretrainConfig.help_text()
+
+
+def _recipe_help() -> str:
+    from .finetune import Recipe
+
+    return Recipe.help_text()
+
+
 def _version_line(version: str) -> str:
     import platform
+    from importlib.metadata import PackageNotFoundError, version as installed
 
-    import torch
-
-    return f"roberta {version} (torch {torch.__version__}, Python {platform.python_version()})"
+    try:  # the installed torch's version, read without importing torch (seconds)
+        torch_version = installed("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"roberta {version} (torch {torch_version}, Python {platform.python_version()})"
 
 
 def _convert(args) -> int:
@@ -188,11 +205,13 @@ def _pretrain(args):
     from .train import read_settings
 
     saved = Path(args.out) / "pretrain.json"
-    if args.resume and args.preset is None and saved.is_file():
+    flags = {key: value for key, value in (("data", args.data), ("init_from", args.init_from)) if value}
+    if args.resume and saved.is_file():  # the run's own settings; what is given again must agree with them
         cfg = read_settings(PretrainConfig, saved)
+        if args.preset:  # the preset names the architecture; its other settings are the run's
+            flags["model"] = PretrainConfig.preset(args.preset).model
     else:
         cfg = PretrainConfig.preset(args.preset or "small")
-    flags = {key: value for key, value in (("data", args.data), ("init_from", args.init_from)) if value}
     pretrain(cfg.replace(**flags).with_sets(args.set), args.out, resume=args.resume)
 
 
@@ -204,8 +223,19 @@ def _demo(args):
 def _compress(args) -> int:
     from . import compress
 
+    from .checkpoint import model_path
+
     convert = compress.compress_checkpoint if args.command == "compress" else compress.decompress_checkpoint
-    print(f"wrote {convert(args.src, args.dst, args.threads)}")
+    out = convert(args.src, args.dst, args.threads)
+    def weights(directory: Path) -> int:  # the weight files' bytes, whatever their layout (ZipNN's included)
+        return sum(p.stat().st_size for p in directory.iterdir() if p.is_file() and not p.name.endswith(".json")
+                   and (".safetensors" in p.name or p.name.endswith((".bin", ".pt", ".rbz", ".znn"))))
+
+    before, after = weights(model_path(args.src, note=False)), weights(out.parent)
+    ratio = after / before if before else None
+    _print(args, {"path": str(out), "bytes_before": before, "bytes_after": after, "ratio": ratio},
+           f"wrote {out}: {after / 2**20:.2f} MiB, from {before / 2**20:.2f} MiB of weights"
+           + (f" ({ratio:.1%} of the size)" if ratio is not None else ""))
     return 0
 
 
@@ -256,6 +286,8 @@ def _add_hub_commands(sub) -> None:
         p.add_argument("--stride", type=int, help="tokens shared by neighbouring windows (default with --window: half)")
         p.add_argument("--shard-rows", type=_positive_int, default=10000, help="rows per shard of a sharded job (default 10000)")
         p.add_argument("--resume", action="store_true", help="continue the sharded job in --out after a crash")
+        p.add_argument("--overwrite", action="store_true", help="start the sharded job in --out over, deleting its "
+                       "shards (only a job's directory: one holding job.json)")
         p.add_argument("--batch-tokens", type=_positive_int, default=4096, help="padded tokens per batch (default 4096)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -482,7 +514,7 @@ def _job(args, kind: str):
 
     from . import jobs
 
-    jobs.prepare_output(args.out, args.resume)  # before the model loads
+    jobs.prepare_output(args.out, args.resume, args.overwrite, remove=False)  # before the model loads
     if args.text:
         raise RobertaError("a sharded job reads --input or stdin; write TEXT arguments to a .npy or .jsonl file")
     if args.device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -501,7 +533,8 @@ def _job(args, kind: str):
                      layer=getattr(args, "layer", -1), head=head,
                      truncate=args.truncate, window=args.window, stride=args.stride,
                      window_pool=args.pool if kind == "predict" else "mean", shard_rows=args.shard_rows,
-                     batch_tokens=args.batch_tokens, resume=args.resume, progress=not args.no_progress,
+                     batch_tokens=args.batch_tokens, resume=args.resume, overwrite=args.overwrite,
+                     progress=not args.no_progress,
                      model_name=str(args.model))
     if int(os.environ.get("RANK", "0")) == 0:
         _print(args, {"path": args.out, "inputs": index["rows"], "shards": len(index["shards"]),
@@ -531,6 +564,9 @@ def _predict(args):
     head = _head(args, hub)
     names = hub.labels(head)  # a fine-tuned classifier's id2label, else class indices
     windowed = args.window is not None or args.stride is not None
+    if not args.json:  # a header naming the columns: the label, each class's probability, the input
+        classes = names or [str(i) for i in range(hub.model.config.classification_heads[head])]
+        print(f"label\t{' '.join(classes)}\tinput")
     line = 1
     for batch in _batches(_inputs(args)):
         tokens = jobs.tokenize(hub, batch, args.truncate, windowed, first_line=line, name=_source(args))
@@ -546,12 +582,18 @@ def _predict(args):
 
 def _head(args, hub) -> str:
     """--head, or the model's only classification head."""
+    from .model import find_head
+
     heads = sorted(hub.model.config.classification_heads)
-    head = args.head or (heads[0] if len(heads) == 1 else None)
-    if head is None:
+    if args.head is not None:
+        if find_head(args.head, heads) is None:
+            raise RobertaError(f"this model has no head named {args.head!r}: "
+                               f"{'it has ' + ', '.join(heads) if heads else 'it has none, fine-tune one first'}")
+        return find_head(args.head, heads)
+    if len(heads) != 1:
         raise RobertaError(f"this model has {'no classification head' if not heads else 'heads ' + ', '.join(heads)}; "
                            f"{'fine-tune one first' if not heads else 'choose one with --head'}")
-    return head
+    return heads[0]
 
 
 def _zero_shot(args):
@@ -616,10 +658,13 @@ def _download(args):
     from .hub import resolve
 
     if not args.names:
+        if not args.json:
+            print("fairseq releases (cached: downloaded, works offline; not cached: `roberta download NAME` fetches "
+                  "it); any Hub id, e.g. FacebookAI/roberta-base, downloads the same way")
         for name in download.MODELS:
             cached = download.is_cached(name, args.cache_dir)
             _print(args, {"name": name, "cached": cached, "path": str(download.model_dir(name, args.cache_dir))},
-                   f"{name:<26} {'cached' if cached else '-'}")
+                   f"  {name:<24} {'cached' if cached else 'not cached'}")
     for name in args.names:
         if name not in download.MODELS and not download.parse_hub_id(name):
             raise RobertaError(f"{name!r} is neither a Hub id (org/name[@revision]) nor a fairseq release "
@@ -639,8 +684,8 @@ def _info(args):
         return
     info = describe(args.model, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url)
     c = info["config"]
-    heads = ", ".join(f"{name} ({n} classes{': ' + ', '.join(info['labels'][name]) if name in info['labels'] else ''})"
-                      for name, n in info["heads"].items()) or "none"
+    heads = "; ".join(f"{t['name']} ({t['task']}, {t['classes']} outputs{': ' + ', '.join(t['labels']) if t['labels'] else ''})"
+                      for t in info["tasks"]) or "none"
     lines = [f"path        {info['path']} ({info['format']})"]
     if info["repository"]:
         lines.append(f"repository  {info['repository']} at revision {info['revision']}")
@@ -716,11 +761,14 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto, cuda when available)")
 
 
+_RECIPE_FLAGS = ["text_columns", "label_column", "problem_type", "skip_bad_rows", "max_dev_examples", "device"]
+
+
 def _recipe(args, names: list[str]):
     """The task's recipe with the flags the user gave, then --set (which wins)."""
     from .finetune import recipe_for
 
-    names += ["text_columns", "label_column", "problem_type", "skip_bad_rows", "max_dev_examples", "device"]
+    names += _RECIPE_FLAGS
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     return recipe_for(args.task, **given).with_sets(args.set)
 
@@ -728,7 +776,16 @@ def _recipe(args, names: list[str]):
 def _finetune(args) -> int:
     from .finetune import finetune
 
-    recipe = _recipe(args, ["lr", "batch_size", "max_epochs", "max_train_examples", "eval_every", "head_name"])
+    names = ["lr", "batch_size", "max_epochs", "max_train_examples", "eval_every", "head_name"]
+    saved = Path(args.out) / "recipe.json"
+    if args.resume and saved.is_file():  # the run's own recipe; what is given again must agree with it
+        from .finetune import Recipe, task_name
+        from .train import read_settings
+
+        given = {n: getattr(args, n) for n in names + _RECIPE_FLAGS if getattr(args, n, None) is not None}
+        recipe = read_settings(Recipe, saved).replace(task=task_name(args.task), **given).with_sets(args.set)
+    else:
+        recipe = _recipe(args, names)
     print(json.dumps(finetune(args.task, args.data, args.model, args.out, recipe=recipe, resume=args.resume), indent=2))
     return 0
 

@@ -47,7 +47,7 @@ import torch
 import xxhash
 import zstandard
 
-from .checkpoint import (CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, keep_beside_checkpoint,
+from .checkpoint import (CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, keep_beside_checkpoint, model_path,
                          read_checkpoint)
 from .errors import RobertaError
 from .fileio import atomic_write, check_output, parse_json, replace_dir
@@ -544,7 +544,7 @@ def load_file(path, names=None, device="cpu", threads: int | None = None) -> dic
 # --- checkpoint directories ----------------------------------------------------------------------
 
 def _check_dirs(src, dst) -> tuple[Path, Path]:
-    src, dst = Path(src), Path(dst)
+    src, dst = model_path(src), Path(dst)
     if not src.is_dir():
         raise RobertaError(f"{src} is not a checkpoint directory")
     return src, check_output(dst, src)

@@ -158,6 +158,8 @@ def run_demo(out: str | Path = "demo-out", steps: int = 3000, vocab_size: int = 
     tok.save_pretrained(scratch)
     accuracy = {}
     for name, init in (("pretrained", model_dir), ("from scratch", scratch)):
+        print(f"    run {len(accuracy) + 1}/2: the {'pretrained encoder' if init == model_dir else 'randomly initialised encoder'}"
+              f" ({init}) -> {out / 'finetune' / name.replace(' ', '-')}")
         result = finetune("custom", task, init, out / "finetune" / name.replace(" ", "-"), lr=1e-3,
                           max_epochs=3, weight_decay=0.01, dropout=0.0, head_name="word_order")
         accuracy[name] = result["dev"]["accuracy"]

@@ -28,8 +28,10 @@ place, so the cache holds a whole model or none.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -109,6 +111,24 @@ def _seconds(variable: str, default: float) -> float:
     if not seconds > 0:
         raise RobertaError(f"{variable}={value!r} is not a number of seconds; set it to e.g. {default:g}")
     return seconds
+
+
+# A cut transfer is resumed this many times within one run (huggingface_hub's default is 5, a second
+# apart, each logged); the next run resumes what is left.
+RETRIES = 2
+
+
+@contextlib.contextmanager
+def _quiet_retries():
+    """huggingface_hub logs every retry ("Trying to resume download...", "Max retries exceeded"): a
+    failure is reported here once, as one line, so its warnings are held back while it works."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ---- the stall guard: installed into huggingface_hub's HTTP client ------------------------------
@@ -216,7 +236,9 @@ def hub_snapshot(name: str, cache: str | os.PathLike | None = None, endpoint: st
         return _cached_snapshot(name, repo, revision, cache)
     _install_stall_guard()
     try:
-        info = HfApi(endpoint=endpoint).model_info(repo, revision=revision, timeout=_seconds("HF_HUB_ETAG_TIMEOUT", 10))
+        with _quiet_retries():
+            info = HfApi(endpoint=endpoint).model_info(repo, revision=revision,
+                                                       timeout=_seconds("HF_HUB_ETAG_TIMEOUT", 10))
         files = select_files([s.rfilename for s in info.siblings or []])
         _check_repository(name, files)
         commit = info.sha or revision
@@ -295,7 +317,8 @@ def _hub_file(repo: str, file: str, commit: str, cache: Path, endpoint: str | No
         meta = get_hf_file_metadata(url, timeout=_seconds("HF_HUB_ETAG_TIMEOUT", 10), endpoint=endpoint)
         if meta.etag and meta.size is not None and not (meta.xet_file_data is not None and is_xet_available()):
             _resume_blob(folder, meta, url, file, bars)
-    return Path(hf_hub_download(repo, file, revision=commit, cache_dir=cache, endpoint=endpoint, tqdm_class=bars))
+    with _quiet_retries():
+        return Path(hf_hub_download(repo, file, revision=commit, cache_dir=cache, endpoint=endpoint, tqdm_class=bars))
 
 
 def _resume_blob(folder: Path, meta, url: str, file: str, bars) -> None:
@@ -317,8 +340,9 @@ def _resume_blob(folder: Path, meta, url: str, file: str, bars) -> None:
             if out.tell() > meta.size:  # not a prefix of this file: start again
                 out.truncate(0)
             try:
-                http_get(meta.location, out, resume_size=out.tell(), headers=headers, expected_size=meta.size,
-                         displayed_filename=file, tqdm_class=bars)
+                with _quiet_retries():
+                    http_get(meta.location, out, resume_size=out.tell(), headers=headers, expected_size=meta.size,
+                             displayed_filename=file, tqdm_class=bars, _nb_retries=RETRIES)
             except OSError as exc:
                 if "Consistency check failed" in str(exc):  # the server sent another length: keep nothing
                     out.close()
@@ -581,10 +605,18 @@ def fetch(url: str, dest: str | os.PathLike, progress: bool = True) -> Path:
         if dest.is_file():
             return dest
         try:
+<<<<<<< HEAD
             with open_for_append(part) as out:
                 http_get(url, out, resume_size=out.tell(), displayed_filename=dest.name,
                          headers={"User-Agent": "roberta-python"},
                          tqdm_class=None if progress else _silent_tqdm())
+=======
+            with open(part, "ab") as out:
+                with _quiet_retries():
+                    http_get(url, out, resume_size=out.tell(), displayed_filename=dest.name,
+                             headers={"User-Agent": "roberta-python"},
+                             tqdm_class=None if progress else _silent_tqdm(), _nb_retries=RETRIES)
+>>>>>>> i24docs
         except HfHubHTTPError as exc:
             part.unlink(missing_ok=True)
             status = exc.response.status_code if exc.response is not None else "?"

@@ -78,6 +78,8 @@ def export_onnx(model_name_or_path, out_dir, cache_dir=None, offline: bool | Non
             torch.onnx.export(_Graph(model).eval(), example, str(work / "model.onnx"), dynamo=False,
                               input_names=["input_ids", "attention_mask"], output_names=outputs,
                               opset_version=OPSET, dynamic_axes=axes)
+        _name_dims(work / "model.onnx", {"last_hidden_state": ["batch", "length", config.hidden_size],
+                                         **{f"logits_{name}": ["batch", n] for name, n in heads.items()}})
         config.save(work / "config.json")
         hub.tokenizer.save_pretrained(work)  # to tokenize as the model expects
         (work / "onnx.json").write_text(json.dumps({
@@ -85,3 +87,18 @@ def export_onnx(model_name_or_path, out_dir, cache_dir=None, offline: bool | Non
             "hidden_size": config.hidden_size, "max_tokens": config.max_tokens,
             "pad_token_id": config.pad_token_id}, indent=2) + "\n")
     return out
+
+
+def _name_dims(path: Path, shapes: dict[str, list]) -> None:
+    """Give each output's dimensions their meaning: `batch` and `length` by name, the hidden size and
+    the classes by number (the exporter calls what it could not infer `Wherelast_hidden_state_dim_2`)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    for output in graph.graph.output:
+        for dim, size in zip(output.type.tensor_type.shape.dim, shapes[output.name]):
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+    onnx.save(graph, str(path))

@@ -225,7 +225,8 @@ class SentenceTask:
     def config_overrides(self) -> dict:
         problem = {"classification": "single_label_classification", "regression": "regression",
                    "multi_label": "multi_label_classification"}[self.problem_type]
-        id2label = {i: name for i, name in enumerate(self.labels)} if self.labels else {0: "score"}
+        names = (self.glue.names or self.glue.labels) if self.glue and self.labels else self.labels
+        id2label = {i: name for i, name in enumerate(names)} if names else {0: "score"}
         return dict(num_labels=self.num_labels, id2label=id2label, problem_type=problem)
 
     def encode(self, examples) -> list:
@@ -350,7 +351,7 @@ class RaceTask:
         self.data = {split: [tasks.read_race(data_dir / split, recipe.skip_bad_rows).examples] for split in splits}
 
     def config_overrides(self) -> dict:
-        return {}
+        return dict(id2label=dict(enumerate("ABCD")))  # the options' letters, as RACE's answers name them
 
     def encode(self, examples) -> list:
         a = [ex.article for ex in examples for _ in range(4)]

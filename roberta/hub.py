@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import download, windows
-from .checkpoint import read_checkpoint
+from .checkpoint import model_path, not_a_model, read_checkpoint
 from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_open, read_json
 from .inference import length_batches, pad_batch
-from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
+from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification, find_head
 from .pairs import read_cross_encoder
 from .tokenizer import RobertaTokenizer, longest_first
 
@@ -181,6 +181,7 @@ class RobertaHub(nn.Module):
 
     def _sequences(self, tokens) -> tuple[list[list[int]], bool]:
         """Token lists of one sequence (1-D), a [batch, length] tensor or a list, and whether a list came."""
+        _check_ids(tokens)
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() not in (1, 2):
                 raise RobertaError(f"tokens must be 1-D or [batch, length], got shape {list(tokens.shape)}")
@@ -487,6 +488,7 @@ class RobertaHub(nn.Module):
     def _batch(self, tokens, truncate: bool | None) -> tuple[torch.Tensor, list[int] | None]:
         """[B, T] ids on the host, and the lengths when `tokens` was a list (right-padded). A tensor
         on a GPU is copied to the host once, here: what the batch looks like is decided there."""
+        _check_ids(tokens)
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() not in (1, 2):
                 raise RobertaError(f"tokens must be 1-D or [batch, length], got shape {list(tokens.shape)}")
@@ -754,7 +756,7 @@ def resolve(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | Non
     downloaded there when missing. `cache_dir` replaces both caches; `base_url` names a mirror."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return path
+        return model_path(path)
     name = str(name_or_path)
     if name in download.MODELS:
         return download.download(name, cache_dir, base_url, offline, progress)
@@ -864,6 +866,8 @@ def _tokenizer(directory: Path, cache_dir, offline, base_url, progress) -> Rober
             (directory / "tokenizer.json").is_file():
         return RobertaTokenizer.from_pretrained(directory)
     if not (directory / "dict.txt").is_file():
+        if not (directory / "config.json").is_file():
+            raise not_a_model(directory)
         raise RobertaError(f"{directory} holds no tokenizer: expected vocab.json + merges.txt, tokenizer.json, or dict.txt "
                            f"(fairseq, with encoder.json + vocab.bpe or the GPT-2 BPE download)")
     # A fairseq release ships dict.txt only; the BPE files are GPT-2's, downloaded once into the cache.
@@ -902,6 +906,7 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
         "format": layout,
         "config": config.to_dict(),
         "heads": dict(config.classification_heads),
+        "tasks": _head_tasks(config, state),
         "max_tokens": config.max_tokens,
         "parameters": parameters,
         "dtype": ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in state.values()
@@ -919,9 +924,41 @@ def hub_origin(path: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _head_tasks(config, state: dict) -> list[dict]:
+    """Every head a checkpoint holds, with its task kind, its number of outputs and its class names."""
+    named = [{"name": head, "task": "sequence classification", "classes": classes,
+              "labels": head_labels(config, head)} for head, classes in config.classification_heads.items()]
+    names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else None
+    if "classifier.weight" in state:  # a transformers token classifier (NER, POS): one label per token
+        classes = state["classifier.weight"].shape[0]
+        named.append({"name": config.head_name or "token_classification", "task": "token classification",
+                      "classes": classes, "labels": names if names and len(names) == classes else None})
+    if "qa_outputs.weight" in state:  # extractive question answering: a start and an end score per token
+        named.append({"name": config.head_name or "qa", "task": "question answering", "classes": 2,
+                      "labels": ["start", "end"]})
+    return named
+
+
+def _check_ids(tokens) -> None:
+    """Token ids are what the model reads: a text (or anything else) where they belong is refused with
+    what to call instead, before torch meets it with an obscure TypeError."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.is_floating_point() or tokens.is_complex():
+            raise RobertaError(f"expected token ids (integers), got a {tokens.dtype} tensor: pass what encode returns")
+        return
+    items = [tokens] if isinstance(tokens, (str, bytes)) else tokens if isinstance(tokens, (list, tuple)) else []
+    if tokens is None or isinstance(tokens, (int, float, dict)):
+        raise RobertaError(f"expected token ids (a tensor from encode, or a list of them), got a {type(tokens).__name__}")
+    text = next((item for item in items if isinstance(item, (str, bytes))), None)
+    if text is not None:
+        raise RobertaError(f"expected token ids, got the text {text[:40]!r}: call encode first, e.g. "
+                           f"hub.encode({text[:20]!r}), or embed(texts) for sentence vectors")
+
+
 def head_labels(config, head: str) -> list[str] | None:
     """The class names of a classification head: a fine-tuned transformers classifier's id2label, which
     belongs to its one head (`head_name`); None where the checkpoint names none."""
+    head = find_head(head, config.classification_heads)
     classes = config.classification_heads.get(head)
     if not config.id2label or classes is None or head != (config.head_name or "default") \
             or sorted(config.id2label) != list(range(classes)):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -252,15 +253,27 @@ def shard_name(kind: str, index: int) -> str:
     return f"{kind}-{index:05d}.npy"
 
 
-def prepare_output(out: str | os.PathLike, resume: bool) -> Path:
-    """Check the output directory before any work: its parent must exist; an existing one needs `resume`."""
+def prepare_output(out: str | os.PathLike, resume: bool, overwrite: bool = False, remove: bool = True) -> Path:
+    """Check the output directory before any work: its parent must exist; an existing one needs `resume`
+    (continue it) or `overwrite` (start it over: only a job's directory, one holding job.json, is
+    removed, unless `remove` is False: a check before the model loads)."""
     out = Path(out)
+    if resume and overwrite:
+        raise RobertaError("give --resume (continue the job) or --overwrite (start it over), not both")
+    if overwrite and out.is_dir() and any(out.iterdir()):
+        if not (out / "job.json").is_file():
+            raise RobertaError(f"{out} holds no job.json: it is not a job's output, so --overwrite leaves it alone; "
+                               "choose a new directory")
+        if not remove:
+            return out
+        shutil.rmtree(out)
     if not out.parent.is_dir():
         raise RobertaError(f"cannot write to {out}: the directory {out.parent} does not exist; create it first")
     if out.exists() and not out.is_dir():
         raise RobertaError(f"{out} is a file; the output of a sharded job is a directory")
     if out.is_dir() and any(out.iterdir()) and not resume:
-        raise RobertaError(f"{out} already exists; pass --resume to continue the job in it, or choose a new directory")
+        raise RobertaError(f"{out} already exists; pass --resume to continue the job in it, --overwrite to start it "
+                           "over, or choose a new directory")
     if resume and out.is_dir() and any(out.iterdir()) and not (out / "job.json").is_file():
         raise RobertaError(f"{out} holds no job.json: it is not a job to resume")
     return out
@@ -270,7 +283,8 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
         field: str = "text", pair_field: str | None = None, allow_empty: bool = False, pool: str = "cls",
         layer: int = -1, head: str | None = None, truncate: bool = False, window: int | None = None,
         stride: int | None = None, window_pool: str = "mean", shard_rows: int = SHARD_ROWS,
-        batch_tokens: int = 4096, resume: bool = False, progress: bool = True, model_name: str = "") -> dict:
+        batch_tokens: int = 4096, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        model_name: str = "") -> dict:
     """Run a `kind` ("features" or "predict") job from `source` (a file, or stdin for None / '-') into
     the directory `out`; returns the index (also written to out/index.json)."""
     from . import windows
@@ -290,7 +304,9 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
             raise RobertaError(f"the model has no classification head {head!r}; it has: {', '.join(heads) or 'none'}")
     windowed = windows.check(window, stride, hub.max_tokens) is not None
     format = input_format(source, format)
-    out = prepare_output(out, resume)
+    out = prepare_output(out, resume, overwrite)
+    existed = out.exists()
+    new = not existed or not any(out.iterdir())  # a job that fails before its first shard removes what it made
     stdin = source in (None, "-")
     if not stdin and not Path(source).is_file():
         raise RobertaError(f"input {source} is not a file")
@@ -304,7 +320,7 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
                 "pool": pool if kind == "features" else None, "layer": layer if kind == "features" else None,
                 "head": head, "truncate": truncate, "window": window, "stride": stride,
                 "window_pool": window_pool if kind == "predict" else None, "shard_rows": shard_rows}
-    rank, world = _distributed()
+    rank, world, bar = *_distributed(), None
     try:
         if rank == 0:
             out.mkdir(exist_ok=True)
@@ -366,6 +382,17 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
             atomic_write(out / "index.json", json.dumps(index, indent=2) + "\n")
         _barrier(world)
         return index
+    except BaseException:
+        if bar is not None:  # cleared now, so that it is not drawn again after the error
+            bar.leave = False
+            bar.close()
+        if new and rank == 0 and out.is_dir() and not any(out.glob(f"{kind}-*.npy")):
+            if existed:  # nothing computed yet: leave no job that asks for --resume
+                for made in ("job.json", "metrics.jsonl"):
+                    (out / made).unlink(missing_ok=True)
+            else:
+                shutil.rmtree(out)
+        raise
     finally:
         if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -925,11 +926,22 @@ class _NamedHeads:
         return module(first_token(self._encode(input_ids, layout).last_hidden_state, layout.mask))
 
     def _head(self, name):
-        if name is None or name not in self.classification_heads:
+        found = find_head(name, self.classification_heads)
+        if found is None:
             known = ", ".join(self.classification_heads) or "none"
             raise RobertaError(f"no classification head named {name!r} (this model has: {known}); "
                                "register one with register_classification_head(name, num_classes)")
-        return self.classification_heads[name]
+        return self.classification_heads[found]
+
+
+def find_head(name: str | None, heads) -> str | None:
+    """The head in `heads` that `name` means: its own name, or the same letters in another case and
+    without hyphens or underscores (`sst2`, `SST-2` and `sst-2` are one task); None where none is."""
+    if name is None or name in heads:
+        return name
+    key = lambda text: re.sub(r"[-_]", "", str(text).lower())
+    found = [head for head in heads if key(head) == key(name)]
+    return found[0] if len(found) == 1 else None
 
 
 def _classification_loss(config: RobertaConfig, logits, labels):
@@ -1002,7 +1014,7 @@ class RobertaForSequenceClassification(RobertaPreTrainedModel, _NamedHeads):
         self.post_init()
 
     def _head(self, name):
-        if name is None or name == self.config.head_name:
+        if name is None or find_head(name, [self.config.head_name]) is not None:
             return self.classifier
         return super()._head(name)
 

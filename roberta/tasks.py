@@ -100,7 +100,9 @@ def _need_file(path: Path, what: str) -> Path:
 class GlueTask:
     """Where a GLUE task keeps its fields. Columns are header names, or positions for CoLA, whose
     train/dev files have no header. `labels` in the order the model's outputs use (MNLI follows the
-    published `mnli` head: contradiction, neutral, entailment); None for regression (STS-B)."""
+    published `mnli` head: contradiction, neutral, entailment); None for regression (STS-B). `names`
+    are what the classes mean, as the GLUE datasets name them, where the files hold 0 and 1; a
+    fine-tuned model saves them as its `id2label`."""
     name: str
     text_a: str | int
     text_b: str | int | None
@@ -110,6 +112,7 @@ class GlueTask:
     dev_files: tuple[str, ...] = ("dev.tsv",)
     test_files: tuple[str, ...] = ("test.tsv",)
     header: bool = True               # train/dev files; every GLUE test file has a header
+    names: tuple[str, ...] | None = None  # default: `labels`
 
     @property
     def num_labels(self) -> int:
@@ -117,17 +120,20 @@ class GlueTask:
 
 
 GLUE_TASKS = {t.name: t for t in [
-    GlueTask("CoLA", 3, None, 1, ("0", "1"), "mcc", header=False),
-    GlueTask("SST-2", "sentence", None, "label", ("0", "1"), "accuracy"),
-    GlueTask("MRPC", "#1 String", "#2 String", "Quality", ("0", "1"), "accuracy"),
+    GlueTask("CoLA", 3, None, 1, ("0", "1"), "mcc", header=False, names=("unacceptable", "acceptable")),
+    GlueTask("SST-2", "sentence", None, "label", ("0", "1"), "accuracy", names=("negative", "positive")),
+    GlueTask("MRPC", "#1 String", "#2 String", "Quality", ("0", "1"), "accuracy",
+             names=("not_equivalent", "equivalent")),
     GlueTask("STS-B", "sentence1", "sentence2", "score", None, "pearson"),
-    GlueTask("QQP", "question1", "question2", "is_duplicate", ("0", "1"), "accuracy"),
+    GlueTask("QQP", "question1", "question2", "is_duplicate", ("0", "1"), "accuracy",
+             names=("not_duplicate", "duplicate")),
     GlueTask("MNLI", "sentence1", "sentence2", "gold_label", ("contradiction", "neutral", "entailment"),
              "accuracy", dev_files=("dev_matched.tsv", "dev_mismatched.tsv"),
              test_files=("test_matched.tsv", "test_mismatched.tsv")),
     GlueTask("QNLI", "question", "sentence", "label", ("entailment", "not_entailment"), "accuracy"),
     GlueTask("RTE", "sentence1", "sentence2", "label", ("entailment", "not_entailment"), "accuracy"),
-    GlueTask("WNLI", "sentence1", "sentence2", "label", ("0", "1"), "accuracy"),
+    GlueTask("WNLI", "sentence1", "sentence2", "label", ("0", "1"), "accuracy",
+             names=("not_entailment", "entailment")),
 ]}
 
 

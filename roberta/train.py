@@ -353,10 +353,14 @@ def prepare_run_dir(cfg: Settings, out: Path, settings_file: str, resume: bool |
         raise RobertaError(f"nothing to resume in {out} (no {settings_file}): start a run there without --resume")
     run_cfg = read_settings(type(cfg), saved)
     ours, theirs = cfg.to_dict(), run_cfg.to_dict()
-    changed = {k for k in ours if theirs[k] != ours[k]} - changeable
+    changed = sorted({k for k in ours if theirs[k] != ours[k]} - changeable)
     if changed:
-        raise RobertaError(f"settings {', '.join(sorted(changed))} differ from the run in {out}; resume with its "
-                           f"{settings_file} (only {', '.join(sorted(changeable))} may change)")
+        command = {"pretrain.json": f"roberta pretrain --out {out} --resume",
+                   "recipe.json": f"roberta finetune --task {theirs.get('task')} --data DATA --model MODEL --out {out} "
+                                  "--resume"}.get(settings_file, f"--resume with the settings in {saved}")
+        differ = ", ".join(f"{k} is {theirs[k]!r} in the run, {ours[k]!r} here" for k in changed)
+        raise RobertaError(f"cannot resume {out} with other settings: {differ}; `{command}` continues it with its "
+                           f"own (only {', '.join(sorted(changeable))} may change)")
     run_cfg = run_cfg.replace(**{k: ours[k] for k in changeable})
     checkpoints = list_checkpoints(out)
     if isinstance(resume, str):

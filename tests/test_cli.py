@@ -127,7 +127,7 @@ def test_info_reports_what_the_checkpoint_holds(hub_checkpoints, tiny_hub, call)
     assert info["config"]["num_hidden_layers"] == 2 and info["max_tokens"] == 64
     assert info["size_bytes"] == sum(f.stat().st_size for f in hub_checkpoints["fairseq"].iterdir())
     readable = call("info", "-m", hub_checkpoints["hf"])
-    assert "mnli (3 classes)" in readable.stdout and f"{tiny_hub.model.num_parameters():,}" in readable.stdout
+    assert "mnli (sequence classification, 3 outputs)" in readable.stdout and f"{tiny_hub.model.num_parameters():,}" in readable.stdout
 
 
 def test_download_then_use_offline(hub_checkpoints, bpe_dir, tmp_path, call):
@@ -138,8 +138,9 @@ def test_download_then_use_offline(hub_checkpoints, bpe_dir, tmp_path, call):
                                                                              "ROBERTA_BASE_URL": server.url})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(cache / "roberta.base")
-    listing = call("download", "--cache-dir", cache)
-    assert "roberta.base" in listing.stdout and "cached" in listing.stdout
+    listing = call("download", "--cache-dir", cache).stdout.splitlines()
+    assert listing[0].startswith("fairseq releases (cached: downloaded, works offline; not cached: ")
+    assert listing[1].split() == ["roberta.base", "cached"] and listing[2].split() == ["roberta.large", "not", "cached"]
     encoded = call("encode", "-m", "roberta.base", "--cache-dir", cache, "Hello world!")
     assert encoded.stdout == "0 31414 232 328 2\n"
 
@@ -189,7 +190,7 @@ def test_info_device_says_what_auto_picks_here(hub_checkpoints, call):
     info = json.loads(result.stdout)
     assert (info["device"], info["precision"], info["reason"]) == ("cpu", *resolve_precision("auto", "cpu"))
     readable = call("info", "--device", "cpu", "-m", hub_checkpoints["hf"])
-    assert f"auto -> {info['precision']}" in readable.stdout and "mnli (3 classes)" in readable.stdout
+    assert f"auto -> {info['precision']}" in readable.stdout and "mnli (sequence classification, 3 outputs)" in readable.stdout
     assert call("info").returncode == 2
 
 
@@ -210,3 +211,177 @@ def test_inference_commands_say_what_auto_chose_and_jobs_keep_to_it(call, hub_ch
     refused = call(*job, "--precision", "fp32", "--resume")
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "precision was 'int8' and is now 'fp32'" in refused.stderr
+
+
+# ---- a newcomer's first steps: fast help, run directories, label names, what each error says ------
+
+
+def test_help_and_version_answer_without_importing_torch():
+    script = ("import sys; from roberta.cli import main\n"
+              "for args in (['--help'], ['--version']):\n"
+              "    try:\n        main(args)\n    except SystemExit as exit:\n        assert exit.code == 0\n"
+              "print(sorted(m for m in ('torch', 'numpy', 'roberta.hub') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "[]" and lines[-2] == f"roberta {roberta.__version__} (torch {torch.__version__}, " \
+        f"Python {sys.version.split()[0]})"
+
+
+def fine_tuning_run(hf_dir: Path, run: Path) -> Path:
+    """A directory laid out as `roberta finetune --out run` leaves it: recipe.json, model/, checkpoints/."""
+    import shutil
+
+    shutil.copytree(hf_dir, run / "model")
+    (run / "recipe.json").write_text("{}")
+    return run
+
+
+def test_a_run_directory_resolves_to_its_model_with_a_note(hub_checkpoints, tiny_hub, tmp_path, call):
+    run = fine_tuning_run(hub_checkpoints["hf"], tmp_path / "sst2-run")
+    for command in (("encode", "-m", run, "Hello world!"), ("predict", "-m", run, "--json", "--precision", "fp32", "Hello world!")):
+        result = call(*command)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == f"note: {run} is a fine-tuning run; using its model, {run / 'model'}\n"
+    assert call("encode", "-m", run, "Hello world!").stdout == "0 31414 232 328 2\n"
+    expected = tiny_hub.predict("mnli", tiny_hub.encode("Hello world!")).exp()[0]
+    assert json.loads(result.stdout)["probabilities"] == pytest.approx(expected.tolist(), abs=1e-5)
+    info = call("info", "-m", run, "--json")
+    assert json.loads(info.stdout)["path"] == str(run / "model")
+
+
+def test_not_a_model_says_what_the_directory_is_and_which_path_to_use(hub_checkpoints, tmp_path, call):
+    import shutil
+
+    pretraining = tmp_path / "pretrain-run"  # killed before its model/: only a checkpoint so far
+    (pretraining / "checkpoints").mkdir(parents=True)
+    (pretraining / "pretrain.json").write_text("{}")
+    shutil.copytree(hub_checkpoints["hf"], pretraining / "checkpoints" / "step-40")
+    job = tmp_path / "vectors"
+    job.mkdir()
+    (job / "job.json").write_text("{}")
+    holder = tmp_path / "holder"
+    shutil.copytree(hub_checkpoints["hf"], holder / "my-model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expected = {
+        pretraining: f"error: {pretraining} is a pretraining run that has not written its model/ yet: pass its "
+                     f"latest checkpoint, {pretraining / 'checkpoints' / 'step-40'}, or finish the run with --resume, "
+                     f"then pass {pretraining / 'model'}",
+        job: f"error: {job} is the output of a sharded features/predict job, not a model; pass a checkpoint directory",
+        holder: f"error: {holder} is not a model: it has neither config.json (Hugging Face) nor model.pt (fairseq); "
+                f"pass the model inside it, {holder / 'my-model'}",
+        empty: f"error: {empty} is not a model: it has neither config.json (Hugging Face) nor model.pt (fairseq); "
+               "pass a checkpoint directory"}
+    for directory, message in expected.items():
+        for command in (("encode", "-m", directory, "Hi"), ("predict", "-m", directory, "Hi"),
+                        ("info", "-m", directory), ("evaluate", "--task", "SST-2", "--data", tmp_path, "--model",
+                                                    directory)):
+            result = call(*command)
+            assert (result.returncode, result.stderr) == (2, message + "\n"), command
+
+
+@pytest.fixture
+def labelled(hub_checkpoints, tmp_path):
+    """The tiny model with its head named as fine-tuning names a GLUE task's, and the task's label names."""
+    import shutil
+
+    directory = tmp_path / "sst-2"
+    shutil.copytree(hub_checkpoints["hf"], directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["classification_heads"] = {"sst-2": config["classification_heads"].pop("mnli")}
+    config.update(head_name="sst-2", id2label={"0": "negative", "1": "neutral", "2": "positive"})
+    (directory / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file, save_file
+
+    weights = {k.replace("classification_heads.mnli.", "classification_heads.sst-2."): v
+               for k, v in load_file(directory / "model.safetensors").items()}
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("head", ["sst-2", "sst2", "SST-2", "Sst_2"])
+def test_predict_prints_label_names_under_a_header_and_finds_the_head_by_any_spelling(labelled, tiny_hub, head, call):
+    result = call("predict", "-m", labelled, "--head", head, "--precision", "fp32", "a great movie", "Hello world!")
+    assert result.returncode == 0, result.stderr
+    names = ["negative", "neutral", "positive"]
+    probs = tiny_hub.predict("mnli", [tiny_hub.encode("a great movie"), tiny_hub.encode("Hello world!")]).exp()
+    lines = result.stdout.splitlines()
+    assert lines[0] == "label\tnegative neutral positive\tinput" and len(lines) == 3
+    for line, row, text in zip(lines[1:], probs.tolist(), ["a great movie", "Hello world!"]):
+        label, numbers, echoed = line.split("\t")
+        assert label == names[max(range(3), key=row.__getitem__)] and echoed == text
+        assert [float(p) for p in numbers.split()] == pytest.approx(row, abs=1e-4)
+    machine = call("predict", "-m", labelled, "--head", head, "--json", "a great movie").stdout.splitlines()
+    assert len(machine) == 1 and json.loads(machine[0])["labels"] == names
+    hub = roberta.load(labelled, precision="fp32")
+    assert hub.labels(head) == names
+    torch.testing.assert_close(hub.predict(head, hub.encode("a great movie")).exp()[0], probs[0], rtol=0, atol=1e-5)
+
+
+def test_an_unknown_head_names_the_ones_there_are(labelled, call):
+    result = call("predict", "-m", labelled, "--head", "mnli", "--precision", "fp32", "a great movie")
+    assert (result.returncode, result.stderr) == (2, "error: this model has no head named 'mnli': it has sst-2\n")
+
+
+def test_info_shows_every_head_with_its_task_and_labels(bpe_dir, tmp_path, call):
+    from roberta import RobertaConfig, RobertaForQuestionAnswering, RobertaForTokenClassification, RobertaTokenizer
+
+    tokenizer = RobertaTokenizer.from_pretrained(bpe_dir)
+    tagger, reader = tmp_path / "ner", tmp_path / "qa"
+    RobertaForTokenClassification(RobertaConfig.tiny(id2label={0: "O", 1: "B-PER", 2: "I-PER"})).save_pretrained(
+        tagger, tokenizer=tokenizer)
+    RobertaForQuestionAnswering(RobertaConfig.tiny()).save_pretrained(reader, tokenizer=tokenizer)
+    heads = {path: next(line for line in call("info", "-m", path).stdout.splitlines() if line.startswith("heads"))
+             for path in (tagger, reader)}
+    assert heads[tagger] == "heads       token_classification (token classification, 3 outputs: O, B-PER, I-PER)"
+    assert heads[reader] == "heads       qa (question answering, 2 outputs: start, end)"
+    tasks = json.loads(call("info", "-m", tagger, "--json").stdout)["tasks"]
+    assert tasks == [{"name": "token_classification", "task": "token classification", "classes": 3,
+                      "labels": ["O", "B-PER", "I-PER"]}]
+
+
+def test_compress_prints_the_sizes_and_the_ratio(hub_checkpoints, tmp_path, call):
+    result = call("compress", hub_checkpoints["hf"], tmp_path / "z")
+    assert result.returncode == 0, result.stderr
+    before = (hub_checkpoints["hf"] / "model.safetensors").stat().st_size
+    after = (tmp_path / "z" / "model.rbz").stat().st_size
+    assert result.stdout == (f"wrote {tmp_path / 'z' / 'model.rbz'}: {after / 2**20:.2f} MiB, from "
+                             f"{before / 2**20:.2f} MiB of weights ({after / before:.1%} of the size)\n")
+    back = json.loads(call("decompress", tmp_path / "z", tmp_path / "back", "--json").stdout)
+    assert back == {"path": str(tmp_path / "back" / "model.safetensors"), "bytes_before": after,
+                    "bytes_after": before, "ratio": before / after}
+
+
+def test_sharded_job_errors_name_the_line_leave_nothing_and_overwrite_starts_over(hub_checkpoints, tmp_path, call):
+    lines = ["short line"] * 2 + ["word " * 200] + ["short line"] * 6  # too long, in the first shard
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "vectors"
+    failed = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--shard-rows", "4",
+                  "--precision", "fp32")
+    assert failed.returncode == 2
+    assert failed.stderr.splitlines()[-1] == (f"error: {corpus} line 3 has 203 tokens but the model takes at "
+                                              "most 64; pass truncate=True (--truncate) to keep the first 64, or shorten it")
+    assert failed.stderr.count("error:") == 1 and failed.stderr.count("\n") == 1  # the bar left no line
+    assert not out.exists()  # nothing computed: no directory asking for --resume
+    (tmp_path / "kept").mkdir()  # a directory the user made is kept, and left as it was
+    again = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", tmp_path / "kept", "--shard-rows", "4",
+                 "--no-progress")
+    assert again.returncode == 2 and list((tmp_path / "kept").iterdir()) == []
+    done = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--truncate", "--shard-rows", "4")
+    assert done.returncode == 0, done.stderr
+    first = np.load(out / "features-00000.npy")
+    refused = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--shard-rows", "4",
+                   "--precision", "fp32")
+    assert (refused.returncode, refused.stderr) == (2, f"error: {out} already exists; pass --resume to continue the "
+                                                       "job in it, --overwrite to start it over, or choose a new directory\n")
+    over = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", out, "--truncate", "--shard-rows", "3",
+                "--overwrite")
+    assert over.returncode == 0, over.stderr
+    assert sorted(p.name for p in out.glob("features-*.npy")) == [f"features-0000{k}.npy" for k in range(3)]
+    np.testing.assert_array_equal(np.load(out / "features-00000.npy"), first[:3])
+    not_a_job = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", tmp_path, "--overwrite")
+    assert (not_a_job.returncode, not_a_job.stderr) == (2, f"error: {tmp_path} holds no job.json: it is not a job's "
+                                                           "output, so --overwrite leaves it alone; choose a new directory\n")

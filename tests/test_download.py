@@ -295,4 +295,20 @@ def test_info_shows_the_repository_and_a_classifier_labels_reach_predict(hub, hu
     assert info["labels"] == {"default": ["negative", "positive"]}
     assert main(["info", "-m", "org/sentiment", "--cache-dir", str(tmp_path / "hf"), "--offline"]) == 0
     text = capsys.readouterr().out
-    assert f"repository  org/sentiment at revision {commit}" in text and "default (2 classes: negative, positive)" in text
+    assert f"repository  org/sentiment at revision {commit}" in text and "default (sequence classification, 2 outputs: negative, positive)" in text
+
+
+def test_a_failing_download_is_one_line_after_a_bounded_number_of_tries(server, tmp_path):
+    """A connection cut every time: huggingface_hub's retry warnings stay quiet, the tries are bounded,
+    and the command says what happened in one line."""
+    serve_fairseq(server, os.urandom(300_000))
+    server.cut[ARCHIVE_PATH], server.cut_times[ARCHIVE_PATH] = 1000, 100
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ROBERTA_CACHE": str(tmp_path / "cache"),
+           "ROBERTA_BASE_URL": server.url, "ROBERTA_OFFLINE": ""}
+    result = subprocess.run([sys.executable, "-m", "roberta", "download", "roberta.base"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot download {server.url}{ARCHIVE_PATH} ("), result.stderr
+    assert lines[0].endswith("run again to resume")
+    assert [path for path, _ in server.log].count(ARCHIVE_PATH) == download.RETRIES + 1

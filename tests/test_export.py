@@ -52,3 +52,11 @@ def test_export_refuses_an_existing_or_unreachable_directory(exported, hub_check
     assert main(["export", "-m", model, "--onnx", str(tmp_path / "missing" / "onnx")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("error: ") and "already exists" in err[0] and "create it first" in err[1]
+
+
+def test_onnx_outputs_name_their_dimensions(exported, hub_checkpoints):
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(str(exported / "model.onnx")).graph
+    dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+    hidden = roberta.RobertaConfig.load(hub_checkpoints["hf"] / "config.json").hidden_size
+    assert dims == {"last_hidden_state": ["batch", "length", hidden], "logits_mnli": ["batch", 3]}

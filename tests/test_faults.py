@@ -521,7 +521,7 @@ def _cli_cases(hub, tmp):
         (["predict", "-m", m, "--head", "nope", "a\tb"], "", "nope", []),
         (["features", "-m", m, "-o", tmp / "f.txt", "hi"], "", ".npy or .jsonl", ["f.txt"]),
         (["preprocess", tmp / "missing.txt", "--out", tmp / "p", "--vocab-size", "0"], "", "must be 1 or more", ["p"]),
-        (["info", "-m", tmp], "", "is not a checkpoint", []),
+        (["info", "-m", tmp], "", "is not a model", []),
         (["no-such-command"], "", "invalid choice: 'no-such-command'", []),
         (["info"], "", "info needs -m MODEL", []),
         (["features", "-m", m], "", "the following arguments are required: -o/--out", []),

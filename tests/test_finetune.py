@@ -145,7 +145,7 @@ def test_sst2_learns_from_a_pretrained_model_and_the_saved_head_reloads(sst2_pre
 
     # Loaded as a hub-style model, the head is found under the task's name and gives the same labels.
     config = json.loads((out / "config.json").read_text())
-    assert config["head_name"] == "sst-2" and config["id2label"] == {"0": "0", "1": "1"}
+    assert config["head_name"] == "sst-2" and config["id2label"] == {"0": "negative", "1": "positive"}
     tok = RobertaTokenizer.from_pretrained(out)
     batch = pad_batch(tok.encode_batch(["a gorgeous , witty , seductive movie .", "dull and lifeless"]), 1)
     seq = RobertaForSequenceClassification.from_pretrained(out)
@@ -363,3 +363,4 @@ def test_race_runs_end_to_end_with_levels(tiny_checkpoint, tmp_path):
     ft.evaluate("race", tmp_path, out / "model", predictions=preds)
     rows = [line.split("\t") for line in preds.read_text().splitlines()]
     assert rows[0] == ["id", "answer"] and len(rows) == 5 and {r[1] for r in rows[1:]} <= set("ABCD")
+    assert json.loads((out / "model" / "config.json").read_text())["id2label"] == {"0": "A", "1": "B", "2": "C", "3": "D"}

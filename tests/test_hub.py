@@ -340,6 +340,26 @@ def test_feature_files_come_back_in_input_order(tiny_hub, tmp_path):
     assert np.abs(np.array(lines[1]["features"]) - alone.numpy()).max() <= 1e-5
 
 
+@pytest.mark.parametrize("call, text", [
+    (lambda hub: hub.extract_features("Hello"), "Hello"),
+    (lambda hub: hub.predict("mnli", "a great movie"), "a great movie"),
+    (lambda hub: hub.predict("mnli", ["a great movie", "dull"]), "a great movie"),
+    (lambda hub: hub.extract_features("Hello", window=16), "Hello"),
+])
+def test_a_text_where_token_ids_belong_says_to_call_encode(tiny_hub, call, text):
+    with pytest.raises(RobertaError) as info:
+        call(tiny_hub)
+    assert str(info.value) == (f"expected token ids, got the text {text!r}: call encode first, e.g. "
+                               f"hub.encode({text!r}), or embed(texts) for sentence vectors")
+
+
+def test_other_wrong_types_for_token_ids_are_one_line_errors(tiny_hub):
+    with pytest.raises(RobertaError, match=r"^expected token ids \(a tensor from encode, or a list of them\), got a int$"):
+        tiny_hub.extract_features(31414)
+    with pytest.raises(RobertaError, match=r"^expected token ids \(integers\), got a torch.float32 tensor"):
+        tiny_hub.predict("mnli", torch.ones(1, 4))
+
+
 def test_a_default_load_is_float32_and_can_be_saved_given_a_head_and_trained(hub_checkpoints, tmp_path):
     """What a new user does on any machine: no arguments, then save, a new head, a training step."""
     hub = roberta.load(hub_checkpoints["hf"])

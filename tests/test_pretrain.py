@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from roberta.errors import RobertaError
-from roberta.pretrain import PretrainConfig, pretrain
+from roberta.pretrain import CHANGEABLE_ON_RESUME, PretrainConfig, pretrain
 from test_data import synthetic_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def test_output_directory_of_another_run_is_refused(corpus, tmp_path):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(RobertaError, match="holds another run.*--resume"):
         pretrain(config(corpus, total_updates=2), out)
-    with pytest.raises(RobertaError, match="differ from the run"):
+    with pytest.raises(RobertaError, match="with other settings: lr is 0.001 in the run, 0.005 here"):
         pretrain(config(corpus, lr=5e-3), out, resume=True)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing lost
     (tmp_path / "other").mkdir()
@@ -216,6 +216,29 @@ def test_output_directory_of_another_run_is_refused(corpus, tmp_path):
         pretrain(config(corpus), tmp_path / "other")
     with pytest.raises(RobertaError, match="nothing to resume"):
         pretrain(config(corpus), tmp_path / "other", resume=True)
+
+
+def test_resume_takes_the_run_settings_and_names_one_given_again_that_differs(corpus, tmp_path, capsys):
+    from roberta.cli import main
+
+    out = tmp_path / "run"
+    start = ["pretrain", "--preset", "tiny", "--data", str(corpus), "--out", str(out)]
+    sets = [a for k, v in {**TINY, "total_updates": 2, "save_every": 2}.items() if k != "model"
+            for a in ("--set", f"{k}={v}")]
+    assert main(start + sets) == 0
+    first = json.loads((out / "pretrain.json").read_text())
+    # the preset and data again, without the --set items: the run's own settings, continued to 4 updates
+    assert main(start + ["--resume", "--set", "total_updates=4"]) == 0
+    assert logged_steps(out)[-1] == 4 and json.loads((out / "pretrain.json").read_text()) == {**first, "total_updates": 4}
+    assert main(["pretrain", "--out", str(out), "--resume", "--set", "total_updates=5"]) == 0  # --out alone too
+    capsys.readouterr()
+    assert main(start + ["--resume", "--set", "warmup_updates=9"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot resume {out} with other settings: warmup_updates is 3 in the run, 9 here; "
+        f"`roberta pretrain --out {out} --resume` continues it with its own (only "
+        f"{', '.join(sorted(CHANGEABLE_ON_RESUME))} may change)\n")
+    assert main(["pretrain", "--preset", "base", "--out", str(out), "--resume"]) == 2
+    assert "model is 'tiny' in the run, 'base' here" in capsys.readouterr().err
 
 
 def test_missing_or_corrupt_checkpoint_at_resume(corpus, tmp_path):

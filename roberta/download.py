@@ -605,18 +605,11 @@ def fetch(url: str, dest: str | os.PathLike, progress: bool = True) -> Path:
         if dest.is_file():
             return dest
         try:
-<<<<<<< HEAD
             with open_for_append(part) as out:
-                http_get(url, out, resume_size=out.tell(), displayed_filename=dest.name,
-                         headers={"User-Agent": "roberta-python"},
-                         tqdm_class=None if progress else _silent_tqdm())
-=======
-            with open(part, "ab") as out:
                 with _quiet_retries():
                     http_get(url, out, resume_size=out.tell(), displayed_filename=dest.name,
                              headers={"User-Agent": "roberta-python"},
                              tqdm_class=None if progress else _silent_tqdm(), _nb_retries=RETRIES)
->>>>>>> i24docs
         except HfHubHTTPError as exc:
             part.unlink(missing_ok=True)
             status = exc.response.status_code if exc.response is not None else "?"

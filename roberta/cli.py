@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that compute with the model, each taking --threads (compress/decompress have their own).
 COMPUTING = ("pretrain", "finetune", "evaluate", "demo", "fill-mask", "features", "predict", "tag", "answer",
-             "export", "serve")
+             "export", "serve", "zero-shot", "rerank")
 
 
 def _explain(sub) -> None:

@@ -580,8 +580,7 @@ from roberta import RobertaConfig, RobertaModel
 from roberta.inference import keep_freed_memory, pad_batch
 torch.set_num_threads(1)
 model = RobertaModel(RobertaConfig.base(num_hidden_layers=2, vocab_size=1000), add_pooling_layer=False).eval()
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+assert keep_freed_memory()
 ids, mask = pad_batch([[0] + [5] * 23 + [2]] * 32, 1)  # 800 tokens: FFN activations of 9.4 MiB
 faults = []
 with torch.inference_mode():
@@ -589,20 +588,23 @@ with torch.inference_mode():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model(ids, mask)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[2:]))  # once warm
+print(faults[0], sum(faults[2:]))  # the first pass, and ten warm ones together
 """
 
 
 def test_inference_keeps_freed_memory_so_warm_batches_do_not_page_fault():
-    """glibc hands the activations' memory back after each batch and faults it in again for the next
-    (600-8,000 page faults a pass here); `keep_freed_memory` (which `reduce_precision` calls) stops that,
-    but for the odd pass where the heap grows (measured: 10 passes, 58-72 thousand faults against 0.7-4.9)."""
+    """The first pass faults in the pages its activations need; with `keep_freed_memory` (which
+    `reduce_precision` calls) glibc keeps them for the next batch instead of handing them back (blocks
+    under its 32 MiB mmap threshold, freed memory under 256 MiB kept), so ten warm passes of the same
+    batch together fault in fewer pages than the first did alone: only where the heap grows past its
+    earlier top. (glibc's own default sometimes keeps them too, through its dynamic threshold, and
+    sometimes faults every pass: measured 58-72 thousand faults over ten passes; that is not asserted.)"""
     import platform
     import subprocess
     import sys
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("keep_freed_memory tunes glibc's malloc; this libc is not glibc")
-    faults = {how: int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, how], capture_output=True, text=True,
-                                      check=True, timeout=120).stdout) for how in ("default", "keep")}
-    assert 5 * faults["keep"] < faults["default"], faults
+    first, warm = map(int, subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True,
+                                          check=True, timeout=120).stdout.split())
+    assert warm < first, (first, warm)

@@ -9,13 +9,15 @@ the same batches of 32 token-id lists from the real tokenizer, with the same thr
 - onnxruntime: the exported graph, transformer-optimized, fp32, the same padded batches;
 - ct2-fp32 / ct2-int8: `ctranslate2.Encoder.forward_batch` on the id lists (it handles the padding);
 - fp32 / int8 / bf16: this project, `model(ids, mask)` on the padded batch after
-  `inference.reduce_precision`; auto: whatever `--precision auto` picks on this machine (named in the row).
+  `inference.reduce_precision(..., inference_only=True)`, as the commands and the server prepare it;
+  auto: whatever `--precision auto` picks on this machine (named in the row).
 Throughput counts real tokens; each engine runs in its own process (so that one engine's malloc settings or
 spinning thread pool cannot help or hurt another), timed one pass at a time in turn, the median reported.
 The last rows are bounds, not engines (`roofline`): the dense layers' matmuls alone in fp32 (and bf16,
-int8 where this process runs them), each timed on each batch's real tokens with the fastest GEMM this
-CPU has for it, i.e. what an engine on the same matmuls would reach if everything else (attention,
-LayerNorm, GELU, padding, quantisation) cost nothing; "x its roofline" is each row against its own.
+int8 where this process runs them), every layer's on each batch's real tokens with the fastest GEMM this
+CPU has for each shape, timed in turn with the engines, i.e. what an engine on the same matmuls would
+reach if everything else (attention, LayerNorm, GELU, padding, quantisation) cost nothing; "x its
+roofline" is each row against its own.
 Instruction-set caps in the environment (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS,
 CT2_FORCE_CPU_ISA) reach every engine's process, so that one run shows an AVX2-only machine.
 Accuracy is per token vector against this project's fp32 (cosine, max abs difference); peak memory is
@@ -41,6 +43,7 @@ from common import (DATA, PASSED_ON, Worker, child_memory, cpu_line, median, nat
 BATCH = 32
 OURS = ["fp32", "int8", "bf16", "auto"]
 SIDES = ["transformers", "onnxruntime", "ct2-fp32", "ct2-int8", *OURS]
+ROOFLINES = ["roofline-fp32", "roofline-bf16", "roofline-int8"]  # bounds, timed like engines (`roofline`)
 
 
 def batches(sequences):
@@ -79,6 +82,8 @@ def load(side: str, path: str):
                 out += unpad(hidden, b)
             return out
         return run
+    if side in ROOFLINES:
+        return roofline(side.split("-")[1], path)
     if side.startswith("ct2-"):
         import ctranslate2
 
@@ -90,7 +95,7 @@ def load(side: str, path: str):
 
     from roberta import RobertaModel
 
-    model = reduce_precision(RobertaModel.from_pretrained(path).eval(), side)
+    model = reduce_precision(RobertaModel.from_pretrained(path).eval(), side, inference_only=True)  # as the commands
 
     def run(seqs):
         out = []
@@ -100,49 +105,56 @@ def load(side: str, path: str):
     return run
 
 
-def roofline(sequences, config, repeats: int, precision: str) -> tuple[float, str]:
-    """Real tokens/s of an encoder in `precision` whose only cost is its dense layers' matmuls, each
-    timed alone on this batch's real-token count with the fastest GEMM this CPU runs for it: in fp32 the
-    faster of MKL's sgemm and oneDNN (`roberta.kernels`, per shape and batch); in bf16 oneDNN on reordered
-    weights; in int8 oneDNN's integer matmul on inputs already quantised (the quantisation and rescaling
-    around it left out). The most any engine built on these matmuls can reach, whatever it does about
-    attention, LayerNorm, GELU and padding. Returns (tokens/s, the GEMMs that won)."""
-    from roberta import kernels
+def roofline(precision: str, path: str):
+    """A pass of an encoder in `precision` whose only cost is its dense layers' matmuls, as a row to time:
+    every layer's four products (its own weights, as a model streams them) on each batch's real tokens,
+    each with the fastest GEMM this CPU runs for that shape and token count: in fp32 the fastest of MKL's
+    sgemm and oneDNN on the plain or the reordered weight (`roberta.kernels.candidates`), chosen by
+    timing on the first (warm-up) pass; in bf16 oneDNN on reordered weights; in int8 oneDNN's integer
+    matmul on inputs already quantised (the quantisation and rescaling around it left out). The most any
+    engine built on these matmuls can reach, whatever it does about attention, LayerNorm, GELU and
+    padding. Timed in turn with the engines, so that the machine's drift reaches both. The warm-up pass
+    returns the GEMMs that won."""
+    from roberta import RobertaConfig, kernels
     from roberta.inference import PackedLinear, quantize_rows
 
+    config = RobertaConfig.load(f"{path}/config.json")
     h, f = config.hidden_size, config.intermediate_size
     shapes = [(3 * h, h), (h, h), (f, h), (h, f)]  # q/k/v together, attention output, FFN in, FFN out
-    weights = [(torch.randn(n, k) * 0.02, torch.zeros(n)) for n, k in shapes]
+    g = torch.Generator().manual_seed(0)
+    layers = [[(torch.randn(n, k, generator=g) * 0.02, torch.zeros(n)) for n, k in shapes]
+              for _ in range(config.num_hidden_layers)]
     if precision == "fp32":
-        candidates = {name: [lambda x, w=w, b=b, k=kernels.FP32_KERNELS[name]: k(x, w, b) for w, b in weights]
-                      for name in kernels.available_fp32()}
+        calls = [[kernels.candidates(w, b) for w, b in layer] for layer in layers]
         cast = lambda x: x
     elif precision == "bf16":
-        candidates = {"onednn": [PackedLinear(w, b) for w, b in weights]}
+        calls = [[{"onednn": PackedLinear(w, b)} for w, b in layer] for layer in layers]
         cast = lambda x: x.bfloat16()
     else:
-        packed = [torch.ops.onednn.qlinear_prepack(quantize_rows(w)[0].int().sub(128).to(torch.int8), None)
-                  for w, _ in weights]
-        scales, zeros = [torch.full((n,), 1e-4) for n, _ in shapes], [torch.zeros(n, dtype=torch.int32) for n, _ in shapes]
-        candidates = {"onednn": [lambda q, p=p, s=s, z=z: torch.ops.onednn.qlinear_pointwise(
-            q, 1.0, 128, p, s, z, None, 1.0, 0, torch.float32, "none", [], "") for p, s, z in zip(packed, scales, zeros)]}
+        def int8(w, n):
+            packed = torch.ops.onednn.qlinear_prepack(quantize_rows(w)[0].int().sub(128).to(torch.int8), None)
+            scale, zero = torch.full((n,), 1e-4), torch.zeros(n, dtype=torch.int32)
+            return {"onednn": lambda q: torch.ops.onednn.qlinear_pointwise(
+                q, 1.0, 128, packed, scale, zero, None, 1.0, 0, torch.float32, "none", [], "")}
+        calls = [[int8(w, n) for (w, _), (n, _) in zip(layer, shapes)] for layer in layers]
         cast = lambda x: quantize_rows(x)[0]
-    total, winners = 0.0, set()
-    for b in batches(sequences):
-        x = {k: cast(torch.randn(sum(map(len, b)), k)) for _, k in shapes}
-        for i, (n, k) in enumerate(shapes):
-            best = {}
-            for name, calls in candidates.items():
-                times = []
-                for _ in range(repeats + 1):  # the first call warms up
-                    t = time.perf_counter()
-                    calls[i](x[k])
-                    times.append(time.perf_counter() - t)
-                best[name] = median(times[1:])
-            winner = min(best, key=best.get)
-            winners.add(winner)
-            total += best[winner] * config.num_hidden_layers
-    return sum(map(len, sequences)) / total, "+".join(sorted(winners))
+    plan = []  # per batch: its inputs by width and the winning candidate per shape
+
+    def run(seqs):
+        if not plan:  # the warm-up pass: time every candidate on layer 0's weights, keep the fastest
+            for b in batches(seqs):
+                x = {k: cast(torch.randn(sum(map(len, b)), k, generator=g)) for _, k in shapes}
+                winners = []
+                for i, (_, k) in enumerate(shapes):
+                    spent = {name: kernels.seconds(lambda c=c: c(x[k])) for name, c in calls[0][i].items()}
+                    winners.append(min(spent, key=spent.get))
+                plan.append((x, winners))
+            return {"gemms": "+".join(sorted({w for _, winners in plan for w in winners}))}
+        for x, winners in plan:
+            for layer in calls:
+                for i, (_, k) in enumerate(shapes):
+                    layer[i][winners[i]](x[k])
+    return run
 
 
 def child(side: str, path: str, ids_file: str) -> None:
@@ -160,6 +172,10 @@ def worker(side: str, path: str, ids_file: str) -> None:
     with open(ids_file) as f:
         sequences = json.load(f)
     with torch.inference_mode():
+        if side in ROOFLINES:
+            from roberta.inference import keep_freed_memory
+
+            keep_freed_memory()  # the matmuls' outputs without page faults, as our models run them
         run = load(side, path)
         torch.save(run(sequences), f"{ids_file}.{side}.pt")
         serve_passes(lambda: run(sequences))
@@ -212,37 +228,32 @@ def main() -> None:
     with open(ids_file, "w") as f:
         json.dump(sequences, f)
 
+    from roberta.inference import runs_here
+
     sides = [side for side in SIDES if side in args.engines.split(",") or side == "fp32"]  # fp32: the reference
+    bounds = [f"roofline-{p}" for p in ["fp32", *sorted(runs_here())] if not args.no_roofline]
     workers = {}
-    for side in sides:  # one process each, started one after another (loading is not timed)
+    for side in sides + bounds:  # one process each, started one after another (loading is not timed)
         workers[side] = Worker(__file__, side, tmp, ids_file, "--threads", str(args.threads))
-    outputs = {side: torch.load(f"{ids_file}.{side}.pt") for side in sides}  # from each warm-up pass
-    seconds = {side: [] for side in sides}
+    outputs = {side: torch.load(f"{ids_file}.{side}.pt") for side in sides + bounds}  # from each warm-up pass
+    seconds = {side: [] for side in sides + bounds}
     for repeat in range(args.repeats):
-        for side in sides:
+        for side in sides + bounds:
             time.sleep(args.gap)  # the engine before may still spin its threads (ONNX Runtime's do)
             seconds[side].append(workers[side].run_pass())
         print(f"repeat {repeat + 1}/{args.repeats}: " +
-              ", ".join(f"{s} {real / seconds[s][-1]:.0f}" for s in sides), flush=True)
+              ", ".join(f"{s} {real / seconds[s][-1]:.0f}" for s in sides + bounds), flush=True)
     for w in workers.values():
         w.close()
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    from roberta.inference import keep_freed_memory
-
-    keep_freed_memory()  # the rooflines' matmuls without page faults, as our fp32 runs them
-    from roberta import RobertaConfig
-    from roberta.inference import runs_here
-
-    config = RobertaConfig.base(num_hidden_layers=args.layers)
-    with torch.inference_mode():
-        rooflines = {p: roofline(sequences, config, args.repeats, p) for p in ["fp32", *sorted(runs_here())]}
 
     memory = {side: run_child(__file__, side, tmp, ids_file, "--threads", str(args.threads))
               for side in sides} if not args.no_memory else {}
     reference = torch.cat(outputs["fp32"]).double()
-    speed = {side: real / median(seconds[side]) for side in sides}
-    for ours, peer in (("fp32", "ct2-fp32"), ("int8", "ct2-int8"), ("fp32", "transformers")):
-        if ours in sides and peer in sides:
+    speed = {side: real / median(seconds[side]) for side in sides + bounds}
+    for ours, peer in (("fp32", "ct2-fp32"), ("int8", "ct2-int8"), ("fp32", "transformers"),
+                       *((p, f"roofline-{p}") for p in OURS)):
+        if ours in sides and peer in seconds:
             print(f"{ours} / {peer} per pass:", " ".join(f"{b / a:.2f}" for a, b in zip(seconds[ours], seconds[peer])))
     speed.update({side: float("nan") for side in SIDES if side not in sides})
     rows = []
@@ -252,14 +263,15 @@ def main() -> None:
         mem = memory.get(side, {"peak_mib": float("nan"), "run_added_mib": float("nan")})
         name = f"auto (= {auto})" if side == "auto" else side
         precision = auto if side == "auto" else side if side in OURS else side[4:] if side.startswith("ct2-") else "fp32"
-        of_roofline = speed[side] / rooflines[precision][0] if precision in rooflines else float("nan")
+        of_roofline = speed[side] / speed.get(f"roofline-{precision}", float("nan"))
         rows.append([name, speed[side], speed[side] / speed["transformers"], speed[side] / speed["ct2-fp32"],
                      speed[side] / speed["ct2-int8"], of_roofline, mem["peak_mib"], mem["run_added_mib"],
                      (a - reference).abs().max().item(), f"{cos.min().item():.6f}", f"{cos.mean().item():.6f}"])
-    for precision, (ceiling, gemms) in rooflines.items():
-        rows.append([f"{precision} roofline: matmuls only ({gemms})", ceiling, ceiling / speed["transformers"],
-                     ceiling / speed["ct2-fp32"], ceiling / speed["ct2-int8"], 1.0, float("nan"), float("nan"), 0,
-                     "-", "-"])
+    for side in bounds:
+        ceiling = speed[side]
+        rows.append([f"{side.split('-')[1]} roofline: matmuls only ({outputs[side]['gemms']})", ceiling,
+                     ceiling / speed["transformers"], ceiling / speed["ct2-fp32"], ceiling / speed["ct2-int8"], 1.0,
+                     float("nan"), float("nan"), 0, "-", "-"])
     print(table(["row", "tokens/s", "x transformers", "x ct2-fp32", "x ct2-int8", "x its roofline",
                  "peak RSS MiB (load + run)", "MiB added by the run", "max abs diff vs our fp32",
                  "min cosine vs fp32", "mean cosine vs fp32"], rows))
@@ -278,6 +290,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12, help="12 is base size; fewer for a quick try")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-row child processes")
+    parser.add_argument("--no-roofline", action="store_true", help="skip the roofline rows")
     parser.add_argument("--gap", type=float, default=1.0, help="seconds of idle before each timed pass")
     parser.add_argument("--engines", default=",".join(SIDES),
                         help=f"comma-separated rows to run, of {','.join(SIDES)} (fp32 always runs: it is the reference)")

@@ -438,7 +438,7 @@ def _load(args):
 
     device = resolve_device(args.device)
     hub = load(args.model, device=device, cache_dir=args.cache_dir, offline=args.offline, base_url=args.base_url,
-                precision=args.precision)
+                precision=args.precision, inference_only=True)
     exact = "" if hub.precision == "fp32" else "; --precision fp32 for the exact float32 numbers"
     note = f"ran on {device} in {hub.precision} ({hub.precision_reason}){exact}"
     if sys.stderr.isatty():  # a person at a terminal hears it first

@@ -101,6 +101,17 @@ def _json_type(value) -> str:
 
 # ---- content identity -------------------------------------------------------------------------------
 
+def file_digest(path: str | os.PathLike, digest=None):
+    """A file's bytes, read in 4 MiB blocks, into `digest` (returned); by default a new xxh3-128."""
+    import xxhash
+
+    digest = xxhash.xxh3_128() if digest is None else digest
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest
+
+
 def content_digest(paths: list[str | os.PathLike]) -> str:
     """One hash (xxh3-128, hex) of the files' names and bytes, read in blocks: two sets of files with the
     same digest hold the same content, whatever their modification times. A folder stands for the
@@ -111,11 +122,8 @@ def content_digest(paths: list[str | os.PathLike]) -> str:
     files = [file for path in map(Path, paths) for file in (
         sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path])]
     for path in files:
-        digest.update(os.fsencode(Path(path).name) + b"\0")
-        with open(path, "rb") as f:
-            digest.update(b"%d\0" % os.fstat(f.fileno()).st_size)
-            while block := f.read(1 << 22):
-                digest.update(block)
+        digest.update(os.fsencode(Path(path).name) + b"\0" + b"%d\0" % os.stat(path).st_size)
+        file_digest(path, digest)
     return digest.hexdigest()
 
 

@@ -60,11 +60,12 @@ class RobertaHub(nn.Module):
         self.pooling: SentencePooling | None = None  # a sentence-transformers directory's own (`load` sets it)
         self.cross_encoder = None  # a CrossEncoder directory's activation and max length (`load` sets it)
         self.precision, self.precision_reason = "fp32", "as loaded"  # `load` may reduce it
+        self.inference_only = False  # weights prepared for inference kernels (`load`): not trainable or savable
         self.source: Path | None = None  # the directory or archive `load` read (a job's model identity)
         self.train(model.training)  # the hub is in the mode its model is in
 
     def train(self, mode: bool = True) -> "RobertaHub":
-        if mode and self.precision != "fp32":
+        if mode and self.inference_only:
             raise RobertaError(self._fp32_only("fine-tune"))
         return super().train(mode)
 
@@ -74,12 +75,15 @@ class RobertaHub(nn.Module):
         device, dtype = torch._C._nn._parse_to(*args, **kwargs)[:2]
         here, weights = self.device, self.model.get_input_embeddings().weight.dtype
         moved = device is not None and (device.type != here.type or device.index not in (None, here.index))
-        if self.precision != "fp32" and (moved or (dtype is not None and dtype != weights)):
+        if self.inference_only and (moved or (dtype is not None and dtype != weights)):
             raise RobertaError(f"this model was loaded in {self.precision} for {self.device}, with weights prepared "
                                "for that device; load it where it should run: roberta.load(..., device=...)")
         return super().to(*args, **kwargs)
 
     def _fp32_only(self, what: str) -> str:
+        if self.precision == "fp32":
+            return (f"this model was loaded for inference only, with weights prepared for its kernels; to {what} "
+                    "it, load it with roberta.load(...) without inference_only=True")
         return (f"this model was loaded in {self.precision} for inference; to {what} it, load it with "
                 "roberta.load(..., precision='fp32')")
 
@@ -449,7 +453,7 @@ class RobertaHub(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the model (config.json + model.safetensors, heads included) and tokenizer files."""
-        if self.precision != "fp32":
+        if self.inference_only:
             raise RobertaError(self._fp32_only("save"))
         self.model.save_pretrained(directory, tokenizer=self.tokenizer)
 
@@ -768,7 +772,7 @@ def resolve(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | Non
 
 def load(name_or_path: str | os.PathLike, device: str | torch.device | None = None, cache_dir=None,
          offline: bool | None = None, base_url: str | None = None, progress: bool = True,
-         precision: str = "fp32", kernels: str | None = None) -> RobertaHub:
+         precision: str = "fp32", kernels: str | None = None, inference_only: bool = False) -> RobertaHub:
     """Load a RoBERTa by name (`roberta.base`, `roberta.large`, `roberta.large.mnli`), Hub id
     (`FacebookAI/roberta-base`, `org/name@revision`: any RoBERTa-family repository) or path: a fairseq
     directory or .tar.gz (model.pt + dict.txt), a Hugging Face directory (sharded, ZipNN-compressed or
@@ -781,9 +785,12 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     `kernels`: "default" runs every float32 product through F.linear instead of the GEMM measured
     fastest here ("measure"), for runs that repeat bit for bit across machines; process-wide, as
     $ROBERTA_KERNELS (`roberta.kernels`).
+    `inference_only=True` also prepares an fp32 model's weights for inference alone where that measures
+    faster here (`inference.reduce_precision`; the commands and the server do): it then cannot be trained,
+    given a head or saved, as bf16 and int8 models cannot.
     """
     from . import kernels as _kernels
-    from .inference import reduce_precision, resolve_precision
+    from .inference import prepared, reduce_precision, resolve_precision
 
     if kernels is not None:
         _kernels.use(kernels)
@@ -801,7 +808,8 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     hub.source = source.parent if source.name == "model.pt" else source
     hub = hub.to(device) if device is not None else hub
     hub.precision, hub.precision_reason = resolve_precision(precision, hub.device)
-    reduce_precision(hub.model, hub.precision)
+    reduce_precision(hub.model, hub.precision, inference_only)
+    hub.inference_only = hub.precision != "fp32" or prepared(hub.model)
     return hub
 
 

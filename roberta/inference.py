@@ -168,7 +168,7 @@ def measured_speeds(precisions: Iterable[str]) -> dict[str, float]:
         weight, bias = torch.randn(out_features, in_features, generator=g) * 0.02, torch.randn(out_features, generator=g)
         x = torch.randn(tokens, in_features, generator=g)
         flops = 2.0 * tokens * out_features * in_features
-        calls = {f"fp32 {k}": (lambda k=k: kernels.FP32_KERNELS[k](x, weight, bias)) for k in kernels.available_fp32()}
+        calls = {f"fp32 {k}": (lambda call=call: call(x)) for k, call in kernels.candidates(weight, bias).items()}
         if "bf16" in precisions:
             packed, xb = PackedLinear(weight, bias), x.bfloat16()
             calls["bf16"] = lambda: packed(xb)
@@ -225,19 +225,27 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu",
     return precision, "asked for"
 
 
-def reduce_precision(model: nn.Module, precision: str) -> nn.Module:
-    """Convert `model` in place for inference in "fp32" (unchanged), "bf16", "int8" or "auto" (decided
-    by `resolve_precision` for the model's device); returns it, in eval mode.
+def reduce_precision(model: nn.Module, precision: str, inference_only: bool = False) -> nn.Module:
+    """Convert `model` in place for inference in "fp32", "bf16", "int8" or "auto" (decided by
+    `resolve_precision` for the model's device); returns it, in eval mode.
 
     bf16 and int8 models are for inference only: their encoder's weights are prepared once here for the
     kernels that run them (q, k and v as one projection; on CPU, reordered into oneDNN's blocked layouts,
-    with GELU done in the bf16 matmul's epilogue), so they cannot be trained or saved.
+    with GELU done in the matmul's epilogue), so they cannot be trained or saved. An fp32 model stays as
+    it is (trainable, savable) unless `inference_only`: then on CPU its encoder is prepared the same way
+    in float32 where `kernels.packs` measured that faster here (never with ROBERTA_KERNELS=default), the
+    same weights replaced, not copied. The commands and the server load with `inference_only`.
     """
     device = next(model.parameters()).device
+    from . import kernels
+
     precision, _ = resolve_precision(precision, device)
     model.eval()
     if device.type == "cpu":
         keep_freed_memory()
+    if precision == "fp32" and inference_only and device.type == "cpu" and fp32_packs(model):
+        _prepare_encoder(model, lambda weight, bias, gelu=False: PackedLinear(weight, bias, gelu, torch.float32)
+                         if kernels.packs([tuple(weight.shape)]) else PlainLinear(weight, bias, gelu))
     if precision == "bf16":
         model.to(torch.bfloat16)
         if device.type == "cpu" and packed_bf16_available():
@@ -282,6 +290,24 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def prepared(model: nn.Module) -> bool:
+    """Whether `reduce_precision` replaced weights of `model` by ones prepared for inference kernels."""
+    return any(isinstance(m, (PackedLinear, PlainLinear, Int8Linear)) for m in model.modules())
+
+
+def fp32_packs(model: nn.Module) -> bool:
+    """Whether `reduce_precision(model, "fp32", inference_only=True)` reorders any of its encoder's weights
+    here (`kernels.packs`, per shape; a float32 model of the standard layout only)."""
+    from . import kernels
+
+    encoder = model.encoder_model
+    config = encoder.config
+    first = encoder.encoder.layer[0] if len(encoder.encoder.layer) else None
+    if first is None or not hasattr(first.attention.self, "query") or first.attention.self.query.weight.dtype != torch.float32:
+        return False
+    return any(kernels.packs([shape]) for shape in kernels.encoder_shapes(config.hidden_size, config.intermediate_size))
+
+
 def _prepare_encoder(model: nn.Module, make, keep_dense: bool = False) -> None:
     """Every encoder layer's projections replaced by `make(weight, bias, gelu=...)`: q, k and v by one
     module on their concatenated weights, the FFN's first layer and its GELU by one (unless `keep_dense`:
@@ -313,18 +339,22 @@ def packed_bf16_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b in bfloat16, then GELU when `gelu`, on oneDNN with W reordered once into the
-    blocked layout its AMX / AVX-512 BF16 kernels read and the GELU applied in the matmul's epilogue
-    (one pass over the output instead of two). Measured by `benchmarks/bench_features.py` against
-    `F.linear` on the same bf16 weights; `forward_reference` is that plain path, for the tests.
+    """y = x W^T + b, then GELU when `gelu`, on oneDNN with W reordered once into the blocked layout its
+    kernels read and the GELU applied in the matmul's epilogue (one pass over the output instead of
+    two). In bfloat16 (the default) for AMX / AVX-512 BF16; in float32 for inference-only fp32 models
+    where `kernels.packs` measured it faster. Measured by `benchmarks/bench_features.py` against the
+    plain path; `forward_reference` is that plain path, for the tests.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False,
+                 dtype: torch.dtype = torch.bfloat16):
+        from . import kernels
+
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.gelu = gelu
-        self.register_buffer("bias", bias.detach().to(torch.bfloat16).clone())
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", bias.detach().to(dtype).clone())
+        self.packed = kernels.pack(weight.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias,
@@ -336,8 +366,30 @@ class PackedLinear(nn.Module):
         return F.gelu(y) if self.gelu else y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 oneDNN" + \
-            (" + GELU" if self.gelu else "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"{'bf16' if self.bias.dtype == torch.bfloat16 else 'fp32'} oneDNN" + (" + GELU" if self.gelu else "")
+
+
+class PlainLinear(nn.Module):
+    """y = x W^T + b, then GELU when `gelu`, on a plain float32 weight through the GEMM measured fastest
+    for its shape (`kernels.linear`): the shapes of an inference-only fp32 model that packing did not
+    speed up here, q, k and v still concatenated once."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.gelu = gelu
+        self.register_buffer("weight", weight.detach())  # the model's own (inference only: never changes)
+        self.register_buffer("bias", bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from . import kernels
+
+        y = kernels.linear(x, self.weight, self.bias)
+        return torch.ops.aten.gelu_(y) if self.gelu else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp32" + (" + GELU" if self.gelu else "")
 
 
 def int8_kernels_available() -> bool:

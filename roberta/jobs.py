@@ -43,7 +43,7 @@ import xxhash
 from tqdm import tqdm
 
 from .errors import RobertaError
-from .fileio import atomic_write, parse_json, read_json
+from .fileio import atomic_write, file_digest, parse_json, read_json
 
 FORMATS = ("text", "tsv", "jsonl")
 KINDS = ("features", "predict")
@@ -452,15 +452,6 @@ def _record(out: Path, kind: str, k: int) -> dict:
         raise RobertaError(f"the record {path} of shard {shard_name(kind, k)} {reason}; delete the shard and "
                            "resume to recompute it") from None
     return record
-
-
-def file_digest(path: Path, digest=None):
-    """A file's bytes, read in 1 MiB blocks, into `digest` (returned); by default a new xxh3-128."""
-    digest = xxhash.xxh3_128() if digest is None else digest
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest
 
 
 def _check_shard(path: Path, checksum: str, rows: int) -> tuple[int, int]:

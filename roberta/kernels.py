@@ -4,9 +4,9 @@ The same float32 product `[tokens, in] x [in, out]` runs at very different speed
 CPU GEMMs depending on the machine: `F.linear` calls MKL's sgemm, which on AMD CPUs takes a slower path
 (218 GFLOP/s against oneDNN's 385 for [800 x 768] x [768 x 3072] on an EPYC with AVX-512), while on
 Intel CPUs MKL is usually the faster one. So at the first float32 inference product of each weight
-shape, both are timed on that shape at a small and a large token count (`SMALL_TOKENS`, `LARGE_TOKENS`;
-a fraction of a second per shape, bounded by `BUDGET_S`), the faster is kept for that shape and token
-class, and the choice is cached beside the downloaded models (`ROBERTA_CACHE`, ~/.cache/roberta:
+shape, every candidate below is timed on that shape at a small and a large token count (`SMALL_TOKENS`,
+`LARGE_TOKENS`; a fraction of a second per shape, bounded by `BUDGET_S`), the fastest is kept for that
+shape and token class, and the choice is cached beside the downloaded models (`ROBERTA_CACHE`, ~/.cache/roberta:
 `kernels.json`), keyed by CPU model, instruction-set cap, thread count and PyTorch version, so other
 processes on the same machine reuse it. A cache entry that does not parse, or was written for another
 machine or by another format, is measured again and replaced, never trusted.
@@ -14,19 +14,28 @@ machine or by another format, is measured again and replaced, never trusted.
 Candidates (all give the float32 product within float rounding of each other; the tests hold every
 head to 1e-5 of the plain path):
 - "mkl": `torch.nn.functional.linear`, the plain path;
-- "onednn": oneDNN's inner product (`torch.ops.mkldnn._linear_pointwise`) on the weight as it is. It
-  reorders the weight inside the call; measured here as fast as on a weight reordered once in advance
-  (`_reorder_linear_weight`), which would double the weights' memory and go stale when a trainable
-  model's weights change, so the plain weight is what runs.
+- "onednn": oneDNN's inner product (`torch.ops.mkldnn._linear_pointwise`) on the weight as it is, which
+  it reorders into its blocked layout inside every call;
+- "onednn-packed" (`PACKED`): the same on a weight reordered once in advance (`_reorder_linear_weight`).
+  Only a model prepared for inference alone can hold it (`inference.reduce_precision(...,
+  inference_only=True)`, what the commands and the server do): a trainable model's weights change under
+  the optimizer, and a second copy would double their memory. On the AMD EPYC of benchmarks/RESULTS.md
+  it measured 4-5% faster than "onednn" at 785 tokens and 1.3-2x at 8-32 tokens, where the reorder is
+  most of the call. Which of an inference-only model's encoder weights are packed is decided per shape
+  by `packs`, from the same measurements (under an AVX2 cap there, MKL won some shapes).
 
 Only inference takes this path (no autograd, float32, CPU, not being traced for export): training keeps
-`F.linear` and its backward until a training step through oneDNN measures faster on a quiet machine
-(`benchmarks/bench_train_gemm.py`; the one figure so far, 0.85x the time, was taken under heavy load).
+`F.linear` and its backward, as a training step through oneDNN measured no faster on a quiet machine
+(`benchmarks/bench_train_gemm.py` on the AMD EPYC: 1.12x and 0.98x the step time of MKL's).
 `ROBERTA_KERNELS=default` (or `use("default")`, `roberta.load(..., kernels="default")`) turns the
 measurement off: every product is `F.linear`, for runs that must repeat bit for bit across machines.
 `ROBERTA_KERNELS=remeasure` times every shape again once in the process and replaces the cached choice
 (a measurement taken while other work loaded the machine is kept until then; `roberta info --device`
 with it re-measures base size's shapes).
+
+The same cache holds one more measured choice: whether bf16 inference runs attention through this
+project's float32 kernel on the packed tokens, widened from bf16, or through PyTorch's bf16 attention on
+the re-padded batch (`widen_bf16_attention`).
 """
 from __future__ import annotations
 
@@ -44,14 +53,14 @@ from .errors import RobertaError
 MODES = ("measure", "default", "remeasure")
 ENV = "ROBERTA_KERNELS"
 CACHE_FILE = "kernels.json"
-FORMAT = 1  # of the cache file; another number is another format, measured again
+FORMAT = 2  # of the cache file; another number is another format, measured again
 SMALL_TOKENS, LARGE_TOKENS = 32, 768  # the two token counts timed; products up to SPLIT tokens use the first
 SPLIT = 128
 FLOP_CAP = 4e9  # products above this many FLOPs (a vocabulary's) are timed on fewer tokens, not under 2 * SPLIT
 BUDGET_S = 0.25  # at most this long timing one candidate on one shape (after one warm-up call)
 
 _mode: str | None = None  # set by use(); None: from the environment
-_fp32: dict[tuple, str] = {}  # (threads, token class, out, in) -> kernel, this process's decisions
+_records: dict[tuple, dict] = {}  # (threads, out, in) -> the measurement this process decides by
 _remeasured: set[tuple] = set()  # with "remeasure": the records this process has measured afresh
 
 
@@ -59,7 +68,13 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-FP32_KERNELS: dict[str, Callable] = {"mkl": F.linear, "onednn": _onednn}
+FP32_KERNELS: dict[str, Callable] = {"mkl": F.linear, "onednn": _onednn}  # on plain weights
+PACKED = "onednn-packed"
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [out, in] reordered once into oneDNN's blocked layout, for `_onednn` (an opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
 def use(mode: str | None) -> None:
@@ -184,41 +199,88 @@ def available_fp32() -> list[str]:
     return names
 
 
+_packs: dict[str, bool] = {}  # whether oneDNN runs a reordered weight here: one probe per process
+
+
+def packed_available() -> bool:
+    """Whether this process's oneDNN runs float32 products on a reordered weight (`pack`), equal to F.linear
+    on a tiny one."""
+    if "float32" not in _packs:
+        ok = "onednn" in available_fp32() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        if ok:
+            try:
+                x, w = torch.ones(2, 16), torch.ones(8, 16)
+                ok = torch.equal(_onednn(x, pack(w), torch.zeros(8)), F.linear(x, w))
+            except RuntimeError:
+                ok = False
+        _packs["float32"] = ok
+    return _packs["float32"]
+
+
+def candidates(weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Every float32 candidate this process runs, each as x -> x W^T + b (the packed one's weight
+    reordered here, once)."""
+    calls = {k: (lambda x, k=k: FP32_KERNELS[k](x, weight, bias)) for k in available_fp32()}
+    if packed_available():
+        packed = pack(weight)
+        calls[PACKED] = lambda x: _onednn(x, packed, bias)
+    return calls
+
+
 def _valid_fp32(record: dict) -> bool:
-    names = available_fp32()
-    return all(record[c]["winner"] in names and isinstance(record[c]["gflops"], dict)
+    names = available_fp32() + ([PACKED] if packed_available() else [])
+    return all(record[c]["winner"] in available_fp32() and isinstance(record[c]["gflops"], dict)
+               and set(record[c]["gflops"]) == set(names) and isinstance(record[c]["tokens"], int)
                and all(isinstance(v, float) and v > 0 for v in record[c]["gflops"].values())
-               and record[c]["winner"] in record[c]["gflops"] for c in ("small", "large"))
+               for c in ("small", "large"))
 
 
 def measure_fp32(out_features: int, in_features: int) -> dict:
     """Time every float32 candidate on [tokens, in] x [in, out] at both token counts: {"small": {"tokens",
-    "winner", "gflops": {kernel: GFLOP/s}}, "large": {...}}."""
+    "winner", "gflops": {kernel: GFLOP/s}}, "large": {...}}; "winner" is the fastest on a plain weight
+    (what a trainable model runs), the packed one's speed is there for `packs`."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=g) * 0.02
     bias = torch.randn(out_features, generator=g)
     record = {}
     with torch.inference_mode():
+        calls = candidates(weight, bias)
         large = min(LARGE_TOKENS, max(2 * SPLIT, int(FLOP_CAP / (2 * in_features * out_features))))
         for name, tokens in (("small", SMALL_TOKENS), ("large", large)):
             x = torch.randn(tokens, in_features, generator=g)
             flops = 2.0 * tokens * in_features * out_features
-            gflops = {k: flops / seconds(lambda: FP32_KERNELS[k](x, weight, bias)) / 1e9 for k in available_fp32()}
-            record[name] = {"tokens": tokens, "winner": max(gflops, key=gflops.get), "gflops": gflops}
+            gflops = {k: flops / seconds(lambda: call(x)) / 1e9 for k, call in calls.items()}
+            plain = {k: v for k, v in gflops.items() if k in FP32_KERNELS}
+            record[name] = {"tokens": tokens, "winner": max(plain, key=plain.get), "gflops": gflops}
     return record
 
 
+def fp32_record(out_features: int, in_features: int) -> dict:
+    """The measurement of this shape here (`measure_fp32`), taken or read from the cache once a process."""
+    key = (torch.get_num_threads(), out_features, in_features)
+    if key not in _records:
+        _records[key] = cached("fp32", f"{out_features}x{in_features}", _valid_fp32,
+                               lambda: measure_fp32(out_features, in_features))
+    return _records[key]
+
+
 def fp32_choice(tokens: int, out_features: int, in_features: int) -> str:
-    """The float32 kernel for a product of this shape here, measured (or read from the cache) once."""
-    key = (torch.get_num_threads(), tokens > SPLIT, out_features, in_features)
-    kernel = _fp32.get(key)
-    if kernel is None:
-        record = cached("fp32", f"{out_features}x{in_features}", _valid_fp32,
-                        lambda: measure_fp32(out_features, in_features))
-        for large in (False, True):
-            _fp32[key[:1] + (large,) + key[2:]] = record["large" if large else "small"]["winner"]
-        kernel = _fp32[key]
-    return kernel
+    """The float32 kernel for a product of this shape on a plain weight here, measured once."""
+    return fp32_record(out_features, in_features)["large" if tokens > SPLIT else "small"]["winner"]
+
+
+def packs(shapes: list[tuple[int, int]]) -> bool:
+    """Whether a model prepared for inference alone runs faster with these (out, in) weights reordered
+    once for oneDNN than with each product on its plain winner: the measured times of one product of
+    each shape at both token counts, summed. Never with ROBERTA_KERNELS=default."""
+    if mode() == "default" or not packed_available():
+        return False
+    plain = packed = 0.0
+    for out_features, in_features in shapes:
+        for r in fp32_record(out_features, in_features).values():
+            flops = 2.0 * r["tokens"] * out_features * in_features
+            plain, packed = plain + flops / r["gflops"][r["winner"]], packed + flops / r["gflops"][PACKED]
+    return packed < plain
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -235,6 +297,50 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+ATTENTION_BATCHES = ((32, 32), (4, 256))  # (sequences, tokens each): short inputs, and long ones
+
+
+def measure_bf16_attention(heads: int, dim: int) -> dict:
+    """Seconds of bf16 self-attention over ATTENTION_BATCHES both ways it can run on CPU: PyTorch's
+    scaled_dot_product_attention in bf16 on the padded batch ("sdpa"), and this project's float32 kernel
+    on the packed tokens, widened from bf16 and narrowed back ("widened")."""
+    from . import model
+
+    g = torch.Generator().manual_seed(0)
+    times = {"sdpa": 0.0, "widened": 0.0}
+    with torch.inference_mode():
+        for batch, tokens in ATTENTION_BATCHES:
+            qkv = torch.randn(batch * tokens, 3 * heads * dim, generator=g).bfloat16()
+            cu = torch.arange(0, batch * tokens + 1, tokens)
+            out = torch.empty(batch * tokens, heads * dim)
+            q, k, v = qkv.view(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4)
+            mask = torch.ones(batch, 1, 1, tokens, dtype=torch.bool)  # as a padded batch has one
+
+            def widened():
+                model._attend_cpu(qkv.float().numpy(), batch * tokens, cu.numpy(), batch, heads, dim, out.numpy(),
+                                  torch.get_num_threads())
+                return out.bfloat16()
+            times["sdpa"] += seconds(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            times["widened"] += seconds(widened)
+    return {"seconds": times, "winner": min(times, key=times.get)}
+
+
+def widen_bf16_attention(heads: int, dim: int) -> bool:
+    """Whether bf16 inference on this CPU runs attention faster through the float32 packed kernel than
+    through PyTorch's bf16 attention (measured once per machine and head shape; cached). With
+    ROBERTA_KERNELS=default: no, PyTorch's."""
+    from . import model
+
+    if mode() == "default" or model._attend_cpu is None or dim % 16:
+        return False
+    key = (torch.get_num_threads(), "bf16 attention", heads, dim)
+    if key not in _records:
+        _records[key] = cached("attention", f"bf16 {heads}x{dim}", lambda r: r["winner"] in ("sdpa", "widened")
+                               and all(isinstance(v, float) and v > 0 for v in r["seconds"].values()),
+                               lambda: measure_bf16_attention(heads, dim))
+    return _records[key]["winner"] == "widened"
+
+
 def encoder_shapes(hidden: int = 768, intermediate: int = 3072) -> list[tuple[int, int]]:
     """(out, in) of an encoder layer's products: q, k and v together, the attention output, the FFN."""
     return [(3 * hidden, hidden), (hidden, hidden), (intermediate, hidden), (hidden, intermediate)]
@@ -244,14 +350,21 @@ def report(shapes: list[tuple[int, int]] | None = None) -> list[dict]:
     """This machine's choices (measured now where missing) for `shapes` (base size's by default), and
     the speeds `auto` was decided on when measured: rows for `roberta info --device`."""
     rows = []
-    for out_features, in_features in shapes or encoder_shapes():
-        fp32_choice(1, out_features, in_features)
-        record = _read_entry(machine()).get("fp32", {}).get(f"{out_features}x{in_features}")
+    shapes = shapes or encoder_shapes()
+    for out_features, in_features in shapes:
+        record = fp32_record(out_features, in_features)
         for name in ("small", "large"):
-            r = record[name] if record else {"tokens": None, "winner": _fp32.get(
-                (torch.get_num_threads(), name == "large", out_features, in_features)), "gflops": {}}
+            r = record[name]
             rows.append({"precision": "fp32", "shape": f"{out_features}x{in_features}", "tokens": r["tokens"],
                          "kernel": r["winner"], "gflops": r["gflops"]})
+    for out_features, in_features in shapes if packed_available() else []:  # what `packs` decides for each
+        rows.append({"precision": "fp32", "shape": f"{out_features}x{in_features}", "tokens": None, "gflops": {},
+                     "inference_only": True,
+                     "kernel": PACKED if packs([(out_features, in_features)]) else "plain weights"})
+    for name, record in sorted((_read_entry(machine()).get("attention") or {}).items()):
+        if isinstance(record, dict) and isinstance(record.get("seconds"), dict):
+            rows.append({"precision": "attention", "shape": name, "tokens": None, "kernel": record.get("winner"),
+                         "gflops": {}, "seconds": record["seconds"]})
     for name, record in sorted((_read_entry(machine()).get("precision") or {}).items()):
         if isinstance(record, dict) and isinstance(record.get("gflops"), dict):
             rows.append({"precision": "auto", "shape": name, "tokens": record.get("shape", [None])[0],
@@ -265,5 +378,10 @@ def describe(row: dict) -> str:
     tokens = f"{row['tokens']} tokens" if row["tokens"] else "tokens not measured"
     if row["kernel"] is None:  # the speeds `auto` compared
         return f"auto  {row['shape']} at {tokens}, GFLOP/s: {speeds}"
+    if row["precision"] == "attention":  # `widen_bf16_attention`
+        spent = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(row["seconds"].items()))
+        return f"attn  {row['shape']} heads x dim: {row['kernel']} ({spent})"
+    if row.get("inference_only"):  # what `packs` decided for the commands and the server
+        return f"fp32  {row['shape']:<12} in inference-only models (commands, server): {row['kernel']}"
     return f"{row['precision']:<5} {row['shape']:<12} at {tokens}: {row['kernel']}" + \
         (f" (GFLOP/s: {speeds})" if speeds else "")

@@ -279,13 +279,17 @@ def packed_attention_available(qkv: torch.Tensor, attention: "RobertaSelfAttenti
     """Whether attention can run on the packed tokens without re-padding: PyTorch's variable-length flash
     attention on a GPU in half precision, or this project's C kernel for float32 inference on CPU (no
     autograd through it, and heads a multiple of 16 wide). Neither drops attention weights in training.
-    (bf16 on CPU stays with PyTorch's attention: widened to float32 for this kernel it measured slower.)"""
+    bf16 inference on CPU takes the C kernel too, widened to float32, where that measured faster than
+    PyTorch's bf16 attention on this machine (`kernels.widen_bf16_attention`; e.g. with AMX it may not)."""
     if attention.training and attention.dropout_p > 0:
         return False
     if qkv.is_cuda:
         return qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None
-    return (_attend_cpu is not None and qkv.device.type == "cpu" and qkv.dtype == torch.float32
-            and attention.head_dim % 16 == 0 and not (torch.is_grad_enabled() and qkv.requires_grad))
+    if (_attend_cpu is None or qkv.device.type != "cpu" or attention.head_dim % 16
+            or (torch.is_grad_enabled() and qkv.requires_grad)):
+        return False
+    return qkv.dtype == torch.float32 or (qkv.dtype == torch.bfloat16 and kernels.widen_bf16_attention(
+        attention.num_heads, attention.head_dim))
 
 
 class Unpadded:
@@ -553,11 +557,12 @@ class RobertaSelfAttention(nn.Module):
             q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # each [N, h, d]
             y = _varlen_attn(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_length, layout.max_length)
             return y.reshape(-1, inner)
-        qkv = qkv.detach().contiguous()
+        dtype = qkv.dtype  # bf16 is widened for the kernel, which is float32 (`packed_attention_available`)
+        qkv = qkv.detach().float().contiguous()
         y = qkv.new_empty(qkv.shape[0], inner)
         _attend_cpu(qkv.numpy(), qkv.shape[0], layout.cu_seqlens_host.numpy(), layout.batch, self.num_heads,
                     self.head_dim, y.numpy(), torch.get_num_threads())
-        return y
+        return y.to(dtype)
 
 
 class RobertaSelfOutput(nn.Module):

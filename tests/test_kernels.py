@@ -1,5 +1,7 @@
 """The float32 GEMM chosen by measurement: made, cached, measured again when the cache cannot be trusted,
 switched off on request, and every candidate within float rounding of the plain path for every head."""
+import copy
+import os
 import json
 
 import pytest
@@ -10,7 +12,7 @@ import roberta
 from roberta import RobertaConfig, kernels
 
 from test_model import randomize
-from test_speed_paths import CONFIG, HEADS, fixed_lengths
+from test_speed_paths import CONFIG, HEADS, attention_error_bound, fixed_lengths, sdpa_per_sequence
 
 
 @pytest.fixture
@@ -18,7 +20,7 @@ def cache(tmp_path, monkeypatch):
     """A fresh cache directory and no decisions held by this process."""
     monkeypatch.setenv("ROBERTA_CACHE", str(tmp_path))
     monkeypatch.delenv(kernels.ENV, raising=False)
-    monkeypatch.setattr(kernels, "_fp32", {})
+    monkeypatch.setattr(kernels, "_records", {})
     monkeypatch.setattr(kernels, "_mode", None)
     monkeypatch.setattr(kernels, "_remeasured", set())
     return tmp_path / kernels.CACHE_FILE
@@ -46,16 +48,21 @@ def test_the_choice_is_measured_once_and_cached(cache, measured, monkeypatch):
     assert entry(cache)["machine"] == kernels.machine()
     for name, tokens in (("small", kernels.SMALL_TOKENS), ("large", kernels.LARGE_TOKENS)):
         r = record[name]
-        assert r["tokens"] == tokens and set(r["gflops"]) == set(kernels.available_fp32())
-        assert all(v > 0 for v in r["gflops"].values()) and r["winner"] == max(r["gflops"], key=r["gflops"].get)
+        assert r["tokens"] == tokens and set(r["gflops"]) == set(kernels.candidates(torch.ones(2, 2), None))
+        plain = {k: v for k, v in r["gflops"].items() if k in kernels.available_fp32()}
+        assert all(v > 0 for v in r["gflops"].values()) and r["winner"] == max(plain, key=plain.get)
     assert kernels.fp32_choice(800, 96, 64) == record["large"]["winner"]
     assert kernels.fp32_choice(5, 96, 64) == record["small"]["winner"]
-    monkeypatch.setattr(kernels, "_fp32", {})  # another process on this machine: reads the cache
+    monkeypatch.setattr(kernels, "_records", {})  # another process on this machine: reads the cache
     assert kernels.fp32_choice(800, 96, 64) == record["large"]["winner"]
     assert measured == [(96, 64)]
     kernels.fp32_choice(800, 32, 64)  # another shape: measured and added beside the first
     assert measured == [(96, 64), (32, 64)] and set(entry(cache)["fp32"]) == {"96x64", "32x64"}
     rows = kernels.report([(96, 64), (32, 64)])  # what `roberta info --device` shows: from the cache
+    packing = [r for r in rows if r.get("inference_only")]
+    rows = [r for r in rows if not r.get("inference_only")]
+    assert [r["kernel"] for r in packing] == ([kernels.PACKED if kernels.packs([shape]) else "plain weights"
+                                               for shape in ((96, 64), (32, 64))] if kernels.packed_available() else [])
     assert [(r["shape"], r["tokens"], r["kernel"]) for r in rows] == [
         (s, entry(cache)["fp32"][s][c]["tokens"], entry(cache)["fp32"][s][c]["winner"])
         for s in ("96x64", "32x64") for c in ("small", "large")]
@@ -66,10 +73,10 @@ def test_remeasure_times_again_once_and_replaces_the_cached_choice(cache, measur
     kernels.fp32_choice(800, 96, 64)
     old = entry(cache)["fp32"]["96x64"]
     monkeypatch.setenv(kernels.ENV, "remeasure")  # in another process, which has measured nothing yet
-    monkeypatch.setattr(kernels, "_fp32", {})
+    monkeypatch.setattr(kernels, "_records", {})
     monkeypatch.setattr(kernels, "_remeasured", set())
     kernels.fp32_choice(800, 96, 64)
-    monkeypatch.setattr(kernels, "_fp32", {})
+    monkeypatch.setattr(kernels, "_records", {})
     kernels.fp32_choice(800, 96, 64)  # once per process: the fresh record is used from then on
     assert measured == [(96, 64), (96, 64)]
     new = entry(cache)["fp32"]["96x64"]
@@ -99,7 +106,7 @@ def test_a_damaged_or_foreign_cache_entry_is_measured_again(cache, measured, mon
         data["format"] = kernels.FORMAT + 1
         text = json.dumps(data)
     cache.write_text(text)
-    monkeypatch.setattr(kernels, "_fp32", {})
+    monkeypatch.setattr(kernels, "_records", {})
     assert kernels.fp32_choice(800, 96, 64) in kernels.available_fp32()
     assert measured == [(96, 64), (96, 64)]
     assert entry(cache)["fp32"]["96x64"]["large"]["winner"] in kernels.available_fp32()  # repaired
@@ -156,3 +163,189 @@ def test_every_candidate_gives_every_head_within_1e_5_of_the_plain_path(cache, m
         x, y = getattr(fast, field, None), getattr(plain, field, None)
         if x is not None:
             assert (x - y).abs().max().item() <= 1e-5 * max(1.0, y.abs().max().item()), field
+
+
+def measured_faster(cache, shapes, packed_faster: bool):
+    """This machine's records of `shapes` (measured for real), with the packed candidate's speeds then
+    written 10x above or below the plain winner's: a cache as a machine where packing wins or loses."""
+    for out_features, in_features in shapes:
+        kernels.fp32_record(out_features, in_features)
+    data = json.loads(cache.read_text())
+    key = next(iter(data["entries"]))
+    for name in (f"{o}x{i}" for o, i in shapes):
+        for r in data["entries"][key]["fp32"][name].values():
+            r["gflops"][kernels.PACKED] = r["gflops"][r["winner"]] * (10.0 if packed_faster else 0.1)
+    cache.write_text(json.dumps(data))
+    kernels._records.clear()
+
+
+needs_packing = pytest.mark.skipif(not kernels.packed_available(),
+                                   reason="this PyTorch build's oneDNN does not run reordered float32 weights")
+
+
+@needs_packing
+@pytest.mark.parametrize("packed_faster", [True, False])
+def test_an_inference_only_fp32_model_packs_its_encoder_where_that_measured_faster(cache, packed_faster):
+    from roberta.inference import PackedLinear, prepared, reduce_precision
+
+    config = RobertaConfig(**CONFIG)
+    model = randomize(roberta.RobertaModel(config)).eval()
+    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), packed_faster)
+    assert kernels.packs(kernels.encoder_shapes(config.hidden_size, config.intermediate_size)) is packed_faster
+    trainable = reduce_precision(copy.deepcopy(model), "fp32")  # not inference-only: kept as it is
+    assert not prepared(trainable) and trainable.encoder.layer[0].attention.self.query.weight.requires_grad
+    kernels.use("default")  # the reproducible mode never packs
+    assert not prepared(reduce_precision(copy.deepcopy(model), "fp32", inference_only=True))
+    kernels.use(None)
+    fast = reduce_precision(model, "fp32", inference_only=True)
+    assert prepared(fast) is packed_faster
+    if packed_faster:
+        layer = fast.encoder.layer[0]
+        assert isinstance(layer.attention.self.qkv, PackedLinear) and layer.intermediate.gelu
+        assert layer.intermediate.bias.dtype == torch.float32 and "fp32 oneDNN + GELU" in repr(layer.intermediate)
+    rows = kernels.report(kernels.encoder_shapes(config.hidden_size, config.intermediate_size))
+    assert [r["kernel"] for r in rows if r.get("inference_only")] == [kernels.PACKED if packed_faster else
+                                                                      "plain weights"] * 4
+
+
+@needs_packing
+def test_an_inference_only_fp32_model_packs_only_the_shapes_measured_faster_packed(cache):
+    from roberta.inference import PackedLinear, PlainLinear, reduce_precision
+
+    config = RobertaConfig(**CONFIG)
+    model = randomize(roberta.RobertaForMaskedLM(config)).eval()
+    h, f = config.hidden_size, config.intermediate_size
+    measured_faster(cache, [(3 * h, h), (f, h)], True)  # q/k/v and the FFN's first layer
+    measured_faster(cache, [(h, h), (h, f)], False)  # the attention output and the FFN's second layer
+    ids, mask = fixed_lengths([3, 60, 5, 41])
+    with torch.inference_mode():
+        kernels.use("default")
+        plain = model(ids, mask).logits
+        kernels.use(None)
+        fast = reduce_precision(model, "fp32", inference_only=True)
+        layer = fast.roberta.encoder.layer[1]
+        assert [type(m) for m in (layer.attention.self.qkv, layer.attention.output.dense, layer.intermediate,
+                                  layer.output.dense)] == [PackedLinear, PlainLinear, PackedLinear, PlainLinear]
+        assert (fast(ids, mask).logits - plain).abs().max().item() <= 1e-5 * max(1.0, plain.abs().max().item())
+
+
+@needs_packing
+@pytest.mark.parametrize("cls_name, overrides", HEADS)
+def test_a_packed_inference_only_model_gives_every_head_within_1e_5_of_the_plain_path(cache, cls_name, overrides):
+    from roberta.inference import prepared, reduce_precision
+
+    config = RobertaConfig(**{**CONFIG, **overrides})
+    model = randomize(getattr(roberta, cls_name)(config)).eval()
+    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), True)
+    ids, mask = fixed_lengths([3, 60, 5, 41, 17, 60, 2])
+    if cls_name == "RobertaForMultipleChoice":
+        ids, mask = ids[:6].view(3, 2, -1), mask[:6].view(3, 2, -1)
+    with torch.inference_mode():
+        kernels.use("default")
+        plain = model(ids, mask)
+        kernels.use(None)
+        fast = reduce_precision(model, "fp32", inference_only=True)
+        assert prepared(fast)
+        packed = fast(ids, mask)
+    for field in ("last_hidden_state", "logits", "start_logits", "end_logits", "pooler_output"):
+        x, y = getattr(packed, field, None), getattr(plain, field, None)
+        if x is not None:
+            assert (x - y).abs().max().item() <= 1e-5 * max(1.0, y.abs().max().item()), field
+
+
+@needs_packing
+def test_a_hub_loaded_for_inference_only_refuses_to_train_or_save(cache, hub_checkpoints, tmp_path):
+    config = RobertaConfig.load(hub_checkpoints["hf"] / "config.json")
+    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), True)
+    exact = roberta.load(hub_checkpoints["hf"], precision="fp32")
+    fast = roberta.load(hub_checkpoints["hf"], precision="fp32", inference_only=True)
+    assert not exact.inference_only and fast.inference_only and fast.precision == "fp32"
+    tokens = exact.encode("Hello world! A sentence of a few words.")
+    a, b = fast.extract_features(tokens), exact.extract_features(tokens)
+    assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+    with pytest.raises(roberta.RobertaError, match="without inference_only"):
+        fast.train()
+    with pytest.raises(roberta.RobertaError, match="without inference_only"):
+        fast.save(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_bf16_attention_takes_the_path_measured_faster_and_caches_it(cache, monkeypatch):
+    from roberta import model
+
+    if model._attend_cpu is None:
+        pytest.skip("the C attention kernel is not built or does not run on this CPU")
+    measured = []
+    real = kernels.measure_bf16_attention
+    monkeypatch.setattr(kernels, "measure_bf16_attention", lambda *shape: measured.append(shape) or real(*shape))
+    widen = kernels.widen_bf16_attention(4, 16)
+    record = entry(cache)["attention"]["bf16 4x16"]
+    assert widen == (record["winner"] == "widened") and set(record["seconds"]) == {"sdpa", "widened"}
+    assert record["winner"] == min(record["seconds"], key=record["seconds"].get)
+    kernels._records.clear()  # another process: reads the cache
+    assert kernels.widen_bf16_attention(4, 16) == widen and measured == [(4, 16)]
+    assert any(r["precision"] == "attention" for r in kernels.report([(8, 16)]))
+    data = json.loads(cache.read_text())  # a damaged record is measured again
+    data["entries"][next(iter(data["entries"]))]["attention"]["bf16 4x16"]["winner"] = "rm -rf"
+    cache.write_text(json.dumps(data))
+    kernels._records.clear()
+    kernels.widen_bf16_attention(4, 16)
+    assert measured == [(4, 16), (4, 16)]
+    kernels.use("default")
+    assert kernels.widen_bf16_attention(4, 16) is False
+
+
+def test_bf16_attention_widened_to_the_float32_kernel_is_that_kernel_rounded_once(cache, monkeypatch):
+    """Where it measured faster, bf16 attention is the float32 kernel on the widened q, k, v (the same
+    bits), rounded once to bf16: within bf16's unit roundoff (2^-8 relative: 8 significant bits) of
+    exact attention on those inputs, plus float32's own error (`attention_error_bound`)."""
+    from roberta import model
+
+    if model._attend_cpu is None:
+        pytest.skip("the C attention kernel is not built or does not run on this CPU")
+    config = RobertaConfig(**{**CONFIG, "num_hidden_layers": 1})
+    attention = model.RobertaSelfAttention(config).eval()
+    lengths = [3, 17, 1, 40]
+    layout = model.Unpadded(fixed_lengths(lengths)[1])
+    qkv = (torch.randn(sum(lengths), 3 * config.hidden_size, generator=torch.Generator().manual_seed(0)) * 2).bfloat16()
+    monkeypatch.setattr(kernels, "widen_bf16_attention", lambda *shape: True)
+    with torch.inference_mode():
+        y = layout.attend(qkv, attention)
+        wide = layout.attend(qkv.float(), attention)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, wide.bfloat16())
+    exact = sdpa_per_sequence(qkv.double(), lengths, attention.num_heads, attention.head_dim)
+    bound = attention_error_bound(qkv.float(), lengths, attention.num_heads, attention.head_dim)
+    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + bound * (1 + 2 ** -8)).all()
+
+
+@needs_packing
+def test_the_commands_run_an_fp32_model_packed_where_that_measured_faster(cache, hub_checkpoints, tiny_hub, tmp_path):
+    """`roberta features --precision fp32` loads for inference only: with packing measured faster (this
+    machine's cache, as `measured_faster` writes it) its vectors stay within 1e-5 of the plain model's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    config = RobertaConfig.load(hub_checkpoints["hf"] / "config.json")
+    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), True)
+    texts = ["Hello world!", "A longer sentence, with more words in it than the first one has."]
+    env = {k: v for k, v in os.environ.items() if k != kernels.ENV}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "roberta", "features", "-m", str(hub_checkpoints["hf"]), "-o",
+                           str(tmp_path / "f.npy"), "--precision", "fp32", *texts], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(root), "ROBERTA_CACHE": str(cache.parent),
+                               "ROBERTA_OFFLINE": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    import argparse
+
+    from roberta import cli
+
+    hub = cli._load(argparse.Namespace(model=hub_checkpoints["hf"], device="cpu", cache_dir=None, offline=True,
+                                       base_url=None, precision="fp32"))  # what every inference command loads
+    assert hub.inference_only and hub.precision == "fp32"
+    vectors = np.load(tmp_path / "f.npy")
+    for vector, text in zip(vectors, texts):
+        expected = tiny_hub.extract_features(tiny_hub.encode(text))[0, 0].numpy()
+        assert np.abs(vector - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())

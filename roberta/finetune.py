@@ -615,6 +615,7 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
         atomic_write(out / "eval.json", json.dumps(result, indent=2) + "\n")
         metrics.plot()
     d.barrier()
+    d.close()
     return result
 
 

@@ -281,6 +281,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool | str = False) -
         metrics.plot()
         print(f"model: {final}\nmetrics: {metrics.path}\nplot: {out / 'curves.png'}")
     d.barrier()
+    d.close()
     return final
 
 

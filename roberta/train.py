@@ -255,10 +255,18 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    owned: bool = False  # the process group was started by `setup_distributed`, so the run ends it
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def close(self) -> None:
+        """End the process group this run started, after its last barrier. Left to the interpreter's
+        exit, gloo's worker threads can outlive its teardown and abort a process that succeeded
+        (SIGABRT, "terminate called without an active exception")."""
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
 
     def all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -279,9 +287,10 @@ def setup_distributed(device: str | None = "auto") -> Dist:
         chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
-    if world > 1 and not dist.is_initialized():
+    owned = world > 1 and not dist.is_initialized()
+    if owned:
         dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-    return Dist(rank, world, chosen)
+    return Dist(rank, world, chosen, owned)
 
 
 def unwrap(model):

@@ -74,14 +74,18 @@ def cpu_name() -> str:
 
 
 def choose_precision(device_type: str, flags: Iterable[str] = (), gpu_bf16: bool = False,
-                     runs: Iterable[str] = ("bf16", "int8"), gflops: dict | None = None) -> tuple[str, str]:
+                     runs: Iterable[str] = ("bf16", "int8"), gflops: dict | None = None,
+                     int8_full: bool = True) -> tuple[str, str]:
     """What "auto" means on a device: (precision, the reason in words).
 
     `flags`: the CPU's feature flags (`cpu_flags()`); `gpu_bf16`: whether the GPU has bf16 units;
     `runs`: the reduced precisions this process's libraries ran a product in (`runs_here`: oneDNN may be
-    capped below what the CPU has); `gflops`: GFLOP/s measured here per precision (`measured_speeds`).
+    capped below what the CPU has); `gflops`: GFLOP/s measured here per precision (`measured_speeds`);
+    `int8_full`: whether int8 runs with full-range weights here (`int8_levels`), i.e. on the VNNI or AMX
+    units rather than AVX2's saturating multiply-add.
     On a CPU, bf16 (the more accurate) is preferred, then int8, where the CPU has the units, the libraries
-    run it, and, when measured, it is faster than fp32; fp32 otherwise. Never an emulated precision.
+    run it on them, and, when measured, it is faster than fp32; fp32 otherwise. Never an emulated
+    precision, and never int8 on 7-bit weights (less accurate: asked for with --precision int8 only).
     """
     if device_type == "cuda":
         if gpu_bf16:
@@ -96,6 +100,9 @@ def choose_precision(device_type: str, flags: Iterable[str] = (), gpu_bf16: bool
         has = f"the CPU has {precision} units ({', '.join(units[precision])})"
         if precision not in runs:
             notes.append(f"{has} but this process's oneDNN does not run it correctly (an instruction-set cap?)")
+        elif precision == "int8" and not int8_full:
+            notes.append(f"{has} but this process's oneDNN runs int8 without them, only on 7-bit weights (an "
+                         f"instruction-set cap?): --precision int8 asks for that")
         elif gflops and not gflops.get(precision, 0) > gflops.get("fp32", float("inf")):
             notes.append(f"{precision} measured {gflops.get(precision, 0):.0f} GFLOP/s, not faster than fp32's "
                          f"{gflops['fp32']:.0f}")
@@ -208,11 +215,10 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu",
             return choose_precision("cuda", (), torch.cuda.is_bf16_supported(including_emulation=False))
         runs = runs_here()
         units = [p for p, names in (("bf16", BF16_FLAGS), ("int8", INT8_FLAGS)) if flags.intersection(names)]
-        gflops = measured_speeds(set(units) & runs) if measure and set(units) & runs else None
-        chosen, why = choose_precision("cpu", flags, False, runs, gflops)
-        if chosen == "int8" and int8_levels() < 127:
-            why += "; with 7-bit weights, as oneDNN runs int8 without VNNI here"
-        return chosen, why
+        full = "int8" not in units or "int8" not in runs or int8_levels() == 127
+        candidates = set(units) & runs - (set() if full else {"int8"})
+        gflops = measured_speeds(candidates) if measure and candidates else None
+        return choose_precision("cpu", flags, False, runs, gflops, full)
     if precision == "int8" and device.type != "cpu":
         raise RobertaError("int8 runs on CPU only; use --device cpu, or bf16/fp32 on the GPU")
     if precision == "int8" and "int8" not in runs_here():

@@ -176,9 +176,25 @@ def test_auto_precision_takes_what_runs_here_and_is_never_slower_than_fp32(runs,
     assert precision == expected and reason in why
 
 
+@pytest.mark.parametrize("flags, runs, expected", [
+    ({"avx2", "avx512f", "avx512_vnni"}, {"int8"}, "fp32"),  # VNNI listed, but capped: oneDNN sums on AVX2
+    (ZEN, {"int8"}, "fp32"),                                  # the same with bf16 refused too
+    (ZEN, {"bf16", "int8"}, "bf16"),                          # bf16 does not depend on int8's range
+])
+def test_auto_never_takes_int8_on_7_bit_weights(flags, runs, expected):
+    """int8 with 7-bit weights (AVX2's saturating multiply-add) measured min cosine 0.99916 against fp32,
+    against 0.99961 on full-range weights: `auto` leaves it to an explicit --precision int8."""
+    precision, why = choose_precision("cpu", flags, False, runs, {"fp32": 100.0, "bf16": 300.0, "int8": 400.0},
+                                      int8_full=False)
+    assert precision == expected
+    if expected == "fp32":
+        assert "7-bit weights" in why and "--precision int8" in why
+
+
 def test_explicit_precisions_and_the_emulated_bf16_warning(recwarn):
     runs = inference.runs_here()
-    assert resolve_precision("auto", "cpu", flags={"avx512_vnni"})[0] == ("int8" if "int8" in runs else "fp32")
+    full_int8 = "int8" in runs and inference.int8_levels() == 127
+    assert resolve_precision("auto", "cpu", flags={"avx512_vnni"})[0] == ("int8" if full_int8 else "fp32")
     assert resolve_precision("auto", "cpu", flags={"amx_bf16"})[0] == ("bf16" if "bf16" in runs else "fp32")
     assert resolve_precision("fp32", "cpu", flags={"amx_bf16"}) == ("fp32", "asked for")
     if "bf16" in runs:
@@ -202,6 +218,7 @@ def test_auto_resolves_and_runs_under_an_avx2_cap(tmp_path):
         "inference.reduce_precision(model, precision)\n"
         "features = inference.extract_features_batched(model, [[0, 5, 6, 2], [0, 7, 2]])\n"
         "print(json.dumps({'precision': precision, 'why': why, 'runs': sorted(inference.runs_here()),\n"
+        "                  'levels': inference.int8_levels(),\n"
         "                  'isa': torch.backends.cpu.get_cpu_capability(),\n"
         "                  'finite': all(bool(f.isfinite().all()) for f in features)}))\n")
     done = run_capped(["-c", script], tmp_path)
@@ -209,6 +226,8 @@ def test_auto_resolves_and_runs_under_an_avx2_cap(tmp_path):
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["isa"] in ("AVX2", "DEFAULT") and result["finite"] and result["why"]
     assert "bf16" not in result["runs"]  # oneDNN's bf16 path needs AVX-512
+    if result["levels"] < 127:  # int8 only on 7-bit weights, which auto leaves alone: nothing else runs
+        assert result["precision"] == "fp32"
     assert result["precision"] == "fp32" or result["precision"] in result["runs"]
 
 

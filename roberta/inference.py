@@ -21,9 +21,10 @@ Precision (`--precision`, `roberta.load(precision=...)`), measured by `benchmark
   (`choose_precision`): bf16 where the CPU or GPU has bf16 units, else int8 on CPUs with AVX-512 VNNI,
   else fp32; on a CPU only where this process's libraries run it correctly (`runs_here`: a tiny product
   through the kernel, since an instruction-set cap such as ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN refuse
-  bf16 whatever /proc/cpuinfo says; int8 then runs with 7-bit weights, `int8_levels`) and it measured
-  faster than fp32 here (`measured_speeds`, cached with the kernel choices of `roberta.kernels`). Never
-  one that is emulated, never slower than fp32; `hub.precision_reason` says why.
+  bf16 whatever /proc/cpuinfo says, and int8 then runs with 7-bit weights, `int8_levels`, which auto
+  leaves to an explicit "int8" as less accurate) and it measured faster than fp32 here (`measured_speeds`,
+  cached with the kernel choices of `roberta.kernels`). Never one that is emulated, never slower than
+  fp32; `hub.precision_reason` says why.
 """
 from __future__ import annotations
 

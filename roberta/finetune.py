@@ -633,7 +633,8 @@ def evaluate(task: str, data_dir, model_dir, split: str = "dev", predictions=Non
     for target in (predictions, out_file):  # before any work: where the results go must exist
         if target and not Path(target).parent.is_dir():
             raise RobertaError(f"cannot write {target}: the directory {Path(target).parent} does not exist")
-    device = setup_distributed(recipe.device).device
+    d = setup_distributed(recipe.device)
+    device = d.device
     kind = {"squad": SquadTask, "race": RaceTask}.get(recipe.task, SentenceTask)
     model, tokenizer = open_task_model(model_dir, kind.model_class,
                                        **({"head_name": recipe.head_name} if recipe.head_name else {}))
@@ -663,4 +664,5 @@ def evaluate(task: str, data_dir, model_dir, split: str = "dev", predictions=Non
             else:
                 header, rows = data.prediction_rows(its, p)
                 atomic_write(target, "".join("\t".join(map(str, r)) + "\n" for r in [header] + rows))
+    d.close()  # as finetune does: a process group left to interpreter exit can abort the process
     return result

@@ -423,16 +423,18 @@ def _shard(hub, kind, out, k, first_row, inputs, input_digest, rank, world, bar,
     buffer = io.BytesIO()
     np.save(buffer, rows)
     data = buffer.getvalue()
-    # The record first, then the shard: a shard on disk always has its record (a record alone is
-    # a shard to compute again, and is rewritten with it).
+    # The record and the metrics line first, then the shard: a shard on disk always has its record (a
+    # record alone is a shard to compute again, and is rewritten with it), and every shard computed has
+    # its line, even when the process is killed the moment the shard is in place (a kill before that
+    # leaves a line for a computation that is then done again, as it was).
     record = {"rows": len(inputs), "first_row": first_row, "input_xxh3_128": input_digest,
               "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
     atomic_write(_record_path(out, kind, k), json.dumps(record) + "\n")
-    atomic_write(path, data)
     seconds = time.perf_counter() - started
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"shard": k, "rows": len(inputs), "seconds": round(seconds, 4),
                             "rows_per_second": round(len(inputs) / max(seconds, 1e-9), 1), "rank": rank}) + "\n")
+    atomic_write(path, data)
     bar.update(len(inputs))
 
 

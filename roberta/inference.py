@@ -184,7 +184,7 @@ def measured_speeds(precisions: Iterable[str]) -> dict[str, float]:
             int8 = Int8Linear(weight, bias)
             calls["int8"] = lambda: int8(x)
         with torch.inference_mode():
-            speeds = {name: flops / kernels.seconds(call) / 1e9 for name, call in calls.items()}
+            speeds = {name: flops / t / 1e9 for name, t in kernels.fastest(calls).items()}
         speeds["fp32"] = max(v for k, v in speeds.items() if k.startswith("fp32 "))
         return {"shape": list(SPEED_SHAPE), "gflops": speeds}
 
@@ -238,7 +238,7 @@ def reduce_precision(model: nn.Module, precision: str, inference_only: bool = Fa
 
     bf16 and int8 models are for inference only: their encoder's weights are prepared once here for the
     kernels that run them (q, k and v as one projection; on CPU, reordered into oneDNN's blocked layouts,
-    with GELU done in the matmul's epilogue), so they cannot be trained or saved. An fp32 model stays as
+    with GELU in the matmul's epilogue where that measured faster), so they cannot be trained or saved. An fp32 model stays as
     it is (trainable, savable) unless `inference_only`: then on CPU its encoder is prepared the same way
     in float32 where `kernels.packs` measured that faster here (never with ROBERTA_KERNELS=default), the
     same weights replaced, not copied. The commands and the server load with `inference_only`.
@@ -347,8 +347,8 @@ def packed_bf16_available() -> bool:
 
 class PackedLinear(nn.Module):
     """y = x W^T + b, then GELU when `gelu`, on oneDNN with W reordered once into the blocked layout its
-    kernels read and the GELU applied in the matmul's epilogue (one pass over the output instead of
-    two). In bfloat16 (the default) for AMX / AVX-512 BF16; in float32 for inference-only fp32 models
+    kernels read, and the GELU applied in the matmul's epilogue (one pass over the output instead of
+    two) where `kernels.fuse_gelu` measured that faster here, else after it. In bfloat16 (the default) for AMX / AVX-512 BF16; in float32 for inference-only fp32 models
     where `kernels.packs` measured it faster. Measured by `benchmarks/bench_features.py` against the
     plain path; `forward_reference` is that plain path, for the tests.
     """
@@ -360,12 +360,14 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.gelu = gelu
+        self.fused = gelu and kernels.fuse_gelu(dtype, self.out_features, self.in_features)
         self.register_buffer("bias", bias.detach().to(dtype).clone())
         self.packed = kernels.pack(weight.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias,
-                                               "gelu" if self.gelu else "none", [], "none" if self.gelu else "")
+        from . import kernels
+
+        y = kernels.packed_linear(x.reshape(-1, self.in_features), self.packed, self.bias, self.gelu, self.fused)
         return y.view(*x.shape[:-1], self.out_features)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -374,7 +376,8 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"{'bf16' if self.bias.dtype == torch.bfloat16 else 'fp32'} oneDNN" + (" + GELU" if self.gelu else "")
+               f"{'bf16' if self.bias.dtype == torch.bfloat16 else 'fp32'} oneDNN" + \
+            (f" + GELU ({'in the epilogue' if self.fused else 'after it'})" if self.gelu else "")
 
 
 class PlainLinear(nn.Module):
@@ -470,7 +473,7 @@ class Int8Linear(nn.Module):
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.packed, self.weight_scale, self._zeros, None,
                                                  1.0, 0, torch.float32, "none", [], "")
         y = scale_rows(y, m, self.bias)
-        return (F.gelu(y) if self.gelu else y).view(*x.shape[:-1], self.out_features)
+        return (torch.ops.aten.gelu_(y) if self.gelu else y).view(*x.shape[:-1], self.out_features)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         q, m = quantize_rows_reference(x.reshape(-1, self.in_features).float())

@@ -33,9 +33,10 @@ measurement off: every product is `F.linear`, for runs that must repeat bit for 
 (a measurement taken while other work loaded the machine is kept until then; `roberta info --device`
 with it re-measures base size's shapes).
 
-The same cache holds one more measured choice: whether bf16 inference runs attention through this
+The same cache holds two more measured choices: whether bf16 inference runs attention through this
 project's float32 kernel on the packed tokens, widened from bf16, or through PyTorch's bf16 attention on
-the re-padded batch (`widen_bf16_attention`).
+the re-padded batch (`widen_bf16_attention`); and whether the FFN's GELU on a reordered weight runs in
+oneDNN's matmul epilogue or as a pass of its own (`fuse_gelu`).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ FORMAT = 2  # of the cache file; another number is another format, measured agai
 SMALL_TOKENS, LARGE_TOKENS = 32, 768  # the two token counts timed; products up to SPLIT tokens use the first
 SPLIT = 128
 FLOP_CAP = 4e9  # products above this many FLOPs (a vocabulary's) are timed on fewer tokens, not under 2 * SPLIT
-BUDGET_S = 0.25  # at most this long timing one candidate on one shape (after one warm-up call)
+BUDGET_S = 0.25  # about this long timing each candidate on one shape (after one warm-up call; see `fastest`)
 
 _mode: str | None = None  # set by use(); None: from the environment
 _records: dict[tuple, dict] = {}  # (threads, out, in) -> the measurement this process decides by
@@ -173,15 +174,21 @@ def cached(section: str, name: str, valid: Callable[[dict], bool], measure: Call
     return record
 
 
-def seconds(fn: Callable[[], object], budget: float = BUDGET_S) -> float:
-    """The fastest of up to 10 calls within `budget` seconds (at least 2), after one warm-up call."""
-    fn()
-    best, spent, calls = float("inf"), 0.0, 0
-    while calls < 2 or (calls < 10 and spent < budget):
-        start = time.perf_counter()
+def fastest(calls: dict[str, Callable[[], object]], budget: float = BUDGET_S) -> dict[str, float]:
+    """Seconds of each of `calls`: the fastest of up to 10 calls within `budget` seconds each (at least 2),
+    after one warm-up call each. The calls take turns, so that a moment when other work loads the
+    machine slows every candidate alike rather than the one timed then."""
+    for fn in calls.values():
         fn()
-        elapsed = time.perf_counter() - start
-        best, spent, calls = min(best, elapsed), spent + elapsed, calls + 1
+    best = dict.fromkeys(calls, float("inf"))
+    spent, rounds = 0.0, 0
+    while rounds < 2 or (rounds < 10 and spent < budget * len(calls)):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            best[name], spent = min(best[name], elapsed), spent + elapsed
+        rounds += 1
     return best
 
 
@@ -249,7 +256,7 @@ def measure_fp32(out_features: int, in_features: int) -> dict:
         for name, tokens in (("small", SMALL_TOKENS), ("large", large)):
             x = torch.randn(tokens, in_features, generator=g)
             flops = 2.0 * tokens * in_features * out_features
-            gflops = {k: flops / seconds(lambda: call(x)) / 1e9 for k, call in calls.items()}
+            gflops = {k: flops / t / 1e9 for k, t in fastest({k: (lambda c=call: c(x)) for k, call in calls.items()}).items()}
             plain = {k: v for k, v in gflops.items() if k in FP32_KERNELS}
             record[name] = {"tokens": tokens, "winner": max(plain, key=plain.get), "gflops": gflops}
     return record
@@ -320,8 +327,9 @@ def measure_bf16_attention(heads: int, dim: int) -> dict:
                 model._attend_cpu(qkv.float().numpy(), batch * tokens, cu.numpy(), batch, heads, dim, out.numpy(),
                                   torch.get_num_threads())
                 return out.bfloat16()
-            times["sdpa"] += seconds(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-            times["widened"] += seconds(widened)
+            for way, t in fastest({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                                   "widened": widened}).items():
+                times[way] += t
     return {"seconds": times, "winner": min(times, key=times.get)}
 
 
@@ -341,6 +349,49 @@ def widen_bf16_attention(heads: int, dim: int) -> bool:
     return _records[key]["winner"] == "widened"
 
 
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, gelu: bool, fused: bool) -> torch.Tensor:
+    """x W^T + b on a reordered weight (`pack`), then GELU when `gelu`: in oneDNN's epilogue when `fused`,
+    else by PyTorch in place over the result."""
+    if gelu and fused:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "none")
+    y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return torch.ops.aten.gelu_(y) if gelu else y
+
+
+def measure_gelu_epilogue(dtype: torch.dtype, out_features: int, in_features: int) -> dict:
+    """Seconds of x W^T + b then GELU on a reordered `dtype` weight [out, in] at both token counts, both
+    ways (`packed_linear`): GELU in oneDNN's epilogue ("fused") or after it ("separate")."""
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(out_features, in_features, generator=g) * 0.02).to(dtype)
+    bias = torch.randn(out_features, generator=g).to(dtype)
+    times = {"fused": 0.0, "separate": 0.0}
+    with torch.inference_mode():
+        packed = pack(weight)
+        for tokens in (SMALL_TOKENS, LARGE_TOKENS):
+            x = torch.randn(tokens, in_features, generator=g).to(dtype)
+            for way, t in fastest({way: (lambda fused=way == "fused": packed_linear(x, packed, bias, True, fused))
+                                   for way in times}).items():
+                times[way] += t
+    return {"seconds": times, "winner": min(times, key=times.get)}
+
+
+def fuse_gelu(dtype: torch.dtype, out_features: int, in_features: int) -> bool:
+    """Whether the FFN's GELU runs in oneDNN's matmul epilogue on this CPU (one pass over the output) or
+    after it. One pass over the output should win, but on an AVX2-only AMD EPYC (Zen 3) oneDNN's float32
+    GELU epilogue added 28% to base size's [785 x 768] x [768 x 3072] product, and PyTorch's GELU pass 8%.
+    Measured once per machine, dtype and shape; cached. With ROBERTA_KERNELS=default: in the epilogue."""
+    if mode() == "default":
+        return True
+    name = str(dtype).removeprefix("torch.")
+    key = (torch.get_num_threads(), "gelu", name, out_features, in_features)
+    if key not in _records:
+        _records[key] = cached("epilogue", f"{name} {out_features}x{in_features}",
+                               lambda r: r["winner"] in ("fused", "separate") and set(r["seconds"]) == {"fused", "separate"}
+                               and all(isinstance(v, float) and v > 0 for v in r["seconds"].values()),
+                               lambda: measure_gelu_epilogue(dtype, out_features, in_features))
+    return _records[key]["winner"] == "fused"
+
+
 def encoder_shapes(hidden: int = 768, intermediate: int = 3072) -> list[tuple[int, int]]:
     """(out, in) of an encoder layer's products: q, k and v together, the attention output, the FFN."""
     return [(3 * hidden, hidden), (hidden, hidden), (intermediate, hidden), (hidden, intermediate)]
@@ -350,7 +401,10 @@ def report(shapes: list[tuple[int, int]] | None = None) -> list[dict]:
     """This machine's choices (measured now where missing) for `shapes` (base size's by default), and
     the speeds `auto` was decided on when measured: rows for `roberta info --device`."""
     rows = []
-    shapes = shapes or encoder_shapes()
+    if shapes is None:  # base size's, and how its FFN's GELU runs on a reordered weight
+        shapes = encoder_shapes()
+        if packed_available() and packs([shapes[2]]):
+            fuse_gelu(torch.float32, *shapes[2])
     for out_features, in_features in shapes:
         record = fp32_record(out_features, in_features)
         for name in ("small", "large"):
@@ -361,10 +415,11 @@ def report(shapes: list[tuple[int, int]] | None = None) -> list[dict]:
         rows.append({"precision": "fp32", "shape": f"{out_features}x{in_features}", "tokens": None, "gflops": {},
                      "inference_only": True,
                      "kernel": PACKED if packs([(out_features, in_features)]) else "plain weights"})
-    for name, record in sorted((_read_entry(machine()).get("attention") or {}).items()):
-        if isinstance(record, dict) and isinstance(record.get("seconds"), dict):
-            rows.append({"precision": "attention", "shape": name, "tokens": None, "kernel": record.get("winner"),
-                         "gflops": {}, "seconds": record["seconds"]})
+    for section in ("attention", "epilogue"):  # `widen_bf16_attention`, `fuse_gelu`
+        for name, record in sorted((_read_entry(machine()).get(section) or {}).items()):
+            if isinstance(record, dict) and isinstance(record.get("seconds"), dict):
+                rows.append({"precision": section, "shape": name, "tokens": None, "kernel": record.get("winner"),
+                             "gflops": {}, "seconds": record["seconds"]})
     for name, record in sorted((_read_entry(machine()).get("precision") or {}).items()):
         if isinstance(record, dict) and isinstance(record.get("gflops"), dict):
             rows.append({"precision": "auto", "shape": name, "tokens": record.get("shape", [None])[0],
@@ -378,8 +433,10 @@ def describe(row: dict) -> str:
     tokens = f"{row['tokens']} tokens" if row["tokens"] else "tokens not measured"
     if row["kernel"] is None:  # the speeds `auto` compared
         return f"auto  {row['shape']} at {tokens}, GFLOP/s: {speeds}"
-    if row["precision"] == "attention":  # `widen_bf16_attention`
+    if row["precision"] in ("attention", "epilogue"):  # `widen_bf16_attention`, `fuse_gelu`
         spent = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(row["seconds"].items()))
+        if row["precision"] == "epilogue":
+            return f"gelu  {row['shape']:<12} on a reordered weight: {row['kernel']} ({spent})"
         return f"attn  {row['shape']} heads x dim: {row['kernel']} ({spent})"
     if row.get("inference_only"):  # what `packs` decided for the commands and the server
         return f"fp32  {row['shape']:<12} in inference-only models (commands, server): {row['kernel']}"

@@ -230,13 +230,16 @@ def test_an_inference_only_fp32_model_packs_only_the_shapes_measured_faster_pack
 
 
 @needs_packing
+@pytest.mark.parametrize("fused", [True, False], ids=["gelu-in-epilogue", "gelu-after"])
 @pytest.mark.parametrize("cls_name, overrides", HEADS)
-def test_a_packed_inference_only_model_gives_every_head_within_1e_5_of_the_plain_path(cache, cls_name, overrides):
+def test_a_packed_inference_only_model_gives_every_head_within_1e_5_of_the_plain_path(cache, monkeypatch, cls_name,
+                                                                                     overrides, fused):
     from roberta.inference import prepared, reduce_precision
 
     config = RobertaConfig(**{**CONFIG, **overrides})
     model = randomize(getattr(roberta, cls_name)(config)).eval()
     measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), True)
+    monkeypatch.setattr(kernels, "fuse_gelu", lambda *shape: fused)  # as a machine where that way measured faster
     ids, mask = fixed_lengths([3, 60, 5, 41, 17, 60, 2])
     if cls_name == "RobertaForMultipleChoice":
         ids, mask = ids[:6].view(3, 2, -1), mask[:6].view(3, 2, -1)
@@ -245,7 +248,7 @@ def test_a_packed_inference_only_model_gives_every_head_within_1e_5_of_the_plain
         plain = model(ids, mask)
         kernels.use(None)
         fast = reduce_precision(model, "fp32", inference_only=True)
-        assert prepared(fast)
+        assert prepared(fast) and all(layer.intermediate.fused is fused for layer in fast.encoder_model.encoder.layer)
         packed = fast(ids, mask)
     for field in ("last_hidden_state", "logits", "start_logits", "end_logits", "pooler_output"):
         x, y = getattr(packed, field, None), getattr(plain, field, None)
@@ -268,6 +271,38 @@ def test_a_hub_loaded_for_inference_only_refuses_to_train_or_save(cache, hub_che
     with pytest.raises(roberta.RobertaError, match="without inference_only"):
         fast.save(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gelu_takes_the_way_measured_faster_and_caches_it(cache, monkeypatch, dtype):
+    from roberta.inference import PackedLinear, packed_bf16_available
+
+    if dtype == torch.bfloat16 and not packed_bf16_available():
+        pytest.skip("needs a CPU whose oneDNN runs bf16 on reordered weights (AMX or AVX-512 BF16)")
+    measured = []
+    real = kernels.measure_gelu_epilogue
+    monkeypatch.setattr(kernels, "measure_gelu_epilogue", lambda *shape: measured.append(shape) or real(*shape))
+    fused = kernels.fuse_gelu(dtype, 64, 16)
+    name = f"{str(dtype).removeprefix('torch.')} 64x16"
+    record = entry(cache)["epilogue"][name]
+    assert set(record["seconds"]) == {"fused", "separate"} and all(v > 0 for v in record["seconds"].values())
+    assert fused == (record["winner"] == "fused") and record["winner"] == min(record["seconds"], key=record["seconds"].get)
+    kernels._records.clear()  # another process: reads the cache
+    assert kernels.fuse_gelu(dtype, 64, 16) == fused and measured == [(dtype, 64, 16)]
+    weight, bias = torch.randn(64, 16), torch.randn(64)
+    assert PackedLinear(weight, bias, gelu=True, dtype=dtype).fused is fused
+    assert not PackedLinear(weight, bias, dtype=dtype).fused  # no GELU: nothing to decide
+    assert [r["kernel"] for r in kernels.report([(8, 16)]) if r["shape"] == name] == [record["winner"]]
+    assert any(kernels.describe(r).startswith("gelu  ") for r in kernels.report([(8, 16)]))
+    data = json.loads(cache.read_text())  # a damaged record is measured again
+    data["entries"][next(iter(data["entries"]))]["epilogue"][name]["seconds"]["fused"] = "fast"
+    cache.write_text(json.dumps(data))
+    kernels._records.clear()
+    kernels.fuse_gelu(dtype, 64, 16)
+    assert measured == [(dtype, 64, 16)] * 2
+    kernels.use("default")  # reproducible runs: always in the epilogue, as before any measurement
+    assert kernels.fuse_gelu(dtype, 64, 16) is True and measured == [(dtype, 64, 16)] * 2
 
 
 def test_bf16_attention_takes_the_path_measured_faster_and_caches_it(cache, monkeypatch):

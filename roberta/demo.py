@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ast
+import collections
 import json
 import random
 import re
@@ -58,7 +59,7 @@ def stdlib_documents() -> list[str]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        for node in ast.walk(tree):
+        for node in _statements(tree):
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 80:
@@ -69,6 +70,17 @@ def stdlib_documents() -> list[str]:
     except ImportError:  # some distributions split it out; the docstrings suffice
         pass
     return docs
+
+
+def _statements(tree: ast.Module):
+    """The module and every statement in it, in `ast.walk`'s breadth-first order, without descending
+    into expressions (where no docstring can be): a tenth of the nodes."""
+    queue = collections.deque([tree])
+    while queue:
+        node = queue.popleft()
+        queue.extend(child for child in ast.iter_child_nodes(node)
+                     if isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)))
+        yield node
 
 
 def write_corpus(docs: list[str], path: Path) -> None:

@@ -1,6 +1,7 @@
 """The paths other machines take, run on this one: the core parity tests in a subprocess with every
-library capped at AVX2 (as on an AVX2-only laptop or cloud CPU), and again with this project's C
-extensions unavailable (as after a failed build). Each must pass exactly as it does here."""
+library capped at AVX2 (as on an AVX2-only laptop or cloud CPU; on a CPU without AVX-512 the cap changes
+nothing, and only what `auto` picks under it is checked), and again with this project's C extensions
+unavailable (as after a failed build). Each must pass exactly as it does here."""
 import json
 import os
 import subprocess

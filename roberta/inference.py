@@ -238,8 +238,8 @@ def reduce_precision(model: nn.Module, precision: str, inference_only: bool = Fa
 
     bf16 and int8 models are for inference only: their encoder's weights are prepared once here for the
     kernels that run them (q, k and v as one projection; on CPU, reordered into oneDNN's blocked layouts,
-    with GELU in the matmul's epilogue where that measured faster), so they cannot be trained or saved. An fp32 model stays as
-    it is (trainable, savable) unless `inference_only`: then on CPU its encoder is prepared the same way
+    with GELU in the matmul's epilogue where that measured faster), so they cannot be trained or saved.
+    An fp32 model stays as it is (trainable, savable) unless `inference_only`: then on CPU its encoder is prepared the same way
     in float32 where `kernels.packs` measured that faster here (never with ROBERTA_KERNELS=default), the
     same weights replaced, not copied. The commands and the server load with `inference_only`.
     """
@@ -348,8 +348,9 @@ def packed_bf16_available() -> bool:
 class PackedLinear(nn.Module):
     """y = x W^T + b, then GELU when `gelu`, on oneDNN with W reordered once into the blocked layout its
     kernels read, and the GELU applied in the matmul's epilogue (one pass over the output instead of
-    two) where `kernels.fuse_gelu` measured that faster here, else after it. In bfloat16 (the default) for AMX / AVX-512 BF16; in float32 for inference-only fp32 models
-    where `kernels.packs` measured it faster. Measured by `benchmarks/bench_features.py` against the
+    two) where `kernels.fuse_gelu` measured that faster here, else after it. In bfloat16 (the default)
+    for AMX / AVX-512 BF16; in float32 for inference-only fp32 models where `kernels.packs` measured it
+    faster. Measured by `benchmarks/bench_features.py` against the
     plain path; `forward_reference` is that plain path, for the tests.
     """
 

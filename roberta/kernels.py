@@ -256,7 +256,8 @@ def measure_fp32(out_features: int, in_features: int) -> dict:
         for name, tokens in (("small", SMALL_TOKENS), ("large", large)):
             x = torch.randn(tokens, in_features, generator=g)
             flops = 2.0 * tokens * in_features * out_features
-            gflops = {k: flops / t / 1e9 for k, t in fastest({k: (lambda c=call: c(x)) for k, call in calls.items()}).items()}
+            spent = fastest({k: (lambda c=call: c(x)) for k, call in calls.items()})
+            gflops = {k: flops / t / 1e9 for k, t in spent.items()}
             plain = {k: v for k, v in gflops.items() if k in FP32_KERNELS}
             record[name] = {"tokens": tokens, "winner": max(plain, key=plain.get), "gflops": gflops}
     return record
@@ -386,7 +387,8 @@ def fuse_gelu(dtype: torch.dtype, out_features: int, in_features: int) -> bool:
     key = (torch.get_num_threads(), "gelu", name, out_features, in_features)
     if key not in _records:
         _records[key] = cached("epilogue", f"{name} {out_features}x{in_features}",
-                               lambda r: r["winner"] in ("fused", "separate") and set(r["seconds"]) == {"fused", "separate"}
+                               lambda r: r["winner"] in ("fused", "separate")
+                               and set(r["seconds"]) == {"fused", "separate"}
                                and all(isinstance(v, float) and v > 0 for v in r["seconds"].values()),
                                lambda: measure_gelu_epilogue(dtype, out_features, in_features))
     return _records[key]["winner"] == "fused"

@@ -361,23 +361,6 @@ class RobertaTokenizer:
         if layout != "fairseq" and self._has_missing:
             raise RobertaError("this tokenizer maps GPT-2 tokens that dict.txt lacks to <unk>, which vocab.json "
                                "cannot express; save it with layout='fairseq'")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, text in self._file_texts(layout).items():
-            atomic_write(directory / name, text)
-
-    def _file_texts(self, layout: str) -> dict[str, str]:
-        """What `save_pretrained` writes, by file name; made once per layout (a tokenizer never changes, and
-        a training run saves it with every checkpoint)."""
-        texts = self.__dict__.setdefault("_texts", {})
-        if layout not in texts:
-            texts[layout] = self._make_file_texts(layout)
-        return texts[layout]
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_texts"}  # not sent to worker processes
-
-    def _make_file_texts(self, layout: str) -> dict[str, str]:
         merges = "".join(f"{a} {b}\n" for a, b in self._merges)
         files = {}
         if layout in ("both", "hf"):
@@ -392,7 +375,10 @@ class RobertaTokenizer:
             files["encoder.json"] = json.dumps(encoder, ensure_ascii=False)
             files["vocab.bpe"] = f"{MERGES_HEADER}\n{merges}"
             files["dict.txt"] = "".join(f"{encoder.get(t, t)} {c}\n" for t, c in zip(tokens, counts))
-        return files
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            atomic_write(directory / name, text)
 
 
 # ---- file reading and checks --------------------------------------------------------------------

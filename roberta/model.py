@@ -21,6 +21,7 @@ the plain layout the fast one is tested against, and what the ONNX export traces
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -299,7 +300,7 @@ class Unpadded:
     Attention needs whole sequences: it runs on the packed tokens (`cu_seqlens`, `max_length`) with
     PyTorch's variable-length flash attention on a GPU in half precision, and with this project's C
     kernel in float32 inference on CPU (`packed_attention_available`); elsewhere `attend` gathers them
-    into sub-batches of similar length (`groups`), so a batch mixing 10- and 500-token inputs does not
+    into sub-batches of similar length (`_length_groups`, made when first needed), so a batch mixing 10- and 500-token inputs does not
     pay 500-token attention for all.
 
     Everything here is computed on the host from a CPU copy of the mask, then moved to `device`: built
@@ -320,7 +321,12 @@ class Unpadded:
         self.index = None
         if self.has_padding:
             self.index = host.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
-            self.groups, self.restore = self._length_groups(lengths, device)
+        self._lengths, self._device = lengths, device
+
+    @functools.cached_property
+    def _grouped(self):
+        """`_length_groups`, made at the first attention that needs it (the packed kernels do not)."""
+        return self._length_groups(self._lengths, self._device)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(self.batch * self.length, *x.shape[2:])
@@ -373,11 +379,12 @@ class Unpadded:
             y = attention.attention(qkv.view(self.batch, self.length, -1), None)
             return y.reshape(self.batch * self.length, -1)
         outputs = []
-        for gather, b, T, mask, keep in self.groups:
+        groups, restore = self._grouped
+        for gather, b, T, mask, keep in groups:
             y = attention.attention(qkv.index_select(0, gather).view(b, T, -1), mask)
             outputs.append(y.reshape(-1, y.shape[-1]).index_select(0, keep))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        return y.index_select(0, self.restore)
+        return y.index_select(0, restore)
 
 
 class Padded:

@@ -408,8 +408,9 @@ class RobertaHub(nn.Module):
             main = self.model.config.head_name
             head = main if main in heads else next(iter(heads)) if len(heads) == 1 else "mnli" if "mnli" in heads else None
         if head not in heads:
-            raise RobertaError(f"no classification head {'named ' + repr(head) if head else 'to use'} (this model "
-                               f"has: {', '.join(heads) or 'none'}); name one with head=... (--head)")
+            raise RobertaError(f"no classification head {'named ' + repr(head) if head is not None else 'to use'} "
+                               f"(this model has: {', '.join(heads) or 'none'}); name one (head=... in Python, "
+                               "--head on the command line, \"head\" in a server request)")
         if one_output and heads[head] != 1:
             raise RobertaError(f"head {head!r} has {heads[head]} outputs; a cross-encoder scores with one "
                                "(a sentence-transformers CrossEncoder or a one-label classifier)")

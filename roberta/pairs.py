@@ -16,6 +16,7 @@ text, never the hypothesis ("only_first").
 from __future__ import annotations
 
 import dataclasses
+import string
 from pathlib import Path
 
 import torch
@@ -140,11 +141,17 @@ def parse_labels(candidate_labels) -> list[str]:
 
 
 def hypotheses(labels: list[str], template: str) -> list[str]:
-    """The hypothesis of each label: the template with the label in its one `{}`."""
+    """The hypothesis of each label: the template with the label in its one `{}` (or `{0}`).
+
+    Only the plain placeholder is taken: str.format would also run a template's format spec (`{:>99999999}`
+    builds a text that long), attribute and index lookups (`{0.__class__}`) and conversions, none of
+    which a hypothesis needs, and a template may come from a server's client."""
     try:
-        filled = [template.format(label) for label in labels]
-    except (IndexError, KeyError, ValueError):
-        filled = [template]  # a template with other fields than one {}
-    if filled[0] == template:
-        raise RobertaError(f"the hypothesis template {template!r} needs one {{}} for the label; e.g. {HYPOTHESIS!r}")
-    return filled
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError:  # an unmatched brace
+        fields = []
+    if len(fields) != 1 or fields[0][0] not in ("", "0") or fields[0][1] or fields[0][2]:
+        raise RobertaError(f"the hypothesis template {template!r} needs one {{}} for the label (no other fields, "
+                           f"format specs or conversions; {{{{ and }}}} for braces); e.g. {HYPOTHESIS!r}")
+    return [template.format(label) for label in labels]

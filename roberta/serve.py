@@ -130,6 +130,17 @@ def error_response(status: int, message: str, kind: str, headers: dict | None = 
     return JSONResponse({"error": message, "error_type": kind}, status, headers=headers)
 
 
+def byte_offsets(text: str) -> "np.ndarray":
+    """The UTF-8 byte offset of each character position of `text`, its end included: the tokenizer gives
+    character offsets, TEI's /tokenize answers bytes (one pass, where slicing and encoding the text up
+    to every token took time quadratic in its length)."""
+    import numpy as np
+
+    points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    widths = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
+    return np.concatenate([[0], np.cumsum(widths)])
+
+
 # ---- metrics ------------------------------------------------------------------------------------
 
 
@@ -369,18 +380,24 @@ class Batcher:
 # cannot honour (prompt_name, truncation_direction "Left", dimensions other than the model's) is
 # answered 422 naming it, never ignored; `head` and `pooling` are this server's additions.
 
-Text = Annotated[str, StringConstraints(min_length=1)]
-Ids = list[Annotated[int, Field(ge=0)]]
-Input = Union[Text, Ids, list[Union[Text, Ids]]]  # TEI's Input: a text, token ids, or a list of them
+# Every list stops at its first bad item (fail_fast): collecting an error per item of a 2 MB list of
+# nulls, in every branch of a union, took pydantic 30 s and 2 GB, the event loop blocked meanwhile.
+FAST = Field(fail_fast=True)
+Text = Annotated[str, StringConstraints(min_length=1)]  # a constraint makes pydantic refuse lone surrogates too
+Texts = Annotated[list[Text], FAST]
+Ids = Annotated[list[Annotated[int, Field(ge=0)]], FAST]
+Input = Union[Text, Ids, Annotated[list[Union[Text, Ids]], FAST]]  # TEI's Input: a text, token ids, or a list of them
 Pair = Annotated[list[Text], Field(min_length=1, max_length=2)]
-PredictInput = Union[Text, Pair, list[Pair]]  # a text, a [text] or [first, second], or a list of those
+PredictInput = Union[Text, Pair, Annotated[list[Pair], FAST]]  # a text, a [text] or [first, second], or a list of those
 Direction = Literal["Right", "right", "Left", "left"]
 INPUTS_DOC = "a text, a list of token ids, or a list of texts / token id lists"
 
-FIELD_HINTS = {
-    "inputs": "a non-empty text, a list of token ids, or a list of those (/predict: a text, a [first, second] "
-              "pair, or a list of [text] / [first, second])",
-    "input": "a non-empty text or a list of them",
+TEXTS_HINT = "a non-empty text or a list of them"
+FIELD_HINTS = {  # by field, or by (route, field) where a route takes another shape
+    "inputs": "a non-empty text, a list of token ids, or a list of those",
+    ("/predict", "inputs"): "a text, a [first, second] pair, or a list of [text] / [first, second]",
+    ("/tokenize", "inputs"): TEXTS_HINT, ("/fill-mask", "inputs"): TEXTS_HINT, ("/zero-shot", "inputs"): TEXTS_HINT,
+    "input": TEXTS_HINT,
     "ids": "a list of token ids, or a list of such lists",
 }
 
@@ -431,7 +448,7 @@ class Prediction(BaseModel):
 
 class RerankRequest(Truncation):
     query: Text
-    texts: list[Text]
+    texts: Texts
     raw_scores: bool = Field(False, description="logits instead of the cross-encoder's activation")
     return_text: bool = False
     head: str | None = Field(None, description="this server's addition: the one-output head")
@@ -445,7 +462,7 @@ class Rank(BaseModel):
 
 class SimilarityInput(Body):
     source_sentence: Text
-    sentences: list[Text]
+    sentences: Texts
 
 
 class SimilarityRequest(Body):
@@ -454,8 +471,8 @@ class SimilarityRequest(Body):
 
 
 class OpenAIEmbeddingsRequest(Body):
-    input: Union[Text, list[Text]]
-    model: str | None = None
+    input: Union[Text, Texts]
+    model: Annotated[str, StringConstraints(max_length=1000)] | None = None  # echoed back: valid UTF-8 only
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
@@ -475,7 +492,7 @@ class OpenAIEmbeddingsResponse(BaseModel):
 
 
 class TokenizeRequest(Body):
-    inputs: Union[str, list[str]]
+    inputs: Union[Text, Texts]
     add_special_tokens: bool = True
     prompt_name: str | None = Field(None, description="not supported: prepend the prompt to the text")
 
@@ -489,12 +506,12 @@ class SimpleToken(BaseModel):
 
 
 class DecodeRequest(Body):
-    ids: Union[Ids, list[Ids]] = Field(description="one sequence of token ids, or a list of them")
+    ids: Union[Ids, Annotated[list[Ids], FAST]] = Field(description="one sequence of token ids, or a list of them")
     skip_special_tokens: bool = True
 
 
 class FillMaskRequest(Body):
-    inputs: Union[Text, list[Text]] = Field(description="a text holding one or more <mask>, or a list of them")
+    inputs: Union[Text, Texts] = Field(description="a text holding one or more <mask>, or a list of them")
     topk: int = Field(5, ge=1, le=1000, description="candidates per mask")
 
 
@@ -510,8 +527,8 @@ class FillMaskResponse(BaseModel):
 
 
 class ZeroShotRequest(Truncation):
-    inputs: Union[Text, list[Text]]
-    candidate_labels: Union[Text, list[Text]] = Field(description="a list of labels, or one comma-separated text")
+    inputs: Union[Text, Texts]
+    candidate_labels: Union[Text, Texts] = Field(description="a list of labels, or one comma-separated text")
     hypothesis_template: Text = "This example is {}."
     multi_label: bool = False
     head: str | None = Field(None, description="the NLI head (default: the model's main or only one, or mnli)")
@@ -572,8 +589,8 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         return error_response(exc.status, exc.message, exc.kind, exc.headers, request.url.path)
 
     @app.exception_handler(RobertaError)
-    async def _roberta_error(request, exc: RobertaError):
-        return error_response(400, str(exc), "Validation", path=request.url.path)
+    async def _roberta_error(request, exc: RobertaError):  # what the library refuses of a request's input
+        return error_response(422, str(exc), "Validation", path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
@@ -585,8 +602,9 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         first = errors[0]
         loc = [part for part in first.get("loc", ()) if part != "body"]
         name = str(loc[0]) if loc else "body"
-        if sum(1 for e in errors if e.get("loc", ())[1:2] == (name,)) > 1 and name in FIELD_HINTS:
-            message = f"{name} must be {FIELD_HINTS[name]}"  # a union: one error per branch says less than this
+        hint = FIELD_HINTS.get((path, name), FIELD_HINTS.get(name))
+        if sum(1 for e in errors if e.get("loc", ())[1:2] == (name,)) > 1 and hint:
+            message = f"{name} must be {hint}"  # a union: one error per branch says less than this
         elif first.get("type") == "extra_forbidden":
             message = f"{'.'.join(map(str, loc))}: this server has no such field (a typo, or a field of another API)"
         else:
@@ -632,10 +650,10 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         return HTTPError(413, f"input {n} has {tokens} tokens but this server takes at most {most}; {offer}shorten it",
                          "Validation")
 
-    def prepare(inputs, truncate: bool | None, encode=None) -> list[torch.Tensor]:
+    def prepare(inputs, truncate: bool | None, encode=None, what: str = "inputs") -> list[torch.Tensor]:
         """Token ids of each input (a text, token ids, or a (first, second) pair) within the limits;
-        truncate None: the endpoint cannot truncate."""
-        check_count(len(inputs))
+        truncate None: the endpoint cannot truncate (False: it can, and the caller did not ask)."""
+        check_count(len(inputs), what)
         sequences = []
         for n, item in enumerate(inputs):
             if isinstance(item, tuple):  # a sentence pair: cut longest-first, as the tokenizers do
@@ -685,7 +703,8 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         try:
             head = hub.pair_head(name)
         except RobertaError as exc:
-            raise HTTPError(404 if name else 424, str(exc), "Validation" if name else "Backend") from None
+            raise HTTPError(404 if name is not None else 424, str(exc),
+                            "Validation" if name is not None else "Backend") from None
         if one_output and heads[head] != 1:
             raise HTTPError(424, f"model is not a re-ranker model: head {head!r} has {heads[head]} outputs, a "
                                  "cross-encoder has one", "Backend")
@@ -707,7 +726,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         if body.dimensions is not None and body.dimensions != config.hidden_size:
             raise HTTPError(422, f"dimensions {body.dimensions} is not supported: this model's embeddings have "
                                  f"{config.hidden_size}; omit it or send that", "Validation")
-        sequences = prepare(as_inputs(body.inputs), body.truncate)
+        sequences = prepare(as_inputs(body.inputs), bool(body.truncate))
         vectors = await run("embed", sequences, pooling=body.pooling or settings.pooling, normalize=body.normalize)
         return JSONResponse(vectors)
 
@@ -715,7 +734,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     async def embed_all(body: EmbedAllRequest):
         """Every token's last-layer vector, `<s>` and `</s>` included, per input."""
         unsupported(body)
-        sequences = prepare(as_inputs(body.inputs), body.truncate)
+        sequences = prepare(as_inputs(body.inputs), bool(body.truncate))
         # about 12 bytes of JSON per float
         check_answer_size(12 * config.hidden_size * sum(len(s) for s in sequences), "this embed_all request")
         return JSONResponse(await run("embed_all", sequences))
@@ -726,7 +745,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         if body.dimensions is not None and body.dimensions != config.hidden_size:
             raise HTTPError(400, f"this model's embeddings have {config.hidden_size} dimensions; omit "
                                  "\"dimensions\" or pass that", "Validation")
-        sequences = prepare(as_inputs(body.input), truncate=None)  # OpenAI's API has no truncation to offer
+        sequences = prepare(as_inputs(body.input), truncate=None, what="input")  # OpenAI's API has no truncation to offer
         vectors = await run("embed", sequences, pooling=settings.pooling, normalize=True)
         if body.encoding_format == "base64":
             import numpy as np
@@ -744,10 +763,10 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         one input (a text or a [first, second] pair), a list of such lists for a batch."""
         unsupported(body)
         head = pick_head(body.head)
-        single = isinstance(body.inputs, str) or isinstance(body.inputs[0], str)
+        single = isinstance(body.inputs, str) or (body.inputs and isinstance(body.inputs[0], str))
         items = [body.inputs] if single else body.inputs
         items = [item if isinstance(item, str) else item[0] if len(item) == 1 else tuple(item) for item in items]
-        sequences = prepare(items, body.truncate)
+        sequences = prepare(items, bool(body.truncate))
         rows = await run("predict", sequences, head=head)
         options = body.parameters or ClassificationParameters()
         # TEI's scores: a softmax over the classes, or a sigmoid of a single output
@@ -765,9 +784,9 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         """The texts ranked by a cross-encoder's score against the query, best first (the model's
         activation of its one output, as `RobertaHub.rerank` gives)."""
         unsupported(body)
-        check_count(len(body.texts), "texts")
+        check_count(len(body.texts), "texts")  # before the head: an empty list is the caller's to fix
         head = pick_head(body.head, one_output=True)
-        sequences = prepare([(body.query, text) for text in body.texts], body.truncate)
+        sequences = prepare([(body.query, text) for text in body.texts], bool(body.truncate), what="texts")
         logits = torch.tensor([row[0] for row in await run("predict", sequences, head=head)])
         scores = (logits if body.raw_scores else (hub.cross_encoder or pairs.CrossEncoderHead()).score(logits)).tolist()
         return JSONResponse([{"index": i, "score": s, **({"text": body.texts[i]} if body.return_text else {})}
@@ -777,9 +796,10 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     async def similarity(body: SimilarityRequest):
         """The cosine similarity of the source sentence's embedding with each sentence's (--pooling)."""
         unsupported(body)
-        check_count(len(body.inputs.sentences), "sentences")
-        texts = [body.inputs.source_sentence, *body.inputs.sentences]
-        sequences = prepare(texts, (body.parameters or Prompted()).truncate)
+        truncate = bool((body.parameters or Prompted()).truncate)
+        # --max-inputs counts the sentences; the source sentence comes on top
+        sequences = prepare([body.inputs.source_sentence], truncate) + prepare(body.inputs.sentences, truncate,
+                                                                                what="sentences")
         vectors = await run("embed", sequences, pooling=settings.pooling, normalize=True)
         return JSONResponse([float(v @ vectors[0]) for v in vectors[1:]])
 
@@ -789,15 +809,19 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         unsupported(body)
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         check_count(len(texts))
+        encoded = [hub.encode(text, return_offsets=True) for text in texts]
+        # about 80 bytes of JSON per token, plus its text
+        check_answer_size(sum(80 * len(ids) + len(text.encode()) for text, (ids, _) in zip(texts, encoded)),
+                          "this tokenize request")
         answers = []
-        for text in texts:
-            ids, spans = hub.encode(text, return_offsets=True)
+        for text, (ids, spans) in zip(texts, encoded):
+            at = byte_offsets(text)  # TEI counts bytes
             tokens = []
             for i, (start, stop) in zip(ids.tolist(), spans):
                 special = i in (hub.tokenizer.bos_token_id, hub.tokenizer.eos_token_id) and start == stop
                 if special and not body.add_special_tokens:
                     continue
-                begin, end = len(text[:start].encode()), len(text[:stop].encode())  # TEI counts bytes
+                begin, end = int(at[start]), int(at[stop])
                 tokens.append({"id": i, "text": hub.tokenizer.id_to_token(i) if special else text[start:stop],
                                "special": special, "start": None if special else begin, "stop": None if special else end})
             answers.append(tokens)
@@ -807,7 +831,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     async def decode(body: DecodeRequest):
         """The text of each sequence of ids."""
         sequences = [body.ids] if not body.ids or isinstance(body.ids[0], int) else body.ids
-        check_count(len(sequences) if sequences[0] else 0, "ids")
+        check_count(len(sequences) if all(sequences) else 0, "ids")
         for ids in sequences:
             bad = [i for i in ids if i >= vocab]
             if bad:
@@ -852,7 +876,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
             for hypothesis in hypotheses:  # the text is cut, never the hypothesis (only_first)
                 ids = pairs.encode_pair(hub.tokenizer, text, hypothesis, 10**9)
                 if len(ids) > pair_limit and not body.truncate:
-                    raise too_long(n, len(ids), pair_limit, body.truncate)
+                    raise too_long(n, len(ids), pair_limit, False)
                 try:
                     sequences.append(pairs.encode_pair(hub.tokenizer, text, hypothesis, pair_limit, "only_first"))
                 except RobertaError as exc:
@@ -879,14 +903,14 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         return await route(body)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers probe with
     async def health():
         """200 while the worker runs; 503 while shutting down (for load balancers and orchestrators)."""
         if batcher.alive:
             return Response(status_code=200)
         return error_response(503, "shutting down", "Unhealthy", {"Retry-After": "1"})
 
-    @app.get("/info")
+    @app.api_route("/info", methods=["GET", "HEAD"])  # HEAD: what load balancers probe with
     async def info():
         """TEI's model description, and this server's heads, labels and limits."""
         dtype = str(hub.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
@@ -909,7 +933,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
                 "heads": {name: {"classes": n, "labels": labels[name]} for name, n in heads.items()},
                 "settings": {k: v for k, v in asdict(settings).items() if k != "api_key"} | {"api_key": settings.api_key is not None}}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])  # HEAD: what load balancers probe with
     async def prometheus():
         """Prometheus text: requests, latency, batch sizes, queue depth and wait, tokens/s."""
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -923,8 +947,9 @@ class _Guard:
     than --read-timeout (408) before they are parsed, and counts each request with its status and
     latency in the metrics."""
 
-    ENDPOINTS = {"/", "/embed", "/embed_all", "/v1/embeddings", "/predict", "/rerank", "/similarity", "/fill-mask",
-                 "/zero-shot", "/tokenize", "/decode", "/health", "/info", "/metrics"}
+    POSTED = {"/", "/embed", "/embed_all", "/v1/embeddings", "/predict", "/rerank", "/similarity", "/fill-mask",
+              "/zero-shot", "/tokenize", "/decode"}
+    ENDPOINTS = POSTED | {"/health", "/info", "/metrics"}
 
     def __init__(self, app, settings: ServeSettings, metrics: Metrics):
         self.app, self.settings, self.metrics = app, settings, metrics
@@ -937,7 +962,7 @@ class _Guard:
         start = time.monotonic()
         path = scope["path"]
         endpoint = path if path in self.ENDPOINTS else "other"
-        status = {"code": 500}
+        status = {"code": 499}  # no answer was started: the client went away (nginx's "client closed request")
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
@@ -954,7 +979,7 @@ class _Guard:
                 return await refuse(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                                     "Validation", {"WWW-Authenticate": "Bearer"})
             kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-            if scope["method"] == "POST" and endpoint != "other" and kind != b"application/json":
+            if scope["method"] == "POST" and path in self.POSTED and kind != b"application/json":
                 return await refuse(415, f"the body must be JSON, sent with 'Content-Type: application/json' "
                                          f"(got {kind.decode('latin-1') or 'none'}); curl: -H "
                                          "'content-type: application/json'", "Validation")

@@ -61,6 +61,23 @@ def keep_beside_checkpoint(name: str) -> bool:
     return not is_checkpoint_file(name)
 
 
+WEIGHT_FILES_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.rbz",
+                         "*.znn")
+
+
+def check_checkpoint_output(dst: str | os.PathLike, src: str | os.PathLike) -> Path:
+    """`check_output`, and a directory that is there and not empty must be a checkpoint (it holds weights):
+    a written checkpoint replaces another's files, and never lands among a user's own (a config.json of
+    theirs replaced, the new files mixed in with theirs)."""
+    dst = check_output(dst, src)
+    names = sorted(p.name for p in dst.iterdir()) if dst.is_dir() else []
+    if names and not any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in WEIGHT_FILES_PATTERNS):
+        raise RobertaError(f"the output {dst} is a directory that holds no checkpoint (it has {names[0]}"
+                           f"{', ...' if len(names) > 1 else ''}): write into a new or empty directory, or into a "
+                           "checkpoint directory to replace")
+    return dst
+
+
 # What the tensors of a RoBERTa state dict are called (any other tensor in a file is not read).
 _MODEL_PREFIXES = ("roberta.", "embeddings.", "encoder.", "pooler.", "lm_head.", "classifier.",
                    "classification_heads.", "qa_outputs.")
@@ -707,7 +724,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "hf", layo
 
     if to not in ("hf", "fairseq"):
         raise RobertaError(f"unknown target layout {to!r}; use 'hf' or 'fairseq'")
-    check_output(dst, src)
+    check_checkpoint_output(dst, src)
     model = load_model(RobertaForMaskedLM, src)
     src_dir = Path(src) if Path(src).is_dir() else Path(src).parent
     tokenizer = RobertaTokenizer.from_pretrained(src_dir) if _has_tokenizer(src_dir) else None

@@ -47,10 +47,10 @@ import torch
 import xxhash
 import zstandard
 
-from .checkpoint import (CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, keep_beside_checkpoint, model_path,
-                         read_checkpoint)
+from .checkpoint import (CONFIG_NAME, FAIRSEQ_NAME, PYTORCH_NAME, SAFETENSORS_NAME, check_checkpoint_output,
+                         keep_beside_checkpoint, model_path, read_checkpoint)
 from .errors import RobertaError
-from .fileio import atomic_write, check_output, parse_json, replace_dir
+from .fileio import atomic_write, parse_json, replace_dir
 
 try:  # the C decoder built by setup.py; numpy and the zstandard package do the same, slower, without it
     from . import _planes
@@ -547,7 +547,7 @@ def _check_dirs(src, dst) -> tuple[Path, Path]:
     src, dst = model_path(src), Path(dst)
     if not src.is_dir():
         raise RobertaError(f"{src} is not a checkpoint directory")
-    return src, check_output(dst, src)
+    return src, check_checkpoint_output(dst, src)
 
 
 def _copy_other_files(src: Path, dst: Path) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -253,17 +254,38 @@ def shard_name(kind: str, index: int) -> str:
     return f"{kind}-{index:05d}.npy"
 
 
+def not_a_job(out: Path) -> str | None:
+    """Why the directory `out` is not a job's own (None when it is): its job.json must be a job's
+    record, and every entry a file a job writes (shards, their records, the index, the metrics, and
+    the temporary files of a write cut short). --overwrite removes nothing else: a file named job.json
+    does not make a directory of the user's a job's."""
+    if not (out / "job.json").is_file():
+        return "holds no job.json: it is not a job's output"
+    try:
+        record = read_json(out / "job.json")
+    except RobertaError:
+        return "has a job.json that is not a job's record"
+    kind = record.get("kind")
+    if kind not in ("features", "predict") or not {"input", "model", "shard_rows"} <= record.keys():
+        return "has a job.json that is not a job's record"
+    own = re.compile(rf"job\.json|metrics\.jsonl|index\.json|{kind}-\d{{5,}}\.(npy|json)|\..+\.tmp")
+    others = sorted(p.name for p in out.iterdir() if p.is_symlink() or not p.is_file() or not own.fullmatch(p.name))
+    if others:
+        return f"holds {others[0]}, which no job writes"
+    return None
+
+
 def prepare_output(out: str | os.PathLike, resume: bool, overwrite: bool = False, remove: bool = True) -> Path:
     """Check the output directory before any work: its parent must exist; an existing one needs `resume`
-    (continue it) or `overwrite` (start it over: only a job's directory, one holding job.json, is
-    removed, unless `remove` is False: a check before the model loads)."""
+    (continue it) or `overwrite` (start it over: only a job's own directory, `not_a_job`, is removed,
+    unless `remove` is False: a check before the model loads)."""
     out = Path(out)
     if resume and overwrite:
         raise RobertaError("give --resume (continue the job) or --overwrite (start it over), not both")
     if overwrite and out.is_dir() and any(out.iterdir()):
-        if not (out / "job.json").is_file():
-            raise RobertaError(f"{out} holds no job.json: it is not a job's output, so --overwrite leaves it alone; "
-                               "choose a new directory")
+        reason = not_a_job(out)
+        if reason:
+            raise RobertaError(f"{out} {reason}, so --overwrite leaves it alone; choose a new directory")
         if not remove:
             return out
         shutil.rmtree(out)

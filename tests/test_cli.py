@@ -385,3 +385,19 @@ def test_sharded_job_errors_name_the_line_leave_nothing_and_overwrite_starts_ove
     not_a_job = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", tmp_path, "--overwrite")
     assert (not_a_job.returncode, not_a_job.stderr) == (2, f"error: {tmp_path} holds no job.json: it is not a job's "
                                                            "output, so --overwrite leaves it alone; choose a new directory\n")
+    # a file named job.json does not make a directory a job's: --overwrite removes nothing of the user's
+    for name, record, extra in (("ci", '{"name": "my CI job"}', None), ("list", "[1]", None),
+                                ("mixed", (out / "job.json").read_text(), "photos/a.jpg"),
+                                ("notes", (out / "job.json").read_text(), "notes.txt")):
+        mine = tmp_path / name
+        mine.mkdir()
+        (mine / "job.json").write_text(record)
+        if extra:
+            (mine / extra).parent.mkdir(exist_ok=True)
+            (mine / extra).write_text("the user's")
+        refused = call("features", "-m", hub_checkpoints["hf"], "-i", corpus, "-o", mine, "--overwrite")
+        reason = "has a job.json that is not a job's record" if extra is None else \
+            f"holds {extra.split('/')[0]}, which no job writes"
+        assert (refused.returncode, refused.stderr) == (2, f"error: {mine} {reason}, so --overwrite leaves it alone; "
+                                                           "choose a new directory\n")
+        assert (mine / "job.json").read_text() == record and (extra is None or (mine / extra).is_file())

@@ -313,10 +313,11 @@ def test_no_stale_file_wins_after_a_write(models, tmp_path):
     stale = tmp_path / "stale"
     stale.mkdir()
     (stale / "config.json").write_text(json.dumps({**TINY, "num_hidden_layers": 1}))
+    (stale / "pytorch_model.bin").write_bytes(b"stale weights")
     (stale / "notes.txt").write_text("kept")
     compress_checkpoint(models["A-fairseq"], stale)
     assert json.loads((stale / "config.json").read_text())["num_hidden_layers"] == 2
-    assert (stale / "notes.txt").read_text() == "kept"
+    assert (stale / "notes.txt").read_text() == "kept" and not (stale / "pytorch_model.bin").exists()
     assert same_weights(weights_of(stale), models["A-fairseq-weights"])
 
     fairseq_dst = tmp_path / "fs"
@@ -334,6 +335,10 @@ CLI_OUTPUT_FAULTS = [
     ("compress", "same", "is the input"),
     ("convert", "same", "is the input"),
     ("compress", "parent", "holds the input"),
+    # a directory of the user's (a config.json of theirs, no weights): never written into
+    ("convert", "mine", "holds no checkpoint"),
+    ("compress", "mine", "holds no checkpoint"),
+    ("decompress", "mine", "holds no checkpoint"),
 ]
 
 
@@ -345,14 +350,21 @@ def test_cli_outputs_onto_the_wrong_place(models, tmp_path, command, output, mes
     for item in source.iterdir():
         (src / item.name).write_bytes(item.read_bytes())
     before = {p.name: p.read_bytes() for p in src.iterdir()}
-    target = {"file": tmp_path / "existing.bin", "same": src, "parent": tmp_path}[output]
+    target = {"file": tmp_path / "existing.bin", "same": src, "parent": tmp_path, "mine": tmp_path / "mine"}[output]
     if output == "file":
         target.write_bytes(b"precious")
+    if output == "mine":
+        target.mkdir()
+        (target / "config.json").write_text('{"foo": 1}')
+        (target / "precious.txt").write_text("precious")
     result = call(command, src, target)
     assert result.returncode == 2 and message in one_error_line(result)
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
     if output == "file":
         assert target.read_bytes() == b"precious"
+    if output == "mine":
+        assert {p.name: p.read_text() for p in target.iterdir()} == {"config.json": '{"foo": 1}',
+                                                                     "precious.txt": "precious"}
 
 
 # ---- kill -9 in the middle of a write ------------------------------------------------------------

@@ -52,6 +52,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MAX_THREADS = 1024  # past any machine's cores; thread creation failed at 20,000 and crashed at 100,000
+
+
+def _thread_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS} (this machine has {os.cpu_count()} "
+                                         f"cores), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -106,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("src", help="checkpoint directory")
         p.add_argument("dst", help="output directory (the other files are copied there)")
-        p.add_argument("--threads", type=_positive_int, help="threads to use (default: all cores)")
+        p.add_argument("--threads", type=_thread_count, help="threads to use (default: all cores)")
         p.add_argument("--json", action="store_true", help="print the path, sizes and ratio as JSON")
         p.set_defaults(func=_compress)
     _add_hub_commands(sub)
@@ -139,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reproduce(sub)
     _explain(sub)
     for name in COMPUTING:
-        sub.choices[name].add_argument("--threads", type=_positive_int, help="CPU threads for the model's math "
+        sub.choices[name].add_argument("--threads", type=_thread_count, help="CPU threads for the model's math "
                                        "(default: all cores; waiting threads sleep, so a core another program "
                                        "keeps busy costs only its share)")
     return parser
@@ -401,7 +412,7 @@ def _inputs(args, skip_blank: bool = False):
     if args.text:
         lines = (text.encode("utf-8", "surrogateescape") for text in args.text)
         name = "argument"
-    elif source is None and sys.stdin.isatty():
+    elif source is None and (sys.stdin is None or sys.stdin.isatty()):  # None: stdin was closed (<&-)
         raise RobertaError(f"give the inputs as arguments or pipe them on stdin, e.g. echo 'Hello world!' | roberta {args.command} -m roberta.base")
     else:
         lines, name = open_lines(source), source or "stdin"
@@ -564,15 +575,19 @@ def _predict(args):
     head = _head(args, hub)
     names = hub.labels(head)  # a fine-tuned classifier's id2label, else class indices
     windowed = args.window is not None or args.stride is not None
+    scores = hub.model.config.classification_heads[head] == 1  # a regression or a cross-encoder: its score
     if not args.json:  # a header naming the columns: the label, each class's probability, the input
         classes = names or [str(i) for i in range(hub.model.config.classification_heads[head])]
-        print(f"label\t{' '.join(classes)}\tinput")
+        print("score\tinput" if scores else f"label\t{' '.join(classes)}\tinput")
     line = 1
     for batch in _batches(_inputs(args)):
         tokens = jobs.tokenize(hub, batch, args.truncate, windowed, first_line=line, name=_source(args))
         line += len(batch)
         probs = jobs.prediction_rows(hub, tokens, head, args.batch_tokens, args.window, args.stride, args.pool)
         for sentences, row in zip(batch, probs.tolist()):
+            if scores:
+                _print(args, {"score": row[0]}, f"{row[0]:.4f}\t{chr(9).join(sentences)}")
+                continue
             index = max(range(len(row)), key=row.__getitem__)
             label = names[index] if names else index
             value = {"label": label, "index": index, "probabilities": row}
@@ -819,7 +834,7 @@ def _add_reproduce(sub) -> None:
                    "besides the protocol's, e.g. --set precision=bf16")
     p.add_argument("--device", default="auto", help="auto (every GPU, else the CPU), cpu or cuda")
     p.add_argument("--jobs", type=_positive_int, help="runs at a time (default: one per GPU; 1 on the CPU)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads per run (default: the cores / --jobs)")
+    p.add_argument("--threads", type=_thread_count, help="CPU threads per run (default: the cores / --jobs)")
     p.add_argument("--print-commands", action="store_true", help="list the `roberta finetune` commands of the runs "
                    "not done (for a cluster scheduler) and run nothing")
     p.add_argument("--collect", action="store_true", help="write the table from what the run directories hold; run nothing")
@@ -874,7 +889,14 @@ def main(argv: list[str] | None = None) -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
-            status = args.func(args) or 0
+            stdout = sys.stdout
+            if isinstance(stdout, io.TextIOWrapper):  # a real file or pipe (not a test's capture)
+                sys.stdout = _Stdout(stdout)
+            try:
+                status = args.func(args) or 0
+                sys.stdout.flush()
+            finally:
+                sys.stdout = stdout
             if status == 0 and getattr(args, "precision_note", None):
                 print(args.precision_note, file=sys.stderr)
             return status
@@ -888,6 +910,10 @@ def main(argv: list[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             return 141  # what a shell reports for a process ended by SIGPIPE
+        except _OutputError as exc:  # stdout on a full disk, /dev/full, EIO: what is left for it is dropped
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, exc.fileno)  # so that the interpreter's last flush does not fail a second time
+            return _fail(f"cannot write the output: {exc.strerror}")
         except OSError as exc:
             if exc.filename is None:
                 raise
@@ -895,6 +921,38 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+
+
+class _OutputError(OSError):
+    """Writing to stdout failed (not a closed pipe: that ends the command quietly)."""
+
+    def __init__(self, exc: OSError, fileno: int):
+        super().__init__(exc.errno, exc.strerror)
+        self.fileno = fileno
+
+
+class _Stdout:
+    """sys.stdout for the length of a command, its failures to write told apart from other OSErrors."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _do(self, method, *args):
+        try:
+            return getattr(self._stream, method)(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _OutputError(exc, self._stream.fileno()) from None
+
+    def write(self, text):
+        return self._do("write", text)
+
+    def flush(self):
+        return self._do("flush")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _fail(message: str) -> int:

@@ -62,6 +62,10 @@ def export_onnx(model_name_or_path, out_dir, cache_dir=None, offline: bool | Non
         raise RobertaError(f"{out.parent} is not a directory; create it first")
     hub = load(model_name_or_path, device="cpu", cache_dir=cache_dir, offline=offline, precision="fp32")
     model = hub.model.eval()
+    if not hasattr(model, "classification_heads"):  # a token-classification or question-answering checkpoint
+        raise RobertaError(f"{model_name_or_path} is a {type(model).__name__.removeprefix('RobertaFor')} checkpoint; "
+                           "export --onnx writes the encoder with sequence-classification heads only, so its head "
+                           "would be lost: use `roberta tag` / `roberta answer` on it")
     model.encoder_model.padding_free = False  # the plain layout: no shapes that depend on the data
     heads = {name: head.out_proj.out_features for name, head in model.classification_heads.items()}
     outputs = ["last_hidden_state", *(f"logits_{name}" for name in heads)]

@@ -627,7 +627,9 @@ def decode(tokenizer: RobertaTokenizer, tokens):
     """`RobertaHub.decode`: one string, or a list when `</s></s>` separates several sentences."""
     if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], torch.Tensor):
         return [decode(tokenizer, t) for t in tokens]
-    ids = torch.as_tensor(tokens).tolist()
+    # a list of ints is taken as it is: an id past 64 bits gets the tokenizer's range error, not an overflow
+    ids = list(tokens) if isinstance(tokens, (list, tuple)) and all(type(i) is int for i in tokens) \
+        else torch.as_tensor(tokens).tolist()
     if not isinstance(ids, list) or (ids and isinstance(ids[0], list)):
         raise RobertaError("decode takes one sequence of ids (a 1-D tensor); decode a batch row by row")
     eos = tokenizer.eos_token_id

@@ -230,20 +230,25 @@ def feature_rows(hub, tokens: list[list[int]], pool: str = "cls", layer: int = -
 
 def prediction_rows(hub, tokens: list[list[int]], head: str, batch_tokens: int = 4096, window: int | None = None,
                     stride: int | None = None, pool: str = "mean") -> np.ndarray:
-    """Class probabilities [inputs, classes] of a classification head (windows pooled by `pool`)."""
+    """Class probabilities [inputs, classes] of a classification head (windows pooled by `pool`); a head
+    with one output (a regression such as STS-B, a cross-encoder) gives its score as it is [inputs, 1],
+    since a softmax over one class is always 1."""
     from .inference import length_batches, pad_batch
 
+    scores = hub.model.config.classification_heads[head] == 1
+    as_rows = (lambda out: out) if scores else (lambda out: out.exp())
     probs: list = [None] * len(tokens)
     limit = hub.max_tokens
     short = [i for i, t in enumerate(tokens) if len(t) <= limit]
     for batch in length_batches([len(tokens[i]) for i in short], batch_tokens):
         batch = [short[i] for i in batch]
         ids, _ = pad_batch([tokens[i] for i in batch], hub.tokenizer.pad_token_id)
-        rows = hub.predict(head, ids).exp().cpu().numpy()
+        rows = as_rows(hub.predict(head, ids, return_logits=scores)).cpu().numpy()
         for i, row in zip(batch, rows):
             probs[i] = row
     for i in (i for i, t in enumerate(tokens) if len(t) > limit):
-        probs[i] = hub.predict(head, torch.tensor(tokens[i]), window=window, stride=stride, pool=pool)[0].exp().numpy()
+        probs[i] = as_rows(hub.predict(head, torch.tensor(tokens[i]), window=window, stride=stride, pool=pool,
+                                       return_logits=scores))[0].cpu().numpy()
     return np.stack(probs).astype(np.float32)
 
 

@@ -33,6 +33,9 @@ CHUNK_CHARS = 1 << 16  # characters of a long text tokenized at a time by `ids_i
 CHUNK_MARGIN = 8
 
 
+MAX_VOCAB_SIZE = 1 << 24  # far past any BPE in use; an embedding row per token
+
+
 class RobertaTokenizer:
     """GPT-2 byte-level BPE with RoBERTa's ids: `<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3, `<mask>` last.
 
@@ -163,6 +166,9 @@ class RobertaTokenizer:
         if vocab_size < smallest:
             raise RobertaError(f"vocab_size={vocab_size} is too small: it needs at least {smallest} "
                                "(256 bytes and 5 special tokens)")
+        if vocab_size > MAX_VOCAB_SIZE:  # the trainer allocates for it up front: 2^31 aborted the process
+            raise RobertaError(f"vocab_size={vocab_size:,} is too large: at most {MAX_VOCAB_SIZE:,} (RoBERTa's "
+                               "BPE has 50,265 tokens)")
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         # The trainer puts its special tokens first, in order, so <s> <pad> </s> <unk> get 0..3;

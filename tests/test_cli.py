@@ -12,6 +12,8 @@ import torch
 
 import roberta
 from roberta.cli import main
+from roberta.errors import RobertaError
+from roberta.tokenizer import RobertaTokenizer
 from hub_helpers import FileServer, serve_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +160,28 @@ def test_bad_input_exits_2_with_one_line(hub_checkpoints, tmp_path, call):
     assert exit_info.value.code == 2
     result = run("fill-mask", "-m", hub_checkpoints["hf"], "no mask here")  # and from a real process
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_a_full_or_closed_stream_and_out_of_range_numbers_exit_2_with_one_line(hub_checkpoints, tmp_path, call):
+    model = str(hub_checkpoints["hf"])
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "ROBERTA_OFFLINE": "1"}
+    for shell, message in ((f"encode -m {model} hi > /dev/full", "error: cannot write the output: No space left on device"),
+                           (f"info -m {model} --json > /dev/full", "error: cannot write the output: No space left on device"),
+                           (f"encode -m {model} <&-", "error: give the inputs as arguments or pipe them on stdin")):
+        if shell.endswith("/dev/full") and not Path("/dev/full").exists():
+            continue
+        result = subprocess.run(f"{sys.executable} -m roberta {shell}", shell=True, capture_output=True, text=True,
+                                env=environment, timeout=120)
+        assert result.returncode == 2 and result.stderr.startswith(message), (shell, result.stderr)
+        assert result.stderr.count("\n") == 1, result.stderr  # no second error when the interpreter exits
+    assert call("decode", "-m", model, "99999999999999999999999").stderr == \
+        "error: cannot decode id 99999999999999999999999: the vocabulary has ids 0..50264\n"
+    for command in (("fill-mask", "-m", model, "a <mask>"), ("compress", model, tmp_path / "c")):
+        with pytest.raises(SystemExit) as exit_info:  # argparse: past any machine's cores
+            call(*command, "--threads", "100000")
+        assert exit_info.value.code == 2
+    with pytest.raises(RobertaError, match="is too large: at most 16,777,216"):
+        RobertaTokenizer.train_from_iterator(["a b c"], vocab_size=2**31)
 
 
 @pytest.mark.parametrize("name, message", [
@@ -401,3 +425,30 @@ def test_sharded_job_errors_name_the_line_leave_nothing_and_overwrite_starts_ove
         assert (refused.returncode, refused.stderr) == (2, f"error: {mine} {reason}, so --overwrite leaves it alone; "
                                                            "choose a new directory\n")
         assert (mine / "job.json").read_text() == record and (extra is None or (mine / extra).is_file())
+
+
+def test_predict_with_a_one_output_head_prints_its_score(bpe_dir, tmp_path, call):
+    """A regression head (STS-B) or a cross-encoder has one output: its softmax is always 1, so predict
+    prints the score itself, as fairseq's regression heads are read (return_logits), and shards hold it."""
+    from roberta.hub import RobertaHub
+    from roberta.model import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(0)
+    tokenizer = RobertaTokenizer.from_pretrained(bpe_dir)
+    model = RobertaForMaskedLM(RobertaConfig.tiny(vocab_size=len(tokenizer), max_position_embeddings=66))
+    head = model.register_classification_head("sts", 1)
+    with torch.no_grad():
+        head.out_proj.bias.fill_(2.5)
+    RobertaHub(model, tokenizer).save(tmp_path / "sts")
+    hub = roberta.load(tmp_path / "sts", precision="fp32")
+    texts = ["A man sleeps.\tA person rests.", "a dog"]
+    want = [hub.predict("sts", hub.encode(*t.split("\t")), return_logits=True)[0, 0].item() for t in texts]
+    printed = call("predict", "-m", tmp_path / "sts", "--head", "sts", "--precision", "fp32", *texts)
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    assert lines[0] == "score\tinput" and [line.split("\t")[1:] for line in lines[1:]] == [t.split("\t") for t in texts]
+    assert [float(line.split("\t")[0]) for line in lines[1:]] == pytest.approx(want, abs=1e-4)
+    assert abs(want[0] - 1.0) > 0.01  # not the softmax's 1
+    assert [json.loads(line)["score"] for line in call("predict", "-m", tmp_path / "sts", "--head", "sts", "--json",
+                                                        "--precision", "fp32", *texts).stdout.splitlines()] \
+        == pytest.approx(want, abs=1e-5)

@@ -31,7 +31,8 @@ from safetensors.torch import save_file as save_safetensors
 
 from .errors import RobertaError, RobertaWarning
 from .fileio import check_output, default_mode, read_json, replace_dir
-from .model import RobertaConfig, RobertaForMaskedLM, RobertaModel, RobertaPreTrainedModel
+from .model import (RobertaConfig, RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification,
+                    RobertaModel, RobertaPreTrainedModel)
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -718,6 +719,19 @@ def save_model(model: RobertaPreTrainedModel, path: str | os.PathLike, tokenizer
             tokenizer.save_pretrained(tmp)
 
 
+def model_class(directory: Path):
+    """The model a checkpoint holds: a token-classification or question-answering model when its
+    config.json says so (as transformers writes it), else the masked LM with its named heads."""
+    try:
+        architectures = read_json(directory / CONFIG_NAME).get("architectures")
+    except RobertaError:
+        architectures = None  # a fairseq checkpoint, or a config the loader reports on
+    for cls in (RobertaForTokenClassification, RobertaForQuestionAnswering):
+        if isinstance(architectures, list) and cls.__name__ in architectures:  # a name, not a substring of one
+            return cls
+    return RobertaForMaskedLM
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "hf", layout: str = "current") -> Path:
     """Convert a checkpoint between layouts: `hf` (what this project writes) or `fairseq`."""
     from .tokenizer import RobertaTokenizer
@@ -725,8 +739,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "hf", layo
     if to not in ("hf", "fairseq"):
         raise RobertaError(f"unknown target layout {to!r}; use 'hf' or 'fairseq'")
     check_checkpoint_output(dst, src)
-    model = load_model(RobertaForMaskedLM, src)
     src_dir = Path(src) if Path(src).is_dir() else Path(src).parent
+    cls = model_class(src_dir)  # a tagger or a reader keeps its head
+    if cls is not RobertaForMaskedLM and to == "fairseq":
+        raise RobertaError(f"{src} is a {cls.__name__.removeprefix('RobertaFor')} checkpoint; fairseq's layout holds "
+                           "sequence-classification heads only, so its head would be lost: keep it in the Hugging "
+                           "Face layout")
+    model = load_model(cls, src)
     tokenizer = RobertaTokenizer.from_pretrained(src_dir) if _has_tokenizer(src_dir) else None
     if to == "hf":
         save_model(model, dst, tokenizer=tokenizer)

@@ -420,7 +420,7 @@ def _inputs(args, skip_blank: bool = False):
             lines = (line for line in lines if line.strip())
     format = input_format(source, getattr(args, "format", None)) if not args.text else "text"
     return read_inputs(lines, format, getattr(args, "field", "text"), getattr(args, "pair_field", None),
-                       getattr(args, "allow_empty", False), name=name)
+                       getattr(args, "allow_empty", None), name=name)
 
 
 def _source(args) -> str:

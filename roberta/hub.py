@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import download, windows
-from .checkpoint import model_path, not_a_model, read_checkpoint
+from .checkpoint import model_class, model_path, not_a_model, read_checkpoint
 from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_open, read_json
 from .inference import length_batches, pad_batch
@@ -803,7 +803,7 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
         cross = read_cross_encoder(directory)
         sentence = None if cross else read_sentence_config(directory)
         directory = sentence[1] if sentence else directory
-        model = _model_class(directory).from_pretrained(directory)
+        model = model_class(directory).from_pretrained(directory)
         tokenizer = _tokenizer(directory, cache_dir, offline, base_url, progress)
     hub = RobertaHub(model, tokenizer).eval()
     hub.pooling = sentence[0] if sentence else None
@@ -842,19 +842,6 @@ def _one_output_head(model, directory: Path):
     if config.classification_heads.get(config.head_name) == 1:
         return CrossEncoderHead("Sigmoid", model_max_length(directory))
     return None
-
-
-def _model_class(directory: Path):
-    """The model a checkpoint holds: a token-classification or question-answering model when its
-    config.json says so (as transformers writes it), else the masked LM with its named heads."""
-    try:
-        architectures = read_json(directory / "config.json").get("architectures")
-    except RobertaError:
-        architectures = None  # a fairseq checkpoint, or a config the loader reports on
-    for cls in (RobertaForTokenClassification, RobertaForQuestionAnswering):
-        if isinstance(architectures, list) and cls.__name__ in architectures:  # a name, not a substring of one
-            return cls
-    return RobertaForMaskedLM
 
 
 @contextlib.contextmanager

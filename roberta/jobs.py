@@ -66,7 +66,7 @@ def input_format(path: str | None, format: str | None) -> str:
 
 
 def read_inputs(lines: Iterator[bytes], format: str = "text", field: str = "text", pair_field: str | None = None,
-                allow_empty: bool = False, name: str = "input") -> Iterator[list[str]]:
+                allow_empty: bool | None = False, name: str = "input") -> Iterator[list[str]]:
     """The sentences of each input line (one, or a pair), in order; bad lines are errors naming the line."""
     for number, raw in enumerate(lines, 1):
         if number == 1 and raw.startswith(BOM):  # an editor's byte-order mark is not text
@@ -86,9 +86,9 @@ def read_inputs(lines: Iterator[bytes], format: str = "text", field: str = "text
                                    "(sentence TAB sentence); use --format text for single sentences")
         else:
             sentences = line.split("\t")
-        if not allow_empty and not "".join(sentences).strip():
-            raise RobertaError(f"{name} line {number} is empty; each line is one input and one output row, so "
-                               "remove it, or pass --allow-empty to read it as the empty text")
+        if not allow_empty and not "".join(sentences).strip():  # allow_empty None: the command offers no such flag
+            fix = "remove it" if allow_empty is None else "remove it, or pass --allow-empty to read it as the empty text"
+            raise RobertaError(f"{name} line {number} is empty; each line is one input and one output row, so {fix}")
         yield sentences
 
 

@@ -207,7 +207,8 @@ def answer(model, tokenizer: RobertaTokenizer, question: str, context: str, topk
 
     Windows hold `<s> question </s></s> context part </s>` in `max_seq_len` tokens (default the
     smaller of the model's limit and 384), overlapping by `doc_stride` tokens (default the smaller of
-    half a window and 128), so a context of any length is read whole. `no_answer=True` (SQuAD 2.0)
+    half a window and 128, or half the room a long question leaves), so a context of any length is read
+    whole. `no_answer=True` (SQuAD 2.0)
     adds the empty answer `{"answer": "", "start": 0, "end": 0}` scored as the model's no-answer
     probability; it wins over a span only when its score beats the span's by more than
     `null_threshold` (0: the higher score wins, as in transformers).
@@ -225,8 +226,7 @@ def answer(model, tokenizer: RobertaTokenizer, question: str, context: str, topk
         empty = {"answer": "", "score": 1.0, "start": 0, "end": 0}
         return empty if topk == 1 else [empty]
     max_seq_len = min(model.config.max_tokens, 384) if max_seq_len is None else _max_tokens(model, max_seq_len)
-    doc_stride = min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
-    if doc_stride > max_seq_len:
+    if doc_stride is not None and doc_stride > max_seq_len:
         raise RobertaError(f"doc_stride {doc_stride} is larger than max_seq_len {max_seq_len}")
     q_ids = tokenizer.encode(question, add_special_tokens=False)
     c_ids, c_offsets, c_words = tokenizer.encode(context, add_special_tokens=False, return_offsets=True,
@@ -235,6 +235,9 @@ def answer(model, tokenizer: RobertaTokenizer, question: str, context: str, topk
     if room < 1:
         raise RobertaError(f"the question has {len(q_ids)} tokens, which leaves no room for the context in "
                            f"{max_seq_len}-token windows; shorten the question or raise max_seq_len")
+    if doc_stride is None:  # a long question leaves less room: the default overlap then takes half of it
+        doc_stride = min(max_seq_len // 2, 128)
+        doc_stride = doc_stride if doc_stride < room else room // 2
     ranges = windows.spans(len(c_ids), room, doc_stride)
     prefix = [tokenizer.bos_token_id, *q_ids, tokenizer.eos_token_id, tokenizer.eos_token_id]
     sequences = [prefix + c_ids[a:b] + [tokenizer.eos_token_id] for a, b in ranges]

@@ -174,6 +174,9 @@ def test_a_full_or_closed_stream_and_out_of_range_numbers_exit_2_with_one_line(h
                                 env=environment, timeout=120)
         assert result.returncode == 2 and result.stderr.startswith(message), (shell, result.stderr)
         assert result.stderr.count("\n") == 1, result.stderr  # no second error when the interpreter exits
+    # a command without --allow-empty does not offer it
+    assert call("fill-mask", "-m", model, "").stderr == ("error: argument line 1 is empty; each line is one input "
+                                                         "and one output row, so remove it\n")
     assert call("decode", "-m", model, "99999999999999999999999").stderr == \
         "error: cannot decode id 99999999999999999999999: the vocabulary has ids 0..50264\n"
     for command in (("fill-mask", "-m", model, "a <mask>"), ("compress", model, tmp_path / "c")):

@@ -191,6 +191,13 @@ def test_answer_reads_contexts_longer_than_the_model_in_windows(reader, hf_tok, 
         ours = hub.answer(question, long_text, topk=3, no_answer=True, **options)
         same_answers(ours, reference_answer(hf_model, hf_tok, question, long_text, 3,
                                             handle_impossible_answer=True, **options))
+    # a long question leaves less room than the default overlap (half a window): it overlaps by half the room
+    question = "Which of the many names that this rather long question keeps on listing " * 4 + "came first?"
+    room = 100 - len(hub.tokenizer.encode(question, add_special_tokens=False)) - 4
+    assert room <= 50, room
+    same_answers(hub.answer(question, long_text[:3000], topk=2, max_seq_len=100),
+                 reference_answer(hf_model, hf_tok, question, long_text[:3000], 2, max_seq_len=100,
+                                  doc_stride=room // 2))
 
 
 def test_no_answer_threshold(reader, lines):
@@ -249,3 +256,18 @@ def test_export_refuses_a_tagger_or_a_reader_rather_than_drop_its_head(tagger, r
         err = capsys.readouterr().err
         assert err.startswith(f"error: {hub.directory} is a {kind} checkpoint") and err.count("\n") == 1, err
         assert not (tmp_path / kind).exists()
+
+
+def test_convert_keeps_a_taggers_or_a_readers_head_and_fairseq_refuses_it(tagger, reader, tmp_path, capsys):
+    from roberta.cli import main
+
+    for (hub, _), kind in ((tagger, "TokenClassification"), (reader, "QuestionAnswering")):
+        out = tmp_path / kind
+        assert main(["convert", hub.directory, str(out)]) == 0
+        again = roberta.load(out, precision="fp32")
+        assert type(again.model) is type(hub.model)
+        for (name, want), got in zip(hub.model.state_dict().items(), again.model.state_dict().values(), strict=True):
+            assert torch.equal(want, got), name
+        assert main(["convert", hub.directory, str(tmp_path / f"{kind}-fairseq"), "--to", "fairseq"]) == 2
+        assert f"is a {kind} checkpoint; fairseq's layout" in capsys.readouterr().err
+        assert not (tmp_path / f"{kind}-fairseq").exists()

@@ -109,7 +109,7 @@ typedef struct {
    its degree-6 Taylor polynomial (relative error under 2e-7 there), times 2^n (vscalefps). ln2 is
    subtracted in two parts, so that n ln2 is exact; below -87, e^x is under float's range anyway. */
 AVX512 static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  /* x second: a NaN stays NaN (maxps returns it), as in PyTorch */
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145752f), x);
     r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.42860677e-6f), r);
@@ -205,7 +205,7 @@ AVX512 static void attend_one(const attend_job *job, Py_ssize_t b, Py_ssize_t h,
 /* The same for AVX2 with FMA, 8 lanes: e^x with 2^n built in the exponent bits (n >= -126 after the clamp,
    so 2^n is a normal float); padded keys are told apart by their index, as AVX2 has no mask registers. */
 AVX2 static inline __m256 exp_nonpositive8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  /* x second: a NaN stays NaN */
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145752f), x);
     r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.42860677e-6f), r);

@@ -74,6 +74,19 @@ def test_encoder_and_all_hidden_states_match_transformers(tmp_path, left):
     assert max_diff(a.pooler_output, reference) <= TOL
 
 
+def test_a_nan_in_the_weights_reaches_the_outputs_as_in_transformers(tmp_path):
+    """The packed attention kernel's exponential clamps its input from below: a NaN score must stay NaN
+    through it (it became e^-87, and the outputs finite garbage), as PyTorch's softmax keeps it."""
+    ours, theirs = pair("RobertaModel", tmp_path)
+    with torch.no_grad():
+        for model in (ours.encoder.layer[0].attention.self, theirs.encoder.layer[0].attention.self):
+            model.key.weight[0, 0] = float("nan")
+        ids, mask = padded_batch()
+        a = ours(ids, mask).last_hidden_state  # padding-free: the C kernel where it is built
+        b = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.isnan(b[mask.bool()]).all() and torch.isnan(a[mask.bool()]).all()
+
+
 def test_left_and_right_padding_give_the_unpadded_result(tmp_path):
     ours, _ = pair("RobertaModel", tmp_path)
     right_ids, right_mask = padded_batch()

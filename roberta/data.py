@@ -18,7 +18,6 @@ import functools
 import json
 import multiprocessing
 import os
-import shutil
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import RobertaError
-from .fileio import read_json
+from .fileio import read_json, replace_dir
 
 FORMAT_VERSION = 1
 SNIFF_BYTES = 1 << 16
@@ -198,6 +197,9 @@ def preprocess(inputs: list[str | Path], out: str | Path, *, vocab: str | Path |
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RobertaError(f"{out} already exists and is not empty: choose another output directory")
     paths = expand_inputs(inputs)
+    for source in inputs:  # shards inside a corpus directory would be read as its text by the next run
+        if Path(source).is_dir() and Path(os.path.realpath(source)) in Path(os.path.realpath(out)).parents:
+            raise RobertaError(f"the output {out} is inside the input directory {source}: write it elsewhere")
     check_text_files(paths)
     if not 0 <= valid_fraction < 1:
         raise RobertaError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
@@ -206,10 +208,8 @@ def preprocess(inputs: list[str | Path], out: str | Path, *, vocab: str | Path |
 
     from .tokenizer import RobertaTokenizer
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # built beside `out` and renamed into place; what a killed run left there is removed by the next one
+    with replace_dir(out) as tmp:
         if vocab is None:
             tok = RobertaTokenizer.train([str(p) for p in paths], vocab_size=vocab_size)
         else:
@@ -268,11 +268,6 @@ def preprocess(inputs: list[str | Path], out: str | Path, *, vocab: str | Path |
             "sources": [str(p) for p in paths], "shards": shards,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

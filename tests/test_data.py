@@ -1,12 +1,16 @@
 """Shards, packing and dynamic masking (roberta/data.py)."""
 import json
+import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from roberta.data import (Masking, PackedDataset, ShardWriter, collate, mask_tokens, pack_blocks, sample_rng,
                           step_samples)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 999
 VOCAB = 1000
@@ -262,3 +266,37 @@ def test_preprocess_refuses_bad_input_and_leaves_nothing(tmp_path):
     with pytest.raises(RobertaError, match="already exists and is not empty"):
         preprocess([write_text(tmp_path / "ok.txt", "Fine text.\n")], out, vocab_size=300, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_text(corpus / "a.txt", "Fine text.\n")
+    with pytest.raises(RobertaError, match="is inside the input directory"):  # its next run would read the shards
+        preprocess([corpus], corpus / "data", vocab_size=300, progress=False)
+    assert [p.name for p in corpus.iterdir()] == ["a.txt"]
+    with pytest.raises(RobertaError, match="is too large"):  # refused before the trainer allocates for it
+        preprocess([corpus], tmp_path / "big", vocab_size=2**31, progress=False)
+    assert not (tmp_path / "big").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".big")]
+
+
+def test_preprocess_removes_what_a_killed_run_left(tmp_path):
+    """SIGTERM or kill -9 leave the directory being built beside the output; the next run removes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = write_text(tmp_path / "corpus.txt", "A sentence of text, again and again.\n" * 200_000)
+    out = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-m", "roberta", "preprocess", "--out", str(out), "--vocab-size", "300",
+                             "--workers", "1", str(corpus)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".data.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == -signal.SIGTERM, "the run ended before it could be stopped"
+    assert list(tmp_path.glob(".data.tmp-*")) and not out.exists()
+    from roberta.data import preprocess
+
+    preprocess([write_text(tmp_path / "small.txt", "Fine text.\n" * 50)], out, vocab_size=300, valid_fraction=0,
+               progress=False)
+    assert (out / "meta.json").is_file() and not list(tmp_path.glob(".data.tmp-*"))

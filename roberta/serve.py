@@ -551,6 +551,7 @@ class TEIError(BaseModel):
 def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precision: str = "fp32") -> FastAPI:
     """The ASGI application serving `hub` (a loaded `RobertaHub`, in eval mode)."""
     from . import pairs
+    from .hub import encode_within
 
     batcher = Batcher(hub, settings)
     metrics = batcher.metrics
@@ -645,9 +646,10 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
             raise HTTPError(422, "truncation_direction Left is not supported by this server: it cuts the end of an "
                                  "input (Right); drop the field or send Right", "Validation")
 
-    def too_long(n: int, tokens: int, most: int, truncate: bool | None) -> HTTPError:
+    def too_long(n: int, tokens: int | None, most: int, truncate: bool | None) -> HTTPError:
         offer = "" if truncate is None else "send \"truncate\": true to cut it to fit, or "
-        return HTTPError(413, f"input {n} has {tokens} tokens but this server takes at most {most}; {offer}shorten it",
+        count = f"{tokens} tokens" if tokens is not None else f"more than {most} tokens"
+        return HTTPError(413, f"input {n} has {count} but this server takes at most {most}; {offer}shorten it",
                          "Validation")
 
     def prepare(inputs, truncate: bool | None, encode=None, what: str = "inputs") -> list[torch.Tensor]:
@@ -669,8 +671,13 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
                         raise HTTPError(422, f"input {n}: token id {bad[0]} is outside this vocabulary (0 to "
                                              f"{vocab - 1})" if bad else f"input {n} has no token ids", "Validation")
                     ids = torch.tensor(item, dtype=torch.long)
-                else:
-                    ids = encode(item) if encode else hub.encode(item)
+                elif encode:
+                    ids = encode(item)
+                else:  # a chunk at a time, no further than the limit needs: a 2 MB text is not tokenized whole
+                    try:
+                        ids = torch.tensor(encode_within(hub.tokenizer, [item], limit, truncate))
+                    except RobertaError:
+                        raise too_long(n, None, limit, truncate) from None
                 if len(ids) > limit:
                     if not truncate:
                         raise too_long(n, len(ids), limit, truncate)

@@ -87,7 +87,8 @@ def read_inputs(lines: Iterator[bytes], format: str = "text", field: str = "text
         else:
             sentences = line.split("\t")
         if not allow_empty and not "".join(sentences).strip():  # allow_empty None: the command offers no such flag
-            fix = "remove it" if allow_empty is None else "remove it, or pass --allow-empty to read it as the empty text"
+            fix = "remove it" if allow_empty is None else \
+                "remove it, or pass --allow-empty to read it as the empty text"
             raise RobertaError(f"{name} line {number} is empty; each line is one input and one output row, so {fix}")
         yield sentences
 

@@ -300,8 +300,8 @@ class Unpadded:
     Attention needs whole sequences: it runs on the packed tokens (`cu_seqlens`, `max_length`) with
     PyTorch's variable-length flash attention on a GPU in half precision, and with this project's C
     kernel in float32 inference on CPU (`packed_attention_available`); elsewhere `attend` gathers them
-    into sub-batches of similar length (`_length_groups`, made when first needed), so a batch mixing 10- and 500-token inputs does not
-    pay 500-token attention for all.
+    into sub-batches of similar length (`_length_groups`, made when first needed), so a batch mixing
+    10- and 500-token inputs does not pay 500-token attention for all.
 
     Everything here is computed on the host from a CPU copy of the mask, then moved to `device`: built
     when the batch is built (`inference.extract_features_batched` does), the forward pass never waits

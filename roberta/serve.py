@@ -752,7 +752,8 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         if body.dimensions is not None and body.dimensions != config.hidden_size:
             raise HTTPError(400, f"this model's embeddings have {config.hidden_size} dimensions; omit "
                                  "\"dimensions\" or pass that", "Validation")
-        sequences = prepare(as_inputs(body.input), truncate=None, what="input")  # OpenAI's API has no truncation to offer
+        # OpenAI's API has no truncation to offer
+        sequences = prepare(as_inputs(body.input), truncate=None, what="input")
         vectors = await run("embed", sequences, pooling=settings.pooling, normalize=True)
         if body.encoding_format == "base64":
             import numpy as np

@@ -162,18 +162,16 @@ def test_bad_input_exits_2_with_one_line(hub_checkpoints, tmp_path, call):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
-def test_a_full_or_closed_stream_and_out_of_range_numbers_exit_2_with_one_line(hub_checkpoints, tmp_path, call):
+def test_a_full_or_closed_stream_and_out_of_range_numbers_exit_2_with_one_line(hub_checkpoints, tmp_path, call,
+                                                                               monkeypatch):
     model = str(hub_checkpoints["hf"])
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "ROBERTA_OFFLINE": "1"}
-    for shell, message in ((f"encode -m {model} hi > /dev/full", "error: cannot write the output: No space left on device"),
-                           (f"info -m {model} --json > /dev/full", "error: cannot write the output: No space left on device"),
-                           (f"encode -m {model} <&-", "error: give the inputs as arguments or pipe them on stdin")):
-        if shell.endswith("/dev/full") and not Path("/dev/full").exists():
-            continue
-        result = subprocess.run(f"{sys.executable} -m roberta {shell}", shell=True, capture_output=True, text=True,
-                                env=environment, timeout=120)
-        assert result.returncode == 2 and result.stderr.startswith(message), (shell, result.stderr)
-        assert result.stderr.count("\n") == 1, result.stderr  # no second error when the interpreter exits
+    if Path("/dev/full").exists():  # a real process: its last flush at exit must not fail a second time
+        result = subprocess.run(f"{sys.executable} -m roberta encode -m {model} hi > /dev/full", shell=True,
+                                capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "ROBERTA_OFFLINE": "1"})
+        assert (result.returncode, result.stderr) == (2, "error: cannot write the output: No space left on device\n")
+    monkeypatch.setattr(sys, "stdin", None)  # what Python makes of a closed stdin (<&-)
+    assert main(["encode", "-m", model]) == 2
     # a command without --allow-empty does not offer it
     assert call("fill-mask", "-m", model, "").stderr == ("error: argument line 1 is empty; each line is one input "
                                                          "and one output row, so remove it\n")

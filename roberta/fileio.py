@@ -168,6 +168,8 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file to stream `path` into: a temporary file in the same directory, renamed over
     `path` when the block ends without an error, removed when it does not."""
     path = Path(path)
+    if path.is_dir():  # before any work: the rename at the end would fail naming the temporary file
+        raise RobertaError(f"{path} is a directory; give the name of a file to write")
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(handle, default_mode())  # mkstemp makes 0600; give the file the usual permissions

@@ -172,6 +172,10 @@ def test_a_full_or_closed_stream_and_out_of_range_numbers_exit_2_with_one_line(h
         assert (result.returncode, result.stderr) == (2, "error: cannot write the output: No space left on device\n")
     monkeypatch.setattr(sys, "stdin", None)  # what Python makes of a closed stdin (<&-)
     assert main(["encode", "-m", model]) == 2
+    (tmp_path / "rows.npy").mkdir()  # a directory where the output file goes: named, not a temporary file
+    (tmp_path / "in.txt").write_text("a\nb\n")
+    assert call("features", "-m", model, "-i", tmp_path / "in.txt", "-o", tmp_path / "rows.npy").stderr == \
+        f"error: {tmp_path / 'rows.npy'} is a directory; give the name of a file to write\n"
     # a command without --allow-empty does not offer it
     assert call("fill-mask", "-m", model, "").stderr == ("error: argument line 1 is empty; each line is one input "
                                                          "and one output row, so remove it\n")

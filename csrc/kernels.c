@@ -394,7 +394,7 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
     if (PyErr_Occurred()) return NULL;
     if (!attend_runs()) return PyErr_Format(PyExc_RuntimeError, "attend needs AVX2 with FMA or AVX-512 (see attend_available())");
     if (dim % 16) return PyErr_Format(PyExc_ValueError, "attend takes heads of a multiple of 16 dimensions, not %zd", dim);
-    if (tokens < 0 || batch < 0 || heads < 1 || dim < 1 || threads < 1 || threads > 256 || batch * heads > 0x7fffffff)
+    if (tokens < 0 || batch < 0 || heads < 1 || dim < 1 || threads < 1 || batch * heads > 0x7fffffff)
         return PyErr_Format(PyExc_ValueError, "bad sizes: %zd tokens, %zd sequences, %zd heads of %zd, %ld threads",
                             tokens, batch, heads, dim, threads);
     Py_buffer qkv, cu, out;
@@ -413,6 +413,7 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
         return PyErr_Format(PyExc_ValueError, "cu_seqlens must rise from 0 to the %zd tokens", tokens);
     }
     attend_job job = {qkv.buf, out.buf, c, batch, heads, dim, max_length, 1.0f / sqrtf((float)dim), isa, 0, 0};
+    if (threads > 256) threads = 256;  /* the pool's size: more threads than any machine's cores asked */
     if (threads > batch * heads) threads = batch * heads > 0 ? (long)(batch * heads) : 1;  /* no idle threads */
     pthread_t pool[256];
     long started = 0;

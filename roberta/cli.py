@@ -907,12 +907,10 @@ def main(argv: list[str] | None = None) -> int:
                          "convert it first, e.g. iconv -f latin1 -t utf-8")
         except BrokenPipeError:
             # The reader went away (`roberta fill-mask ... | head -1`): stop quietly, as Unix tools do.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            _discard(sys.stdout.fileno())
             return 141  # what a shell reports for a process ended by SIGPIPE
         except _OutputError as exc:  # stdout on a full disk, /dev/full, EIO: what is left for it is dropped
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, exc.fileno)  # so that the interpreter's last flush does not fail a second time
+            _discard(exc.fileno)
             return _fail(f"cannot write the output: {exc.strerror}")
         except OSError as exc:
             if exc.filename is None:
@@ -921,6 +919,12 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+
+
+def _discard(fileno: int) -> None:
+    """Point the output at /dev/null: what is left in its buffer cannot be written, and the interpreter's
+    last flush must not fail a second time."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fileno)
 
 
 class _OutputError(OSError):

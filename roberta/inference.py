@@ -239,8 +239,8 @@ def reduce_precision(model: nn.Module, precision: str, inference_only: bool = Fa
     bf16 and int8 models are for inference only: their encoder's weights are prepared once here for the
     kernels that run them (q, k and v as one projection; on CPU, reordered into oneDNN's blocked layouts,
     with GELU in the matmul's epilogue where that measured faster), so they cannot be trained or saved.
-    An fp32 model stays as it is (trainable, savable) unless `inference_only`: then on CPU its encoder is prepared the same way
-    in float32 where `kernels.packs` measured that faster here (never with ROBERTA_KERNELS=default), the
+    An fp32 model stays as it is (trainable, savable) unless `inference_only`: then on CPU its encoder is
+    prepared the same way in float32 where `kernels.packs` measured that faster here (never with ROBERTA_KERNELS=default), the
     same weights replaced, not copied. The commands and the server load with `inference_only`.
     """
     device = next(model.parameters()).device

@@ -326,7 +326,7 @@ def measure_bf16_attention(heads: int, dim: int) -> dict:
 
             def widened():
                 model._attend_cpu(qkv.float().numpy(), batch * tokens, cu.numpy(), batch, heads, dim, out.numpy(),
-                                  min(torch.get_num_threads(), 256))
+                                  torch.get_num_threads())
                 return out.bfloat16()
             for way, t in fastest({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                                    "widened": widened}).items():

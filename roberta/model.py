@@ -568,7 +568,7 @@ class RobertaSelfAttention(nn.Module):
         qkv = qkv.detach().float().contiguous()
         y = qkv.new_empty(qkv.shape[0], inner)
         _attend_cpu(qkv.numpy(), qkv.shape[0], layout.cu_seqlens_host.numpy(), layout.batch, self.num_heads,
-                    self.head_dim, y.numpy(), min(torch.get_num_threads(), 256))  # the kernel's most
+                    self.head_dim, y.numpy(), torch.get_num_threads())
         return y.to(dtype)
 
 

@@ -386,9 +386,11 @@ FAST = Field(fail_fast=True)
 Text = Annotated[str, StringConstraints(min_length=1)]  # a constraint makes pydantic refuse lone surrogates too
 Texts = Annotated[list[Text], FAST]
 Ids = Annotated[list[Annotated[int, Field(ge=0)]], FAST]
-Input = Union[Text, Ids, Annotated[list[Union[Text, Ids]], FAST]]  # TEI's Input: a text, token ids, or a list of them
+# TEI's Input: a text, token ids, or a list of them
+Input = Union[Text, Ids, Annotated[list[Union[Text, Ids]], FAST]]
 Pair = Annotated[list[Text], Field(min_length=1, max_length=2)]
-PredictInput = Union[Text, Pair, Annotated[list[Pair], FAST]]  # a text, a [text] or [first, second], or a list of those
+# a text, a [text] or [first, second], or a list of those
+PredictInput = Union[Text, Pair, Annotated[list[Pair], FAST]]
 Direction = Literal["Right", "right", "Left", "left"]
 INPUTS_DOC = "a text, a list of token ids, or a list of texts / token id lists"
 

@@ -261,10 +261,16 @@ class ModelOutput:
 # Padding: the encoder works on the real tokens only
 
 
-try:  # torch.nn.attention.varlen: packed sequences with cumulative lengths, no re-padding (CUDA only)
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # older PyTorch
-    _varlen_attn = None
+@functools.cache
+def _varlen_attn():
+    """torch.nn.attention.varlen's attention on packed sequences with cumulative lengths, no re-padding
+    (CUDA only); None on an older PyTorch. Imported at first use: it imports torch._dynamo, which
+    would add 1.7 s to the start of every command."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 try:  # this project's attention on packed sequences for CPU inference (csrc/kernels.c; x86, AVX2 or AVX-512)
@@ -285,7 +291,7 @@ def packed_attention_available(qkv: torch.Tensor, attention: "RobertaSelfAttenti
     if attention.training and attention.dropout_p > 0:
         return False
     if qkv.is_cuda:
-        return qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn is not None
+        return qkv.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
     if (_attend_cpu is None or qkv.device.type != "cpu" or attention.head_dim % 16
             or (torch.is_grad_enabled() and qkv.requires_grad)):
         return False
@@ -562,7 +568,7 @@ class RobertaSelfAttention(nn.Module):
         inner = self.num_heads * self.head_dim
         if qkv.is_cuda:
             q, k, v = qkv.view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # each [N, h, d]
-            y = _varlen_attn(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_length, layout.max_length)
+            y = _varlen_attn()(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_length, layout.max_length)
             return y.reshape(-1, inner)
         dtype = qkv.dtype  # bf16 is widened for the kernel, which is float32 (`packed_attention_available`)
         qkv = qkv.detach().float().contiguous()

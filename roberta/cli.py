@@ -207,7 +207,7 @@ def _preprocess(args):
                       doc_per_file=args.doc_per_file, valid_fraction=args.valid_fraction, workers=args.workers)
     for split, shards in meta["shards"].items():
         print(f"{split}: {sum(s['tokens'] for s in shards):,} tokens, {sum(s['documents'] for s in shards):,} "
-              f"documents in {len(shards)} shard(s)")
+              f"documents in {_count(len(shards), 'shard')}")
     print(f"wrote {args.out}")
 
 
@@ -341,7 +341,7 @@ def _add_hub_commands(sub) -> None:
     p.add_argument("--context-file", help="read the context for every question from this UTF-8 file (default: from each input)")
     p.add_argument("--topk", type=_positive_int, default=1, help="answers per question (default 1)")
     p.add_argument("--no-answer", action="store_true", help="allow the empty answer (SQuAD 2.0)")
-    p.add_argument("--null-threshold", type=float, default=0.0,
+    p.add_argument("--null-threshold", type=float,
                    help="with --no-answer: how much the empty answer's score must beat the best span's (default 0)")
     p.add_argument("--max-answer-len", type=_positive_int, default=15, help="longest answer in tokens (default 15)")
     p.add_argument("--max-seq-len", type=int, help="tokens per window (default: the smaller of the model's and 384)")
@@ -439,6 +439,10 @@ def _batches(items, size: int = 32):
     return chunks(items, size)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _print(args, value, text: str) -> None:
     print(json.dumps(value, ensure_ascii=False) if args.json else text)
 
@@ -494,10 +498,20 @@ def _fill_mask(args):
             _print(args, result, "\n".join(lines))
 
 
+def _check_job_options(args) -> None:
+    """Options of features and predict that cannot be meant together, refused before any work."""
+    if args.truncate and (args.window is not None or args.stride is not None):
+        raise RobertaError("--truncate cuts a long input at the model's limit, and --window/--stride read all of it "
+                           "in windows: give one of them")
+    if args.out is not None and Path(args.out).suffix in (".npy", ".jsonl") and (args.resume or args.overwrite):
+        raise RobertaError(f"--resume and --overwrite are for a sharded job's directory; {args.out} is one file, "
+                           "written whole each run: leave them out, or give a directory as --out")
+
+
 def _features(args):
-    from . import jobs
     from .hub import write_features
 
+    _check_job_options(args)
     if Path(args.out).suffix in (".npy", ".jsonl"):
         if not Path(args.out).parent.is_dir():  # before the model loads or any input is read
             raise RobertaError(f"cannot write {args.out}: the directory {Path(args.out).parent} does not exist; "
@@ -514,7 +528,7 @@ def _features(args):
                                batch_tokens=args.batch_tokens, window=args.window, stride=args.stride,
                                name=_source(args))
         _print(args, {"path": args.out, "inputs": count, "shape": shape},
-               f"wrote {count} inputs to {args.out} (vectors of {shape[-1]})")
+               f"wrote {_count(count, 'input')} to {args.out} (vectors of {shape[-1]})")
         return
     _job(args, "features")
 
@@ -550,7 +564,7 @@ def _job(args, kind: str):
     if int(os.environ.get("RANK", "0")) == 0:
         _print(args, {"path": args.out, "inputs": index["rows"], "shards": len(index["shards"]),
                       "width": index["width"]},
-               f"wrote {index['rows']} inputs to {args.out} in {len(index['shards'])} shard(s) "
+               f"wrote {_count(index['rows'], 'input')} to {args.out} in {_count(len(index['shards']), 'shard')} "
                f"(rows of {index['width']})")
 
 
@@ -569,6 +583,7 @@ def _own_pool(hub) -> str:
 def _predict(args):
     from . import jobs
 
+    _check_job_options(args)
     if args.out is not None:
         return _job(args, "predict")
     hub = _load(args)
@@ -642,6 +657,9 @@ def _tag(args):
 def _answer(args):
     if args.context is not None and args.context_file is not None:
         raise RobertaError("give --context or --context-file, not both")
+    if args.null_threshold is not None and not args.no_answer:
+        raise RobertaError("--null-threshold weighs the empty answer, which only --no-answer allows: add --no-answer, "
+                           "or leave --null-threshold out")
     context = args.context
     if args.context_file is not None:
         try:
@@ -654,7 +672,7 @@ def _answer(args):
         if context is None and not tab:
             raise RobertaError(f"input {line[:60]!r} has no context: give QUESTION<TAB>CONTEXT, or --context")
         found = hub.answer(question, context if context is not None else own_context, topk=args.topk,
-                           no_answer=args.no_answer, null_threshold=args.null_threshold,
+                           no_answer=args.no_answer, null_threshold=args.null_threshold or 0.0,
                            max_answer_len=args.max_answer_len, max_seq_len=args.max_seq_len,
                            doc_stride=args.doc_stride)
         found = found if isinstance(found, list) else [found]
@@ -726,7 +744,7 @@ def _device_info(args):
     import torch
 
     from .device import resolve_device
-    from . import kernels
+    from . import kernels, runtime
     from .inference import BF16_FLAGS, INT8_FLAGS, cpu_flags, cpu_name, resolve_precision
 
     device = resolve_device(args.show_device)
@@ -734,11 +752,14 @@ def _device_info(args):
     flags = sorted(cpu_flags().intersection(BF16_FLAGS + INT8_FLAGS + ("avx512f", "avx2", "amx_int8")))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     info = {"device": str(device), "cpu": cpu_name(), "cpu_flags": flags, "gpu": gpu,
-            "precision": precision, "reason": why, "kernels_mode": kernels.mode()}
+            "precision": precision, "reason": why, "kernels_mode": kernels.mode(), "mkl_paths": runtime.mkl_paths()}
     info["kernels"] = kernels.report() if device.type == "cpu" and kernels.mode() != "default" else []
     _print(args, info, "\n".join([f"device      {device}" + (f" ({gpu})" if gpu else ""),
                                    f"cpu         {info['cpu']}; {' '.join(flags) or 'no AVX2/AVX-512'}",
-                                   f"precision   auto -> {precision} ({why})"]
+                                   f"precision   auto -> {precision} ({why})",
+                                   "mkl         " + ("code path by instruction set, on any vendor's CPU"
+                                                     if info["mkl_paths"] == "isa" else
+                                                     "its own choice of code path (generic on a CPU not Intel's)")]
                                   + [f"kernel      {kernels.describe(row)}" for row in info["kernels"]]
                                   + ([f"kernels     F.linear everywhere ({kernels.ENV}=default)"]
                                      if kernels.mode() == "default" else [])))

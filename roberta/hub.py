@@ -793,7 +793,7 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     given a head or saved, as bf16 and int8 models cannot.
     """
     from . import kernels as _kernels
-    from .inference import prepared, reduce_precision, resolve_precision
+    from .inference import prepare, prepared, resolve_precision
 
     if kernels is not None:
         _kernels.use(kernels)
@@ -811,7 +811,7 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     hub.source = source.parent if source.name == "model.pt" else source
     hub = hub.to(device) if device is not None else hub
     hub.precision, hub.precision_reason = resolve_precision(precision, hub.device)
-    reduce_precision(hub.model, hub.precision, inference_only)
+    prepare(hub.model, hub.precision, inference_only)
     hub.inference_only = hub.precision != "fp32" or prepared(hub.model)
     return hub
 
@@ -994,9 +994,7 @@ def write_features(hub: RobertaHub, texts, path: str | os.PathLike, pool: str | 
         raise RobertaError("pool 'none' gives a matrix per text of its own length, which .npy cannot hold; "
                            "write .jsonl, or pool with cls or mean")
     mode, unit, limit = ("none", False, None) if pool == "none" else hub._pooling(pool, None if pool is None else False)
-    layers = hub.model.config.num_hidden_layers
-    if not -layers - 1 <= layer <= layers:
-        raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}")
+    jobs.check_layer(hub, layer)
     windowed = windows.check(window, stride, hub.max_tokens) is not None
     ours = hub.pooling is None and pool in (None, "cls", "mean", "none") or windowed
     if windowed and pool not in (None, "cls", "mean", "none"):

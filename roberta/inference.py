@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import RobertaError
+from .errors import RobertaError, RobertaWarning
 from .model import Unpadded
 
 try:  # the int8 encoder's element-wise steps in C (setup.py); PyTorch does the same without them
@@ -228,7 +228,7 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu",
     if precision == "bf16" and device.type == "cpu" and not (flags.intersection(BF16_FLAGS) and "bf16" in runs_here()):
         warnings.warn("bf16 asked for, but this CPU has no bf16 units (AMX or AVX-512 BF16) that this process's "
                       "oneDNN runs: PyTorch emulates it, several times slower than fp32; use --precision auto or "
-                      "fp32", stacklevel=2)
+                      "fp32", RobertaWarning, stacklevel=2)
     return precision, "asked for"
 
 
@@ -243,10 +243,14 @@ def reduce_precision(model: nn.Module, precision: str, inference_only: bool = Fa
     prepared the same way in float32 where `kernels.packs` measured that faster here (never with ROBERTA_KERNELS=default), the
     same weights replaced, not copied. The commands and the server load with `inference_only`.
     """
-    device = next(model.parameters()).device
+    return prepare(model, resolve_precision(precision, next(model.parameters()).device)[0], inference_only)
+
+
+def prepare(model: nn.Module, precision: str, inference_only: bool = False) -> nn.Module:
+    """`reduce_precision` for a precision `resolve_precision` gave for the model's device."""
     from . import kernels
 
-    precision, _ = resolve_precision(precision, device)
+    device = next(model.parameters()).device
     model.eval()
     if device.type == "cpu":
         keep_freed_memory()

@@ -147,6 +147,14 @@ def chunks(items, size: int) -> Iterator[list]:
 # ---- computing ----------------------------------------------------------------------------------
 
 
+def check_layer(hub, layer: int) -> None:
+    """A hidden layer's index: 0 (embeddings) to N, or counted from the last as in Python (-1 the last)."""
+    layers = hub.model.config.num_hidden_layers
+    if not -layers - 1 <= layer <= layers:
+        raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}, "
+                           f"or -1 (the last) to {-layers - 1} counting from the end")
+
+
 def tokenize(hub, inputs: list[list[str]], truncate: bool, windowed: bool, first_line: int | None = None,
              name: str = "input") -> list[list[int]]:
     """Token ids of each input (`<s> A </s>` or `<s> A </s></s> B </s>`), refused or cut at the model's
@@ -323,9 +331,7 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
         raise RobertaError(f"shard_rows must be at least 1, got {shard_rows}")
     if kind == "features" and pool not in ("cls", "mean"):
         raise RobertaError(f"pool must be cls or mean for sharded features (one row per input), got {pool!r}")
-    layers = hub.model.config.num_hidden_layers
-    if not -layers - 1 <= layer <= layers:
-        raise RobertaError(f"layer {layer} does not exist: this model has layers 0 (embeddings) to {layers}")
+    check_layer(hub, layer)
     if kind == "predict":
         heads = getattr(hub.model, "classification_heads", {})
         if head not in heads:

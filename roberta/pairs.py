@@ -137,6 +137,11 @@ def parse_labels(candidate_labels) -> list[str]:
     labels = list(candidate_labels)
     if not labels or not all(isinstance(label, str) and label for label in labels):
         raise RobertaError("zero-shot needs at least one candidate label, each a non-empty text")
+    seen = set()
+    for label in labels:  # a label given twice would have its probability split between its copies
+        if label in seen:
+            raise RobertaError(f"candidate label {label!r} is given more than once; give each label once")
+        seen.add(label)
     return labels
 
 

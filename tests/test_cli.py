@@ -162,6 +162,27 @@ def test_bad_input_exits_2_with_one_line(hub_checkpoints, tmp_path, call):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
+CONFLICTS = [
+    # (arguments after -m MODEL, what the one error line says); each refused before anything is written
+    (("features", "-o", "{out}/v.npy", "--truncate", "--window", "64", "hi"), "--truncate cuts a long input"),
+    (("features", "-o", "{out}/v.npy", "--truncate", "--stride", "8", "hi"), "give one of them"),
+    (("predict", "--truncate", "--window", "64", "hi"), "--truncate cuts a long input"),
+    (("features", "-o", "{out}/v.npy", "--resume", "hi"), "is one file, written whole each run"),
+    (("features", "-o", "{out}/v.jsonl", "--overwrite", "hi"), "is one file, written whole each run"),
+    (("answer", "--context", "a b", "--null-threshold", "1", "q?"), "only --no-answer allows"),
+    (("zero-shot", "--labels", "good,bad,good", "hi"), "candidate label 'good' is given more than once"),
+    (("features", "-o", "{out}/v.npy", "--layer", "-4", "hi"), "or -1 (the last) to -3 counting from the end"),
+]
+
+
+@pytest.mark.parametrize("args, message", CONFLICTS)
+def test_options_that_cannot_be_meant_together_exit_2_with_one_line(hub_checkpoints, tmp_path, call, args, message):
+    result = call(args[0], "-m", hub_checkpoints["hf"], *[a.format(out=tmp_path) for a in args[1:]])
+    assert result.returncode == 2 and result.stdout == "", result
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_full_or_closed_stream_and_out_of_range_numbers_exit_2_with_one_line(hub_checkpoints, tmp_path, call,
                                                                                monkeypatch):
     model = str(hub_checkpoints["hf"])

@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import runtime
 from .errors import RobertaError
 
 MODES = ("measure", "default", "remeasure")
@@ -102,11 +103,12 @@ def machine() -> dict:
     caps = {name: os.environ.get(name, "") for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
                                                         "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")}  # CBWR: MKL's speed too
     isa = torch.backends.cpu.get_cpu_capability() + "".join(f" {k}={v}" for k, v in caps.items() if v)
-    return {"cpu": cpu_name(), "isa": isa, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"cpu": cpu_name(), "isa": isa, "mkl_paths": runtime.mkl_paths(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
 
 
 def _key(m: dict) -> str:
-    return f"{m['cpu']} | {m['isa']} | {m['threads']} threads | torch {m['torch']}"
+    return f"{m['cpu']} | {m['isa']} | MKL by {m['mkl_paths']} | {m['threads']} threads | torch {m['torch']}"
 
 
 def cache_path() -> Path | None:

@@ -466,10 +466,11 @@ def numerics(d: Dist) -> dict:
     so that a resume under other conditions says so (a GPU run records nothing here)."""
     if d.device.type != "cpu":
         return {}
+    from . import runtime
     from .inference import cpu_name
 
     return {"threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": str(torch.__version__),
-            "capability": torch.backends.cpu.get_cpu_capability()}
+            "capability": torch.backends.cpu.get_cpu_capability(), "mkl_paths": runtime.mkl_paths()}
 
 
 def check_reproducible(d: Dist) -> None:

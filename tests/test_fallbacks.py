@@ -28,17 +28,19 @@ CORE_PARITY = [
     "tests/test_speed_paths.py::test_int8_kernel_equals_the_plain_integer_arithmetic",
 ]
 
-# Run before pytest in the subprocess: `hide` makes `import roberta._kernels` (and _planes) fail as
+# Run before pytest in the subprocess: `hide` makes `import roberta._kernels` (and _planes, _mkl_paths) fail as
 # when they were never built; then it reports what the process runs on, for the assertions below.
 PRELUDE = """
 import json, sys
 if {hide}:
     sys.modules["roberta._kernels"] = None
     sys.modules["roberta._planes"] = None
+    sys.modules["roberta._mkl_paths"] = None
 import roberta, torch
 from roberta import inference, model
 print("FACTS " + json.dumps({{"capability": torch.backends.cpu.get_cpu_capability(),
                              "attention_kernel": model._attend_cpu is not None,
+                             "mkl_paths": roberta.runtime.mkl_paths(),
                              "auto": inference.resolve_precision("auto", "cpu")[0]}}))
 import pytest
 sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:xdist", *{tests}]) if {tests} else 0)
@@ -80,4 +82,5 @@ def test_core_parity_without_the_c_extensions():
     tests = CORE_PARITY + ["tests/test_compress.py", "tests/test_znn.py", "-k", "not own_decoder"]
     facts, out = run_core_parity({"CI": ""}, hide_extensions=True, tests=tests)
     assert facts["attention_kernel"] is False  # PyTorch's attention ran instead of the C kernel
+    assert facts["mkl_paths"] == "vendor"  # and MKL made its own choice of code path
     assert " failed" not in out and " passed" in out

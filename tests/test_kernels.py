@@ -39,7 +39,7 @@ def entry(path):
     data = json.loads(path.read_text())
     assert data["format"] == kernels.FORMAT
     m = kernels.machine()
-    return data["entries"][f"{m['cpu']} | {m['isa']} | {m['threads']} threads | torch {m['torch']}"]
+    return data["entries"][f"{m['cpu']} | {m['isa']} | MKL by {m['mkl_paths']} | {m['threads']} threads | torch {m['torch']}"]
 
 
 def test_the_choice_is_measured_once_and_cached(cache, measured, monkeypatch):
@@ -385,3 +385,58 @@ def test_the_commands_run_an_fp32_model_packed_where_that_measured_faster(cache,
     for vector, text in zip(vectors, texts):
         expected = tiny_hub.extract_features(tiny_hub.encode(text))[0, 0].numpy()
         assert np.abs(vector - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max())
+
+
+# ---- MKL's code path by instruction set (roberta/runtime.py, csrc/mkl_paths.c) ------------------------
+
+MKL_PROBE = """
+import json, os, sys
+if sys.argv[1] == "torch-first":
+    import torch
+import roberta, torch
+from roberta import runtime
+torch.manual_seed(0)
+x, w = torch.randn(32, 768), torch.randn(3072, 768)
+y = torch.nn.functional.linear(x, w)  # MKL's sgemm: its first call chooses the code path
+exact = x.double() @ w.double().t()
+bound = 768 * 2 ** -24 * (x.double().abs() @ w.double().abs().t())  # float32 rounding of 768 terms, each entry
+import ctypes
+mkl = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+print(json.dumps({"paths": runtime.mkl_paths(), "ratio": ((y.double() - exact).abs() / bound).max().item(),
+                  "code_path": mkl.mkl_serv_cpu_detect()}))  # MKL's: 0 its generic one, else by instruction set
+"""
+
+
+def mkl_probe(order="roberta-first", **env):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", MKL_PROBE, order], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif("avx2" not in roberta.inference.cpu_flags(), reason="needs a CPU with AVX2")
+def test_mkl_chooses_its_code_path_by_instruction_set_unless_asked_not_to():
+    import importlib.util
+
+    if importlib.util.find_spec("roberta._mkl_paths") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("roberta._mkl_paths is not built (pip install -e . compiles it)")
+        pytest.skip("roberta._mkl_paths is not built (pip install -e . compiles it)")
+    ours = mkl_probe()
+    # MKL runs the code of the CPU's instruction set, on any vendor's CPU (on an AMD EPYC its own choice
+    # is its generic path, 0)
+    assert ours["paths"] == "isa" and ours["code_path"] > 0, ours
+    own = mkl_probe(ROBERTA_MKL_PATHS="vendor")
+    first = mkl_probe("torch-first")  # too late to change MKL's choice: said so
+    assert own["paths"] == "vendor" and first["paths"] == "vendor"
+    # either path is float32 arithmetic: within its rounding of the exact product
+    assert ours["ratio"] <= 1 and own["ratio"] <= 1, (ours, own)
+    from roberta.cli import main
+    os.environ["ROBERTA_MKL_PATHS"] = "fast"
+    try:
+        assert main(["info", "--device"]) == 2
+    finally:
+        del os.environ["ROBERTA_MKL_PATHS"]

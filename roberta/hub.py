@@ -1012,7 +1012,7 @@ def write_features(hub: RobertaHub, texts, path: str | os.PathLike, pool: str | 
         vectors: list = [None] * len(tokens)
         for batch in length_batches([len(t) for t in tokens], batch_tokens):
             hidden = hub.extract_features([torch.tensor(tokens[i]) for i in batch],
-                                          return_all_hiddens=layer not in (-1, layers))
+                                          return_all_hiddens=layer not in (-1, hub.model.config.num_hidden_layers))
             for i, h in zip(batch, hidden):
                 h = (h[layer] if isinstance(h, list) else h)[0].float()
                 vector = h if mode == "none" else pool_tokens(h, mode)

@@ -20,6 +20,8 @@ reach if everything else (attention, LayerNorm, GELU, padding, quantisation) cos
 roofline" is each row against its own.
 Instruction-set caps in the environment (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS,
 CT2_FORCE_CPU_ISA) reach every engine's process, so that one run shows an AVX2-only machine.
+This project's rows and the rooflines import roberta before torch, as its command does (its runtime
+settings: roberta/runtime.py); the peers load torch with their own defaults.
 Accuracy is per token vector against this project's fp32 (cosine, max abs difference); peak memory is
 each row's own child process (VmHWM), loading included, and what the run adds over the loaded process.
 
@@ -34,7 +36,18 @@ import os
 import tempfile
 import time
 
+import sys
+
 import numpy as np
+
+# This project's rows, and the rooflines of its GEMM choices, run as the `roberta` command does: `import
+# roberta` before torch, so that roberta/runtime.py's settings are in force when torch loads (MKL's code
+# path by instruction set, MKL's reproducible mode, OpenMP's passive wait). Each peer's process loads
+# torch with its own defaults.
+_side = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a in ("--worker", "--child")), None)
+if _side in ("fp32", "int8", "bf16", "auto") or (_side or "").startswith("roofline-"):
+    import roberta  # noqa: F401
+
 import torch
 
 from common import (DATA, PASSED_ON, Worker, child_memory, cpu_line, median, natural_sentences, run_child, serve_passes,

@@ -660,12 +660,11 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         check_count(len(inputs), what)
         sequences = []
         for n, item in enumerate(inputs):
-            if isinstance(item, tuple):  # a sentence pair: cut longest-first, as the tokenizers do
-                ids = pairs.encode_pair(hub.tokenizer, *item, 10**9)
-                if len(ids) > pair_limit:
-                    if not truncate:
-                        raise too_long(n, len(ids), pair_limit, truncate)
-                    ids = pairs.encode_pair(hub.tokenizer, *item, pair_limit)
+            if isinstance(item, tuple):  # a sentence pair: cut longest-first, as the tokenizers do, tokenizing
+                try:                     # no more of two long texts than that needs
+                    ids = torch.tensor(encode_within(hub.tokenizer, list(item), pair_limit, truncate))
+                except RobertaError:
+                    raise too_long(n, None, pair_limit, truncate) from None
             else:
                 if isinstance(item, list):  # token ids, taken as they are (TEI's InputIds)
                     bad = [i for i in item if i >= vocab]
@@ -772,6 +771,10 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         """Class scores of a classification head, best first, named by the model's id2label: a list for
         one input (a text or a [first, second] pair), a list of such lists for a batch."""
         unsupported(body)
+        function = body.parameters.function_to_apply if body.parameters else None
+        if body.raw_scores and function not in (None, "none"):
+            raise HTTPError(422, f"raw_scores asks for logits and parameters.function_to_apply for {function}: send "
+                                 "one of them", "Validation")
         head = pick_head(body.head)
         single = isinstance(body.inputs, str) or (body.inputs and isinstance(body.inputs[0], str))
         items = [body.inputs] if single else body.inputs
@@ -881,16 +884,24 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         except RobertaError as exc:
             raise HTTPError(422, str(exc), "Validation") from None
         check_count(len(texts) * len(names), "inputs x candidate_labels")
+        bos, eos = hub.tokenizer.bos_token_id, hub.tokenizer.eos_token_id
+        tails = [hub.tokenizer.encode(h, add_special_tokens=False) for h in hypotheses]
+        room = pair_limit - 4 - min(map(len, tails))  # the most of a text any pair can hold
         sequences = []
         for n, text in enumerate(texts):
-            for hypothesis in hypotheses:  # the text is cut, never the hypothesis (only_first)
-                ids = pairs.encode_pair(hub.tokenizer, text, hypothesis, 10**9)
-                if len(ids) > pair_limit and not body.truncate:
-                    raise too_long(n, len(ids), pair_limit, False)
+            ids = []  # the text's tokens, a chunk at a time and no further than the pairs need
+            for chunk in hub.tokenizer.ids_in_chunks(text):
+                ids += chunk
+                if len(ids) > room:
+                    break
+            for tail in tails:  # the text is cut, never the hypothesis (only_first)
+                if len(ids) + len(tail) + 4 > pair_limit and not body.truncate:
+                    raise too_long(n, None, pair_limit, False)
                 try:
-                    sequences.append(pairs.encode_pair(hub.tokenizer, text, hypothesis, pair_limit, "only_first"))
+                    first, second = pairs.fit_pair(ids, tail, pair_limit, "only_first")
                 except RobertaError as exc:
                     raise HTTPError(422, str(exc), "Validation") from None
+                sequences.append(torch.tensor([bos, *first, eos, eos, *second, eos]))
         logits = torch.tensor(await run("predict", sequences, head=head)).reshape(len(texts), len(names), -1)
         scores = pairs.zero_shot_scores(logits, entailment, contradiction, body.multi_label).tolist()
         answers = []

@@ -302,11 +302,16 @@ def test_rerank_similarity_and_zero_shot_equal_the_library(server, hub):
     assert len(tei(server, "/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b"] * 8}})) == 8
 
     # zero-shot: an MNLI head (fairseq's class order) on its own route
-    out = ok(post(server, "/zero-shot", {"inputs": SENTENCES[:2], "candidate_labels": ["film", "food", "money"],
-                                         "head": "mnli", "multi_label": True}))
-    for got, wanted in zip(out, hub.zero_shot(SENTENCES[:2], ["film", "food", "money"], multi_label=True, head="mnli")):
+    # a text past the limit is cut to what each hypothesis leaves (only_first), as the library cuts it
+    labels = ["film", "food", "a much longer label of money and banks"]
+    out = ok(post(server, "/zero-shot", {"inputs": SENTENCES[:1] + [LONG], "candidate_labels": labels,
+                                         "head": "mnli", "multi_label": True, "truncate": True}))
+    for got, wanted in zip(out, hub.zero_shot(SENTENCES[:1] + [LONG], labels, multi_label=True, head="mnli"),
+                           strict=True):
         assert got["labels"] == wanted["labels"]
         np.testing.assert_allclose(got["scores"], wanted["scores"], atol=1e-5, rtol=1e-5)
+    too_long = post(server, "/zero-shot", {"inputs": [LONG], "candidate_labels": labels, "head": "mnli"})
+    assert too_long.status_code == 413 and too_long.json()["error_type"] == "Validation"
 
 
 def test_fill_mask_equals_the_library(server, hub):
@@ -464,6 +469,8 @@ BAD = [  # (method, path, body (bytes: sent raw), status, TEI's error type)
     ("POST", "/predict", {"inputs": ["a", "b", "c"]}, 422, "Validation"),  # neither a text, a pair nor a batch
     ("POST", "/predict", {"inputs": [["a", "b", "c"]]}, 422, "Validation"),
     ("POST", "/predict", {"inputs": "a", "parameters": {"function_to_apply": "tanh"}}, 422, "Validation"),
+    ("POST", "/predict", {"inputs": "a", "raw_scores": True, "parameters": {"function_to_apply": "softmax"}}, 422,
+     "Validation"),  # logits and probabilities asked for at once
     ("POST", "/predict", {"inputs": [LONG, LONG]}, 413, "Validation"),  # a long pair without truncate
     ("POST", "/rerank", {"query": "q", "texts": [], "head": "rank"}, 400, "Empty"),
     ("POST", "/rerank", {"query": "q", "texts": ["a"] * 9, "head": "rank"}, 413, "Validation"),

@@ -107,6 +107,8 @@ class RobertaHub(nn.Module):
         `return_offsets=True` gives `(tokens, offsets)`: each token's (start, end) character span in
         the sentence it came from, `(0, 0)` for special tokens (see `RobertaTokenizer.encode`).
         """
+        if truncate and not return_offsets and not no_separator:  # a long text is tokenized a chunk at a
+            return encode(self.tokenizer, sentence, *addl_sentences, limit=self.max_tokens)  # time, as far as needed
         result = encode(self.tokenizer, sentence, *addl_sentences, no_separator=no_separator,
                         return_offsets=return_offsets)
         if not truncate:
@@ -538,14 +540,17 @@ class RobertaHub(nn.Module):
 
 
 def encode(tokenizer: RobertaTokenizer, sentence, *addl_sentences: str, no_separator: bool = False,
-           return_offsets: bool = False):
-    """`RobertaHub.encode`: fairseq's framing, `</s></s>` between sentences (`</s>` with no_separator)."""
+           return_offsets: bool = False, limit: int | None = None):
+    """`RobertaHub.encode`: fairseq's framing, `</s></s>` between sentences (`</s>` with no_separator).
+    `limit`: cut to that many tokens as `cut` does, tokenizing no more than that needs (`encode_within`)."""
     if not isinstance(sentence, str):
         batch, others = list(sentence), [list(more) for more in addl_sentences]
         if any(len(more) != len(batch) for more in others):
             raise RobertaError("encode got lists of different lengths; give one second sentence per sentence")
-        return [encode(tokenizer, *texts, no_separator=no_separator, return_offsets=return_offsets)
+        return [encode(tokenizer, *texts, no_separator=no_separator, return_offsets=return_offsets, limit=limit)
                 for texts in zip(batch, *others)]
+    if limit is not None:
+        return torch.tensor(encode_within(tokenizer, [sentence, *addl_sentences], limit, True), dtype=torch.long)
     bos, eos, none = [tokenizer.bos_token_id], [tokenizer.eos_token_id], [(0, 0)]
     ids, offsets = [], []
     for i, text in enumerate((sentence, *addl_sentences)):

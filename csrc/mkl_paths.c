@@ -2,8 +2,8 @@
  *
  * MKL picks its kernels by the instruction sets the CPU has and, before that, asks whether the CPU is
  * Intel's: on any other (an AMD EPYC, say) it takes a generic path. On an AVX2-only AMD EPYC (Zen 3)
- * that path ran a [32 x 768] x [768 x 3072] float32 product at 78-95 GFLOP/s where the AVX2 path runs it
- * at 139-154 (benchmarks/RESULTS.md). MKL asks through `mkl_serv_intel_cpu_true`, which PyTorch's
+ * that path ran a [32 x 768] x [768 x 3072] float32 product at 53-78 GFLOP/s where the AVX2 path ran it
+ * at 87-126 (benchmarks/RESULTS.md). MKL asks through `mkl_serv_intel_cpu_true`, which PyTorch's
  * libtorch_cpu exports and calls through the dynamic linker: roberta/runtime.py loads this library into
  * the global symbol scope before torch loads, so MKL finds this definition first and chooses by
  * instruction set alone. MKL still reads the CPU's feature bits for which instructions to use.

@@ -16,7 +16,7 @@ Two defaults, each kept when the user's environment already sets it:
 And one more, of MKL's code path: MKL chooses its kernels by the CPU's instruction sets only on Intel's
 CPUs, and takes a generic path on any other vendor's. `import roberta` loads `roberta._mkl_paths`
 (csrc/mkl_paths.c) into the global symbol scope before torch, and MKL then chooses by instruction set
-on every CPU: on an AVX2-only AMD EPYC a float32 product of 32 tokens ran 1.5-2x faster, and which
+on every CPU: on an AVX2-only AMD EPYC a float32 product of 32 tokens ran about 1.6x faster, and which
 library runs each product is still measured (`roberta.kernels`). `ROBERTA_MKL_PATHS=vendor` keeps
 MKL's own choice. The instruction-set cap `MKL_ENABLE_INSTRUCTIONS` is honoured either way.
 

@@ -362,7 +362,8 @@ class RobertaHub(nn.Module):
         head = self.pair_head(head)
         entailment, contradiction = pairs.nli_classes(self.nli_labels(head), head)
         limit = self.pair_limit()
-        tokens = [pairs.encode_pair(self.tokenizer, text, h, limit, "only_first") for text in items for h in hypotheses]
+        tails = [self.tokenizer.encode(h, add_special_tokens=False) for h in hypotheses]
+        tokens = [ids for text in items for ids in pairs.hypothesis_pairs(self.tokenizer, text, tails, limit)[0]]
         logits = self.predict(head, tokens, return_logits=True).reshape(len(items), len(labels), -1)
         scores = pairs.zero_shot_scores(logits, entailment, contradiction, multi_label).tolist()
         results = []

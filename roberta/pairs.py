@@ -107,6 +107,25 @@ def encode_pair(tokenizer, first: str, second: str, limit: int, strategy: str = 
     return torch.tensor([bos, *a, eos, eos, *b, eos], dtype=torch.long)
 
 
+def hypothesis_pairs(tokenizer, text: str, hypotheses: list[list[int]], limit: int) -> tuple[list[torch.Tensor], bool]:
+    """`<s> text </s></s> hypothesis </s>` for each hypothesis' token ids within `limit` tokens, the text
+    cut to fit ("only_first", as the zero-shot pipeline cuts it), and whether the whole text fitted in
+    every pair. The text is tokenized once, a chunk at a time, no further than the pairs can hold."""
+    room = limit - 4 - min(map(len, hypotheses))  # the most of the text any pair holds
+    ids: list[int] = []
+    for chunk in tokenizer.ids_in_chunks(text):
+        ids += chunk
+        if len(ids) > room:
+            break
+    fits = all(len(ids) + len(h) + 4 <= limit for h in hypotheses)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pairs = []
+    for hypothesis in hypotheses:
+        first, second = fit_pair(ids, hypothesis, limit, "only_first")
+        pairs.append(torch.tensor([bos, *first, eos, eos, *second, eos], dtype=torch.long))
+    return pairs, fits
+
+
 def nli_classes(labels: list[str] | None, head: str) -> tuple[int, int]:
     """(entailment, contradiction) class ids of an NLI head, as transformers' pipeline finds them."""
     entailment = next((i for i, name in enumerate(labels or []) if name.lower().startswith("entail")), None)

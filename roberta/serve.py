@@ -884,24 +884,16 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         except RobertaError as exc:
             raise HTTPError(422, str(exc), "Validation") from None
         check_count(len(texts) * len(names), "inputs x candidate_labels")
-        bos, eos = hub.tokenizer.bos_token_id, hub.tokenizer.eos_token_id
         tails = [hub.tokenizer.encode(h, add_special_tokens=False) for h in hypotheses]
-        room = pair_limit - 4 - min(map(len, tails))  # the most of a text any pair can hold
         sequences = []
-        for n, text in enumerate(texts):
-            ids = []  # the text's tokens, a chunk at a time and no further than the pairs need
-            for chunk in hub.tokenizer.ids_in_chunks(text):
-                ids += chunk
-                if len(ids) > room:
-                    break
-            for tail in tails:  # the text is cut, never the hypothesis (only_first)
-                if len(ids) + len(tail) + 4 > pair_limit and not body.truncate:
-                    raise too_long(n, None, pair_limit, False)
-                try:
-                    first, second = pairs.fit_pair(ids, tail, pair_limit, "only_first")
-                except RobertaError as exc:
-                    raise HTTPError(422, str(exc), "Validation") from None
-                sequences.append(torch.tensor([bos, *first, eos, eos, *second, eos]))
+        for n, text in enumerate(texts):  # the text is cut, never the hypothesis
+            try:
+                made, fits = pairs.hypothesis_pairs(hub.tokenizer, text, tails, pair_limit)
+            except RobertaError as exc:  # a hypothesis that leaves the text no room
+                raise HTTPError(422, str(exc), "Validation") from None
+            if not fits and not body.truncate:
+                raise too_long(n, None, pair_limit, False)
+            sequences += made
         logits = torch.tensor(await run("predict", sequences, head=head)).reshape(len(texts), len(names), -1)
         scores = pairs.zero_shot_scores(logits, entailment, contradiction, body.multi_label).tolist()
         answers = []

@@ -476,6 +476,7 @@ BAD = [  # (method, path, body (bytes: sent raw), status, TEI's error type)
     ("POST", "/rerank", {"query": "q", "texts": ["a"] * 9, "head": "rank"}, 413, "Validation"),
     ("POST", "/similarity", {"inputs": {"source_sentence": "a", "sentences": []}}, 400, "Empty"),
     ("POST", "/zero-shot", {"inputs": "a", "candidate_labels": ["x"], "head": "sentiment"}, 422, "Validation"),
+    ("POST", "/zero-shot", {"inputs": "a", "candidate_labels": [LONG], "head": "mnli"}, 422, "Validation"),  # no room
     *[("POST", "/zero-shot", {"inputs": "a", "candidate_labels": ["x"], "head": "mnli", "hypothesis_template": t},
        422, "Validation") for t in ("no slot", "{:>10000000}", "{0.__class__}", "{0[x]}", "{!r}", "{}{}")],
     ("POST", "/predict", {"inputs": []}, 400, "Empty"),

@@ -794,9 +794,10 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     `kernels`: "default" runs every float32 product through F.linear instead of the GEMM measured
     fastest here ("measure"), for runs that repeat bit for bit across machines; process-wide, as
     $ROBERTA_KERNELS (`roberta.kernels`).
-    `inference_only=True` also prepares an fp32 model's weights for inference alone where that measures
-    faster here (`inference.reduce_precision`; the commands and the server do): it then cannot be trained,
-    given a head or saved, as bf16 and int8 models cannot.
+    `inference_only=True` also prepares an fp32 model's weights for inference alone (q, k and v
+    concatenated once, reordered for oneDNN where that measures faster here: `inference.reduce_precision`;
+    the commands and the server do): it then cannot be trained, given a head or saved, as bf16 and int8
+    models cannot.
     """
     from . import kernels as _kernels
     from .inference import prepare, prepared, resolve_precision

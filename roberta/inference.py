@@ -28,6 +28,7 @@ Precision (`--precision`, `roberta.load(precision=...)`), measured by `benchmark
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -239,9 +240,11 @@ def reduce_precision(model: nn.Module, precision: str, inference_only: bool = Fa
     bf16 and int8 models are for inference only: their encoder's weights are prepared once here for the
     kernels that run them (q, k and v as one projection; on CPU, reordered into oneDNN's blocked layouts,
     with GELU in the matmul's epilogue where that measured faster), so they cannot be trained or saved.
-    An fp32 model stays as it is (trainable, savable) unless `inference_only`: then on CPU its encoder is
-    prepared the same way in float32 where `kernels.packs` measured that faster here (never with ROBERTA_KERNELS=default), the
-    same weights replaced, not copied. The commands and the server load with `inference_only`.
+    An fp32 model stays as it is (trainable, savable) unless `inference_only`: then its encoder is prepared
+    once in float32, the same weights replaced, not copied: q, k and v concatenated (a trainable model
+    concatenates them at every call, 3 H^2 floats per layer, about 1% of a base forward pass on CPU), and
+    on CPU reordered for oneDNN where `kernels.packs` measured that faster here (never with
+    ROBERTA_KERNELS=default). The commands and the server load with `inference_only`.
     """
     return prepare(model, resolve_precision(precision, next(model.parameters()).device)[0], inference_only)
 
@@ -252,11 +255,10 @@ def prepare(model: nn.Module, precision: str, inference_only: bool = False) -> n
 
     device = next(model.parameters()).device
     model.eval()
-    if device.type == "cpu":
-        keep_freed_memory()
-    if precision == "fp32" and inference_only and device.type == "cpu" and fp32_packs(model):
+    if precision == "fp32" and inference_only and standard_fp32(model):
         _prepare_encoder(model, lambda weight, bias, gelu=False: PackedLinear(weight, bias, gelu, torch.float32)
-                         if kernels.packs([tuple(weight.shape)]) else PlainLinear(weight, bias, gelu))
+                         if device.type == "cpu" and kernels.packs([tuple(weight.shape)])
+                         else PlainLinear(weight, bias, gelu))
     if precision == "bf16":
         model.to(torch.bfloat16)
         if device.type == "cpu" and packed_bf16_available():
@@ -267,6 +269,9 @@ def prepare(model: nn.Module, precision: str, inference_only: bool = False) -> n
         if not int8_kernels_available():
             raise RobertaError("int8 needs PyTorch's oneDNN (mkldnn) kernels, which this build lacks; use fp32")
         _prepare_encoder(model, Int8Linear)
+    if device.type == "cpu":
+        trim_heap()  # what preparing freed (a copy of the encoder's weights, as floats, in int8) goes back
+        keep_freed_memory()  # from here on, for the batches
     return model
 
 
@@ -301,30 +306,43 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def trim_heap() -> bool:
+    """Hand the free memory of glibc's heap back to the kernel now (malloc_trim); returns whether it did
+    (glibc only). Preparing a model frees temporaries the size of its weights (int8: the float32 weights
+    quantised layer by layer), which glibc would otherwise keep: base in int8 ran at 1.0 GB resident
+    with them, 0.75 GB without (AMD EPYC Zen 3, 2026-12-07)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def prepared(model: nn.Module) -> bool:
     """Whether `reduce_precision` replaced weights of `model` by ones prepared for inference kernels."""
     return any(isinstance(m, (PackedLinear, PlainLinear, Int8Linear)) for m in model.modules())
 
 
-def fp32_packs(model: nn.Module) -> bool:
-    """Whether `reduce_precision(model, "fp32", inference_only=True)` reorders any of its encoder's weights
-    here (`kernels.packs`, per shape; a float32 model of the standard layout only)."""
-    from . import kernels
-
-    encoder = model.encoder_model
-    config = encoder.config
-    first = encoder.encoder.layer[0] if len(encoder.encoder.layer) else None
-    if first is None or not hasattr(first.attention.self, "query") or first.attention.self.query.weight.dtype != torch.float32:
-        return False
-    return any(kernels.packs([shape]) for shape in kernels.encoder_shapes(config.hidden_size, config.intermediate_size))
+def standard_fp32(model: nn.Module) -> bool:
+    """Whether `model`'s encoder is float32 in the standard layout (q, k and v apart, at least one layer):
+    what `prepare` turns into an inference-only fp32 model."""
+    layers = model.encoder_model.encoder.layer
+    return len(layers) > 0 and hasattr(layers[0].attention.self, "query") and \
+        layers[0].attention.self.query.weight.dtype == torch.float32
 
 
 def _prepare_encoder(model: nn.Module, make, keep_dense: bool = False) -> None:
     """Every encoder layer's projections replaced by `make(weight, bias, gelu=...)`: q, k and v by one
     module on their concatenated weights, the FFN's first layer and its GELU by one (unless `keep_dense`:
-    then only its Linear is replaced and RobertaIntermediate still applies the GELU)."""
+    then only its Linear is replaced and RobertaIntermediate still applies the GELU). The pages of the
+    weights replaced are handed back layer by layer (`release_pages`)."""
     for layer in model.encoder_model.encoder.layer:
         attention = layer.attention.self
+        old = [p.detach() for p in layer.parameters()]
         attention.qkv = make(*attention.fused_qkv())
         del attention.query, attention.key, attention.value
         for parent in (layer.attention.output, layer.output):
@@ -334,6 +352,49 @@ def _prepare_encoder(model: nn.Module, make, keep_dense: bool = False) -> None:
             layer.intermediate.dense = make(dense.weight, dense.bias)
         else:
             layer.intermediate = make(dense.weight, dense.bias, gelu=True)
+        kept = [_span(t) for t in (*layer.parameters(), *layer.buffers()) if t.layout == torch.strided]
+        release_pages([t for t in old if not any(a < _span(t)[1] and _span(t)[0] < b for a, b in kept)])
+
+
+_MADV_PAGEOUT = 21  # madvise() advice, from Linux's mman-common.h (Linux 5.4 and later)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def release_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Ask the kernel to reclaim the whole pages under `tensors` now (madvise MADV_PAGEOUT), for weights
+    a prepared model no longer reads; returns the bytes advised (0 off Linux or where refused).
+
+    A model read from safetensors holds the file mapped, one mapping for all its tensors, so replacing
+    some of them frees nothing: their pages stay resident until memory runs short (a base fp32 model
+    prepared for inference alone kept 85 MB of q, k and v beside their concatenation, and one with its
+    encoder reordered for oneDNN peaked at 1.2 GB). The advice only moves pages out, never changes what
+    they hold: a clean page of the file is dropped and read again from the file if ever touched, any
+    other is swapped or left in place, so a tensor still held elsewhere reads the same values.
+    """
+    import ctypes
+    import sys
+
+    spans = []
+    for t in tensors:
+        if t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous():
+            continue
+        start, end = _span(t)
+        start, end = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages only: neighbours are live
+        if end > start:
+            spans.append((start, end - start))
+    if not sys.platform.startswith("linux") or not spans:
+        return 0
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return 0
+    return sum(length for start, length in spans if madvise(start, length, _MADV_PAGEOUT) == 0)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses [start, end) of a contiguous tensor's elements."""
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
@@ -387,8 +448,8 @@ class PackedLinear(nn.Module):
 
 class PlainLinear(nn.Module):
     """y = x W^T + b, then GELU when `gelu`, on a plain float32 weight through the GEMM measured fastest
-    for its shape (`kernels.linear`): the shapes of an inference-only fp32 model that packing did not
-    speed up here, q, k and v still concatenated once."""
+    for its shape (`kernels.linear`; F.linear with ROBERTA_KERNELS=default or off the CPU): the shapes of
+    an inference-only fp32 model that packing did not speed up here, q, k and v concatenated once."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False):
         super().__init__()

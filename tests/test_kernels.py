@@ -186,7 +186,7 @@ needs_packing = pytest.mark.skipif(not kernels.packed_available(),
 @needs_packing
 @pytest.mark.parametrize("packed_faster", [True, False])
 def test_an_inference_only_fp32_model_packs_its_encoder_where_that_measured_faster(cache, packed_faster):
-    from roberta.inference import PackedLinear, prepared, reduce_precision
+    from roberta.inference import PackedLinear, PlainLinear, prepared, reduce_precision
 
     config = RobertaConfig(**CONFIG)
     model = randomize(roberta.RobertaModel(config)).eval()
@@ -194,11 +194,13 @@ def test_an_inference_only_fp32_model_packs_its_encoder_where_that_measured_fast
     assert kernels.packs(kernels.encoder_shapes(config.hidden_size, config.intermediate_size)) is packed_faster
     trainable = reduce_precision(copy.deepcopy(model), "fp32")  # not inference-only: kept as it is
     assert not prepared(trainable) and trainable.encoder.layer[0].attention.self.query.weight.requires_grad
-    kernels.use("default")  # the reproducible mode never packs
-    assert not prepared(reduce_precision(copy.deepcopy(model), "fp32", inference_only=True))
+    kernels.use("default")  # the reproducible mode never packs, but still concatenates q, k and v once
+    plain = reduce_precision(copy.deepcopy(model), "fp32", inference_only=True)
+    assert {type(m) for m in plain.modules()} & {PackedLinear, PlainLinear} == {PlainLinear}
     kernels.use(None)
     fast = reduce_precision(model, "fp32", inference_only=True)
-    assert prepared(fast) is packed_faster
+    assert prepared(fast) and any(isinstance(m, PackedLinear) for m in fast.modules()) is packed_faster
+    assert not hasattr(fast.encoder.layer[0].attention.self, "query")
     if packed_faster:
         layer = fast.encoder.layer[0]
         assert isinstance(layer.attention.self.qkv, PackedLinear) and layer.intermediate.gelu

@@ -627,3 +627,78 @@ def test_inference_keeps_freed_memory_so_warm_batches_do_not_page_fault():
     first, warm = map(int, subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True,
                                           check=True, timeout=120).stdout.split())
     assert warm < first, (first, warm)
+
+
+PAGES_SCRIPT = """
+import sys, torch
+from roberta import RobertaConfig, RobertaModel, kernels
+from roberta.inference import reduce_precision
+way = sys.argv[2]
+packed = way != "plain"  # int8 replaces every encoder weight, as reordering them all does
+kernels.packs = lambda shapes: way == "packed"  # as a machine where reordering measured faster, or slower
+RobertaModel(RobertaConfig.base(num_hidden_layers=2, vocab_size=1000), add_pooling_layer=False).save_pretrained(sys.argv[1])
+model = RobertaModel.from_pretrained(sys.argv[1]).eval()
+
+def total():  # kB of this process's resident memory
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1])
+
+def resident():  # kB of the weight file's mapping in this process's memory
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        if line.endswith("/model.safetensors"):
+            return int(next(l for l in lines[i + 1:] if l.startswith("Rss:")).split()[1])
+    raise SystemExit("model.safetensors is not mapped")
+
+ids = torch.randint(3, 1000, (4, 30))
+with torch.inference_mode():
+    before_out = model(ids, torch.ones_like(ids)).last_hidden_state
+held = model.encoder.layer[0].attention.self.query.weight  # a weight someone still holds
+copy = held.detach().clone()
+before, before_total = resident(), total()
+replaced = sum(p.numel() * 4 for layer in model.encoder.layer for name, p in layer.named_parameters()
+               if "self." in name or (packed and "dense" in name))
+model = reduce_precision(model, "int8" if way == "int8" else "fp32", inference_only=True)
+after, after_total = resident(), total()
+with torch.inference_mode():
+    after_out = model(ids, torch.ones_like(ids)).last_hidden_state
+cosine = torch.nn.functional.cosine_similarity(after_out, before_out, dim=-1).min().item()
+print(before - after, replaced // 1024, torch.equal(held, copy), (after_out - before_out).abs().max().item(), cosine,
+      before_total - after_total)
+"""
+
+
+@pytest.mark.parametrize("way", ["packed", "plain", "int8"])
+def test_an_inference_only_model_hands_back_the_pages_of_the_weights_it_replaced(tmp_path, way):
+    """A model read from safetensors keeps the file mapped; the weights `reduce_precision(...,
+    inference_only=True)` replaces (q, k and v by their concatenation; reordered ones where packing
+    measured faster; every one in int8) leave that mapping's resident memory, less at most one page at
+    each end of each tensor, while a tensor still held elsewhere reads the same values and the outputs
+    stay within float rounding (the plain path's own tolerance; int8 within its cosine). In int8 the
+    float32 weights go and two int8 copies come (the module's and oneDNN's packed one), each a quarter
+    of their size, so the process should shrink by half of what was replaced; at least a quarter is
+    asserted, leaving the heap's slack a quarter. (Before the pages were handed back and the
+    quantising temporaries trimmed from the heap, it grew by about as much as was replaced.)"""
+    import subprocess
+    import sys
+
+    from roberta import kernels
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("release_pages advises Linux's kernel (madvise MADV_PAGEOUT)")
+    from roberta.inference import int8_kernels_available
+
+    if way == "packed" and not kernels.packed_available():
+        pytest.skip("this PyTorch build's oneDNN does not run reordered float32 weights")
+    if way == "int8" and not int8_kernels_available():
+        pytest.skip("this PyTorch build lacks oneDNN's int8 kernels")
+    done = subprocess.run([sys.executable, "-c", PAGES_SCRIPT, str(tmp_path / "m"), way], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dropped, replaced, intact, diff, cosine, shrunk = done.stdout.split()
+    tensors = 2 * (6 + (4 if way != "plain" else 0))  # per layer: q, k, v weights and biases (+ the dense ones)
+    assert int(dropped) >= int(replaced) - tensors * 2 * 4, (dropped, replaced)
+    assert intact == "True"
+    if way == "int8":
+        assert float(cosine) >= 0.99 and int(shrunk) >= int(replaced) // 4, (cosine, shrunk, replaced)
+    else:
+        assert float(diff) <= 1e-5

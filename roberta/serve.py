@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextvars
 import hmac
 import signal
 import socket
@@ -165,6 +166,8 @@ class Metrics:
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)
         self.tokens = Counter("roberta_tokens", "tokens run through the model", registry=r)
         self.rejected = Counter("roberta_rejected", "requests refused because the queue was full", registry=r)
+        self.dropped = Counter("roberta_dropped_inputs", "queued inputs dropped unrun: their request timed out or "
+                               "its client left", registry=r)
         Gauge("roberta_queue_depth", "inputs waiting for a batch", registry=r).set_function(queue_depth)
         self._recent: collections.deque = collections.deque()  # (time, tokens) of the last batches
         self._lock = threading.Lock()
@@ -203,7 +206,7 @@ class Job:
     future: asyncio.Future
     options: dict[str, Any] = field(default_factory=dict)  # pooling, normalize / head / topk
     arrived: float = field(default_factory=time.monotonic)
-    cancelled: bool = False  # timed out: its inputs still queued are dropped
+    cancelled: bool = False  # timed out, its client left, or its batch failed: nothing more is run for it
 
     def __post_init__(self):
         self.results: list = [None] * len(self.sequences)
@@ -265,6 +268,18 @@ class Batcher:
                 self._queued_tokens += len(ids)
             self._last_arrival = job.arrived
             self._cond.notify()
+
+    def withdraw(self, job: Job) -> None:
+        """Drop `job`'s inputs still queued (its request timed out or its client left), so that they
+        neither run nor hold room in the queue; inputs already in a batch run to the end."""
+        job.cancelled = True
+        with self._cond:
+            kept = collections.deque(entry for entry in self._queue if entry[0] is not job)
+            dropped = len(self._queue) - len(kept)
+            if dropped:
+                self._queued_tokens -= sum(len(job.sequences[i]) for j, i in self._queue if j is job)
+                self._queue = kept
+        self.metrics.dropped.inc(dropped)
 
     # -- the worker thread
 
@@ -693,6 +708,9 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
                                  f"{settings.max_response_bytes:,} (--max-response-bytes); ask for less", "Validation")
 
     async def run(kind: str, sequences: list[torch.Tensor], **options) -> list:
+        """The answers for `sequences`, from the batcher; while they wait, a client that closes its
+        connection has its inputs withdrawn from the queue (a 499 that nobody reads), as does one not
+        answered within --timeout (503)."""
         loop = asyncio.get_running_loop()
         job = Job(kind, sequences, loop, loop.create_future(), options)
         try:
@@ -700,12 +718,20 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         except Overloaded:
             raise HTTPError(429, f"Model is overloaded: the queue is full ({settings.max_queue} inputs waiting, "
                                  "--max-queue); retry after a second", "Overloaded", {"Retry-After": "1"}) from None
+        receive = _client.get(None)  # the connection's own, its body already read: it next says "disconnect"
+        left = asyncio.ensure_future(receive()) if receive is not None else loop.create_future()
         try:
-            return await asyncio.wait_for(job.future, settings.timeout_s)
-        except asyncio.TimeoutError:
-            job.cancelled = True
-            raise HTTPError(503, f"not answered within {settings.timeout_s:g} s (--timeout); the server is "
-                                 "overloaded: retry later", "Unhealthy", {"Retry-After": "1"}) from None
+            done, _ = await asyncio.wait({job.future, left}, timeout=settings.timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+        if job.future.done():
+            return job.future.result()
+        batcher.withdraw(job)
+        if left in done:
+            raise HTTPError(499, "the client closed the connection before its answer", "Validation")
+        raise HTTPError(503, f"not answered within {settings.timeout_s:g} s (--timeout); the server is "
+                             "overloaded: retry later", "Unhealthy", {"Retry-After": "1"})
 
     def pick_head(name: str | None, one_output: bool = False) -> str:
         try:
@@ -954,11 +980,15 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     return _Guard(app, settings, metrics)
 
 
+_client: contextvars.ContextVar = contextvars.ContextVar("client")  # the request's ASGI receive (`_Guard`)
+
+
 class _Guard:
     """ASGI middleware: asks for the API key on every path but /health (the OpenAPI description and
     its pages included), refuses bodies that are not JSON (415), over the size limit (413) or slower
     than --read-timeout (408) before they are parsed, and counts each request with its status and
-    latency in the metrics."""
+    latency in the metrics. It hands the endpoints (`run`) the connection's own receive, on which a
+    client that leaves shows once its body has been read."""
 
     POSTED = {"/", "/embed", "/embed_all", "/v1/embeddings", "/predict", "/rerank", "/similarity", "/fill-mask",
               "/zero-shot", "/tokenize", "/decode"}
@@ -1015,6 +1045,7 @@ class _Guard:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
+            _client.set(receive)
             await self.app(scope, replay, send_counted)
         finally:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()

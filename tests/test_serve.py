@@ -592,6 +592,26 @@ def test_api_key_full_queue_and_sigterm_with_requests_in_flight(model_dir, hub):
         first.join(timeout=30)
         assert len(ok(results["first"])) == 4
 
+        # a client that leaves while its input waits for a batch has it withdrawn at once: counted as
+        # dropped, its request as a 499, and the input never runs (the batches' input count stays put)
+        before = httpx.get(s.url + "/metrics", headers=key, timeout=10).text
+        ran = float(re.search(r"^roberta_batch_inputs_sum (\S+)$", before, re.M).group(1))
+        body = json.dumps({"inputs": SENTENCES[0]}).encode()
+        with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1])), timeout=30) as sock:
+            sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for_depth(s, key, 1)
+        deadline = time.monotonic() + 20
+        while not re.search(r"^roberta_dropped_inputs_total 1\.0$", text := httpx.get(
+                s.url + "/metrics", headers=key, timeout=10).text, re.M) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert re.search(r"^roberta_dropped_inputs_total 1\.0$", text, re.M), text
+        assert re.search(r"^roberta_queue_depth 0\.0$", text, re.M)
+        assert re.search(r'roberta_requests_total\{endpoint="/embed",status="499"\} 1\.0', text), text
+        time.sleep(2)  # past --max-wait-ms: had it stayed queued, it would have run by now
+        after = httpx.get(s.url + "/metrics", headers=key, timeout=10).text
+        assert float(re.search(r"^roberta_batch_inputs_sum (\S+)$", after, re.M).group(1)) == ran
+
         # six requests queued, then SIGTERM: all six are answered, then the process exits 0
         threads = [threading.Thread(target=call, args=(i, SENTENCES[i])) for i in range(6)]
         for t in threads:
@@ -635,6 +655,9 @@ def test_a_request_not_answered_in_time_gets_503_and_a_classifier_has_no_fill_ma
         slow = httpx.post(s.url + "/embed", json={"inputs": "waits for a batch that never fills"}, timeout=30)
         assert slow.status_code == 503 and slow.headers["retry-after"] == "1", slow.text
         assert slow.json()["error_type"] == "Unhealthy"
+        text = httpx.get(s.url + "/metrics", timeout=10).text  # withdrawn at once, not when a batch comes
+        assert re.search(r"^roberta_queue_depth 0\.0$", text, re.M) and \
+            re.search(r"^roberta_dropped_inputs_total 1\.0$", text, re.M), text
         # a full batch (two inputs) does not wait, and the timed-out input was dropped from the queue
         assert len(ok(httpx.post(s.url + "/embed", json={"inputs": ["a", "b"]}, timeout=30))) == 2
         text = httpx.get(s.url + "/metrics", timeout=10).text

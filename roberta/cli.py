@@ -347,7 +347,7 @@ def _add_hub_commands(sub) -> None:
     p.add_argument("--max-seq-len", type=int, help="tokens per window (default: the smaller of the model's and 384)")
     p.add_argument("--doc-stride", type=int, help="tokens shared by neighbouring windows of a long context "
                    "(default: the smaller of half a window and 128)")
-    p = sub.add_parser("export", help="write the encoder and its classification heads as ONNX (dynamic batch and length)")
+    p = sub.add_parser("export", help="write the encoder and its heads (classifiers, tagger or reader) as ONNX (dynamic batch and length)")
     p.add_argument("-m", "--model", required=True, help="a name or a path, as for the other commands")
     p.add_argument("--onnx", required=True, metavar="DIR", help="new directory for model.onnx, onnx.json and the tokenizer")
     _source_args(p)

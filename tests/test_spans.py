@@ -248,16 +248,6 @@ def test_cli_tag_and_answer_print_the_library_results(tagger, reader, tmp_path, 
     assert "QUESTION<TAB>CONTEXT" in capsys.readouterr().err
 
 
-def test_export_refuses_a_tagger_or_a_reader_rather_than_drop_its_head(tagger, reader, tmp_path, capsys):
-    from roberta.cli import main
-
-    for (hub, _), kind in ((tagger, "TokenClassification"), (reader, "QuestionAnswering")):
-        assert main(["export", "-m", hub.directory, "--onnx", str(tmp_path / kind)]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {hub.directory} is a {kind} checkpoint") and err.count("\n") == 1, err
-        assert not (tmp_path / kind).exists()
-
-
 def test_convert_keeps_a_taggers_or_a_readers_head_and_fairseq_refuses_it(tagger, reader, tmp_path, capsys):
     from roberta.cli import main
 

@@ -367,22 +367,27 @@ def release_pages(tensors: Iterable[torch.Tensor]) -> int:
     A model read from safetensors holds the file mapped, one mapping for all its tensors, so replacing
     some of them frees nothing: their pages stay resident until memory runs short (a base fp32 model
     prepared for inference alone kept 85 MB of q, k and v beside their concatenation, and one with its
-    encoder reordered for oneDNN peaked at 1.2 GB). The advice only moves pages out, never changes what
-    they hold: a clean page of the file is dropped and read again from the file if ever touched, any
-    other is swapped or left in place, so a tensor still held elsewhere reads the same values.
+    encoder reordered for oneDNN peaked at 1.2 GB). Only pages of a mapped file are advised: memory of
+    the heap is freed with its tensors anyway, and paging it out first would only write it to swap. The
+    advice moves pages out, never changes what they hold: a clean page of the file is dropped and read
+    again from the file if ever touched, a changed one is swapped or left in place, so a tensor still
+    held elsewhere reads the same values.
     """
     import ctypes
     import sys
 
+    if not sys.platform.startswith("linux"):
+        return 0
+    files = _mapped_files()
     spans = []
     for t in tensors:
         if t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous():
             continue
         start, end = _span(t)
         start, end = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages only: neighbours are live
-        if end > start:
+        if end > start and any(a <= start and end <= b for a, b in files):
             spans.append((start, end - start))
-    if not sys.platform.startswith("linux") or not spans:
+    if not spans:
         return 0
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
@@ -390,6 +395,25 @@ def release_pages(tensors: Iterable[torch.Tensor]) -> int:
     except (OSError, AttributeError):
         return 0
     return sum(length for start, length in spans if madvise(start, length, _MADV_PAGEOUT) == 0)
+
+
+def _mapped_files() -> list[tuple[int, int]]:
+    """The address ranges [start, end) of this process's mappings of files (/proc/self/maps lines with an
+    inode; adjacent ones joined), or none where that cannot be read."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and fields[4] != "0":
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    if ranges and ranges[-1][1] == start:  # one file mapped in parts: one range
+                        ranges[-1] = (ranges[-1][0], end)
+                    else:
+                        ranges.append((start, end))
+    except (OSError, ValueError):
+        return []
+    return ranges
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:

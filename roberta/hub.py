@@ -466,7 +466,7 @@ class RobertaHub(nn.Module):
     def _task_model(self, cls, method: str, kind: str, head: str):
         if not isinstance(self.model, cls):
             raise RobertaError(f"{method} needs {kind} checkpoint (config.json architectures: {cls.__name__}); "
-                               f"this one is a {type(self.model).__name__}")
+                               f"this one is {self.checkpoint_kind()}")
         if any(k.startswith(head) for k in getattr(self.model, "missing_keys", [])):
             raise RobertaError(f"{method} needs {kind} checkpoint with its trained head ({head}*), which this one "
                                f"lacks (it would answer with a random head); fine-tune one first")
@@ -478,9 +478,21 @@ class RobertaHub(nn.Module):
 
     def _masked_lm(self, method: str) -> RobertaForMaskedLM:
         if not isinstance(self.model, RobertaForMaskedLM):
-            raise RobertaError(f"{method} needs a masked-LM checkpoint; this one is a {type(self.model).__name__} "
+            raise RobertaError(f"{method} needs a masked-LM checkpoint; this one is {self.checkpoint_kind()} "
                                "(use tag for token classification, answer for question answering)")
         return self.model
+
+    def checkpoint_kind(self) -> str:
+        """What the loaded checkpoint is, in a user's words (a sequence classifier loads as the masked-LM
+        model with its heads, so the class name alone would mislead)."""
+        if isinstance(self.model, RobertaForTokenClassification):
+            return "a token-classification checkpoint (a tagger)"
+        if isinstance(self.model, RobertaForQuestionAnswering):
+            return "a question-answering checkpoint (a reader)"
+        heads = list(getattr(self.model, "classification_heads", {}))
+        if heads and not self.has_lm_head():
+            return f"a sequence-classification checkpoint (heads: {', '.join(heads)})"
+        return "a masked-LM checkpoint" + (f" with classification heads ({', '.join(heads)})" if heads else "")
 
     def _encode_masked(self, text: str) -> torch.Tensor:
         # fairseq's rule: the spans around each mask lose their trailing spaces (the space before a mask

@@ -476,6 +476,16 @@ def test_tag_and_answer_refuse_a_checkpoint_without_their_head(hub_checkpoints, 
         assert "needs a token-classification" in line or "needs a question-answering" in line, line
 
 
+def test_tag_names_what_a_classifier_checkpoint_is(hub_checkpoints, tmp_path, call):
+    """A sequence classifier loads as the masked-LM model with its heads; the refusal says what the
+    user gave (its heads), not that class's name."""
+    path = _with_architectures(hub_checkpoints["hf"], tmp_path / "m", ["RobertaForMaskedLM"], drop="lm_head.")
+    line = one_error_line(call("tag", "-m", path, "Ada Lovelace lived in London"))
+    assert "this one is a sequence-classification checkpoint (heads: mnli)" in line, line
+    line = one_error_line(call("tag", "-m", hub_checkpoints["hf"], "Ada Lovelace lived in London"))
+    assert "this one is a masked-LM checkpoint with classification heads (mnli)" in line, line
+
+
 def test_fill_mask_refuses_a_checkpoint_without_its_lm_head(hub_checkpoints, tmp_path, call):
     path = _with_architectures(hub_checkpoints["hf"], tmp_path / "m", ["RobertaForMaskedLM"], drop="lm_head.")
     result = call("fill-mask", "-m", path, "Hello <mask>!")

@@ -647,11 +647,11 @@ def _rerank(args):
 
 def _tag(args):
     hub = _load(args)
-    for text in _texts(args):
-        entities = hub.tag(text, aggregation=args.aggregation, stride=args.stride)
-        label = "entity" if args.aggregation == "none" else "entity_group"
-        _print(args, entities, "\n".join([text] + [f"  {e[label]:<10} {e['score']:.4f}  {e['start']}-{e['end']}  "
-                                                   f"{text[e['start']:e['end']]}" for e in entities]))
+    label = "entity" if args.aggregation == "none" else "entity_group"
+    for texts in _batches(_texts(args)):
+        for text, entities in zip(texts, hub.tag(texts, aggregation=args.aggregation, stride=args.stride)):
+            _print(args, entities, "\n".join([text] + [f"  {e[label]:<10} {e['score']:.4f}  {e['start']}-{e['end']}  "
+                                                       f"{text[e['start']:e['end']]}" for e in entities]))
 
 
 def _answer(args):

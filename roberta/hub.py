@@ -436,14 +436,15 @@ class RobertaHub(nn.Module):
     def tag(self, text, aggregation: str = "simple", stride: int | None = None, ignore_labels=("O",)):
         """Entities from a token-classification checkpoint: `[{"entity_group", "score", "word",
         "start", "end"}, ...]` with `text[start:end]` the entity; a list of texts gives a list of
-        such lists. `aggregation` and `stride` (overlapping windows for long texts) are those of
-        transformers' token-classification pipeline; see `roberta.spans.tag`."""
+        such lists, the texts run through the model together in batches (`roberta.spans.tag_many`).
+        `aggregation` and `stride` (overlapping windows for long texts) are those of transformers'
+        token-classification pipeline; see `roberta.spans.tag`."""
         from . import spans
 
         model = self._task_model(RobertaForTokenClassification, "tag", "a token-classification", "classifier.")
         if isinstance(text, str):
             return spans.tag(model, self.tokenizer, text, aggregation, stride, ignore_labels)
-        return [spans.tag(model, self.tokenizer, t, aggregation, stride, ignore_labels) for t in text]
+        return spans.tag_many(model, self.tokenizer, list(text), aggregation, stride, ignore_labels)
 
     def answer(self, question: str, context: str, topk: int = 1, **options):
         """The answer to `question` in `context` from a question-answering checkpoint: `{"answer",

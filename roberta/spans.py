@@ -28,11 +28,11 @@ import torch
 
 from . import windows
 from .errors import RobertaError
-from .inference import pad_batch
+from .inference import length_batches, pad_batch
 from .tokenizer import RobertaTokenizer
 
 AGGREGATIONS = ("none", "simple", "first", "max", "average")
-WINDOW_BATCH = 8  # windows run together: bounded memory on long documents
+BATCH_TOKENS = 4096  # padded tokens run together: bounded memory, however many texts or windows
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -43,22 +43,24 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def _run(model, sequences: list[list[int]], pad_id: int) -> list:
     """The model's outputs for each sequence, unpadded, as float32 numpy: token-classification
-    logits [T, labels], or QA (start [T], end [T])."""
+    logits [T, labels], or QA (start [T], end [T]). Sequences of similar length run together, up to
+    BATCH_TOKENS padded tokens a batch; the outputs come back in the order given."""
     device = model.get_input_embeddings().weight.device
-    outputs = []
-    for i in range(0, len(sequences), WINDOW_BATCH):
-        batch = sequences[i:i + WINDOW_BATCH]
-        ids, mask = pad_batch(batch, pad_id)
+    outputs: list = [None] * len(sequences)
+    for batch in length_batches([len(seq) for seq in sequences], BATCH_TOKENS):
+        ids, mask = pad_batch([sequences[i] for i in batch], pad_id)
         # the layout made here on the host, the ids sent without waiting: the GPU runs the whole batch
         # before it is asked for anything, and then once, for the results
         layout = model.encoder_model.layout(mask, device)
         out = model(ids.to(device, non_blocking=True), layout=layout)
         if out.logits is not None:
             logits = out.logits.float().cpu().numpy()
-            outputs += [logits[row, :len(seq)] for row, seq in enumerate(batch)]
+            for row, i in enumerate(batch):
+                outputs[i] = logits[row, :len(sequences[i])]
         else:
             start, end = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
-            outputs += [(start[row, :len(seq)], end[row, :len(seq)]) for row, seq in enumerate(batch)]
+            for row, i in enumerate(batch):
+                outputs[i] = (start[row, :len(sequences[i])], end[row, :len(sequences[i])])
     return outputs
 
 
@@ -76,7 +78,7 @@ def _max_tokens(model, max_length: int | None) -> int:
 
 def tag(model, tokenizer: RobertaTokenizer, text: str, aggregation: str = "simple", stride: int | None = None,
         ignore_labels=("O",), max_length: int | None = None) -> list[dict]:
-    """Entities in `text` from a token-classification model.
+    """Entities in `text` from a token-classification model (`tag_many` of one text).
 
     Returns, for `aggregation` "simple", "first", "max" or "average", one dict per entity:
     `{"entity_group", "score", "word", "start", "end"}` (`text[start:end]` is the entity; `word` is
@@ -87,23 +89,44 @@ def tag(model, tokenizer: RobertaTokenizer, text: str, aggregation: str = "simpl
     A text longer than the model's window (or `max_length` tokens) needs `stride`: it is tagged in
     overlapping windows. Without it such a text is refused.
     """
-    if aggregation not in AGGREGATIONS:
-        raise RobertaError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
     if not isinstance(text, str):
         raise RobertaError(f"tag takes one text (str), got {type(text).__name__}")
-    labels = model.config.labels()
-    ids, offsets = tokenizer.encode(text, add_special_tokens=False, return_offsets=True)
-    room = _max_tokens(model, max_length) - 2
-    if len(ids) > room and stride is None:
-        raise RobertaError(f"the text has {len(ids) + 2} tokens but the model takes at most {room + 2}; "
-                           "pass stride=N (--stride N) to tag it in windows that overlap by N tokens")
+    return tag_many(model, tokenizer, [text], aggregation, stride, ignore_labels, max_length)[0]
+
+
+def tag_many(model, tokenizer: RobertaTokenizer, texts: list[str], aggregation: str = "simple",
+             stride: int | None = None, ignore_labels=("O",), max_length: int | None = None) -> list[list[dict]]:
+    """`tag` of each text, the windows of all of them run through the model together in batches of
+    similar length (a corpus of short lines runs as batches, not one line at a time), the entities
+    the same as `tag` gives each text alone (to float rounding, since a batch's products are summed
+    in another order)."""
+    if aggregation not in AGGREGATIONS:
+        raise RobertaError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
     if stride is not None and aggregation == "none":
         raise RobertaError("stride needs an aggregation other than 'none' (overlapping windows repeat tokens); "
                            "use simple, first, max or average")
-    ranges = windows.spans(len(ids), room, stride or 0)
-    sequences = [[tokenizer.bos_token_id, *ids[a:b], tokenizer.eos_token_id] for a, b in ranges]
+    labels = model.config.labels()
+    room = _max_tokens(model, max_length) - 2
+    prepared, sequences = [], []
+    for text in texts:
+        if not isinstance(text, str):
+            raise RobertaError(f"tag takes texts (str), got {type(text).__name__}")
+        ids, offsets = tokenizer.encode(text, add_special_tokens=False, return_offsets=True)
+        if len(ids) > room and stride is None:
+            raise RobertaError(f"the text has {len(ids) + 2} tokens but the model takes at most {room + 2}; "
+                               "pass stride=N (--stride N) to tag it in windows that overlap by N tokens")
+        ranges = windows.spans(len(ids), room, stride or 0)
+        prepared.append((text, ids, offsets, ranges, len(sequences)))
+        sequences += [[tokenizer.bos_token_id, *ids[a:b], tokenizer.eos_token_id] for a, b in ranges]
+    outputs = _run(model, sequences, tokenizer.pad_token_id)
+    return [_entities(text, ids, offsets, ranges, outputs[first:first + len(ranges)], aggregation, labels, tokenizer,
+                      ignore_labels) for text, ids, offsets, ranges, first in prepared]
+
+
+def _entities(text, ids, offsets, ranges, outputs, aggregation, labels, tokenizer, ignore_labels) -> list[dict]:
+    """One text's entities from the logits of its windows."""
     entities = []
-    for (a, b), logits in zip(ranges, _run(model, sequences, tokenizer.pad_token_id)):
+    for (a, b), logits in zip(ranges, outputs):
         scores = _softmax(logits[1:-1])  # the text's tokens, without <s> and </s>
         tokens = []
         for i, (token, (start, end), probs) in enumerate(zip(ids[a:b], offsets[a:b], scores)):

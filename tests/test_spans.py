@@ -113,6 +113,25 @@ def test_tag_long_text_in_windows_equals_the_pipeline_with_stride(tagger, hf_tok
         hub.tag(long_text)
 
 
+@pytest.mark.parametrize("aggregation", ["none", "first"])
+def test_tagging_many_texts_runs_them_in_batches_and_equals_the_pipeline(tagger, hf_tok, lines, long_text, aggregation):
+    """A list of texts (what `roberta tag` sends from a pipe) runs as batches of similar lengths, its
+    windows and its short lines mixed, and gives each text the pipeline's entities."""
+    hub, hf_model = tagger
+    texts = [line for line in lines[:200] if line.isascii()][:40] + ["Hello world!", "a"]
+    stride = None if aggregation == "none" else 64
+    if stride:
+        texts.insert(7, long_text)
+    pipe = transformers.pipeline("token-classification", model=hf_model, tokenizer=hf_tok,
+                                 aggregation_strategy=aggregation, **({"stride": stride} if stride else {}))
+    ours = hub.tag(texts, aggregation=aggregation, stride=stride)
+    assert len(ours) == len(texts) and sum(map(len, ours)) > 40
+    for text, entities in zip(texts, ours):
+        same_entities(entities, pipe(text))
+    with pytest.raises(RobertaError, match="stride"):
+        hub.tag(["short", long_text])
+
+
 def test_tag_words_are_text_spans_beyond_ascii(tagger):
     hub, _ = tagger
     text = "Zoë met Jürgen in Kraków 😀 and São Paulo"

@@ -667,17 +667,20 @@ def _answer(args):
         except (OSError, UnicodeDecodeError) as exc:
             raise RobertaError(f"cannot read --context-file {args.context_file}: {exc}") from None
     hub = _load(args)
-    for line in _texts(args):
-        question, tab, own_context = line.partition("\t")
-        if context is None and not tab:
-            raise RobertaError(f"input {line[:60]!r} has no context: give QUESTION<TAB>CONTEXT, or --context")
-        found = hub.answer(question, context if context is not None else own_context, topk=args.topk,
-                           no_answer=args.no_answer, null_threshold=args.null_threshold or 0.0,
-                           max_answer_len=args.max_answer_len, max_seq_len=args.max_seq_len,
-                           doc_stride=args.doc_stride)
-        found = found if isinstance(found, list) else [found]
-        _print(args, found, "\n".join([question] + [f"  {a['score']:.4f}  {a['start']}-{a['end']}  {a['answer']}"
-                                                    for a in found]))
+    for lines in _batches(_texts(args)):
+        pairs = []
+        for line in lines:
+            question, tab, own_context = line.partition("\t")
+            if context is None and not tab:
+                raise RobertaError(f"input {line[:60]!r} has no context: give QUESTION<TAB>CONTEXT, or --context")
+            pairs.append((question, context if context is not None else own_context))
+        answers = hub.answer([q for q, _ in pairs], [c for _, c in pairs], topk=args.topk, no_answer=args.no_answer,
+                             null_threshold=args.null_threshold or 0.0, max_answer_len=args.max_answer_len,
+                             max_seq_len=args.max_seq_len, doc_stride=args.doc_stride)
+        for (question, _), found in zip(pairs, answers):
+            found = found if isinstance(found, list) else [found]
+            _print(args, found, "\n".join([question] + [f"  {a['score']:.4f}  {a['start']}-{a['end']}  {a['answer']}"
+                                                        for a in found]))
 
 
 def _export(args):

@@ -446,15 +446,24 @@ class RobertaHub(nn.Module):
             return spans.tag(model, self.tokenizer, text, aggregation, stride, ignore_labels)
         return spans.tag_many(model, self.tokenizer, list(text), aggregation, stride, ignore_labels)
 
-    def answer(self, question: str, context: str, topk: int = 1, **options):
+    def answer(self, question, context, topk: int = 1, **options):
         """The answer to `question` in `context` from a question-answering checkpoint: `{"answer",
         "score", "start", "end"}` (a list of up to `topk` for `topk` > 1), `context[start:end]` the
         answer. Long contexts are read in overlapping windows (`doc_stride`); `no_answer=True`
-        allows the SQuAD 2.0 empty answer, with `null_threshold`; see `roberta.spans.answer`."""
+        allows the SQuAD 2.0 empty answer, with `null_threshold`; see `roberta.spans.answer`. A list
+        of questions (with one context for all, or a list as long) gives a list of answers, the pairs
+        run through the model together in batches (`roberta.spans.answer_many`)."""
         from . import spans
 
         model = self._task_model(RobertaForQuestionAnswering, "answer", "a question-answering", "qa_outputs.")
-        return spans.answer(model, self.tokenizer, question, context, topk, **options)
+        if isinstance(question, str):
+            return spans.answer(model, self.tokenizer, question, context, topk, **options)
+        questions = list(question)
+        contexts = [context] * len(questions) if isinstance(context, str) else list(context)
+        if len(contexts) != len(questions):
+            raise RobertaError(f"answer got {len(questions)} questions and {len(contexts)} contexts; give one context "
+                               "for all, or one per question")
+        return spans.answer_many(model, self.tokenizer, list(zip(questions, contexts)), topk, **options)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the model (config.json + model.safetensors, heads included) and tokenizer files."""

@@ -234,20 +234,47 @@ def answer(model, tokenizer: RobertaTokenizer, question: str, context: str, topk
     whole. `no_answer=True` (SQuAD 2.0)
     adds the empty answer `{"answer": "", "start": 0, "end": 0}` scored as the model's no-answer
     probability; it wins over a span only when its score beats the span's by more than
-    `null_threshold` (0: the higher score wins, as in transformers).
+    `null_threshold` (0: the higher score wins, as in transformers). `answer_many` of one pair.
     """
-    if not isinstance(question, str) or not isinstance(context, str):
-        raise RobertaError("answer takes a question and a context, both str")
+    return answer_many(model, tokenizer, [(question, context)], topk, max_answer_len, max_seq_len, doc_stride,
+                       no_answer, null_threshold, align_to_words)[0]
+
+
+def answer_many(model, tokenizer: RobertaTokenizer, pairs, topk: int = 1, max_answer_len: int = 15,
+                max_seq_len: int | None = None, doc_stride: int | None = None, no_answer: bool = False,
+                null_threshold: float = 0.0, align_to_words: bool = True) -> list:
+    """`answer` for each (question, context) pair, the windows of all of them run through the model
+    together in batches of similar length; each answer the same as `answer` gives its pair alone (to
+    float rounding)."""
     if topk < 1 or max_answer_len < 1:
         raise RobertaError(f"topk and max_answer_len must be at least 1, got {topk} and {max_answer_len}")
     if not isinstance(null_threshold, (int, float)) or not math.isfinite(null_threshold):
         raise RobertaError(f"null_threshold must be a finite number, got {null_threshold!r}")
+    plans = [_answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer) for pair in pairs]
+    outputs = _run(model, [seq for plan in plans if plan is not None for seq in plan[-1]], tokenizer.pad_token_id)
+    results, first = [], 0
+    for plan in plans:
+        if plan is None:  # an empty context: only the empty answer
+            empty = {"answer": "", "score": 1.0, "start": 0, "end": 0}
+            results.append(empty if topk == 1 else [empty])
+            continue
+        results.append(_answer_from(plan, outputs[first:first + len(plan[-1])], topk, max_answer_len, no_answer,
+                                    null_threshold, align_to_words))
+        first += len(plan[-1])
+    return results
+
+
+def _answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer):
+    """(context, prefix length, context ranges, offsets, word ids, windows) of one (question, context)
+    pair, or None for an empty context that may have the empty answer."""
+    question, context = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, None)
+    if not isinstance(question, str) or not isinstance(context, str):
+        raise RobertaError("answer takes a question and a context, both str")
     if not context.strip():  # nothing to point at: spans of blanks would be answers of nothing
         if not no_answer:
             raise RobertaError("the context is empty, so it holds no answer; give a context, or allow the empty "
                                "answer (no_answer=True, --no-answer)")
-        empty = {"answer": "", "score": 1.0, "start": 0, "end": 0}
-        return empty if topk == 1 else [empty]
+        return None
     max_seq_len = min(model.config.max_tokens, 384) if max_seq_len is None else _max_tokens(model, max_seq_len)
     if doc_stride is not None and doc_stride > max_seq_len:
         raise RobertaError(f"doc_stride {doc_stride} is larger than max_seq_len {max_seq_len}")
@@ -264,19 +291,25 @@ def answer(model, tokenizer: RobertaTokenizer, question: str, context: str, topk
     ranges = windows.spans(len(c_ids), room, doc_stride)
     prefix = [tokenizer.bos_token_id, *q_ids, tokenizer.eos_token_id, tokenizer.eos_token_id]
     sequences = [prefix + c_ids[a:b] + [tokenizer.eos_token_id] for a, b in ranges]
+    return context, len(prefix), ranges, c_offsets, c_words, sequences
+
+
+def _answer_from(plan, outputs, topk, max_answer_len, no_answer, null_threshold, align_to_words):
+    """One pair's answer (`answer`) from the start and end logits of its windows."""
+    context, prefix, ranges, c_offsets, c_words, _ = plan
     candidates_per_window = topk * 2 + 10 if align_to_words else topk  # word alignment merges some spans
     null_score, answers = 1_000_000.0, []
-    for (a, b), (start_logits, end_logits) in zip(ranges, _run(model, sequences, tokenizer.pad_token_id)):
+    for (a, b), (start_logits, end_logits) in zip(ranges, outputs):
         # the context tokens and <s> can be answers; the question, separators and </s> cannot
         allowed = np.zeros(len(start_logits), dtype=bool)
         allowed[0] = True
-        allowed[len(prefix):len(prefix) + b - a] = True
+        allowed[prefix:prefix + b - a] = True
         p_start = _softmax(np.where(allowed, start_logits, -10000.0))
         p_end = _softmax(np.where(allowed, end_logits, -10000.0))
         null_score = min(null_score, float(p_start[0] * p_end[0]))
         p_start[0] = p_end[0] = 0.0
-        offsets = [(0, 0)] * len(prefix) + c_offsets[a:b] + [(0, 0)]
-        words = [None] * len(prefix) + c_words[a:b] + [None]
+        offsets = [(0, 0)] * prefix + c_offsets[a:b] + [(0, 0)]
+        words = [None] * prefix + c_words[a:b] + [None]
         for s, e, score in _best_spans(p_start, p_end, candidates_per_window, max_answer_len, allowed):
             start, end = _char_span(s, e, offsets, words, align_to_words)
             text = context[start:end]

@@ -219,6 +219,25 @@ def test_answer_reads_contexts_longer_than_the_model_in_windows(reader, hf_tok, 
                                   doc_stride=room // 2))
 
 
+def test_answering_many_questions_runs_them_in_batches_and_equals_the_pipeline(reader, hf_tok, lines, long_text):
+    """A list of questions (what `roberta answer` sends from a pipe) runs its pairs' windows together,
+    short contexts and a long one mixed, and gives each pair the pipeline's answers; one context may
+    serve every question."""
+    hub, hf_model = reader
+    contexts = [" ".join(lines[10 * i:10 * i + 3]) for i in range(len(QUESTIONS))]
+    contexts[1] = long_text
+    ours = hub.answer(list(QUESTIONS), contexts, topk=2, no_answer=True)
+    assert len(ours) == len(QUESTIONS)
+    for question, context, found in zip(QUESTIONS, contexts, ours):
+        same_answers(found, reference_answer(hf_model, hf_tok, question, context, 2, handle_impossible_answer=True))
+    for question, found in zip(QUESTIONS, hub.answer(list(QUESTIONS), contexts[0])):  # one context for all
+        alone = hub.answer(question, contexts[0])
+        assert (found["start"], found["end"]) == (alone["start"], alone["end"])
+        assert abs(found["score"] - alone["score"]) <= 1e-5
+    with pytest.raises(RobertaError, match="2 questions and 3 contexts"):
+        hub.answer(["a?", "b?"], ["x", "y", "z"])
+
+
 def test_no_answer_threshold(reader, lines):
     hub, _ = reader
     question, context = QUESTIONS[0], " ".join(lines[:3])

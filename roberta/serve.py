@@ -570,6 +570,9 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     from . import pairs
     from .hub import encode_within
 
+    if not hasattr(hub.model, "classification_heads"):  # its head answers per token, which no route returns
+        raise RobertaError(f"serve answers with an encoder, its classification heads and its masked-LM head; this "
+                           f"model is {hub.checkpoint_kind()}: use `roberta tag` / `roberta answer` on it")
     batcher = Batcher(hub, settings)
     metrics = batcher.metrics
     config = hub.model.config

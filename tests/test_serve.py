@@ -721,3 +721,19 @@ def test_bad_settings_and_a_busy_port_are_one_line_errors(model_dir, capsys):
             assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
     finally:
         busy.close()
+
+
+@pytest.mark.parametrize("cls_name, kind", [("RobertaForTokenClassification", "a token-classification checkpoint"),
+                                            ("RobertaForQuestionAnswering", "a question-answering checkpoint")])
+def test_a_tagger_or_a_reader_is_refused_with_one_line(model_dir, bpe_dir, tmp_path, capsys, cls_name, kind):
+    """Their heads answer per token, which no route returns: one `error:` line naming what the model is
+    (it was a traceback)."""
+    from roberta.cli import main
+
+    import dataclasses
+
+    config = dataclasses.replace(RobertaConfig.load(model_dir / "config.json"), classification_heads={})
+    getattr(roberta, cls_name)(config).save_pretrained(tmp_path / "m", tokenizer=RobertaTokenizer.from_pretrained(bpe_dir))
+    assert main(["serve", "-m", str(tmp_path / "m"), "--port", "0", "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and kind in err and "roberta tag" in err and err.count("\n") == 1, err

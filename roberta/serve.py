@@ -200,7 +200,7 @@ class Metrics:
 class Job:
     """One request's inputs for one kind of answer, and where the worker puts the answers."""
 
-    kind: Literal["embed", "embed_all", "predict", "fill-mask"]
+    kind: Literal["embed", "embed_all", "predict", "fill-mask", "tokens", "spans"]
     sequences: list[torch.Tensor]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -352,6 +352,7 @@ class Batcher:
         outputs: list = [None] * len(batch)
         by_head: dict[str, list[int]] = collections.defaultdict(list)
         masked: list[int] = []
+        per_token: list[int] = []  # a tagger's or a reader's windows: their head on every token
         embedded: dict[int, torch.Tensor] = {}
         for row, ((job, _), f) in enumerate(zip(batch, features)):
             if job.kind == "embed":
@@ -361,8 +362,19 @@ class Batcher:
                 outputs[row] = f.float().cpu().numpy()
             elif job.kind == "predict":
                 by_head[job.options["head"]].append(row)
+            elif job.kind in ("tokens", "spans"):
+                per_token.append(row)
             else:
                 masked.append(row)
+        if per_token:  # token-classification logits [T, labels], or a reader's (start [T], end [T])
+            head = model.classifier if hasattr(model, "classifier") else model.qa_outputs
+            scores = head(torch.cat([features[r] for r in per_token]).to(dtype)).float().cpu().numpy()
+            first = 0
+            for r in per_token:
+                n = len(sequences[r])
+                outputs[r] = scores[first:first + n] if batch[r][0].kind == "tokens" else \
+                    (scores[first:first + n, 0], scores[first:first + n, 1])
+                first += n
         if embedded:  # float32 on the host in one copy (features stay on the model's device; a GPU waits once)
             for row, v in zip(embedded, torch.stack(list(embedded.values())).cpu().numpy()):
                 outputs[row] = v
@@ -557,6 +569,55 @@ class ZeroShotResult(BaseModel):
     scores: list[float]
 
 
+class TagParameters(Body):  # what huggingface_hub's InferenceClient.token_classification sends
+    aggregation_strategy: Literal["none", "simple", "first", "max", "average"] = "simple"
+    stride: int | None = Field(None, ge=0, description="tokens shared by neighbouring windows of a long text "
+                               "(without it, a text past the model's limit is refused)")
+    ignore_labels: list[str] | None = Field(None, description="labels left out (default [\"O\"])")
+
+
+class TagRequest(Body):
+    inputs: Union[Text, Texts]
+    parameters: TagParameters | None = None
+
+
+class Entity(BaseModel):
+    entity_group: str | None = None  # aggregated
+    entity: str | None = None        # aggregation "none"
+    score: float
+    word: str
+    start: int
+    end: int
+    index: int | None = None
+
+
+class Question(Body):
+    question: Text
+    context: str
+
+
+class AnswerParameters(Body):  # what huggingface_hub's InferenceClient.question_answering sends
+    top_k: int = Field(1, ge=1, le=100)
+    doc_stride: int | None = Field(None, ge=0)
+    max_answer_len: int = Field(15, ge=1)
+    max_seq_len: int | None = Field(None, ge=5)
+    max_question_len: int | None = Field(None, description="not used: a question is never cut")
+    handle_impossible_answer: bool = Field(False, description="allow the empty answer (SQuAD 2.0)")
+    align_to_words: bool = True
+
+
+class AnswerRequest(Body):
+    inputs: Union[Question, Annotated[list[Question], FAST]]
+    parameters: AnswerParameters | None = None
+
+
+class Answer(BaseModel):
+    answer: str
+    score: float
+    start: int
+    end: int
+
+
 class TEIError(BaseModel):
     error: str
     error_type: Literal["Unhealthy", "Backend", "Overloaded", "Validation", "Tokenizer", "Empty"]
@@ -570,24 +631,30 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     from . import pairs
     from .hub import encode_within
 
-    if not hasattr(hub.model, "classification_heads"):  # its head answers per token, which no route returns
-        raise RobertaError(f"serve answers with an encoder, its classification heads and its masked-LM head; this "
-                           f"model is {hub.checkpoint_kind()}: use `roberta tag` / `roberta answer` on it")
+    from . import spans
+    from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
+
     batcher = Batcher(hub, settings)
     metrics = batcher.metrics
     config = hub.model.config
     limit = min(settings.max_input_tokens or hub.max_tokens, hub.max_tokens)
     pair_limit = min(limit, hub.pair_limit())
     vocab = len(hub.tokenizer)
-    heads = {name: head.out_proj.out_features for name, head in hub.model.classification_heads.items()}
+    heads = {name: head.out_proj.out_features for name, head in getattr(hub.model, "classification_heads", {}).items()}
     # a fine-tuned classifier's id2label (`hub.labels`), LABEL_i where the checkpoint names none
     labels = {name: hub.labels(name) or [f"LABEL_{i}" for i in range(n)] for name, n in heads.items()}
     # a checkpoint without its masked-LM head (a fine-tuned classifier) got a random one when loaded
-    has_lm_head = hub.has_lm_head()
+    has_lm_head = isinstance(hub.model, RobertaForMaskedLM) and hub.has_lm_head()
     # TEI's model type, which decides what POST / does: a model whose main head has one output ranks,
-    # one with another main head classifies, any other embeds
+    # one with another main head classifies, a tagger tags and a reader answers (the Inference API's
+    # token-classification and question-answering tasks), any other embeds
     main = config.head_name if config.head_name in heads else None
-    model_type = "reranker" if main and heads[main] == 1 else "classifier" if main else "embedding"
+    tagger, reader = (isinstance(hub.model, cls) and not any(k.startswith(prefix)
+                                                             for k in getattr(hub.model, "missing_keys", []))
+                      for cls, prefix in ((RobertaForTokenClassification, "classifier."),
+                                          (RobertaForQuestionAnswering, "qa_outputs.")))
+    model_type = "tagger" if tagger else "reader" if reader else \
+        "reranker" if main and heads[main] == 1 else "classifier" if main else "embedding"
 
     @asynccontextmanager
     async def lifespan(app):
@@ -931,13 +998,65 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
             answers.append({"sequence": text, "labels": [l for l, _ in best], "scores": [s for _, s in best]})
         return JSONResponse(answers)
 
+    def task_head(wanted: str, route: str) -> None:
+        """424 for a route whose head this model lacks, as /rerank without a one-output head."""
+        if model_type != wanted:
+            need = "a token-classification" if wanted == "tagger" else "a question-answering"
+            raise HTTPError(424, f"{route} needs {need} checkpoint with its trained head; {model_name} is "
+                                 f"{hub.checkpoint_kind()}", "Backend")
+
+    @app.post("/tag", response_model=Union[list[Entity], list[list[Entity]]], response_model_exclude_none=True)
+    async def tag(body: TagRequest):
+        """The entities in each text, from a token-classification checkpoint, as `RobertaHub.tag` (the
+        Inference API's token-classification task: `parameters.aggregation_strategy`, `stride`,
+        `ignore_labels`). A long text needs `stride`; its windows count as inputs."""
+        task_head("tagger", "/tag")
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        check_count(len(texts))
+        options = body.parameters or TagParameters()
+        ignore = ("O",) if options.ignore_labels is None else tuple(options.ignore_labels)
+        spans.check_tag_options(options.aggregation_strategy, options.stride)
+        plans = [spans.tag_windows(hub.tokenizer, text, limit - 2, options.stride) for text in texts]
+        sequences = [torch.tensor(seq) for plan in plans for seq in plan[-1]]
+        check_count(len(sequences), "windows of the inputs")
+        outputs, first, found = await run("tokens", sequences), 0, []
+        for plan in plans:
+            found.append(spans.entities(plan, outputs[first:first + len(plan[-1])], options.aggregation_strategy,
+                                        config.labels(), hub.tokenizer, ignore))
+            first += len(plan[-1])
+        return JSONResponse(found[0] if isinstance(body.inputs, str) else found)
+
+    @app.post("/answer", response_model=Union[Answer, list[Answer], list[Union[Answer, list[Answer]]]])
+    async def answer(body: AnswerRequest):
+        """The answer to each question in its context, from a question-answering checkpoint, as
+        `RobertaHub.answer` (the Inference API's question-answering task: `parameters.top_k`,
+        `doc_stride`, `max_answer_len`, `max_seq_len`, `handle_impossible_answer`). A long context is
+        read in windows, which count as inputs."""
+        task_head("reader", "/answer")
+        questions = [body.inputs] if isinstance(body.inputs, Question) else body.inputs
+        check_count(len(questions))
+        o = body.parameters or AnswerParameters()
+        spans.check_answer_options(o.top_k, o.max_answer_len, 0.0)
+        plans = [spans.answer_windows(hub.model, hub.tokenizer, (q.question, q.context),
+                                      min(o.max_seq_len or 384, limit), o.doc_stride, o.handle_impossible_answer)
+                 for q in questions]
+        sequences = [torch.tensor(seq) for plan in plans for seq in plan[-1]]
+        if sequences:  # none where every context is empty: only empty answers
+            check_count(len(sequences), "windows of the inputs")
+        outputs, first, found = (await run("spans", sequences) if sequences else []), 0, []
+        for plan in plans:
+            found.append(spans.answer_from(plan, outputs[first:first + len(plan[-1])], o.top_k, o.max_answer_len,
+                                           o.handle_impossible_answer, 0.0, o.align_to_words))
+            first += len(plan[-1])
+        return JSONResponse(found[0] if isinstance(body.inputs, Question) else found)
+
     routes = {"reranker": (RerankRequest, rerank), "classifier": (PredictRequest, predict),
-              "embedding": (EmbedRequest, embed)}
+              "embedding": (EmbedRequest, embed), "tagger": (TagRequest, tag), "reader": (AnswerRequest, answer)}
 
     @app.post("/", responses={422: {"model": TEIError}})
     async def root(request: Request):
         """As text-embeddings-inference: /rerank for a model whose main head has one output, /predict
-        for a classifier, else /embed."""
+        for a classifier, /tag for a tagger, /answer for a reader, else /embed."""
         schema, route = routes[model_type]
         try:
             body = schema.model_validate_json(await request.body())
@@ -957,7 +1076,12 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         """TEI's model description, and this server's heads, labels and limits."""
         dtype = str(hub.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
         described = {"embedding": {"pooling": settings.pooling}}
-        if main:
+        if model_type == "tagger":
+            names = [config.labels()[i] for i in range(config.num_labels)]
+            described = {"tagger": {"id2label": {str(i): name for i, name in enumerate(names)}}}
+        elif model_type == "reader":
+            described = {"reader": {}}
+        elif main:
             names = labels[main]
             described = {model_type: {"id2label": {str(i): name for i, name in enumerate(names)},
                                       "label2id": {name: i for i, name in enumerate(names)}}}
@@ -994,7 +1118,7 @@ class _Guard:
     client that leaves shows once its body has been read."""
 
     POSTED = {"/", "/embed", "/embed_all", "/v1/embeddings", "/predict", "/rerank", "/similarity", "/fill-mask",
-              "/zero-shot", "/tokenize", "/decode"}
+              "/zero-shot", "/tokenize", "/decode", "/tag", "/answer"}
     ENDPOINTS = POSTED | {"/health", "/info", "/metrics"}
 
     def __init__(self, app, settings: ServeSettings, metrics: Metrics):

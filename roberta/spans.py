@@ -99,33 +99,44 @@ def tag_many(model, tokenizer: RobertaTokenizer, texts: list[str], aggregation: 
     """`tag` of each text, the windows of all of them run through the model together in batches of
     similar length (a corpus of short lines runs as batches, not one line at a time), the entities
     the same as `tag` gives each text alone (to float rounding, since a batch's products are summed
-    in another order)."""
+    in another order). The server runs the same steps, its windows batched with other requests':
+    `check_tag_options`, `tag_windows`, the model's logits, `entities`."""
+    check_tag_options(aggregation, stride)
+    room = _max_tokens(model, max_length) - 2
+    plans = [tag_windows(tokenizer, text, room, stride) for text in texts]
+    outputs, first, found = _run(model, [seq for plan in plans for seq in plan[-1]], tokenizer.pad_token_id), 0, []
+    for plan in plans:
+        found.append(entities(plan, outputs[first:first + len(plan[-1])], aggregation, model.config.labels(),
+                              tokenizer, ignore_labels))
+        first += len(plan[-1])
+    return found
+
+
+def check_tag_options(aggregation: str, stride: int | None) -> None:
     if aggregation not in AGGREGATIONS:
         raise RobertaError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
     if stride is not None and aggregation == "none":
         raise RobertaError("stride needs an aggregation other than 'none' (overlapping windows repeat tokens); "
                            "use simple, first, max or average")
-    labels = model.config.labels()
-    room = _max_tokens(model, max_length) - 2
-    prepared, sequences = [], []
-    for text in texts:
-        if not isinstance(text, str):
-            raise RobertaError(f"tag takes texts (str), got {type(text).__name__}")
-        ids, offsets = tokenizer.encode(text, add_special_tokens=False, return_offsets=True)
-        if len(ids) > room and stride is None:
-            raise RobertaError(f"the text has {len(ids) + 2} tokens but the model takes at most {room + 2}; "
-                               "pass stride=N (--stride N) to tag it in windows that overlap by N tokens")
-        ranges = windows.spans(len(ids), room, stride or 0)
-        prepared.append((text, ids, offsets, ranges, len(sequences)))
-        sequences += [[tokenizer.bos_token_id, *ids[a:b], tokenizer.eos_token_id] for a, b in ranges]
-    outputs = _run(model, sequences, tokenizer.pad_token_id)
-    return [_entities(text, ids, offsets, ranges, outputs[first:first + len(ranges)], aggregation, labels, tokenizer,
-                      ignore_labels) for text, ids, offsets, ranges, first in prepared]
 
 
-def _entities(text, ids, offsets, ranges, outputs, aggregation, labels, tokenizer, ignore_labels) -> list[dict]:
-    """One text's entities from the logits of its windows."""
-    entities = []
+def tag_windows(tokenizer: RobertaTokenizer, text: str, room: int, stride: int | None):
+    """(text, ids, offsets, ranges, windows) of one text to tag: its tokens in windows of `room` tokens
+    (the model's limit less `<s>` and `</s>`) overlapping by `stride`, each `<s> ... </s>`."""
+    if not isinstance(text, str):
+        raise RobertaError(f"tag takes texts (str), got {type(text).__name__}")
+    ids, offsets = tokenizer.encode(text, add_special_tokens=False, return_offsets=True)
+    if len(ids) > room and stride is None:
+        raise RobertaError(f"the text has {len(ids) + 2} tokens but the model takes at most {room + 2}; "
+                           "pass stride=N (--stride N) to tag it in windows that overlap by N tokens")
+    ranges = windows.spans(len(ids), room, stride or 0)
+    return text, ids, offsets, ranges, [[tokenizer.bos_token_id, *ids[a:b], tokenizer.eos_token_id] for a, b in ranges]
+
+
+def entities(plan, outputs, aggregation: str, labels: dict[int, str], tokenizer, ignore_labels) -> list[dict]:
+    """One text's entities (`tag_windows`' plan) from the token-classification logits of its windows."""
+    text, ids, offsets, ranges, _ = plan
+    found = []
     for (a, b), logits in zip(ranges, outputs):
         scores = _softmax(logits[1:-1])  # the text's tokens, without <s> and </s>
         tokens = []
@@ -137,9 +148,9 @@ def _entities(text, ids, offsets, ranges, outputs, aggregation, labels, tokenize
                 word, is_subword = text[start:end], False
             tokens.append({"ids": [token], "word": word, "scores": probs, "start": start, "end": end,
                            "index": i + 1, "is_subword": is_subword})
-        found = _aggregate(tokens, aggregation, labels, tokenizer)
-        entities += [e for e in found if e.get("entity", e.get("entity_group")) not in ignore_labels]
-    return _merge_overlaps(entities) if len(ranges) > 1 else entities
+        found += [e for e in _aggregate(tokens, aggregation, labels, tokenizer)
+                  if e.get("entity", e.get("entity_group")) not in ignore_labels]
+    return _merge_overlaps(found) if len(ranges) > 1 else found
 
 
 def _aggregate(tokens: list[dict], aggregation: str, labels: dict[int, str], tokenizer) -> list[dict]:
@@ -246,27 +257,29 @@ def answer_many(model, tokenizer: RobertaTokenizer, pairs, topk: int = 1, max_an
     """`answer` for each (question, context) pair, the windows of all of them run through the model
     together in batches of similar length; each answer the same as `answer` gives its pair alone (to
     float rounding)."""
-    if topk < 1 or max_answer_len < 1:
-        raise RobertaError(f"topk and max_answer_len must be at least 1, got {topk} and {max_answer_len}")
-    if not isinstance(null_threshold, (int, float)) or not math.isfinite(null_threshold):
-        raise RobertaError(f"null_threshold must be a finite number, got {null_threshold!r}")
-    plans = [_answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer) for pair in pairs]
-    outputs = _run(model, [seq for plan in plans if plan is not None for seq in plan[-1]], tokenizer.pad_token_id)
+    check_answer_options(topk, max_answer_len, null_threshold)
+    plans = [answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer) for pair in pairs]
+    outputs = _run(model, [seq for plan in plans for seq in plan[-1]], tokenizer.pad_token_id)
     results, first = [], 0
     for plan in plans:
-        if plan is None:  # an empty context: only the empty answer
-            empty = {"answer": "", "score": 1.0, "start": 0, "end": 0}
-            results.append(empty if topk == 1 else [empty])
-            continue
-        results.append(_answer_from(plan, outputs[first:first + len(plan[-1])], topk, max_answer_len, no_answer,
-                                    null_threshold, align_to_words))
+        results.append(answer_from(plan, outputs[first:first + len(plan[-1])], topk, max_answer_len, no_answer,
+                                   null_threshold, align_to_words))
         first += len(plan[-1])
     return results
 
 
-def _answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer):
+def check_answer_options(topk: int, max_answer_len: int, null_threshold: float) -> None:
+    if topk < 1 or max_answer_len < 1:
+        raise RobertaError(f"topk and max_answer_len must be at least 1, got {topk} and {max_answer_len}")
+    if not isinstance(null_threshold, (int, float)) or not math.isfinite(null_threshold):
+        raise RobertaError(f"null_threshold must be a finite number, got {null_threshold!r}")
+
+
+def answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer):
     """(context, prefix length, context ranges, offsets, word ids, windows) of one (question, context)
-    pair, or None for an empty context that may have the empty answer."""
+    pair; an empty context that may have the empty answer has no windows. The server runs the same
+    steps as `answer_many`, its windows batched with other requests': `check_answer_options`, this,
+    the model's start and end logits, `answer_from`."""
     question, context = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, None)
     if not isinstance(question, str) or not isinstance(context, str):
         raise RobertaError("answer takes a question and a context, both str")
@@ -274,7 +287,7 @@ def _answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer):
         if not no_answer:
             raise RobertaError("the context is empty, so it holds no answer; give a context, or allow the empty "
                                "answer (no_answer=True, --no-answer)")
-        return None
+        return context, 0, [], [], [], []
     max_seq_len = min(model.config.max_tokens, 384) if max_seq_len is None else _max_tokens(model, max_seq_len)
     if doc_stride is not None and doc_stride > max_seq_len:
         raise RobertaError(f"doc_stride {doc_stride} is larger than max_seq_len {max_seq_len}")
@@ -294,9 +307,12 @@ def _answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer):
     return context, len(prefix), ranges, c_offsets, c_words, sequences
 
 
-def _answer_from(plan, outputs, topk, max_answer_len, no_answer, null_threshold, align_to_words):
-    """One pair's answer (`answer`) from the start and end logits of its windows."""
+def answer_from(plan, outputs, topk, max_answer_len, no_answer, null_threshold, align_to_words):
+    """One pair's answer (`answer`) from the start and end logits of its windows (`answer_windows`)."""
     context, prefix, ranges, c_offsets, c_words, _ = plan
+    if not ranges:  # an empty context: only the empty answer
+        empty = {"answer": "", "score": 1.0, "start": 0, "end": 0}
+        return empty if topk == 1 else [empty]
     candidates_per_window = topk * 2 + 10 if align_to_words else topk  # word alignment merges some spans
     null_score, answers = 1_000_000.0, []
     for (a, b), (start_logits, end_logits) in zip(ranges, outputs):

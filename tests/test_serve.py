@@ -466,6 +466,14 @@ BAD = [  # (method, path, body (bytes: sent raw), status, TEI's error type)
     ("POST", "/embed", {"inputs": "a", "dimensions": 3}, 422, "Validation"),
     ("POST", "/embed_all", {"inputs": [LONG] * 8, "truncate": True}, 422, "Validation"),  # --max-response-bytes
     ("POST", "/predict", {"inputs": "a", "head": "nli"}, 404, "Validation"),
+    # the tagger's and the reader's routes: their schemas first, then the head this model lacks
+    ("POST", "/tag", {"inputs": "a", "parameters": {"aggregation_strategy": "best"}}, 422, "Validation"),
+    ("POST", "/tag", {"inputs": "a", "parameters": {"stride": -1}}, 422, "Validation"),
+    ("POST", "/tag", {"inputs": ["a", 3]}, 422, "Validation"),
+    ("POST", "/tag", {"inputs": "a"}, 424, "Backend"),
+    ("POST", "/answer", {"inputs": {"question": "q"}}, 422, "Validation"),
+    ("POST", "/answer", {"inputs": {"question": "q", "context": "c"}, "parameters": {"top_k": 0}}, 422, "Validation"),
+    ("POST", "/answer", {"inputs": {"question": "q", "context": "c"}}, 424, "Backend"),
     ("POST", "/predict", {"inputs": ["a", "b", "c"]}, 422, "Validation"),  # neither a text, a pair nor a batch
     ("POST", "/predict", {"inputs": [["a", "b", "c"]]}, 422, "Validation"),
     ("POST", "/predict", {"inputs": "a", "parameters": {"function_to_apply": "tanh"}}, 422, "Validation"),
@@ -723,17 +731,72 @@ def test_bad_settings_and_a_busy_port_are_one_line_errors(model_dir, capsys):
         busy.close()
 
 
-@pytest.mark.parametrize("cls_name, kind", [("RobertaForTokenClassification", "a token-classification checkpoint"),
-                                            ("RobertaForQuestionAnswering", "a question-answering checkpoint")])
-def test_a_tagger_or_a_reader_is_refused_with_one_line(model_dir, bpe_dir, tmp_path, capsys, cls_name, kind):
-    """Their heads answer per token, which no route returns: one `error:` line naming what the model is
-    (it was a traceback)."""
-    from roberta.cli import main
-
+def task_checkpoint(model_dir, bpe_dir, directory, cls_name, **overrides):
+    """A tagger or a reader of the served model's size, with random weights (its head's wide, so that
+    the labels and spans vary), and the hub that reads it exactly."""
     import dataclasses
 
-    config = dataclasses.replace(RobertaConfig.load(model_dir / "config.json"), classification_heads={})
-    getattr(roberta, cls_name)(config).save_pretrained(tmp_path / "m", tokenizer=RobertaTokenizer.from_pretrained(bpe_dir))
-    assert main(["serve", "-m", str(tmp_path / "m"), "--port", "0", "--precision", "fp32"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and kind in err and "roberta tag" in err and err.count("\n") == 1, err
+    torch.manual_seed(1)
+    config = dataclasses.replace(RobertaConfig.load(model_dir / "config.json"),
+                                 **{"classification_heads": {}, "head_name": None, "id2label": None, **overrides})
+    model = getattr(roberta, cls_name)(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("classifier.", "qa_outputs.")):
+                p.normal_(0, 1.0)
+    model.save_pretrained(directory, tokenizer=RobertaTokenizer.from_pretrained(bpe_dir))
+    return roberta.load(directory, precision="fp32")
+
+
+def same(ours, theirs):
+    """Answers alike: every field equal, scores within float rounding."""
+    if isinstance(theirs, list):
+        assert isinstance(ours, list) and len(ours) == len(theirs), (ours, theirs)
+        return all(same(a, b) for a, b in zip(ours, theirs))
+    assert {k: v for k, v in ours.items() if k != "score"} == {k: v for k, v in theirs.items() if k != "score"}
+    assert abs(ours["score"] - theirs["score"]) <= 1e-5
+    return True
+
+
+def test_a_tagger_serves_tag_and_a_reader_answer_as_the_library_and_the_inference_client(model_dir, bpe_dir, tmp_path):
+    """A token-classification checkpoint answers /tag (and POST /), a question-answering one /answer
+    (and POST /), each as the library does; the windows of a long text or context run through the
+    batcher; huggingface_hub's client reads both; the other task's route is a 424."""
+    from huggingface_hub import InferenceClient
+
+    labels = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
+    tagger = task_checkpoint(model_dir, bpe_dir, tmp_path / "tagger", "RobertaForTokenClassification",
+                             num_labels=5, id2label=labels)
+    reader = task_checkpoint(model_dir, bpe_dir, tmp_path / "reader", "RobertaForQuestionAnswering")
+    s = Server(tmp_path / "tagger", "--max-wait-ms", "20")
+    try:
+        assert ok(httpx.get(s.url + "/info"))["model_type"] == {"tagger": {"id2label": {str(i): n for i, n in labels.items()}}}
+        found = ok(post(s, "/tag", {"inputs": SENTENCES[:4], "parameters": {"aggregation_strategy": "first"}}))
+        assert sum(map(len, found)) > 3 and same(found, [tagger.tag(t, aggregation="first") for t in SENTENCES[:4]])
+        assert same(ok(post(s, "/", {"inputs": SENTENCES[0]})), tagger.tag(SENTENCES[0]))
+        assert same(ok(post(s, "/tag", {"inputs": LONG, "parameters": {"stride": 16, "ignore_labels": []}})),
+                    tagger.tag(LONG, stride=16, ignore_labels=()))
+        refused = post(s, "/tag", {"inputs": LONG})  # past the model's limit without a stride
+        assert refused.status_code == 422 and "stride" in refused.json()["error"], refused.text
+        client = InferenceClient(base_url=s.url)
+        entities = client.token_classification(SENTENCES[1])
+        assert [(e.entity_group, e.start, e.end) for e in entities] == \
+            [(e["entity_group"], e["start"], e["end"]) for e in tagger.tag(SENTENCES[1])]
+        wrong = post(s, "/answer", {"inputs": {"question": "Who?", "context": "Ada."}})
+        assert wrong.status_code == 424 and "question-answering" in wrong.json()["error"], wrong.text
+    finally:
+        assert s.stop() == 0, "".join(s.log)
+    s = Server(tmp_path / "reader", "--max-wait-ms", "20")
+    try:
+        asked = [{"question": "Who came?", "context": SENTENCES[i]} for i in range(3)] + \
+            [{"question": "What words?", "context": LONG}, {"question": "Any?", "context": " "}]
+        got = ok(post(s, "/answer", {"inputs": asked, "parameters": {"top_k": 2, "handle_impossible_answer": True}}))
+        assert same(got, [reader.answer(q["question"], q["context"], topk=2, no_answer=True) for q in asked])
+        assert same(ok(post(s, "/", {"inputs": asked[0]})), reader.answer(asked[0]["question"], asked[0]["context"]))
+        best = InferenceClient(base_url=s.url).question_answering(question="Who came?", context=SENTENCES[0])
+        want = reader.answer("Who came?", SENTENCES[0])
+        assert (best.answer, best.start, best.end) == (want["answer"], want["start"], want["end"])
+        wrong = post(s, "/tag", {"inputs": "Ada"})
+        assert wrong.status_code == 424 and "token-classification" in wrong.json()["error"], wrong.text
+    finally:
+        assert s.stop() == 0, "".join(s.log)

@@ -628,10 +628,8 @@ class TEIError(BaseModel):
 
 def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precision: str = "fp32") -> FastAPI:
     """The ASGI application serving `hub` (a loaded `RobertaHub`, in eval mode)."""
-    from . import pairs
+    from . import pairs, spans
     from .hub import encode_within
-
-    from . import spans
     from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification
 
     batcher = Batcher(hub, settings)

@@ -601,7 +601,7 @@ class AnswerParameters(Body):  # what huggingface_hub's InferenceClient.question
     doc_stride: int | None = Field(None, ge=0)
     max_answer_len: int = Field(15, ge=1)
     max_seq_len: int | None = Field(None, ge=5)
-    max_question_len: int | None = Field(None, description="not used: a question is never cut")
+    max_question_len: int | None = Field(None, description="not supported (422): a question is never cut")
     handle_impossible_answer: bool = Field(False, description="allow the empty answer (SQuAD 2.0)")
     align_to_words: bool = True
 
@@ -1015,13 +1015,10 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         ignore = ("O",) if options.ignore_labels is None else tuple(options.ignore_labels)
         spans.check_tag_options(options.aggregation_strategy, options.stride)
         plans = [spans.tag_windows(hub.tokenizer, text, limit - 2, options.stride) for text in texts]
-        sequences = [torch.tensor(seq) for plan in plans for seq in plan[-1]]
+        sequences = [torch.tensor(window) for window in spans.windows_of(plans)]
         check_count(len(sequences), "windows of the inputs")
-        outputs, first, found = await run("tokens", sequences), 0, []
-        for plan in plans:
-            found.append(spans.entities(plan, outputs[first:first + len(plan[-1])], options.aggregation_strategy,
-                                        config.labels(), hub.tokenizer, ignore))
-            first += len(plan[-1])
+        found = [spans.entities(plan, outputs, options.aggregation_strategy, config.labels(), hub.tokenizer, ignore)
+                 for plan, outputs in spans.per_plan(plans, await run("tokens", sequences))]
         return JSONResponse(found[0] if isinstance(body.inputs, str) else found)
 
     @app.post("/answer", response_model=Union[Answer, list[Answer], list[Union[Answer, list[Answer]]]])
@@ -1034,18 +1031,21 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         questions = [body.inputs] if isinstance(body.inputs, Question) else body.inputs
         check_count(len(questions))
         o = body.parameters or AnswerParameters()
-        spans.check_answer_options(o.top_k, o.max_answer_len, 0.0)
+        if o.max_question_len is not None:  # never ignored: the pipeline would cut the question there
+            raise HTTPError(422, "max_question_len is not supported by this server: a question is never cut; drop "
+                                 "the field, or shorten the question", "Validation")
+        if o.max_seq_len is not None and o.max_seq_len > limit:
+            raise HTTPError(422, f"max_seq_len {o.max_seq_len} is over this server's {limit} tokens a window; ask "
+                                 f"for at most {limit}", "Validation")
         plans = [spans.answer_windows(hub.model, hub.tokenizer, (q.question, q.context),
-                                      min(o.max_seq_len or 384, limit), o.doc_stride, o.handle_impossible_answer)
+                                      o.max_seq_len or min(384, limit), o.doc_stride, o.handle_impossible_answer)
                  for q in questions]
-        sequences = [torch.tensor(seq) for plan in plans for seq in plan[-1]]
+        sequences = [torch.tensor(window) for window in spans.windows_of(plans)]
         if sequences:  # none where every context is empty: only empty answers
             check_count(len(sequences), "windows of the inputs")
-        outputs, first, found = (await run("spans", sequences) if sequences else []), 0, []
-        for plan in plans:
-            found.append(spans.answer_from(plan, outputs[first:first + len(plan[-1])], o.top_k, o.max_answer_len,
-                                           o.handle_impossible_answer, 0.0, o.align_to_words))
-            first += len(plan[-1])
+        outputs = await run("spans", sequences) if sequences else []
+        found = [spans.answer_from(plan, mine, o.top_k, o.max_answer_len, o.handle_impossible_answer, 0.0,
+                                   o.align_to_words) for plan, mine in spans.per_plan(plans, outputs)]
         return JSONResponse(found[0] if isinstance(body.inputs, Question) else found)
 
     routes = {"reranker": (RerankRequest, rerank), "classifier": (PredictRequest, predict),

@@ -100,16 +100,27 @@ def tag_many(model, tokenizer: RobertaTokenizer, texts: list[str], aggregation: 
     similar length (a corpus of short lines runs as batches, not one line at a time), the entities
     the same as `tag` gives each text alone (to float rounding, since a batch's products are summed
     in another order). The server runs the same steps, its windows batched with other requests':
-    `check_tag_options`, `tag_windows`, the model's logits, `entities`."""
+    `check_tag_options`, `tag_windows`, the model's logits for `windows_of` the plans, `entities` of each
+    (`per_plan`)."""
     check_tag_options(aggregation, stride)
     room = _max_tokens(model, max_length) - 2
     plans = [tag_windows(tokenizer, text, room, stride) for text in texts]
-    outputs, first, found = _run(model, [seq for plan in plans for seq in plan[-1]], tokenizer.pad_token_id), 0, []
+    labels = model.config.labels()
+    return [entities(plan, outputs, aggregation, labels, tokenizer, ignore_labels)
+            for plan, outputs in per_plan(plans, _run(model, windows_of(plans), tokenizer.pad_token_id))]
+
+
+def windows_of(plans) -> list[list[int]]:
+    """The windows of every plan (`tag_windows`, `answer_windows`: each plan's last item), in order."""
+    return [window for plan in plans for window in plan[-1]]
+
+
+def per_plan(plans, outputs):
+    """Each plan with the model's outputs for its own windows, from the outputs of `windows_of(plans)`."""
+    first = 0
     for plan in plans:
-        found.append(entities(plan, outputs[first:first + len(plan[-1])], aggregation, model.config.labels(),
-                              tokenizer, ignore_labels))
+        yield plan, outputs[first:first + len(plan[-1])]
         first += len(plan[-1])
-    return found
 
 
 def check_tag_options(aggregation: str, stride: int | None) -> None:
@@ -257,18 +268,13 @@ def answer_many(model, tokenizer: RobertaTokenizer, pairs, topk: int = 1, max_an
     """`answer` for each (question, context) pair, the windows of all of them run through the model
     together in batches of similar length; each answer the same as `answer` gives its pair alone (to
     float rounding)."""
-    check_answer_options(topk, max_answer_len, null_threshold)
+    _check_answer_options(topk, max_answer_len, null_threshold)
     plans = [answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer) for pair in pairs]
-    outputs = _run(model, [seq for plan in plans for seq in plan[-1]], tokenizer.pad_token_id)
-    results, first = [], 0
-    for plan in plans:
-        results.append(answer_from(plan, outputs[first:first + len(plan[-1])], topk, max_answer_len, no_answer,
-                                   null_threshold, align_to_words))
-        first += len(plan[-1])
-    return results
+    return [answer_from(plan, outputs, topk, max_answer_len, no_answer, null_threshold, align_to_words)
+            for plan, outputs in per_plan(plans, _run(model, windows_of(plans), tokenizer.pad_token_id))]
 
 
-def check_answer_options(topk: int, max_answer_len: int, null_threshold: float) -> None:
+def _check_answer_options(topk: int, max_answer_len: int, null_threshold: float) -> None:
     if topk < 1 or max_answer_len < 1:
         raise RobertaError(f"topk and max_answer_len must be at least 1, got {topk} and {max_answer_len}")
     if not isinstance(null_threshold, (int, float)) or not math.isfinite(null_threshold):
@@ -278,8 +284,8 @@ def check_answer_options(topk: int, max_answer_len: int, null_threshold: float) 
 def answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer):
     """(context, prefix length, context ranges, offsets, word ids, windows) of one (question, context)
     pair; an empty context that may have the empty answer has no windows. The server runs the same
-    steps as `answer_many`, its windows batched with other requests': `check_answer_options`, this,
-    the model's start and end logits, `answer_from`."""
+    steps as `answer_many`, its windows batched with other requests' (its schema checks the options):
+    this, the model's start and end logits for `windows_of` the plans, `answer_from` of each (`per_plan`)."""
     question, context = pair if isinstance(pair, (tuple, list)) and len(pair) == 2 else (None, None)
     if not isinstance(question, str) or not isinstance(context, str):
         raise RobertaError("answer takes a question and a context, both str")

@@ -550,13 +550,21 @@ class Int8Linear(nn.Module):
             q = q.int() - 128
         else:  # W ~ q * m / levels, rounded to the nearest of fewer levels
             q = torch.round(weight.detach().float() * (levels / m)).int()
-        self.register_buffer("weight", q.to(torch.int8))
+        q = q.to(torch.int8)
         # W ~ weight * m / levels and x ~ (q - 128) * m_x / 127: both divisors go into the weight's scales
         self.register_buffer("weight_scale", m.squeeze(1) / (levels * 127))
         self.register_buffer("bias", bias.detach().float().clone())
         self.out_features, self.in_features = q.shape
-        self.packed = torch.ops.onednn.qlinear_prepack(self.weight, None)  # reordered once for oneDNN
+        self.packed = torch.ops.onednn.qlinear_prepack(q, None)  # reordered once for oneDNN
+        # the integer weights are read back from the packed ones when asked for (`weight`), not kept twice
+        # (a model's size in int8 again); kept only where oneDNN's reorder would not give them back exactly
+        self._plain = None if torch.equal(self.packed.to_dense().t(), q) else q
         self._zeros = torch.zeros(self.out_features, dtype=torch.int32)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The int8 weights [out, in], as quantised."""
+        return self._plain if self._plain is not None else self.packed.to_dense().t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, m = quantize_rows(x.reshape(-1, self.in_features).float())

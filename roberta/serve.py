@@ -61,6 +61,7 @@ except ImportError as exc:  # the web stack is the `serve` extra: the library it
     raise RobertaError(f"roberta serve needs {exc.name}: pip install 'roberta[serve]'") from None
 
 API_KEY_ENV = "ROBERTA_API_KEY"
+INLINE_CHARS = 1 << 14  # a request's text tokenized on the event loop, past it in a worker thread (about 10 ms)
 
 
 @dataclass
@@ -737,10 +738,22 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         return HTTPError(413, f"input {n} has {count} but this server takes at most {most}; {offer}shorten it",
                          "Validation")
 
-    def prepare(inputs, truncate: bool | None, encode=None, what: str = "inputs") -> list[torch.Tensor]:
+    async def off_loop(texts, work):
+        """`work()`, in a worker thread where `texts` (strings, pairs or token-id lists) are long: tokenizing
+        2 MB of text takes about 1.5 s, and on the event loop that would hold every other request, /health
+        and /metrics as long. Short ones run in line, without the hand-off to a thread."""
+        if sum(len(t) if isinstance(t, str) else sum(len(x) for x in t if isinstance(x, str)) for t in texts) \
+                <= INLINE_CHARS:
+            return work()
+        return await asyncio.to_thread(work)
+
+    async def prepare(inputs, truncate: bool | None, encode=None, what: str = "inputs") -> list[torch.Tensor]:
         """Token ids of each input (a text, token ids, or a (first, second) pair) within the limits;
         truncate None: the endpoint cannot truncate (False: it can, and the caller did not ask)."""
         check_count(len(inputs), what)
+        return await off_loop(inputs, lambda: tokenized(inputs, truncate, encode))
+
+    def tokenized(inputs, truncate: bool | None, encode) -> list[torch.Tensor]:
         sequences = []
         for n, item in enumerate(inputs):
             if isinstance(item, tuple):  # a sentence pair: cut longest-first, as the tokenizers do, tokenizing
@@ -828,7 +841,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         if body.dimensions is not None and body.dimensions != config.hidden_size:
             raise HTTPError(422, f"dimensions {body.dimensions} is not supported: this model's embeddings have "
                                  f"{config.hidden_size}; omit it or send that", "Validation")
-        sequences = prepare(as_inputs(body.inputs), bool(body.truncate))
+        sequences = await prepare(as_inputs(body.inputs), bool(body.truncate))
         vectors = await run("embed", sequences, pooling=body.pooling or settings.pooling, normalize=body.normalize)
         return JSONResponse(vectors)
 
@@ -836,7 +849,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     async def embed_all(body: EmbedAllRequest):
         """Every token's last-layer vector, `<s>` and `</s>` included, per input."""
         unsupported(body)
-        sequences = prepare(as_inputs(body.inputs), bool(body.truncate))
+        sequences = await prepare(as_inputs(body.inputs), bool(body.truncate))
         # about 12 bytes of JSON per float
         check_answer_size(12 * config.hidden_size * sum(len(s) for s in sequences), "this embed_all request")
         return JSONResponse(await run("embed_all", sequences))
@@ -848,7 +861,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
             raise HTTPError(400, f"this model's embeddings have {config.hidden_size} dimensions; omit "
                                  "\"dimensions\" or pass that", "Validation")
         # OpenAI's API has no truncation to offer
-        sequences = prepare(as_inputs(body.input), truncate=None, what="input")
+        sequences = await prepare(as_inputs(body.input), truncate=None, what="input")
         vectors = await run("embed", sequences, pooling=settings.pooling, normalize=True)
         if body.encoding_format == "base64":
             import numpy as np
@@ -873,7 +886,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         single = isinstance(body.inputs, str) or (body.inputs and isinstance(body.inputs[0], str))
         items = [body.inputs] if single else body.inputs
         items = [item if isinstance(item, str) else item[0] if len(item) == 1 else tuple(item) for item in items]
-        sequences = prepare(items, bool(body.truncate))
+        sequences = await prepare(items, bool(body.truncate))
         rows = await run("predict", sequences, head=head)
         options = body.parameters or ClassificationParameters()
         # TEI's scores: a softmax over the classes, or a sigmoid of a single output
@@ -893,7 +906,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         unsupported(body)
         check_count(len(body.texts), "texts")  # before the head: an empty list is the caller's to fix
         head = pick_head(body.head, one_output=True)
-        sequences = prepare([(body.query, text) for text in body.texts], bool(body.truncate), what="texts")
+        sequences = await prepare([(body.query, text) for text in body.texts], bool(body.truncate), what="texts")
         logits = torch.tensor([row[0] for row in await run("predict", sequences, head=head)])
         scores = (logits if body.raw_scores else (hub.cross_encoder or pairs.CrossEncoderHead()).score(logits)).tolist()
         return JSONResponse([{"index": i, "score": s, **({"text": body.texts[i]} if body.return_text else {})}
@@ -905,8 +918,8 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         unsupported(body)
         truncate = bool((body.parameters or Prompted()).truncate)
         # --max-inputs counts the sentences; the source sentence comes on top
-        sequences = prepare([body.inputs.source_sentence], truncate) + prepare(body.inputs.sentences, truncate,
-                                                                                what="sentences")
+        sequences = (await prepare([body.inputs.source_sentence], truncate)
+                     + await prepare(body.inputs.sentences, truncate, what="sentences"))
         vectors = await run("embed", sequences, pooling=settings.pooling, normalize=True)
         return JSONResponse([float(v @ vectors[0]) for v in vectors[1:]])
 
@@ -916,22 +929,28 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         unsupported(body)
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         check_count(len(texts))
-        encoded = [hub.encode(text, return_offsets=True) for text in texts]
-        # about 80 bytes of JSON per token, plus its text
-        check_answer_size(sum(80 * len(ids) + len(text.encode()) for text, (ids, _) in zip(texts, encoded)),
-                          "this tokenize request")
-        answers = []
-        for text, (ids, spans) in zip(texts, encoded):
-            at = byte_offsets(text)  # TEI counts bytes
-            tokens = []
-            for i, (start, stop) in zip(ids.tolist(), spans):
-                special = i in (hub.tokenizer.bos_token_id, hub.tokenizer.eos_token_id) and start == stop
-                if special and not body.add_special_tokens:
-                    continue
-                begin, end = int(at[start]), int(at[stop])
-                tokens.append({"id": i, "text": hub.tokenizer.id_to_token(i) if special else text[start:stop],
-                               "special": special, "start": None if special else begin, "stop": None if special else end})
-            answers.append(tokens)
+
+        def tokens_of_texts():
+            encoded = [hub.encode(text, return_offsets=True) for text in texts]
+            # about 80 bytes of JSON per token, plus its text
+            check_answer_size(sum(80 * len(ids) + len(text.encode()) for text, (ids, _) in zip(texts, encoded)),
+                              "this tokenize request")
+            answers = []
+            for text, (ids, spans) in zip(texts, encoded):
+                at = byte_offsets(text)  # TEI counts bytes
+                tokens = []
+                for i, (start, stop) in zip(ids.tolist(), spans):
+                    special = i in (hub.tokenizer.bos_token_id, hub.tokenizer.eos_token_id) and start == stop
+                    if special and not body.add_special_tokens:
+                        continue
+                    begin, end = int(at[start]), int(at[stop])
+                    tokens.append({"id": i, "text": hub.tokenizer.id_to_token(i) if special else text[start:stop],
+                                   "special": special, "start": None if special else begin,
+                                   "stop": None if special else end})
+                answers.append(tokens)
+            return answers
+
+        answers = await off_loop(texts, tokens_of_texts)
         return JSONResponse(answers)
 
     @app.post("/decode", response_model=list[str], responses={422: {"model": TEIError}})
@@ -959,7 +978,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         # every choice repeats its text: refuse an answer past the limit before computing it
         check_answer_size(sum(text.count("<mask>") * body.topk * (len(text.encode()) + 96) for text in texts),
                           f"fill-mask with topk {body.topk}")
-        sequences = prepare(texts, truncate=None, encode=hub._encode_masked)
+        sequences = await prepare(texts, truncate=None, encode=hub._encode_masked)
         rows = await run("fill-mask", sequences, topk=body.topk)
         return JSONResponse({"results": [hub.mask_choices(t, probs, tokens, as_dicts=True)
                                          for t, (probs, tokens) in zip(texts, rows)]})
@@ -979,15 +998,20 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
             raise HTTPError(422, str(exc), "Validation") from None
         check_count(len(texts) * len(names), "inputs x candidate_labels")
         tails = [hub.tokenizer.encode(h, add_special_tokens=False) for h in hypotheses]
-        sequences = []
-        for n, text in enumerate(texts):  # the text is cut, never the hypothesis
-            try:
-                made, fits = pairs.hypothesis_pairs(hub.tokenizer, text, tails, pair_limit)
-            except RobertaError as exc:  # a hypothesis that leaves the text no room
-                raise HTTPError(422, str(exc), "Validation") from None
-            if not fits and not body.truncate:
-                raise too_long(n, None, pair_limit, False)
-            sequences += made
+
+        def pairs_of_texts():
+            sequences = []
+            for n, text in enumerate(texts):  # the text is cut, never the hypothesis
+                try:
+                    made, fits = pairs.hypothesis_pairs(hub.tokenizer, text, tails, pair_limit)
+                except RobertaError as exc:  # a hypothesis that leaves the text no room
+                    raise HTTPError(422, str(exc), "Validation") from None
+                if not fits and not body.truncate:
+                    raise too_long(n, None, pair_limit, False)
+                sequences += made
+            return sequences
+
+        sequences = await off_loop(texts, pairs_of_texts)
         logits = torch.tensor(await run("predict", sequences, head=head)).reshape(len(texts), len(names), -1)
         scores = pairs.zero_shot_scores(logits, entailment, contradiction, body.multi_label).tolist()
         answers = []
@@ -1014,7 +1038,8 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         options = body.parameters or TagParameters()
         ignore = ("O",) if options.ignore_labels is None else tuple(options.ignore_labels)
         spans.check_tag_options(options.aggregation_strategy, options.stride)
-        plans = [spans.tag_windows(hub.tokenizer, text, limit - 2, options.stride) for text in texts]
+        plans = await off_loop(texts, lambda: [spans.tag_windows(hub.tokenizer, text, limit - 2, options.stride)
+                                               for text in texts])
         sequences = [torch.tensor(window) for window in spans.windows_of(plans)]
         check_count(len(sequences), "windows of the inputs")
         found = [spans.entities(plan, outputs, options.aggregation_strategy, config.labels(), hub.tokenizer, ignore)
@@ -1037,9 +1062,9 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         if o.max_seq_len is not None and o.max_seq_len > limit:
             raise HTTPError(422, f"max_seq_len {o.max_seq_len} is over this server's {limit} tokens a window; ask "
                                  f"for at most {limit}", "Validation")
-        plans = [spans.answer_windows(hub.model, hub.tokenizer, (q.question, q.context),
-                                      o.max_seq_len or min(384, limit), o.doc_stride, o.handle_impossible_answer)
-                 for q in questions]
+        plans = await off_loop([(q.question, q.context) for q in questions], lambda: [
+            spans.answer_windows(hub.model, hub.tokenizer, (q.question, q.context), o.max_seq_len or min(384, limit),
+                                 o.doc_stride, o.handle_impossible_answer) for q in questions])
         sequences = [torch.tensor(window) for window in spans.windows_of(plans)]
         if sequences:  # none where every context is empty: only empty answers
             check_count(len(sequences), "windows of the inputs")

@@ -29,7 +29,7 @@ import torch
 from . import windows
 from .errors import RobertaError
 from .inference import length_batches, pad_batch
-from .tokenizer import RobertaTokenizer
+from .tokenizer import CHUNK_CHARS, RobertaTokenizer
 
 AGGREGATIONS = ("none", "simple", "first", "max", "average")
 BATCH_TOKENS = 4096  # padded tokens run together: bounded memory, however many texts or windows
@@ -136,10 +136,19 @@ def tag_windows(tokenizer: RobertaTokenizer, text: str, room: int, stride: int |
     (the model's limit less `<s>` and `</s>`) overlapping by `stride`, each `<s> ... </s>`."""
     if not isinstance(text, str):
         raise RobertaError(f"tag takes texts (str), got {type(text).__name__}")
+    def too_long(count: str):
+        return RobertaError(f"the text has {count} tokens but the model takes at most {room + 2}; pass stride=N "
+                            "(--stride N) to tag it in windows that overlap by N tokens")
+
+    if stride is None and len(text) > CHUNK_CHARS:  # refused after its first chunks, not tokenized whole
+        count = 0
+        for chunk in tokenizer.ids_in_chunks(text):
+            count += len(chunk)
+            if count > room:
+                raise too_long(f"more than {room + 2}")
     ids, offsets = tokenizer.encode(text, add_special_tokens=False, return_offsets=True)
     if len(ids) > room and stride is None:
-        raise RobertaError(f"the text has {len(ids) + 2} tokens but the model takes at most {room + 2}; "
-                           "pass stride=N (--stride N) to tag it in windows that overlap by N tokens")
+        raise too_long(str(len(ids) + 2))
     ranges = windows.spans(len(ids), room, stride or 0)
     return text, ids, offsets, ranges, [[tokenizer.bos_token_id, *ids[a:b], tokenizer.eos_token_id] for a, b in ranges]
 

@@ -710,6 +710,31 @@ def closed_while_trickling(s, data: bytes) -> bool:
     return False
 
 
+def test_a_long_text_is_tokenized_off_the_event_loop_and_other_requests_are_answered_meanwhile(model_dir):
+    """Tokenizing a text of 1.9 MB (under the default --max-body-bytes) takes seconds; it runs in a
+    worker thread, so /health, /metrics and short requests are answered while it does. (On the event
+    loop, every one of them waited for it: no answer came between the long request's start and its end.)"""
+    s = Server(model_dir, "--max-response-bytes", "1000000")  # the long /tokenize is refused after tokenizing
+    try:
+        text = " ".join(SENTENCES * 25000)[:1_900_000]
+        done: dict = {}
+        thread = threading.Thread(target=lambda: done.update(
+            long=httpx.post(s.url + "/tokenize", json={"inputs": text}, timeout=120)))
+        thread.start()
+        time.sleep(0.5)  # its body sent and read (2 ms here); if it were not yet, the test could only pass
+        answered = 0
+        while thread.is_alive():
+            for path in ("/health", "/metrics"):
+                assert httpx.get(s.url + path, timeout=60).status_code == 200
+            assert ok(post(s, "/tokenize", {"inputs": "Hello world!"}))[0][1]["id"] == 31414
+            answered += thread.is_alive()
+        thread.join()
+        assert done["long"].status_code == 422 and "this tokenize request would answer" in done["long"].json()["error"]
+        assert answered >= 3, answered
+    finally:
+        assert s.stop() == 0, "".join(s.log)
+
+
 def test_bad_settings_and_a_busy_port_are_one_line_errors(model_dir, capsys):
     from roberta.cli import main
 

@@ -266,6 +266,25 @@ def test_wrong_head_and_bad_settings_are_one_line_errors(tagger, reader):
         qa_hub.answer("word " * 200, "c", max_seq_len=100)
 
 
+def test_a_long_text_without_stride_is_refused_after_its_first_chunks(tagger, monkeypatch):
+    """Tagging a text past the model's limit without `stride` is refused; a long one after its first
+    chunks of characters, not after tokenizing all of it (2 MB: about 1.5 s). Under the limit's worth
+    of characters the message gives the exact count."""
+    from roberta.tokenizer import CHUNK_CHARS
+
+    hub = tagger[0]
+    limit = hub.model.config.max_tokens
+    tokenized = []
+    encode = hub.tokenizer.encode
+    monkeypatch.setattr(hub.tokenizer, "encode", lambda text, *a, **k: tokenized.append(len(text)) or encode(text, *a, **k))
+    text = "word " * (4 * CHUNK_CHARS // 5)
+    with pytest.raises(RobertaError, match=f"has more than {limit} tokens but the model takes at most {limit}; pass stride"):
+        hub.tag(text)
+    assert sum(tokenized) <= 2 * CHUNK_CHARS < len(text), tokenized
+    with pytest.raises(RobertaError, match=f"has {limit + 8} tokens but the model takes at most {limit}; pass stride"):
+        hub.tag(" ".join(["word"] * (limit + 6)))
+
+
 def test_cli_tag_and_answer_print_the_library_results(tagger, reader, tmp_path, capsys):
     import json
 

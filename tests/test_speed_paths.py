@@ -674,10 +674,12 @@ def test_an_inference_only_model_hands_back_the_pages_of_the_weights_it_replaced
     measured faster; every one in int8) leave that mapping's resident memory, less at most one page at
     each end of each tensor, while a tensor still held elsewhere reads the same values and the outputs
     stay within float rounding (the plain path's own tolerance; int8 within its cosine). In int8 the
-    float32 weights go and two int8 copies come (the module's and oneDNN's packed one), each a quarter
-    of their size, so the process should shrink by half of what was replaced; at least a quarter is
-    asserted, leaving the heap's slack a quarter. (Before the pages were handed back and the
-    quantising temporaries trimmed from the heap, it grew by about as much as was replaced.)"""
+    float32 weights go and one int8 copy comes (oneDNN's packed one; the plain integers are read back
+    from it when asked for), a quarter of their size, so the process should shrink by three quarters
+    of what was replaced; at least two thirds is asserted, leaving the heap's slack a twelfth.
+    (Measured 0.79-0.80. Keeping the plain integers beside the packed ones shrank it by 0.55; before
+    the pages were handed back and the quantising temporaries trimmed from the heap, it grew by about
+    as much as was replaced.)"""
     import subprocess
     import sys
 
@@ -700,6 +702,6 @@ def test_an_inference_only_model_hands_back_the_pages_of_the_weights_it_replaced
     assert int(dropped) >= int(replaced) - tensors * 2 * 4, (dropped, replaced)
     assert intact == "True"
     if way == "int8":
-        assert float(cosine) >= 0.99 and int(shrunk) >= int(replaced) // 4, (cosine, shrunk, replaced)
+        assert float(cosine) >= 0.99 and int(shrunk) >= int(replaced) * 2 // 3, (cosine, shrunk, replaced)
     else:
         assert float(diff) <= 1e-5

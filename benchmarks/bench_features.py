@@ -23,7 +23,9 @@ CT2_FORCE_CPU_ISA) reach every engine's process, so that one run shows an AVX2-o
 This project's rows and the rooflines import roberta before torch, as its command does (its runtime
 settings: roberta/runtime.py); the peers load torch with their own defaults.
 Accuracy is per token vector against this project's fp32 (cosine, max abs difference); peak memory is
-each row's own child process (VmHWM), loading included, and what the run adds over the loaded process.
+each row's own child process (VmHWM), loading included, and what the run adds over the loaded process;
+of what stays resident, the anonymous memory (RssAnon, after loading or after the run, whichever is more)
+leaves out the pages of a checkpoint file read in place, which the kernel can reclaim.
 
     pip install -e '.[bench]'
     PYTHONPATH=. python benchmarks/bench_features.py --repeats 5     # 128 SST-2 dev sentences
@@ -50,8 +52,8 @@ if _side in ("fp32", "int8", "bf16", "auto") or (_side or "").startswith("roofli
 
 import torch
 
-from common import (DATA, PASSED_ON, Worker, child_memory, cpu_line, median, natural_sentences, run_child, serve_passes,
-                    table, tsv_column)
+from common import (DATA, PASSED_ON, Worker, child_memory, cpu_line, cpu_ticks, median, natural_sentences, run_child,
+                    serve_passes, stolen_share, table, tsv_column)
 
 BATCH = 32
 OURS = ["fp32", "int8", "bf16", "auto"]
@@ -250,6 +252,7 @@ def main() -> None:
         workers[side] = Worker(__file__, side, tmp, ids_file, "--threads", str(args.threads))
     outputs = {side: torch.load(f"{ids_file}.{side}.pt") for side in sides + bounds}  # from each warm-up pass
     seconds = {side: [] for side in sides + bounds}
+    ticks = cpu_ticks()
     for repeat in range(args.repeats):
         for side in sides + bounds:
             time.sleep(args.gap)  # the engine before may still spin its threads (ONNX Runtime's do)
@@ -258,7 +261,8 @@ def main() -> None:
               ", ".join(f"{s} {real / seconds[s][-1]:.0f}" for s in sides + bounds), flush=True)
     for w in workers.values():
         w.close()
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; timed passes: "
+          f"{stolen_share(ticks)}", flush=True)
 
     memory = {side: run_child(__file__, side, tmp, ids_file, "--threads", str(args.threads))
               for side in sides} if not args.no_memory else {}
@@ -273,20 +277,21 @@ def main() -> None:
     for side in sides:
         a = torch.cat(outputs[side]).double()
         cos = torch.nn.functional.cosine_similarity(a, reference, dim=-1)
-        mem = memory.get(side, {"peak_mib": float("nan"), "run_added_mib": float("nan")})
+        mem = memory.get(side, {"peak_mib": float("nan"), "run_added_mib": float("nan"), "anon_mib": float("nan")})
         name = f"auto (= {auto})" if side == "auto" else side
         precision = auto if side == "auto" else side if side in OURS else side[4:] if side.startswith("ct2-") else "fp32"
         of_roofline = speed[side] / speed.get(f"roofline-{precision}", float("nan"))
         rows.append([name, speed[side], speed[side] / speed["transformers"], speed[side] / speed["ct2-fp32"],
-                     speed[side] / speed["ct2-int8"], of_roofline, mem["peak_mib"], mem["run_added_mib"],
+                     speed[side] / speed["ct2-int8"], of_roofline, mem["peak_mib"], mem["run_added_mib"], mem["anon_mib"],
                      (a - reference).abs().max().item(), f"{cos.min().item():.6f}", f"{cos.mean().item():.6f}"])
     for side in bounds:
         ceiling = speed[side]
         rows.append([f"{side.split('-')[1]} roofline: matmuls only ({outputs[side]['gemms']})", ceiling,
                      ceiling / speed["transformers"], ceiling / speed["ct2-fp32"], ceiling / speed["ct2-int8"], 1.0,
-                     float("nan"), float("nan"), 0, "-", "-"])
+                     float("nan"), float("nan"), float("nan"), 0, "-", "-"])
     print(table(["row", "tokens/s", "x transformers", "x ct2-fp32", "x ct2-int8", "x its roofline",
-                 "peak RSS MiB (load + run)", "MiB added by the run", "max abs diff vs our fp32",
+                 "peak RSS MiB (load + run)", "MiB added by the run",
+                 "anonymous MiB (not file pages)", "max abs diff vs our fp32",
                  "min cosine vs fp32", "mean cosine vs fp32"], rows))
     if args.json:
         with open(args.json, "w") as f:

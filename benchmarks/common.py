@@ -53,22 +53,26 @@ def peak_rss_mib() -> float:
 
 
 def child_memory(load, run) -> None:
-    """In a child process: load, then run; print (JSON) the peak RSS, and how far the run raised it.
+    """In a child process: load, then run; print (JSON) the peak RSS, how far the run raised it, and the
+    anonymous memory resident after loading or after the run, whichever is more.
 
     Resetting the peak after loading (Linux `clear_refs`) separates what loading a checkpoint costs
-    from what inference or training costs.
+    from what inference or training costs. RSS counts the pages of files mapped in memory (a
+    safetensors checkpoint read in place), which the kernel reclaims under pressure; the anonymous
+    memory (RssAnon: copies, quantised weights, activations, the heap) is what it cannot.
     """
     loaded = load()
-    whole = peak_rss_mib()
+    whole, anon = peak_rss_mib(), rss_mib("RssAnon")
     Path("/proc/self/clear_refs").write_text("5")
     resident = rss_mib()
     run(loaded)
-    print(json.dumps({"peak_mib": max(whole, peak_rss_mib()), "run_added_mib": peak_rss_mib() - resident}))
+    print(json.dumps({"peak_mib": max(whole, peak_rss_mib()), "run_added_mib": peak_rss_mib() - resident,
+                      "anon_mib": max(anon, rss_mib("RssAnon"))}))
 
 
-def rss_mib() -> float:
+def rss_mib(field: str = "VmRSS") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -82,8 +86,14 @@ CHILD = {"cwd": ROOT, "env": {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", 
 
 
 def run_child(script: str, *args: str) -> dict:
-    """Run `script --child ...` in a fresh interpreter (so its peak memory is its own); it prints one JSON line."""
-    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, **CHILD)
+    """Run `script --child ...` in a fresh interpreter (so its peak memory is its own); it prints one JSON line.
+
+    With ROBERTA_KERNELS=remeasure the child reads the kernel choices the timed workers measured and
+    cached instead of timing them again: the measurement's temporaries would count in its peak, and
+    its choices (packed copies of weights or not) could differ from the timed ones."""
+    env = {**CHILD["env"], **({"ROBERTA_KERNELS": "measure"} if CHILD["env"].get("ROBERTA_KERNELS") == "remeasure" else {})}
+    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True,
+                         cwd=CHILD["cwd"], env=env)
     if out.returncode:
         raise RuntimeError(f"child {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -138,6 +148,25 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time so far (/proc/stat's first line, in ticks): user, nice, system, idle,
+    iowait, irq, softirq, steal; empty where it cannot be read."""
+    try:
+        return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def stolen_share(before: list[int]) -> str:
+    """How much of the CPU time since `before` (`cpu_ticks`) the hypervisor gave to other guests: on a
+    virtual machine, time stolen during timed passes is noise of that size in the figures."""
+    after = cpu_ticks()
+    if not before or not after:
+        return "steal time unknown"
+    spent = [b - a for a, b in zip(before, after)]
+    return f"{100 * spent[7] / max(1, sum(spent)):.1f}% of the CPU time stolen by the hypervisor"
 
 
 def cpu_line() -> str:

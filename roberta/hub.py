@@ -26,6 +26,7 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,7 @@ class RobertaHub(nn.Module):
         `encode`; any other model pools the `<s>` vector. `pool` (cls, mean, max, mean_sqrt_len_tokens,
         weightedmean, lasttoken) and `normalize` override that.
         """
-        texts = [sentences] if isinstance(sentences, str) else list(sentences)
+        texts = [sentences] if isinstance(sentences, str) else _many(sentences, "embed", "a sentence")
         mode, unit, limit = self._pooling(pool, normalize)
         tokens = [self._fit_to(encode(self.tokenizer, text), truncate, limit) for text in texts]
         vectors: list = [None] * len(tokens)
@@ -284,7 +285,7 @@ class RobertaHub(nn.Module):
         `window` / `stride` fill texts longer than the model: each mask is predicted in the
         overlapping window where it is most central (see `extract_features`).
         """
-        texts = [masked_input] if isinstance(masked_input, str) else list(masked_input)
+        texts = [masked_input] if isinstance(masked_input, str) else _many(masked_input, "fill_mask", "a text")
         if not self.has_lm_head() and not self.training:
             warnings.warn("this checkpoint has no masked-LM head (lm_head.*): it was initialised at random when "
                           "loaded, so these predictions are noise; use a checkpoint saved with its LM head",
@@ -444,7 +445,7 @@ class RobertaHub(nn.Module):
         model = self._task_model(RobertaForTokenClassification, "tag", "a token-classification", "classifier.")
         if isinstance(text, str):
             return spans.tag(model, self.tokenizer, text, aggregation, stride, ignore_labels)
-        return spans.tag_many(model, self.tokenizer, list(text), aggregation, stride, ignore_labels)
+        return spans.tag_many(model, self.tokenizer, _many(text, "tag", "a text"), aggregation, stride, ignore_labels)
 
     def answer(self, question, context, topk: int = 1, **options):
         """The answer to `question` in `context` from a question-answering checkpoint: `{"answer",
@@ -458,8 +459,8 @@ class RobertaHub(nn.Module):
         model = self._task_model(RobertaForQuestionAnswering, "answer", "a question-answering", "qa_outputs.")
         if isinstance(question, str):
             return spans.answer(model, self.tokenizer, question, context, topk, **options)
-        questions = list(question)
-        contexts = [context] * len(questions) if isinstance(context, str) else list(context)
+        questions = _many(question, "answer", "a question")
+        contexts = [context] * len(questions) if isinstance(context, str) else _many(context, "answer", "a context")
         if len(contexts) != len(questions):
             raise RobertaError(f"answer got {len(questions)} questions and {len(contexts)} contexts; give one context "
                                "for all, or one per question")
@@ -567,7 +568,7 @@ def encode(tokenizer: RobertaTokenizer, sentence, *addl_sentences: str, no_separ
     """`RobertaHub.encode`: fairseq's framing, `</s></s>` between sentences (`</s>` with no_separator).
     `limit`: cut to that many tokens as `cut` does, tokenizing no more than that needs (`encode_within`)."""
     if not isinstance(sentence, str):
-        batch, others = list(sentence), [list(more) for more in addl_sentences]
+        batch, others = _many(sentence, "encode", "a sentence"), [_many(more, "encode", "a sentence") for more in addl_sentences]
         if any(len(more) != len(batch) for more in others):
             raise RobertaError("encode got lists of different lengths; give one second sentence per sentence")
         return [encode(tokenizer, *texts, no_separator=no_separator, return_offsets=return_offsets, limit=limit)
@@ -606,6 +607,13 @@ def cut(tokenizer: RobertaTokenizer, ids: list[int], limit: int) -> list[int]:
     first, second = ids[1:sep], ids[sep + 2:-1]
     keep_first, keep_second = longest_first(len(first), len(second), limit - 4)
     return [bos, *first[:keep_first], eos, eos, *second[:keep_second], eos]
+
+
+def _many(value, method: str, what: str) -> list:
+    """A list of the inputs a method was given many of; a clear TypeError for what is neither one nor many."""
+    if isinstance(value, (bytes, bytearray)) or not isinstance(value, Iterable):
+        raise TypeError(f"{method} takes {what} (str) or a list of them, got {type(value).__name__}")
+    return list(value)
 
 
 def encode_within(tokenizer: RobertaTokenizer, sentences: list[str], limit: int | None, truncate: bool | None,

@@ -206,8 +206,10 @@ class RobertaTokenizer:
         `return_word_ids=True` also gives `word_ids`: the index of the pre-tokenizer word (' world',
         '!') each token belongs to, None for special tokens: `(ids, offsets, word_ids)`.
         """
-        if not isinstance(text, str) or not isinstance(pair, (str, type(None))):
-            raise TypeError(f"encode expects str text, got {type(text).__name__} and {type(pair).__name__}")
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str text, got {type(text).__name__}")
+        if not isinstance(pair, (str, type(None))):
+            raise TypeError(f"encode expects a str pair or None, got {type(pair).__name__}")
         rows = self._encode_rows([text], None if pair is None else [pair], add_special_tokens, max_length,
                                  parse_special_tokens, return_offsets or return_word_ids)
         return self._returned(rows[0], return_offsets, return_word_ids)
@@ -238,6 +240,22 @@ class RobertaTokenizer:
 
     def _encode_rows(self, texts, pairs, add_special_tokens, max_length, parse_special_tokens, details: bool):
         """(ids, offsets, word_ids) per input (offsets and word_ids None unless `details`)."""
+        try:
+            return self._encode_unchecked(texts, pairs, add_special_tokens, max_length, parse_special_tokens, details)
+        except (TypeError, UnicodeEncodeError):  # `tokenizers` takes UTF-8: say which input it could not, and why
+            for n, text in enumerate(texts + (pairs or [])):
+                row, side = n % len(texts), "" if pairs is None else "first " if n < len(texts) else "second "
+                which = f"the {side}text" + (f" of input {row}" if len(texts) > 1 else "")
+                if not isinstance(text, str):
+                    raise TypeError(f"{which} is {type(text).__name__}, not str") from None
+                bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+                if bad is not None:
+                    raise RobertaError(f"{which} is not valid Unicode: a lone surrogate (U+{ord(text[bad]):04X}) at "
+                                       f"character {bad}; decode its bytes as UTF-8 (errors='replace' keeps the "
+                                       "rest), or drop the character") from None
+            raise
+
+    def _encode_unchecked(self, texts, pairs, add_special_tokens, max_length, parse_special_tokens, details: bool):
         room = self._room(max_length, pairs is not None, add_special_tokens)
         tokenizer = self._parsing if parse_special_tokens else self._plain
         if room is None:

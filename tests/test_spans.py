@@ -6,6 +6,8 @@ parts: its tokenizer's overflowing windows (`stride`, `only_second`), its model,
 `select_starts_ends` (which 5.x keeps in document_question_answering), and the pipeline's word
 alignment through the tokenizer's `token_to_word` / `word_to_chars`.
 """
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -264,6 +266,18 @@ def test_wrong_head_and_bad_settings_are_one_line_errors(tagger, reader):
         qa_hub.answer("q", "c", max_seq_len=100, doc_stride=200)
     with pytest.raises(RobertaError, match="no room"):
         qa_hub.answer("word " * 200, "c", max_seq_len=100)
+    for call, message in ((lambda: tag_hub.tag(None), "tag takes a text (str) or a list of them, got NoneType"),
+                          (lambda: tag_hub.tag(b"bytes"), "tag takes a text (str) or a list of them, got bytes"),
+                          (lambda: qa_hub.answer(None, "c"), "answer takes a question (str) or a list of them, got NoneType"),
+                          (lambda: qa_hub.answer(["q"], 5), "answer takes a context (str) or a list of them, got int"),
+                          (lambda: tag_hub.embed(None), "embed takes a sentence (str) or a list of them, got NoneType"),
+                          (lambda: tag_hub.encode(7), "encode takes a sentence (str) or a list of them, got int")):
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+            call()
+    for call in (lambda: tag_hub.tag(["fine", "caf\udce9"]), lambda: qa_hub.answer("q", "caf\udce9"),
+                 lambda: tag_hub.embed("caf\udce9")):
+        with pytest.raises(RobertaError, match=r"not valid Unicode: a lone surrogate \(U\+DCE9\) at character 3"):
+            call()
 
 
 def test_a_long_text_without_stride_is_refused_after_its_first_chunks(tagger, monkeypatch):

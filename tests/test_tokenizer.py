@@ -171,6 +171,24 @@ def test_batch_input_checks(tok):
         tok.encode(["a list"])
     with pytest.raises(RobertaError, match="2 texts but 1 pairs"):
         tok.encode_batch(["a", "b"], ["c"])
+    # what `tokenizers` refuses with one message for every case ("TextEncodeInput must be Union[...]")
+    # is said per input: which one, what is wrong with it
+    lone = "caf\udce9 au lait"  # the OS decodes an undecodable byte as a lone surrogate (surrogateescape)
+    cases = [
+        (lambda: tok.encode(lone), RobertaError, r"^the text is not valid Unicode: a lone surrogate \(U\+DCE9\) at character 3;"),
+        (lambda: tok.encode("a", lone), RobertaError, r"^the second text is not valid Unicode: .* at character 3;"),
+        (lambda: tok.encode(lone, max_length=5), RobertaError, r"^the text is not valid Unicode"),
+        (lambda: tok.encode_batch(["fine", lone]), RobertaError, r"^the text of input 1 is not valid Unicode"),
+        (lambda: tok.encode_batch(["a", "b"], ["c", lone], return_offsets=True), RobertaError,
+         r"^the second text of input 1 is not valid Unicode"),
+        (lambda: tok.encode_batch(["fine", None]), TypeError, r"^the text of input 1 is NoneType, not str$"),
+        (lambda: tok.encode_batch(["fine", b"bytes"]), TypeError, r"^the text of input 1 is bytes, not str$"),
+        (lambda: tok.encode(None), TypeError, r"^encode expects a str text, got NoneType$"),
+        (lambda: tok.encode("a", 5), TypeError, r"^encode expects a str pair or None, got int$"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            call()
 
 
 # ---- saving -----------------------------------------------------------------------------------

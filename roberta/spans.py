@@ -129,6 +129,8 @@ def check_tag_options(aggregation: str, stride: int | None) -> None:
     if stride is not None and aggregation == "none":
         raise RobertaError("stride needs an aggregation other than 'none' (overlapping windows repeat tokens); "
                            "use simple, first, max or average")
+    if stride is not None and stride < 0:  # refused for every text, not only for those long enough to need it
+        raise RobertaError(f"stride must be at least 0 (tokens shared by consecutive windows), got {stride}")
 
 
 def tag_windows(tokenizer: RobertaTokenizer, text: str, room: int, stride: int | None):
@@ -304,8 +306,9 @@ def answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer):
                                "answer (no_answer=True, --no-answer)")
         return context, 0, [], [], [], []
     max_seq_len = min(model.config.max_tokens, 384) if max_seq_len is None else _max_tokens(model, max_seq_len)
-    if doc_stride is not None and doc_stride > max_seq_len:
-        raise RobertaError(f"doc_stride {doc_stride} is larger than max_seq_len {max_seq_len}")
+    if doc_stride is not None and not 0 <= doc_stride <= max_seq_len:
+        raise RobertaError(f"doc_stride must be between 0 and max_seq_len {max_seq_len} (tokens shared by "
+                           f"consecutive windows), got {doc_stride}")
     q_ids = tokenizer.encode(question, add_special_tokens=False)
     c_ids, c_offsets, c_words = tokenizer.encode(context, add_special_tokens=False, return_offsets=True,
                                                  return_word_ids=True)

@@ -825,7 +825,7 @@ def test_a_tagger_serves_tag_and_a_reader_answer_as_the_library_and_the_inferenc
         assert wrong.status_code == 424 and "token-classification" in wrong.json()["error"], wrong.text
         for parameters, said in (({"max_question_len": 10}, "max_question_len is not supported"),  # never ignored
                                  ({"max_seq_len": 500}, "over this server's 64 tokens"),  # never cut silently
-                                 ({"max_seq_len": 32, "doc_stride": 40}, "doc_stride 40 is larger")):
+                                 ({"max_seq_len": 32, "doc_stride": 40}, "doc_stride must be between 0 and max_seq_len 32")):
             bad = post(s, "/answer", {"inputs": asked[0], "parameters": parameters})
             assert bad.status_code == 422 and said in bad.json()["error"], (parameters, bad.text)
     finally:

@@ -262,8 +262,12 @@ def test_wrong_head_and_bad_settings_are_one_line_errors(tagger, reader):
         tag_hub.tag("text", aggregation="mean")
     with pytest.raises(RobertaError, match="stride needs"):
         tag_hub.tag("text", aggregation="none", stride=10)
-    with pytest.raises(RobertaError, match="doc_stride"):
+    with pytest.raises(RobertaError, match="doc_stride must be between 0 and max_seq_len 100 .*, got 200"):
         qa_hub.answer("q", "c", max_seq_len=100, doc_stride=200)
+    with pytest.raises(RobertaError, match="doc_stride must be between 0 and max_seq_len 384 .*, got -5"):
+        qa_hub.answer("q", "c", doc_stride=-5)  # refused though this context needs no second window
+    with pytest.raises(RobertaError, match="stride must be at least 0 .*, got -1"):
+        tag_hub.tag("short", stride=-1)
     with pytest.raises(RobertaError, match="no room"):
         qa_hub.answer("word " * 200, "c", max_seq_len=100)
     for call, message in ((lambda: tag_hub.tag(None), "tag takes a text (str) or a list of them, got NoneType"),

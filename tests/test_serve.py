@@ -803,6 +803,10 @@ def test_a_tagger_serves_tag_and_a_reader_answer_as_the_library_and_the_inferenc
                     tagger.tag(LONG, stride=16, ignore_labels=()))
         refused = post(s, "/tag", {"inputs": LONG})  # past the model's limit without a stride
         assert refused.status_code == 422 and "stride" in refused.json()["error"], refused.text
+        # 3,100 tokens in windows of 62 that share 16 start every 46 tokens: 68 windows, each an input against 64
+        too_many = post(s, "/tag", {"inputs": " ".join(["word"] * 3100), "parameters": {"stride": 16}})
+        assert too_many.status_code == 413 and too_many.json()["error"].startswith(
+            "the texts make 68 windows of at most 64 tokens, over this server's 64 (--max-inputs)"), too_many.text
         client = InferenceClient(base_url=s.url)
         entities = client.token_classification(SENTENCES[1])
         assert [(e.entity_group, e.start, e.end) for e in entities] == \

@@ -280,14 +280,21 @@ def _add_hub_commands(sub) -> None:
             text="ID", weights=False)
     p = command("fill-mask", _fill_mask, "predict the words at <mask> in each input text")
     p.add_argument("--topk", type=_positive_int, default=5, help="candidates per mask (default 5)")
+    def input_options(p, field="text", pair_field=None, pair: str | None = "the second sentence of a pair"):
+        """-i and how its lines read; `pair`: what a second text is (None: inputs are single texts)."""
+        p.add_argument("-i", "--input", help="read the inputs from this file, one per line (default: the "
+                       "arguments, or stdin), as it streams in")
+        text = f"text (a TAB separates {pair}), tsv (two columns)" if pair else "text"
+        p.add_argument("--format", choices=["text", "tsv", "jsonl"] if pair else ["text", "jsonl"],
+                       help=f"input lines: {text} or jsonl (default: from the suffix, "
+                       + (".tsv or .jsonl, else text)" if pair else ".jsonl, else text)"))
+        p.add_argument("--field", default=field, help=f"jsonl: the field holding the text (default {field})")
+        if pair:
+            p.add_argument("--pair-field", default=pair_field, help=f"jsonl: the field holding {pair} (default: "
+                           + (f"{pair_field})" if pair_field else "none, single sentences)"))
+
     def job_options(p, what):
-        p.add_argument("-i", "--input", help="read the inputs from this file, one per line (default: the TEXT "
-                       "arguments, or stdin); a sharded job reads it in chunks, whatever its size")
-        p.add_argument("--format", choices=["text", "tsv", "jsonl"],
-                       help="input lines: text (a TAB separates a pair), tsv (two columns) or jsonl "
-                       "(default: from the suffix, .tsv or .jsonl, else text)")
-        p.add_argument("--field", default="text", help="jsonl: the field holding the text (default text)")
-        p.add_argument("--pair-field", help="jsonl: the field holding the second sentence of a pair (default: none, single sentences)")
+        input_options(p)
         p.add_argument("--allow-empty", action="store_true",
                        help="read a blank line as the empty text (default: a blank line is an error naming it, "
                        "since row i of the output is line i of the input)")
@@ -324,6 +331,7 @@ def _add_hub_commands(sub) -> None:
                    help="how tokens become entities, as in transformers' pipeline (default simple)")
     p.add_argument("--stride", type=int, help="tag texts longer than the model in windows overlapping by this "
                    "many tokens (default: refuse them)")
+    input_options(p, pair=None)
     p = command("zero-shot", _zero_shot, "classify each input text into candidate labels with an NLI head "
                 "(transformers' zero-shot-classification pipeline)")
     p.add_argument("--labels", required=True, help="the candidate labels, comma-separated")
@@ -347,6 +355,7 @@ def _add_hub_commands(sub) -> None:
     p.add_argument("--max-seq-len", type=int, help="tokens per window (default: the smaller of the model's and 384)")
     p.add_argument("--doc-stride", type=int, help="tokens shared by neighbouring windows of a long context "
                    "(default: the smaller of half a window and 128)")
+    input_options(p, field="question", pair_field="context", pair="a question's context")
     p = sub.add_parser("export", help="write the encoder and its heads (classifiers, tagger or reader) as ONNX (dynamic batch and length)")
     p.add_argument("-m", "--model", required=True, help="a name or a path, as for the other commands")
     p.add_argument("--onnx", required=True, metavar="DIR", help="new directory for model.onnx, onnx.json and the tokenizer")
@@ -646,6 +655,10 @@ def _rerank(args):
 
 
 def _tag(args):
+    from .jobs import input_format
+
+    if args.format is None and input_format(args.input, None) == "tsv":  # a text to tag has no second column
+        args.format = "text"
     hub = _load(args)
     label = "entity" if args.aggregation == "none" else "entity_group"
     for texts in _batches(_texts(args)):
@@ -666,14 +679,21 @@ def _answer(args):
             context = Path(args.context_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise RobertaError(f"cannot read --context-file {args.context_file}: {exc}") from None
+    if context is not None:  # the one context for all: each input is a question alone
+        args.pair_field = None
     hub = _load(args)
-    for lines in _batches(_texts(args)):
+    number = 0
+    for batch in _batches(_inputs(args)):
         pairs = []
-        for line in lines:
-            question, tab, own_context = line.partition("\t")
-            if context is None and not tab:
-                raise RobertaError(f"input {line[:60]!r} has no context: give QUESTION<TAB>CONTEXT, or --context")
-            pairs.append((question, context if context is not None else own_context))
+        for sentences in batch:
+            number += 1
+            where = f"argument {number}" if args.text else f"{_source(args)} line {number}"
+            if context is None and len(sentences) < 2:
+                raise RobertaError(f"{where} has no context: give QUESTION<TAB>CONTEXT, JSONL with a context field "
+                                   "(--pair-field), or --context")
+            if context is not None and len(sentences) > 1:
+                raise RobertaError(f"{where} has a context after a TAB, and --context gives another: drop one")
+            pairs.append((sentences[0], context if context is not None else sentences[1]))
         answers = hub.answer([q for q, _ in pairs], [c for _, c in pairs], topk=args.topk, no_answer=args.no_answer,
                              null_threshold=args.null_threshold or 0.0, max_answer_len=args.max_answer_len,
                              max_seq_len=args.max_seq_len, doc_stride=args.doc_stride)

@@ -320,7 +320,35 @@ def test_cli_tag_and_answer_print_the_library_results(tagger, reader, tmp_path, 
     assert printed == [reader[0].answer(q, context.read_text(), topk=2) for q in ("Where was the meeting?",
                                                                                   "When did it end?")]
     assert main(["answer", "-m", reader[0].directory, "no tab here"]) == 2
-    assert "QUESTION<TAB>CONTEXT" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1] == ("error: argument 1 has no context: give QUESTION<TAB>CONTEXT, "
+                                                        "JSONL with a context field (--pair-field), or --context")
+    # JSONL, SQuAD's fields by default: a context may hold what a line cannot (newlines, TABs)
+    rows = [{"question": "Where was the meeting?", "context": "The meeting\nin Paris\tended on Monday.", "id": 1},
+            {"question": "Who went home?", "context": "Everyone went home to New York."}]
+    squad = tmp_path / "dev.jsonl"
+    squad.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert main(["answer", "-m", reader[0].directory, "--precision", "fp32", "--json", "-i", str(squad)]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [[reader[0].answer(r["question"], r["context"])] for r in rows]
+    assert main(["answer", "-m", reader[0].directory, "--precision", "fp32", "--json", "-i", str(squad),
+                 "--context", "Everyone met in Paris."]) == 0  # the one context for every question
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [[reader[0].answer(r["question"], "Everyone met in Paris.")] for r in rows]
+    tabbed = tmp_path / "questions.txt"
+    tabbed.write_text("Who?\nWhere?\tIn Paris.\n", encoding="utf-8")
+    tagged = tmp_path / "texts.jsonl"
+    tagged.write_text(json.dumps({"body": "A\ttab and a\nnewline in Paris."}) + "\n" + json.dumps({"body": text}) + "\n")
+    assert main(["tag", "-m", tagger[0].directory, "--precision", "fp32", "--json", "-i", str(tagged),
+                 "--field", "body"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == tagger[0].tag(["A\ttab and a\nnewline in Paris.", text])
+    for argv, said in ((["answer", "-i", str(tabbed), "--context", "One for all."],
+                        f"{tabbed} line 2 has a context after a TAB, and --context gives another: drop one"),
+                       (["answer", "-i", str(squad), "--pair-field", "passage"],
+                        f"{squad} line 1 has no string field 'passage'; name the field with --field"),
+                       (["tag", "-i", str(tagged)], f"{tagged} line 1 has no string field 'text'; name the field with --field")):
+        assert main([argv[0], "-m", (reader if argv[0] == "answer" else tagger)[0].directory, *argv[1:]]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == "error: " + said
 
 
 def test_convert_keeps_a_taggers_or_a_readers_head_and_fairseq_refuses_it(tagger, reader, tmp_path, capsys):

@@ -11,6 +11,8 @@ Finishes in a few minutes on one H100. Checks, each a row of the table and an en
   fp32 by max abs difference over real tokens, bf16 (both models cast) by cosine to transformers' fp32;
 - varlen-vs-padded: bf16 features through the variable-length flash path (`Unpadded`) against the padded
   one (`Padded`);
+- tag-answer-batched: a tagger's and a reader's outputs for 40 inputs of mixed lengths run together the
+  way `tag` and `answer` run many inputs, on the device, against each input alone on the CPU (float32);
 - pretrain-bf16 / pretrain-fp16: one masked-LM update through `roberta.train.train_step` (autocast;
   fp16 with dynamic loss scaling), base size at 512 tokens: finite loss, weights changed;
 - finetune-2-steps: two classification updates; the loss is finite and the weights move;
@@ -163,6 +165,30 @@ def varlen_vs_padded(R, config, device):
     cos = torch.nn.functional.cosine_similarity(a[real].double(), b[real].double(), dim=-1).min().item()
     return {"status": "ok" if cos >= 0.999 else "FAILED", "dtype": str(dtype), "packed_attention_ran": varlen,
             "min_cosine": cos, "max_abs_diff": (a[real].float() - b[real].float()).abs().max().item()}
+
+
+def spans_batched(R, config, device):
+    """What `tag` and `answer` run for many inputs (`roberta.spans._run`: length batches, the layout made on
+    the host, float32 outputs back unpadded) on the device, against each sequence alone through the
+    same model on the CPU in float32: a tagger's logits and a reader's start and end logits."""
+    try:
+        from roberta import spans
+    except ImportError as exc:  # spans reads text through the tokenizer, which needs `tokenizers`
+        return {"status": "skipped", "note": f"roberta.spans needs {exc.name}, not installed here"}
+    worst, lengths = 0.0, random_lengths(40, 3, config["max_position_embeddings"] - 2, 5)
+    g = torch.Generator().manual_seed(6)
+    sequences = [[0] + torch.randint(4, config["vocab_size"], (n - 2,), generator=g).tolist() + [2] for n in lengths]
+    for cls_name, overrides in (("RobertaForTokenClassification", {"num_labels": 5}),
+                                ("RobertaForQuestionAnswering", {})):
+        torch.manual_seed(0)
+        model = getattr(R.model, cls_name)(R.model.RobertaConfig(**{**config, **overrides})).eval()
+        with torch.inference_mode():
+            alone = [spans._run(model, [seq], 1)[0] for seq in sequences]
+            batched = spans._run(model.to(device), sequences, 1)
+        for a, b in zip(alone, batched):
+            pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+            worst = max(worst, *(float(abs(x - y).max()) for x, y in pairs))
+    return {"status": "ok" if worst <= 1e-4 else "FAILED", "worst": worst, "inputs": len(sequences)}
 
 
 def mlm_batches(config, batch, length, micro, seed):
@@ -322,6 +348,7 @@ def main(argv=None) -> int:
         "parity-fp32": lambda: parity(R, transformers, small, device, torch.float32),
         "parity-bf16": lambda: parity(R, transformers, small, device, torch.bfloat16),
         "varlen-vs-padded": lambda: varlen_vs_padded(R, small, device),
+        "tag-answer-batched": lambda: spans_batched(R, small, device),
         "pretrain-bf16": lambda: pretrain_step(R, base, device, "bf16", 2 if dry else 16, length),
         "pretrain-fp16": lambda: pretrain_step(R, base, device, "fp16", 2 if dry else 16, length),
         "finetune-2-steps": lambda: finetune_steps(R, base, device),

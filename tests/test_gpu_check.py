@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKS = ["parity-fp32", "parity-bf16", "varlen-vs-padded", "pretrain-bf16", "pretrain-fp16", "finetune-2-steps",
-          "features-tokens/s", "mfu-pretrain-base-512"]
+CHECKS = ["parity-fp32", "parity-bf16", "varlen-vs-padded", "tag-answer-batched", "pretrain-bf16", "pretrain-fp16",
+          "finetune-2-steps", "features-tokens/s", "mfu-pretrain-base-512"]
 
 
 def test_gpu_check_dry_run_passes_every_check_and_writes_its_json(tmp_path):
@@ -27,4 +27,5 @@ def test_gpu_check_dry_run_passes_every_check_and_writes_its_json(tmp_path):
     assert report["checks"]["pretrain-fp16"]["loss_scale"] > 0
     assert len(report["checks"]["finetune-2-steps"]["losses"]) == 2
     assert report["checks"]["features-tokens/s"]["ours_tokens_per_s"] > 0
+    assert report["checks"]["tag-answer-batched"]["inputs"] == 40
     assert not list(tmp_path.glob(".*.tmp"))

@@ -242,6 +242,15 @@ def test_int8_kernel_equals_the_plain_integer_arithmetic():
     assert (fast - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
     exact = torch.nn.functional.linear(x, weight, bias)
     assert 0 < (fast - exact).abs().max().item() <= 0.02 * exact.abs().max().item()  # quantised, and close
+    # the integers are held once, in oneDNN's packed layout: `weight` reads them back from it, and besides
+    # it the module keeps only scales, bias and zeros (a plain int8 copy would be 96 x 64 bytes more)
+    levels = inference.int8_levels()  # 127: the offset uint8 rows of quantize_rows; 63: rounded to fewer levels
+    q, m = inference.quantize_rows(weight)
+    expected = q.int() - 128 if levels == 127 else torch.round(weight * (levels / m)).int()
+    assert torch.equal(layer.weight, expected.to(torch.int8)) and layer.weight.shape == (96, 64)
+    held = [t for t in [*layer.buffers(), *vars(layer).values()]
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided]
+    assert sum(t.numel() * t.element_size() for t in held) == 96 * 4 * 3  # weight_scale, bias, zeros
 
 
 def test_int8_c_kernels_equal_their_pytorch_arithmetic_bit_for_bit():
@@ -674,12 +683,12 @@ def test_an_inference_only_model_hands_back_the_pages_of_the_weights_it_replaced
     measured faster; every one in int8) leave that mapping's resident memory, less at most one page at
     each end of each tensor, while a tensor still held elsewhere reads the same values and the outputs
     stay within float rounding (the plain path's own tolerance; int8 within its cosine). In int8 the
-    float32 weights go and one int8 copy comes (oneDNN's packed one; the plain integers are read back
-    from it when asked for), a quarter of their size, so the process should shrink by three quarters
-    of what was replaced; at least two thirds is asserted, leaving the heap's slack a twelfth.
-    (Measured 0.79-0.80. Keeping the plain integers beside the packed ones shrank it by 0.55; before
-    the pages were handed back and the quantising temporaries trimmed from the heap, it grew by about
-    as much as was replaced.)"""
+    float32 weights go and one int8 copy comes (oneDNN's packed one), a quarter of their size, so the
+    process should shrink by three quarters of what was replaced; at least a quarter is asserted: how
+    much of the heap glibc hands back varies from run to run and with the thread count (measured 0.52
+    to 2.07 of what was replaced; `test_int8_kernel_equals_the_plain_integer_arithmetic` checks the
+    single copy itself). Before the pages were handed back and the quantising temporaries trimmed
+    from the heap, it grew by about as much as was replaced."""
     import subprocess
     import sys
 
@@ -702,6 +711,6 @@ def test_an_inference_only_model_hands_back_the_pages_of_the_weights_it_replaced
     assert int(dropped) >= int(replaced) - tensors * 2 * 4, (dropped, replaced)
     assert intact == "True"
     if way == "int8":
-        assert float(cosine) >= 0.99 and int(shrunk) >= int(replaced) * 2 // 3, (cosine, shrunk, replaced)
+        assert float(cosine) >= 0.99 and int(shrunk) >= int(replaced) // 4, (cosine, shrunk, replaced)
     else:
         assert float(diff) <= 1e-5

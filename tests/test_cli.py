@@ -170,6 +170,10 @@ CONFLICTS = [
     (("features", "-o", "{out}/v.npy", "--resume", "hi"), "is one file, written whole each run"),
     (("features", "-o", "{out}/v.jsonl", "--overwrite", "hi"), "is one file, written whole each run"),
     (("answer", "--context", "a b", "--null-threshold", "1", "q?"), "only --no-answer allows"),
+    (("answer", "--context", "a b", "q?\tits own context"), "argument 1 has a context after a TAB, and --context "
+                                                              "gives another: drop one"),
+    (("answer", "q? without a context"), "argument 1 has no context: give QUESTION<TAB>CONTEXT"),
+    (("answer", "-i", "{out}/none.jsonl"), "cannot read input"),
     (("zero-shot", "--labels", "good,bad,good", "hi"), "candidate label 'good' is given more than once"),
     (("features", "-o", "{out}/v.npy", "--layer", "-4", "hi"), "or -1 (the last) to -3 counting from the end"),
 ]

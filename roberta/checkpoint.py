@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
+from torch.overrides import TorchFunctionMode
 
 from .errors import RobertaError, RobertaWarning
 from .fileio import check_output, default_mode, read_json, replace_dir
@@ -230,9 +231,32 @@ def read_weight_file(file: Path, config: RobertaConfig | None = None, shard: boo
 def weights_bound(config: RobertaConfig) -> int:
     """The most bytes the weights a config describes can take in one file: every parameter as float64,
     with room for the file's header and heads the config does not list."""
-    with torch.device("meta"):
-        parameters = RobertaForMaskedLM(config).num_parameters()
-    return 8 * parameters + (64 << 20)
+    return 8 * parameter_count(config) + (64 << 20)
+
+
+def parameter_count(config: RobertaConfig) -> int:
+    """The masked LM's parameters, counted without allocating them."""
+    return on_meta(RobertaForMaskedLM, config).num_parameters()
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """`nn.init.normal_` of a meta tensor returns it untouched: a meta tensor holds no values, and
+    PyTorch's meta `normal_` imports torch._dynamo on first use (about 2 s, in every process)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.init.normal_:
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def on_meta(cls, config: RobertaConfig):
+    """`cls(config)` on the meta device: shapes only, no memory and no random init (for weights a
+    file replaces, or to count them)."""
+    with torch.device("meta"), _NoInitOnMeta():
+        return cls(config)
 
 
 def _load_pickle(file: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
@@ -579,8 +603,7 @@ def load_model(cls: type[RobertaPreTrainedModel], path: str | os.PathLike, dtype
     check_vocab_fits(path, config)
     config, state = _place_heads(cls, config, state, config_overrides, file_head)
     config.__post_init__()
-    with torch.device("meta"):  # no memory and no random init for weights the file replaces
-        model = cls(config)
+    model = on_meta(cls, config)
     load_state(model, state, source=str(path))
     if dtype is not None:
         model.to(dtype)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import download, windows
-from .checkpoint import model_class, model_path, not_a_model, read_checkpoint
+from .checkpoint import model_class, model_path, not_a_model, parameter_count, read_checkpoint
 from .errors import RobertaError, RobertaWarning
 from .fileio import atomic_open, read_json
 from .inference import length_batches, pad_batch
@@ -922,8 +922,7 @@ def describe(name_or_path: str | os.PathLike, cache_dir=None, offline: bool | No
         layout = "fairseq" if (directory / "model.pt").is_file() else "huggingface"
     if "classifier.out_proj.weight" in state:  # a transformers sequence classifier: its head, by name
         config.classification_heads[config.head_name or "default"] = state["classifier.out_proj.weight"].shape[0]
-    with torch.device("meta"):  # the parameter count without allocating the weights a second time
-        parameters = RobertaForMaskedLM(config).num_parameters()
+    parameters = parameter_count(config)
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
     base = path if path.is_dir() else path.parent
     repository, revision = hub_origin(path)

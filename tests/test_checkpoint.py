@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import pickle
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -285,3 +286,29 @@ def test_a_requested_label_count_gets_a_fresh_head(tmp_path, mlm):
     kept.save_pretrained(tmp_path / "cls")
     again = RobertaForSequenceClassification.from_pretrained(tmp_path / "cls", id2label={0: "neg", 1: "pos"})
     assert again.config.labels() == {0: "neg", 1: "pos"} and "classifier.out_proj.weight" in again.missing_keys
+
+
+def test_a_model_is_built_on_meta_without_initialising_it(tmp_path, mlm):
+    # the meta model has every parameter of the real one, and building it leaves random init of real
+    # tensors (after it, and in another model) as it was
+    from roberta.checkpoint import on_meta, parameter_count
+
+    config = RobertaConfig.tiny()
+    torch.manual_seed(3)
+    real = RobertaForMaskedLM(config)
+    shell = on_meta(RobertaForMaskedLM, config)
+    assert all(p.is_meta for p in shell.parameters())
+    assert [(n, p.shape) for n, p in shell.named_parameters()] == [(n, p.shape) for n, p in real.named_parameters()]
+    assert parameter_count(config) == real.num_parameters()
+    torch.manual_seed(3)
+    again = RobertaForMaskedLM(config)
+    assert all(torch.equal(a, b) for a, b in zip(real.state_dict().values(), again.state_dict().values()))
+    # PyTorch's meta normal_ imports torch._dynamo (seconds, in every process that loads a model): a load
+    # and a describe in a fresh process import it nowhere
+    mlm.save_pretrained(tmp_path / "m")
+    code = ("import sys, roberta; from roberta.checkpoint import load_model; from roberta.hub import describe; "
+            f"load_model(roberta.RobertaForMaskedLM, {str(tmp_path / 'm')!r}); describe({str(tmp_path / 'm')!r}); "
+            "print('dynamo' if 'torch._dynamo' in sys.modules else 'none')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.stdout.split() == ["none"], result.stderr[-2000:]

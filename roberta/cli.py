@@ -427,7 +427,8 @@ def _inputs(args, skip_blank: bool = False):
         lines, name = open_lines(source), source or "stdin"
         if skip_blank:
             lines = (line for line in lines if line.strip())
-    format = input_format(source, getattr(args, "format", None)) if not args.text else "text"
+    pairs = hasattr(args, "pair_field")  # commands without --pair-field take single texts: a .tsv is their text
+    format = input_format(source, getattr(args, "format", None), pairs) if not args.text else "text"
     return read_inputs(lines, format, getattr(args, "field", "text"), getattr(args, "pair_field", None),
                        getattr(args, "allow_empty", None), name=name)
 
@@ -655,10 +656,6 @@ def _rerank(args):
 
 
 def _tag(args):
-    from .jobs import input_format
-
-    if args.format is None and input_format(args.input, None) == "tsv":  # a text to tag has no second column
-        args.format = "text"
     hub = _load(args)
     label = "entity" if args.aggregation == "none" else "entity_group"
     for texts in _batches(_texts(args)):

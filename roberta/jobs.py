@@ -55,14 +55,15 @@ BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors put first
 # ---- reading inputs -----------------------------------------------------------------------------
 
 
-def input_format(path: str | None, format: str | None) -> str:
-    """`format` if given, else from the file's suffix: .jsonl -> jsonl, .tsv -> tsv, anything else text."""
+def input_format(path: str | None, format: str | None, pairs: bool = True) -> str:
+    """`format` if given, else from the file's suffix: .jsonl -> jsonl, .tsv -> tsv (text where the
+    inputs are single texts, not `pairs`), anything else text."""
     if format is not None:
         if format not in FORMATS:
             raise RobertaError(f"input format must be one of {', '.join(FORMATS)}, got {format!r}")
         return format
     suffix = Path(path).suffix.lower() if path and path != "-" else ""
-    return {".jsonl": "jsonl", ".tsv": "tsv"}.get(suffix, "text")
+    return {".jsonl": "jsonl", ".tsv": "tsv" if pairs else "text"}.get(suffix, "text")
 
 
 def read_inputs(lines: Iterator[bytes], format: str = "text", field: str = "text", pair_field: str | None = None,

@@ -61,7 +61,6 @@ except ImportError as exc:  # the web stack is the `serve` extra: the library it
     raise RobertaError(f"roberta serve needs {exc.name}: pip install 'roberta[serve]'") from None
 
 API_KEY_ENV = "ROBERTA_API_KEY"
-WINDOWS = "windows of the inputs"  # what check_count counts for /tag and /answer
 INLINE_CHARS = 1 << 14  # a request's text tokenized on the event loop, past it in a worker thread (about 10 ms)
 
 
@@ -719,13 +718,16 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
     def check_count(n: int, what: str = "inputs") -> None:
         if n == 0:
             raise HTTPError(400, f"`{what}` cannot be empty", "Empty")
-        if n > settings.max_inputs and what == WINDOWS:  # a long text's windows each count as an input
-            raise HTTPError(413, f"the texts make {n} windows of at most {limit} tokens, over this server's "
-                                 f"{settings.max_inputs} (--max-inputs); send fewer or shorter texts, or overlap the "
-                                 "windows less (stride, doc_stride)", "Validation")
         if n > settings.max_inputs:
             raise HTTPError(413, f"batch size {n} > maximum allowed batch size {settings.max_inputs} (--max-inputs): "
                                  "split the request", "Validation")
+
+    def check_windows(n: int) -> None:
+        """A long text's windows each count as an input of the request (/tag, /answer)."""
+        if n > settings.max_inputs:
+            raise HTTPError(413, f"the texts make {n} windows of at most {limit} tokens, over this server's "
+                                 f"{settings.max_inputs} (--max-inputs); send fewer or shorter texts, or overlap the "
+                                 "windows less (stride, doc_stride)", "Validation")
 
     def unsupported(body) -> None:
         """422 for the TEI fields this server cannot honour (never silently ignored)."""
@@ -1046,7 +1048,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
         plans = await off_loop(texts, lambda: [spans.tag_windows(hub.tokenizer, text, limit - 2, options.stride)
                                                for text in texts])
         sequences = [torch.tensor(window) for window in spans.windows_of(plans)]
-        check_count(len(sequences), WINDOWS)
+        check_windows(len(sequences))
         found = [spans.entities(plan, outputs, options.aggregation_strategy, config.labels(), hub.tokenizer, ignore)
                  for plan, outputs in spans.per_plan(plans, await run("tokens", sequences))]
         return JSONResponse(found[0] if isinstance(body.inputs, str) else found)
@@ -1071,8 +1073,7 @@ def create_app(hub, settings: ServeSettings, model_name: str = "roberta", precis
             spans.answer_windows(hub.model, hub.tokenizer, (q.question, q.context), o.max_seq_len or min(384, limit),
                                  o.doc_stride, o.handle_impossible_answer) for q in questions])
         sequences = [torch.tensor(window) for window in spans.windows_of(plans)]
-        if sequences:  # none where every context is empty: only empty answers
-            check_count(len(sequences), WINDOWS)
+        check_windows(len(sequences))  # none where every context is empty: only empty answers
         outputs = await run("spans", sequences) if sequences else []
         found = [spans.answer_from(plan, mine, o.top_k, o.max_answer_len, o.handle_impossible_answer, 0.0,
                                    o.align_to_words) for plan, mine in spans.per_plan(plans, outputs)]

@@ -342,6 +342,11 @@ def test_cli_tag_and_answer_print_the_library_results(tagger, reader, tmp_path, 
                  "--field", "body"]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed == tagger[0].tag(["A\ttab and a\nnewline in Paris.", text])
+    single = tmp_path / "texts.tsv"  # tag takes single texts: its .tsv lines are text, a TAB is part of one
+    single.write_text(f"{text}\nA\ttab in Paris.\n", encoding="utf-8")
+    assert main(["tag", "-m", tagger[0].directory, "--precision", "fp32", "--json", "-i", str(single)]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == tagger[0].tag([text, "A\ttab in Paris."])
     for argv, said in ((["answer", "-i", str(tabbed), "--context", "One for all."],
                         f"{tabbed} line 2 has a context after a TAB, and --context gives another: drop one"),
                        (["answer", "-i", str(squad), "--pair-field", "passage"],

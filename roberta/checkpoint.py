@@ -320,8 +320,15 @@ def check_weights(config: RobertaConfig, state: dict[str, torch.Tensor], source:
 
 
 def _finite(tensor: torch.Tensor) -> bool:
-    flat = tensor.reshape(-1)
-    return all(bool(torch.isfinite(part).all()) for part in flat.split(1 << 22))  # bounded scratch memory
+    """No NaN or infinity in `tensor`. A NaN or an infinity makes the sum of its part NaN or infinite,
+    so a finite sum clears the part in one reduction, without a mask (several times faster: base's
+    weights in a fraction of a second); only a part whose sum is not finite (a bad value, or finite
+    values summing past the float range) is checked element by element, in bounded scratch memory."""
+    for part in tensor.reshape(-1).split(1 << 22):
+        total = part.sum(dtype=torch.float64 if part.dtype == torch.float64 else torch.float32)
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(part).all()):
+            return False
+    return True
 
 
 def _warn(message: str) -> None:

@@ -205,6 +205,27 @@ def test_nan_and_infinite_weights_warn(models, tmp_path, call):
     assert result.stderr.startswith("warning: ") and "NaN or infinite" in result.stderr
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_finite_check_agrees_with_isfinite_everywhere(dtype):
+    # the check sums each part first: sums that overflow on finite values, NaN, infinities of both signs
+    # (which sum to NaN), a bad value past the first part, and the largest finite values of each dtype
+    from roberta.checkpoint import _finite
+
+    big = torch.finfo(dtype).max
+    cases = [torch.randn(1000, dtype=dtype), torch.full((8,), big, dtype=dtype), torch.full((8,), -big, dtype=dtype),
+             torch.tensor([big, -big, big], dtype=dtype)]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(1000, dtype=dtype)
+        t[517] = bad
+        cases.append(t)
+    cases.append(torch.tensor([float("inf"), -float("inf"), 1.0], dtype=dtype))
+    late = torch.zeros((1 << 22) + 5, dtype=dtype)
+    late[-1] = float("nan")  # in the second part
+    cases += [late, torch.zeros(0, dtype=dtype)]
+    for t in cases:
+        assert _finite(t) == bool(torch.isfinite(t).all()), (dtype, t[:4])
+
+
 def test_absurd_sizes_are_refused_at_once_in_little_memory(models, tmp_path):
     """Each case in a fresh process: refused in under a second, with under 100 MB of extra memory."""
     cases = {}

@@ -6,9 +6,11 @@ Two servers on loopback hold the same model: one with the default batching, one 
 request rate against the same server's /health, so it measured itself more than the server) send one SST-2 dev sentence per `POST /embed` request; at each concurrency
 the two servers get interleaved passes of a fixed number of requests, each pass also bounded in time.
 Reported per server and concurrency: requests/s, real tokens/s (as the server counted them), p50 and
-p99 latency (median over the passes), and the ratios batched / unbatched. A second table does the same
-for `POST /rerank` (TEI's cross-encoder route): each request ranks `--rerank-texts` SST-2 sentences
-against another one as the query, and its rate is counted in (query, text) pairs per second.
+p99 latency of the requests answered, the requests the server refused under load (503 past its
+--timeout, 429 with its queue full; medians over the passes), and the ratios batched / unbatched. A
+second table does the same for `POST /rerank` (TEI's cross-encoder route): each request ranks
+`--rerank-texts` SST-2 sentences against another one as the query, and its rate is counted in (query,
+text) pairs per second.
 
     PYTHONPATH=. python benchmarks/bench_serve.py                  # base size, random weights
     PYTHONPATH=. python benchmarks/bench_serve.py --model DIR      # any model roberta.load reads
@@ -84,22 +86,27 @@ def tokens_run(url: str) -> float:
 
 async def one_pass(url: str, route: str, sentences: list[str], concurrency: int, requests: int, time_limit: float,
                    texts: int = 1) -> dict:
-    """`requests` requests from `concurrency` clients, each sending its next one when answered."""
+    """`requests` requests from `concurrency` clients, each sending its next one when answered. A 503 (the
+    server's --timeout passed) or 429 (its queue full) is the server refusing under load: counted, not
+    timed, and the client goes on."""
     latencies: list[float] = []
-    inputs = 0
+    inputs = refused = 0
     next_index = 0
     tokens = tokens_run(url)
     start = time.perf_counter()
 
     async def client(http: aiohttp.ClientSession):
-        nonlocal next_index, inputs
+        nonlocal next_index, inputs, refused
         while next_index < requests and time.perf_counter() - start < time_limit:
             body, n = request(route, sentences, next_index, texts)
             next_index += 1
             t = time.perf_counter()
             async with http.post(url + route, json=body) as response:
-                response.raise_for_status()
                 await response.read()
+                if response.status in (429, 503):
+                    refused += 1
+                    continue
+                response.raise_for_status()
             latencies.append(time.perf_counter() - t)
             inputs += n
 
@@ -109,10 +116,10 @@ async def one_pass(url: str, route: str, sentences: list[str], concurrency: int,
     seconds = time.perf_counter() - start
     tokens = tokens_run(url) - tokens
     latencies.sort()
+    at = (lambda q: 1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))]) if latencies else \
+        (lambda q: float("nan"))
     return {"requests/s": len(latencies) / seconds, "inputs/s": inputs / seconds, "tokens/s": tokens / seconds,
-            "done": len(latencies),
-            "p50 ms": 1000 * latencies[len(latencies) // 2],
-            "p99 ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+            "done": len(latencies), "refused": refused, "p50 ms": at(0.5), "p99 ms": at(0.99)}
 
 
 def cpu() -> str:
@@ -165,6 +172,7 @@ def main() -> None:
                                                                  texts)))
                     print(f"{route} concurrency {c}, pass {repeat + 1}: " + ", ".join(
                         f"{side} {p[-1]['requests/s']:.1f} req/s p99 {p[-1]['p99 ms']:.0f} ms"
+                        + (f" ({p[-1]['refused']} refused)" if p[-1]["refused"] else "")
                         for side, p in passes.items()), flush=True)
                 results[route][c] = {side: {k: statistics.median(p[k] for p in ps) for k in ps[0]}
                                      for side, ps in passes.items()}
@@ -176,12 +184,12 @@ def main() -> None:
             b, u = by_side["batched"], by_side["unbatched"]
             for side, r in by_side.items():
                 rate = r["tokens/s"] if route == "/embed" else r["inputs/s"]
-                rows.append([c, side, r["requests/s"], rate, r["p50 ms"], r["p99 ms"],
+                rows.append([c, side, r["requests/s"], rate, r["p50 ms"], r["p99 ms"], r["refused"],
                              f"{b['inputs/s'] / u['inputs/s']:.2f}x" if side == "batched" else "1",
                              f"{b['p99 ms'] / u['p99 ms']:.2f}" if side == "batched" else "1"])
         print(f"\nPOST {route}" + ("" if route == "/embed" else f": {routes[route]} texts per request"))
         print(table(["concurrency", "server", "requests/s", "tokens/s" if route == "/embed" else "pairs/s", "p50 ms",
-                     "p99 ms", "throughput vs unbatched", "p99 vs unbatched"], rows))
+                     "p99 ms", "refused (median)", "throughput vs unbatched", "p99 vs unbatched"], rows))
     print(f"load average at the end: {os.getloadavg()}; servers exited {codes}")
 
 

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from common import DATA, ROOT, cpu_line, median, table
 
@@ -54,14 +53,14 @@ print(json.dumps({"import": imported - started, "load": loaded - imported, "firs
 
 def rows(model: str, baseline: str | None) -> dict[str, tuple[list[str], str]]:
     """name -> (argv, the checkout on PYTHONPATH)."""
-    found = {"this project, library (import, load, fill_mask)": ([sys.executable, "-c", LIBRARY, model, TEXT], str(ROOT)),
-             "this project, command line (roberta fill-mask)": (
-                 [sys.executable, "-m", "roberta.cli", "fill-mask", "-m", model, "--json", TEXT], str(ROOT)),
+    library = [sys.executable, "-c", LIBRARY, model, TEXT]
+    command = [sys.executable, "-m", "roberta.cli", "fill-mask", "-m", model, "--json", TEXT]
+    found = {"this project, library (import, load, fill_mask)": (library, str(ROOT)),
+             "this project, command line (roberta fill-mask)": (command, str(ROOT)),
              "transformers fill-mask pipeline": ([sys.executable, "-c", TRANSFORMERS, model, TEXT], str(ROOT))}
     if baseline:
-        found[f"{baseline}, library"] = ([sys.executable, "-c", LIBRARY, model, TEXT], baseline)
-        found[f"{baseline}, command line"] = (
-            [sys.executable, "-m", "roberta.cli", "fill-mask", "-m", model, "--json", TEXT], baseline)
+        found[f"{baseline}, library"] = (library, baseline)
+        found[f"{baseline}, command line"] = (command, baseline)
     return found
 
 

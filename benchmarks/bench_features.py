@@ -13,11 +13,11 @@ the same batches of 32 token-id lists from the real tokenizer, with the same thr
   auto: whatever `--precision auto` picks on this machine (named in the row).
 Throughput counts real tokens; each engine runs in its own process (so that one engine's malloc settings or
 spinning thread pool cannot help or hurt another), timed one pass at a time in turn, the median reported.
-The last rows are bounds, not engines (`roofline`): the dense layers' matmuls alone in fp32 (and bf16,
-int8 where this process runs them), every layer's on each batch's real tokens with the fastest GEMM this
-CPU has for each shape, timed in turn with the engines, i.e. what an engine on the same matmuls would
-reach if everything else (attention, LayerNorm, GELU, padding, quantisation) cost nothing; "x its
-roofline" is each row against its own.
+The last rows are bounds, not engines (`roofline`): the dense layers' matmuls alone in fp32 (and int8
+where this process runs it, bf16 where it runs it on the CPU's own bf16 units), every layer's on each
+batch's real tokens with the fastest GEMM this CPU has for each shape, timed in turn with the engines,
+i.e. what an engine on the same matmuls would reach if everything else (attention, LayerNorm, GELU,
+padding, quantisation) cost nothing; "x its roofline" is each row against its own.
 Instruction-set caps in the environment (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS,
 CT2_FORCE_CPU_ISA) reach every engine's process, so that one run shows an AVX2-only machine.
 This project's rows and the rooflines import roberta before torch, as its command does (its runtime
@@ -243,10 +243,13 @@ def main() -> None:
     with open(ids_file, "w") as f:
         json.dump(sequences, f)
 
-    from roberta.inference import runs_here
+    from roberta.inference import BF16_FLAGS, cpu_flags, runs_here
 
     sides = [side for side in SIDES if side in args.engines.split(",") or side == "fp32"]  # fp32: the reference
-    bounds = [f"roofline-{p}" for p in ["fp32", *sorted(runs_here())] if not args.no_roofline]
+    # a bf16 roofline only where the CPU has bf16 units: elsewhere oneDNN emulates bf16, and a bound on the
+    # emulation says nothing about what the hardware can do
+    reduced = sorted(runs_here() - (set() if cpu_flags().intersection(BF16_FLAGS) else {"bf16"}))
+    bounds = [f"roofline-{p}" for p in ["fp32", *reduced] if not args.no_roofline]
     workers = {}
     for side in sides + bounds:  # one process each, started one after another (loading is not timed)
         workers[side] = Worker(__file__, side, tmp, ids_file, "--threads", str(args.threads))

@@ -457,6 +457,11 @@ def _print(args, value, text: str) -> None:
     print(json.dumps(value, ensure_ascii=False) if args.json else text)
 
 
+def _first_process() -> bool:
+    """Whether this process prints the command's result: under torchrun only the first does."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _load(args):
     from .device import resolve_device
     from .hub import load
@@ -571,7 +576,7 @@ def _job(args, kind: str):
                      batch_tokens=args.batch_tokens, resume=args.resume, overwrite=args.overwrite,
                      progress=not args.no_progress,
                      model_name=str(args.model))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _first_process():
         _print(args, {"path": args.out, "inputs": index["rows"], "shards": len(index["shards"]),
                       "width": index["width"]},
                f"wrote {_count(index['rows'], 'input')} to {args.out} in {_count(len(index['shards']), 'shard')} "
@@ -842,7 +847,9 @@ def _finetune(args) -> int:
         recipe = read_settings(Recipe, saved).replace(task=task_name(args.task), **given).with_sets(args.set)
     else:
         recipe = _recipe(args, names)
-    print(json.dumps(finetune(args.task, args.data, args.model, args.out, recipe=recipe, resume=args.resume), indent=2))
+    result = finetune(args.task, args.data, args.model, args.out, recipe=recipe, resume=args.resume)
+    if _first_process():
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -854,7 +861,8 @@ def _evaluate(args) -> int:
     recipe = _recipe(args, [])
     result = evaluate(args.task, args.data, args.model, args.split, args.predictions, out, args.batch_size,
                       recipe=recipe)
-    print(json.dumps(result, indent=2))
+    if _first_process():
+        print(json.dumps(result, indent=2))
     return 0
 
 

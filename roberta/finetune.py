@@ -37,9 +37,9 @@ from .errors import RobertaError
 from .fileio import atomic_write, check_output, content_digest, read_json
 from .inference import length_batches, pad_batch
 from .model import RobertaForMultipleChoice, RobertaForQuestionAnswering, RobertaForSequenceClassification
-from .train import (check_reproducible, PRECISIONS, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps, precision_context,
-                    prepare_run_dir, save_checkpoint, set_lr, setup_distributed, train_step, unwrap, wrap_ddp,
-                    write_dir)
+from .train import (check_reproducible, PRECISIONS, Dist, Metrics, Settings, adamw, load_checkpoint, lr_at, micro_steps,
+                    precision_context, prepare_run_dir, save_checkpoint, set_lr, setup_distributed, train_step, unwrap,
+                    wrap_ddp, write_dir)
 
 # --------------------------------------------------------------------------------------------------
 # Recipes
@@ -253,9 +253,9 @@ class SentenceTask:
             return y
         return torch.tensor(labels, dtype=torch.long)
 
-    def predict(self, model, items, device, batch_size, autocast=None) -> tuple[list, dict | None]:
+    def predict(self, model, items, device, batch_size, autocast=None, d=None) -> tuple[list, dict | None]:
         """Predictions (label index, score, or label-index list) and, if labelled, the metrics."""
-        logits = forward_all(model, self, items, device, batch_size, autocast)["logits"].numpy()
+        logits = forward_all(model, self, items, device, batch_size, autocast, d)["logits"].numpy()
         if self.problem_type == "regression":
             preds = list(logits[:, 0] * self.label_scale)
         elif self.problem_type == "multi_label":
@@ -329,8 +329,8 @@ class SquadTask:
                     start_positions=torch.tensor([it["feature"].start for it in items]),
                     end_positions=torch.tensor([it["feature"].end for it in items]))
 
-    def predict(self, model, items, device, batch_size, autocast=None) -> tuple[dict, dict]:
-        out = forward_all(model, self, items, device, batch_size, autocast)
+    def predict(self, model, items, device, batch_size, autocast=None, d=None) -> tuple[dict, dict]:
+        out = forward_all(model, self, items, device, batch_size, autocast, d)
         starts, ends = out["start_logits"].numpy(), out["end_logits"].numpy()
         examples = items[0]["examples"] if items else []
         r = self.recipe
@@ -369,8 +369,8 @@ class RaceTask:
             batch["labels"] = torch.tensor([it["label"] for it in items])
         return batch
 
-    def predict(self, model, items, device, batch_size, autocast=None) -> tuple[list, dict | None]:
-        preds = list(forward_all(model, self, items, device, batch_size, autocast)["logits"].argmax(-1).numpy())
+    def predict(self, model, items, device, batch_size, autocast=None, d=None) -> tuple[list, dict | None]:
+        preds = list(forward_all(model, self, items, device, batch_size, autocast, d)["logits"].argmax(-1).numpy())
         if items[0]["label"] is None:
             return preds, None
         return preds, tasks.race_metrics([it["label"] for it in items], preds, [it["level"] for it in items])
@@ -387,21 +387,34 @@ def load_task(recipe: Recipe, data_dir, tokenizer, splits=("train", "dev"), id2l
     return kind(recipe, data_dir, tokenizer, splits, id2label)
 
 
-def forward_all(model, task, items, device, batch_size: int, autocast=None) -> dict[str, torch.Tensor]:
+def forward_all(model, task, items, device, batch_size: int, autocast=None, d: Dist | None = None
+                ) -> dict[str, torch.Tensor]:
     """The model's logits for every item, in the items' order, computed in length-grouped batches
     (under the training precision's `autocast`, if given). Per-token logits (SQuAD) from batches of
-    different lengths are padded with -inf."""
+    different lengths are padded with -inf.
+
+    Under torchrun (`d` of more than one process, the model not sharded) each process computes every
+    world-th batch and the processes exchange the results: each gets every logit, computed in the same
+    batches as by one process alone, in a world-th of the time."""
     model.eval()
     batches = length_batches([task.length(it) for it in items], batch_size=batch_size)
-    parts: dict[str, list] = {}
+    rank, world = (d.rank, d.world) if d is not None else (0, 1)
+    outputs: dict[int, dict[str, torch.Tensor]] = {}  # batch number -> its logits, on the CPU
     with torch.no_grad():
-        for index in batches:
-            batch = task.collate([items[i] for i in index])
+        for j in range(rank, len(batches), world):
+            batch = task.collate([items[i] for i in batches[j]])
             with autocast or contextlib.nullcontext():
                 out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            for name in ("logits", "start_logits", "end_logits"):
-                if getattr(out, name) is not None:
-                    parts.setdefault(name, []).append(getattr(out, name).float().cpu())
+            outputs[j] = {name: getattr(out, name).float().cpu() for name in ("logits", "start_logits", "end_logits")
+                          if getattr(out, name) is not None}
+    if world > 1:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, outputs)
+        outputs = {j: logits for part in gathered for j, logits in part.items()}
+    parts: dict[str, list] = {}
+    for j in range(len(batches)):
+        for name, logits in outputs[j].items():
+            parts.setdefault(name, []).append(logits)
     order = torch.as_tensor(np.argsort(np.concatenate(batches)), dtype=torch.long)
     result = {}
     for name, tensors in parts.items():
@@ -448,14 +461,16 @@ def _check_sources(saved: Path, sources: dict) -> None:
                            f"a new run in another --out")
 
 
-def _split_metrics(task, files: list[Path], items_per_file: list[list], model, device, batch_size, autocast=None):
+def _split_metrics(task, files: list[Path], items_per_file: list[list], model, device, batch_size, autocast=None,
+                   d: Dist | None = None):
     """Predictions and metrics for each file of a split; with several files (MNLI's matched and
-    mismatched dev sets) each metric is prefixed by the file's name without 'dev_'/'test_'."""
+    mismatched dev sets) each metric is prefixed by the file's name without 'dev_'/'test_'. Under
+    torchrun (`d`) the processes share the batches (`forward_all`) and each gets the results."""
     preds, merged = [], {}
     for path, items in zip(files, items_per_file):
         if not items:
             raise RobertaError(f"{path} has no examples to evaluate")
-        p, metrics = task.predict(model, items, device, batch_size, autocast)
+        p, metrics = task.predict(model, items, device, batch_size, autocast, d)
         preds.append(p)
         if metrics is not None:
             prefix = "" if len(files) == 1 else path.stem.split("_", 1)[-1] + "_"
@@ -553,9 +568,10 @@ def finetune(task: str, data_dir, model_dir, out_dir, recipe: Recipe | None = No
     score_key = _score_key(data, data.files["dev"])
 
     def evaluate_dev(done: int) -> bool:
-        """Score the dev set (every process: they all decide on stopping); True when the patience ran out."""
+        """Score the dev set (the processes share its batches, and each gets the score: they all decide on
+        stopping); True when the patience ran out."""
         nonlocal best, bad_evals
-        _, result = _split_metrics(data, data.files["dev"], dev, unwrap(model), d.device, micro, autocast)
+        _, result = _split_metrics(data, data.files["dev"], dev, unwrap(model), d.device, micro, autocast, d)
         model.train()
         metrics.log(step=done, epoch=-(-done // per_epoch), dev=result)
         score = result[score_key]
@@ -650,11 +666,11 @@ def evaluate(task: str, data_dir, model_dir, split: str = "dev", predictions=Non
                            f"{data.num_labels}: is this checkpoint fine-tuned on {recipe.task}?")
     files = data.files[split]
     items = [data.encode(examples[: recipe.max_dev_examples]) for examples in data.data[split]]
-    preds, metrics = _split_metrics(data, files, items, model, device, batch_size)
+    preds, metrics = _split_metrics(data, files, items, model, device, batch_size, d=d)
     result = {"task": recipe.task, "split": split, "model": str(model_dir), "metrics": metrics}
-    if out_file:
+    if out_file and d.main:  # under torchrun the processes share the batches; the first writes
         atomic_write(Path(out_file), json.dumps(result, indent=2) + "\n")
-    if predictions:
+    if predictions and d.main:
         for path, its, p in zip(files, items, preds):
             target = Path(predictions)
             if len(files) > 1:

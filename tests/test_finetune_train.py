@@ -96,12 +96,59 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_ml
     run_cli(one, tiny_mlm_dir, task_dir, update_freq=2, **settings)
     result = run_cli(two, tiny_mlm_dir, task_dir, torchrun=True, **settings)
     assert "8 = 4 x 1 micro-steps x 2 process(es)" in result.output
+    assert result.output.count('"best_step"') == 1  # the result, printed by the first process only
     for x, y in zip(logged(one), logged(two), strict=True):
         assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
     a, b = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+# One process's dev evaluation, or torchrun's share of it: the batches each process runs and what it gets back.
+SHARED_EVAL = """
+import json, sys, torch
+from roberta import finetune as ft
+from roberta.train import setup_distributed
+d = setup_distributed("cpu")
+recipe = ft.recipe_for("custom", device="cpu")
+data = ft.load_task(recipe, sys.argv[1], None)
+torch.manual_seed(0)  # the same new head in every process
+model, data.tokenizer = ft.open_task_model(sys.argv[2], data.model_class, head_name="custom", **data.config_overrides())
+data.recipe = ft._fit_max_len(recipe, model)
+dev = [data.encode(examples[:36]) for examples in data.data["dev"]]
+batches = []
+model.register_forward_hook(lambda module, args, out: batches.append(out.logits.shape[0]))
+preds, metrics = ft._split_metrics(data, data.files["dev"], dev, model, d.device, 8, d=d)
+logits = ft.forward_all(model, data, dev[0], d.device, 8, d=d)["logits"]
+with open(f"{sys.argv[3]}-{d.rank}.json", "w") as f:
+    json.dump({"world": d.world, "batches": batches, "preds": [int(p) for p in preds[0]], "metrics": metrics,
+               "logits": logits.tolist()}, f)
+d.close()
+"""
+
+
+@pytest.mark.slow
+def test_dev_evaluation_under_torchrun_shares_the_batches_and_equals_one_process(tiny_mlm_dir, task_dir, tmp_path):
+    """Each of 2 processes runs half of the dev batches (36 rows in batches of 8: 5 batches, 3 and 2) and
+    gets every prediction back: the logits and metrics of one process, to the bit."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "shared_eval.py"
+    script.write_text(SHARED_EVAL)
+    for prefix, name in (([], "one"), (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two")):
+        run = subprocess.run([sys.executable, *prefix, str(script), str(task_dir), str(tiny_mlm_dir), str(tmp_path / name)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+    one = json.loads((tmp_path / "one-0.json").read_text())
+    two = [json.loads((tmp_path / f"two-{rank}.json").read_text()) for rank in (0, 1)]
+    assert one["world"] == 1 and [t["world"] for t in two] == [2, 2]
+    assert len(one["batches"]) == 10 and sum(one["batches"]) == 72  # 5 batches, twice (metrics, then logits)
+    assert [len(t["batches"]) for t in two] == [6, 4]  # batches 0, 2, 4 and 1, 3, each time
+    assert sorted(one["batches"]) == sorted(two[0]["batches"] + two[1]["batches"])
+    for t in two:
+        assert t["logits"] == one["logits"] and t["preds"] == one["preds"] and t["metrics"] == one["metrics"]
+    assert len(one["logits"]) == 36 and one["metrics"]["accuracy"] == sum(
+        p == label for p, label in zip(one["preds"], [1 if i % 2 else 0 for i in range(36)])) / 36
 
 
 def test_bf16_reaches_the_fp32_dev_score_within_a_point(tiny_mlm_dir, task_dir, tmp_path):

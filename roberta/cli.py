@@ -443,10 +443,35 @@ def _texts(args, skip_blank: bool = False):
     return ("\t".join(sentences) for sentences in _inputs(args, skip_blank))
 
 
-def _batches(items, size: int = 32):
+def _where(args, number: int) -> str:
+    """What an error calls the input numbered `number` (from 1): argument N, or FILE/stdin line N."""
+    return f"argument {number}" if args.text else f"{_source(args)} line {number}"
+
+
+def _each(args, inputs, run, show, named: bool = False) -> None:
+    """`run(chunk, first)` on chunks of 32 inputs (`first`: the first one's number, from 1), then
+    `show(input, result)` for each result, in input order. A refused input stops the command with an
+    error naming it (`named`: run's errors name it already), after the outputs of every input before it:
+    a chunk the library refuses is run again one input at a time, up to the refused one."""
+    from .errors import InputError
     from .jobs import chunks
 
-    return chunks(items, size)
+    number = 0  # the inputs shown so far
+    for chunk in chunks(inputs, 32, partial_before_error=True):
+        try:
+            results = run(chunk, number + 1)
+        except InputError:
+            results = []
+            for item in chunk:
+                try:
+                    results += run([item], number + len(results) + 1)
+                except InputError as exc:
+                    for done, result in zip(chunk, results):
+                        show(done, result)
+                    raise exc if named else InputError(f"{_where(args, number + len(results) + 1)}: {exc}") from None
+        for item, result in zip(chunk, results):
+            show(item, result)
+        number += len(chunk)
 
 
 def _count(n: int, noun: str) -> str:
@@ -505,12 +530,13 @@ def _fill_mask(args):
     if not hub.has_lm_head():  # as the server's 409: predictions from a random head are noise
         raise RobertaError(f"{args.model} has no masked-LM head (lm_head.*), so fill-mask would predict at random; "
                            "use a checkpoint saved with its LM head")
-    for texts in _batches(_texts(args)):
-        for text, result in zip(texts, hub.fill_mask(texts, topk=args.topk, as_dicts=True)):
-            per_mask = result if text.count("<mask>") > 1 else [result]
-            lines = [text] + [f"  {c['score']:.4f}  {c['token_str']!r:<16} {c['sequence']}"
-                              for mask in per_mask for c in mask]
-            _print(args, result, "\n".join(lines))
+
+    def show(text, result):
+        per_mask = result if text.count("<mask>") > 1 else [result]
+        _print(args, result, "\n".join([text] + [f"  {c['score']:.4f}  {c['token_str']!r:<16} {c['sequence']}"
+                                                 for mask in per_mask for c in mask]))
+
+    _each(args, _texts(args), lambda texts, _: hub.fill_mask(texts, topk=args.topk, as_dicts=True), show)
 
 
 def _check_job_options(args) -> None:
@@ -609,20 +635,21 @@ def _predict(args):
     if not args.json:  # a header naming the columns: the label, each class's probability, the input
         classes = names or [str(i) for i in range(hub.model.config.classification_heads[head])]
         print("score\tinput" if scores else f"label\t{' '.join(classes)}\tinput")
-    line = 1
-    for batch in _batches(_inputs(args)):
-        tokens = jobs.tokenize(hub, batch, args.truncate, windowed, first_line=line, name=_source(args))
-        line += len(batch)
-        probs = jobs.prediction_rows(hub, tokens, head, args.batch_tokens, args.window, args.stride, args.pool)
-        for sentences, row in zip(batch, probs.tolist()):
-            if scores:
-                _print(args, {"score": row[0]}, f"{row[0]:.4f}\t{chr(9).join(sentences)}")
-                continue
-            index = max(range(len(row)), key=row.__getitem__)
-            label = names[index] if names else index
-            value = {"label": label, "index": index, "probabilities": row}
-            _print(args, {**value, "labels": names} if names else value,
-                   f"{label}\t{' '.join(f'{p:.4f}' for p in row)}\t{chr(9).join(sentences)}")
+
+    def run(batch, first):
+        tokens = jobs.tokenize(hub, batch, args.truncate, windowed, first_line=first, name=_source(args))
+        return jobs.prediction_rows(hub, tokens, head, args.batch_tokens, args.window, args.stride, args.pool).tolist()
+
+    def show(sentences, row):
+        if scores:
+            return _print(args, {"score": row[0]}, f"{row[0]:.4f}\t{chr(9).join(sentences)}")
+        index = max(range(len(row)), key=row.__getitem__)
+        label = names[index] if names else index
+        value = {"label": label, "index": index, "probabilities": row}
+        _print(args, {**value, "labels": names} if names else value,
+               f"{label}\t{' '.join(f'{p:.4f}' for p in row)}\t{chr(9).join(sentences)}")
+
+    _each(args, _inputs(args), run, show, named=True)
 
 
 def _head(args, hub) -> str:
@@ -643,11 +670,11 @@ def _head(args, hub) -> str:
 
 def _zero_shot(args):
     hub = _load(args)
-    for text in _texts(args):
-        result = hub.zero_shot(text, args.labels, hypothesis_template=args.template, multi_label=args.multi_label,
-                               head=args.head)
-        _print(args, result, "\n".join([text] + [f"  {score:.4f}  {label}"
-                                                 for label, score in zip(result["labels"], result["scores"])]))
+    _each(args, _texts(args),
+          lambda texts, _: [hub.zero_shot(text, args.labels, hypothesis_template=args.template,
+                                          multi_label=args.multi_label, head=args.head) for text in texts],
+          lambda text, result: _print(args, result, "\n".join(
+              [text] + [f"  {score:.4f}  {label}" for label, score in zip(result["labels"], result["scores"])])))
 
 
 def _rerank(args):
@@ -663,10 +690,10 @@ def _rerank(args):
 def _tag(args):
     hub = _load(args)
     label = "entity" if args.aggregation == "none" else "entity_group"
-    for texts in _batches(_texts(args)):
-        for text, entities in zip(texts, hub.tag(texts, aggregation=args.aggregation, stride=args.stride)):
-            _print(args, entities, "\n".join([text] + [f"  {e[label]:<10} {e['score']:.4f}  {e['start']}-{e['end']}  "
-                                                       f"{text[e['start']:e['end']]}" for e in entities]))
+    _each(args, _texts(args), lambda texts, _: hub.tag(texts, aggregation=args.aggregation, stride=args.stride),
+          lambda text, entities: _print(args, entities, "\n".join(
+              [text] + [f"  {e[label]:<10} {e['score']:.4f}  {e['start']}-{e['end']}  {text[e['start']:e['end']]}"
+                        for e in entities])))
 
 
 def _answer(args):
@@ -684,25 +711,26 @@ def _answer(args):
     if context is not None:  # the one context for all: each input is a question alone
         args.pair_field = None
     hub = _load(args)
-    number = 0
-    for batch in _batches(_inputs(args)):
-        pairs = []
-        for sentences in batch:
-            number += 1
-            where = f"argument {number}" if args.text else f"{_source(args)} line {number}"
+
+    def pairs():  # (question, context) of each input, checked as it is read
+        for number, sentences in enumerate(_inputs(args), 1):
             if context is None and len(sentences) < 2:
-                raise RobertaError(f"{where} has no context: give QUESTION<TAB>CONTEXT, JSONL with a context field "
-                                   "(--pair-field), or --context")
+                raise RobertaError(f"{_where(args, number)} has no context: give QUESTION<TAB>CONTEXT, JSONL with a "
+                                   "context field (--pair-field), or --context")
             if context is not None and len(sentences) > 1:
-                raise RobertaError(f"{where} has a context after a TAB, and --context gives another: drop one")
-            pairs.append((sentences[0], context if context is not None else sentences[1]))
-        answers = hub.answer([q for q, _ in pairs], [c for _, c in pairs], topk=args.topk, no_answer=args.no_answer,
-                             null_threshold=args.null_threshold or 0.0, max_answer_len=args.max_answer_len,
-                             max_seq_len=args.max_seq_len, doc_stride=args.doc_stride)
-        for (question, _), found in zip(pairs, answers):
-            found = found if isinstance(found, list) else [found]
-            _print(args, found, "\n".join([question] + [f"  {a['score']:.4f}  {a['start']}-{a['end']}  {a['answer']}"
-                                                        for a in found]))
+                raise RobertaError(f"{_where(args, number)} has a context after a TAB, and --context gives another: "
+                                   "drop one")
+            yield sentences[0], context if context is not None else sentences[1]
+
+    def show(pair, found):
+        found = found if isinstance(found, list) else [found]
+        _print(args, found, "\n".join([pair[0]] + [f"  {a['score']:.4f}  {a['start']}-{a['end']}  {a['answer']}"
+                                                   for a in found]))
+
+    _each(args, pairs(), lambda chunk, _: hub.answer(
+        [q for q, _ in chunk], [c for _, c in chunk], topk=args.topk, no_answer=args.no_answer,
+        null_threshold=args.null_threshold or 0.0, max_answer_len=args.max_answer_len, max_seq_len=args.max_seq_len,
+        doc_stride=args.doc_stride), show)
 
 
 def _export(args):

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import download, windows
 from .checkpoint import model_class, model_path, not_a_model, parameter_count, read_checkpoint
-from .errors import RobertaError, RobertaWarning
+from .errors import InputError, RobertaError, RobertaWarning
 from .fileio import atomic_open, read_json
 from .inference import length_batches, pad_batch
 from .model import RobertaForMaskedLM, RobertaForQuestionAnswering, RobertaForTokenClassification, find_head
@@ -509,7 +509,7 @@ class RobertaHub(nn.Module):
         # fairseq's rule: the spans around each mask lose their trailing spaces (the space before a mask
         # belongs to the predicted token) and keep their leading ones.
         if MASK not in text:
-            raise RobertaError(f"fill_mask needs a {MASK} in the text, e.g. 'The capital of France is {MASK}.'")
+            raise InputError(f"fill_mask needs a {MASK} in the text, e.g. 'The capital of France is {MASK}.'")
         tok = self.tokenizer
         ids = [tok.bos_token_id]
         for i, span in enumerate(text.split(MASK)):
@@ -546,7 +546,7 @@ class RobertaHub(nn.Module):
         if n <= limit:
             return ids
         if not truncate:
-            raise RobertaError(too_long("input", n, limit, truncate))
+            raise InputError(too_long("input", n, limit, truncate))
         pad = self.tokenizer.pad_token_id
         rows = []
         for row in ids.tolist():
@@ -630,7 +630,7 @@ def encode_within(tokenizer: RobertaTokenizer, sentences: list[str], limit: int 
     if len(sentences) > 2:
         ids = encode(tokenizer, *sentences).tolist()
         if len(ids) > limit and not truncate:
-            raise RobertaError(too_long(what, len(ids), limit, truncate))
+            raise InputError(too_long(what, len(ids), limit, truncate))
         return cut(tokenizer, ids, limit)
     room = limit - 2 * len(sentences)
     heads, whole = [], []
@@ -645,8 +645,8 @@ def encode_within(tokenizer: RobertaTokenizer, sentences: list[str], limit: int 
     lengths = [len(h) for h in heads]
     if sum(lengths) > room:
         if not truncate:
-            raise RobertaError(too_long(what, sum(lengths) + 2 * len(sentences) if all(whole) else None, limit,
-                                        truncate))
+            raise InputError(too_long(what, sum(lengths) + 2 * len(sentences) if all(whole) else None, limit,
+                                      truncate))
         if len(heads) == 1:
             lengths = [room]
         else:

@@ -43,7 +43,7 @@ import torch
 import xxhash
 from tqdm import tqdm
 
-from .errors import RobertaError
+from .errors import InputError, RobertaError
 from .fileio import atomic_write, file_digest, parse_json, read_json
 
 FORMATS = ("text", "tsv", "jsonl")
@@ -133,10 +133,22 @@ def scan_input(path: str) -> tuple[int, str]:
     return count + (last != b"\n"), digest.hexdigest()
 
 
-def chunks(items, size: int) -> Iterator[list]:
-    """Lists of `size` items (the last one shorter) from any iterable, read as they are needed."""
+def chunks(items, size: int, partial_before_error: bool = False) -> Iterator[list]:
+    """Lists of `size` items (the last one shorter) from any iterable, read as they are needed.
+    `partial_before_error`: an input refused while it is read (a RobertaError) ends the chunk: the items
+    read before it come first, and the error when the next chunk is asked for (so that a command prints
+    the outputs of the lines before a bad one)."""
     chunk = []
-    for item in items:
+    iterator = iter(items)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            break
+        except RobertaError:
+            if partial_before_error and chunk:
+                yield chunk
+            raise
         chunk.append(item)
         if len(chunk) == size:
             yield chunk
@@ -184,7 +196,7 @@ def tokenize(hub, inputs: list[list[str]], truncate: bool, windowed: bool, first
     for i, row in enumerate(ids):
         if len(row) > limit:
             if not truncate:
-                raise RobertaError(too_long(what(i), len(row), limit, truncate))
+                raise InputError(too_long(what(i), len(row), limit, truncate))
             ids[i] = cut(tokenizer, row, limit)
     return ids
 

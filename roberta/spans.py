@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import windows
-from .errors import RobertaError
+from .errors import InputError, RobertaError
 from .inference import length_batches, pad_batch
 from .tokenizer import CHUNK_CHARS, RobertaTokenizer
 
@@ -302,7 +302,7 @@ def answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer):
         raise RobertaError("answer takes a question and a context, both str")
     if not context.strip():  # nothing to point at: spans of blanks would be answers of nothing
         if not no_answer:
-            raise RobertaError("the context is empty, so it holds no answer; give a context, or allow the empty "
+            raise InputError("the context is empty, so it holds no answer; give a context, or allow the empty "
                                "answer (no_answer=True, --no-answer)")
         return context, 0, [], [], [], []
     max_seq_len = min(model.config.max_tokens, 384) if max_seq_len is None else _max_tokens(model, max_seq_len)
@@ -314,7 +314,7 @@ def answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer):
                                                  return_word_ids=True)
     room = max_seq_len - len(q_ids) - 4  # <s> question </s></s> context </s>
     if room < 1:
-        raise RobertaError(f"the question has {len(q_ids)} tokens, which leaves no room for the context in "
+        raise InputError(f"the question has {len(q_ids)} tokens, which leaves no room for the context in "
                            f"{max_seq_len}-token windows; shorten the question or raise max_seq_len")
     if doc_stride is None:  # a long question leaves less room: the default overlap then takes half of it
         doc_stride = min(max_seq_len // 2, 128)

@@ -78,6 +78,36 @@ def test_fill_mask_json_objects_match_the_library(hub_checkpoints, tiny_hub, cal
     assert readable.stdout.splitlines()[0] == texts[0] and best[0] in readable.stdout.splitlines()[1]
 
 
+def test_a_refused_line_is_named_after_the_outputs_of_every_line_before_it(hub_checkpoints, tiny_hub, call):
+    """Commands that print run 32 lines at a time. A line the library refuses (no <mask>, too long) or
+    that cannot be read (blank) stops the command with an error naming it, after the output of every
+    line before it, those of its own chunk included (line 35: the second chunk's third); a call the
+    library refuses whatever the lines (a model without the head) names no line."""
+    good = [f"Line {i} has a <mask>." for i in range(40)]
+    expected = [tiny_hub.fill_mask(text, topk=1, as_dicts=True)[0]["sequence"] for text in good[:34]]
+    long = " word" * (tiny_hub.max_tokens + 10) + " <mask>"
+    for bad, problem in (("no mask here", ": fill_mask needs a <mask> in the text"),
+                         (long, f": input has {tiny_hub.max_tokens + 13} tokens but the model takes at most"),
+                         ("", " is empty; each line is one input and one output row")):
+        result = call("fill-mask", "-m", hub_checkpoints["hf"], "--json", "--topk", 1, "--precision", "fp32",
+                      stdin="\n".join(good[:34] + [bad] + good[34:]) + "\n")
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith(f"error: stdin line 35{problem}"), result.stderr
+        assert [json.loads(line)[0]["sequence"] for line in result.stdout.splitlines()] == expected
+    result = call("fill-mask", "-m", hub_checkpoints["hf"], "--topk", 1, "--precision", "fp32", good[0], "no mask")
+    assert result.returncode == 2 and result.stderr.startswith("error: argument 2: fill_mask needs a <mask>")
+    assert result.stdout.splitlines()[0] == good[0]
+    # predict's errors name the line themselves
+    result = call("predict", "-m", hub_checkpoints["hf"], "--json", "--precision", "fp32",
+                  stdin="\n".join(good[:34] + [long] + good[34:]) + "\n")
+    assert result.returncode == 2 and result.stderr.startswith("error: stdin line 35 has "), result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 34 and rows[0]["probabilities"] == pytest.approx(
+        tiny_hub.predict("mnli", tiny_hub.encode(good[0])).exp()[0].tolist(), abs=1e-5)
+    result = call("answer", "-m", hub_checkpoints["hf"], "--precision", "fp32", stdin="Who?\tBob.\n")
+    assert result.returncode == 2 and result.stderr.startswith("error: answer needs a question-answering checkpoint")
+
+
 def _flat(result):
     return [d for choices in result for d in choices] if isinstance(result[0], list) else result
 

@@ -636,8 +636,9 @@ def _predict(args):
         classes = names or [str(i) for i in range(hub.model.config.classification_heads[head])]
         print("score\tinput" if scores else f"label\t{' '.join(classes)}\tinput")
 
-    def run(batch, first):
-        tokens = jobs.tokenize(hub, batch, args.truncate, windowed, first_line=first, name=_source(args))
+    def run(batch, first):  # a line of a file or stdin is named here; an argument by `_each`
+        tokens = jobs.tokenize(hub, batch, args.truncate, windowed, first_line=None if args.text else first,
+                               name=_source(args))
         return jobs.prediction_rows(hub, tokens, head, args.batch_tokens, args.window, args.stride, args.pool).tolist()
 
     def show(sentences, row):
@@ -649,7 +650,7 @@ def _predict(args):
         _print(args, {**value, "labels": names} if names else value,
                f"{label}\t{' '.join(f'{p:.4f}' for p in row)}\t{chr(9).join(sentences)}")
 
-    _each(args, _inputs(args), run, show, named=True)
+    _each(args, _inputs(args), run, show, named=not args.text)
 
 
 def _head(args, hub) -> str:

@@ -104,6 +104,8 @@ def test_a_refused_line_is_named_after_the_outputs_of_every_line_before_it(hub_c
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 34 and rows[0]["probabilities"] == pytest.approx(
         tiny_hub.predict("mnli", tiny_hub.encode(good[0])).exp()[0].tolist(), abs=1e-5)
+    result = call("predict", "-m", hub_checkpoints["hf"], "--precision", "fp32", good[0], long)
+    assert result.returncode == 2 and result.stderr.startswith("error: argument 2: input has "), result.stderr
     result = call("answer", "-m", hub_checkpoints["hf"], "--precision", "fp32", stdin="Who?\tBob.\n")
     assert result.returncode == 2 and result.stderr.startswith("error: answer needs a question-answering checkpoint")
 

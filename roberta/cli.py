@@ -448,8 +448,8 @@ def _where(args, number: int) -> str:
     return f"argument {number}" if args.text else f"{_source(args)} line {number}"
 
 
-def _each(args, inputs, run, show, named: bool = False) -> None:
-    """`run(chunk, first)` on chunks of 32 inputs (`first`: the first one's number, from 1), then
+def _each(args, inputs, run, show, named: bool = False, size: int = 32) -> None:
+    """`run(chunk, first)` on chunks of `size` inputs (`first`: the first one's number, from 1), then
     `show(input, result)` for each result, in input order. A refused input stops the command with an
     error naming it (`named`: run's errors name it already), after the outputs of every input before it:
     a chunk the library refuses is run again one input at a time, up to the refused one."""
@@ -457,7 +457,7 @@ def _each(args, inputs, run, show, named: bool = False) -> None:
     from .jobs import chunks
 
     number = 0  # the inputs shown so far
-    for chunk in chunks(inputs, 32, partial_before_error=True):
+    for chunk in chunks(inputs, size, partial_before_error=True):
         try:
             results = run(chunk, number + 1)
         except InputError:
@@ -675,7 +675,8 @@ def _zero_shot(args):
           lambda texts, _: [hub.zero_shot(text, args.labels, hypothesis_template=args.template,
                                           multi_label=args.multi_label, head=args.head) for text in texts],
           lambda text, result: _print(args, result, "\n".join(
-              [text] + [f"  {score:.4f}  {label}" for label, score in zip(result["labels"], result["scores"])])))
+              [text] + [f"  {score:.4f}  {label}" for label, score in zip(result["labels"], result["scores"])])),
+          size=1)  # each text is one batch of its pairs already: printed as soon as it is scored
 
 
 def _rerank(args):

@@ -408,9 +408,7 @@ def forward_all(model, task, items, device, batch_size: int, autocast=None, d: D
             outputs[j] = {name: getattr(out, name).float().cpu() for name in ("logits", "start_logits", "end_logits")
                           if getattr(out, name) is not None}
     if world > 1:
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, outputs)
-        outputs = {j: logits for part in gathered for j, logits in part.items()}
+        outputs = {j: logits for part in d.all_gather(outputs) for j, logits in part.items()}
     parts: dict[str, list] = {}
     for j in range(len(batches)):
         for name, logits in outputs[j].items():

@@ -303,7 +303,7 @@ def answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer):
     if not context.strip():  # nothing to point at: spans of blanks would be answers of nothing
         if not no_answer:
             raise InputError("the context is empty, so it holds no answer; give a context, or allow the empty "
-                               "answer (no_answer=True, --no-answer)")
+                             "answer (no_answer=True, --no-answer)")
         return context, 0, [], [], [], []
     max_seq_len = min(model.config.max_tokens, 384) if max_seq_len is None else _max_tokens(model, max_seq_len)
     if doc_stride is not None and not 0 <= doc_stride <= max_seq_len:
@@ -315,7 +315,7 @@ def answer_windows(model, tokenizer, pair, max_seq_len, doc_stride, no_answer):
     room = max_seq_len - len(q_ids) - 4  # <s> question </s></s> context </s>
     if room < 1:
         raise InputError(f"the question has {len(q_ids)} tokens, which leaves no room for the context in "
-                           f"{max_seq_len}-token windows; shorten the question or raise max_seq_len")
+                         f"{max_seq_len}-token windows; shorten the question or raise max_seq_len")
     if doc_stride is None:  # a long question leaves less room: the default overlap then takes half of it
         doc_stride = min(max_seq_len // 2, 128)
         doc_stride = doc_stride if doc_stride < room else room // 2

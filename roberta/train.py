@@ -274,6 +274,14 @@ class Dist:
             dist.all_reduce(t)
         return t.tolist()
 
+    def all_gather(self, value) -> list:
+        """Every process's `value` (any picklable object), in rank order."""
+        if self.world == 1:
+            return [value]
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -395,7 +395,7 @@ def forward_all(model, task, items, device, batch_size: int, autocast=None, d: D
 
     Under torchrun (`d` of more than one process, the model not sharded) each process computes every
     world-th batch and the processes exchange the results: each gets every logit, computed in the same
-    batches as by one process alone, in a world-th of the time."""
+    batches as by one process alone."""
     model.eval()
     batches = length_batches([task.length(it) for it in items], batch_size=batch_size)
     rank, world = (d.rank, d.world) if d is not None else (0, 1)

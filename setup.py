@@ -2,16 +2,19 @@
 # - roberta._planes: the decoder of compressed checkpoints (zstd without the GIL, byte planes back into
 #   words; ZipNN's chunks through zstd's Huffman decoder); roberta.compress falls back to the zstandard
 #   package and numpy without it, roberta.znn to the zipnn package (then needed for ZipNN files).
-# - roberta._kernels: the int8 encoder's element-wise steps in one pass each, and self-attention on
-#   packed sequences for CPU inference (AVX-512); roberta.inference falls back to the same arithmetic in
-#   PyTorch, roberta.model to PyTorch's attention. -ffp-contract=off keeps the int8 steps bit for bit equal.
+# - roberta._kernels: the int8 encoder's element-wise steps in one pass each, each sublayer's residual
+#   addition and LayerNorm in one pass, GELU, and self-attention on packed sequences, for CPU inference
+#   (AVX-512 or AVX2); roberta.inference and roberta.model fall back to the same steps in PyTorch without it.
+#   -ffp-contract=off keeps the int8 steps bit for bit equal; -fopenmp runs them on PyTorch's threads (the
+#   libgomp torch has already loaded when roberta imports this).
 # - roberta._mkl_paths: lets MKL choose its code path by instruction set on any vendor's CPU (see the file);
 #   without it MKL keeps its own choice.
 from setuptools import Extension, setup
 
 setup(ext_modules=[
     Extension("roberta._planes", ["csrc/planes.c"], extra_compile_args=["-O3"], optional=True),
-    Extension("roberta._kernels", ["csrc/kernels.c"], extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
-              extra_link_args=["-pthread"], optional=True),
+    Extension("roberta._kernels", ["csrc/kernels.c"], extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp",
+                                                                      "-Wno-psabi"],  # 64-byte vectors, inlined
+              extra_link_args=["-fopenmp"], optional=True),
     Extension("roberta._mkl_paths", ["csrc/mkl_paths.c"], optional=True),
 ])

@@ -510,7 +510,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     q = torch.empty(x.shape, dtype=torch.uint8)
     m = torch.empty(x.shape[0], 1)
-    _kernels.quantize_rows(x.detach().numpy(), x.shape[0], x.shape[1], q.numpy(), m.numpy())
+    _kernels.quantize_rows(x.detach().numpy(), x.shape[0], x.shape[1], q.numpy(), m.numpy(), torch.get_num_threads())
     return q, m
 
 
@@ -519,12 +519,15 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (x * (127.0 / m)).add_(128.5).to(torch.uint8), m
 
 
-def scale_rows(y: torch.Tensor, m: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """bias + y * m, with y [N, n] float32 scaled per row by m [N, 1], in place: in one pass where
-    `roberta._kernels` is built, else in two (the same two roundings, to the bit)."""
+def scale_rows(y: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """bias + y * m, with y [N, n] float32 scaled per row by m [N, 1], in place, then GELU when `gelu`:
+    in one pass where `roberta._kernels` is built (the scaling the same two roundings as PyTorch's, to
+    the bit; its GELU within 5e-7 of the exact one, `model.gelu`), else in PyTorch's two or three."""
     if _kernels is None or not y.is_contiguous() or y.dim() != 2:
-        return y.mul_(m).add_(bias)
-    _kernels.scale_rows(y.detach().numpy(), y.shape[0], y.shape[1], m.detach().numpy(), bias.detach().numpy())
+        y = y.mul_(m).add_(bias)
+        return torch.ops.aten.gelu_(y) if gelu else y
+    _kernels.scale_rows(y.detach().numpy(), y.shape[0], y.shape[1], m.detach().numpy(), bias.detach().numpy(), gelu,
+                        torch.get_num_threads())
     return y
 
 
@@ -570,8 +573,7 @@ class Int8Linear(nn.Module):
         q, m = quantize_rows(x.reshape(-1, self.in_features).float())
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.packed, self.weight_scale, self._zeros, None,
                                                  1.0, 0, torch.float32, "none", [], "")
-        y = scale_rows(y, m, self.bias)
-        return (torch.ops.aten.gelu_(y) if self.gelu else y).view(*x.shape[:-1], self.out_features)
+        return scale_rows(y, m, self.bias, self.gelu).view(*x.shape[:-1], self.out_features)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         q, m = quantize_rows_reference(x.reshape(-1, self.in_features).float())

@@ -293,12 +293,17 @@ def packs(shapes: list[tuple[int, int]]) -> bool:
     return packed < plain
 
 
+def tracing() -> bool:
+    """Whether the model is being traced, scripted, compiled or exported: then only PyTorch's own operations
+    can run, not a call into a library the tracer cannot see."""
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear, through the kernel measured fastest for this shape in float32 CPU inference."""
     if (x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32 or x.numel() == 0
-            or torch.is_grad_enabled() or not weight.is_contiguous() or mode() == "default"
-            or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            or torch.is_grad_enabled() or not weight.is_contiguous() or mode() == "default" or tracing()):
         return F.linear(x, weight, bias)
     kernel = fp32_choice(x.numel() // x.shape[-1], *weight.shape)
     if kernel == "mkl":

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils._python_dispatch
 import transformers
 
@@ -254,9 +255,7 @@ def test_int8_kernel_equals_the_plain_integer_arithmetic():
 
 
 def test_int8_c_kernels_equal_their_pytorch_arithmetic_bit_for_bit():
-    if inference._kernels is None:
-        assert os.environ.get("CI") != "true", "roberta._kernels was not built (setup.py)"
-        pytest.skip("roberta._kernels is not built; inference uses the PyTorch arithmetic itself")
+    require_c_kernels()
     g = torch.Generator().manual_seed(1)
     for rows, k in [(37, 768), (5, 3072), (1, 1), (0, 8), (9, 33)]:
         x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 10
@@ -271,6 +270,161 @@ def test_int8_c_kernels_equal_their_pytorch_arithmetic_bit_for_bit():
         layer = Int8Linear(torch.randn(48, 64, generator=g) * 0.1, torch.randn(48, generator=g), gelu=gelu)
         x = torch.randn(4, 7, 64, generator=g)
         assert (layer(x) - layer.forward_reference(x)).abs().max().item() <= 1e-5
+
+
+def each_isa_level(run):
+    """{level: run()} at every instruction-set level of the C kernels this CPU has (AVX512, AVX2, DEFAULT),
+    the level PyTorch's capability gives restored after."""
+    results = {}
+    try:
+        for asked in ("AVX512", "AVX2", "DEFAULT"):
+            level = inference._kernels.set_isa(asked)
+            if level not in results:
+                results[level] = run()
+    finally:
+        inference._kernels.set_isa(torch.backends.cpu.get_cpu_capability())
+    return results
+
+
+def require_c_kernels():
+    if inference._kernels is None:
+        assert os.environ.get("CI") != "true", "roberta._kernels was not built (setup.py)"
+        pytest.skip("roberta._kernels is not built; inference uses the PyTorch arithmetic itself")
+
+
+def test_add_norm_kernel_is_layer_norm_of_the_sum_with_the_same_bits_on_every_cpu():
+    """The residual connection and LayerNorm in one pass (csrc/kernels.c) against PyTorch's in float64, at
+    every instruction-set level and thread count, which must all give the same bits: the sums run over
+    32 partial sums in a fixed order whatever the vector width."""
+    require_c_kernels()
+    eps32 = torch.finfo(torch.float32).eps
+    g = torch.Generator().manual_seed(3)
+    for rows, n in [(37, 768), (5, 1024), (3, 50), (1, 1), (0, 768), (200, 64)]:
+        y = torch.randn(rows, n, generator=g) * 3 + 100 * torch.rand(rows, 1, generator=g)  # means far from 0
+        r = torch.randn(rows, n, generator=g)
+        gamma, beta = torch.randn(n, generator=g), torch.randn(n, generator=g)
+
+        def run(threads=2):
+            out = y.clone()
+            inference._kernels.add_norm(out.numpy(), r.numpy(), rows, n, gamma.numpy(), beta.numpy(), 1e-5, threads)
+            return out
+        outs = each_isa_level(run)
+        first = next(iter(outs.values()))
+        assert all(torch.equal(o, first) for o in outs.values()), list(outs)
+        assert all(torch.equal(run(threads), first) for threads in (1, 3))
+        if rows == 0:
+            assert first.shape == (0, n)
+            continue
+        v = y.double() + r.double()
+        exact = F.layer_norm(v, (n,), gamma.double(), beta.double(), 1e-5)
+        # the sum v, the mean and the variance each over n terms in 32 partial sums: at most n / 32 + 32
+        # roundings of their terms' size; then rsqrt and four roundings of the output. Relative to the
+        # standard deviation (with LayerNorm's epsilon), the mean's error is the largest |v| over it
+        std = (v.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        z = (v - v.mean(-1, keepdim=True)) / std
+        bound = eps32 * ((n / 32 + 40) * gamma.double().abs() * (v.abs().amax(-1, keepdim=True) / std + z.abs())
+                         + 4 * (z * gamma.double()).abs() + 4 * beta.double().abs())
+        assert bool(((first.double() - exact).abs() <= bound).all())
+
+
+def c_gelu(x: torch.Tensor, width: int, threads: int = 2) -> torch.Tensor:
+    """GELU of float32 x through the C kernels: the int8 rescaling with scale 1 and bias 0 (exact: x * 1 + 0
+    is x, but for -0, which becomes +0), then GELU in the same pass, on rows of `width`."""
+    out = x.clone().view(-1, width)
+    inference._kernels.scale_rows(out.numpy(), out.shape[0], width, torch.ones(out.shape[0], 1).numpy(),
+                                  torch.zeros(width).numpy(), True, threads)
+    return out.flatten()
+
+
+def test_gelu_kernel_is_within_its_bound_of_the_exact_gelu():
+    """GELU in C (csrc/kernels.c: erfc by Abramowitz and Stegun 7.1.26, absolute error under 1.5e-7),
+    after the int8 rescaling in the same pass, against the exact function in float64 at every
+    instruction-set level, with NaN and infinities; the AVX-512 and AVX2 levels give the same bits, and
+    the fused pass the same bits as the two steps apart."""
+    require_c_kernels()
+    eps32 = torch.finfo(torch.float32).eps
+    x = torch.cat([torch.linspace(-12, 12, 99_604), torch.randn(4096, generator=torch.Generator().manual_seed(4))])
+    exact = F.gelu(x.double())
+    # Phi's error is erf's over 2; then a few roundings of the result (3e-7 more at the baseline level, whose
+    # steps round apart where the vector levels fuse them)
+    bound = x.double().abs() * 1.5e-7 / 2 * 1.01 + 8 * eps32 * exact.abs() + 1e-30
+    outs = each_isa_level(lambda: c_gelu(x, 61))  # rows whose ends fall inside a vector
+    for level, out in outs.items():
+        assert bool(((out.double() - exact).abs() <= bound).all()), (level, (out.double() - exact).abs().max())
+    assert "AVX2" not in outs or "AVX512" not in outs or torch.equal(outs["AVX512"], outs["AVX2"])
+    assert torch.equal(c_gelu(x, 61, threads=1), c_gelu(x, 61, threads=3))
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e-30, -1e-30, 100.0, -100.0])
+    for out in each_isa_level(lambda: c_gelu(specials, 8)).values():
+        assert out[0].isnan() and out[1] == float("inf") and out[2].isnan()  # -inf x Phi(-inf) = -inf x 0
+        assert out[3] == 0 and not out[3].signbit()
+        assert torch.equal(out[4:7], specials[4:7] * torch.tensor([0.5, 0.5, 1.0]))
+        assert -1e-37 < out[7] <= 0  # GELU(-100) is -100 Phi(-100), under float's range
+    g = torch.Generator().manual_seed(5)
+    for rows, n in [(9, 3072), (4, 33), (0, 8)]:
+        y, s, b = torch.randn(rows, n, generator=g), torch.rand(rows, 1, generator=g) * 3, torch.randn(n, generator=g)
+        fused = inference.scale_rows(y.clone(), s, b, gelu=True)
+        apart = inference.scale_rows(y.clone(), s, b)
+        assert torch.equal(fused, c_gelu(apart, n).view(rows, n))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_inference_closes_every_sublayer_through_the_add_norm_kernel(precision, monkeypatch):
+    """A model in inference closes each of its 2 x layers sublayers through the C kernel's residual and
+    LayerNorm, and gives what PyTorch's add and LayerNorm give, within float rounding (int8: the same
+    quantised model both ways, within the quantisation of the next layer's inputs)."""
+    require_c_kernels()
+    if precision == "int8" and "int8" not in inference.runs_here():
+        pytest.skip("oneDNN's int8 matmul does not run here")
+    net = inference.reduce_precision(randomize(roberta.RobertaModel(RobertaConfig(**CONFIG))), precision,
+                                     inference_only=True)
+    ids, mask = fixed_lengths([3, 60, 5, 41], left=False)
+    kernel, calls = model._add_norm_cpu, []
+    monkeypatch.setattr(model, "_add_norm_cpu", lambda *args: calls.append(args[2]) or kernel(*args))
+    with torch.inference_mode():
+        fast = net(ids, mask).last_hidden_state
+        assert calls == [int(mask.sum())] * (2 * CONFIG["num_hidden_layers"])  # rows: the real tokens
+        monkeypatch.setattr(model, "_add_norm_cpu", None)
+        plain = net(ids, mask).last_hidden_state
+    real = mask.bool()
+    bound = TOL if precision == "fp32" else 0.05  # int8: a rounding apart moves a value by one level of 127
+    assert (fast[real] - plain[real]).abs().max().item() <= bound * max(1.0, plain[real].abs().max().item())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_c_kernels_run_on_pytorchs_openmp_runtime():
+    """roberta._kernels is built with OpenMP so that its steps run on PyTorch's threads: the process must
+    hold one OpenMP runtime, torch's, not a second one with threads of its own competing for the cores."""
+    require_c_kernels()
+    code = ("import json, roberta.model, roberta.inference, torch\n"
+            "torch.ones(64, 64) @ torch.ones(64, 64)\n"
+            "print(json.dumps(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l or 'iomp' in l})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runtimes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(runtimes) == 1, runtimes  # one libgomp (torch's, wherever it lies) and no other OpenMP
+
+
+def test_element_wise_kernels_refuse_inconsistent_sizes():
+    require_c_kernels()
+    k = inference._kernels
+    y, r, v = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(8)
+    k.add_norm(y.numpy(), r.numpy(), 4, 8, v.numpy(), v.numpy(), 1e-5, 2)
+    k.scale_rows(y.numpy(), 4, 8, torch.ones(4, 1).numpy(), v.numpy(), True, 2)
+    bad = [
+        lambda: k.add_norm(y.numpy(), r[:3].numpy(), 4, 8, v.numpy(), v.numpy(), 1e-5, 2),  # too short a residual
+        lambda: k.add_norm(y.numpy(), r.numpy(), 4, 8, v[:7].numpy(), v.numpy(), 1e-5, 2),  # gamma of 7
+        lambda: k.add_norm(y.numpy(), r.numpy(), 4, 8, v.numpy(), v.numpy(), 1e-5, 0),  # no threads
+        lambda: k.add_norm(y.numpy(), r.numpy(), 5, 8, v.numpy(), v.numpy(), 1e-5, 2),  # more rows than y holds
+        lambda: k.add_norm(y.t().numpy(), r.numpy(), 4, 8, v.numpy(), v.numpy(), 1e-5, 2),  # not contiguous
+        lambda: k.scale_rows(y.numpy(), 4, 9, torch.ones(4, 1).numpy(), v.numpy(), True, 2),  # rows of 9 in 32
+        lambda: k.scale_rows(y.numpy(), 4, 8, torch.ones(4, 1).numpy(), v.numpy(), True, -1),  # threads
+        lambda: k.scale_rows(y.numpy(), 4, 8, torch.zeros(3, 1).numpy(), v.numpy(), False, 2),  # 3 row scales
+        lambda: k.quantize_rows(y.numpy(), 4, 8, torch.zeros(4, 8, dtype=torch.uint8).numpy(),
+                                torch.zeros(4).numpy(), 0),  # no threads
+    ]
+    for call in bad:
+        with pytest.raises(ValueError):
+            call()
 
 
 @pytest.mark.skipif(not packed_bf16_available(), reason="needs a CPU with bf16 units (AMX or AVX-512 BF16)")

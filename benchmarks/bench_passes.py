@@ -1,0 +1,102 @@
+"""The element-wise steps between the matmuls, in C against PyTorch, inside one model in one process.
+
+Each sublayer of the encoder ends with a residual addition and a LayerNorm, which the C kernel
+(`roberta.model.add_norm`, csrc/kernels.c) does in one pass per row where PyTorch makes three; in int8,
+the FFN's GELU runs in the same C pass as the rescaling of the integer products
+(`roberta.inference.scale_rows`) where PyTorch makes a pass of its own. This runs base size (random
+weights: the speed does not depend on them) in inference on the first SST-2 dev sentences, in batches of
+32 as `bench_features.py` does, alternating passes with the C steps and with PyTorch's, and prints per
+pass the whole pass and the time spent in the steps replaced (wall clock around each call), with the
+medians and the CPU. Alternating in one process lets the machine's drift reach both ways alike.
+
+    PYTHONPATH=. python benchmarks/bench_passes.py --precision int8 --repeats 8
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import DATA, cpu_line, cpu_ticks, median, stolen_share, tsv_column
+
+BATCH = 32
+
+
+def main() -> None:
+    import roberta.inference as inference
+    import roberta.model as model
+    from roberta import RobertaConfig, RobertaModel
+    from roberta.inference import pad_batch
+    from roberta.tokenizer import RobertaTokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tokenizer = RobertaTokenizer.from_pretrained(DATA / "roberta-bpe")
+    texts = tsv_column(DATA / "glue" / "SST-2" / "dev.tsv", "sentence")[: args.sentences]
+    sequences = tokenizer.encode_batch(texts, max_length=128)
+    batches = [pad_batch(sequences[i:i + BATCH], pad_id=1) for i in range(0, len(sequences), BATCH)]
+    net = inference.reduce_precision(RobertaModel(RobertaConfig.base()).eval(), args.precision, inference_only=True)
+    if model._add_norm_cpu is None:
+        raise SystemExit("roberta._kernels is not built: nothing to compare (pip install -e .)")
+
+    c_add_norm, c_scale_rows = model._add_norm_cpu, inference.scale_rows
+    spent = {"add_norm": 0.0, "ffn_in": 0.0}
+
+    def timed_add_norm(y, residual, norm):
+        start = time.perf_counter()
+        out = add_norm(y, residual, norm)
+        spent["add_norm"] += time.perf_counter() - start
+        return out
+
+    def torch_scale_rows(y, m, bias, gelu=False):  # the rescaling in C, its GELU as PyTorch's own pass
+        y = c_scale_rows(y, m, bias)
+        return torch.ops.aten.gelu_(y) if gelu else y
+
+    def timed_gelu_layer(module, x):
+        start = time.perf_counter()
+        out = forward(module, x)
+        spent["ffn_in"] += time.perf_counter() - start
+        return out
+
+    add_norm, forward = model.add_norm, inference.Int8Linear.forward
+    model.add_norm = timed_add_norm
+    inference.Int8Linear.forward = lambda module, x: timed_gelu_layer(module, x) if module.gelu else forward(module, x)
+
+    def run(c: bool) -> list[float]:
+        model._add_norm_cpu = c_add_norm if c else None
+        inference.scale_rows = c_scale_rows if c else torch_scale_rows
+        spent.update(add_norm=0.0, ffn_in=0.0)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for ids, mask in batches:
+                net(ids, mask)
+        return [time.perf_counter() - start, spent["add_norm"], spent["ffn_in"]]
+
+    run(True), run(False)  # warm-up
+    times = {True: [], False: []}
+    ticks = cpu_ticks()
+    for repeat in range(args.repeats):
+        for c in ((True, False) if repeat % 2 == 0 else (False, True)):
+            times[c].append(run(c))
+    tokens = sum(len(s) for s in sequences)
+    print(f"{cpu_line()}; {args.threads} threads; base size, {args.precision}, {len(sequences)} SST-2 sentences, "
+          f"{tokens} real tokens, batches of {BATCH}; timed passes: {stolen_share(ticks)}")
+    for c, name in ((True, "C steps"), (False, "PyTorch's")):
+        rows = times[c]
+        print(f"{name:>10}: pass {' '.join(f'{r[0]:.3f}' for r in rows)} s (median {median([r[0] for r in rows]):.3f}, "
+              f"{tokens / median([r[0] for r in rows]):.0f} tokens/s); residual + LayerNorm median "
+              f"{median([r[1] for r in rows]) * 1e3:.1f} ms" +
+              (f"; FFN's first layer (matmul, rescaling, GELU) median {median([r[2] for r in rows]) * 1e3:.1f} ms"
+               if args.precision == "int8" else ""))
+    print("PyTorch's / C per pair of passes:", " ".join(f"{b[0] / a[0]:.3f}" for a, b in zip(times[True], times[False])))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    parser.add_argument("--sentences", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    main()

@@ -6,8 +6,9 @@ the FFN's GELU runs in the same C pass as the rescaling of the integer products
 (`roberta.inference.scale_rows`) where PyTorch makes a pass of its own. This runs base size (random
 weights: the speed does not depend on them) in inference on the first SST-2 dev sentences, in batches of
 32 as `bench_features.py` does, alternating passes with the C steps and with PyTorch's, and prints per
-pass the whole pass and the time spent in the steps replaced (wall clock around each call), with the
-medians and the CPU. Alternating in one process lets the machine's drift reach both ways alike.
+pass the whole pass, the time spent in the steps replaced (wall clock around each call) and, for
+scale, in the attention kernel, which both ways share, with the medians and the CPU. Alternating in one
+process lets the machine's drift reach both ways alike.
 
     PYTHONPATH=. python benchmarks/bench_passes.py --precision int8 --repeats 8
 """
@@ -40,8 +41,13 @@ def main() -> None:
     if model._add_norm_cpu is None:
         raise SystemExit("roberta._kernels is not built: nothing to compare (pip install -e .)")
 
-    c_add_norm, c_scale_rows = model._add_norm_cpu, inference.scale_rows
-    spent = {"add_norm": 0.0, "ffn_in": 0.0}
+    c_add_norm, c_scale_rows, attend = model._add_norm_cpu, inference.scale_rows, model._attend_cpu
+    spent = {"add_norm": 0.0, "ffn_in": 0.0, "attention": 0.0}
+
+    def timed_attend(*call):
+        start = time.perf_counter()
+        attend(*call)
+        spent["attention"] += time.perf_counter() - start
 
     def timed_add_norm(y, residual, norm):
         start = time.perf_counter()
@@ -61,17 +67,19 @@ def main() -> None:
 
     add_norm, forward = model.add_norm, inference.Int8Linear.forward
     model.add_norm = timed_add_norm
+    if attend is not None:
+        model._attend_cpu = timed_attend
     inference.Int8Linear.forward = lambda module, x: timed_gelu_layer(module, x) if module.gelu else forward(module, x)
 
     def run(c: bool) -> list[float]:
         model._add_norm_cpu = c_add_norm if c else None
         inference.scale_rows = c_scale_rows if c else torch_scale_rows
-        spent.update(add_norm=0.0, ffn_in=0.0)
+        spent.update(add_norm=0.0, ffn_in=0.0, attention=0.0)
         start = time.perf_counter()
         with torch.inference_mode():
             for ids, mask in batches:
                 net(ids, mask)
-        return [time.perf_counter() - start, spent["add_norm"], spent["ffn_in"]]
+        return [time.perf_counter() - start, spent["add_norm"], spent["ffn_in"], spent["attention"]]
 
     run(True), run(False)  # warm-up
     times = {True: [], False: []}
@@ -88,7 +96,7 @@ def main() -> None:
               f"{tokens / median([r[0] for r in rows]):.0f} tokens/s); residual + LayerNorm median "
               f"{median([r[1] for r in rows]) * 1e3:.1f} ms" +
               (f"; FFN's first layer (matmul, rescaling, GELU) median {median([r[2] for r in rows]) * 1e3:.1f} ms"
-               if args.precision == "int8" else ""))
+               if args.precision == "int8" else "") + f"; attention median {median([r[3] for r in rows]) * 1e3:.1f} ms")
     print("PyTorch's / C per pair of passes:", " ".join(f"{b[0] / a[0]:.3f}" for a, b in zip(times[True], times[False])))
 
 

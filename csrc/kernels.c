@@ -26,9 +26,9 @@ function.
 
 All of them run on PyTorch's own threads, through OpenMP (-fopenmp: the libgomp torch has loaded), as many as
 torch.get_num_threads(): the element-wise steps share their rows (`parallel_rows`), attention its
-(sequence, head) pairs. Threads of their own (pthreads, as here before) competed for the cores with
-PyTorch's, which keep spinning for a while after each matmul: on 2 cores (Intel Ice Lake, int8 base, 128
-SST-2 sentences) attention took 156-176 ms a pass that way and 81-94 ms on PyTorch's threads.
+(sequence, head) pairs. Threads of their own (pthreads) would compete for the cores with PyTorch's, which
+keep spinning for a while after each matmul: on 2 cores (Intel Ice Lake, int8 base, 128 SST-2 sentences)
+attention took 156-176 ms a pass on pthreads and 81-94 ms on PyTorch's threads.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -107,8 +107,9 @@ PER_ISA(scale_rows, (float *y, Py_ssize_t rows, Py_ssize_t n, const float *m, co
    place. The variance is taken about the mean, in a second sweep of the row, as PyTorch does (not as
    E[v^2] - mean^2, which loses digits when the mean is large). Each sum runs over LANES partial sums (a
    column of the row in steps of LANES each), then the elements past the last whole step, then the
-   partial sums in order: the same operations in the same order at every level, so the result is the
-   same bits on every CPU. The AVX-512 and AVX2 variants hold the partial sums in 2 and 4 registers. */
+   partial sums in order: the same operations in the same order at every level (one body, vectorised by
+   the compiler at each: the 32 partial sums fill 2 AVX-512 registers or 4 AVX2 ones), so the result is
+   the same bits on every CPU. */
 #define LANES 32
 
 /* Fold the partial sums into `rest` (the sum of the elements past the last whole step), in order. */
@@ -186,8 +187,9 @@ static void quantize_step(const void *p, Py_ssize_t first, Py_ssize_t count) {
    Phi(x) = 1 - q for x >= 0 and q for x < 0, q = erfc(|x| / sqrt 2) / 2, and erfc(z) ~ t P(t) e^-z^2 with
    t = 1 / (1 + p z), Abramowitz and Stegun's 7.1.26 (absolute error under 1.5e-7). Taking q for x < 0
    straight from erfc, not as 1 - (1 - q), keeps the small values of the negative side. PyTorch's own
-   vectorised erf uses the same formula. e^s for s <= 0 as in the attention kernel (s = k ln2 + r, e^r
-   by its degree-6 Taylor polynomial, 2^k put in the exponent bits). NaN stays NaN; +inf gives +inf
+   vectorised erf uses the same formula. e^s for s <= 0 by the attention kernel's method (s = k ln2 + r,
+   e^r by its degree-6 Taylor polynomial, 2^k put in the exponent bits), written again for the vectors
+   below. NaN stays NaN; +inf gives +inf
    (PyTorch's vectorised GELU gives NaN), -inf NaN (-inf x 0), as PyTorch's does.
 
    Written once, on 16 lanes in GCC's vector extension: each operation is one per lane, compiled at each

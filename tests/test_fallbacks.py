@@ -1,9 +1,11 @@
 """The paths other machines take, run on this one: the core parity tests in a subprocess with every
 library capped at AVX2 (as on an AVX2-only laptop or cloud CPU; on a CPU without AVX-512 the cap changes
 nothing, and only what `auto` picks under it is checked), and again with this project's C extensions
-unavailable (as after a failed build). Each must pass exactly as it does here."""
+unavailable (as after a failed build). Each must pass exactly as it does here. And the C kernels built by a
+compiler without OpenMP, which must give the same bits on one thread."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +86,68 @@ def test_core_parity_without_the_c_extensions():
     assert facts["attention_kernel"] is False  # PyTorch's attention ran instead of the C kernel
     assert facts["mkl_paths"] == "vendor"  # and MKL made its own choice of code path
     assert " failed" not in out and " passed" in out
+
+
+# Compares, in a child process, the installed kernels against the ones built at `path`: the same inputs
+# through each, on 2 threads; prints which functions gave the same bits.
+SAME_KERNELS = """
+import importlib.util, json, sys
+import numpy as np, torch
+from roberta import _kernels as installed
+spec = importlib.util.spec_from_file_location("roberta._kernels", sys.argv[1])
+serial = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(serial)
+level = torch.backends.cpu.get_cpu_capability()
+rng = np.random.default_rng(0)
+x = rng.standard_normal((67, 3072), dtype=np.float32) * 3
+r, gamma, beta = (rng.standard_normal(s, dtype=np.float32) for s in ((67, 3072), 3072, 3072))
+m = rng.random((67, 1), dtype=np.float32)
+qkv = rng.standard_normal((70, 3 * 4 * 64), dtype=np.float32)
+cu = np.array([0, 25, 28, 70], dtype=np.int64)
+
+def outputs(k):
+    k.set_isa(level)
+    y, q, qm, a = x.copy(), np.empty(x.shape, np.uint8), np.empty((67, 1), np.float32), np.empty((70, 256), np.float32)
+    k.quantize_rows(x, 67, 3072, q, qm, 2)
+    k.scale_rows(y, 67, 3072, m, beta, True, 2)
+    n = x.copy()
+    k.add_norm(n, r, 67, 3072, gamma, beta, 1e-5, 2)
+    out = {"quantize_rows": [q, qm], "scale_rows": [y], "add_norm": [n]}
+    if k.attend_available():
+        k.attend(qkv, 70, cu, 3, 4, 64, a, 2)
+        out["attend"] = [a]
+    return out
+
+ours, theirs = outputs(serial), outputs(installed)
+print("SAME " + json.dumps({name: all(np.array_equal(a, b) for a, b in zip(ours[name], theirs[name]))
+                            for name in theirs}))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_build_without_openmp_and_give_the_same_bits(tmp_path):
+    """A compiler without OpenMP (clang without libomp) still builds roberta._kernels (setup.py retries
+    without -fopenmp), and those kernels, each on one thread, give the same bits as the installed ones on
+    two: every step shares out whole rows or (sequence, head) pairs, never a sum."""
+    from roberta import inference
+
+    if inference._kernels is None or shutil.which("gcc") is None:
+        assert os.environ.get("CI") != "true", "roberta._kernels was not built (setup.py), or gcc is missing"
+        pytest.skip("roberta._kernels is not built here, or there is no gcc to build it again")
+    cc = tmp_path / "cc"  # gcc, but for -fopenmp, which it refuses as a compiler without OpenMP does
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "no OpenMP" >&2; exit 1; }; done\n'
+                  'exec gcc "$@"\n')
+    cc.chmod(0o755)
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                            "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "CC": str(cc), "LDSHARED": f"{cc} -shared"})
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert "roberta._kernels did not build with OpenMP; building it without" in build.stdout + build.stderr
+    (built,) = (tmp_path / "lib" / "roberta").glob("_kernels*.so")
+    assert b"GOMP_parallel" not in built.read_bytes()  # no OpenMP runtime asked for
+    assert b"GOMP_parallel" in Path(inference._kernels.__file__).read_bytes()
+    result = subprocess.run([sys.executable, "-c", SAME_KERNELS, str(built)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    same = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("SAME "))[5:])
+    assert set(same) >= {"quantize_rows", "scale_rows", "add_norm"} and all(same.values()), same

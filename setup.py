@@ -34,8 +34,8 @@ class BuildExt(build_ext):
 
 setup(cmdclass={"build_ext": BuildExt}, ext_modules=[
     Extension("roberta._planes", ["csrc/planes.c"], extra_compile_args=["-O3"], optional=True),
-    Extension("roberta._kernels", ["csrc/kernels.c"], extra_compile_args=["-O3", "-ffp-contract=off", OPENMP,
-                                                                      "-Wno-psabi"],  # 64-byte vectors, inlined
+    Extension("roberta._kernels", ["csrc/kernels.c"], depends=["csrc/lanes.h"],
+              extra_compile_args=["-O3", "-ffp-contract=off", OPENMP, "-Wno-psabi"],  # 64-byte vectors, inlined
               extra_link_args=[OPENMP], optional=True),
     Extension("roberta._mkl_paths", ["csrc/mkl_paths.c"], optional=True),
 ])

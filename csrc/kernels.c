@@ -15,9 +15,8 @@ AVX2 or the baseline); the one used is the widest this process may use (`set_isa
 sequence's real tokens attend to each other straight from the [tokens, 3 x heads x dim] projection,
 with no padding, masks or gathers. Short sequences are most of what an encoder serves, and there
 PyTorch's attention costs more in overhead and padding than in arithmetic. This one is not held to
-PyTorch's bits (it sums in another order and has its own exp), only to within float rounding; its
-multiply-adds are explicit FMA intrinsics, so -ffp-contract=off does not slow it. Two variants, AVX-512
-(16 lanes) and AVX2 with FMA (8 lanes), taking the same steps.
+PyTorch's bits (it sums in another order and has its own exp), only to within float rounding. Written
+once (csrc/lanes.h), for AVX-512 (16 lanes) and AVX2 with FMA (8 lanes).
 
 3. The float32 steps between the matmuls that PyTorch makes in several passes over a whole tensor: each
 sublayer's residual addition and LayerNorm (roberta.model.add_norm) in one pass per row, the same bits at
@@ -105,29 +104,29 @@ PER_ISA(scale_rows, (float *y, Py_ssize_t rows, Py_ssize_t n, const float *m, co
    a row held in L1 instead of PyTorch's three over the whole tensor (add, then LayerNorm's moments, then
    its normalisation): y[i] = (v - mean(v)) / sqrt(var(v) + eps) * gamma + beta with v = y[i] + r[i], in
    place. The variance is taken about the mean, in a second sweep of the row, as PyTorch does (not as
-   E[v^2] - mean^2, which loses digits when the mean is large). Each sum runs over LANES partial sums (a
-   column of the row in steps of LANES each), then the elements past the last whole step, then the
+   E[v^2] - mean^2, which loses digits when the mean is large). Each sum runs over PARTIAL_SUMS partial
+   sums (a column of the row in steps of PARTIAL_SUMS each), then the elements past the last whole step, then the
    partial sums in order: the same operations in the same order at every level (one body, vectorised by
    the compiler at each: the 32 partial sums fill 2 AVX-512 registers or 4 AVX2 ones), so the result is
    the same bits on every CPU. */
-#define LANES 32
+#define PARTIAL_SUMS 32
 
 /* Fold the partial sums into `rest` (the sum of the elements past the last whole step), in order. */
 static inline float fold(const float *lane, float rest) {
-    for (int l = 0; l < LANES; l++) rest += lane[l];
+    for (int l = 0; l < PARTIAL_SUMS; l++) rest += lane[l];
     return rest;
 }
 
 static inline __attribute__((always_inline))
 void add_norm_body(float *restrict y, const float *restrict r, Py_ssize_t rows, Py_ssize_t n,
                    const float *restrict gamma, const float *restrict beta, float eps) {
-    const Py_ssize_t whole = n - n % LANES;
+    const Py_ssize_t whole = n - n % PARTIAL_SUMS;
     for (Py_ssize_t i = 0; i < rows; i++) {
         float *restrict row = y + i * n;
         const float *restrict res = r + i * n;
-        float lane[LANES] = {0}, rest = 0.0f;
-        for (Py_ssize_t j = 0; j < whole; j += LANES)
-            for (int l = 0; l < LANES; l++) {
+        float lane[PARTIAL_SUMS] = {0}, rest = 0.0f;
+        for (Py_ssize_t j = 0; j < whole; j += PARTIAL_SUMS)
+            for (int l = 0; l < PARTIAL_SUMS; l++) {
                 float v = row[j + l] + res[j + l];
                 row[j + l] = v;
                 lane[l] += v;
@@ -137,10 +136,10 @@ void add_norm_body(float *restrict y, const float *restrict r, Py_ssize_t rows, 
             rest += row[j];
         }
         const float mean = fold(lane, rest) / (float)n;
-        float square[LANES] = {0};
+        float square[PARTIAL_SUMS] = {0};
         rest = 0.0f;
-        for (Py_ssize_t j = 0; j < whole; j += LANES)
-            for (int l = 0; l < LANES; l++) {
+        for (Py_ssize_t j = 0; j < whole; j += PARTIAL_SUMS)
+            for (int l = 0; l < PARTIAL_SUMS; l++) {
                 float d = row[j + l] - mean;
                 square[l] += d * d;
             }
@@ -187,19 +186,10 @@ static void quantize_step(const void *p, Py_ssize_t first, Py_ssize_t count) {
    Phi(x) = 1 - q for x >= 0 and q for x < 0, q = erfc(|x| / sqrt 2) / 2, and erfc(z) ~ t P(t) e^-z^2 with
    t = 1 / (1 + p z), Abramowitz and Stegun's 7.1.26 (absolute error under 1.5e-7). Taking q for x < 0
    straight from erfc, not as 1 - (1 - q), keeps the small values of the negative side. PyTorch's own
-   vectorised erf uses the same formula. e^s for s <= 0 by the attention kernel's method (s = k ln2 + r,
-   e^r by its degree-6 Taylor polynomial, 2^k put in the exponent bits), written again for the vectors
-   below. NaN stays NaN; +inf gives +inf
-   (PyTorch's vectorised GELU gives NaN), -inf NaN (-inf x 0), as PyTorch's does.
+   vectorised erf uses the same formula. e^-z^2 by the attention's exp (csrc/lanes.h). NaN stays NaN;
+   +inf gives +inf (PyTorch's vectorised GELU gives NaN), -inf NaN (-inf x 0), as PyTorch's does.
 
-   Written once in GCC's vector extension, each operation one per lane, and compiled at each level on
-   that level's own vector width: 16 lanes for AVX-512, 8 for AVX2, 4 for the baseline (SSE2, or NEON off
-   x86). GCC lowers a vector wider than the target's piece by piece through memory: with 16 lanes at
-   every level, the AVX2 GELU ran 5x slower than the AVX-512 one (12.5 ms against 2.4 for 800 x 3072 on
-   one Ice Lake core). Here alone, a multiply followed by an add is contracted into one fused
-   multiply-add (1.5x faster than the two; the int8 steps above keep their two roundings), so the AVX-512
-   and AVX2 levels give the same bits, and the baseline level, which has no FMA, differs from them by up
-   to 3e-7. */
+   Written once, with the attention's exp, in csrc/lanes.h, on vectors of each level's own width. */
 #define GELU_P 0.3275911f
 #define GELU_A1 0.254829592f
 #define GELU_A2 -0.284496736f
@@ -207,61 +197,57 @@ static void quantize_step(const void *p, Py_ssize_t first, Py_ssize_t count) {
 #define GELU_A4 -1.453152027f
 #define GELU_A5 1.061405429f
 
+/* Self-attention of packed sequences, shared by the threads of one call (`attend`). */
+typedef struct {
+    const float *qkv;
+    float *out;
+    const int64_t *cu;  /* cumulative lengths, [batch + 1] */
+    Py_ssize_t batch, heads, dim, max_length;
+    float scale;
+    int isa;  /* 2: the AVX-512 kernel, 1: the AVX2 one */
+    int next;  /* the next (sequence, head) to take, shared by the threads */
+    int failed;
+} attend_job;
+
+#define ROWS 4  /* queries per block of the attention */
+
+/* csrc/lanes.h once per level: gelu_rows_<level> at every level, attend_one_<level> at AVX2 and AVX-512.
+   There alone, multiply-adds are contracted into fused multiply-adds: 1.5x faster GELU than apart, and the
+   AVX-512 and AVX2 levels then give the same bits (the int8 steps above keep their two roundings). */
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=fast")
-/* gelu_rows_<level>(y, rows, n): GELU in place over rows x n floats, `lanes` at a time, compiled with the
-   target attribute `target` (empty for the baseline). */
-#define GELU_ROWS(level, target, lanes)                                                                          \
-typedef float floats_##level __attribute__((vector_size(4 * lanes)));                                            \
-typedef int32_t ints_##level __attribute__((vector_size(4 * lanes)));                                            \
-                                                                                                                 \
-target static inline __attribute__((always_inline))                                                             \
-floats_##level where_##level(ints_##level mask, floats_##level a, floats_##level b) {                           \
-    return (floats_##level)(((ints_##level)a & mask) | ((ints_##level)b & ~mask));                              \
-}                                                                                                                \
-                                                                                                                 \
-target static inline __attribute__((always_inline)) floats_##level gelu_##level(floats_##level x) {             \
-    const floats_##level z = (floats_##level)((ints_##level)x & 0x7fffffff) * 0.707106781f;  /* |x| / sqrt 2 */ \
-    const floats_##level t = 1.0f / (1.0f + z * GELU_P);                                                         \
-    const floats_##level poly = ((((GELU_A5 * t + GELU_A4) * t + GELU_A3) * t + GELU_A2) * t + GELU_A1) * t;   \
-    floats_##level s = -(z * z);                                                                                 \
-    /* below -87, e^s is under float's range anyway; a NaN compares false too (and its polynomial is NaN) */    \
-    s = where_##level(s >= -87.0f, s, (floats_##level){0} - 87.0f);                                             \
-    /* to nearest: truncation, s <= 0 */                                                                         \
-    const ints_##level n = __builtin_convertvector(s * 1.44269504f - 0.5f, ints_##level);                       \
-    const floats_##level k = __builtin_convertvector(n, floats_##level);                                        \
-    const floats_##level r = (s - k * 0.693145752f) - k * 1.42860677e-6f;                                        \
-    const floats_##level e =                                                                                     \
-        (((((r * (1.0f / 720) + 1.0f / 120) * r + 1.0f / 24) * r + 1.0f / 6) * r + 0.5f) * r + 1.0f) * r + 1.0f; \
-    /* 2^k in the exponent bits, k in [-126, 0] */                                                               \
-    const floats_##level q = 0.5f * poly * (e * (floats_##level)((n + 127) << 23));                             \
-    return x * where_##level(x < 0.0f, q, 1.0f - q);                                                            \
-}                                                                                                                \
-                                                                                                                 \
-target static void gelu_rows_##level(float *y, Py_ssize_t rows, Py_ssize_t n) {                                 \
-    const Py_ssize_t count = rows * n;                                                                           \
-    Py_ssize_t j = 0;                                                                                            \
-    floats_##level v;                                                                                            \
-    for (; j + lanes <= count; j += lanes) {                                                                     \
-        memcpy(&v, y + j, sizeof v);                                                                             \
-        v = gelu_##level(v);                                                                                     \
-        memcpy(y + j, &v, sizeof v);                                                                             \
-    }                                                                                                            \
-    if (j < count) {  /* the last few through a zeroed vector */                                                 \
-        v = (floats_##level){0};                                                                                 \
-        memcpy(&v, y + j, sizeof(float) * (size_t)(count - j));                                                  \
-        v = gelu_##level(v);                                                                                     \
-        memcpy(y + j, &v, sizeof(float) * (size_t)(count - j));                                                  \
-    }                                                                                                            \
-}
-
-GELU_ROWS(base, , 4)
+#define LANES 4
+#define OUT_VECTORS 2
+#define TARGET
+#define NAME(f) f##_base
+#include "lanes.h"
+#undef LANES
+#undef OUT_VECTORS
+#undef TARGET
+#undef NAME
 #ifdef X86
-GELU_ROWS(avx2, AVX2, 8)
-GELU_ROWS(avx512, AVX512, 16)
+#define LANES 8
+#define OUT_VECTORS 2
+#define TARGET AVX2
+#define NAME(f) f##_avx2
+#include "lanes.h"
+#undef LANES
+#undef OUT_VECTORS
+#undef TARGET
+#undef NAME
+#define LANES 16
+#define OUT_VECTORS 4
+#define TARGET AVX512
+#define NAME(f) f##_avx512
+#include "lanes.h"
+#undef LANES
+#undef OUT_VECTORS
+#undef TARGET
+#undef NAME
 static void gelu_rows(float *y, Py_ssize_t rows, Py_ssize_t n) {
     if (isa == 2) gelu_rows_avx512(y, rows, n); else if (isa == 1) gelu_rows_avx2(y, rows, n); else gelu_rows_base(y, rows, n);
 }
+#define ATTEND_KERNEL 1
 #else
 static void gelu_rows(float *y, Py_ssize_t rows, Py_ssize_t n) { gelu_rows_base(y, rows, n); }
 #endif
@@ -284,224 +270,15 @@ static void add_norm_step(const void *p, Py_ssize_t first, Py_ssize_t count) {
     add_norm(a->y + first * a->n, a->r + first * a->n, count, a->n, a->gamma, a->beta, a->eps);
 }
 
-typedef struct {
-    const float *qkv;
-    float *out;
-    const int64_t *cu;  /* cumulative lengths, [batch + 1] */
-    Py_ssize_t batch, heads, dim, max_length;
-    float scale;
-    int isa;  /* 2: the AVX-512 kernel, 1: the AVX2 one */
-    int next;  /* the next (sequence, head) to take, shared by the threads */
-    int failed;
-} attend_job;
-
-#ifdef X86
-#include <immintrin.h>
-#define ATTEND_KERNEL 1
-
-/* e^x, 16 at a time, for x <= 0 (the softmax's shifted scores): x = n ln2 + r with |r| <= ln2 / 2, e^r by
-   its degree-6 Taylor polynomial (relative error under 2e-7 there), times 2^n (vscalefps). ln2 is
-   subtracted in two parts, so that n ln2 is exact; below -87, e^x is under float's range anyway. */
-AVX512 static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  /* x second: a NaN stays NaN (maxps returns it), as in PyTorch */
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145752f), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.42860677e-6f), r);
-    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 720), _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-#define ROWS 4  /* queries per block: 4 rows x 4 vectors of output (a 64-wide head) fill 16 registers */
-
-/* One head of one sequence of T tokens: softmax(q k^T * scale) v, for a head size that is a multiple of
-   16. `kt` receives k transposed, [dim, Tp] with T rounded up to 16 and zeros after T, so that a block
-   of queries gets its scores as whole-vector multiply-adds along contiguous rows; `p` [ROWS, Tp] holds
-   the block's scores, then their exponentials. Queries past T in the last block repeat query T - 1,
-   so every load is in bounds; their results are not stored. */
-AVX512 static inline __attribute__((always_inline))
-void attend_head(const attend_job *job, Py_ssize_t b, Py_ssize_t h, float *kt, float *p, const Py_ssize_t d) {
-    const Py_ssize_t inner = job->heads * d, stride = 3 * inner;
-    const Py_ssize_t start = job->cu[b], T = job->cu[b + 1] - start, Tp = (T + 15) & ~(Py_ssize_t)15;
-    if (T == 0) return;
-    const float *q = job->qkv + start * stride + h * d, *k = q + inner, *v = q + 2 * inner;
-    float *out = job->out + start * inner + h * d;
-    const __mmask16 tail = (__mmask16)((1u << (16 - (Tp - T))) - 1);  /* real keys of the last vector */
-    const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32((int)stride));
-    for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 16) {  /* 16 keys' values of one dimension at a time */
-        const __mmask16 real = j0 + 16 < Tp ? 0xFFFF : tail;
-        for (Py_ssize_t c = 0; c < d; c++)
-            _mm512_storeu_ps(kt + c * Tp + j0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), real, rows, k + j0 * stride + c, 4));
-    }
-    for (Py_ssize_t i0 = 0; i0 < T; i0 += ROWS) {
-        const float *qi[ROWS];
-        for (int r = 0; r < ROWS; r++) qi[r] = q + (i0 + r < T ? i0 + r : T - 1) * stride;
-        for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 16) {  /* scores: p[r, j] = scale * q_r . k_j */
-            __m512 acc[ROWS];
-            for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
-            for (Py_ssize_t c = 0; c < d; c++) {
-                const __m512 kc = _mm512_loadu_ps(kt + c * Tp + j0);
-                for (int r = 0; r < ROWS; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qi[r][c]), kc, acc[r]);
-            }
-            for (int r = 0; r < ROWS; r++) _mm512_storeu_ps(p + r * Tp + j0, _mm512_mul_ps(acc[r], _mm512_set1_ps(job->scale)));
-        }
-        float norm[ROWS];
-        for (int r = 0; r < ROWS; r++) {  /* softmax numerators e^(s - max), and 1 / their sum */
-            float *pr = p + r * Tp;
-            const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
-            __m512 top = minus_inf;
-            for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 16)
-                top = _mm512_max_ps(top, _mm512_mask_loadu_ps(minus_inf, j0 + 16 < Tp ? 0xFFFF : tail, pr + j0));
-            const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-            __m512 sum = _mm512_setzero_ps();
-            for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 16) {
-                __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(pr + j0), shift));
-                e = _mm512_maskz_mov_ps(j0 + 16 < Tp ? 0xFFFF : tail, e);  /* padded keys weigh 0 */
-                _mm512_storeu_ps(pr + j0, e);
-                sum = _mm512_add_ps(sum, e);
-            }
-            norm[r] = 1.0f / _mm512_reduce_add_ps(sum);  /* >= 1: the largest score contributes e^0 */
-        }
-        for (Py_ssize_t c0 = 0; c0 < d; c0 += 64) {  /* outputs: o_r = sum_j p[r, j] v_j, 64 columns at a time */
-            const int vectors = d - c0 >= 64 ? 4 : (int)((d - c0) / 16);
-            __m512 o[ROWS][4];
-            for (int r = 0; r < ROWS; r++)
-                for (int u = 0; u < 4; u++) o[r][u] = _mm512_setzero_ps();
-            for (Py_ssize_t j = 0; j < T; j++) {
-                const float *vj = v + j * stride + c0;
-                __m512 vv[4];
-                for (int u = 0; u < 4; u++) vv[u] = u < vectors ? _mm512_loadu_ps(vj + 16 * u) : _mm512_setzero_ps();
-                for (int r = 0; r < ROWS; r++) {
-                    const __m512 w = _mm512_set1_ps(p[r * Tp + j]);
-                    for (int u = 0; u < 4; u++) o[r][u] = _mm512_fmadd_ps(w, vv[u], o[r][u]);
-                }
-            }
-            for (int r = 0; r < ROWS && i0 + r < T; r++)
-                for (int u = 0; u < vectors; u++)
-                    _mm512_storeu_ps(out + (i0 + r) * inner + c0 + 16 * u, _mm512_mul_ps(o[r][u], _mm512_set1_ps(norm[r])));
-        }
-    }
-}
-
-AVX512 static void attend_one(const attend_job *job, Py_ssize_t b, Py_ssize_t h, float *kt, float *p) {
-    if (job->dim == 64)  /* every RoBERTa size: the compiler unrolls the head with its size known */
-        attend_head(job, b, h, kt, p, 64);
-    else
-        attend_head(job, b, h, kt, p, job->dim);
-}
-
-
-/* The same for AVX2 with FMA, 8 lanes: e^x with 2^n built in the exponent bits (n >= -126 after the clamp,
-   so 2^n is a normal float); padded keys are told apart by their index, as AVX2 has no mask registers. */
-AVX2 static inline __m256 exp_nonpositive8(__m256 x) {
-    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  /* x second: a NaN stays NaN */
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145752f), x);
-    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.42860677e-6f), r);
-    __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(1.0f / 720), _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-AVX2 static inline float reduce8(__m256 v, int max) {
-    __m128 a = _mm256_castps256_ps128(v), b = _mm256_extractf128_ps(v, 1);
-    a = max ? _mm_max_ps(a, b) : _mm_add_ps(a, b);
-    b = _mm_movehl_ps(a, a);
-    a = max ? _mm_max_ps(a, b) : _mm_add_ps(a, b);
-    b = _mm_shuffle_ps(a, a, 1);
-    return _mm_cvtss_f32(max ? _mm_max_ss(a, b) : _mm_add_ss(a, b));
-}
-
-/* attend_head for AVX2: k transposed into kt [dim, Tp] (Tp: T rounded up to 8, zeros after T), scores of
-   ROWS queries 8 keys at a time, outputs 16 columns (two vectors) at a time: 8 accumulators, in the 16
-   registers AVX2 has. */
-AVX2 static inline __attribute__((always_inline))
-void attend_head_avx2(const attend_job *job, Py_ssize_t b, Py_ssize_t h, float *kt, float *p, const Py_ssize_t d) {
-    const Py_ssize_t inner = job->heads * d, stride = 3 * inner;
-    const Py_ssize_t start = job->cu[b], T = job->cu[b + 1] - start, Tp = (T + 7) & ~(Py_ssize_t)7;
-    if (T == 0) return;
-    const float *q = job->qkv + start * stride + h * d, *k = q + inner, *v = q + 2 * inner;
-    float *out = job->out + start * inner + h * d;
-    for (Py_ssize_t c = 0; c < d; c++) {
-        for (Py_ssize_t j = 0; j < T; j++) kt[c * Tp + j] = k[j * stride + c];
-        for (Py_ssize_t j = T; j < Tp; j++) kt[c * Tp + j] = 0.0f;
-    }
-    const __m256 lane = _mm256_set_ps(7, 6, 5, 4, 3, 2, 1, 0), length = _mm256_set1_ps((float)T);
-    for (Py_ssize_t i0 = 0; i0 < T; i0 += ROWS) {
-        const float *qi[ROWS];
-        for (int r = 0; r < ROWS; r++) qi[r] = q + (i0 + r < T ? i0 + r : T - 1) * stride;
-        for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 8) {
-            __m256 acc[ROWS];
-            for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
-            for (Py_ssize_t c = 0; c < d; c++) {
-                const __m256 kc = _mm256_loadu_ps(kt + c * Tp + j0);
-                for (int r = 0; r < ROWS; r++) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(qi[r][c]), kc, acc[r]);
-            }
-            for (int r = 0; r < ROWS; r++) _mm256_storeu_ps(p + r * Tp + j0, _mm256_mul_ps(acc[r], _mm256_set1_ps(job->scale)));
-        }
-        float norm[ROWS];
-        for (int r = 0; r < ROWS; r++) {
-            float *pr = p + r * Tp;
-            const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
-            __m256 top = minus_inf;
-            for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 8) {
-                const __m256 real = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)j0)), length, _CMP_LT_OQ);
-                top = _mm256_max_ps(top, _mm256_blendv_ps(minus_inf, _mm256_loadu_ps(pr + j0), real));
-            }
-            const __m256 shift = _mm256_set1_ps(reduce8(top, 1));
-            __m256 sum = _mm256_setzero_ps();
-            for (Py_ssize_t j0 = 0; j0 < Tp; j0 += 8) {
-                const __m256 real = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps((float)j0)), length, _CMP_LT_OQ);
-                __m256 e = _mm256_and_ps(exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(pr + j0), shift)), real);
-                _mm256_storeu_ps(pr + j0, e);
-                sum = _mm256_add_ps(sum, e);
-            }
-            norm[r] = 1.0f / reduce8(sum, 0);
-        }
-        for (Py_ssize_t c0 = 0; c0 < d; c0 += 16) {  /* d is a multiple of 16 */
-            __m256 o[ROWS][2];
-            for (int r = 0; r < ROWS; r++) o[r][0] = o[r][1] = _mm256_setzero_ps();
-            for (Py_ssize_t j = 0; j < T; j++) {
-                const float *vj = v + j * stride + c0;
-                const __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_loadu_ps(vj + 8);
-                for (int r = 0; r < ROWS; r++) {
-                    const __m256 w = _mm256_set1_ps(p[r * Tp + j]);
-                    o[r][0] = _mm256_fmadd_ps(w, v0, o[r][0]);
-                    o[r][1] = _mm256_fmadd_ps(w, v1, o[r][1]);
-                }
-            }
-            for (int r = 0; r < ROWS && i0 + r < T; r++)
-                for (int u = 0; u < 2; u++)
-                    _mm256_storeu_ps(out + (i0 + r) * inner + c0 + 8 * u, _mm256_mul_ps(o[r][u], _mm256_set1_ps(norm[r])));
-        }
-    }
-}
-
-AVX2 static void attend_one_avx2(const attend_job *job, Py_ssize_t b, Py_ssize_t h, float *kt, float *p) {
-    if (job->dim == 64)
-        attend_head_avx2(job, b, h, kt, p, 64);
-    else
-        attend_head_avx2(job, b, h, kt, p, job->dim);
-}
-
+#ifdef ATTEND_KERNEL
 /* One thread's share: (sequence, head) pairs taken one at a time until none are left. */
 static void attend_worker(attend_job *job) {
-    const size_t padded = ((size_t)job->max_length + 15) & ~(size_t)15;  /* T rounded up, as in attend_head */
+    const size_t padded = ((size_t)job->max_length + 15) & ~(size_t)15;  /* T rounded up to any level's lanes */
     float *work = malloc(sizeof(float) * (size_t)(job->dim + ROWS) * (padded ? padded : 16));
     if (!work) { __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED); return; }
     const int items = (int)(job->batch * job->heads);
     for (int item; (item = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED)) < items;)
-        (job->isa == 2 ? attend_one : attend_one_avx2)(job, item / job->heads, item % job->heads, work,
+        (job->isa == 2 ? attend_one_avx512 : attend_one_avx2)(job, item / job->heads, item % job->heads, work,
                                                        work + job->dim * padded);
     free(work);
 }

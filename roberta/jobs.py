@@ -20,7 +20,11 @@ and checks every shard on disk against the lines it now reads (what makes stdin 
 against its checksum, and computes only the shards that are missing. Under torchrun each
 process computes the shards k with k % world_size == rank (any world size can resume any other's
 job); rank 0 writes job.json and the index, and gloo (or NCCL) barriers order the steps. Each shard's
-timing goes to `metrics.jsonl` (rows, seconds, rows per second, rank).
+timing goes to `metrics.jsonl` (rows, seconds, rows per second, rank). Each shard's record also says
+what it was computed on (`computed_on`): the device and, on a CPU, what decides the float rounding of
+its rows besides the model and the inputs (the CPU, the instruction sets the libraries may use, MKL's
+code path, threads, torch, and the kernel mode); a job resumed on another machine says which shards
+came from where (their rows may differ in the last bits, as float32 on two machines does).
 
 Why `.npy` shards rather than Parquet: no new dependency, float32 rows stored exactly, and
 `np.load(shard, mmap_mode="r")` reads one back without a copy; `load_rows(directory)` all of them,
@@ -35,6 +39,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -43,7 +48,7 @@ import torch
 import xxhash
 from tqdm import tqdm
 
-from .errors import InputError, RobertaError
+from .errors import InputError, RobertaError, RobertaWarning
 from .fileio import atomic_write, file_digest, parse_json, read_json
 
 FORMATS = ("text", "tsv", "jsonl")
@@ -383,6 +388,7 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
                    smoothing=0.1, file=sys.stderr)
         name = "stdin" if stdin else str(source)
         digest = xxhash.xxh3_128()  # of the raw lines of the shard being read
+        here, elsewhere = computed_on(hub), {}  # shard -> what an earlier process computed it on, where not here
 
         def hashed(lines):
             for raw in lines:
@@ -391,8 +397,10 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
 
         def shard_done(k, shard):
             nonlocal digest
-            options = (truncate, windowed, pool, layer, head, batch_tokens, window, stride, window_pool, name)
-            _shard(hub, kind, out, k, k * shard_rows, shard, digest.hexdigest(), rank, world, bar, *options)
+            options = (truncate, windowed, pool, layer, head, batch_tokens, window, stride, window_pool, name, here)
+            theirs = _shard(hub, kind, out, k, k * shard_rows, shard, digest.hexdigest(), rank, world, bar, *options)
+            if theirs is not None:
+                elsewhere[k] = theirs
             digest = xxhash.xxh3_128()
 
         rows_seen, shard = 0, []
@@ -408,6 +416,8 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
         if rows_seen == 0:
             raise RobertaError(f"{name} holds no inputs; give one input per line")
         count = -(-rows_seen // shard_rows)
+        if elsewhere:
+            warnings.warn(_resumed_elsewhere(elsewhere, here), RobertaWarning, stacklevel=2)
         for stale in sorted(out.glob(f"{kind}-*.npy")):
             if stale.stem[len(kind) + 1:].isdigit() and int(stale.stem[len(kind) + 1:]) >= count:
                 raise RobertaError(f"cannot resume {out}: {name} ended after {rows_seen} rows but the job holds "
@@ -420,7 +430,8 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
             record = _record(out, kind, k)
             shards.append({"file": shard_name(kind, k), "first_row": k * shard_rows, "rows": rows,
                            "width": _shard_shape(out / shard_name(kind, k), rows)[1],
-                           "xxh3_128": record["xxh3_128"], "input_xxh3_128": record["input_xxh3_128"]})
+                           "xxh3_128": record["xxh3_128"], "input_xxh3_128": record["input_xxh3_128"],
+                           "computed_on": record.get("computed_on")})
         index = {"kind": kind, "rows": rows_seen, "width": shards[0]["width"], "dtype": "float32",
                  "shards": shards, "settings": settings}
         if kind == "predict":
@@ -445,10 +456,44 @@ def run(hub, kind: str, source: str | None, out: str | os.PathLike, *, format: s
             torch.distributed.destroy_process_group()
 
 
+def computed_on(hub) -> dict:
+    """What this process computes shards on: the device, and on a CPU what roberta.kernels' measured
+    choices hold for (`kernels.machine()`) and whether they are measured (`kernels.mode()`)."""
+    from . import kernels
+
+    device = hub.device
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name(device), "torch": str(torch.__version__)}
+    if device.type != "cpu":
+        return {"device": device.type, "torch": str(torch.__version__)}
+    return {"device": "cpu", **kernels.machine(), "kernels": kernels.mode()}
+
+
+def _resumed_elsewhere(elsewhere: dict[int, dict], here: dict) -> str:
+    """The warning for a job resumed on another machine, or with other threads or kernels: which shards came
+    from where, by what differs from here."""
+    groups: dict[str, list[int]] = {}
+    for k, theirs in sorted(elsewhere.items()):
+        groups.setdefault(_difference(theirs, here), []).append(k)
+    earlier = "; ".join(f"shard{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))} with {what}"
+                        for what, ks in groups.items())
+    return (f"this job was resumed on another machine or setup: {earlier}. Rows computed under different "
+            "conditions may differ in the last bits (float rounding), not in meaning; start a new directory on "
+            "one machine for rows that are the same bits throughout")
+
+
+def _difference(theirs, here: dict) -> str:
+    if not isinstance(theirs, dict):
+        return repr(theirs)
+    keys = [key for key in {**theirs, **here} if theirs.get(key) != here.get(key)]
+    return ", ".join(f"{key} {theirs.get(key)} (here {here.get(key)})" for key in keys)
+
+
 def _shard(hub, kind, out, k, first_row, inputs, input_digest, rank, world, bar, truncate, windowed, pool,
-           layer, head, batch_tokens, window, stride, window_pool, name):
+           layer, head, batch_tokens, window, stride, window_pool, name, here):
     """Compute and write shard k if it is this process's and not already on disk. A shard already
-    there is checked against the record written with it: the same input lines, the same bytes."""
+    there is checked against the record written with it: the same input lines, the same bytes; what it
+    was computed on is returned where that is not `here` (None otherwise)."""
     path = out / shard_name(kind, k)
     if k % world != rank:
         return
@@ -460,7 +505,8 @@ def _shard(hub, kind, out, k, first_row, inputs, input_digest, rank, world, bar,
                                "resume with the same input, or start a new directory")
         _check_shard(path, record["xxh3_128"], len(inputs))
         bar.update(len(inputs))
-        return
+        theirs = record.get("computed_on")
+        return theirs if theirs is not None and theirs != here else None
     started = time.perf_counter()
     tokens = tokenize(hub, inputs, truncate, windowed, first_line=first_row + 1, name=name)
     if kind == "features":
@@ -475,7 +521,7 @@ def _shard(hub, kind, out, k, first_row, inputs, input_digest, rank, world, bar,
     # its line, even when the process is killed the moment the shard is in place (a kill before that
     # leaves a line for a computation that is then done again, as it was).
     record = {"rows": len(inputs), "first_row": first_row, "input_xxh3_128": input_digest,
-              "xxh3_128": xxhash.xxh3_128_hexdigest(data)}
+              "xxh3_128": xxhash.xxh3_128_hexdigest(data), "computed_on": here}
     atomic_write(_record_path(out, kind, k), json.dumps(record) + "\n")
     seconds = time.perf_counter() - started
     with open(out / "metrics.jsonl", "a") as f:

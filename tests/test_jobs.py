@@ -135,10 +135,38 @@ def test_every_shard_and_its_input_lines_have_checksums_in_the_index(hub, tmp_pa
         assert shard["input_xxh3_128"] == xxhash.xxh3_128_hexdigest(lines_of_shard)
         record = json.loads((tmp_path / "out" / shard["file"].replace(".npy", ".json")).read_text())
         assert record == {"rows": shard["rows"], "first_row": 2 * k, "input_xxh3_128": shard["input_xxh3_128"],
-                          "xxh3_128": shard["xxh3_128"]}
+                          "xxh3_128": shard["xxh3_128"], "computed_on": shard["computed_on"]}
+        assert shard["computed_on"] == jobs.computed_on(hub)
+        assert shard["computed_on"]["threads"] == torch.get_num_threads()
+        assert shard["computed_on"]["cpu"] == roberta.inference.cpu_name()
     settings = json.loads((tmp_path / "out" / "job.json").read_text())
     assert settings["input_xxh3_128"] == xxhash.xxh3_128_hexdigest(source.read_bytes())
     assert settings["model_xxh3_128"] == jobs.model_digest(hub)
+
+
+def test_a_job_resumed_on_another_machine_says_which_shards_came_from_where(hub, tmp_path, recwarn):
+    source = write_lines(tmp_path / "in.txt", lines(7))
+    out = tmp_path / "out"
+    first = jobs.run(hub, "features", str(source), out, shard_rows=2, progress=False)
+    # resumed where it ran: nothing to say
+    assert jobs.run(hub, "features", str(source), out, shard_rows=2, resume=True, progress=False) == first
+    assert not [w for w in recwarn if issubclass(w.category, roberta.errors.RobertaWarning)]
+    # shards 0 and 2 as another machine left them; shard 3 to compute again
+    elsewhere = {**jobs.computed_on(hub), "cpu": "Other CPU @ 3.0GHz", "threads": 64}
+    for k in (0, 2):
+        path = out / f"features-{k:05d}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "computed_on": elsewhere}))
+    (out / "features-00003.npy").unlink()
+    (out / "index.json").unlink()
+    with pytest.warns(roberta.errors.RobertaWarning) as caught:
+        index = jobs.run(hub, "features", str(source), out, shard_rows=2, resume=True, progress=False)
+    (message,) = [str(w.message) for w in caught]
+    here = jobs.computed_on(hub)
+    assert (f"resumed on another machine or setup: shards 0, 2 with cpu Other CPU @ 3.0GHz (here {here['cpu']}), "
+            f"threads 64 (here {here['threads']}). Rows computed") in message
+    assert [s["computed_on"] for s in index["shards"]] == [elsewhere, first["shards"][1]["computed_on"], elsewhere,
+                                                            jobs.computed_on(hub)]
+    assert [s["xxh3_128"] for s in index["shards"]] == [s["xxh3_128"] for s in first["shards"]]
 
 
 def test_the_model_identity_is_its_files_content(model_dir, tmp_path):

@@ -134,6 +134,7 @@ def int8_levels() -> int:
 
 
 _levels: int | None = None
+_unpacks_exactly: dict[tuple, bool] = {}  # (out, in, levels, capability) -> Int8Linear's check of oneDNN's reorder
 
 
 def runs_here() -> frozenset[str]:
@@ -550,19 +551,22 @@ class Int8Linear(nn.Module):
         self.gelu = gelu  # the FFN's first layer: GELU on the float32 result
         levels = levels or int8_levels()
         q, m = quantize_rows(weight.detach().float())
-        if levels == 127:
-            q = q.int() - 128
+        if levels == 127:  # q - 128 as int8: the offset's bit flipped (uint8 u and int8 u - 128 differ only there)
+            q = q.view(torch.int8).bitwise_xor_(-128)
         else:  # W ~ q * m / levels, rounded to the nearest of fewer levels
-            q = torch.round(weight.detach().float() * (levels / m)).int()
-        q = q.to(torch.int8)
+            q = torch.round(weight.detach().float() * (levels / m)).to(torch.int8)
         # W ~ weight * m / levels and x ~ (q - 128) * m_x / 127: both divisors go into the weight's scales
         self.register_buffer("weight_scale", m.squeeze(1) / (levels * 127))
         self.register_buffer("bias", bias.detach().float().clone())
         self.out_features, self.in_features = q.shape
         self.packed = torch.ops.onednn.qlinear_prepack(q, None)  # reordered once for oneDNN
         # the integer weights are read back from the packed ones when asked for (`weight`), not kept twice
-        # (a model's size in int8 again); kept only where oneDNN's reorder would not give them back exactly
-        self._plain = None if torch.equal(self.packed.to_dense().t(), q) else q
+        # (a model's size in int8 again); kept only where oneDNN's reorder would not give them back exactly.
+        # The reorder depends on the shape, not the values: checked on the first weight of each shape.
+        shape = (self.out_features, self.in_features, levels, torch.backends.cpu.get_cpu_capability())
+        if shape not in _unpacks_exactly:
+            _unpacks_exactly[shape] = torch.equal(self.packed.to_dense().t(), q)
+        self._plain = None if _unpacks_exactly[shape] else q
         self._zeros = torch.zeros(self.out_features, dtype=torch.int32)
 
     @property

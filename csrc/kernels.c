@@ -253,14 +253,17 @@ static void gelu_rows(float *y, Py_ssize_t rows, Py_ssize_t n) { gelu_rows_base(
 #endif
 #pragma GCC pop_options
 
-/* scale_rows, then GELU over the same rows (`gelu`) while they are in L1 or L2. */
-typedef struct { float *y; Py_ssize_t n; const float *m, *bias; int gelu; } scale_args;
+/* scale_rows, then GELU over the same rows (`gelu`) while they are in L1 or L2, then (where `q` is given)
+   those rows quantised for the next int8 matmul: what quantize_rows would give from them later, from cache
+   rather than from memory. */
+typedef struct { float *y; Py_ssize_t n; const float *m, *bias; int gelu; uint8_t *q; float *q_m; } scale_args;
 static void scale_step(const void *p, Py_ssize_t first, Py_ssize_t count) {
     const scale_args *a = p;
     for (Py_ssize_t i = first; i < first + count; i += 8) {  /* 8 rows at a time: 96 KB at 3072 wide */
         Py_ssize_t k = first + count - i < 8 ? first + count - i : 8;
         scale_rows(a->y + i * a->n, k, a->n, a->m + i, a->bias);
         if (a->gelu) gelu_rows(a->y + i * a->n, k, a->n);
+        if (a->q) quantize(a->y + i * a->n, k, a->n, a->q + i * a->n, a->q_m + i);
     }
 }
 
@@ -343,16 +346,18 @@ static PyObject *py_quantize_rows(PyObject *self, PyObject *const *args, Py_ssiz
 }
 
 static PyObject *py_scale_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) return PyErr_Format(PyExc_TypeError, "scale_rows(y, rows, n, m, bias, gelu, threads)");
+    if (nargs != 7 && nargs != 9)
+        return PyErr_Format(PyExc_TypeError, "scale_rows(y, rows, n, m, bias, gelu, threads[, q, q_m])");
     Py_ssize_t rows, n;
     long threads;
-    Py_buffer v[3];
-    int gelu = PyObject_IsTrue(args[5]);
+    Py_buffer v[5];
+    int gelu = PyObject_IsTrue(args[5]), k = nargs == 9 ? 5 : 3;
     if (gelu < 0 || sizes(args[1], args[2], args[6], &rows, &n, &threads) < 0) return NULL;
-    wanted w[3] = {{args[0], rows * n, 4, 1, "y"}, {args[3], rows, 4, 0, "m"}, {args[4], n, 4, 0, "bias"}};
-    if (get_all(w, 3, v) < 0) return NULL;
-    scale_args a = {v[0].buf, n, v[1].buf, v[2].buf, gelu};
-    return run_rows(scale_step, &a, rows, n, threads, v, 3);
+    wanted w[5] = {{args[0], rows * n, 4, 1, "y"}, {args[3], rows, 4, 0, "m"}, {args[4], n, 4, 0, "bias"},
+                   {k == 5 ? args[7] : NULL, rows * n, 1, 1, "q"}, {k == 5 ? args[8] : NULL, rows, 4, 1, "q_m"}};
+    if (get_all(w, k, v) < 0) return NULL;
+    scale_args a = {v[0].buf, n, v[1].buf, v[2].buf, gelu, k == 5 ? v[3].buf : NULL, k == 5 ? v[4].buf : NULL};
+    return run_rows(scale_step, &a, rows, n, threads, v, k);
 }
 
 static PyObject *py_add_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -444,7 +449,8 @@ static PyMethodDef methods[] = {
     {"quantize_rows", (PyCFunction)(void (*)(void))py_quantize_rows, METH_FASTCALL,
      "quantize_rows(x, rows, k, q, m, threads): float32 x [rows, k] into uint8 q and float32 row maxima m"},
     {"scale_rows", (PyCFunction)(void (*)(void))py_scale_rows, METH_FASTCALL,
-     "scale_rows(y, rows, n, m, bias, gelu, threads): y = bias + y * m[row], then GELU where gelu, in place"},
+     "scale_rows(y, rows, n, m, bias, gelu, threads[, q, q_m]): y = bias + y * m[row], then GELU where gelu, in "
+     "place; then, given uint8 q [rows, n] and float32 q_m [rows], quantize_rows of the result into them"},
     {"add_norm", (PyCFunction)(void (*)(void))py_add_norm, METH_FASTCALL,
      "add_norm(y, r, rows, n, gamma, beta, eps, threads): y = LayerNorm(y + r) * gamma + beta over rows of n, in place"},
     {"set_isa", py_set_isa, METH_O, "set_isa(name): use at most AVX512, AVX2 or DEFAULT (torch.backends.cpu."

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -270,6 +270,8 @@ def prepare(model: nn.Module, precision: str, inference_only: bool = False) -> n
         if not int8_kernels_available():
             raise RobertaError("int8 needs PyTorch's oneDNN (mkldnn) kernels, which this build lacks; use fp32")
         _prepare_encoder(model, Int8Linear)
+        for layer in model.encoder_model.encoder.layer:  # the FFN's hidden rows leave its first layer quantised
+            layer.intermediate.quantized_output = isinstance(layer.output.dense, Int8Linear)
     if device.type == "cpu":
         trim_heap()  # what preparing freed (a copy of the encoder's weights, as floats, in int8) goes back
         keep_freed_memory()  # from here on, for the batches
@@ -533,6 +535,26 @@ def scale_rows(y: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, gelu: bool 
     return y
 
 
+def scale_rows_quantized(y: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, gelu: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows(scale_rows(y, m, bias, gelu))`, the same bits, in one pass over the rows where
+    `roberta._kernels` is built: each row quantised while it is still in cache (`y` is overwritten)."""
+    if _kernels is None or not y.is_contiguous() or y.dim() != 2:
+        return quantize_rows(scale_rows(y, m, bias, gelu))
+    q, q_m = torch.empty(y.shape, dtype=torch.uint8), torch.empty(y.shape[0], 1)
+    _kernels.scale_rows(y.detach().numpy(), y.shape[0], y.shape[1], m.detach().numpy(), bias.detach().numpy(), gelu,
+                        torch.get_num_threads(), q.numpy(), q_m.numpy())
+    return q, q_m
+
+
+class QuantizedRows(NamedTuple):
+    """An activation already quantised per row (`quantize_rows`: q uint8 [N, K], m [N, 1]) for the next
+    `Int8Linear`, with the shape it stands for: what the int8 FFN's first layer hands its second."""
+    q: torch.Tensor
+    m: torch.Tensor
+    shape: tuple[int, ...]
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with W int8 (a scale per output row) and x quantised per token at run time.
 
@@ -568,17 +590,23 @@ class Int8Linear(nn.Module):
             _unpacks_exactly[shape] = torch.equal(self.packed.to_dense().t(), q)
         self._plain = None if _unpacks_exactly[shape] else q
         self._zeros = torch.zeros(self.out_features, dtype=torch.int32)
+        self.quantized_output = False  # hand on QuantizedRows, for an Int8Linear next (set by `prepare`)
 
     @property
     def weight(self) -> torch.Tensor:
         """The int8 weights [out, in], as quantised."""
         return self._plain if self._plain is not None else self.packed.to_dense().t()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, m = quantize_rows(x.reshape(-1, self.in_features).float())
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor | QuantizedRows:
+        if isinstance(x, QuantizedRows):  # quantised already, by the layer before, while its rows were in cache
+            (q, m), lead = x[:2], x.shape[:-1]
+        else:
+            (q, m), lead = quantize_rows(x.reshape(-1, self.in_features).float()), x.shape[:-1]
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.packed, self.weight_scale, self._zeros, None,
                                                  1.0, 0, torch.float32, "none", [], "")
-        return scale_rows(y, m, self.bias, self.gelu).view(*x.shape[:-1], self.out_features)
+        if self.quantized_output:
+            return QuantizedRows(*scale_rows_quantized(y, m, self.bias, self.gelu), (*lead, self.out_features))
+        return scale_rows(y, m, self.bias, self.gelu).view(*lead, self.out_features)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         q, m = quantize_rows_reference(x.reshape(-1, self.in_features).float())

@@ -272,6 +272,56 @@ def test_int8_c_kernels_equal_their_pytorch_arithmetic_bit_for_bit():
         assert (layer(x) - layer.forward_reference(x)).abs().max().item() <= 1e-5
 
 
+def test_rescaling_then_quantising_in_one_pass_gives_the_two_steps_bits():
+    """The int8 FFN's first layer quantises its rows for the second in the pass that rescales them and
+    applies GELU (inference.scale_rows_quantized): the same bits as the two steps apart, at every
+    instruction-set level and thread count, for widths that end inside a vector and row counts that end
+    inside a block of 8 rows."""
+    require_c_kernels()
+    g = torch.Generator().manual_seed(6)
+    for rows, n in [(37, 3072), (9, 33), (1, 1), (0, 16), (300, 64)]:
+        y = torch.randn(rows, n, generator=g) * 4
+        s, b = torch.rand(rows, 1, generator=g) * 3, torch.randn(n, generator=g)
+        y[:2] = 0.0  # rows that are the bias alone
+        for gelu in (False, True):
+            def both(threads=2):  # (apart, fused) at the level in use
+                apart = inference.quantize_rows(inference.scale_rows(y.clone(), s, b, gelu))
+                q, m = torch.empty(rows, n, dtype=torch.uint8), torch.empty(rows, 1)
+                inference._kernels.scale_rows(y.clone().numpy(), rows, n, s.numpy(), b.numpy(), gelu, threads,
+                                              q.numpy(), m.numpy())
+                return apart, (q, m)
+            runs = [*each_isa_level(both).values(), both(1), both(3)]
+            for (q0, m0), (q, m) in runs:
+                assert torch.equal(q, q0) and torch.equal(m, m0), (rows, n, gelu)
+            assert all(torch.equal(x, y) for x, y in zip(inference.scale_rows_quantized(y.clone(), s, b, gelu),
+                                                          both()[0]))
+
+
+def test_int8_ffn_hands_its_second_layer_quantised_rows_with_the_same_result(monkeypatch):
+    """In an int8 model the FFN's first layer gives its second QuantizedRows, quantised in the pass that
+    rescaled them: the model's output is bit for bit what it is with the FFN's hidden rows handed on as
+    floats and quantised by the second layer."""
+    if "int8" not in inference.runs_here():
+        pytest.skip("oneDNN's int8 matmul does not run here")
+    net = inference.reduce_precision(randomize(roberta.RobertaModel(RobertaConfig(**CONFIG))), "int8",
+                                     inference_only=True)
+    layers = net.encoder_model.encoder.layer
+    assert all(layer.intermediate.quantized_output for layer in layers)
+    handed = []
+    second = layers[0].output.dense.forward
+    monkeypatch.setattr(layers[0].output.dense, "forward", lambda x: handed.append(x) or second(x))
+    ids, mask = fixed_lengths([3, 60, 5, 41], left=False)
+    with torch.inference_mode():
+        fast = net(ids, mask).last_hidden_state
+        (rows,) = handed
+        assert isinstance(rows, inference.QuantizedRows) and rows.shape == (int(mask.sum()), CONFIG["intermediate_size"])
+        assert rows.q.dtype == torch.uint8 and rows.m.shape == (int(mask.sum()), 1)
+        for layer in layers:
+            layer.intermediate.quantized_output = False
+        apart = net(ids, mask).last_hidden_state
+    assert torch.equal(fast, apart)
+
+
 def each_isa_level(run):
     """{level: run()} at every instruction-set level of the C kernels this CPU has (AVX512, AVX2, DEFAULT),
     the level PyTorch's capability gives restored after."""
@@ -419,12 +469,19 @@ def test_element_wise_kernels_refuse_inconsistent_sizes():
         lambda: k.scale_rows(y.numpy(), 4, 9, torch.ones(4, 1).numpy(), v.numpy(), True, 2),  # rows of 9 in 32
         lambda: k.scale_rows(y.numpy(), 4, 8, torch.ones(4, 1).numpy(), v.numpy(), True, -1),  # threads
         lambda: k.scale_rows(y.numpy(), 4, 8, torch.zeros(3, 1).numpy(), v.numpy(), False, 2),  # 3 row scales
+        lambda: k.scale_rows(y.numpy(), 4, 8, torch.ones(4, 1).numpy(), v.numpy(), True, 2,
+                             torch.zeros(4, 7, dtype=torch.uint8).numpy(), torch.zeros(4).numpy()),  # q too small
+        lambda: k.scale_rows(y.numpy(), 4, 8, torch.ones(4, 1).numpy(), v.numpy(), True, 2,
+                             torch.zeros(4, 8, dtype=torch.uint8).numpy(), torch.zeros(3).numpy()),  # 3 row maxima
         lambda: k.quantize_rows(y.numpy(), 4, 8, torch.zeros(4, 8, dtype=torch.uint8).numpy(),
                                 torch.zeros(4).numpy(), 0),  # no threads
     ]
     for call in bad:
         with pytest.raises(ValueError):
             call()
+    with pytest.raises(TypeError):  # the quantised rows' two buffers come together or not at all
+        k.scale_rows(y.numpy(), 4, 8, torch.ones(4, 1).numpy(), v.numpy(), True, 2,
+                     torch.zeros(4, 8, dtype=torch.uint8).numpy())
 
 
 @pytest.mark.skipif(not packed_bf16_available(), reason="needs a CPU with bf16 units (AMX or AVX-512 BF16)")

@@ -3,7 +3,8 @@
 1. The int8 encoder's two element-wise steps around each integer matmul (roberta.inference.Int8Linear),
 one pass each instead of PyTorch's four to five: per-token quantisation of the activations, and the
 per-token scale plus bias on the int32 sums oneDNN has already scaled per column, with the FFN's GELU in
-the same pass over the rows (below, 3).
+the same pass over the rows (below, 3), and in the FFN the quantisation of those rows for its second
+matmul too, while they are in cache.
 
 Both give bit for bit what the PyTorch expressions in inference.py give (the tests hold them to it):
 every operation is one IEEE single-precision step in the same order, and contraction into fused

@@ -9,8 +9,8 @@
    gets its own width: with 16 lanes at every level, GELU ran 5x slower at AVX2 than at AVX-512.
 
    Multiply-adds here are contracted into fused multiply-adds (kernels.c compiles this file under
-   fp-contract=fast), so the AVX-512 and AVX2 levels give the same bits lane for lane; the baseline has
-   no FMA and rounds them apart. */
+   fp-contract=fast), so the AVX-512 and AVX2 levels give the same bits lane for lane; x86's baseline
+   (SSE2) has no FMA and rounds them apart. */
 
 typedef float NAME(floats) __attribute__((vector_size(4 * LANES)));
 typedef int32_t NAME(ints) __attribute__((vector_size(4 * LANES)));

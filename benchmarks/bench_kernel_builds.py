@@ -4,8 +4,9 @@ such as an earlier commit's. For a change to csrc/ that should not cost speed, o
 It times the attention kernel alone on batches of 32 sequences of several lengths (12 heads of 64, base
 size), at each instruction-set level the CPU has and on 1 and 2 threads, then whole inference passes of
 base size (random weights) over the first SST-2 dev sentences in batches of 32 with every kernel of one
-build or the other, in fp32 and int8. Calls alternate between the builds, so that the machine's drift
-reaches both alike; it prints medians and the ratio (other / this).
+build or the other, in fp32 and int8 (each build as it runs: one from before the int8 FFN quantised its
+hidden rows in its rescaling pass runs without that). Calls alternate between the builds, so that the
+machine's drift reaches both alike; it prints medians and the ratio (other / this).
 
     git worktree add /tmp/before HEAD~1 && (cd /tmp/before && python setup.py build_ext --inplace)
     PYTHONPATH=. python benchmarks/bench_kernel_builds.py /tmp/before/roberta/_kernels*.so
@@ -84,8 +85,23 @@ def passes(builds: dict, precision: str, repeats: int) -> None:
     batches = [pad_batch(sequences[i:i + 32], pad_id=1) for i in range(0, len(sequences), 32)]
     net = inference.reduce_precision(RobertaModel(RobertaConfig.base()).eval(), precision, inference_only=True)
 
+    def quantises(build):  # whether scale_rows can quantise the rows it rescales (else the FFN hands on floats)
+        y, q = np.zeros((1, 8), np.float32), np.zeros((1, 8), np.uint8)
+        try:
+            build.scale_rows(y, 1, 8, np.ones((1, 1), np.float32), y[0], True, 1, q, np.zeros(1, np.float32))
+            return True
+        except TypeError:
+            return False
+
+    fused = {name: quantises(build) for name, build in builds.items()}
+    ffn_in = [layer.intermediate for layer in net.encoder_model.encoder.layer
+              if isinstance(layer.intermediate, inference.Int8Linear)]
+
     def call(build):  # every kernel of this build: the int8 steps, attention, residual + LayerNorm
+        name = next(n for n, b in builds.items() if b is build)
         inference._kernels, model._attend_cpu, model._add_norm_cpu = build, build.attend, build.add_norm
+        for layer in ffn_in:
+            layer.quantized_output = fused[name]
         with torch.inference_mode():
             for ids, mask in batches:
                 net(ids, mask)
@@ -94,6 +110,8 @@ def passes(builds: dict, precision: str, repeats: int) -> None:
         times = turns(builds, call, repeats)
     finally:
         inference._kernels, model._attend_cpu, model._add_norm_cpu = mine
+        for layer in ffn_in:
+            layer.quantized_output = True
     this, other = times["this"], times["other"]
     print(f"{precision} passes ({len(sequences)} sentences): this {median(this):.3f} s, other {median(other):.3f} s; "
           f"other / this per pair {' '.join(f'{b / a:.3f}' for a, b in zip(this, other))} "

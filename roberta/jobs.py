@@ -475,11 +475,21 @@ def _resumed_elsewhere(elsewhere: dict[int, dict], here: dict) -> str:
     groups: dict[str, list[int]] = {}
     for k, theirs in sorted(elsewhere.items()):
         groups.setdefault(_difference(theirs, here), []).append(k)
-    earlier = "; ".join(f"shard{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))} with {what}"
-                        for what, ks in groups.items())
+    earlier = "; ".join(f"shard{'s' if len(ks) > 1 else ''} {_ranges(ks)} with {what}" for what, ks in groups.items())
     return (f"this job was resumed on another machine or setup: {earlier}. Rows computed under different "
             "conditions may differ in the last bits (float rounding), not in meaning; start a new directory on "
             "one machine for rows that are the same bits throughout")
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted shard numbers as runs: 0-3, 7, 9-12."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _difference(theirs, here: dict) -> str:

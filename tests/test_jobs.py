@@ -145,15 +145,15 @@ def test_every_shard_and_its_input_lines_have_checksums_in_the_index(hub, tmp_pa
 
 
 def test_a_job_resumed_on_another_machine_says_which_shards_came_from_where(hub, tmp_path, recwarn):
-    source = write_lines(tmp_path / "in.txt", lines(7))
+    source = write_lines(tmp_path / "in.txt", lines(11))
     out = tmp_path / "out"
     first = jobs.run(hub, "features", str(source), out, shard_rows=2, progress=False)
     # resumed where it ran: nothing to say
     assert jobs.run(hub, "features", str(source), out, shard_rows=2, resume=True, progress=False) == first
     assert not [w for w in recwarn if issubclass(w.category, roberta.errors.RobertaWarning)]
-    # shards 0 and 2 as another machine left them; shard 3 to compute again
+    # shards 0, 1, 2 and 4 as another machine left them; shard 3 to compute again
     elsewhere = {**jobs.computed_on(hub), "cpu": "Other CPU @ 3.0GHz", "threads": 64}
-    for k in (0, 2):
+    for k in (0, 1, 2, 4):
         path = out / f"features-{k:05d}.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "computed_on": elsewhere}))
     (out / "features-00003.npy").unlink()
@@ -162,10 +162,9 @@ def test_a_job_resumed_on_another_machine_says_which_shards_came_from_where(hub,
         index = jobs.run(hub, "features", str(source), out, shard_rows=2, resume=True, progress=False)
     (message,) = [str(w.message) for w in caught]
     here = jobs.computed_on(hub)
-    assert (f"resumed on another machine or setup: shards 0, 2 with cpu Other CPU @ 3.0GHz (here {here['cpu']}), "
+    assert (f"resumed on another machine or setup: shards 0-2, 4 with cpu Other CPU @ 3.0GHz (here {here['cpu']}), "
             f"threads 64 (here {here['threads']}). Rows computed") in message
-    assert [s["computed_on"] for s in index["shards"]] == [elsewhere, first["shards"][1]["computed_on"], elsewhere,
-                                                            jobs.computed_on(hub)]
+    assert [s["computed_on"] for s in index["shards"]] == [elsewhere] * 3 + [here, elsewhere, here]
     assert [s["xxh3_128"] for s in index["shards"]] == [s["xxh3_128"] for s in first["shards"]]
 
 

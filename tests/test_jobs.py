@@ -166,6 +166,14 @@ def test_a_job_resumed_on_another_machine_says_which_shards_came_from_where(hub,
             f"threads 64 (here {here['threads']}). Rows computed") in message
     assert [s["computed_on"] for s in index["shards"]] == [elsewhere] * 3 + [here, elsewhere, here]
     assert [s["xxh3_128"] for s in index["shards"]] == [s["xxh3_128"] for s in first["shards"]]
+    # a record whose `computed_on` is not a mapping (edited by hand) is named as it is, not a crash
+    path = out / "features-00005.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "computed_on": ["not", "a", "mapping"]}))
+    (out / "features-00003.npy").unlink()
+    (out / "index.json").unlink()
+    with pytest.warns(roberta.errors.RobertaWarning, match=r"shard 5 with \['not', 'a', 'mapping'\]"):
+        again = jobs.run(hub, "features", str(source), out, shard_rows=2, resume=True, progress=False)
+    assert again["shards"][5]["computed_on"] == ["not", "a", "mapping"]
 
 
 def test_the_model_identity_is_its_files_content(model_dir, tmp_path):

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from common import DATA, cpu_line, cpu_ticks, median, stolen_share, tsv_column
+from common import cpu_line, cpu_ticks, median, sst2_sequences, stolen_share
 
 LENGTHS = {"SST-2-like (4-49 tokens)": None, "16": 16, "26": 26, "64": 64, "128": 128}
 
@@ -76,12 +76,9 @@ def passes(builds: dict, precision: str, repeats: int) -> None:
     import roberta.model as model
     from roberta import RobertaConfig, RobertaModel
     from roberta.inference import pad_batch
-    from roberta.tokenizer import RobertaTokenizer
 
     torch.manual_seed(0)
-    tokenizer = RobertaTokenizer.from_pretrained(DATA / "roberta-bpe")
-    texts = tsv_column(DATA / "glue" / "SST-2" / "dev.tsv", "sentence")[:args.sentences]
-    sequences = tokenizer.encode_batch(texts, max_length=128)
+    sequences = sst2_sequences(args.sentences)
     batches = [pad_batch(sequences[i:i + 32], pad_id=1) for i in range(0, len(sequences), 32)]
     net = inference.reduce_precision(RobertaModel(RobertaConfig.base()).eval(), precision, inference_only=True)
 

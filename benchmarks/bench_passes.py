@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import DATA, cpu_line, cpu_ticks, median, stolen_share, tsv_column
+from common import cpu_line, cpu_ticks, median, sst2_sequences, stolen_share
 
 BATCH = 32
 
@@ -31,13 +31,10 @@ def main() -> None:
     import roberta.model as model
     from roberta import RobertaConfig, RobertaModel
     from roberta.inference import pad_batch
-    from roberta.tokenizer import RobertaTokenizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tokenizer = RobertaTokenizer.from_pretrained(DATA / "roberta-bpe")
-    texts = tsv_column(DATA / "glue" / "SST-2" / "dev.tsv", "sentence")[: args.sentences]
-    sequences = tokenizer.encode_batch(texts, max_length=128)
+    sequences = sst2_sequences(args.sentences)
     batches = [pad_batch(sequences[i:i + BATCH], pad_id=1) for i in range(0, len(sequences), BATCH)]
     net = inference.reduce_precision(RobertaModel(RobertaConfig.base()).eval(), args.precision, inference_only=True)
     if model._add_norm_cpu is None:

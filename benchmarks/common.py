@@ -40,6 +40,14 @@ def natural_sentences(n: int, seed: int = 0) -> list[str]:
     return picked
 
 
+def sst2_sequences(count: int, max_length: int = 128) -> list[list[int]]:
+    """The first `count` SST-2 dev sentences as token ids (`<s> ... </s>`, at most `max_length`)."""
+    from roberta.tokenizer import RobertaTokenizer
+
+    texts = tsv_column(DATA / "glue" / "SST-2" / "dev.tsv", "sentence")[:count]
+    return RobertaTokenizer.from_pretrained(DATA / "roberta-bpe").encode_batch(texts, max_length=max_length)
+
+
 def median(xs):
     return statistics.median(xs)
 

@@ -244,7 +244,7 @@ def reduce_precision(model: nn.Module, precision: str, inference_only: bool = Fa
     An fp32 model stays as it is (trainable, savable) unless `inference_only`: then its encoder is prepared
     once in float32, the same weights replaced, not copied: q, k and v concatenated (a trainable model
     concatenates them at every call, 3 H^2 floats per layer, about 1% of a base forward pass on CPU), and
-    on CPU reordered for oneDNN where `kernels.packs` measured that faster here (never with
+    on CPU laid out once for oneDNN or MKL where `kernels.packing` measured that faster here (never with
     ROBERTA_KERNELS=default). The commands and the server load with `inference_only`.
     """
     return prepare(model, resolve_precision(precision, next(model.parameters()).device)[0], inference_only)
@@ -257,9 +257,10 @@ def prepare(model: nn.Module, precision: str, inference_only: bool = False) -> n
     device = next(model.parameters()).device
     model.eval()
     if precision == "fp32" and inference_only and standard_fp32(model):
-        _prepare_encoder(model, lambda weight, bias, gelu=False: PackedLinear(weight, bias, gelu, torch.float32)
-                         if device.type == "cpu" and kernels.packs([tuple(weight.shape)])
-                         else PlainLinear(weight, bias, gelu))
+        def fp32_linear(weight, bias, gelu=False):
+            kernel = kernels.packing([tuple(weight.shape)]) if device.type == "cpu" else None
+            return PackedLinear(weight, bias, gelu, torch.float32, kernel) if kernel else PlainLinear(weight, bias, gelu)
+        _prepare_encoder(model, fp32_linear)
     if precision == "bf16":
         model.to(torch.bfloat16)
         if device.type == "cpu" and packed_bf16_available():
@@ -438,24 +439,30 @@ def packed_bf16_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b, then GELU when `gelu`, on oneDNN with W reordered once into the blocked layout its
-    kernels read, and the GELU applied in the matmul's epilogue (one pass over the output instead of
-    two) where `kernels.fuse_gelu` measured that faster here, else after it. In bfloat16 (the default)
-    for AMX / AVX-512 BF16; in float32 for inference-only fp32 models where `kernels.packs` measured it
-    faster. Measured by `benchmarks/bench_features.py` against the
-    plain path; `forward_reference` is that plain path, for the tests.
+    """y = x W^T + b, then GELU when `gelu`, with W laid out once for the library that multiplies it:
+    oneDNN (`kernels.PACKED`, the default) with W reordered into the blocked layout its kernels read, and
+    the GELU applied in the matmul's epilogue (one pass over the output instead of two) where
+    `kernels.fuse_gelu` measured that faster here, else after it; or MKL's packed sgemm
+    (`kernels.MKL_PACKED`, float32 only), GELU after it. In bfloat16 (the default) for AMX / AVX-512
+    BF16; in float32 for inference-only fp32 models, with the library `kernels.packing` measured fastest.
+    Measured by `benchmarks/bench_features.py` against the plain path; `forward_reference` is that plain
+    path, for the tests.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, gelu: bool = False,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype = torch.bfloat16, kernel: str | None = None):
         from . import kernels
 
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.gelu = gelu
-        self.fused = gelu and kernels.fuse_gelu(dtype, self.out_features, self.in_features)
+        self.kernel = kernel or kernels.PACKED
+        if self.kernel == kernels.MKL_PACKED and dtype != torch.float32:
+            raise ValueError("MKL's packed sgemm multiplies float32 only")
+        self.fused = gelu and self.kernel == kernels.PACKED and kernels.fuse_gelu(dtype, self.out_features,
+                                                                                    self.in_features)
         self.register_buffer("bias", bias.detach().to(dtype).clone())
-        self.packed = kernels.pack(weight.to(dtype))
+        self.packed = kernels.pack(weight.to(dtype), self.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import kernels
@@ -469,7 +476,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"{'bf16' if self.bias.dtype == torch.bfloat16 else 'fp32'} oneDNN" + \
+               f"{'bf16' if self.bias.dtype == torch.bfloat16 else 'fp32'} {self.kernel}" + \
             (f" + GELU ({'in the epilogue' if self.fused else 'after it'})" if self.gelu else "")
 
 

@@ -17,12 +17,18 @@ head to 1e-5 of the plain path):
 - "onednn": oneDNN's inner product (`torch.ops.mkldnn._linear_pointwise`) on the weight as it is, which
   it reorders into its blocked layout inside every call;
 - "onednn-packed" (`PACKED`): the same on a weight reordered once in advance (`_reorder_linear_weight`).
-  Only a model prepared for inference alone can hold it (`inference.reduce_precision(...,
-  inference_only=True)`, what the commands and the server do): a trainable model's weights change under
-  the optimizer, and a second copy would double their memory. On the AMD EPYC of benchmarks/RESULTS.md
-  it measured 4-5% faster than "onednn" at 785 tokens and 1.3-2x at 8-32 tokens, where the reorder is
-  most of the call. Which of an inference-only model's encoder weights are packed is decided per shape
-  by `packs`, from the same measurements (under an AVX2 cap there, MKL won some shapes).
+  On the AMD EPYC of benchmarks/RESULTS.md it measured 4-5% faster than "onednn" at 785 tokens and
+  1.3-2x at 8-32 tokens, where the reorder is most of the call;
+- "mkl-packed" (`MKL_PACKED`): MKL's packed sgemm, the weight laid out once by `cblas_sgemm_pack` and
+  each product made by `cblas_sgemm_compute` (`MklPacked`; both exported by PyTorch's CPU library where
+  it links MKL): the work sgemm does on the weight at every call, done once. On the Ice Lake Xeon of
+  benchmarks/RESULTS.md, base size's passes with every weight so held ran 1.08x those on plain weights
+  in batches of 32 and 1.20x one sentence at a time (oneDNN's reordered weights 1.07x and 1.12x).
+The two packed candidates hold a second layout of the weight, so only a model prepared for inference
+alone holds one (`inference.reduce_precision(..., inference_only=True)`, what the commands and the server
+do), in place of the plain weight: a trainable model's weights change under the optimizer. Which of an
+inference-only model's encoder weights are packed, and by which library, is decided per shape by
+`packing`, from the same measurements (under an AVX2 cap on an AMD EPYC, MKL's plain path won some shapes).
 
 Only inference takes this path (no autograd, float32, CPU, not being traced for export): training keeps
 `F.linear` and its backward, as a training step through oneDNN measured no faster on a quiet machine
@@ -40,7 +46,9 @@ oneDNN's matmul epilogue or as a pass of its own (`fuse_gelu`).
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import time
 from pathlib import Path
@@ -71,12 +79,96 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 FP32_KERNELS: dict[str, Callable] = {"mkl": F.linear, "onednn": _onednn}  # on plain weights
-PACKED = "onednn-packed"
+PACKED, MKL_PACKED = "onednn-packed", "mkl-packed"  # on a weight laid out once (inference-only models)
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` [out, in] reordered once into oneDNN's blocked layout, for `_onednn` (an opaque tensor)."""
+def pack(weight: torch.Tensor, kernel: str = PACKED) -> "torch.Tensor | MklPacked":
+    """`weight` [out, in] laid out once for `kernel`: reordered into oneDNN's blocked layout for `_onednn`
+    (an opaque tensor), or packed by MKL (`MklPacked`, float32 only)."""
+    if kernel == MKL_PACKED:
+        return MklPacked(weight)
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+# CBLAS's enumerations (mkl_cblas.h): row-major, no transpose, transpose, a packed operand, matrix B
+_ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED_OPERAND, _B_MATRIX = 101, 111, 112, 151, 162
+# the rows MKL is told the packed weight will be multiplied with: its layout depends on them, though any
+# row count multiplies correctly by it. On the Ice Lake Xeon of benchmarks/RESULTS.md, packed for 1 row
+# the products ran at F.linear's speed, and for 768 rows short inputs ran slower than F.linear on the
+# FFN's second layer; packed for 512, each base shape ran at 32, 128 and 800 rows at least about as fast
+# as on oneDNN's reordered weight
+PACK_ROWS = 512
+_mkl_library: list = []  # [the ctypes library, or None]: looked up once a process
+
+
+def _mkl() -> ctypes.CDLL | None:
+    """PyTorch's CPU library where it links MKL and exports MKL's packed sgemm, with that API's argument
+    types (32-bit integers: PyTorch links MKL's LP64 interface); None elsewhere (ARM, builds without MKL)."""
+    if not _mkl_library:
+        lib = None
+        if torch.backends.mkl.is_available():
+            folder = Path(torch.__file__).parent / "lib"
+            for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+                try:
+                    found = ctypes.CDLL(str(folder / name))
+                    pack_size, pack_b, compute = (found.cblas_sgemm_pack_get_size, found.cblas_sgemm_pack,
+                                                  found.cblas_sgemm_compute)
+                except (OSError, AttributeError):
+                    continue
+                i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+                pack_size.restype, pack_size.argtypes = ctypes.c_size_t, [i, i, i, i]
+                pack_b.restype, pack_b.argtypes = None, [i, i, i, i, i, i, f, p, i, p]
+                compute.restype, compute.argtypes = None, [i, i, i, i, i, i, p, i, p, i, f, p, i]
+                lib = found
+                break
+        _mkl_library.append(lib)
+    return _mkl_library[0]
+
+
+class MklPacked:
+    """A float32 weight W [out, in] packed once by MKL (`cblas_sgemm_pack`) for x W^T + b through
+    `cblas_sgemm_compute`: what MKL's sgemm does to the weight at the start of every `F.linear` call,
+    done once at load. The packed buffer is an anonymous mapping: MKL asks for room for its widest
+    layout (2.2x base size's weights here) but writes about the weight's size, and pages never written
+    never take memory. Read-only after packing, so threads may share it; pickles (and deep-copies) as
+    the dense weight, packed again on the way in."""
+
+    def __init__(self, weight: torch.Tensor):
+        lib = _mkl()
+        if lib is None:
+            raise RobertaError("this PyTorch build does not export MKL's packed sgemm; use another kernel")
+        w = weight.detach().float().contiguous()
+        self.out_features, self.in_features = w.shape
+        size = lib.cblas_sgemm_pack_get_size(_B_MATRIX, PACK_ROWS, *w.shape)
+        if not 0 < size <= 16 * 4 * w.numel() + (64 << 20):  # MKL asks 1-5x the weight's bytes for base's shapes
+            raise RobertaError(f"MKL asked for {size} bytes to pack a {tuple(w.shape)} weight; use another kernel")
+        self._memory = mmap.mmap(-1, size)
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
+        lib.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, PACK_ROWS, self.out_features, self.in_features, 1.0,
+                             w.data_ptr(), self.in_features, self._address)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [rows, in] float32 -> x W^T + b [rows, out]: the bias written into the output first and added
+        by the product (beta 1), as F.linear's sgemm adds it."""
+        x = x.contiguous()
+        rows = x.shape[0]
+        if bias is None:
+            y = torch.empty(rows, self.out_features)
+        else:
+            y = torch.empty(rows, self.out_features).copy_(bias.expand(rows, self.out_features))
+        if rows:
+            _mkl().cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED_OPERAND, rows, self.out_features,
+                                       self.in_features, x.data_ptr(), self.in_features, self._address,
+                                       self.in_features, 0.0 if bias is None else 1.0, y.data_ptr(),
+                                       self.out_features)
+        return y
+
+    def to_dense(self) -> torch.Tensor:
+        """W [out, in] back, exactly: the identity times it (each product one weight times 1, plus zeros)."""
+        return self.linear(torch.eye(self.in_features), None).t().contiguous()
+
+    def __reduce__(self):
+        return MklPacked, (self.to_dense(),)
 
 
 def use(mode: str | None) -> None:
@@ -208,7 +300,7 @@ def available_fp32() -> list[str]:
     return names
 
 
-_packs: dict[str, bool] = {}  # whether oneDNN runs a reordered weight here: one probe per process
+_packs: dict[str, bool] = {}  # whether oneDNN, MKL run a weight laid out once here: one probe per process
 
 
 def packed_available() -> bool:
@@ -226,18 +318,37 @@ def packed_available() -> bool:
     return _packs["float32"]
 
 
+def mkl_packed_available() -> bool:
+    """Whether this process runs float32 products through MKL's packed sgemm (`MklPacked`), equal to
+    F.linear on a tiny one."""
+    if "mkl" not in _packs:
+        ok = _mkl() is not None
+        if ok:
+            x, w = torch.ones(2, 16), torch.ones(8, 16)
+            try:
+                ok = torch.equal(MklPacked(w).linear(x, torch.zeros(8)), F.linear(x, w))
+            except (RobertaError, OSError, ValueError, OverflowError):  # a size no layout of this weight needs
+                ok = False
+        _packs["mkl"] = ok
+    return _packs["mkl"]
+
+
+def available_packed() -> list[str]:
+    """The candidates on a weight laid out once that this process runs."""
+    return [k for k, ok in ((PACKED, packed_available()), (MKL_PACKED, mkl_packed_available())) if ok]
+
+
 def candidates(weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """Every float32 candidate this process runs, each as x -> x W^T + b (the packed one's weight
-    reordered here, once)."""
+    """Every float32 candidate this process runs, each as x -> x W^T + b (the packed ones' weight laid
+    out here, once)."""
     calls = {k: (lambda x, k=k: FP32_KERNELS[k](x, weight, bias)) for k in available_fp32()}
-    if packed_available():
-        packed = pack(weight)
-        calls[PACKED] = lambda x: _onednn(x, packed, bias)
+    for kernel in available_packed():
+        calls[kernel] = lambda x, packed=pack(weight, kernel): packed_linear(x, packed, bias, False, False)
     return calls
 
 
 def _valid_fp32(record: dict) -> bool:
-    names = available_fp32() + ([PACKED] if packed_available() else [])
+    names = available_fp32() + available_packed()
     return all(record[c]["winner"] in available_fp32() and isinstance(record[c]["gflops"], dict)
                and set(record[c]["gflops"]) == set(names) and isinstance(record[c]["tokens"], int)
                and all(isinstance(v, float) and v > 0 for v in record[c]["gflops"].values())
@@ -247,7 +358,7 @@ def _valid_fp32(record: dict) -> bool:
 def measure_fp32(out_features: int, in_features: int) -> dict:
     """Time every float32 candidate on [tokens, in] x [in, out] at both token counts: {"small": {"tokens",
     "winner", "gflops": {kernel: GFLOP/s}}, "large": {...}}; "winner" is the fastest on a plain weight
-    (what a trainable model runs), the packed one's speed is there for `packs`."""
+    (what a trainable model runs), the packed ones' speeds are there for `packing`."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=g) * 0.02
     bias = torch.randn(out_features, generator=g)
@@ -279,18 +390,20 @@ def fp32_choice(tokens: int, out_features: int, in_features: int) -> str:
     return fp32_record(out_features, in_features)["large" if tokens > SPLIT else "small"]["winner"]
 
 
-def packs(shapes: list[tuple[int, int]]) -> bool:
-    """Whether a model prepared for inference alone runs faster with these (out, in) weights reordered
-    once for oneDNN than with each product on its plain winner: the measured times of one product of
-    each shape at both token counts, summed. Never with ROBERTA_KERNELS=default."""
-    if mode() == "default" or not packed_available():
-        return False
-    plain = packed = 0.0
+def packing(shapes: list[tuple[int, int]]) -> str | None:
+    """The packed candidate (`PACKED`, `MKL_PACKED`) with which a model prepared for inference alone runs
+    these (out, in) weights fastest, or None where each product on its plain winner is faster: the
+    measured times of one product of each shape at both token counts, summed. Never with
+    ROBERTA_KERNELS=default."""
+    if mode() == "default" or not available_packed():
+        return None
+    seconds = dict.fromkeys([None, *available_packed()], 0.0)
     for out_features, in_features in shapes:
         for r in fp32_record(out_features, in_features).values():
             flops = 2.0 * r["tokens"] * out_features * in_features
-            plain, packed = plain + flops / r["gflops"][r["winner"]], packed + flops / r["gflops"][PACKED]
-    return packed < plain
+            for kernel in seconds:
+                seconds[kernel] += flops / r["gflops"][r["winner"] if kernel is None else kernel]
+    return min(seconds, key=seconds.get)
 
 
 def tracing() -> bool:
@@ -357,12 +470,16 @@ def widen_bf16_attention(heads: int, dim: int) -> bool:
     return _records[key]["winner"] == "widened"
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, gelu: bool, fused: bool) -> torch.Tensor:
-    """x W^T + b on a reordered weight (`pack`), then GELU when `gelu`: in oneDNN's epilogue when `fused`,
-    else by PyTorch in place over the result."""
-    if gelu and fused:
+def packed_linear(x: torch.Tensor, packed: "torch.Tensor | MklPacked", bias: torch.Tensor | None, gelu: bool,
+                  fused: bool) -> torch.Tensor:
+    """x [rows, in] W^T + b on a weight laid out once (`pack`), then GELU when `gelu`: in oneDNN's epilogue
+    when `fused` (oneDNN's layout only), else by PyTorch in place over the result."""
+    if isinstance(packed, MklPacked):
+        y = packed.linear(x, bias)
+    elif gelu and fused:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "none")
-    y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return torch.ops.aten.gelu_(y) if gelu else y
 
 
@@ -412,7 +529,7 @@ def report(shapes: list[tuple[int, int]] | None = None) -> list[dict]:
     rows = []
     if shapes is None:  # base size's, and how its FFN's GELU runs on a reordered weight
         shapes = encoder_shapes()
-        if packed_available() and packs([shapes[2]]):
+        if packing([shapes[2]]) == PACKED:
             fuse_gelu(torch.float32, *shapes[2])
     for out_features, in_features in shapes:
         record = fp32_record(out_features, in_features)
@@ -420,10 +537,10 @@ def report(shapes: list[tuple[int, int]] | None = None) -> list[dict]:
             r = record[name]
             rows.append({"precision": "fp32", "shape": f"{out_features}x{in_features}", "tokens": r["tokens"],
                          "kernel": r["winner"], "gflops": r["gflops"]})
-    for out_features, in_features in shapes if packed_available() else []:  # what `packs` decides for each
+    for out_features, in_features in shapes if available_packed() else []:  # what `packing` decides for each
         rows.append({"precision": "fp32", "shape": f"{out_features}x{in_features}", "tokens": None, "gflops": {},
                      "inference_only": True,
-                     "kernel": PACKED if packs([(out_features, in_features)]) else "plain weights"})
+                     "kernel": packing([(out_features, in_features)]) or "plain weights"})
     for section in ("attention", "epilogue"):  # `widen_bf16_attention`, `fuse_gelu`
         for name, record in sorted((_read_entry(machine()).get(section) or {}).items()):
             if isinstance(record, dict) and isinstance(record.get("seconds"), dict):
@@ -447,7 +564,7 @@ def describe(row: dict) -> str:
         if row["precision"] == "epilogue":
             return f"gelu  {row['shape']:<12} on a reordered weight: {row['kernel']} ({spent})"
         return f"attn  {row['shape']} heads x dim: {row['kernel']} ({spent})"
-    if row.get("inference_only"):  # what `packs` decided for the commands and the server
+    if row.get("inference_only"):  # what `packing` decided for the commands and the server
         return f"fp32  {row['shape']:<12} in inference-only models (commands, server): {row['kernel']}"
     return f"{row['precision']:<5} {row['shape']:<12} at {tokens}: {row['kernel']}" + \
         (f" (GFLOP/s: {speeds})" if speeds else "")

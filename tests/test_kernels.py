@@ -61,8 +61,8 @@ def test_the_choice_is_measured_once_and_cached(cache, measured, monkeypatch):
     rows = kernels.report([(96, 64), (32, 64)])  # what `roberta info --device` shows: from the cache
     packing = [r for r in rows if r.get("inference_only")]
     rows = [r for r in rows if not r.get("inference_only")]
-    assert [r["kernel"] for r in packing] == ([kernels.PACKED if kernels.packs([shape]) else "plain weights"
-                                               for shape in ((96, 64), (32, 64))] if kernels.packed_available() else [])
+    assert [r["kernel"] for r in packing] == ([kernels.packing([shape]) or "plain weights"
+                                               for shape in ((96, 64), (32, 64))] if kernels.available_packed() else [])
     assert [(r["shape"], r["tokens"], r["kernel"]) for r in rows] == [
         (s, entry(cache)["fp32"][s][c]["tokens"], entry(cache)["fp32"][s][c]["winner"])
         for s in ("96x64", "32x64") for c in ("small", "large")]
@@ -84,7 +84,7 @@ def test_remeasure_times_again_once_and_replaces_the_cached_choice(cache, measur
 
 
 @pytest.mark.parametrize("damage", ["not json {", "[]", "truncated", "foreign machine", "unknown kernel",
-                                    "other format"])
+                                    "a candidate missing", "other format"])
 def test_a_damaged_or_foreign_cache_entry_is_measured_again(cache, measured, monkeypatch, damage):
     kernels.fp32_choice(800, 96, 64)
     text = cache.read_text()
@@ -101,6 +101,9 @@ def test_a_damaged_or_foreign_cache_entry_is_measured_again(cache, measured, mon
         text = json.dumps(data)
     elif damage == "unknown kernel":
         data["entries"][key]["fp32"]["96x64"]["large"]["winner"] = "rm -rf"
+        text = json.dumps(data)
+    elif damage == "a candidate missing":  # as written by a release with fewer candidates
+        del data["entries"][key]["fp32"]["96x64"]["small"]["gflops"]["mkl"]
         text = json.dumps(data)
     else:
         data["format"] = kernels.FORMAT + 1
@@ -165,33 +168,43 @@ def test_every_candidate_gives_every_head_within_1e_5_of_the_plain_path(cache, m
             assert (x - y).abs().max().item() <= 1e-5 * max(1.0, y.abs().max().item()), field
 
 
-def measured_faster(cache, shapes, packed_faster: bool):
-    """This machine's records of `shapes` (measured for real), with the packed candidate's speeds then
-    written 10x above or below the plain winner's: a cache as a machine where packing wins or loses."""
+def measured_faster(cache, shapes, winner: str | None):
+    """This machine's records of `shapes` (measured for real), with the packed candidates' speeds then
+    written 10x above the plain winner's for `winner` and 10x below for the others: a cache as a machine
+    where that packed candidate wins (None: where packing loses)."""
     for out_features, in_features in shapes:
         kernels.fp32_record(out_features, in_features)
     data = json.loads(cache.read_text())
     key = next(iter(data["entries"]))
     for name in (f"{o}x{i}" for o, i in shapes):
         for r in data["entries"][key]["fp32"][name].values():
-            r["gflops"][kernels.PACKED] = r["gflops"][r["winner"]] * (10.0 if packed_faster else 0.1)
+            for kernel in kernels.available_packed():
+                r["gflops"][kernel] = r["gflops"][r["winner"]] * (10.0 if kernel == winner else 0.1)
     cache.write_text(json.dumps(data))
     kernels._records.clear()
 
 
-needs_packing = pytest.mark.skipif(not kernels.packed_available(),
+def packed_kernel(name):
+    """`name` as a test parameter, skipped where this process does not run it."""
+    reasons = {kernels.PACKED: "this PyTorch build's oneDNN does not run reordered float32 weights",
+               kernels.MKL_PACKED: "this PyTorch build does not export MKL's packed sgemm"}
+    return pytest.param(name, marks=pytest.mark.skipif(name not in kernels.available_packed(), reason=reasons[name]))
+
+
+PACKED_KERNELS = [packed_kernel(kernels.PACKED), packed_kernel(kernels.MKL_PACKED)]
+needs_packing = pytest.mark.skipif(kernels.PACKED not in kernels.available_packed(),
                                    reason="this PyTorch build's oneDNN does not run reordered float32 weights")
 
 
-@needs_packing
-@pytest.mark.parametrize("packed_faster", [True, False])
-def test_an_inference_only_fp32_model_packs_its_encoder_where_that_measured_faster(cache, packed_faster):
+@pytest.mark.parametrize("winner", [*PACKED_KERNELS, None])
+def test_an_inference_only_fp32_model_packs_its_encoder_where_that_measured_faster(cache, winner):
     from roberta.inference import PackedLinear, PlainLinear, prepared, reduce_precision
 
     config = RobertaConfig(**CONFIG)
     model = randomize(roberta.RobertaModel(config)).eval()
-    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), packed_faster)
-    assert kernels.packs(kernels.encoder_shapes(config.hidden_size, config.intermediate_size)) is packed_faster
+    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), winner)
+    assert kernels.packing(kernels.encoder_shapes(config.hidden_size, config.intermediate_size)) == winner
+    packed_faster = winner is not None
     trainable = reduce_precision(copy.deepcopy(model), "fp32")  # not inference-only: kept as it is
     assert not prepared(trainable) and trainable.encoder.layer[0].attention.self.query.weight.requires_grad
     kernels.use("default")  # the reproducible mode never packs, but still concatenates q, k and v once
@@ -204,21 +217,22 @@ def test_an_inference_only_fp32_model_packs_its_encoder_where_that_measured_fast
     if packed_faster:
         layer = fast.encoder.layer[0]
         assert isinstance(layer.attention.self.qkv, PackedLinear) and layer.intermediate.gelu
-        assert layer.intermediate.bias.dtype == torch.float32 and "fp32 oneDNN + GELU" in repr(layer.intermediate)
+        assert layer.intermediate.bias.dtype == torch.float32 and f"fp32 {winner} + GELU" in repr(layer.intermediate)
+        assert {m.kernel for m in fast.modules() if isinstance(m, PackedLinear)} == {winner}
     rows = kernels.report(kernels.encoder_shapes(config.hidden_size, config.intermediate_size))
-    assert [r["kernel"] for r in rows if r.get("inference_only")] == [kernels.PACKED if packed_faster else
-                                                                      "plain weights"] * 4
+    if kernels.available_packed():
+        assert [r["kernel"] for r in rows if r.get("inference_only")] == [winner or "plain weights"] * 4
 
 
-@needs_packing
-def test_an_inference_only_fp32_model_packs_only_the_shapes_measured_faster_packed(cache):
+@pytest.mark.parametrize("winner", PACKED_KERNELS)
+def test_an_inference_only_fp32_model_packs_only_the_shapes_measured_faster_packed(cache, winner):
     from roberta.inference import PackedLinear, PlainLinear, reduce_precision
 
     config = RobertaConfig(**CONFIG)
     model = randomize(roberta.RobertaForMaskedLM(config)).eval()
     h, f = config.hidden_size, config.intermediate_size
-    measured_faster(cache, [(3 * h, h), (f, h)], True)  # q/k/v and the FFN's first layer
-    measured_faster(cache, [(h, h), (h, f)], False)  # the attention output and the FFN's second layer
+    measured_faster(cache, [(3 * h, h), (f, h)], winner)  # q/k/v and the FFN's first layer
+    measured_faster(cache, [(h, h), (h, f)], None)  # the attention output and the FFN's second layer
     ids, mask = fixed_lengths([3, 60, 5, 41])
     with torch.inference_mode():
         kernels.use("default")
@@ -228,19 +242,25 @@ def test_an_inference_only_fp32_model_packs_only_the_shapes_measured_faster_pack
         layer = fast.roberta.encoder.layer[1]
         assert [type(m) for m in (layer.attention.self.qkv, layer.attention.output.dense, layer.intermediate,
                                   layer.output.dense)] == [PackedLinear, PlainLinear, PackedLinear, PlainLinear]
+        assert layer.attention.self.qkv.kernel == layer.intermediate.kernel == winner
         assert (fast(ids, mask).logits - plain).abs().max().item() <= 1e-5 * max(1.0, plain.abs().max().item())
 
 
-@needs_packing
-@pytest.mark.parametrize("fused", [True, False], ids=["gelu-in-epilogue", "gelu-after"])
+@pytest.mark.parametrize("winner, fused", [
+    pytest.param(*packed_kernel(kernels.PACKED).values, True, marks=packed_kernel(kernels.PACKED).marks,
+                 id="onednn-packed-gelu-in-epilogue"),
+    pytest.param(*packed_kernel(kernels.PACKED).values, False, marks=packed_kernel(kernels.PACKED).marks,
+                 id="onednn-packed-gelu-after"),
+    pytest.param(*packed_kernel(kernels.MKL_PACKED).values, False, marks=packed_kernel(kernels.MKL_PACKED).marks,
+                 id="mkl-packed-gelu-after")])
 @pytest.mark.parametrize("cls_name, overrides", HEADS)
 def test_a_packed_inference_only_model_gives_every_head_within_1e_5_of_the_plain_path(cache, monkeypatch, cls_name,
-                                                                                     overrides, fused):
+                                                                                     overrides, winner, fused):
     from roberta.inference import prepared, reduce_precision
 
     config = RobertaConfig(**{**CONFIG, **overrides})
     model = randomize(getattr(roberta, cls_name)(config)).eval()
-    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), True)
+    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), winner)
     monkeypatch.setattr(kernels, "fuse_gelu", lambda *shape: fused)  # as a machine where that way measured faster
     ids, mask = fixed_lengths([3, 60, 5, 41, 17, 60, 2])
     if cls_name == "RobertaForMultipleChoice":
@@ -258,10 +278,85 @@ def test_a_packed_inference_only_model_gives_every_head_within_1e_5_of_the_plain
             assert (x - y).abs().max().item() <= 1e-5 * max(1.0, y.abs().max().item()), field
 
 
-@needs_packing
-def test_a_hub_loaded_for_inference_only_refuses_to_train_or_save(cache, hub_checkpoints, tmp_path):
+needs_mkl_packed = pytest.mark.skipif(kernels.MKL_PACKED not in kernels.available_packed(),
+                                      reason="this PyTorch build does not export MKL's packed sgemm")
+
+
+def float_bound(x, w):
+    """What float32 sums of products may differ by between two summation orders: (K + 2) unit roundoffs
+    of the sum of the magnitudes, per output (the bias added once more)."""
+    return (x.abs().double() @ w.abs().double().t()) * (x.shape[-1] + 2) * 2 ** -24
+
+
+@needs_mkl_packed
+@pytest.mark.parametrize("rows", [1, 3, 31, kernels.PACK_ROWS - 1, kernels.PACK_ROWS + 1, 1200])
+def test_mkl_packed_weights_multiply_any_row_count_as_f_linear_does(rows):
+    """MKL's layout is packed for PACK_ROWS rows; every row count multiplies by it, within float32
+    rounding of the exact product, bias or not, and GELU comes after it."""
+    g = torch.Generator().manual_seed(rows)
+    w, b, x = torch.randn(96, 80, generator=g), torch.randn(96, generator=g), torch.randn(rows, 80, generator=g)
+    packed = kernels.MklPacked(w)
+    exact = x.double() @ w.double().t()
+    for bias in (b, None):
+        y = packed.linear(x, bias)
+        want = exact + (bias.double() if bias is not None else 0)
+        assert y.shape == (rows, 96) and y.dtype == torch.float32
+        assert ((y.double() - want).abs() <= float_bound(x, w) + want.abs() * 2 ** -24).all()
+        assert torch.equal(kernels.packed_linear(x, packed, bias, True, True), F.gelu(y))
+
+
+@needs_mkl_packed
+def test_mkl_packed_weights_give_the_weight_back_exactly_and_copy_as_it():
+    import pickle
+
+    w = torch.randn(40, 24)
+    w[0, :3] = torch.tensor([0.0, 1e-38, -3.4e38])  # a zero, a subnormal, nearly the largest magnitude
+    packed = kernels.MklPacked(w)
+    assert torch.equal(packed.to_dense(), w)
+    x = torch.randn(7, 24)
+    for copied in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+        assert copied._address != packed._address and torch.equal(copied.to_dense(), w)
+        assert torch.equal(copied.linear(x, None), packed.linear(x, None))
+    assert packed.linear(torch.empty(0, 24), torch.zeros(40)).shape == (0, 40)  # no rows: no call into MKL
+
+
+def test_without_mkl_the_packed_candidate_is_left_out(cache, monkeypatch):
+    """A PyTorch build without MKL's packed sgemm (ARM, some conda builds): the measurement, the choice
+    and the prepared model go on without it."""
+    monkeypatch.setattr(kernels, "_mkl_library", [None])
+    monkeypatch.setattr(kernels, "_packs", {k: v for k, v in kernels._packs.items() if k != "mkl"})
+    assert not kernels.mkl_packed_available() and kernels.MKL_PACKED not in kernels.available_packed()
+    assert kernels.MKL_PACKED not in kernels.candidates(torch.ones(4, 4), None)
+    kernels.fp32_record(24, 16)
+    assert kernels.MKL_PACKED not in entry(cache)["fp32"]["24x16"]["small"]["gflops"]
+    assert kernels.packing([(24, 16)]) in (kernels.PACKED, None)
+    with pytest.raises(roberta.RobertaError, match="MKL's packed sgemm"):
+        kernels.MklPacked(torch.ones(4, 4))
+
+
+@pytest.mark.parametrize("size", [0, 2 ** 62])
+def test_an_mkl_asking_for_an_absurd_packing_size_is_left_out(monkeypatch, size):
+    """A library whose sizes cannot be the packing of the weight (an MKL of another integer width would
+    read its arguments wrongly): refused before any memory is mapped or written, and the candidate left out."""
+    class Library:
+        @staticmethod
+        def cblas_sgemm_pack_get_size(*args):
+            return size
+
+        def __getattr__(self, name):
+            raise AssertionError(f"{name} called after a refused size")
+
+    monkeypatch.setattr(kernels, "_mkl_library", [Library()])
+    monkeypatch.setattr(kernels, "_packs", {k: v for k, v in kernels._packs.items() if k != "mkl"})
+    with pytest.raises(roberta.RobertaError, match="bytes to pack"):
+        kernels.MklPacked(torch.ones(8, 16))
+    assert not kernels.mkl_packed_available()
+
+
+@pytest.mark.parametrize("winner", PACKED_KERNELS)
+def test_a_hub_loaded_for_inference_only_refuses_to_train_or_save(cache, hub_checkpoints, tmp_path, winner):
     config = RobertaConfig.load(hub_checkpoints["hf"] / "config.json")
-    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), True)
+    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), winner)
     exact = roberta.load(hub_checkpoints["hf"], precision="fp32")
     fast = roberta.load(hub_checkpoints["hf"], precision="fp32", inference_only=True)
     assert not exact.inference_only and fast.inference_only and fast.precision == "fp32"
@@ -356,8 +451,9 @@ def test_bf16_attention_widened_to_the_float32_kernel_is_that_kernel_rounded_onc
     assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + bound * (1 + 2 ** -8)).all()
 
 
-@needs_packing
-def test_the_commands_run_an_fp32_model_packed_where_that_measured_faster(cache, hub_checkpoints, tiny_hub, tmp_path):
+@pytest.mark.parametrize("winner", PACKED_KERNELS)
+def test_the_commands_run_an_fp32_model_packed_where_that_measured_faster(cache, hub_checkpoints, tiny_hub, tmp_path,
+                                                                         winner):
     """`roberta features --precision fp32` loads for inference only: with packing measured faster (this
     machine's cache, as `measured_faster` writes it) its vectors stay within 1e-5 of the plain model's."""
     import subprocess
@@ -367,7 +463,7 @@ def test_the_commands_run_an_fp32_model_packed_where_that_measured_faster(cache,
     import numpy as np
 
     config = RobertaConfig.load(hub_checkpoints["hf"] / "config.json")
-    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), True)
+    measured_faster(cache, kernels.encoder_shapes(config.hidden_size, config.intermediate_size), winner)
     texts = ["Hello world!", "A longer sentence, with more words in it than the first one has."]
     env = {k: v for k, v in os.environ.items() if k != kernels.ENV}
     root = Path(__file__).resolve().parents[1]
@@ -383,6 +479,8 @@ def test_the_commands_run_an_fp32_model_packed_where_that_measured_faster(cache,
     hub = cli._load(argparse.Namespace(model=hub_checkpoints["hf"], device="cpu", cache_dir=None, offline=True,
                                        base_url=None, precision="fp32"))  # what every inference command loads
     assert hub.inference_only and hub.precision == "fp32"
+    from roberta.inference import PackedLinear
+    assert {m.kernel for m in hub.model.modules() if isinstance(m, PackedLinear)} == {winner}
     vectors = np.load(tmp_path / "f.npy")
     for vector, text in zip(vectors, texts):
         expected = tiny_hub.extract_features(tiny_hub.encode(text))[0, 0].numpy()

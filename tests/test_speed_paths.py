@@ -855,7 +855,8 @@ from roberta import RobertaConfig, RobertaModel, kernels
 from roberta.inference import reduce_precision
 way = sys.argv[2]
 packed = way != "plain"  # int8 replaces every encoder weight, as reordering them all does
-kernels.packs = lambda shapes: way == "packed"  # as a machine where reordering measured faster, or slower
+# as a machine where laying the weights out once for oneDNN or MKL measured faster, or slower
+kernels.packing = lambda shapes: {"packed": kernels.PACKED, "mkl-packed": kernels.MKL_PACKED}.get(way)
 RobertaModel(RobertaConfig.base(num_hidden_layers=2, vocab_size=1000), add_pooling_layer=False).save_pretrained(sys.argv[1])
 model = RobertaModel.from_pretrained(sys.argv[1]).eval()
 
@@ -887,11 +888,11 @@ print(before - after, replaced // 1024, torch.equal(held, copy), (after_out - be
 """
 
 
-@pytest.mark.parametrize("way", ["packed", "plain", "int8"])
+@pytest.mark.parametrize("way", ["packed", "mkl-packed", "plain", "int8"])
 def test_an_inference_only_model_hands_back_the_pages_of_the_weights_it_replaced(tmp_path, way):
     """A model read from safetensors keeps the file mapped; the weights `reduce_precision(...,
-    inference_only=True)` replaces (q, k and v by their concatenation; reordered ones where packing
-    measured faster; every one in int8) leave that mapping's resident memory, less at most one page at
+    inference_only=True)` replaces (q, k and v by their concatenation; ones laid out once for oneDNN or
+    MKL where that measured faster; every one in int8) leave that mapping's resident memory, less at most one page at
     each end of each tensor, while a tensor still held elsewhere reads the same values and the outputs
     stay within float rounding (the plain path's own tolerance; int8 within its cosine). In int8 the
     float32 weights go and one int8 copy comes (oneDNN's packed one), a quarter of their size, so the
@@ -912,6 +913,8 @@ def test_an_inference_only_model_hands_back_the_pages_of_the_weights_it_replaced
     assert release_pages([torch.randn(1 << 20)]) == 0  # memory of no file: freed with its tensor, never swapped first
     if way == "packed" and not kernels.packed_available():
         pytest.skip("this PyTorch build's oneDNN does not run reordered float32 weights")
+    if way == "mkl-packed" and not kernels.mkl_packed_available():
+        pytest.skip("this PyTorch build does not export MKL's packed sgemm")
     if way == "int8" and not int8_kernels_available():
         pytest.skip("this PyTorch build lacks oneDNN's int8 kernels")
     done = subprocess.run([sys.executable, "-c", PAGES_SCRIPT, str(tmp_path / "m"), way], capture_output=True,

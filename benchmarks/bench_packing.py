@@ -1,14 +1,15 @@
 """Whole float32 inference passes with the encoder's weights laid out each way, in one process.
 
-An inference-only fp32 model (what the commands and the server load) holds each encoder weight shape
-either plain (each product through its measured plain GEMM, `roberta.kernels.linear`), reordered once for
-oneDNN ("onednn-packed") or packed once by MKL ("mkl-packed"), as `kernels.packing` decides from one
-product of each shape timed alone. This times whole passes of base size (random weights: the speed does
-not depend on them) over the first SST-2 dev sentences with every weight held each way, and the way the
-library chose here ("chosen"), the models taking turns so that the machine's drift reaches all alike:
-in batches of 32, as `bench_features.py` runs them, and one sentence at a time, as a server answers
-single requests. Prints per way the median pass and tokens/s, and each way's median per-turn ratio to
-the plain weights', with the CPU.
+An inference-only fp32 model (what the commands and the server load) holds its encoder weights either
+plain (each product through its measured plain GEMM, `roberta.kernels.linear`), reordered once for
+oneDNN ("onednn-packed") or packed once by MKL ("mkl-packed"), all one way, as `kernels.packing` decides
+from one product of each shape timed alone. This times whole passes of base size (random weights: the
+speed does not depend on them) over the first SST-2 dev sentences with every weight held each way, and
+with each shape held the way that shape alone measured fastest ("per shape", where the libraries may
+alternate within a pass), the models taking turns so that the machine's drift reaches all alike: in
+batches of 32, as `bench_features.py` runs them, and one sentence at a time, as a server answers single
+requests. Prints the way the library chose here, and per way the median pass, tokens/s and its median
+per-turn ratio to the plain weights', with the CPU.
 
     PYTHONPATH=. python benchmarks/bench_packing.py --repeats 7
 """
@@ -25,22 +26,27 @@ from common import cpu_line, cpu_ticks, median, sst2_sequences, stolen_share, ta
 
 def main() -> None:
     from roberta import RobertaConfig, RobertaModel, kernels
-    from roberta.inference import PackedLinear, pad_batch, prepare
+    from roberta.inference import PackedLinear, PlainLinear, pad_batch, prepare
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     sequences = sst2_sequences(args.sentences)
     base = RobertaModel(RobertaConfig.base()).eval()
 
-    chosen = {shape: kernels.packing([shape]) for shape in kernels.encoder_shapes()}
-    ways = {"plain": None, **{k: k for k in kernels.available_packed()}, "chosen": "chosen"}
+    own = {shape: kernels.packing([shape]) for shape in kernels.encoder_shapes()}
+    chosen = kernels.packing(kernels.encoder_shapes())
     models = {}
-    measured = kernels.packing
-    for way, kernel in ways.items():  # each model prepared with the packing decision forced to one way
-        kernels.packing = (lambda shapes, kernel=kernel: measured(shapes)) if kernel == "chosen" else \
-            (lambda shapes, kernel=kernel: kernel)
-        models[way] = prepare(copy.deepcopy(base), "fp32", inference_only=True)
-    kernels.packing = measured
+    for way in ["plain", *kernels.available_packed(), "per shape"]:
+        model = prepare(copy.deepcopy(base), "fp32", inference_only=True)  # held as chosen, then re-held:
+        for layer in model.encoder.layer:
+            for parent, name in ((layer.attention.self, "qkv"), (layer.attention.output, "dense"),
+                                 (layer, "intermediate"), (layer.output, "dense")):
+                linear = getattr(parent, name)
+                weight = linear.packed.to_dense() if isinstance(linear, PackedLinear) else linear.weight
+                kernel = own[tuple(weight.shape)] if way == "per shape" else None if way == "plain" else way
+                setattr(parent, name, PackedLinear(weight, linear.bias, linear.gelu, torch.float32, kernel)
+                        if kernel else PlainLinear(weight, linear.bias, linear.gelu))
+        models[way] = model
     del base
 
     def held(model) -> str:
@@ -49,7 +55,8 @@ def main() -> None:
     groups = {"batches of 32": [pad_batch(sequences[i:i + 32], pad_id=1) for i in range(0, len(sequences), 32)],
               "one at a time": [pad_batch([s], pad_id=1) for s in sequences[: args.singles]]}
     print(f"{cpu_line()}; {args.threads} threads; base size, fp32, inference only; "
-          f"chosen here: " + ", ".join(f"{o}x{i} {k or 'plain'}" for (o, i), k in chosen.items()))
+          f"chosen here: {chosen or 'plain'}; each shape alone: " +
+          ", ".join(f"{o}x{i} {k or 'plain'}" for (o, i), k in own.items()))
     for group, batches in groups.items():
         count = sum(int(mask.sum()) for _, mask in batches)
 

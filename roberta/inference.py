@@ -244,8 +244,8 @@ def reduce_precision(model: nn.Module, precision: str, inference_only: bool = Fa
     An fp32 model stays as it is (trainable, savable) unless `inference_only`: then its encoder is prepared
     once in float32, the same weights replaced, not copied: q, k and v concatenated (a trainable model
     concatenates them at every call, 3 H^2 floats per layer, about 1% of a base forward pass on CPU), and
-    on CPU laid out once for oneDNN or MKL where `kernels.packing` measured that faster here (never with
-    ROBERTA_KERNELS=default). The commands and the server load with `inference_only`.
+    on CPU all laid out once for oneDNN or for MKL where `kernels.packing` measured that faster here
+    (never with ROBERTA_KERNELS=default). The commands and the server load with `inference_only`.
     """
     return prepare(model, resolve_precision(precision, next(model.parameters()).device)[0], inference_only)
 
@@ -257,10 +257,11 @@ def prepare(model: nn.Module, precision: str, inference_only: bool = False) -> n
     device = next(model.parameters()).device
     model.eval()
     if precision == "fp32" and inference_only and standard_fp32(model):
-        def fp32_linear(weight, bias, gelu=False):
-            kernel = kernels.packing([tuple(weight.shape)]) if device.type == "cpu" else None
-            return PackedLinear(weight, bias, gelu, torch.float32, kernel) if kernel else PlainLinear(weight, bias, gelu)
-        _prepare_encoder(model, fp32_linear)
+        config = model.encoder_model.config  # one layout for every weight: see `kernels.packing`
+        kernel = kernels.packing(kernels.encoder_shapes(config.hidden_size, config.intermediate_size)) \
+            if device.type == "cpu" else None
+        _prepare_encoder(model, lambda weight, bias, gelu=False: PackedLinear(weight, bias, gelu, torch.float32, kernel)
+                         if kernel else PlainLinear(weight, bias, gelu))
     if precision == "bf16":
         model.to(torch.bfloat16)
         if device.type == "cpu" and packed_bf16_available():

@@ -26,9 +26,9 @@ head to 1e-5 of the plain path):
   in batches of 32 and 1.20x one sentence at a time (oneDNN's reordered weights 1.07x and 1.12x).
 The two packed candidates hold a second layout of the weight, so only a model prepared for inference
 alone holds one (`inference.reduce_precision(..., inference_only=True)`, what the commands and the server
-do), in place of the plain weight: a trainable model's weights change under the optimizer. Which of an
-inference-only model's encoder weights are packed, and by which library, is decided per shape by
-`packing`, from the same measurements (under an AVX2 cap on an AMD EPYC, MKL's plain path won some shapes).
+do), in place of the plain weight: a trainable model's weights change under the optimizer. Whether an
+inference-only model's encoder weights are packed, and by which library, is decided by `packing` for all
+of them together, from the same measurements.
 
 Only inference takes this path (no autograd, float32, CPU, not being traced for export): training keeps
 `F.linear` and its backward, as a training step through oneDNN measured no faster on a quiet machine
@@ -392,9 +392,15 @@ def fp32_choice(tokens: int, out_features: int, in_features: int) -> str:
 
 def packing(shapes: list[tuple[int, int]]) -> str | None:
     """The packed candidate (`PACKED`, `MKL_PACKED`) with which a model prepared for inference alone runs
-    these (out, in) weights fastest, or None where each product on its plain winner is faster: the
-    measured times of one product of each shape at both token counts, summed. Never with
-    ROBERTA_KERNELS=default."""
+    these (out, in) weights fastest, all of them, or None where each product on its plain winner is
+    faster: the measured times of one product of each shape at both token counts, summed. Never with
+    ROBERTA_KERNELS=default.
+
+    One way for all the encoder's shapes, not each shape its own: with each shape on its own winner, the
+    products of a pass alternated between MKL and oneDNN, and base size one sentence at a time on an Ice
+    Lake Xeon ran slower so than with MKL's packing for all (1.06-1.19x plain weights' speed against
+    1.18-1.24x in three runs of `benchmarks/bench_packing.py`, benchmarks/RESULTS.md), though the shapes'
+    own timings favoured the mix; in batches of 32 the two were within 3% either way."""
     if mode() == "default" or not available_packed():
         return None
     seconds = dict.fromkeys([None, *available_packed()], 0.0)
@@ -529,7 +535,7 @@ def report(shapes: list[tuple[int, int]] | None = None) -> list[dict]:
     rows = []
     if shapes is None:  # base size's, and how its FFN's GELU runs on a reordered weight
         shapes = encoder_shapes()
-        if packing([shapes[2]]) == PACKED:
+        if packing(shapes) == PACKED:
             fuse_gelu(torch.float32, *shapes[2])
     for out_features, in_features in shapes:
         record = fp32_record(out_features, in_features)
@@ -537,10 +543,9 @@ def report(shapes: list[tuple[int, int]] | None = None) -> list[dict]:
             r = record[name]
             rows.append({"precision": "fp32", "shape": f"{out_features}x{in_features}", "tokens": r["tokens"],
                          "kernel": r["winner"], "gflops": r["gflops"]})
-    for out_features, in_features in shapes if available_packed() else []:  # what `packing` decides for each
-        rows.append({"precision": "fp32", "shape": f"{out_features}x{in_features}", "tokens": None, "gflops": {},
-                     "inference_only": True,
-                     "kernel": packing([(out_features, in_features)]) or "plain weights"})
+    if available_packed():  # what `packing` decides for them together
+        rows.append({"precision": "fp32", "shape": ", ".join(f"{o}x{i}" for o, i in shapes), "tokens": None,
+                     "gflops": {}, "inference_only": True, "kernel": packing(shapes) or "plain weights"})
     for section in ("attention", "epilogue"):  # `widen_bf16_attention`, `fuse_gelu`
         for name, record in sorted((_read_entry(machine()).get(section) or {}).items()):
             if isinstance(record, dict) and isinstance(record.get("seconds"), dict):

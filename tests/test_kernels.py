@@ -61,8 +61,8 @@ def test_the_choice_is_measured_once_and_cached(cache, measured, monkeypatch):
     rows = kernels.report([(96, 64), (32, 64)])  # what `roberta info --device` shows: from the cache
     packing = [r for r in rows if r.get("inference_only")]
     rows = [r for r in rows if not r.get("inference_only")]
-    assert [r["kernel"] for r in packing] == ([kernels.packing([shape]) or "plain weights"
-                                               for shape in ((96, 64), (32, 64))] if kernels.available_packed() else [])
+    assert [(r["shape"], r["kernel"]) for r in packing] == ([("96x64, 32x64", kernels.packing([(96, 64), (32, 64)])
+                                                              or "plain weights")] if kernels.available_packed() else [])
     assert [(r["shape"], r["tokens"], r["kernel"]) for r in rows] == [
         (s, entry(cache)["fp32"][s][c]["tokens"], entry(cache)["fp32"][s][c]["winner"])
         for s in ("96x64", "32x64") for c in ("small", "large")]
@@ -168,10 +168,10 @@ def test_every_candidate_gives_every_head_within_1e_5_of_the_plain_path(cache, m
             assert (x - y).abs().max().item() <= 1e-5 * max(1.0, y.abs().max().item()), field
 
 
-def measured_faster(cache, shapes, winner: str | None):
+def measured_faster(cache, shapes, winner: str | None, factor: float = 10.0):
     """This machine's records of `shapes` (measured for real), with the packed candidates' speeds then
-    written 10x above the plain winner's for `winner` and 10x below for the others: a cache as a machine
-    where that packed candidate wins (None: where packing loses)."""
+    written `factor` times the plain winner's for `winner` and a tenth of it for the others: a cache as a
+    machine where that packed candidate wins (None: where packing loses)."""
     for out_features, in_features in shapes:
         kernels.fp32_record(out_features, in_features)
     data = json.loads(cache.read_text())
@@ -179,7 +179,7 @@ def measured_faster(cache, shapes, winner: str | None):
     for name in (f"{o}x{i}" for o, i in shapes):
         for r in data["entries"][key]["fp32"][name].values():
             for kernel in kernels.available_packed():
-                r["gflops"][kernel] = r["gflops"][r["winner"]] * (10.0 if kernel == winner else 0.1)
+                r["gflops"][kernel] = r["gflops"][r["winner"]] * (factor if kernel == winner else 0.1)
     cache.write_text(json.dumps(data))
     kernels._records.clear()
 
@@ -221,28 +221,36 @@ def test_an_inference_only_fp32_model_packs_its_encoder_where_that_measured_fast
         assert {m.kernel for m in fast.modules() if isinstance(m, PackedLinear)} == {winner}
     rows = kernels.report(kernels.encoder_shapes(config.hidden_size, config.intermediate_size))
     if kernels.available_packed():
-        assert [r["kernel"] for r in rows if r.get("inference_only")] == [winner or "plain weights"] * 4
+        assert [r["kernel"] for r in rows if r.get("inference_only")] == [winner or "plain weights"]
 
 
 @pytest.mark.parametrize("winner", PACKED_KERNELS)
-def test_an_inference_only_fp32_model_packs_only_the_shapes_measured_faster_packed(cache, winner):
+@pytest.mark.parametrize("packed_wins", [True, False])
+def test_an_inference_only_fp32_model_holds_every_weight_the_way_fastest_over_all_its_shapes(cache, winner,
+                                                                                            packed_wins):
+    """One way for all (libraries alternating within a pass cost more than the shapes' own timings
+    differed by): packed where that is faster summed over the shapes, though slower on some of them."""
     from roberta.inference import PackedLinear, PlainLinear, reduce_precision
 
     config = RobertaConfig(**CONFIG)
     model = randomize(roberta.RobertaForMaskedLM(config)).eval()
     h, f = config.hidden_size, config.intermediate_size
-    measured_faster(cache, [(3 * h, h), (f, h)], winner)  # q/k/v and the FFN's first layer
-    measured_faster(cache, [(h, h), (h, f)], None)  # the attention output and the FFN's second layer
+    big, small = [(3 * h, h), (f, h), (h, f)], [(h, h)]  # 11 of a layer's 12 units of work, and 1
+    measured_faster(cache, big, winner, 2.0 if packed_wins else 0.5)
+    measured_faster(cache, small, winner, 0.5 if packed_wins else 2.0)
+    assert kernels.packing(big + small) == (winner if packed_wins else None)
     ids, mask = fixed_lengths([3, 60, 5, 41])
     with torch.inference_mode():
         kernels.use("default")
         plain = model(ids, mask).logits
         kernels.use(None)
         fast = reduce_precision(model, "fp32", inference_only=True)
-        layer = fast.roberta.encoder.layer[1]
-        assert [type(m) for m in (layer.attention.self.qkv, layer.attention.output.dense, layer.intermediate,
-                                  layer.output.dense)] == [PackedLinear, PlainLinear, PackedLinear, PlainLinear]
-        assert layer.attention.self.qkv.kernel == layer.intermediate.kernel == winner
+        held = [m for layer in fast.roberta.encoder.layer for m in (
+            layer.attention.self.qkv, layer.attention.output.dense, layer.intermediate, layer.output.dense)]
+        if packed_wins:
+            assert all(isinstance(m, PackedLinear) and m.kernel == winner for m in held)
+        else:
+            assert all(isinstance(m, PlainLinear) for m in held)
         assert (fast(ids, mask).logits - plain).abs().max().item() <= 1e-5 * max(1.0, plain.abs().max().item())
 
 

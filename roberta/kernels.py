@@ -22,8 +22,9 @@ head to 1e-5 of the plain path):
 - "mkl-packed" (`MKL_PACKED`): MKL's packed sgemm, the weight laid out once by `cblas_sgemm_pack` and
   each product made by `cblas_sgemm_compute` (`MklPacked`; both exported by PyTorch's CPU library where
   it links MKL): the work sgemm does on the weight at every call, done once. On the Ice Lake Xeon of
-  benchmarks/RESULTS.md, base size's passes with every weight so held ran 1.08x those on plain weights
-  in batches of 32 and 1.20x one sentence at a time (oneDNN's reordered weights 1.07x and 1.12x).
+  benchmarks/RESULTS.md, base size's passes with every weight so held ran 1.03-1.08x those on plain
+  weights in batches of 32 and 1.18-1.24x one sentence at a time (oneDNN's reordered weights 0.98-1.07x
+  and 1.01-1.21x; `benchmarks/bench_packing.py`).
 The two packed candidates hold a second layout of the weight, so only a model prepared for inference
 alone holds one (`inference.reduce_precision(..., inference_only=True)`, what the commands and the server
 do), in place of the plain weight: a trainable model's weights change under the optimizer. Whether an

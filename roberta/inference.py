@@ -543,6 +543,15 @@ def scale_rows(y: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, gelu: bool 
     return y
 
 
+def add_bias_gelu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(y + bias), y [N, n] float32 in place: one C pass where `roberta._kernels` is built (`scale_rows`
+    with unit scales: y * 1 is y, exactly), else PyTorch's two. For a product made without its bias
+    (`kernels.MklPacked`), where writing the bias into the output first and a GELU pass after would be two."""
+    if _kernels is None or not y.is_contiguous() or y.dim() != 2:
+        return torch.ops.aten.gelu_(y.add_(bias))
+    return scale_rows(y, torch.ones(y.shape[0], 1), bias, True)
+
+
 def scale_rows_quantized(y: torch.Tensor, m: torch.Tensor, bias: torch.Tensor, gelu: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows(scale_rows(y, m, bias, gelu))`, the same bits, in one pass over the rows where

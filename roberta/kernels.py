@@ -480,8 +480,13 @@ def widen_bf16_attention(heads: int, dim: int) -> bool:
 def packed_linear(x: torch.Tensor, packed: "torch.Tensor | MklPacked", bias: torch.Tensor | None, gelu: bool,
                   fused: bool) -> torch.Tensor:
     """x [rows, in] W^T + b on a weight laid out once (`pack`), then GELU when `gelu`: in oneDNN's epilogue
-    when `fused` (oneDNN's layout only), else by PyTorch in place over the result."""
+    when `fused` (oneDNN's layout only); after MKL's product, with the bias, in one pass of this project's
+    (`inference.add_bias_gelu`); else by PyTorch in place over the result."""
     if isinstance(packed, MklPacked):
+        if gelu and bias is not None:
+            from .inference import add_bias_gelu
+
+            return add_bias_gelu(packed.linear(x, None), bias)
         y = packed.linear(x, bias)
     elif gelu and fused:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "none")

@@ -300,7 +300,8 @@ def float_bound(x, w):
 @pytest.mark.parametrize("rows", [1, 3, 31, kernels.PACK_ROWS - 1, kernels.PACK_ROWS + 1, 1200])
 def test_mkl_packed_weights_multiply_any_row_count_as_f_linear_does(rows):
     """MKL's layout is packed for PACK_ROWS rows; every row count multiplies by it, within float32
-    rounding of the exact product, bias or not, and GELU comes after it."""
+    rounding of the exact product, bias or not, and GELU after it within the same (GELU's slope is at
+    most 1.13) plus the C GELU's own error (5e-7 of the exact function; 1e-6 allowed)."""
     g = torch.Generator().manual_seed(rows)
     w, b, x = torch.randn(96, 80, generator=g), torch.randn(96, generator=g), torch.randn(rows, 80, generator=g)
     packed = kernels.MklPacked(w)
@@ -308,9 +309,13 @@ def test_mkl_packed_weights_multiply_any_row_count_as_f_linear_does(rows):
     for bias in (b, None):
         y = packed.linear(x, bias)
         want = exact + (bias.double() if bias is not None else 0)
+        bound = float_bound(x, w) + want.abs() * 2 ** -24
         assert y.shape == (rows, 96) and y.dtype == torch.float32
-        assert ((y.double() - want).abs() <= float_bound(x, w) + want.abs() * 2 ** -24).all()
-        assert torch.equal(kernels.packed_linear(x, packed, bias, True, True), F.gelu(y))
+        assert ((y.double() - want).abs() <= bound).all()
+        gelu = kernels.packed_linear(x, packed, bias, True, True)  # no epilogue here: GELU after, with the bias
+        assert ((gelu.double() - F.gelu(want)).abs() <= 1.13 * bound + 1e-6).all()
+        if bias is None:
+            assert torch.equal(gelu, F.gelu(y))  # PyTorch's GELU pass over the product
 
 
 @needs_mkl_packed

@@ -129,9 +129,9 @@ def _mkl() -> ctypes.CDLL | None:
 class MklPacked:
     """A float32 weight W [out, in] packed once by MKL (`cblas_sgemm_pack`) for x W^T + b through
     `cblas_sgemm_compute`: what MKL's sgemm does to the weight at the start of every `F.linear` call,
-    done once at load. The packed buffer is an anonymous mapping: MKL asks for room for its widest
-    layout (2.2x base size's weights here) but writes about the weight's size, and pages never written
-    never take memory. Read-only after packing, so threads may share it; pickles (and deep-copies) as
+    done once at load. The packed buffer is an anonymous mapping: MKL asks for more room than it writes
+    (2.2-4.9x base size's weights, 1.7-3.3x large's, here) but writes about the weight's size, and pages
+    never written never take memory. Read-only after packing, so threads may share it; pickles (and deep-copies) as
     the dense weight, packed again on the way in."""
 
     def __init__(self, weight: torch.Tensor):
@@ -141,7 +141,7 @@ class MklPacked:
         w = weight.detach().float().contiguous()
         self.out_features, self.in_features = w.shape
         size = lib.cblas_sgemm_pack_get_size(_B_MATRIX, PACK_ROWS, *w.shape)
-        if not 0 < size <= 16 * 4 * w.numel() + (64 << 20):  # MKL asks 1-5x the weight's bytes for base's shapes
+        if not 0 < size <= 16 * 4 * w.numel() + (64 << 20):  # 2.2-4.9x base's weights, plus ~8 MB for any
             raise RobertaError(f"MKL asked for {size} bytes to pack a {tuple(w.shape)} weight; use another kernel")
         self._memory = mmap.mmap(-1, size)
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
@@ -151,6 +151,9 @@ class MklPacked:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [rows, in] float32 -> x W^T + b [rows, out]: the bias written into the output first and added
         by the product (beta 1), as F.linear's sgemm adds it."""
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"MKL's packed product takes float32 CPU rows of {self.in_features}, got "
+                             f"{x.dtype} {x.device.type} {tuple(x.shape)}")  # never hand MKL memory it would misread
         x = x.contiguous()
         rows = x.shape[0]
         if bias is None:

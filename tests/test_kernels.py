@@ -331,6 +331,10 @@ def test_mkl_packed_weights_give_the_weight_back_exactly_and_copy_as_it():
         assert copied._address != packed._address and torch.equal(copied.to_dense(), w)
         assert torch.equal(copied.linear(x, None), packed.linear(x, None))
     assert packed.linear(torch.empty(0, 24), torch.zeros(40)).shape == (0, 40)  # no rows: no call into MKL
+    for bad in (x.double(), x.bfloat16(), x[:, :20], x[None], torch.randn(7, 48)):  # what MKL would misread
+        with pytest.raises(ValueError, match="float32 CPU rows of 24"):
+            packed.linear(bad, None)
+    assert torch.equal(packed.linear(x.t().contiguous().t(), None), packed.linear(x, None))  # strided: copied
 
 
 def test_without_mkl_the_packed_candidate_is_left_out(cache, monkeypatch):

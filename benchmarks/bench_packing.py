@@ -26,7 +26,7 @@ from common import cpu_line, cpu_ticks, median, sst2_sequences, stolen_share, ta
 
 def main() -> None:
     from roberta import RobertaConfig, RobertaModel, kernels
-    from roberta.inference import PackedLinear, PlainLinear, pad_batch, prepare
+    from roberta.inference import PackedLinear, PlainLinear, _prepare_encoder, keep_freed_memory, pad_batch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -36,17 +36,13 @@ def main() -> None:
     own = {shape: kernels.packing([shape]) for shape in kernels.encoder_shapes()}
     chosen = kernels.packing(kernels.encoder_shapes())
     models = {}
-    for way in ["plain", *kernels.available_packed(), "per shape"]:
-        model = prepare(copy.deepcopy(base), "fp32", inference_only=True)  # held as chosen, then re-held:
-        for layer in model.encoder.layer:
-            for parent, name in ((layer.attention.self, "qkv"), (layer.attention.output, "dense"),
-                                 (layer, "intermediate"), (layer.output, "dense")):
-                linear = getattr(parent, name)
-                weight = linear.packed.to_dense() if isinstance(linear, PackedLinear) else linear.weight
-                kernel = own[tuple(weight.shape)] if way == "per shape" else None if way == "plain" else way
-                setattr(parent, name, PackedLinear(weight, linear.bias, linear.gelu, torch.float32, kernel)
-                        if kernel else PlainLinear(weight, linear.bias, linear.gelu))
-        models[way] = model
+    for way in ["plain", *kernels.available_packed(), "per shape"]:  # the library's own preparation, each way
+        def make(weight, bias, gelu=False, way=way):
+            kernel = own[tuple(weight.shape)] if way == "per shape" else None if way == "plain" else way
+            return PackedLinear(weight, bias, gelu, torch.float32, kernel) if kernel else PlainLinear(weight, bias, gelu)
+        models[way] = copy.deepcopy(base)
+        _prepare_encoder(models[way], make)
+    keep_freed_memory()  # as `inference.prepare` does for the library's models
     del base
 
     def held(model) -> str:
